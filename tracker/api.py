@@ -1,0 +1,210 @@
+"""The management API: JSON endpoints over the domain modules, Bearer-authenticated.
+
+One error type, `ApiError`, rendered as `{"error": "..."}`. Another account's
+object is a 404, never a 403: the API does not reveal that it exists.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from tracker import accounts, campaigns, reports
+from tracker.lifespan import Runtime
+from tracker.policy import DEFAULT, PolicyError
+from tracker.queries import QUERIES
+from tracker.registration import InvalidInput, Registrar, parse_message, registered_json
+
+log = logging.getLogger("tracker.api")
+
+MAX_BODY_BYTES = 16 * 1024 * 1024
+_MAX_ID = 2**63 - 1
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class JSON(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSON:
+    return JSON({"error": message}, status_code=status, headers=headers)
+
+
+async def _body(request: Request) -> Any:
+    size = 0
+    chunks = []
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise ApiError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    if not chunks:
+        raise ApiError(400, "a JSON body is required")
+    try:
+        return orjson.loads(b"".join(chunks))
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+
+
+def _object_id(request: Request, name: str) -> int:
+    raw = request.path_params[name]
+    # Ids are positive integers; anything else cannot name an object, which is a 404.
+    if not raw.isdigit() or len(raw) > 19 or int(raw) > _MAX_ID:
+        raise ApiError(404, "not found")
+    return int(raw)
+
+
+Handler = Callable[[Request, int], Awaitable[Response]]
+_UNAVAILABLE = (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                asyncpg.CannotConnectNowError)
+
+
+def build_api(runtime: Runtime) -> Starlette:
+    registrar = Registrar(runtime.signer, runtime.settings.base_url)
+
+    def authenticated(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            try:
+                header = request.headers.get("authorization", "")
+                scheme, _, key = header.partition(" ")
+                account_id = (await accounts.authenticate(runtime.pool, key.strip())
+                              if scheme.lower() == "bearer" and key.strip() else None)
+                if account_id is None:
+                    return _error(401, "missing or invalid API key",
+                                  {"www-authenticate": 'Bearer realm="tracker"'})
+                return await handler(request, account_id)
+            except ApiError as exc:
+                return _error(exc.status, exc.message)
+            except _UNAVAILABLE as exc:
+                log.warning("database unavailable for %s %s: %s", request.method,
+                            request.url.path, type(exc).__name__)
+                return _error(503, "the database is unavailable; try again shortly",
+                              {"retry-after": "5"})
+            except Exception:
+                log.exception("unexpected error in %s %s", request.method, request.url.path)
+                return _error(500, "internal error")
+        return endpoint
+
+    async def _campaign(conn: Any, account_id: int, campaign_id: int) -> asyncpg.Record:
+        row = await campaigns.get(conn, account_id, campaign_id)
+        if row is None:
+            raise ApiError(404, "campaign not found")
+        return row
+
+    async def create_campaign(request: Request, account_id: int) -> Response:
+        body = await _body(request)
+        if not isinstance(body, dict):
+            raise ApiError(422, "the body must be a JSON object")
+        unknown = set(body) - {"name", "policy"}
+        if unknown:
+            raise ApiError(422, f"unknown field(s): {', '.join(sorted(unknown))}")
+        try:
+            name = campaigns.check_name(body.get("name"))
+            policy = DEFAULT.updated(body["policy"]) if body.get("policy") is not None else DEFAULT
+        except (ValueError, PolicyError) as exc:
+            raise ApiError(422, str(exc)) from None
+        row = await campaigns.create(runtime.pool, account_id, name, policy)
+        runtime.remember_campaign(account_id, row["id"], policy, recording=True)
+        return JSON(campaigns.campaign_json(row), status_code=201)
+
+    async def list_campaigns(request: Request, account_id: int) -> Response:
+        rows = await runtime.pool.fetch(QUERIES.list_campaigns, account_id)
+        return JSON([campaigns.campaign_json(r) for r in rows])
+
+    async def get_campaign(request: Request, account_id: int) -> Response:
+        row = await _campaign(runtime.pool, account_id, _object_id(request, "id"))
+        return JSON(campaigns.campaign_json(row))
+
+    async def patch_campaign(request: Request, account_id: int) -> Response:
+        campaign_id = _object_id(request, "id")
+        row = await _campaign(runtime.pool, account_id, campaign_id)
+        body = await _body(request)
+        if not isinstance(body, dict):
+            raise ApiError(422, "the body must be a JSON object")
+        unknown = set(body) - {"name", "policy"}
+        if unknown:
+            raise ApiError(422, f"unknown field(s): {', '.join(sorted(unknown))}")
+        try:
+            name = campaigns.check_name(body["name"]) if "name" in body else row["name"]
+            policy = campaigns.policy_of(row)
+            if body.get("policy") is not None:
+                policy = policy.updated(body["policy"])
+        except (ValueError, PolicyError) as exc:
+            raise ApiError(422, str(exc)) from None
+        updated = await campaigns.update(runtime.pool, account_id, campaign_id, name, policy)
+        if updated is None:
+            raise ApiError(404, "campaign not found")
+        runtime.remember_campaign(account_id, campaign_id, policy, recording=True)
+        return JSON(campaigns.campaign_json(updated))
+
+    async def delete_campaign(request: Request, account_id: int) -> Response:
+        campaign_id = _object_id(request, "id")
+        row = await runtime.pool.fetchrow(QUERIES.delete_campaign, account_id, campaign_id)
+        if row is None:
+            raise ApiError(404, "campaign not found")
+        runtime.remember_campaign(account_id, campaign_id, campaigns.policy_of(row),
+                                  recording=False)
+        return Response(status_code=204)
+
+    async def register_message(request: Request, account_id: int) -> Response:
+        campaign_id = _object_id(request, "id")
+        await _campaign(runtime.pool, account_id, campaign_id)
+        try:
+            message = parse_message(await _body(request))
+        except InvalidInput as exc:
+            raise ApiError(422, str(exc)) from None
+        async with runtime.pool.acquire() as conn:
+            (registered,) = await registrar.register(conn, account_id, campaign_id, [message])
+        return JSON(registered_json(registered), status_code=201)
+
+    async def campaign_report(request: Request, account_id: int) -> Response:
+        campaign_id = _object_id(request, "id")
+        tz = request.query_params.get("tz", "UTC")
+        async with runtime.pool.acquire() as conn:
+            await _campaign(conn, account_id, campaign_id)
+            try:
+                report = await reports.campaign_report(conn, account_id, campaign_id, tz)
+            except reports.UnknownTimeZone as exc:
+                raise ApiError(422, str(exc)) from None
+        return JSON(report)
+
+    async def get_message(request: Request, account_id: int) -> Response:
+        activity = await reports.message_activity(runtime.pool, account_id,
+                                                  _object_id(request, "id"))
+        if activity is None:
+            raise ApiError(404, "message not found")
+        return JSON(activity)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return _error(exc.status_code, exc.detail, dict(exc.headers or {}))
+
+    routes = [
+        Route("/api/campaigns", authenticated(create_campaign), methods=["POST"]),
+        Route("/api/campaigns", authenticated(list_campaigns), methods=["GET"]),
+        Route("/api/campaigns/{id}", authenticated(get_campaign), methods=["GET"]),
+        Route("/api/campaigns/{id}", authenticated(patch_campaign), methods=["PATCH"]),
+        Route("/api/campaigns/{id}", authenticated(delete_campaign), methods=["DELETE"]),
+        Route("/api/campaigns/{id}/messages", authenticated(register_message), methods=["POST"]),
+        Route("/api/campaigns/{id}/report", authenticated(campaign_report), methods=["GET"]),
+        Route("/api/messages/{id}", authenticated(get_message), methods=["GET"]),
+    ]
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})

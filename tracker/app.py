@@ -1,0 +1,30 @@
+"""Builds the ASGI app: the tracking fast path in front, Starlette behind it for the API."""
+
+from __future__ import annotations
+
+from tracker.api import build_api
+from tracker.fastpath import ASGIApp, FastPath
+from tracker.lifespan import Runtime
+from tracker.settings import Settings, SettingsError, load
+from tracker.tokens import Signer, SigningKeyError
+
+
+def create_app(settings: Settings, signer: Signer, dsn: str) -> ASGIApp:
+    runtime = Runtime(settings, signer, dsn)
+    return FastPath(build_api(runtime), runtime)
+
+
+def create_app_from_env() -> ASGIApp:
+    """The factory each worker process calls. `tracker serve` has resolved the database
+    and the signing keys and handed them down as TRACKER_DATABASE_URL and TRACKER_SECRET_KEY."""
+    settings = load()
+    if not settings.database_url:
+        raise SettingsError(
+            "TRACKER_DATABASE_URL: not set for the worker; start with tracker serve")
+    if not settings.secret_key:
+        raise SettingsError("TRACKER_SECRET_KEY: not set for the worker; start with tracker serve")
+    try:
+        signer = Signer.from_setting(settings.secret_key)
+    except SigningKeyError as exc:
+        raise SettingsError(f"TRACKER_SECRET_KEY: {exc}") from None
+    return create_app(settings, signer, settings.database_url)

@@ -1,0 +1,37 @@
+"""Tell readers from machines: every verdict names the rule that fired.
+
+This is the first cut (HEAD requests, self-declared bots, mailbox image
+proxies); the reports issue grows it into versioned rules kept as data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tracker.useragent import Agent
+
+# Mailbox image proxies fetch the pixel for a real reader, from the provider's data centre.
+_IMAGE_PROXIES = ("GoogleImageProxy", "YahooMailProxy")
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    machine: bool
+    reason: str | None
+    proxied: bool = False  # fetched through a proxy: the address says nothing of the reader
+
+
+HUMAN = Verdict(False, None)
+HEAD = Verdict(True, "head")
+BOT = Verdict(True, "bot")
+PROXIED = Verdict(False, "image_proxy", proxied=True)
+
+
+def classify(kind: str, method: str, user_agent: str, agent: Agent) -> Verdict:
+    if method == "HEAD":
+        return HEAD
+    if any(proxy in user_agent for proxy in _IMAGE_PROXIES):
+        return PROXIED
+    if agent.device == "bot":
+        return BOT
+    return HUMAN

@@ -1,0 +1,225 @@
+"""The tracking endpoints, as a plain ASGI callable in front of Starlette.
+
+`GET|HEAD /o/{token}.gif` and `GET|HEAD /c/{token}` answer from memory: token
+check, user agent and location from caches, policy from the policy book, event
+into the writer's buffer. Nothing here awaits the database, so both answer at
+full speed while PostgreSQL is slow or down. Everything else goes to Starlette.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any, Protocol
+
+from tracker.hits import DropReason, EventRow, Hit, Pipeline
+from tracker.settings import IPNetwork
+from tracker.tokens import Signer
+
+log = logging.getLogger("tracker.fastpath")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+# The smallest transparent 1x1 GIF (43 bytes).
+PIXEL_GIF = (b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\x00\x00\x00"
+             b"!\xf9\x04\x01\x00\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;")
+_NO_STORE = b"no-store, no-cache, must-revalidate, max-age=0"
+_PIXEL_START = {"type": "http.response.start", "status": 200, "headers": [
+    (b"content-type", b"image/gif"), (b"content-length", b"43"), (b"cache-control", _NO_STORE),
+    (b"pragma", b"no-cache"), (b"expires", b"0")]}
+_PIXEL_BODY = {"type": "http.response.body", "body": PIXEL_GIF}
+_EMPTY_BODY = {"type": "http.response.body", "body": b""}
+_NOT_FOUND_START = {"type": "http.response.start", "status": 404, "headers": [
+    (b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"10"),
+    (b"cache-control", b"no-store")]}
+_NOT_FOUND_BODY = {"type": "http.response.body", "body": b"not found\n"}
+_NOT_ALLOWED_START = {"type": "http.response.start", "status": 405, "headers": [
+    (b"allow", b"GET, HEAD"), (b"content-type", b"text/plain; charset=utf-8"),
+    (b"content-length", b"19"), (b"cache-control", b"no-store")]}
+_NOT_ALLOWED_BODY = {"type": "http.response.body", "body": b"method not allowed\n"}
+_MAX_FORWARDED_CHARS = 2048
+
+
+class ClientAddress:
+    """The client's address: the peer, or from X-Forwarded-For when the peer is a trusted proxy.
+
+    The right-most address not in a trusted network is the client: everything to its
+    left was written by parties we cannot vouch for. A malformed header is ignored.
+    """
+
+    def __init__(self, trusted: tuple[IPNetwork, ...]) -> None:
+        self._trusted = trusted
+        self._trust_cache: dict[str, bool] = {}
+
+    def is_trusted(self, address: str) -> bool:
+        known = self._trust_cache.get(address)
+        if known is None:
+            try:
+                ip = ipaddress.ip_address(address)
+            except ValueError:
+                return False
+            known = any(ip in net for net in self._trusted)
+            if len(self._trust_cache) > 4096:
+                self._trust_cache.clear()
+            self._trust_cache[address] = known
+        return known
+
+    def resolve(self, peer: str | None, forwarded: bytes | None) -> str | None:
+        if peer is None or forwarded is None or not self.is_trusted(peer):
+            return peer
+        if len(forwarded) > _MAX_FORWARDED_CHARS:
+            return peer
+        hops = []
+        for part in forwarded.decode("latin-1").split(","):
+            hop = _strip_port(part.strip())
+            try:
+                hops.append(str(ipaddress.ip_address(hop)))
+            except ValueError:
+                return peer
+        for hop in reversed(hops):
+            if not self.is_trusted(hop):
+                return hop
+        return hops[0] if hops else peer
+
+
+def _strip_port(hop: str) -> str:
+    if hop.startswith("["):  # "[2001:db8::1]:443"
+        return hop[1:hop.find("]")] if "]" in hop else hop
+    if hop.count(":") == 1:  # "203.0.113.9:443"
+        return hop.split(":", 1)[0]
+    return hop
+
+
+class Capture:
+    """Verified token + request -> event in the writer, or a counted drop."""
+
+    def __init__(self, signer: Signer, pipeline: Pipeline, addresses: ClientAddress,
+                 add_event: Callable[[EventRow], bool],
+                 count_drop: Callable[[DropReason], None],
+                 count_hit: Callable[[str, bool], None]) -> None:
+        self.signer = signer
+        self.pipeline = pipeline
+        self.addresses = addresses
+        self._add_event = add_event
+        self._count_drop = count_drop
+        self._count_hit = count_hit
+
+    def hit(self, scope: Scope) -> Hit:
+        user_agent = b""
+        forwarded: bytes | None = None
+        for name, value in scope["headers"]:
+            if name == b"user-agent":
+                user_agent = value
+            elif name == b"x-forwarded-for":
+                forwarded = value if forwarded is None else forwarded + b"," + value
+        client = scope.get("client")
+        peer = client[0] if client else None
+        return Hit(scope["method"], user_agent.decode("latin-1"),
+                   self.addresses.resolve(peer, forwarded), time.time())
+
+    def record(self, endpoint: str, outcome: EventRow | DropReason) -> None:
+        if isinstance(outcome, DropReason):
+            self._count_drop(outcome)
+        elif self._add_event(outcome):
+            self._count_hit(endpoint, outcome[8])
+
+
+class Lifecycle(Protocol):
+    capture: Capture | None
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+class FastPath:
+    """The outermost ASGI app: lifespan, the tracking endpoints, then everything else."""
+
+    def __init__(self, fallback: ASGIApp, runtime: Lifecycle) -> None:
+        self._fallback = fallback
+        self._runtime = runtime
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            path: str = scope["path"]
+            if path.startswith("/o/"):
+                return await self._pixel(scope, send)
+            if path.startswith("/c/"):
+                return await self._click(scope, send)
+        elif kind == "lifespan":
+            return await self._lifespan(receive, send)
+        await self._fallback(scope, receive, send)
+
+    def _capture(self) -> Capture | None:
+        return self._runtime.capture
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self._runtime.start()
+                except Exception as exc:
+                    log.error("start-up failed: %s", exc)
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                try:
+                    await self._runtime.stop()
+                except Exception:
+                    log.exception("shutdown did not complete cleanly")
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _pixel(self, scope: Scope, send: Send) -> None:
+        """Whatever happens, render the image: a broken image in a reader's mail is our fault."""
+        method = scope["method"]
+        if method != "GET" and method != "HEAD":
+            await send(_NOT_ALLOWED_START)
+            await send(_NOT_ALLOWED_BODY)
+            return
+        await send(_PIXEL_START)
+        await send(_PIXEL_BODY if method == "GET" else _EMPTY_BODY)
+        capture = self._capture()
+        if capture is None:
+            return
+        try:
+            path: str = scope["path"]
+            token = capture.signer.verify_open(path[3:-4]) if path.endswith(".gif") else None
+            if token is None:
+                capture.record("open", DropReason.INVALID_TOKEN)
+            else:
+                capture.record("open", capture.pipeline.open(token, capture.hit(scope)))
+        except Exception:
+            log.exception("could not record an open")
+
+    async def _click(self, scope: Scope, send: Send) -> None:
+        method = scope["method"]
+        if method != "GET" and method != "HEAD":
+            await send(_NOT_ALLOWED_START)
+            await send(_NOT_ALLOWED_BODY)
+            return
+        capture = self._capture()
+        token = capture.signer.verify_click(scope["path"][3:]) if capture else None
+        if token is None:
+            if capture is not None:
+                capture.record("click", DropReason.INVALID_TOKEN)
+            await send(_NOT_FOUND_START)
+            await send(_NOT_FOUND_BODY if method == "GET" else _EMPTY_BODY)
+            return
+        await send({"type": "http.response.start", "status": 302, "headers": [
+            (b"location", token.destination), (b"cache-control", b"no-store"),
+            (b"content-length", b"0")]})
+        await send(_EMPTY_BODY)
+        try:
+            capture.record("click", capture.pipeline.click(token, capture.hit(scope)))  # type: ignore[union-attr]
+        except Exception:
+            log.exception("could not record a click")

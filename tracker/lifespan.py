@@ -1,0 +1,117 @@
+"""The runtime of one worker process: it owns the pool, the writer and the caches,
+starts them in order and stops them in reverse."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+
+import asyncpg
+
+from tracker import geo
+from tracker.campaigns import policy_of
+from tracker.database import connect, create_pool
+from tracker.fastpath import Capture, ClientAddress
+from tracker.hits import DropReason, Pipeline
+from tracker.policy import Policy, PolicyBook
+from tracker.queries import QUERIES
+from tracker.settings import Settings
+from tracker.tokens import Signer
+from tracker.useragent import parse_agent
+from tracker.writer import BatchWriter
+
+log = logging.getLogger("tracker.lifespan")
+
+_POLICY_REFRESH_S = 1.0
+_SHUTDOWN_FLUSH_TIMEOUT_S = 10.0
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class Runtime:
+    def __init__(self, settings: Settings, signer: Signer, dsn: str) -> None:
+        self.settings = settings
+        self.signer = signer
+        self.dsn = dsn
+        self.policies = PolicyBook()
+        self.drops: Counter[str] = Counter()
+        self.hits: Counter[tuple[str, bool]] = Counter()
+        self._pool: asyncpg.Pool | None = None
+        self.writer: BatchWriter | None = None
+        self.capture: Capture | None = None
+        self._refresh: asyncio.Task[None] | None = None
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise RuntimeError("the runtime is not started")
+        return self._pool
+
+    async def start(self) -> None:
+        self._pool = await create_pool(self.dsn)
+        await self.refresh_policies()
+        self.writer = BatchWriter(
+            lambda: connect(self.dsn),
+            batch_size=self.settings.batch_size,
+            interval_s=self.settings.flush_interval_ms / 1000,
+            max_buffered=self.settings.buffer_max_events,
+            on_drop=self._count_drop)
+        self.writer.start()
+        self._refresh = asyncio.create_task(self._refresh_policies_forever(),
+                                            name="tracker-policy-refresh")
+        pipeline = Pipeline(self.policies, parse_agent, _locator(self.settings))
+        self.capture = Capture(self.signer, pipeline, ClientAddress(self.settings.trusted_proxies),
+                               self.writer.add, self._count_drop, self._count_hit)
+
+    async def stop(self) -> None:
+        # The server has stopped accepting requests by now; in order: stop recording,
+        # stop background work, write what is queued (bounded in time), close the pool.
+        self.capture = None
+        if self._refresh is not None:
+            self._refresh.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresh
+        if self.writer is not None:
+            await self.writer.close(_SHUTDOWN_FLUSH_TIMEOUT_S)
+        if self._pool is not None:
+            await self._pool.close()
+
+    def remember_campaign(self, account_id: int, campaign_id: int, policy: Policy,
+                          recording: bool) -> None:
+        """A campaign changed in this process: the hit pipeline sees it at once."""
+        self.policies.put(account_id, campaign_id, policy, recording)
+
+    async def refresh_policies(self) -> None:
+        since = self.policies.loaded_until or _EPOCH
+        rows = await self.pool.fetch(QUERIES.campaign_policies_since, since)
+        for row in rows:
+            self.policies.put(row["account_id"], row["id"], policy_of(row),
+                              row["deleted_at"] is None)
+            if self.policies.loaded_until is None or row["updated_at"] > self.policies.loaded_until:
+                self.policies.loaded_until = row["updated_at"]
+
+    async def _refresh_policies_forever(self) -> None:
+        while True:
+            await asyncio.sleep(_POLICY_REFRESH_S)
+            try:
+                await self.refresh_policies()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                # Keep the policies we have; the database may be down for a while.
+                log.debug("policy refresh failed: %s", exc)
+
+    def _count_drop(self, reason: DropReason) -> None:
+        self.drops[reason] += 1
+
+    def _count_hit(self, endpoint: str, machine: bool) -> None:
+        self.hits[(endpoint, machine)] += 1
+
+
+def _locator(settings: Settings) -> geo.Locate:
+    path: Path | None = settings.geoip_db or geo.default_geoip_path(settings.data_dir)
+    if path is None:
+        log.info("no geo database: locations are not recorded (see `tracker geoip fetch`)")
+        return geo.no_location
+    return geo.GeoLookup(path).lookup

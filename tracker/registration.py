@@ -1,0 +1,157 @@
+"""Register messages: validate, store recipient, subject and links (never a body), sign URLs.
+
+Registration is batch-shaped even for one message: ids are reserved in one
+round trip, distinct destinations upserted in one, and messages and links COPYed.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from tracker.queries import QUERIES
+from tracker.tokens import MAX_LINK_POSITION, MAX_URL_BYTES, Signer
+
+MAX_RECIPIENT_CHARS = 320
+MAX_SUBJECT_CHARS = 998  # the longest header line RFC 5322 allows
+MAX_LINKS = 1000
+_FIELDS = {"recipient", "subject", "sent_at", "links"}
+
+assert MAX_LINKS <= MAX_LINK_POSITION + 1
+
+
+class InvalidInput(ValueError):
+    """Input the API must refuse with 422; the message says what and where."""
+
+
+@dataclass(frozen=True)
+class MessageInput:
+    recipient: str
+    subject: str | None
+    sent_at: datetime
+    links: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Registered:
+    id: int
+    pixel_url: str
+    links: list[tuple[str, str]]  # (destination, tracked URL)
+
+
+def check_destination(url: object, where: str = "link") -> str:
+    """An absolute http(s) URL, without whitespace or control characters, of bounded length.
+    It comes back unchanged: the redirect sends exactly these bytes."""
+    if not isinstance(url, str) or not url:
+        raise InvalidInput(f"{where}: must be a non-empty string")
+    if len(url.encode()) > MAX_URL_BYTES:
+        raise InvalidInput(f"{where}: longer than {MAX_URL_BYTES} bytes")
+    for char in url:
+        if char.isspace() or unicodedata.category(char) in ("Cc", "Cf", "Cs", "Zl", "Zp"):
+            raise InvalidInput(f"{where}: contains whitespace or a control character "
+                               f"(U+{ord(char):04X})")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError for a malformed port
+    except ValueError as exc:
+        raise InvalidInput(f"{where}: not a valid URL ({exc})") from None
+    if parts.scheme.lower() not in ("http", "https"):
+        raise InvalidInput(f"{where}: must be an absolute http or https URL")
+    if not parts.hostname:
+        raise InvalidInput(f"{where}: has no host")
+    return url
+
+
+def _text(value: object, where: str, limit: int, *, required: bool) -> str | None:
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or (required and not value.strip()):
+        raise InvalidInput(f"{where}: must be a non-empty string" if required
+                           else f"{where}: must be a string or null")
+    if len(value) > limit:
+        raise InvalidInput(f"{where}: longer than {limit} characters")
+    if any(unicodedata.category(c) == "Cc" and c != "\t" for c in value):
+        raise InvalidInput(f"{where}: contains a control character")
+    return value.strip() if required else value
+
+
+def parse_time(value: object, where: str) -> datetime:
+    if not isinstance(value, str):
+        raise InvalidInput(f"{where}: must be an ISO 8601 date-time string")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidInput(f"{where}: {value!r} is not an ISO 8601 date-time") from None
+    # A time without a zone is taken as UTC rather than refused: senders' systems often drop it.
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def parse_message(body: object, where: str = "message") -> MessageInput:
+    if not isinstance(body, dict):
+        raise InvalidInput(f"{where}: must be a JSON object")
+    unknown = set(body) - _FIELDS
+    if "html" in unknown:
+        raise InvalidInput(f"{where}.html: instrumenting HTML is not available yet; send links")
+    if unknown:
+        raise InvalidInput(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+    recipient = _text(body.get("recipient"), f"{where}.recipient", MAX_RECIPIENT_CHARS,
+                      required=True)
+    subject = _text(body.get("subject"), f"{where}.subject", MAX_SUBJECT_CHARS, required=False)
+    sent_at = (parse_time(body["sent_at"], f"{where}.sent_at")
+               if body.get("sent_at") is not None else datetime.now(UTC))
+    links = body.get("links") or []
+    if not isinstance(links, list):
+        raise InvalidInput(f"{where}.links: must be a list of URLs")
+    if len(links) > MAX_LINKS:
+        raise InvalidInput(f"{where}.links: at most {MAX_LINKS} links per message")
+    checked = tuple(check_destination(url, f"{where}.links[{i}]") for i, url in enumerate(links))
+    assert recipient is not None
+    return MessageInput(recipient, subject, sent_at, checked)
+
+
+class Registrar:
+    def __init__(self, signer: Signer, base_url: str) -> None:
+        self._signer = signer
+        self._base = base_url
+
+    async def register(self, conn: asyncpg.Connection, account_id: int, campaign_id: int,
+                       messages: list[MessageInput]) -> list[Registered]:
+        """Store the messages and their links in one transaction; all or nothing."""
+        async with conn.transaction():
+            ids = [r["id"] for r in await conn.fetch(QUERIES.reserve_message_ids, len(messages))]
+            destinations = sorted({url for m in messages for url in m.links})
+            url_ids: dict[str, int] = {}
+            if destinations:
+                rows = await conn.fetch(QUERIES.upsert_urls, account_id, campaign_id, destinations)
+                url_ids = {r["url"]: r["id"] for r in rows}
+            await conn.copy_records_to_table(
+                "messages", columns=("account_id", "id", "campaign_id", "recipient", "subject",
+                                     "sent_at"),
+                records=[(account_id, mid, campaign_id, m.recipient, m.subject, m.sent_at)
+                         for mid, m in zip(ids, messages, strict=True)])
+            await conn.copy_records_to_table(
+                "links", columns=("account_id", "message_id", "position", "url_id"),
+                records=[(account_id, mid, pos, url_ids[url])
+                         for mid, m in zip(ids, messages, strict=True)
+                         for pos, url in enumerate(m.links)])
+        return [self._urls(account_id, campaign_id, mid, m, url_ids)
+                for mid, m in zip(ids, messages, strict=True)]
+
+    def _urls(self, account_id: int, campaign_id: int, message_id: int, message: MessageInput,
+              url_ids: dict[str, int]) -> Registered:
+        pixel = self._signer.open_token(account_id, campaign_id, message_id)
+        links = [(url, f"{self._base}/c/"
+                  + self._signer.click_token(account_id, campaign_id, message_id, pos,
+                                             url_ids[url], url))
+                 for pos, url in enumerate(message.links)]
+        return Registered(message_id, f"{self._base}/o/{pixel}.gif", links)
+
+
+def registered_json(item: Registered) -> dict[str, Any]:
+    return {"id": str(item.id), "pixel_url": item.pixel_url,
+            "links": [{"url": url, "tracked_url": tracked} for url, tracked in item.links]}

@@ -1,0 +1,92 @@
+"""The read side: campaign reports and message activity as plain dicts, no HTTP.
+
+Definitions follow the contract: `total` and `unique` count human events only,
+`machine` the rest; a click proves an open, so `opens.unique` counts messages
+with a human open or a human click; rates divide by the number of messages.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import asyncpg
+
+from tracker.queries import QUERIES
+
+DIMENSIONS = ("country", "region", "browser", "os", "device")
+
+
+class UnknownTimeZone(ValueError):
+    pass
+
+
+def zone(name: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise UnknownTimeZone(f"tz: unknown time zone {name!r}") from None
+
+
+def _rate(part: int, whole: int) -> float:
+    return round(part / whole, 6) if whole else 0.0
+
+
+async def campaign_report(conn: asyncpg.Connection, account_id: int, campaign_id: int,
+                          tz: str = "UTC") -> dict[str, Any]:
+    zone_info = zone(tz)
+    totals = await conn.fetchrow(QUERIES.report_totals, account_id, campaign_id)
+    links = await conn.fetch(QUERIES.report_links, account_id, campaign_id)
+    timeline = await conn.fetch(QUERIES.report_timeline, account_id, campaign_id, tz)
+    breakdown_rows = await conn.fetch(QUERIES.report_breakdown, account_id, campaign_id)
+
+    breakdown: dict[str, dict[str, dict[str, int]]] = {
+        kind: {dim: {} for dim in DIMENSIONS} for kind in ("opens", "clicks")}
+    for row in breakdown_rows:
+        breakdown["opens" if row["type"] == "open" else "clicks"][row["dimension"]][row["key"]] = (
+            row["n"])
+
+    messages = totals["messages"]
+    unique_opens, unique_clicks = totals["unique_opens"], totals["unique_clicks"]
+    return {
+        "campaign_id": str(campaign_id),
+        "messages": messages,
+        "opens": {"total": totals["opens"], "unique": unique_opens,
+                  "machine": totals["machine_opens"]},
+        "clicks": {"total": totals["clicks"], "unique": unique_clicks,
+                   "machine": totals["machine_clicks"]},
+        "open_rate": _rate(unique_opens, messages),
+        "click_rate": _rate(unique_clicks, messages),
+        "click_to_open_rate": _rate(unique_clicks, unique_opens),
+        "links": [{"url": r["url"], "clicks": r["clicks"], "unique_clicks": r["unique_clicks"]}
+                  for r in links],
+        "timeline": [{"at": _hour(r["hour"], zone_info), "opens": r["opens"],
+                      "clicks": r["clicks"]} for r in timeline],
+        "breakdown": breakdown,
+    }
+
+
+def _hour(at: datetime, zone_info: ZoneInfo) -> str:
+    return at.astimezone(zone_info).isoformat()
+
+
+async def message_activity(conn: asyncpg.Connection | asyncpg.Pool, account_id: int,
+                           message_id: int) -> dict[str, Any] | None:
+    message = await conn.fetchrow(QUERIES.get_message, account_id, message_id)
+    if message is None:
+        return None
+    events = await conn.fetch(QUERIES.message_events, account_id, message_id)
+    return {
+        "id": str(message["id"]),
+        "campaign_id": str(message["campaign_id"]),
+        "recipient": message["recipient"],
+        "subject": message["subject"],
+        "sent_at": message["sent_at"].isoformat(),
+        "events": [{
+            "type": e["type"], "at": e["occurred_at"].isoformat(), "url": e["url"],
+            "country": e["country"], "region": e["region"], "city": e["city"],
+            "browser": e["browser"], "os": e["os"], "device": e["device"],
+            "machine": e["machine"], "reason": e["reason"],
+        } for e in events],
+    }

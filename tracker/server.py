@@ -1,0 +1,66 @@
+"""Runs the ASGI app under granian (the default, fastest here) or uvicorn.
+
+Each worker process builds its own app (and so its own pool, writer and caches)
+from the environment; `tracker serve` has put the resolved settings there.
+"""
+
+from __future__ import annotations
+
+import os
+
+from tracker.settings import Settings
+
+APP_FACTORY = "tracker.app:create_app_from_env"
+# Long enough for the writer's shutdown flush (10 s) plus the pool's close.
+_WORKER_SHUTDOWN_S = 30
+
+
+def run(settings: Settings, env: dict[str, str]) -> None:
+    os.environ.update(env)
+    if settings.server == "uvicorn":
+        _run_uvicorn(settings)
+    else:
+        _run_granian(settings)
+
+
+def _run_granian(settings: Settings) -> None:
+    from granian.constants import HTTPModes, Interfaces, Loops, RuntimeModes
+    from granian.server import Server
+
+    Server(
+        APP_FACTORY,
+        address=settings.host,
+        port=settings.port,
+        interface=Interfaces.ASGI,
+        factory=True,
+        workers=settings.workers,
+        runtime_mode=RuntimeModes.st,
+        loop=Loops.uvloop,
+        http=HTTPModes.http1,
+        websockets=False,
+        backlog=2048,
+        log_access=False,  # an access log would hold addresses the policy may forbid
+        log_level=settings.log_level,  # type: ignore[arg-type]
+        workers_kill_timeout=_WORKER_SHUTDOWN_S,
+    ).serve()
+
+
+def _run_uvicorn(settings: Settings) -> None:
+    import uvicorn
+
+    uvicorn.run(
+        APP_FACTORY,
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        loop="uvloop",
+        http="httptools",
+        ws="none",
+        lifespan="on",
+        access_log=False,  # an access log would hold addresses the policy may forbid
+        log_level=settings.log_level,
+        server_header=False,
+        date_header=False,
+        timeout_graceful_shutdown=_WORKER_SHUTDOWN_S,
+    )

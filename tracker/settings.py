@@ -1,0 +1,206 @@
+"""Every TRACKER_* setting, read once, typed and validated.
+
+The table below is the single source of truth: it feeds `Settings`, the
+`tracker serve --help` flags and the settings section of the README. A bad
+value stops start-up with one line naming the variable, never a traceback.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+
+class SettingsError(ValueError):
+    """A setting has a value tracker cannot use; the message names the variable."""
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _text(raw: str) -> str:
+    return raw.strip()
+
+
+def _optional_text(raw: str) -> str | None:
+    return raw.strip() or None
+
+
+def _port(raw: str) -> int:
+    value = _positive_int(raw)
+    if value > 65535:
+        raise ValueError("must be a port number between 1 and 65535")
+    return value
+
+
+def _positive_int(raw: str) -> int:
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ValueError(f"must be a whole number, got {raw!r}") from None
+    if value < 1:
+        raise ValueError(f"must be at least 1, got {value}")
+    return value
+
+
+def _path(raw: str) -> Path:
+    if not raw.strip():
+        raise ValueError("must not be empty")
+    return Path(raw.strip()).expanduser()
+
+
+def _optional_path(raw: str) -> Path | None:
+    return Path(raw.strip()).expanduser() if raw.strip() else None
+
+
+def _database_url(raw: str) -> str | None:
+    raw = raw.strip()
+    if not raw:
+        return None
+    if urlsplit(raw).scheme not in ("postgres", "postgresql"):
+        raise ValueError("must be a postgresql:// URL")
+    return raw
+
+
+def _public_url(raw: str) -> str | None:
+    raw = raw.strip().rstrip("/")
+    if not raw:
+        return None
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"must be an absolute http(s) URL, got {raw!r}")
+    if parts.query or parts.fragment:
+        raise ValueError("must not have a query string or fragment")
+    return raw
+
+
+def _networks(raw: str) -> tuple[IPNetwork, ...]:
+    networks = []
+    for item in raw.split(","):
+        if item.strip():
+            try:
+                networks.append(ipaddress.ip_network(item.strip(), strict=False))
+            except ValueError:
+                raise ValueError(f"{item.strip()!r} is not an IP network (CIDR)") from None
+    return tuple(networks)
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}, got {raw!r}")
+        return value
+
+    return parse
+
+
+@dataclass(frozen=True)
+class Setting:
+    env: str
+    default: str
+    help: str
+    parse: Callable[[str], Any]
+
+    @property
+    def field(self) -> str:
+        return self.env.removeprefix("TRACKER_").lower()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.field.replace("_", "-")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("TRACKER_DATABASE_URL", "", "external PostgreSQL DSN; unset: embedded PostgreSQL",
+            _database_url),
+    Setting("TRACKER_DATA_DIR", "./tracker-data",
+            "embedded database, generated secret, local journal", _path),
+    Setting("TRACKER_SECRET_KEY", "",
+            "comma-separated signing keys for tracking URLs (first signs, all verify); "
+            "generated into the data dir when the database is embedded", _optional_text),
+    Setting("TRACKER_PUBLIC_URL", "", "base of the pixel and link URLs handed out "
+            "(default http://HOST:PORT)", _public_url),
+    Setting("TRACKER_HOST", "127.0.0.1", "bind address", _text),
+    Setting("TRACKER_PORT", "8000", "bind port", _port),
+    Setting("TRACKER_WORKERS", "1", "worker processes", _positive_int),
+    Setting("TRACKER_SERVER", "granian", "HTTP server: granian or uvicorn",
+            _choice("granian", "uvicorn")),
+    Setting("TRACKER_GEOIP_DB", "", "MaxMind-format City or Country database "
+            "(default: the DB-IP City Lite fetched by `tracker geoip fetch`, if any)",
+            _optional_path),
+    Setting("TRACKER_TRUSTED_PROXIES", "127.0.0.1/32,::1/128",
+            "comma-separated CIDRs whose X-Forwarded-For is believed", _networks),
+    Setting("TRACKER_FLUSH_INTERVAL_MS", "200", "longest time an event waits in memory "
+            "before the writer flushes it", _positive_int),
+    Setting("TRACKER_BATCH_SIZE", "5000", "events per COPY batch", _positive_int),
+    Setting("TRACKER_BUFFER_MAX_EVENTS", "1000000", "events held in memory while "
+            "PostgreSQL is unreachable before new ones are dropped", _positive_int),
+    Setting("TRACKER_LOG_LEVEL", "info", "debug, info, warning or error",
+            _choice("debug", "info", "warning", "error")),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str | None
+    data_dir: Path
+    secret_key: str | None
+    public_url: str | None
+    host: str
+    port: int
+    workers: int
+    server: str
+    geoip_db: Path | None
+    trusted_proxies: tuple[IPNetwork, ...]
+    flush_interval_ms: int
+    batch_size: int
+    buffer_max_events: int
+    log_level: str
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url is None
+
+    @property
+    def base_url(self) -> str:
+        if self.public_url:
+            return self.public_url
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def as_env(self) -> dict[str, str]:
+        """The settings as TRACKER_* variables, for worker processes and subprocesses."""
+        env: dict[str, str] = {}
+        for setting in SETTINGS:
+            value = getattr(self, setting.field)
+            if value is None:
+                continue
+            if isinstance(value, tuple):
+                value = ",".join(str(v) for v in value)
+            env[setting.env] = str(value)
+        return env
+
+
+def load(environ: Mapping[str, str] | None = None,
+         overrides: Mapping[str, str | None] | None = None) -> Settings:
+    """Read every setting from `environ` (default os.environ); `overrides` (CLI flags,
+    keyed by variable name) win. Raises SettingsError naming the first bad variable."""
+    environ = os.environ if environ is None else environ
+    overrides = overrides or {}
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        raw = overrides.get(setting.env)
+        if raw is None:
+            raw = environ.get(setting.env, setting.default)
+        try:
+            values[setting.field] = setting.parse(raw)
+        except ValueError as exc:
+            raise SettingsError(f"{setting.env}: {exc}") from None
+    assert {f.name for f in fields(Settings)} == set(values)
+    return Settings(**values)
