@@ -197,7 +197,11 @@ def build_api(runtime: Runtime) -> Starlette:
         assert isinstance(exc, HTTPException)
         return _error(exc.status_code, exc.detail, dict(exc.headers or {}))
 
+    async def healthz(request: Request) -> Response:
+        return JSON({"status": "ok"})
+
     routes = [
+        Route("/healthz", healthz, methods=["GET"]),
         Route("/api/campaigns", authenticated(create_campaign), methods=["POST"]),
         Route("/api/campaigns", authenticated(list_campaigns), methods=["GET"]),
         Route("/api/campaigns/{id}", authenticated(get_campaign), methods=["GET"]),

