@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from datetime import datetime
 from typing import Any
 
@@ -63,11 +64,16 @@ def stored_ip(policy: Policy, address: str | None) -> str | None:
     """The form of the client address the policy lets us keep, if any."""
     if policy.ip == "none" or not address:
         return None
+    return _stored_ip(policy.ip, address)
+
+
+@lru_cache(maxsize=65536)
+def _stored_ip(mode: str, address: str) -> str | None:
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return None
-    if policy.ip == "full":
+    if mode == "full":
         return str(ip)
     prefix = 24 if ip.version == 4 else 48
     return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import date
+from functools import lru_cache
 
 import asyncpg
 
@@ -174,6 +176,10 @@ class BatchWriter:
         if self._conn is None or self._conn.is_closed():
             conn = await self._connect()
             await conn.execute(_CREATE_STAGING)
+            # asyncpg encodes inet through the ipaddress module (~12 µs a row, four times
+            # the rest of the row); a cached binary encoding makes it free.
+            await conn.set_type_codec("inet", schema="pg_catalog", encoder=_inet_binary,
+                                      decoder=_unused_decoder, format="binary")
             self._conn = conn
         return self._conn
 
@@ -189,6 +195,19 @@ class BatchWriter:
         self.stats.dropped[reason] = self.stats.dropped.get(reason, 0) + 1
         if self._on_drop is not None:
             self._on_drop(reason)
+
+
+@lru_cache(maxsize=65536)
+def _inet_binary(address: str) -> bytes:
+    """PostgreSQL's binary inet: family, prefix bits, is_cidr, length, address bytes."""
+    interface = ipaddress.ip_interface(address)
+    family = 2 if interface.version == 4 else 3  # PGSQL_AF_INET, PGSQL_AF_INET6
+    packed = interface.ip.packed
+    return bytes((family, interface.network.prefixlen, 0, len(packed))) + packed
+
+
+def _unused_decoder(data: bytes) -> str:
+    raise NotImplementedError("the writer's connection never reads inet values")
 
 
 def _describe(exc: BaseException) -> str:

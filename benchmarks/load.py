@@ -1,0 +1,289 @@
+"""Load benchmark: wrk against tracker's pixel and click endpoints, nginx as the reference.
+
+    python benchmarks/load.py [--duration 10] [--connections 64] [--server granian|uvicorn]
+
+In one run, on this machine: nginx serving a static GIF, then tracker's pixel and
+click endpoints, each with the same wrk settings. The HTTP server under test (nginx
+or tracker) is pinned to core 0; wrk and PostgreSQL share core 1. wrk walks a list of
+many distinct valid tokens (a Lua script), so every request is a real, distinct
+event. Afterwards the events in PostgreSQL are counted and compared with the
+requests wrk completed.
+
+Exactness: wrk reports responses it completed; when its duration ends it drops the
+connections with requests still in flight, which the server may already have
+recorded. So events = completed + (at most one in-flight request per connection).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tracker import accounts  # noqa: E402
+from tracker.embedded_db import EmbeddedPostgres  # noqa: E402
+from tracker.migrations import migrate  # noqa: E402
+
+SECRET = "benchmark-signing-key-0123456789"
+SERVER_CORE = "0"
+LOAD_CORE = "1"
+USER_AGENTS = [
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/130.0.0.0 Safari/537.36",
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 "
+    "(KHTML, like Gecko) Mobile/15E148",
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko)",
+    "Microsoft Outlook 16.0.17928; Pro",
+]
+
+LUA = """
+local paths = {}
+local uas = {}
+init = function(args)
+  for line in io.lines(args[1]) do paths[#paths + 1] = line end
+  for line in io.lines(args[2]) do uas[#uas + 1] = line end
+  math.randomseed(os.time() + tonumber(tostring({}):sub(8), 16))
+  counter = math.random(#paths)
+end
+request = function()
+  counter = counter + 1
+  local path = paths[(counter % #paths) + 1]
+  local ua = uas[(counter % #uas) + 1]
+  return wrk.format("GET", path, {["User-Agent"] = ua})
+end
+"""
+
+
+@dataclass
+class Result:
+    name: str
+    requests: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    wrk_cpu: float  # share of one core wrk used
+
+
+def _ms(value: str) -> float:
+    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", value).groups()  # type: ignore[union-attr]
+    return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def run_wrk(name: str, url: str, args: argparse.Namespace, script: Path | None = None,
+            script_args: list[str] | None = None) -> Result:
+    command = ["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{args.connections}",
+               f"-d{args.duration}s", "--latency"]
+    if script is not None:
+        command += ["-s", str(script), url, "--", *(script_args or [])]
+    else:
+        command.append(url)
+    before = os.times()
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    after = os.times()
+    cpu = (after.children_user - before.children_user
+           + after.children_system - before.children_system)
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors += int(non2xx.group(1)) if non2xx else 0
+    latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.MULTILINE))
+    return Result(name, requests, float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+                  _ms(latency["50"]), _ms(latency["99"]), errors, cpu / args.duration)
+
+
+def start_nginx(workdir: Path, port: int) -> subprocess.Popen[bytes]:
+    root = workdir / "www" / "o"
+    root.mkdir(parents=True)
+    from tracker.fastpath import PIXEL_GIF
+    (root / "x.gif").write_bytes(PIXEL_GIF)
+    conf = workdir / "nginx.conf"
+    conf.write_text(f"""
+worker_processes 1;
+daemon off;
+pid {workdir}/nginx.pid;
+error_log {workdir}/nginx-error.log;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  server {{
+    listen 127.0.0.1:{port} backlog=2048;
+    root {workdir}/www;
+    location /o/ {{
+      add_header Cache-Control "no-store, no-cache, must-revalidate, max-age=0";
+      types {{ image/gif gif; }}
+    }}
+  }}
+}}
+""")
+    proc = subprocess.Popen(["taskset", "-c", SERVER_CORE, "nginx", "-c", str(conf),
+                             "-p", str(workdir)], stderr=subprocess.DEVNULL)
+    _wait_http(f"http://127.0.0.1:{port}/o/x.gif")
+    return proc
+
+
+def _wait_http(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"{url} did not come up")
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def _prepare(dsn: str, url: str, messages: int, links: int) -> tuple[list[str], list[str]]:
+    conn = await asyncpg.connect(dsn)
+    await migrate(conn)
+    key = (await accounts.create_account(conn, "benchmark")).api_key
+    await conn.close()
+    async with httpx.AsyncClient(base_url=url, headers={"authorization": f"Bearer {key}"},
+                                 timeout=30) as client:
+        campaign = (await client.post("/api/campaigns", json={
+            "name": "load", "policy": {"location": "city", "ip": "truncated"}})).json()["id"]
+        semaphore = asyncio.Semaphore(8)
+
+        async def one(i: int) -> dict[str, object]:
+            async with semaphore:
+                response = await client.post(f"/api/campaigns/{campaign}/messages", json={
+                    "recipient": f"reader{i}@example.com",
+                    "links": [f"https://example.com/p/{i}/{j}?utm_source=mail" for j in range(links)]})
+                response.raise_for_status()
+                return response.json()  # type: ignore[no-any-return]
+
+        registered = await asyncio.gather(*(one(i) for i in range(messages)))
+    pixels = [str(m["pixel_url"]).removeprefix(url) for m in registered]
+    clicks = [link["tracked_url"].removeprefix(url) for m in registered
+              for link in m["links"]]  # type: ignore[attr-defined]
+    return pixels, clicks
+
+
+async def _count(dsn: str, kind: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(await conn.fetchval("select count(*) from events where type = $1", kind))
+    finally:
+        await conn.close()
+
+
+def settle(dsn: str, kind: str, timeout: float = 30) -> int:
+    """Events of a kind once the writer has caught up (the count stops moving)."""
+    deadline = time.monotonic() + timeout
+    last = -1
+    while time.monotonic() < deadline:
+        now = asyncio.run(_count(dsn, kind))
+        if now == last:
+            return now
+        last = now
+        time.sleep(1.0)
+    return last
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--server", choices=("granian", "uvicorn"), default="granian")
+    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--links", type=int, default=5)
+    args = parser.parse_args()
+    for tool in ("wrk", "nginx", "taskset"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is needed: apt-get install wrk nginx-light util-linux")
+
+    workdir = Path(tempfile.mkdtemp(prefix="tracker-bench-"))
+    pg = EmbeddedPostgres(workdir / "pg")
+    pg.start()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        running = pg.running()
+        assert running is not None
+        dsn = running.dsn()
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        env = {**os.environ, "TRACKER_DATABASE_URL": dsn, "TRACKER_SECRET_KEY": SECRET,
+               "TRACKER_PORT": str(port), "TRACKER_SERVER": args.server,
+               "TRACKER_DATA_DIR": str(workdir / "data"), "TRACKER_LOG_LEVEL": "warning"}
+        server = subprocess.Popen(["taskset", "-c", SERVER_CORE, sys.executable, "-m", "tracker",
+                                   "serve"], env=env, stdout=subprocess.DEVNULL,
+                                  stderr=open(workdir / "server.log", "wb"))  # noqa: SIM115
+        procs.append(server)
+        _wait_http(url + "/healthz")
+        pixels, clicks = asyncio.run(_prepare(dsn, url, args.messages, args.links))
+        (workdir / "pixels.txt").write_text("\n".join(pixels) + "\n")
+        (workdir / "clicks.txt").write_text("\n".join(clicks) + "\n")
+        (workdir / "uas.txt").write_text("\n".join(USER_AGENTS) + "\n")
+        script = workdir / "paths.lua"
+        script.write_text(LUA)
+
+        nginx_port = _free_port()
+        nginx = start_nginx(workdir, nginx_port)
+        procs.append(nginx)
+        results = [run_wrk("nginx static GIF", f"http://127.0.0.1:{nginx_port}/o/x.gif", args)]
+        nginx.send_signal(signal.SIGQUIT)
+        nginx.wait(10)
+
+        checks = []
+        for name, kind, paths in (("tracker pixel", "open", "pixels.txt"),
+                                  ("tracker click", "click", "clicks.txt")):
+            before = settle(dsn, kind)
+            result = run_wrk(name, url, args, script,
+                             [str(workdir / paths), str(workdir / "uas.txt")])
+            results.append(result)
+            landed = settle(dsn, kind) - before
+            checks.append((name, result.requests, landed,
+                           result.requests <= landed <= result.requests + args.connections))
+        server.send_signal(signal.SIGTERM)
+        server.wait(60)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+        pg.stop("immediate")
+
+    nginx_rps = results[0].rps
+    goals = {"tracker pixel": 0.5, "tracker click": 0.45}
+    print(f"\nwrk -t1 -c{args.connections} -d{args.duration}s, server on core {SERVER_CORE}, "
+          f"wrk + PostgreSQL on core {LOAD_CORE}, tracker on {args.server}, "
+          f"{len(pixels)} pixel / {len(clicks)} click tokens\n")
+    print(f"{'endpoint':<18} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} "
+          f"{'wrk cpu':>8} {'x nginx':>8} {'goal':>6}")
+    for r in results:
+        ratio = r.rps / nginx_rps
+        goal = goals.get(r.name)
+        verdict = "" if goal is None else (f">={goal}" + (" ok" if ratio >= goal else " MISS"))
+        print(f"{r.name:<18} {r.rps:>9.0f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} {r.errors:>7} "
+              f"{r.wrk_cpu:>7.0%} {ratio:>8.2f} {verdict:>6}")
+    print(f"\n{'endpoint':<18} {'completed':>10} {'events':>10}  landed")
+    for name, completed, landed, ok in checks:
+        print(f"{name:<18} {completed:>10} {landed:>10}  {'ok' if ok else 'MISMATCH'}")
+    shutil.rmtree(workdir, ignore_errors=True)
+    if not all(ok for *_, ok in checks):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

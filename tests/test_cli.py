@@ -1,0 +1,289 @@
+"""The `tracker` command as a user runs it: `python -m tracker ...` in a subprocess,
+on a fresh data dir, with only the environment and flags a user would give."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tracker.embedded_db import EmbeddedPostgres
+
+from .support import SECRET, Server, campaign, free_port, register, wait_for
+
+# Start-up includes initdb and PostgreSQL's start on a fresh data dir.
+START_S = 90.0
+EXIT_S = 60.0
+COMMAND_S = 60.0
+DESTINATION = "https://example.com/welcome?utm_source=mail&x=%20y"
+
+
+@pytest.fixture(autouse=True)
+def _no_tracker_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only what a test sets reaches the commands (Server copies os.environ)."""
+    for name in list(os.environ):
+        if name.startswith("TRACKER_"):
+            monkeypatch.delenv(name)
+
+
+def tracker(*args: str, env: dict[str, str] | None = None,
+            timeout: float = COMMAND_S) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tracker", *args], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})},
+                          check=False)
+
+
+def _postmaster_pid(data_dir: Path) -> int:
+    return int((data_dir / "postgres" / "postmaster.pid").read_text().split("\n", 1)[0])
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process runs; a zombie (exited, not yet reaped by init) does not."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return False
+    return fields[0] not in ("Z", "X")
+
+
+def _assert_postgres_stopped(data_dir: Path, pid: int) -> None:
+    assert EmbeddedPostgres(data_dir).running() is None
+    # The postmaster's children go with it; give its exit a moment to be reaped.
+    wait_for(lambda: not _alive(pid), 10, message=f"postmaster {pid} to exit")
+
+
+def _stop(srv: Server) -> int:
+    assert srv.proc is not None
+    srv.signal(signal.SIGTERM)
+    try:
+        return srv.wait(EXIT_S)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"no exit {EXIT_S}s after SIGTERM:\n{srv.log()}") from None
+
+
+def _one_error_line(result: subprocess.CompletedProcess[str], variable: str) -> str:
+    assert result.returncode != 0, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert variable in lines[0], lines[0]
+    return lines[0]
+
+
+# -- serve on the embedded database ------------------------------------------------------------
+
+
+def _shut_down(srv: Server, data_dir: Path) -> None:
+    """SIGTERM: serve exits 0 and takes its embedded PostgreSQL down with it."""
+    postmaster = _postmaster_pid(data_dir)
+    code = _stop(srv)
+    _assert_postgres_stopped(data_dir, postmaster)
+    assert code == 0, srv.log()
+
+
+def _clean_up(srv: Server, data_dir: Path) -> None:
+    """After a failure: end what this test started (the server, then its PostgreSQL)."""
+    if srv.proc is not None and srv.proc.poll() is None:
+        srv.proc.kill()
+        srv.proc.wait(EXIT_S)
+    EmbeddedPostgres(data_dir).stop("immediate")
+
+
+@pytest.mark.parametrize("server_kind", ["granian", "uvicorn"])
+def test_serve_without_database_url_runs_embedded_postgres_and_keeps_state_across_restarts(
+        tmp_path: Path, server_kind: str) -> None:
+    data_dir = tmp_path / "data"
+    env = {"TRACKER_SERVER": server_kind}
+    first = Server(None, tmp_path, env).start(START_S)
+    try:
+        key_file = data_dir / "secret_key"
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        secret = key_file.read_text()
+        assert secret.strip()
+        assert (data_dir / "postgres" / "PG_VERSION").is_file()
+        postmaster = _postmaster_pid(data_dir)
+        assert _alive(postmaster)
+
+        created = tracker("accounts", "create", "Acme Mail", "--json",
+                          env={"TRACKER_DATA_DIR": str(data_dir)})
+        assert created.returncode == 0, created.stderr
+        assert created.stdout.endswith("\n") and created.stdout.count("\n") == 1, created.stdout
+        account = json.loads(created.stdout)
+        assert set(account) == {"id", "name", "api_key"}
+        assert account["name"] == "Acme Mail"
+        assert isinstance(account["id"], str) and isinstance(account["api_key"], str)
+        # The command reused the server's PostgreSQL and left it running.
+        assert _postmaster_pid(data_dir) == postmaster and _alive(postmaster)
+
+        with first.client(account["api_key"]) as client:
+            campaign_id = campaign(client)
+            message = register(client, campaign_id, [DESTINATION])
+        click_path = message["links"][0]["tracked_url"].removeprefix(first.url)
+        with first.client() as client:
+            assert client.get(click_path).headers["location"] == DESTINATION
+        _shut_down(first, data_dir)
+    finally:
+        _clean_up(first, data_dir)
+
+    second = Server(None, tmp_path, env).start(START_S)
+    try:
+        assert key_file.read_text() == secret
+        with second.client(account["api_key"]) as client:
+            response = client.get(f"/api/campaigns/{campaign_id}")
+            assert response.status_code == 200, response.text
+            assert response.json()["id"] == campaign_id
+        with second.client() as client:
+            redirect = client.get(click_path)
+            assert redirect.status_code == 302
+            assert redirect.headers["location"] == DESTINATION
+        _shut_down(second, data_dir)
+    finally:
+        _clean_up(second, data_dir)
+
+
+def test_accounts_create_without_json_prints_the_key_for_a_person(tmp_path: Path) -> None:
+    result = tracker("accounts", "create", "Person", env={"TRACKER_DATA_DIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert "Person" in result.stdout
+    assert any(word.startswith("tk_") for word in result.stdout.split())
+    # It started the embedded PostgreSQL for itself, so it stopped it too.
+    assert EmbeddedPostgres(tmp_path).running() is None
+
+
+def test_accounts_create_rejects_an_empty_name_in_one_line(tmp_path: Path) -> None:
+    result = tracker("accounts", "create", "  ", "--json",
+                     env={"TRACKER_DATA_DIR": str(tmp_path)})
+    assert result.returncode != 0
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    assert len([line for line in result.stderr.splitlines() if "error" in line]) == 1
+
+
+# -- migrate -----------------------------------------------------------------------------------
+
+
+def test_migrate_on_a_fresh_embedded_data_dir_applies_0001_then_is_up_to_date(
+        tmp_path: Path) -> None:
+    env = {"TRACKER_DATA_DIR": str(tmp_path / "data")}
+    first = tracker("migrate", env=env)
+    assert first.returncode == 0, first.stderr
+    applied = first.stdout.splitlines()
+    assert applied[0] == "applied 0001_initial"
+    assert all(line.startswith("applied ") for line in applied)
+    assert EmbeddedPostgres(tmp_path / "data").running() is None
+
+    second = tracker("migrate", env=env)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout == "already up to date\n"
+    assert EmbeddedPostgres(tmp_path / "data").running() is None
+
+
+# -- settings ----------------------------------------------------------------------------------
+
+
+def _external(tmp_path: Path, dsn: str, **extra: str) -> dict[str, str]:
+    return {"TRACKER_DATABASE_URL": dsn, "TRACKER_SECRET_KEY": SECRET,
+            "TRACKER_DATA_DIR": str(tmp_path / "data"), "TRACKER_PORT": str(free_port()),
+            **extra}
+
+
+def test_serve_with_an_external_database_and_no_secret_key_fails_in_one_line(
+        tmp_path: Path, module_dsn: str) -> None:
+    env = _external(tmp_path, module_dsn)
+    del env["TRACKER_SECRET_KEY"]
+    result = tracker("serve", env=env)
+    _one_error_line(result, "TRACKER_SECRET_KEY")
+    assert not (tmp_path / "data" / "secret_key").exists()
+
+
+@pytest.mark.parametrize(("variable", "value"), [
+    ("TRACKER_PORT", "abc"),
+    ("TRACKER_PORT", "70000"),
+    ("TRACKER_TRUSTED_PROXIES", "notacidr"),
+    ("TRACKER_PUBLIC_URL", "ftp://x"),
+    ("TRACKER_SERVER", "nope"),
+    ("TRACKER_WORKERS", "0"),
+    ("TRACKER_DATABASE_URL", "mysql://localhost/tracker"),
+    ("TRACKER_SECRET_KEY", "short"),
+    ("TRACKER_GEOIP_DB", "/nonexistent/GeoLite2-City.mmdb"),
+])
+def test_a_bad_setting_stops_serve_with_one_line_naming_it(
+        tmp_path: Path, module_dsn: str, variable: str, value: str) -> None:
+    result = tracker("serve", env=_external(tmp_path, module_dsn, **{variable: value}),
+                     timeout=30)
+    _one_error_line(result, variable)
+
+
+def test_a_bad_geoip_file_stops_serve_with_one_line_naming_the_variable(
+        tmp_path: Path, module_dsn: str) -> None:
+    not_a_database = tmp_path / "geo.mmdb"
+    not_a_database.write_bytes(b"this is not a MaxMind database")
+    result = tracker("serve", env=_external(tmp_path, module_dsn,
+                                            TRACKER_GEOIP_DB=str(not_a_database)), timeout=30)
+    _one_error_line(result, "TRACKER_GEOIP_DB")
+
+
+def test_a_bad_flag_value_names_the_flag_or_variable_in_one_line(
+        tmp_path: Path, module_dsn: str) -> None:
+    result = tracker("serve", "--port", "abc", env=_external(tmp_path, module_dsn), timeout=30)
+    line = _one_error_line(result, "PORT")
+    assert "--port" in line or "TRACKER_PORT" in line
+
+
+def test_a_flag_wins_over_the_environment(tmp_path: Path, module_dsn: str) -> None:
+    env_port, flag_port = free_port(), free_port()
+    env = {**os.environ, **_external(tmp_path, module_dsn, TRACKER_PORT=str(env_port))}
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "tracker", "serve", "--port",
+                                 str(flag_port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"serve exited with {proc.returncode}:\n"
+                                     f"{log_path.read_text()}")
+            try:
+                return httpx.get(f"http://127.0.0.1:{flag_port}/healthz", timeout=1).is_success
+            except httpx.HTTPError:
+                return False
+
+        wait_for(up, START_S, interval=0.1, message="serve on the --port port")
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{env_port}/healthz", timeout=1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(EXIT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+    assert code == 0, log_path.read_text()
+
+
+# -- help --------------------------------------------------------------------------------------
+
+
+def test_help_lists_the_commands() -> None:
+    result = tracker("--help")
+    assert result.returncode == 0, result.stderr
+    for command in ("serve", "migrate", "accounts"):
+        assert command in result.stdout
+
+
+def test_serve_help_names_each_flag_and_its_variable() -> None:
+    result = tracker("serve", "--help")
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())  # argparse wraps help text
+    for flag, variable in (("--port", "TRACKER_PORT"), ("--host", "TRACKER_HOST"),
+                           ("--workers", "TRACKER_WORKERS"),
+                           ("--database-url", "TRACKER_DATABASE_URL"),
+                           ("--data-dir", "TRACKER_DATA_DIR")):
+        assert flag in text and variable in text, (flag, variable)

@@ -1,0 +1,347 @@
+"""tracker.writer.BatchWriter in process, against a real PostgreSQL (a fresh database per test)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import TypeVar
+
+import asyncpg
+import pytest
+
+from tracker.database import connect
+from tracker.hits import CLICK, EVENT_COLUMNS, OPEN, DropReason, EventRow, Hit, Pipeline, event_id
+from tracker.policy import DEFAULT, PolicyBook
+from tracker.tokens import ClickToken, OpenToken
+from tracker.useragent import parse_agent
+from tracker.writer import BatchWriter
+
+from .support import free_port
+
+T = TypeVar("T")
+ACCOUNT = 7
+CAMPAIGN = 70
+CHROME = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+          "Chrome/126.0.0.0 Safari/537.36")
+
+
+def row(at: datetime | None = None, message_id: int = 700, kind: str = OPEN) -> EventRow:
+    """An event row by hand, in EVENT_COLUMNS order."""
+    at = at or datetime.now(UTC)
+    click = kind == CLICK
+    values = {
+        "account_id": ACCOUNT, "occurred_at": at, "id": event_id(at.timestamp()),
+        "campaign_id": CAMPAIGN, "message_id": message_id, "type": kind,
+        "link_position": 0 if click else None, "url_id": 1 if click else None,
+        "machine": False, "reason": None, "country": "DE", "region": "Hesse", "city": None,
+        "browser": "Chrome", "os": "Windows", "device": "desktop", "ip": None,
+    }
+    assert list(values) == list(EVENT_COLUMNS)
+    return tuple(values.values())  # type: ignore[return-value]
+
+
+def rows(n: int, at: datetime | None = None) -> list[EventRow]:
+    return [row(at, message_id=700 + i) for i in range(n)]
+
+
+async def wait_until(predicate: Callable[[], Awaitable[T]], within: float = 10.0,
+                     message: str = "condition") -> T:
+    deadline = time.monotonic() + within
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {message}")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def db(dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(dsn)
+    yield conn
+    await conn.close()
+
+
+class Writers:
+    """Makes writers on the test database and closes every one of them at the end."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.made: list[BatchWriter] = []
+
+    def __call__(self, *, batch_size: int = 100, interval_s: float = 3600.0,
+                 max_buffered: int = 10_000, connect_fn: Callable[[], Awaitable[
+                     asyncpg.Connection]] | None = None,
+                 on_drop: Callable[[DropReason], None] | None = None) -> BatchWriter:
+        writer = BatchWriter(connect_fn or (lambda: connect(self.dsn)), batch_size=batch_size,
+                             interval_s=interval_s, max_buffered=max_buffered, on_drop=on_drop)
+        self.made.append(writer)
+        return writer
+
+
+@pytest.fixture
+async def writers(dsn: str) -> AsyncIterator[Writers]:
+    made = Writers(dsn)
+    yield made
+    for writer in made.made:
+        await writer.close(0.2)
+
+
+async def stored(db: asyncpg.Connection) -> list[asyncpg.Record]:
+    return list(await db.fetch(f"select {', '.join(EVENT_COLUMNS)} from events order by id"))
+
+
+def as_tuple(record: asyncpg.Record) -> tuple[object, ...]:
+    return tuple(record[c] for c in EVENT_COLUMNS)
+
+
+async def test_flush_writes_buffered_rows_exactly_as_given(
+        writers: Writers, db: asyncpg.Connection) -> None:
+    writer = writers()
+    batch = [*rows(3), row(kind=CLICK)]
+    for item in batch:
+        assert writer.add(item)
+    assert writer.buffered == 4
+    assert await writer.flush() == 4
+    assert writer.buffered == 0
+    assert sorted(as_tuple(r) for r in await stored(db)) == sorted(batch)
+    assert writer.stats.written == 4
+    assert writer.stats.duplicates == 0
+
+
+async def test_rows_from_the_pipeline_are_written(
+        writers: Writers, db: asyncpg.Connection) -> None:
+    book = PolicyBook()
+    book.put(ACCOUNT, CAMPAIGN, DEFAULT, recording=True)
+    pipeline = Pipeline(book, parse_agent, lambda ip: None)
+    hit = Hit("GET", CHROME, "203.0.113.9", time.time())
+    opened = pipeline.open(OpenToken(ACCOUNT, CAMPAIGN, 700), hit)
+    clicked = pipeline.click(ClickToken(ACCOUNT, CAMPAIGN, 700, 2, 9, b"https://example.com/"),
+                             hit)
+    assert not isinstance(opened, DropReason) and not isinstance(clicked, DropReason)
+    writer = writers()
+    writer.add(opened)
+    writer.add(clicked)
+    assert await writer.flush() == 2
+    got = {r["type"]: r for r in await stored(db)}
+    assert got[OPEN]["browser"] == "Chrome" and got[OPEN]["ip"] is None
+    assert (got[CLICK]["link_position"], got[CLICK]["url_id"]) == (2, 9)
+
+
+async def test_flush_with_nothing_buffered_writes_nothing(
+        writers: Writers, db: asyncpg.Connection) -> None:
+    assert await writers().flush() == 0
+    assert await stored(db) == []
+
+
+async def test_same_batch_written_twice_is_stored_once(
+        writers: Writers, db: asyncpg.Connection) -> None:
+    writer = writers()
+    batch = rows(5)
+    for item in batch:
+        writer.add(item)
+    assert await writer.flush() == 5
+    for item in batch:
+        writer.add(item)
+    assert await writer.flush() == 0
+    assert len(await stored(db)) == 5
+    assert writer.stats.written == 5
+    assert writer.stats.duplicates == 5
+
+
+async def test_replay_by_another_writer_is_stored_once(
+        writers: Writers, db: asyncpg.Connection) -> None:
+    batch = rows(4)
+    first, second = writers(), writers()
+    for item in batch:
+        first.add(item)
+    await first.flush()
+    for item in [*batch, *rows(1)]:
+        second.add(item)
+    assert await second.flush() == 1
+    assert second.stats.duplicates == 4
+    assert len(await stored(db)) == 5
+
+
+async def test_duplicate_ids_within_one_batch_are_stored_once(
+        writers: Writers, db: asyncpg.Connection) -> None:
+    writer = writers()
+    one = row()
+    for item in (one, one, *rows(2)):
+        writer.add(item)
+    assert await writer.flush() == 3
+    assert writer.stats.duplicates == 1
+    assert len(await stored(db)) == 3
+
+
+async def test_flush_splits_into_batches_of_batch_size(
+        writers: Writers, db: asyncpg.Connection) -> None:
+    writer = writers(batch_size=3)
+    for item in rows(8):
+        writer.add(item)
+    assert await writer.flush() == 8
+    assert writer.stats.batches == 3
+    assert writer.stats.last_batch_size == 2
+    assert len(await stored(db)) == 8
+
+
+async def test_a_full_batch_wakes_the_writer_without_flush(
+        writers: Writers, db: asyncpg.Connection) -> None:
+    # The interval is an hour: only the batch size can trigger this write.
+    writer = writers(batch_size=3, interval_s=3600)
+    writer.start()
+    for item in rows(3):
+        writer.add(item)
+
+    async def written() -> int:
+        return int(await db.fetchval("select count(*) from events"))
+
+    assert await wait_until(lambda: written(), message="the full batch to be written") == 3
+    assert writer.buffered == 0
+
+
+async def test_the_interval_flushes_without_flush(
+        writers: Writers, db: asyncpg.Connection) -> None:
+    writer = writers(batch_size=1000, interval_s=0.05)
+    writer.start()
+    writer.add(row())
+
+    async def written() -> int:
+        return int(await db.fetchval("select count(*) from events"))
+
+    assert await wait_until(lambda: written(), message="the timer to flush") == 1
+    assert writer.buffered == 0
+    assert writer.stats.batches >= 1
+
+
+async def test_flush_raises_and_keeps_rows_when_the_database_is_unreachable(
+        writers: Writers) -> None:
+    closed = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    writer = writers(connect_fn=lambda: connect(closed))
+    batch = rows(3)
+    for item in batch:
+        writer.add(item)
+    with pytest.raises(OSError):
+        await writer.flush()
+    assert writer.buffered == 3
+
+
+async def test_rows_stay_buffered_while_connect_fails_and_are_written_after(
+        writers: Writers, dsn: str, db: asyncpg.Connection) -> None:
+    closed = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    attempts = {"failed": 0}
+    up = asyncio.Event()
+
+    async def flaky() -> asyncpg.Connection:
+        if not up.is_set():
+            attempts["failed"] += 1
+            return await connect(closed)
+        return await connect(dsn)
+
+    writer = writers(connect_fn=flaky, batch_size=1000, interval_s=0.02)
+    writer.start()
+    first, later = rows(3), rows(2)
+    for item in first:
+        writer.add(item)
+
+    async def failed_twice() -> bool:
+        return attempts["failed"] >= 2 and writer.stats.failures >= 2
+
+    await wait_until(failed_twice, message="the writer to retry against a closed port")
+    assert writer.buffered == 3
+    assert not writer.healthy
+    for item in later:
+        writer.add(item)
+    assert await db.fetchval("select count(*) from events") == 0
+
+    up.set()
+
+    async def all_written() -> bool:
+        return bool(await db.fetchval("select count(*) from events") == 5)
+
+    await wait_until(all_written, message="the buffered rows to be written once connect works")
+    assert writer.buffered == 0
+    assert writer.healthy
+    assert sorted(as_tuple(r) for r in await stored(db)) == sorted(first + later)
+
+
+async def test_buffer_bound_drops_new_rows_with_reason_buffer_full(
+        writers: Writers, db: asyncpg.Connection) -> None:
+    reasons: list[DropReason] = []
+    writer = writers(max_buffered=3, on_drop=reasons.append)
+    batch = rows(5)
+    accepted = [writer.add(item) for item in batch]
+    assert accepted == [True, True, True, False, False]
+    assert writer.buffered == 3
+    assert writer.stats.dropped == {DropReason.BUFFER_FULL: 2}
+    assert writer.stats.dropped.get("buffer_full") == 2
+    assert reasons == [DropReason.BUFFER_FULL] * 2
+    await writer.flush()
+    # The oldest rows were kept; the ones past the bound were dropped.
+    assert sorted(as_tuple(r) for r in await stored(db)) == sorted(batch[:3])
+    assert writer.add(row())
+
+
+async def test_close_flushes_what_is_left(writers: Writers, db: asyncpg.Connection) -> None:
+    writer = writers(batch_size=1000, interval_s=3600)
+    writer.start()
+    batch = rows(4)
+    for item in batch:
+        writer.add(item)
+    assert await writer.close(5.0) == 0
+    assert writer.buffered == 0
+    assert sorted(as_tuple(r) for r in await stored(db)) == sorted(batch)
+
+
+async def test_close_without_start_flushes_too(writers: Writers, db: asyncpg.Connection) -> None:
+    writer = writers()
+    writer.add(row())
+    assert await writer.close(5.0) == 0
+    assert len(await stored(db)) == 1
+
+
+async def test_close_reports_rows_it_could_not_write(writers: Writers) -> None:
+    closed = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    writer = writers(connect_fn=lambda: connect(closed))
+    for item in rows(2):
+        writer.add(item)
+    assert await writer.close(0.2) == 2
+
+
+async def test_partitions_are_made_for_each_day(
+        writers: Writers, db: asyncpg.Connection) -> None:
+    now = datetime.now(UTC)
+    days = [now - timedelta(days=1), now, datetime(2001, 2, 3, 23, 59, 59, tzinfo=UTC),
+            datetime(2001, 2, 4, 0, 0, 0, tzinfo=UTC)]
+    writer = writers()
+    for at in days:
+        writer.add(row(at))
+    assert await writer.flush() == 4
+    placed = {r["occurred_at"]: r["partition"] for r in await db.fetch(
+        "select occurred_at, tableoid::regclass::text as partition from events")}
+    assert placed == {at: f"events_{at:%Y%m%d}" for at in days}
+    partitions = {r["name"] for r in await db.fetch(
+        "select c.relname as name from pg_inherits i join pg_class c on c.oid = i.inhrelid "
+        "where i.inhparent = 'events'::regclass")}
+    assert {f"events_{at:%Y%m%d}" for at in days} <= partitions
+
+
+async def test_a_day_whose_partition_another_writer_made_is_written(
+        writers: Writers, db: asyncpg.Connection) -> None:
+    first, second = writers(), writers()
+    first.add(row())
+    await first.flush()
+    second.add(row())
+    assert await second.flush() == 1
+    assert len(await stored(db)) == 2
+
+
+def test_event_ids_are_unique_uuid7() -> None:
+    at = time.time()
+    made = {event_id(at) for _ in range(1000)}
+    assert len(made) == 1000
+    assert all(isinstance(i, uuid.UUID) and i.version == 7 for i in made)
