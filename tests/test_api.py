@@ -36,6 +36,8 @@ NEVER = "https://example.org/never-clicked"
 EVENT_FIELDS = {"type", "at", "url", "country", "region", "city", "browser", "os", "device",
                 "machine", "reason"}
 DIMENSIONS = {"country", "region", "browser", "os", "device"}
+# What a reverse proxy in front of the server would be reached at; the trailing slash is dropped.
+PUBLIC_URL = "https://track.example.com/t"
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +46,7 @@ def server(module_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     tmp = tmp_path_factory.mktemp("api-server")
     geo_db = build_test_city_db(tmp / "city.mmdb")
     srv = Server(module_dsn, tmp, env={"TRACKER_GEOIP_DB": str(geo_db),
+                                       "TRACKER_PUBLIC_URL": PUBLIC_URL + "/",
                                        "TRACKER_FLUSH_INTERVAL_MS": "50"}).start()
     yield srv
     srv.stop()
@@ -77,8 +80,9 @@ def parse_time(value: str) -> datetime:
 
 
 def path_of(server: Server, url: str) -> str:
-    assert url.startswith(server.url + "/"), url
-    return url.removeprefix(server.url)
+    """The path the proxy at PUBLIC_URL would forward to the server."""
+    assert url.startswith(PUBLIC_URL + "/"), url
+    return url.removeprefix(PUBLIC_URL)
 
 
 def open_pixel(public: httpx.Client, server: Server, message: dict[str, Any],
@@ -327,12 +331,12 @@ def test_registration_answers_201_with_signed_urls_under_the_public_url(
     body = response.json()
     assert set(body) - {"html"} == {"id", "pixel_url", "links"}
     assert isinstance(body["id"], str) and body["id"]
-    assert body["pixel_url"].startswith(server.url + "/o/")
+    assert body["pixel_url"].startswith(PUBLIC_URL + "/o/")
     assert body["pixel_url"].endswith(".gif")
     assert [link["url"] for link in body["links"]] == links
     tracked = [link["tracked_url"] for link in body["links"]]
     assert all(set(link) == {"url", "tracked_url"} for link in body["links"])
-    assert all(url.startswith(server.url + "/c/") for url in tracked)
+    assert all(url.startswith(PUBLIC_URL + "/c/") for url in tracked)
     # The same destination twice is two links (two positions), each with its own URL.
     assert len(set(tracked)) == 3
 

@@ -144,7 +144,6 @@ def test_too_long_forwarded_header_is_ignored() -> None:
     (b"[2001:db8:1::1]", "2001:db8:1::1"),
     (b"2001:db8:1::1", "2001:db8:1::1"),
     (b"2001:DB8:1:0:0:0:0:1", "2001:db8:1::1"),
-    (b"[::ffff:81.2.69.142]:80", str(ipaddress.ip_address("::ffff:81.2.69.142"))),
     (b"81.2.69.142:8080", CLIENT),
     (b"81.2.69.142:1", CLIENT),
     (b"  81.2.69.142  ", CLIENT),
@@ -167,8 +166,16 @@ def test_forwarded_ipv6_zone_id_does_not_become_part_of_the_client_address() -> 
 
 
 def test_ipv4_mapped_loopback_peer_is_the_trusted_loopback() -> None:
-    # A dual-stack listener on "::" reports IPv4 peers as ::ffff:a.b.c.d.
+    # A dual-stack listener ("::") reports IPv4 peers as ::ffff:a.b.c.d.
     assert resolve("::ffff:127.0.0.1", CLIENT.encode()) == CLIENT
+
+
+@pytest.mark.parametrize("header", [b"::ffff:81.2.69.142", b"[::ffff:81.2.69.142]:80",
+                                    b"::FFFF:5102:458E"])
+def test_ipv4_mapped_forwarded_address_is_the_ipv4_client(header: bytes) -> None:
+    # What nginx on a dual-stack listener writes for an IPv4 client. Kept as IPv6 it is
+    # neither located as 81.2.69.142 nor truncated to its /24.
+    assert resolve(LOOPBACK, header) == CLIENT
 
 
 def _capture(trusted: tuple[IPNetwork, ...] = DEFAULT_TRUST) -> Capture:
@@ -246,10 +253,12 @@ def _raw_get(server: Server, path: str, headers: list[tuple[str, str]]) -> bytes
     return data.split(b"\r\n", 1)[0]
 
 
-def _open_from(server: Server, dsn: str, headers: list[tuple[str, str]]) -> dict[str, Any]:
-    """One open in a campaign that keeps the full address and the city; its stored row."""
+def _open_from(server: Server, dsn: str, headers: list[tuple[str, str]],
+               ip: str = "full") -> dict[str, Any]:
+    """One open in a campaign that keeps the address (whole by default) and the city;
+    the open's stored row."""
     with server.client(new_account(dsn, "forwarded")) as api:
-        message = register(api, campaign(api, {"location": "city", "ip": "full"}))
+        message = register(api, campaign(api, {"location": "city", "ip": ip}))
     status = _raw_get(server, str(message["pixel_url"]).removeprefix(server.url), headers)
     assert status.startswith(b"HTTP/1.1 200"), status
 
@@ -293,3 +302,23 @@ def test_server_locates_a_forwarded_ipv6_client(
     assert row == {"ip": "2001:db8:1::1", "country": "FR", "region": "Île-de-France",
                    "city": "Paris"}
 
+
+
+def test_server_locates_and_truncates_an_ipv4_mapped_client_as_ipv4(
+        trusting_server: Server, module_dsn: str) -> None:
+    row = _open_from(trusting_server, module_dsn, [("X-Forwarded-For", "::ffff:81.2.69.142")],
+                     ip="truncated")
+    assert row == {"ip": "81.2.69.0/24", "country": "DE", "region": "Hesse",
+                   "city": "Frankfurt am Main"}
+
+
+def test_server_on_an_ipv4_mapped_loopback_address_believes_its_loopback_proxy(
+        module_dsn: str, city_db: Path, tmp_path: Path) -> None:
+    # Bound to ::ffff:127.0.0.1, the server sees the loopback proxy as ::ffff:127.0.0.1,
+    # as it does every IPv4 peer when it listens on "::".
+    server = _start(module_dsn, tmp_path, city_db, TRACKER_HOST="::ffff:127.0.0.1")
+    try:
+        row = _open_from(server, module_dsn, [("X-Forwarded-For", CLIENT)])
+    finally:
+        server.stop()
+    assert row["ip"] == CLIENT and row["country"] == "DE"

@@ -78,12 +78,12 @@ def test_tampered_truncated_and_garbage_click_tokens_are_404_without_location(
 
 def test_click_token_signed_with_a_foreign_key_is_404() -> None:
     foreign = Signer(["someone-elses-key-0123456789"])
-    token = foreign.click_token(1, 1, 1, 0, 1, "https://evil.example/")
+    token = foreign.click_token(1, 1, 1, 0, 0, 1, "https://evil.example/")
     assert Signer([SECRET]).verify_click(token) is None
 
 
 def test_click_token_signed_with_a_foreign_key_is_404_on_the_wire(server: Server) -> None:
-    token = Signer(["someone-elses-key-0123456789"]).click_token(1, 1, 1, 0, 1,
+    token = Signer(["someone-elses-key-0123456789"]).click_token(1, 1, 1, 0, 0, 1,
                                                                  "https://evil.example/")
     status, headers, _ = raw_get(server, f"/c/{token}")
     assert status.startswith(b"HTTP/1.1 404")

@@ -27,9 +27,8 @@ BOT = Verdict(True, "bot")
 PROXIED = Verdict(False, "image_proxy", proxied=True)
 
 
-def classify(kind: str, method: str, user_agent: str, agent: Agent) -> Verdict:
-    if method == "HEAD":
-        return HEAD
+def classify_agent(user_agent: str, agent: Agent) -> Verdict:
+    """What the user agent alone says; the caller caches it per user-agent string."""
     if any(proxy in user_agent for proxy in _IMAGE_PROXIES):
         return PROXIED
     if agent.device == "bot":

@@ -10,19 +10,20 @@ allows, so nothing else can reach the writer, the journal or the database.
 from __future__ import annotations
 
 import enum
-from random import getrandbits
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from random import getrandbits
 
 from asyncpg.pgproto.pgproto import UUID
 
-from tracker.classify import Verdict, classify
+from tracker.classify import HEAD, Verdict, classify_agent
 from tracker.geo import Location
-from tracker.policy import Policy, PolicyBook, stored_ip
+from tracker.policy import PolicyBook, stored_ip
 from tracker.tokens import ClickToken, OpenToken
 from tracker.useragent import Agent
 
+_MAX_PROFILES = 16384
 OPEN = "open"
 CLICK = "click"
 
@@ -54,11 +55,15 @@ class Hit:
 
 
 class Pipeline:
+    """The steps, in order: campaign state, agent profile (user agent and what it says about
+    the client, cached per string), verdict, location (cached per address), policy."""
+
     def __init__(self, policies: PolicyBook, parse_agent: Callable[[str], Agent],
                  locate: Callable[[str], Location | None]) -> None:
         self._policies = policies
         self._parse_agent = parse_agent
         self._locate = locate
+        self._profiles: dict[str, tuple[Agent, Verdict]] = {}
 
     def open(self, token: OpenToken, hit: Hit) -> EventRow | DropReason:
         if hit.method == "HEAD":
@@ -75,34 +80,38 @@ class Pipeline:
         policy, recording = self._policies.policy_for(account_id, campaign_id)
         if not recording:
             return DropReason.CAMPAIGN_DISABLED
-        agent = self._parse_agent(hit.user_agent)
-        verdict = classify(kind, hit.method, hit.user_agent, agent)
-        location = self._location(policy, verdict, hit.client_ip)
+        agent, verdict = self._profile(hit.user_agent)
+        if hit.method == "HEAD":
+            verdict = HEAD
+        country = region = city = None
+        # A mailbox image proxy fetches from its own data centre: that place is not the reader's.
+        if policy.location != "none" and not verdict.proxied and hit.client_ip:
+            found = self._locate(hit.client_ip)
+            if found is not None:
+                country = found.country
+                if policy.location != "country":
+                    region = found.region
+                    if policy.location == "city":
+                        city = found.city
         return (
             account_id, datetime.fromtimestamp(hit.at, UTC), event_id(hit.at), campaign_id,
             message_id, kind, link_position, url_id, verdict.machine, verdict.reason,
-            *location,
-            *(_device(agent) if policy.device else (None, None, None)),
+            country, region, city,
+            agent.browser if policy.device else None,
+            agent.os if policy.device else None,
+            agent.device if policy.device else None,
             stored_ip(policy, hit.client_ip),
         )
 
-    def _location(self, policy: Policy, verdict: Verdict,
-                  client_ip: str | None) -> tuple[str | None, str | None, str | None]:
-        # A mailbox image proxy fetches from its own data centre: that place is not the reader's.
-        if policy.location == "none" or verdict.proxied or not client_ip:
-            return None, None, None
-        found = self._locate(client_ip)
-        if found is None:
-            return None, None, None
-        if policy.location == "country":
-            return found.country, None, None
-        if policy.location == "region":
-            return found.country, found.region, None
-        return found.country, found.region, found.city
-
-
-def _device(agent: Agent) -> tuple[str | None, str | None, str | None]:
-    return agent.browser, agent.os, agent.device
+    def _profile(self, user_agent: str) -> tuple[Agent, Verdict]:
+        profile = self._profiles.get(user_agent)
+        if profile is None:
+            agent = self._parse_agent(user_agent)
+            profile = (agent, classify_agent(user_agent, agent))
+            if len(self._profiles) >= _MAX_PROFILES:
+                self._profiles.clear()  # junk user agents must not grow memory without bound
+            self._profiles[user_agent] = profile
+        return profile
 
 
 _VERSION_7 = 0x7 << 76

@@ -144,9 +144,10 @@ class Registrar:
 
     def _urls(self, account_id: int, campaign_id: int, message_id: int, message: MessageInput,
               url_ids: dict[str, int]) -> Registered:
-        pixel = self._signer.open_token(account_id, campaign_id, message_id)
+        sent_at = int(message.sent_at.timestamp())
+        pixel = self._signer.open_token(account_id, campaign_id, message_id, sent_at)
         links = [(url, f"{self._base}/c/"
-                  + self._signer.click_token(account_id, campaign_id, message_id, pos,
+                  + self._signer.click_token(account_id, campaign_id, message_id, sent_at, pos,
                                              url_ids[url], url))
                  for pos, url in enumerate(message.links)]
         return Registered(message_id, f"{self._base}/o/{pixel}.gif", links)

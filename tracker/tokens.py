@@ -5,6 +5,8 @@ A token is `base64url(header | ids | [link] | mac)` with no padding:
     byte 0      format version (high nibble) and kind (low nibble: open or click)
     byte 1      key id: first byte of SHA-256 of the signing key, so keys can rotate
     8+8+8       account, campaign and message id (big-endian unsigned)
+    4           the message's sent_at (Unix seconds): classification needs it on the hot path
+    1           flags (bit 0: a honeypot link no reader can see)
     click only: 2-byte link position, 8-byte url id, then the destination URL as UTF-8
     16          HMAC-SHA256 over everything before it, truncated to 128 bits
 
@@ -21,7 +23,7 @@ import hashlib
 import hmac
 import secrets
 import struct
-from base64 import b64decode, urlsafe_b64encode
+from base64 import urlsafe_b64encode
 from typing import NamedTuple
 
 _VERSION = 1
@@ -31,7 +33,7 @@ _OPEN_HEADER = (_VERSION << 4) | _KIND_OPEN
 _CLICK_HEADER = (_VERSION << 4) | _KIND_CLICK
 
 _MAC_LEN = 16
-_IDS = struct.Struct(">BBQQQ")
+_IDS = struct.Struct(">BBQQQIB")
 _LINK = struct.Struct(">HQ")
 _OPEN_LEN = _IDS.size + _MAC_LEN
 _CLICK_MIN_LEN = _IDS.size + _LINK.size + _MAC_LEN
@@ -44,16 +46,22 @@ MAX_LINK_POSITION = 0xFFFF
 MIN_KEY_CHARS = 16
 
 
+FLAG_HONEYPOT = 1
+
+
 class OpenToken(NamedTuple):
     account_id: int
     campaign_id: int
     message_id: int
+    sent_at: int
 
 
 class ClickToken(NamedTuple):
     account_id: int
     campaign_id: int
     message_id: int
+    sent_at: int
+    flags: int
     link_position: int
     url_id: int
     destination: bytes  # UTF-8, exactly as registered: it goes into Location as is
@@ -76,27 +84,30 @@ class Signer:
         for key in keys:
             if len(key) < MIN_KEY_CHARS:
                 raise SigningKeyError(f"each key must be at least {MIN_KEY_CHARS} characters")
-        self._by_id: dict[int, list[bytes]] = {}
+        self._by_id: dict[int, list[_HmacSha256]] = {}
         for key in keys:
             raw = key.encode()
-            self._by_id.setdefault(_key_id(raw), []).append(raw)
-        self._signing_key = keys[0].encode()
-        self._signing_id = _key_id(self._signing_key)
+            self._by_id.setdefault(_key_id(raw), []).append(_HmacSha256(raw))
+        self._signing_key = _HmacSha256(keys[0].encode())
+        self._signing_id = _key_id(keys[0].encode())
 
     @classmethod
     def from_setting(cls, value: str) -> Signer:
         return cls([k.strip() for k in value.split(",") if k.strip()])
 
-    def open_token(self, account_id: int, campaign_id: int, message_id: int) -> str:
-        body = _IDS.pack(_OPEN_HEADER, self._signing_id, account_id, campaign_id, message_id)
+    def open_token(self, account_id: int, campaign_id: int, message_id: int,
+                   sent_at: int) -> str:
+        body = _IDS.pack(_OPEN_HEADER, self._signing_id, account_id, campaign_id, message_id,
+                         _clamp_time(sent_at), 0)
         return self._seal(body)
 
-    def click_token(self, account_id: int, campaign_id: int, message_id: int,
-                    link_position: int, url_id: int, destination: str) -> str:
+    def click_token(self, account_id: int, campaign_id: int, message_id: int, sent_at: int,
+                    link_position: int, url_id: int, destination: str, flags: int = 0) -> str:
         url = destination.encode()
         if len(url) > MAX_URL_BYTES:
             raise ValueError(f"destination longer than {MAX_URL_BYTES} bytes")
-        body = (_IDS.pack(_CLICK_HEADER, self._signing_id, account_id, campaign_id, message_id)
+        body = (_IDS.pack(_CLICK_HEADER, self._signing_id, account_id, campaign_id, message_id,
+                          _clamp_time(sent_at), flags)
                 + _LINK.pack(link_position, url_id) + url)
         return self._seal(body)
 
@@ -104,20 +115,21 @@ class Signer:
         raw = self._authentic(token, _OPEN_HEADER)
         if raw is None or len(raw) != _OPEN_LEN:
             return None
-        _, _, account_id, campaign_id, message_id = _IDS.unpack_from(raw)
-        return OpenToken(account_id, campaign_id, message_id)
+        _, _, account_id, campaign_id, message_id, sent_at, _ = _IDS.unpack_from(raw)
+        return OpenToken(account_id, campaign_id, message_id, sent_at)
 
     def verify_click(self, token: str) -> ClickToken | None:
         raw = self._authentic(token, _CLICK_HEADER)
         if raw is None or len(raw) < _CLICK_MIN_LEN:
             return None
-        _, _, account_id, campaign_id, message_id = _IDS.unpack_from(raw)
+        _, _, account_id, campaign_id, message_id, sent_at, flags = _IDS.unpack_from(raw)
         position, url_id = _LINK.unpack_from(raw, _IDS.size)
         destination = raw[_IDS.size + _LINK.size:-_MAC_LEN]
-        return ClickToken(account_id, campaign_id, message_id, position, url_id, destination)
+        return ClickToken(account_id, campaign_id, message_id, sent_at, flags, position, url_id,
+                          destination)
 
     def _seal(self, body: bytes) -> str:
-        mac = hmac.digest(self._signing_key, body, "sha256")[:_MAC_LEN]
+        mac = self._signing_key.digest(body)[:_MAC_LEN]
         return urlsafe_b64encode(body + mac).rstrip(b"=").decode("ascii")
 
     def _authentic(self, token: str, header: int) -> bytes | None:
@@ -125,16 +137,52 @@ class Signer:
         if len(token) > MAX_TOKEN_CHARS or len(token) < 4:
             return None
         try:
-            raw = b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True)
-        except (binascii.Error, ValueError):
+            raw = binascii.a2b_base64(
+                token.encode("ascii").translate(_URLSAFE) + b"=" * (-len(token) % 4),
+                strict_mode=True)
+        except (binascii.Error, ValueError):  # ValueError: not ASCII
             return None
         if len(raw) < _OPEN_LEN or raw[0] != header:
             return None
         body, mac = raw[:-_MAC_LEN], raw[-_MAC_LEN:]
         for key in self._by_id.get(raw[1], ()):
-            if hmac.compare_digest(hmac.digest(key, body, "sha256")[:_MAC_LEN], mac):
+            if hmac.compare_digest(key.digest(body)[:_MAC_LEN], mac):
                 return raw
         return None
+
+
+class _HmacSha256:
+    """HMAC-SHA256 (RFC 2104) with the padded key's hash states computed once.
+
+    hmac.digest() sets up OpenSSL's HMAC context on every call (~1.5 µs); copying two
+    prepared SHA-256 states costs ~0.6 µs, and the redirect path verifies on every hit.
+    Tested against hmac.digest() for short, block-sized and long keys."""
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) > 64:  # the SHA-256 block size
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(64, b"\0")
+        self._inner = hashlib.sha256(key.translate(_IPAD))
+        self._outer = hashlib.sha256(key.translate(_OPAD))
+
+    def digest(self, message: bytes) -> bytes:
+        inner = self._inner.copy()
+        inner.update(message)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
+
+
+_IPAD = bytes(b ^ 0x36 for b in range(256))
+_OPAD = bytes(b ^ 0x5C for b in range(256))
+
+
+# base64url -> standard alphabet; "+" and "/" are mapped away so they stay invalid.
+_URLSAFE = bytes.maketrans(b"-_+/=", b"+/!!!")
+
+
+def _clamp_time(seconds: int) -> int:
+    return min(max(seconds, 0), 0xFFFFFFFF)
 
 
 def _key_id(key: bytes) -> int:
