@@ -6,6 +6,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
@@ -116,20 +117,37 @@ async def test_flush_writes_buffered_rows_exactly_as_given(
 async def test_rows_from_the_pipeline_are_written(
         writers: Writers, db: asyncpg.Connection) -> None:
     book = PolicyBook()
-    book.put(ACCOUNT, CAMPAIGN, DEFAULT, recording=True)
+    book.put(ACCOUNT, CAMPAIGN, replace(DEFAULT, ip="truncated"), recording=True)
     pipeline = Pipeline(book, parse_agent, lambda ip: None)
     hit = Hit("GET", CHROME, "203.0.113.9", time.time())
-    opened = pipeline.open(OpenToken(ACCOUNT, CAMPAIGN, 700), hit)
-    clicked = pipeline.click(ClickToken(ACCOUNT, CAMPAIGN, 700, 2, 9, b"https://example.com/"),
-                             hit)
+    opened = pipeline.open(OpenToken(account_id=ACCOUNT, campaign_id=CAMPAIGN, message_id=700,
+                                     sent_at=0), hit)
+    clicked = pipeline.click(ClickToken(
+        account_id=ACCOUNT, campaign_id=CAMPAIGN, message_id=700, sent_at=0, flags=0,
+        link_position=2, url_id=9, destination=b"https://example.com/"), hit)
     assert not isinstance(opened, DropReason) and not isinstance(clicked, DropReason)
     writer = writers()
     writer.add(opened)
     writer.add(clicked)
     assert await writer.flush() == 2
-    got = {r["type"]: r for r in await stored(db)}
-    assert got[OPEN]["browser"] == "Chrome" and got[OPEN]["ip"] is None
+    got = {r["type"]: r for r in await db.fetch(
+        "select type, browser, link_position, url_id, ip::text as ip from events")}
+    assert got[OPEN]["browser"] == "Chrome"
+    assert got[OPEN]["ip"] == got[CLICK]["ip"] == "203.0.113.0/24"
     assert (got[CLICK]["link_position"], got[CLICK]["url_id"]) == (2, 9)
+
+
+@pytest.mark.parametrize(("ip", "stored_as"), [
+    (None, None), ("203.0.113.9", "203.0.113.9"), ("203.0.113.0/24", "203.0.113.0/24"),
+    ("2001:db8::1", "2001:db8::1"), ("2001:db8:1::/48", "2001:db8:1::/48"),
+    ("::ffff:192.0.2.1", "::ffff:192.0.2.1"),
+])
+async def test_addresses_are_stored_as_inet(
+        writers: Writers, db: asyncpg.Connection, ip: str | None, stored_as: str | None) -> None:
+    writer = writers()
+    writer.add((*row()[:-1], ip))  # type: ignore[arg-type]
+    assert await writer.flush() == 1
+    assert await db.fetchval("select ip::text from events") == stored_as
 
 
 async def test_flush_with_nothing_buffered_writes_nothing(

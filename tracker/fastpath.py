@@ -50,50 +50,80 @@ class ClientAddress:
     """The client's address: the peer, or from X-Forwarded-For when the peer is a trusted proxy.
 
     The right-most address not in a trusted network is the client: everything to its
-    left was written by parties we cannot vouch for. A malformed header is ignored.
+    left was written by parties we cannot vouch for. A malformed header is ignored as a
+    whole. Addresses come out canonical, IPv4-mapped IPv6 (what a dual-stack listener
+    reports for IPv4 peers) as plain IPv4, so geolocation and truncation see IPv4.
     """
 
     def __init__(self, trusted: tuple[IPNetwork, ...]) -> None:
         self._trusted = trusted
-        self._trust_cache: dict[str, bool] = {}
+        self._known: dict[str, tuple[str | None, bool]] = {}
 
-    def is_trusted(self, address: str) -> bool:
-        known = self._trust_cache.get(address)
+    def _lookup(self, text: str) -> tuple[str | None, bool]:
+        """(canonical address or None if not one, whether it is a trusted proxy); cached."""
+        known = self._known.get(text)
         if known is None:
-            try:
-                ip = ipaddress.ip_address(address)
-            except ValueError:
-                return False
-            known = any(ip in net for net in self._trusted)
-            if len(self._trust_cache) > 4096:
-                self._trust_cache.clear()
-            self._trust_cache[address] = known
+            address = canonical_address(text)
+            trusted = address is not None and any(
+                ipaddress.ip_address(address) in net for net in self._trusted)
+            if len(self._known) >= 4096:
+                self._known.clear()  # junk headers must not grow memory without bound
+            known = self._known[text] = (address, trusted)
         return known
 
+    def is_trusted(self, address: str) -> bool:
+        return self._lookup(address)[1]
+
     def resolve(self, peer: str | None, forwarded: bytes | None) -> str | None:
-        if peer is None or forwarded is None or not self.is_trusted(peer):
-            return peer
-        if len(forwarded) > _MAX_FORWARDED_CHARS:
-            return peer
-        hops = []
+        if peer is None:
+            return None
+        client, trusted = self._lookup(peer)
+        if forwarded is None or not trusted or len(forwarded) > _MAX_FORWARDED_CHARS:
+            return client
+        hops: list[tuple[str, bool]] = []
         for part in forwarded.decode("latin-1").split(","):
-            hop = _strip_port(part.strip())
-            try:
-                hops.append(str(ipaddress.ip_address(hop)))
-            except ValueError:
-                return peer
-        for hop in reversed(hops):
-            if not self.is_trusted(hop):
-                return hop
-        return hops[0] if hops else peer
+            host = _host(part.strip())
+            address, hop_trusted = self._lookup(host) if host is not None else (None, False)
+            if address is None:
+                return client
+            hops.append((address, hop_trusted))
+        for address, hop_trusted in reversed(hops):
+            if not hop_trusted:
+                return address
+        return hops[0][0] if hops else client
 
 
-def _strip_port(hop: str) -> str:
-    if hop.startswith("["):  # "[2001:db8::1]:443"
-        return hop[1:hop.find("]")] if "]" in hop else hop
+def canonical_address(text: str) -> str | None:
+    if "%" in text:  # a zone id is free text from the header; no client sends one
+        return None
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def _host(hop: str) -> str | None:
+    """The address in an X-Forwarded-For element, with an optional port; None if malformed."""
+    if hop.startswith("["):  # "[2001:db8::1]" or "[2001:db8::1]:443"
+        end = hop.find("]")
+        if end < 0 or not _is_port_suffix(hop[end + 1:]):
+            return None
+        return hop[1:end]
     if hop.count(":") == 1:  # "203.0.113.9:443"
-        return hop.split(":", 1)[0]
+        host, _, port = hop.partition(":")
+        return host if _is_port_suffix(":" + port) else None
     return hop
+
+
+def _is_port_suffix(rest: str) -> bool:
+    if not rest:
+        return True
+    port = rest[1:]
+    return (rest[0] == ":" and port.isascii() and port.isdigit() and len(port) <= 5
+            and 1 <= int(port) <= 65535)
 
 
 class Capture:
