@@ -34,9 +34,9 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tracker import accounts  # noqa: E402
-from tracker.embedded_db import EmbeddedPostgres  # noqa: E402
-from tracker.migrations import migrate  # noqa: E402
+from tracker import accounts
+from tracker.embedded_db import EmbeddedPostgres
+from tracker.migrations import migrate
 
 SECRET = "benchmark-signing-key-0123456789"
 SERVER_CORE = "0"
@@ -157,7 +157,6 @@ def _free_port() -> int:
 
 async def _prepare(dsn: str, url: str, messages: int, links: int) -> tuple[list[str], list[str]]:
     conn = await asyncpg.connect(dsn)
-    await migrate(conn)
     key = (await accounts.create_account(conn, "benchmark")).api_key
     await conn.close()
     async with httpx.AsyncClient(base_url=url, headers={"authorization": f"Bearer {key}"},
@@ -170,7 +169,8 @@ async def _prepare(dsn: str, url: str, messages: int, links: int) -> tuple[list[
             async with semaphore:
                 response = await client.post(f"/api/campaigns/{campaign}/messages", json={
                     "recipient": f"reader{i}@example.com",
-                    "links": [f"https://example.com/p/{i}/{j}?utm_source=mail" for j in range(links)]})
+                    "links": [f"https://example.com/p/{i}/{j}?utm_source=mail"
+                              for j in range(links)]})
                 response.raise_for_status()
                 return response.json()  # type: ignore[no-any-return]
 
@@ -202,39 +202,44 @@ def settle(dsn: str, kind: str, timeout: float = 30) -> int:
     return last
 
 
+def _start_tracker(server: str, dsn: str, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = _free_port()
+    env = {**os.environ, "TRACKER_DATABASE_URL": dsn, "TRACKER_SECRET_KEY": SECRET,
+           "TRACKER_PORT": str(port), "TRACKER_SERVER": server,
+           "TRACKER_DATA_DIR": str(workdir / "data"), "TRACKER_LOG_LEVEL": "warning"}
+    proc = subprocess.Popen(["taskset", "-c", SERVER_CORE, sys.executable, "-m", "tracker",
+                             "serve"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=open(workdir / f"{server}.log", "wb"))  # noqa: SIM115
+    url = f"http://127.0.0.1:{port}"
+    _wait_http(url + "/healthz")
+    return proc, url
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=64)
-    parser.add_argument("--server", choices=("granian", "uvicorn"), default="granian")
+    parser.add_argument("--servers", default="granian,uvicorn",
+                        help="comma-separated HTTP servers to measure tracker on")
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--links", type=int, default=5)
     args = parser.parse_args()
     for tool in ("wrk", "nginx", "taskset"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is needed: apt-get install wrk nginx-light util-linux")
+    servers = [name.strip() for name in args.servers.split(",") if name.strip()]
 
     workdir = Path(tempfile.mkdtemp(prefix="tracker-bench-"))
     pg = EmbeddedPostgres(workdir / "pg")
     pg.start()
     procs: list[subprocess.Popen[bytes]] = []
+    results: list[Result] = []
+    checks = []
     try:
         running = pg.running()
         assert running is not None
         dsn = running.dsn()
-        port = _free_port()
-        url = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "TRACKER_DATABASE_URL": dsn, "TRACKER_SECRET_KEY": SECRET,
-               "TRACKER_PORT": str(port), "TRACKER_SERVER": args.server,
-               "TRACKER_DATA_DIR": str(workdir / "data"), "TRACKER_LOG_LEVEL": "warning"}
-        server = subprocess.Popen(["taskset", "-c", SERVER_CORE, sys.executable, "-m", "tracker",
-                                   "serve"], env=env, stdout=subprocess.DEVNULL,
-                                  stderr=open(workdir / "server.log", "wb"))  # noqa: SIM115
-        procs.append(server)
-        _wait_http(url + "/healthz")
-        pixels, clicks = asyncio.run(_prepare(dsn, url, args.messages, args.links))
-        (workdir / "pixels.txt").write_text("\n".join(pixels) + "\n")
-        (workdir / "clicks.txt").write_text("\n".join(clicks) + "\n")
+        asyncio.run(_migrate(dsn))
         (workdir / "uas.txt").write_text("\n".join(USER_AGENTS) + "\n")
         script = workdir / "paths.lua"
         script.write_text(LUA)
@@ -242,22 +247,29 @@ def main() -> None:
         nginx_port = _free_port()
         nginx = start_nginx(workdir, nginx_port)
         procs.append(nginx)
-        results = [run_wrk("nginx static GIF", f"http://127.0.0.1:{nginx_port}/o/x.gif", args)]
+        results.append(run_wrk("nginx static GIF", f"http://127.0.0.1:{nginx_port}/o/x.gif",
+                               args))
         nginx.send_signal(signal.SIGQUIT)
         nginx.wait(10)
 
-        checks = []
-        for name, kind, paths in (("tracker pixel", "open", "pixels.txt"),
-                                  ("tracker click", "click", "clicks.txt")):
-            before = settle(dsn, kind)
-            result = run_wrk(name, url, args, script,
-                             [str(workdir / paths), str(workdir / "uas.txt")])
-            results.append(result)
-            landed = settle(dsn, kind) - before
-            checks.append((name, result.requests, landed,
-                           result.requests <= landed <= result.requests + args.connections))
-        server.send_signal(signal.SIGTERM)
-        server.wait(60)
+        for server_name in servers:
+            server, url = _start_tracker(server_name, dsn, workdir)
+            procs.append(server)
+            pixels, clicks = asyncio.run(_prepare(dsn, url, args.messages, args.links))
+            (workdir / "pixels.txt").write_text("\n".join(pixels) + "\n")
+            (workdir / "clicks.txt").write_text("\n".join(clicks) + "\n")
+            for endpoint, kind, paths in (("pixel", "open", "pixels.txt"),
+                                          ("click", "click", "clicks.txt")):
+                name = f"{server_name} {endpoint}"
+                before = settle(dsn, kind)
+                result = run_wrk(name, url, args, script,
+                                 [str(workdir / paths), str(workdir / "uas.txt")])
+                results.append(result)
+                landed = settle(dsn, kind) - before
+                checks.append((name, result.requests, landed,
+                               result.requests <= landed <= result.requests + args.connections))
+            server.send_signal(signal.SIGTERM)
+            server.wait(60)
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -265,24 +277,32 @@ def main() -> None:
         pg.stop("immediate")
 
     nginx_rps = results[0].rps
-    goals = {"tracker pixel": 0.5, "tracker click": 0.45}
-    print(f"\nwrk -t1 -c{args.connections} -d{args.duration}s, server on core {SERVER_CORE}, "
-          f"wrk + PostgreSQL on core {LOAD_CORE}, tracker on {args.server}, "
-          f"{len(pixels)} pixel / {len(clicks)} click tokens\n")
+    goals = {"pixel": 0.5, "click": 0.45}
+    print(f"\nwrk -t1 -c{args.connections} -d{args.duration}s; the server under test on core "
+          f"{SERVER_CORE}, wrk and PostgreSQL on core {LOAD_CORE}; "
+          f"{args.messages} pixel / {args.messages * args.links} click tokens\n")
     print(f"{'endpoint':<18} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} "
-          f"{'wrk cpu':>8} {'x nginx':>8} {'goal':>6}")
+          f"{'wrk cpu':>8} {'x nginx':>8} {'goal':>9}")
     for r in results:
         ratio = r.rps / nginx_rps
-        goal = goals.get(r.name)
+        goal = goals.get(r.name.rsplit(" ", 1)[-1])
         verdict = "" if goal is None else (f">={goal}" + (" ok" if ratio >= goal else " MISS"))
         print(f"{r.name:<18} {r.rps:>9.0f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} {r.errors:>7} "
-              f"{r.wrk_cpu:>7.0%} {ratio:>8.2f} {verdict:>6}")
+              f"{r.wrk_cpu:>7.0%} {ratio:>8.2f} {verdict:>9}")
     print(f"\n{'endpoint':<18} {'completed':>10} {'events':>10}  landed")
     for name, completed, landed, ok in checks:
         print(f"{name:<18} {completed:>10} {landed:>10}  {'ok' if ok else 'MISMATCH'}")
     shutil.rmtree(workdir, ignore_errors=True)
     if not all(ok for *_, ok in checks):
         raise SystemExit(1)
+
+
+async def _migrate(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
 
 
 if __name__ == "__main__":

@@ -137,17 +137,16 @@ async def test_rows_from_the_pipeline_are_written(
     assert (got[CLICK]["link_position"], got[CLICK]["url_id"]) == (2, 9)
 
 
-@pytest.mark.parametrize(("ip", "stored_as"), [
-    (None, None), ("203.0.113.9", "203.0.113.9"), ("203.0.113.0/24", "203.0.113.0/24"),
-    ("2001:db8::1", "2001:db8::1"), ("2001:db8:1::/48", "2001:db8:1::/48"),
-    ("::ffff:192.0.2.1", "::ffff:192.0.2.1"),
-])
+@pytest.mark.parametrize("ip", [None, "203.0.113.9", "203.0.113.0/24", "2001:db8::1",
+                                "2001:db8:1::/48", "::ffff:192.0.2.1"])
 async def test_addresses_are_stored_as_inet(
-        writers: Writers, db: asyncpg.Connection, ip: str | None, stored_as: str | None) -> None:
+        writers: Writers, db: asyncpg.Connection, ip: str | None) -> None:
     writer = writers()
     writer.add((*row()[:-1], ip))  # type: ignore[arg-type]
     assert await writer.flush() == 1
-    assert await db.fetchval("select ip::text from events") == stored_as
+    # The same value PostgreSQL makes of the text, prefix length included.
+    assert await db.fetchval("select ip::text is not distinct from $1::inet::text from events",
+                             ip)
 
 
 async def test_flush_with_nothing_buffered_writes_nothing(
