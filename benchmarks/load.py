@@ -206,7 +206,8 @@ def _start_tracker(server: str, dsn: str, workdir: Path) -> tuple[subprocess.Pop
     port = _free_port()
     env = {**os.environ, "TRACKER_DATABASE_URL": dsn, "TRACKER_SECRET_KEY": SECRET,
            "TRACKER_PORT": str(port), "TRACKER_SERVER": server,
-           "TRACKER_DATA_DIR": str(workdir / "data"), "TRACKER_LOG_LEVEL": "warning"}
+           "TRACKER_DATA_DIR": str(workdir / "data"), "TRACKER_LOG_LEVEL": "warning",
+           "TRACKER_GEOIP_FETCH": "off"}
     proc = subprocess.Popen(["taskset", "-c", SERVER_CORE, sys.executable, "-m", "tracker",
                              "serve"], env=env, stdout=subprocess.DEVNULL,
                             stderr=open(workdir / f"{server}.log", "wb"))  # noqa: SIM115

@@ -79,7 +79,8 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp / f"server-{self.port}.log"
         self._env = {**os.environ, "TRACKER_PORT": str(self.port), "TRACKER_HOST": "127.0.0.1",
-                     "TRACKER_DATA_DIR": str(tmp / "data"), "TRACKER_LOG_LEVEL": "info"}
+                     "TRACKER_DATA_DIR": str(tmp / "data"), "TRACKER_LOG_LEVEL": "info",
+                     "TRACKER_GEOIP_FETCH": "off"}
         if dsn is not None:
             self._env.update({"TRACKER_DATABASE_URL": dsn, "TRACKER_SECRET_KEY": SECRET})
         self._env.update(env or {})

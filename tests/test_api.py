@@ -697,9 +697,10 @@ def test_report_breakdown_counts_human_events_by_stored_value(
     # (no region in the database). The bot's open from Frankfurt is not counted.
     assert opens["country"] == {"DE": 2, "CN": 1, "unknown": 1}
     assert opens["region"] == {"Hesse": 2, "unknown": 2}
-    assert opens["os"] == {"Windows": 4}
-    assert opens["device"] == {"desktop": 4}
-    assert opens["browser"]["Chrome"] == 3 and sum(opens["browser"].values()) == 4
+    # Three opens are Chrome on Windows; what the parser makes of the proxy's agent is its own.
+    for dimension, value in (("browser", "Chrome"), ("os", "Windows"), ("device", "desktop")):
+        assert opens[dimension].get(value, 0) >= 3, dimension
+        assert sum(opens[dimension].values()) == 4, dimension
     # Clicks: m1 from Frankfurt, m2 from Boxford, m6 x2 from loopback (not in the database).
     assert clicks["country"] == {"DE": 1, "GB": 1, "unknown": 2}
     assert clicks["region"] == {"Hesse": 1, "England": 1, "unknown": 2}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -186,6 +187,38 @@ def test_api_answers_503_with_a_json_error_while_postgres_is_down_and_recovers(
 
         wait_for(answers, RECOVERY_S, interval=0.1, message="the API after PostgreSQL came back")
         assert client.get(f"/api/campaigns/{campaign_id}").json()["id"] == campaign_id
+
+
+def test_api_request_in_flight_when_postgres_stops_answers_503(
+        outage_server: Server, own_postgres: EmbeddedPostgres, own_dsn: str) -> None:
+    # A fast shutdown ends every backend mid-query with "terminating connection due to
+    # administrator command" (57P01): the request that was waiting on it sees the outage.
+    api_key, campaign_id, _ = _registered(outage_server, own_dsn)
+
+    async def scenario() -> httpx.Response:
+        blocker = await asyncpg.connect(own_dsn)
+        try:
+            await blocker.execute("begin; lock table campaigns in access exclusive mode")
+            async with httpx.AsyncClient(base_url=outage_server.url, timeout=10,
+                                         headers={"authorization": f"Bearer {api_key}"}) as client:
+                request = asyncio.create_task(client.get(f"/api/campaigns/{campaign_id}"))
+                deadline = time.monotonic() + 10
+                while not await blocker.fetchval(
+                        "select count(*) from pg_locks where not granted "
+                        "and relation = 'campaigns'::regclass"):
+                    assert time.monotonic() < deadline, "the API request never reached the lock"
+                    await asyncio.sleep(0.02)
+                await asyncio.to_thread(own_postgres.stop, "fast")
+                return await request
+        finally:
+            blocker.terminate()
+
+    try:
+        response = asyncio.run(scenario())
+    finally:
+        own_postgres.start()
+    assert response.status_code == 503, response.text
+    assert isinstance(response.json()["error"], str)
 
 
 def _flushed_only_at_shutdown(dsn: str, tmp_path: Path, sig: signal.Signals,

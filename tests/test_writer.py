@@ -362,3 +362,21 @@ def test_event_ids_are_unique_uuid7() -> None:
     made = {event_id(at) for _ in range(1000)}
     assert len(made) == 1000
     assert all(isinstance(i, uuid.UUID) and i.version == 7 for i in made)
+
+
+async def test_close_during_a_background_write_still_writes_everything_once(
+        writers: Writers, db: asyncpg.Connection) -> None:
+    writer = writers(batch_size=500, interval_s=3600)
+    writer.start()
+    batch = rows(20_000)
+    for item in batch:
+        writer.add(item)
+    # The full batch woke the writer; stop it while it is between (or inside) batches.
+    await wait_until(lambda: _true(writer.stats.batches >= 1), message="a first batch")
+    assert await writer.close(10.0) == 0
+    assert await db.fetchval("select count(*) from events") == 20_000
+    assert writer.stats.written == 20_000
+
+
+async def _true(value: bool) -> bool:
+    return value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tracker import logs
 from tracker.api import build_api
 from tracker.fastpath import ASGIApp, FastPath
 from tracker.lifespan import Runtime
@@ -18,6 +19,7 @@ def create_app_from_env() -> ASGIApp:
     """The factory each worker process calls. `tracker serve` has resolved the database
     and the signing keys and handed them down as TRACKER_DATABASE_URL and TRACKER_SECRET_KEY."""
     settings = load()
+    logs.configure(settings.log_level)
     if not settings.database_url:
         raise SettingsError(
             "TRACKER_DATABASE_URL: not set for the worker; start with tracker serve")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from tracker import accounts, geo
+from tracker import accounts, geo, logs
 from tracker.database import connect, database_url, wait_until_reachable
 from tracker.embedded_db import EmbeddedDatabaseError
 from tracker.keys import signing_keys
@@ -35,7 +36,9 @@ class CommandError(Exception):
 
 def _settings(args: argparse.Namespace) -> Settings:
     overrides = {s.env: getattr(args, s.field, None) for s in SETTINGS}
-    return load(overrides={k: v for k, v in overrides.items() if v is not None})
+    settings = load(overrides={k: v for k, v in overrides.items() if v is not None})
+    logs.configure(settings.log_level)
+    return settings
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser, names: Sequence[str] | None = None) -> None:
@@ -62,6 +65,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     geo_path = settings.geoip_db or geo.default_geoip_path(settings.data_dir)
     if geo_path is not None:
         geo.GeoLookup(geo_path)  # fail now, not in every worker
+    elif settings.geoip_fetch == "on":
+        _fetch_geo_database_in_background(settings)
     with database_url(settings, owner=True) as dsn:
         for name in asyncio.run(_migrate(dsn)):
             log.info("applied migration %s", name)
@@ -71,6 +76,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
                  "embedded" if settings.embedded else "external")
         server.run(settings, env)
     return 0
+
+
+def _fetch_geo_database_in_background(settings: Settings) -> None:
+    """Give a fresh install locations without an extra step. A separate process, not a
+    thread: the server forks its workers, and forking with a busy thread is unsafe.
+    Workers pick the database up when it lands; a failure is one log line."""
+    log.info("no geo database: fetching DB-IP City Lite into %s in the background "
+             "(TRACKER_GEOIP_FETCH=off to skip)", settings.data_dir / "geoip")
+    subprocess.Popen([sys.executable, "-m", "tracker", "geoip", "fetch", "--data-dir",
+                      str(settings.data_dir)], stdin=subprocess.DEVNULL,
+                     stdout=subprocess.DEVNULL, start_new_session=True)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -155,8 +171,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure("info")
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)

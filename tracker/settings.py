@@ -134,6 +134,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TRACKER_GEOIP_DB", "", "MaxMind-format City or Country database "
             "(default: the DB-IP City Lite fetched by `tracker geoip fetch`, if any)",
             _optional_path),
+    Setting("TRACKER_GEOIP_FETCH", "on", "on: when no geo database is configured or installed, "
+            "`tracker serve` fetches DB-IP City Lite into the data dir in the background; off: "
+            "never download", _choice("on", "off")),
     Setting("TRACKER_TRUSTED_PROXIES", "127.0.0.1/32,::1/128",
             "comma-separated CIDRs whose X-Forwarded-For is believed", _networks),
     Setting("TRACKER_FLUSH_INTERVAL_MS", "200", "longest time an event waits in memory "
@@ -157,6 +160,7 @@ class Settings:
     workers: int
     server: str
     geoip_db: Path | None
+    geoip_fetch: str
     trusted_proxies: tuple[IPNetwork, ...]
     flush_interval_ms: int
     batch_size: int
