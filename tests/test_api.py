@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import quote
 from zoneinfo import ZoneInfo
 
 import httpx
@@ -293,8 +294,8 @@ def test_bad_policy_values_are_refused_on_patch_and_change_nothing(
     assert api.get(f"/api/campaigns/{created['id']}").json() == created
 
 
-@pytest.mark.parametrize("name", ["", "   ", "\t\n", None, 1, ["x"], {"x": 1}, "x" * 201],
-                         ids=repr)
+@pytest.mark.parametrize("name", ["", "   ", "\t\n", None, 1, ["x"], {"x": 1}, "x" * 201,
+                                  "nul\x00inside"], ids=repr)
 def test_bad_names_are_refused(api: httpx.Client, name: object) -> None:
     error_of(api.post("/api/campaigns", json={"name": name}), 400, 422)
     created = api.post("/api/campaigns", json={"name": "keep"}).json()
@@ -457,6 +458,16 @@ def test_bad_subjects_are_refused(api: httpx.Client, target: str, subject: objec
                       json={"recipient": "r@example.com", "subject": subject}), 400, 422)
 
 
+@pytest.mark.parametrize("sent_at", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00",
+                                     "0001-01-01T00:00:00", "9999-12-31T23:59:59+00:00"])
+def test_extreme_sent_at_is_stored_or_refused_never_a_server_error(
+        api: httpx.Client, target: str, sent_at: str) -> None:
+    response = api.post(f"/api/campaigns/{target}/messages",
+                        json={"recipient": "r@example.com", "sent_at": sent_at})
+    if response.status_code != 201:
+        error_of(response, 400, 422)
+
+
 def test_registration_refuses_malformed_bodies(api: httpx.Client, target: str) -> None:
     path = f"/api/campaigns/{target}/messages"
     error_of(api.post(path, content=b"{", headers={"content-type": "application/json"}), 400)
@@ -553,20 +564,38 @@ def test_the_bearer_scheme_is_case_insensitive(server: Server, api: httpx.Client
 
 UNKNOWN_IDS = ["999999999", "9223372036854775807", "0", "00", "abc", "-1", "1.0", "1e3", "0x10",
                "%201", "1%20", "99999999999999999999", "9223372036854775808", "%C2%B2",
-               "%EF%BC%91", "%D9%A1", "1;2", "1,2", "%00"]
+               "%C2%B9%C2%B2", "1;2", "1,2", "%00", "+1", "1_0"]
+ID_ENDPOINTS: list[tuple[str, str, dict[str, Any] | None]] = [
+    ("GET", "/api/campaigns/{}", None), ("GET", "/api/campaigns/{}/report", None),
+    ("PATCH", "/api/campaigns/{}", {"name": "x"}),
+    ("POST", "/api/campaigns/{}/messages", {"recipient": "r@example.com"}),
+    ("DELETE", "/api/campaigns/{}", None), ("GET", "/api/messages/{}", None)]
 
 
 @pytest.mark.parametrize("bad_id", UNKNOWN_IDS)
 def test_unknown_and_non_numeric_ids_are_404(
         api: httpx.Client, owned: dict[str, str], bad_id: str) -> None:
-    for method, template, body in [
-            ("GET", "/api/campaigns/{}", None), ("PATCH", "/api/campaigns/{}", {"name": "x"}),
-            ("DELETE", "/api/campaigns/{}", None),
-            ("POST", "/api/campaigns/{}/messages", {"recipient": "r@example.com"}),
-            ("GET", "/api/campaigns/{}/report", None), ("GET", "/api/messages/{}", None)]:
-        response = api.request(method, template.format(bad_id), json=body)
-        error_of(response, 404)
+    for method, template, body in ID_ENDPOINTS:
+        error_of(api.request(method, template.format(bad_id), json=body), 404)
     assert api.get(f"/api/campaigns/{owned['campaign']}").status_code == 200
+
+
+# Digits Python's str.isdigit() and int() accept, but no id the API hands out is spelt with.
+_OTHER_DIGITS = {"fullwidth": "０１２３４５６７８９", "arabic-indic": "٠١٢٣٤٥٦٧٨٩",
+                 "devanagari": "०१२३४५६७८९"}
+
+
+@pytest.mark.parametrize("digits", sorted(_OTHER_DIGITS))
+def test_ids_spelt_with_other_digits_do_not_name_the_object(
+        api: httpx.Client, owned: dict[str, str], digits: str) -> None:
+    def respell(value: str) -> str:
+        return quote(value.translate(str.maketrans("0123456789", _OTHER_DIGITS[digits])))
+
+    for method, template, body in ID_ENDPOINTS:
+        real = owned["message"] if "messages/{}" in template and method == "GET" else (
+            owned["campaign"])
+        error_of(api.request(method, template.format(respell(real)), json=body), 404)
+    assert api.get(f"/api/campaigns/{owned['campaign']}").json()["name"] == "owned"
 
 
 # --- reports ---------------------------------------------------------------------------------
@@ -672,7 +701,7 @@ def expected_timeline(api: httpx.Client, scenario: dict[str, Any],
 
 
 @pytest.mark.parametrize("tz", ["Mars/Olympus", "", "asia/kolkata ", "../etc/passwd", "+05:30",
-                                "UTC; drop table events", "A" * 300])
+                                "UTC; drop table events", "A" * 300, "UTC\x00"])
 def test_report_with_an_unknown_time_zone_is_422(
         api: httpx.Client, scenario: dict[str, Any], tz: str) -> None:
     error_of(api.get(f"/api/campaigns/{scenario['campaign']}/report", params={"tz": tz}), 422)

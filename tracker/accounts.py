@@ -47,7 +47,8 @@ async def create_api_key(conn: asyncpg.Connection, account_id: int) -> str:
 async def authenticate(pool: asyncpg.Pool, api_key: str) -> int | None:
     """The account the key belongs to, or None. The secret is compared in constant time."""
     parts = api_key.split("_", 3)
-    if len(parts) != 4 or parts[0] != _PREFIX or not parts[1].isdigit() or len(parts[1]) > 18:
+    if (len(parts) != 4 or parts[0] != _PREFIX or not parts[1].isascii()
+            or not parts[1].isdigit() or len(parts[1]) > 18):
         return None
     account_id = int(parts[1])
     stored = await pool.fetchval(QUERIES.api_key_hash, account_id, parts[2])

@@ -67,14 +67,17 @@ async def _body(request: Request) -> Any:
 def _object_id(request: Request, name: str) -> int:
     raw = request.path_params[name]
     # Ids are positive integers; anything else cannot name an object, which is a 404.
-    if not raw.isdigit() or len(raw) > 19 or int(raw) > _MAX_ID:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or int(raw) > _MAX_ID:
         raise ApiError(404, "not found")
     return int(raw)
 
 
 Handler = Callable[[Request, int], Awaitable[Response]]
+# What a request meets while PostgreSQL is down or going down. InternalClientError is
+# what asyncpg's pool raises when it resets a connection the server just killed.
 _UNAVAILABLE = (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-                asyncpg.CannotConnectNowError)
+                asyncpg.CannotConnectNowError, asyncpg.OperatorInterventionError,
+                asyncpg.InternalClientError)
 
 
 def build_api(runtime: Runtime) -> Starlette:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
 import asyncpg
@@ -25,6 +26,8 @@ def campaign_json(row: asyncpg.Record) -> dict[str, Any]:
 def check_name(value: object) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError("name: must be a non-empty string")
+    if any(unicodedata.category(c) == "Cc" for c in value):
+        raise ValueError("name: contains a control character")
     if len(value.strip()) > MAX_NAME_CHARS:
         raise ValueError(f"name: longer than {MAX_NAME_CHARS} characters")
     return value.strip()

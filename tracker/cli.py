@@ -64,7 +64,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     keys = signing_keys(settings)
     geo_path = settings.geoip_db or geo.default_geoip_path(settings.data_dir)
     if geo_path is not None:
-        geo.GeoLookup(geo_path)  # fail now, not in every worker
+        try:
+            geo.GeoLookup(geo_path)  # fail now, not in every worker
+        except geo.GeoDatabaseError as exc:
+            if settings.geoip_db is None:
+                raise
+            raise SettingsError(f"TRACKER_GEOIP_DB: {exc}") from None
     elif settings.geoip_fetch == "on":
         _fetch_geo_database_in_background(settings)
     with database_url(settings, owner=True) as dsn:

@@ -20,7 +20,9 @@ async def connect(dsn: str) -> asyncpg.Connection:
 
 
 async def create_pool(dsn: str, *, max_size: int = 10) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_size,
+    # min_size=0: with a floor, asyncpg logs a traceback each time it fails to refill
+    # the pool during an outage; connections are made on demand instead.
+    pool = await asyncpg.create_pool(dsn, min_size=0, max_size=max_size,
                                      timeout=_CONNECT_TIMEOUT_S, server_settings=_SESSION)
     assert pool is not None
     return pool

@@ -21,6 +21,9 @@ MAX_RECIPIENT_CHARS = 320
 MAX_SUBJECT_CHARS = 998  # the longest header line RFC 5322 allows
 MAX_LINKS = 1000
 _FIELDS = {"recipient", "subject", "sent_at", "links"}
+# Tokens carry sent_at as unsigned 32-bit Unix seconds.
+_EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+_LATEST = datetime(2106, 1, 1, tzinfo=UTC)
 
 assert MAX_LINKS <= MAX_LINK_POSITION + 1
 
@@ -88,7 +91,14 @@ def parse_time(value: object, where: str) -> datetime:
     except ValueError:
         raise InvalidInput(f"{where}: {value!r} is not an ISO 8601 date-time") from None
     # A time without a zone is taken as UTC rather than refused: senders' systems often drop it.
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    parsed = parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    try:
+        utc = parsed.astimezone(UTC)
+    except OverflowError:
+        utc = None
+    if utc is None or not _EARLIEST <= utc <= _LATEST:
+        raise InvalidInput(f"{where}: must lie between {_EARLIEST.year} and {_LATEST.year}")
+    return utc
 
 
 def parse_message(body: object, where: str = "message") -> MessageInput:

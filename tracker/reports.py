@@ -38,7 +38,11 @@ async def campaign_report(conn: asyncpg.Connection, account_id: int, campaign_id
     zone_info = zone(tz)
     totals = await conn.fetchrow(QUERIES.report_totals, account_id, campaign_id)
     links = await conn.fetch(QUERIES.report_links, account_id, campaign_id)
-    timeline = await conn.fetch(QUERIES.report_timeline, account_id, campaign_id, tz)
+    try:
+        timeline = await conn.fetch(QUERIES.report_timeline, account_id, campaign_id, tz)
+    except asyncpg.InvalidParameterValueError:
+        # Python and PostgreSQL ship different zone databases ("posixrules", "right/...").
+        raise UnknownTimeZone(f"tz: unknown time zone {tz!r}") from None
     breakdown_rows = await conn.fetch(QUERIES.report_breakdown, account_id, campaign_id)
 
     breakdown: dict[str, dict[str, dict[str, int]]] = {

@@ -66,6 +66,7 @@ class BatchWriter:
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._failing_since: float | None = None
+        self._stopping = False
         self.stats = WriterStats()
 
     @property
@@ -100,11 +101,19 @@ class BatchWriter:
     async def close(self, timeout_s: float) -> int:
         """Stop the timer, then try to write what is left within the timeout.
         Returns how many events could not be written."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
         deadline = time.monotonic() + timeout_s
+        self._stopping = True
+        self._wake.set()
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            # Let the loop finish the write it may be in rather than cancel it mid-way; if
+            # that write hangs, half the budget is left to write everything again.
+            try:
+                await asyncio.wait_for(asyncio.shield(task), timeout_s / 2)
+            except TimeoutError:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         while self._buffer and time.monotonic() < deadline:
             try:
                 await asyncio.wait_for(self.flush(), max(0.01, deadline - time.monotonic()))
@@ -120,10 +129,10 @@ class BatchWriter:
 
     async def _run(self) -> None:
         delay = _RETRY_FIRST_S
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._interval_s)
-            self._wake.clear()
+        while not self._stopping:
+            await self._pause(self._interval_s)
+            if self._stopping:
+                return  # close() writes what is left
             try:
                 await self.flush()
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
@@ -132,15 +141,13 @@ class BatchWriter:
                     self._failing_since = time.monotonic()
                     log.warning("cannot write events (%s); keeping them in memory and retrying",
                                 _describe(exc))
-                await self._disconnect()
-                await asyncio.sleep(delay)
+                await self._pause(delay)
                 delay = min(delay * 2, _RETRY_MAX_S)
                 continue
             except Exception:
                 # A bug must not stop the writer for good; the batch stays queued.
                 log.exception("unexpected error in the batch writer")
-                await self._disconnect()
-                await asyncio.sleep(delay)
+                await self._pause(delay)
                 delay = min(delay * 2, _RETRY_MAX_S)
                 continue
             if self._failing_since is not None:
@@ -149,13 +156,26 @@ class BatchWriter:
                 self._failing_since = None
             delay = _RETRY_FIRST_S
 
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but wake at once for a full batch or close()."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        self._wake.clear()
+
     async def _write(self, batch: list[EventRow]) -> int:
         started = time.perf_counter()
         conn = await self._connection()
-        await self._ensure_partitions(conn, batch)
-        async with conn.transaction():
-            await conn.copy_records_to_table(_STAGING, records=batch, columns=EVENT_COLUMNS)
-            status = await conn.execute(_MOVE_STAGED)
+        try:
+            await self._ensure_partitions(conn, batch)
+            async with conn.transaction():
+                await conn.copy_records_to_table(_STAGING, records=batch, columns=EVENT_COLUMNS)
+                status = await conn.execute(_MOVE_STAGED)
+        except BaseException:
+            # A write that failed or was interrupted leaves the session in doubt (asyncpg can
+            # believe a BEGIN is still open, turning the next commit into a savepoint):
+            # never reuse it. The batch stays queued; writing it again is harmless.
+            self._abandon_connection()
+            raise
         # Only now is the batch safe; rows added meanwhile sit behind it in the buffer.
         del self._buffer[: len(batch)]
         inserted = int(status.rsplit(" ", 1)[-1])
@@ -175,13 +195,22 @@ class BatchWriter:
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
             conn = await self._connect()
-            await conn.execute(_CREATE_STAGING)
-            # asyncpg encodes inet through the ipaddress module (~12 µs a row, four times
-            # the rest of the row); a cached binary encoding makes it free.
-            await conn.set_type_codec("inet", schema="pg_catalog", encoder=_inet_binary,
-                                      decoder=_unused_decoder, format="binary")
+            try:
+                await conn.execute(_CREATE_STAGING)
+                # asyncpg encodes inet through the ipaddress module (~12 µs a row, four
+                # times the rest of the row); a cached binary encoding makes it free.
+                await conn.set_type_codec("inet", schema="pg_catalog", encoder=_inet_binary,
+                                          decoder=_unused_decoder, format="binary")
+            except BaseException:
+                conn.terminate()
+                raise
             self._conn = conn
         return self._conn
+
+    def _abandon_connection(self) -> None:
+        if self._conn is not None:
+            self._conn.terminate()
+            self._conn = None
 
     async def _disconnect(self) -> None:
         if self._conn is not None:
