@@ -14,7 +14,16 @@ import asyncpg
 import pytest
 
 from tracker.database import connect
-from tracker.hits import CLICK, EVENT_COLUMNS, OPEN, DropReason, EventRow, Hit, Pipeline, event_id
+from tracker.hits import (
+    CLICK,
+    EVENT_COLUMNS,
+    OPEN,
+    DropReason,
+    Event,
+    EventRecord,
+    Pipeline,
+    event_id,
+)
 from tracker.policy import DEFAULT, PolicyBook
 from tracker.tokens import ClickToken, OpenToken
 from tracker.useragent import parse_agent
@@ -29,23 +38,47 @@ CHROME = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, 
           "Chrome/126.0.0.0 Safari/537.36")
 
 
-def row(at: datetime | None = None, message_id: int = 700, kind: str = OPEN) -> EventRow:
-    """An event row by hand, in EVENT_COLUMNS order."""
-    at = at or datetime.now(UTC)
+def event(at: datetime | None = None, message_id: int = 700, kind: str = OPEN,
+          ip: str | None = None) -> Event:
+    at_us = _micros(at or datetime.now(UTC))
     click = kind == CLICK
-    values = {
-        "account_id": ACCOUNT, "occurred_at": at, "id": event_id(at.timestamp()),
-        "campaign_id": CAMPAIGN, "message_id": message_id, "type": kind,
-        "link_position": 0 if click else None, "url_id": 1 if click else None,
-        "machine": False, "reason": None, "country": "DE", "region": "Hesse", "city": None,
-        "browser": "Chrome", "os": "Windows", "device": "desktop", "ip": None,
-    }
-    assert list(values) == list(EVENT_COLUMNS)
-    return tuple(values.values())  # type: ignore[return-value]
+    return Event(account_id=ACCOUNT, at_us=at_us, id=event_id(at_us), campaign_id=CAMPAIGN,
+                 message_id=message_id, type=kind, link_position=0 if click else None,
+                 url_id=1 if click else None, machine=False, reason=None, country="DE",
+                 region="Hesse\tand a tab", city=None, browser="Chrome", os="Windows",
+                 device="desktop", ip=ip)
 
 
-def rows(n: int, at: datetime | None = None) -> list[EventRow]:
+def row(at: datetime | None = None, message_id: int = 700, kind: str = OPEN) -> EventRecord:
+    """An event for the writer, made by hand."""
+    return event(at, message_id, kind).record()
+
+
+def rows(n: int, at: datetime | None = None) -> list[EventRecord]:
     return [row(at, message_id=700 + i) for i in range(n)]
+
+
+def _micros(at: datetime) -> int:
+    return (at - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+
+
+def expected(record: EventRecord) -> tuple[object, ...]:
+    """What the events table should hold for a record, in EVENT_COLUMNS order."""
+    fields = [None if v == "\\N" else v.replace("\\t", "\t")
+              for v in record[0].rstrip("\n").split("\t")]
+    converted: list[object] = [int(fields[0]),
+                               datetime(1970, 1, 1, tzinfo=UTC) + timedelta(
+                                   microseconds=int(fields[1])),  # type: ignore[arg-type]
+                               uuid.UUID(fields[2])]
+    for name, value in zip(EVENT_COLUMNS[3:], fields[3:], strict=True):
+        if value is not None and name in ("campaign_id", "message_id", "link_position",
+                                          "url_id"):
+            converted.append(int(value))
+        elif name == "machine":
+            converted.append(value == "t")
+        else:
+            converted.append(value)
+    return tuple(converted)
 
 
 async def wait_until(predicate: Callable[[], Awaitable[T]], within: float = 10.0,
@@ -92,11 +125,15 @@ async def writers(dsn: str) -> AsyncIterator[Writers]:
 
 
 async def stored(db: asyncpg.Connection) -> list[asyncpg.Record]:
-    return list(await db.fetch(f"select {', '.join(EVENT_COLUMNS)} from events order by id"))
+    return list(await db.fetch(f"select {', '.join(_STORED)} from events order by id"))
+
+
+_STORED = tuple("occurred_at" if c == "at_us" else "ip::text as ip" if c == "ip" else c
+                for c in EVENT_COLUMNS)
 
 
 def as_tuple(record: asyncpg.Record) -> tuple[object, ...]:
-    return tuple(record[c] for c in EVENT_COLUMNS)
+    return tuple(record)
 
 
 async def test_flush_writes_buffered_rows_exactly_as_given(
@@ -108,7 +145,7 @@ async def test_flush_writes_buffered_rows_exactly_as_given(
     assert writer.buffered == 4
     assert await writer.flush() == 4
     assert writer.buffered == 0
-    assert sorted(as_tuple(r) for r in await stored(db)) == sorted(batch)
+    assert sorted(as_tuple(r) for r in await stored(db)) == sorted(expected(b) for b in batch)
     assert writer.stats.written == 4
     assert writer.stats.duplicates == 0
 
@@ -118,12 +155,12 @@ async def test_rows_from_the_pipeline_are_written(
     book = PolicyBook()
     book.put(ACCOUNT, CAMPAIGN, replace(DEFAULT, ip="truncated"), recording=True)
     pipeline = Pipeline(book, parse_agent, lambda ip: None)
-    hit = Hit("GET", CHROME, "203.0.113.9", time.time())
+    hit = ("GET", CHROME, "203.0.113.9", time.time_ns() // 1000)
     opened = pipeline.open(OpenToken(account_id=ACCOUNT, campaign_id=CAMPAIGN, message_id=700,
-                                     sent_at=0), hit)
+                                     sent_at=0), *hit)
     clicked = pipeline.click(ClickToken(
         account_id=ACCOUNT, campaign_id=CAMPAIGN, message_id=700, sent_at=0, flags=0,
-        link_position=2, url_id=9, destination=b"https://example.com/"), hit)
+        link_position=2, url_id=9, destination=b"https://example.com/"), *hit)
     assert not isinstance(opened, DropReason) and not isinstance(clicked, DropReason)
     writer = writers()
     writer.add(opened)
@@ -141,7 +178,7 @@ async def test_rows_from_the_pipeline_are_written(
 async def test_addresses_are_stored_as_inet(
         writers: Writers, db: asyncpg.Connection, ip: str | None) -> None:
     writer = writers()
-    writer.add((*row()[:-1], ip))  # type: ignore[arg-type]
+    writer.add(event(ip=ip).record())
     assert await writer.flush() == 1
     # The same value PostgreSQL makes of the text, prefix length included.
     assert await db.fetchval("select ip::text is not distinct from $1::inet::text from events",
@@ -282,7 +319,8 @@ async def test_rows_stay_buffered_while_connect_fails_and_are_written_after(
     await wait_until(all_written, message="the buffered rows to be written once connect works")
     assert writer.buffered == 0
     assert writer.healthy
-    assert sorted(as_tuple(r) for r in await stored(db)) == sorted(first + later)
+    assert (sorted(as_tuple(r) for r in await stored(db))
+            == sorted(expected(b) for b in first + later))
 
 
 async def test_buffer_bound_drops_new_rows_with_reason_buffer_full(
@@ -298,7 +336,7 @@ async def test_buffer_bound_drops_new_rows_with_reason_buffer_full(
     assert reasons == [DropReason.BUFFER_FULL] * 2
     await writer.flush()
     # The oldest rows were kept; the ones past the bound were dropped.
-    assert sorted(as_tuple(r) for r in await stored(db)) == sorted(batch[:3])
+    assert sorted(as_tuple(r) for r in await stored(db)) == sorted(expected(b) for b in batch[:3])
     assert writer.add(row())
 
 
@@ -310,7 +348,7 @@ async def test_close_flushes_what_is_left(writers: Writers, db: asyncpg.Connecti
         writer.add(item)
     assert await writer.close(5.0) == 0
     assert writer.buffered == 0
-    assert sorted(as_tuple(r) for r in await stored(db)) == sorted(batch)
+    assert sorted(as_tuple(r) for r in await stored(db)) == sorted(expected(b) for b in batch)
 
 
 async def test_close_without_start_flushes_too(writers: Writers, db: asyncpg.Connection) -> None:
@@ -357,10 +395,11 @@ async def test_a_day_whose_partition_another_writer_made_is_written(
 
 
 def test_event_ids_are_unique_uuid7() -> None:
-    at = time.time()
-    made = {event_id(at) for _ in range(1000)}
+    at_us = time.time_ns() // 1000
+    made = {uuid.UUID(int=event_id(at_us)) for _ in range(1000)}
     assert len(made) == 1000
-    assert all(isinstance(i, uuid.UUID) and i.version == 7 for i in made)
+    assert all(i.version == 7 and i.variant == uuid.RFC_4122 for i in made)
+    assert {i.int >> 80 for i in made} == {at_us // 1000}
 
 
 async def test_close_during_a_background_write_still_writes_everything_once(

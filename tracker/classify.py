@@ -6,7 +6,7 @@ proxies); the reports issue grows it into versioned rules kept as data.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tracker.useragent import Agent
 
@@ -19,6 +19,11 @@ class Verdict:
     machine: bool
     reason: str | None
     proxied: bool = False  # fetched through a proxy: the address says nothing of the reader
+    line: str = field(init=False, repr=False, compare=False)  # machine and reason, COPY text
+
+    def __post_init__(self) -> None:
+        reason = "\\N" if self.reason is None else self.reason
+        object.__setattr__(self, "line", f"{'t' if self.machine else 'f'}\t{reason}")
 
 
 HUMAN = Verdict(False, None)

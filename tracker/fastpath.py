@@ -14,9 +14,9 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Protocol
 
-from tracker.hits import DropReason, EventRow, Hit, Pipeline
+from tracker.hits import DropReason, EventRecord, Pipeline
 from tracker.settings import IPNetwork
-from tracker.tokens import Signer
+from tracker.tokens import ClickToken, OpenToken, Signer
 
 log = logging.getLogger("tracker.fastpath")
 
@@ -130,7 +130,7 @@ class Capture:
     """Verified token + request -> event in the writer, or a counted drop."""
 
     def __init__(self, signer: Signer, pipeline: Pipeline, addresses: ClientAddress,
-                 add_event: Callable[[EventRow], bool],
+                 add_event: Callable[[EventRecord], bool],
                  count_drop: Callable[[DropReason], None],
                  count_hit: Callable[[str, bool], None]) -> None:
         self.signer = signer
@@ -140,7 +140,18 @@ class Capture:
         self._count_drop = count_drop
         self._count_hit = count_hit
 
-    def hit(self, scope: Scope) -> Hit:
+    def open(self, scope: Scope, token: OpenToken) -> None:
+        user_agent, client_ip = self._client(scope)
+        self.record("open", self.pipeline.open(token, scope["method"], user_agent, client_ip,
+                                               time.time_ns() // 1000))
+
+    def click(self, scope: Scope, token: ClickToken) -> None:
+        user_agent, client_ip = self._client(scope)
+        self.record("click", self.pipeline.click(token, scope["method"], user_agent, client_ip,
+                                                 time.time_ns() // 1000))
+
+    def _client(self, scope: Scope) -> tuple[str, str | None]:
+        """The user agent and the client address; the raw values live only in this call."""
         user_agent = b""
         forwarded: bytes | None = None
         for name, value in scope["headers"]:
@@ -149,15 +160,14 @@ class Capture:
             elif name == b"x-forwarded-for":
                 forwarded = value if forwarded is None else forwarded + b"," + value
         client = scope.get("client")
-        peer = client[0] if client else None
-        return Hit(scope["method"], user_agent.decode("latin-1"),
-                   self.addresses.resolve(peer, forwarded), time.time())
+        return (user_agent.decode("latin-1"),
+                self.addresses.resolve(client[0] if client else None, forwarded))
 
-    def record(self, endpoint: str, outcome: EventRow | DropReason) -> None:
+    def record(self, endpoint: str, outcome: EventRecord | DropReason) -> None:
         if isinstance(outcome, DropReason):
             self._count_drop(outcome)
         elif self._add_event(outcome):
-            self._count_hit(endpoint, outcome[8])
+            self._count_hit(endpoint, outcome[2])
 
 
 class Lifecycle(Protocol):
@@ -227,7 +237,7 @@ class FastPath:
             if token is None:
                 capture.record("open", DropReason.INVALID_TOKEN)
             else:
-                capture.record("open", capture.pipeline.open(token, capture.hit(scope)))
+                capture.open(scope, token)
         except Exception:
             log.exception("could not record an open")
 
@@ -250,6 +260,6 @@ class FastPath:
             (b"content-length", b"0")]})
         await send(_EMPTY_BODY)
         try:
-            capture.record("click", capture.pipeline.click(token, capture.hit(scope)))  # type: ignore[union-attr]
+            capture.click(scope, token)  # type: ignore[union-attr]
         except Exception:
             log.exception("could not record a click")

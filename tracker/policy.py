@@ -12,7 +12,6 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, replace
 from datetime import datetime
-from functools import lru_cache
 from typing import Any
 
 LOCATIONS = ("none", "country", "region", "city")
@@ -60,15 +59,10 @@ DEFAULT = Policy()
 STRICTEST = Policy(location="none", device=False, ip="none")
 
 
-def stored_ip(policy: Policy, address: str | None) -> str | None:
-    """The form of the client address the policy lets us keep, if any."""
-    if policy.ip == "none" or not address:
+def stored_ip(mode: str, address: str | None) -> str | None:
+    """The form of the client address that policy.ip `mode` lets us keep, if any."""
+    if mode == "none" or not address:
         return None
-    return _stored_ip(policy.ip, address)
-
-
-@lru_cache(maxsize=65536)
-def _stored_ip(mode: str, address: str) -> str | None:
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:

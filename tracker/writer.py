@@ -1,10 +1,11 @@
 """The batch writer: events wait in memory and reach PostgreSQL in COPY batches.
 
 It flushes when a batch is full, on a timer (every flush interval), on an explicit
-`flush()` (which is what makes tests deterministic) and on shutdown. A batch is
-COPYed (binary) into a session-local staging table and moved into `events` with
-ON CONFLICT DO NOTHING: event ids are made at capture, so writing a batch twice
-after an unclear failure counts it once.
+`flush()` (which is what makes tests deterministic) and on shutdown. Events arrive
+already encoded as COPY text lines (see hits.py); a batch is COPYed into a
+session-local staging table and moved into `events` with ON CONFLICT DO NOTHING:
+event ids are made at capture, so writing a batch twice after an unclear failure
+counts it once.
 
 While PostgreSQL is unreachable the writer keeps events in memory up to a bound,
 retries with backoff and writes them, in order, when it is back. Past the bound new
@@ -15,24 +16,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
+import io
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import date
-from functools import lru_cache
+from datetime import date, timedelta
 
 import asyncpg
 
-from tracker.hits import EVENT_COLUMNS, DropReason, EventRow
+from tracker.hits import EVENT_COLUMNS, DropReason, EventRecord
 
 log = logging.getLogger("tracker.writer")
 
-_COLUMNS = ", ".join(EVENT_COLUMNS)
+_EPOCH_DAY = date(1970, 1, 1)
+
 _STAGING = "events_staging"
-_CREATE_STAGING = f"create temp table if not exists {_STAGING} (like events) on commit delete rows"
-_MOVE_STAGED = (f"insert into events ({_COLUMNS}) select {_COLUMNS} from {_STAGING} "
+_CREATE_STAGING = f"""
+    create temp table if not exists {_STAGING} (
+        account_id bigint, at_us bigint, id uuid, campaign_id bigint, message_id bigint,
+        type text, link_position integer, url_id bigint, machine boolean, reason text,
+        country text, region text, city text, browser text, os text, device text, ip inet
+    ) on commit delete rows"""
+_EVENT_FIELDS = ", ".join(("occurred_at" if c == "at_us" else c) for c in EVENT_COLUMNS)
+_STAGED_FIELDS = ", ".join(
+    ("timestamptz 'epoch' + at_us * interval '1 microsecond'" if c == "at_us" else c)
+    for c in EVENT_COLUMNS)
+_MOVE_STAGED = (f"insert into events ({_EVENT_FIELDS}) select {_STAGED_FIELDS} from {_STAGING} "
                 "on conflict do nothing")
 _RETRY_FIRST_S = 0.1
 _RETRY_MAX_S = 5.0
@@ -59,10 +69,10 @@ class BatchWriter:
         self._interval_s = interval_s
         self._max_buffered = max_buffered
         self._on_drop = on_drop
-        self._buffer: list[EventRow] = []
+        self._buffer: list[EventRecord] = []
         self._wake = asyncio.Event()
         self._conn: asyncpg.Connection | None = None
-        self._known_days: set[date] = set()
+        self._known_days: set[int] = set()
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._failing_since: float | None = None
@@ -77,7 +87,7 @@ class BatchWriter:
     def healthy(self) -> bool:
         return self._failing_since is None
 
-    def add(self, row: EventRow) -> bool:
+    def add(self, row: EventRecord) -> bool:
         """Queue an event; never blocks. False if it had to be dropped (buffer full)."""
         if len(self._buffer) >= self._max_buffered:
             self._drop(DropReason.BUFFER_FULL)
@@ -162,13 +172,14 @@ class BatchWriter:
             await asyncio.wait_for(self._wake.wait(), seconds)
         self._wake.clear()
 
-    async def _write(self, batch: list[EventRow]) -> int:
+    async def _write(self, batch: list[EventRecord]) -> int:
         started = time.perf_counter()
         conn = await self._connection()
         try:
             await self._ensure_partitions(conn, batch)
+            data = io.BytesIO("".join(line for line, _, _ in batch).encode())
             async with conn.transaction():
-                await conn.copy_records_to_table(_STAGING, records=batch, columns=EVENT_COLUMNS)
+                await conn.copy_to_table(_STAGING, source=data, columns=EVENT_COLUMNS)
                 status = await conn.execute(_MOVE_STAGED)
         except BaseException:
             # A write that failed or was interrupted leaves the session in doubt (asyncpg can
@@ -186,10 +197,11 @@ class BatchWriter:
         self.stats.last_flush_seconds = time.perf_counter() - started
         return inserted
 
-    async def _ensure_partitions(self, conn: asyncpg.Connection, batch: list[EventRow]) -> None:
-        days = {row[1].date() for row in batch} - self._known_days
+    async def _ensure_partitions(self, conn: asyncpg.Connection, batch: list[EventRecord]) -> None:
+        days = {day for _, day, _ in batch} - self._known_days
         for day in sorted(days):
-            await conn.execute("select tracker_ensure_event_partition($1)", day)
+            await conn.execute("select tracker_ensure_event_partition($1)",
+                               _EPOCH_DAY + timedelta(days=day))
             self._known_days.add(day)
 
     async def _connection(self) -> asyncpg.Connection:
@@ -197,10 +209,6 @@ class BatchWriter:
             conn = await self._connect()
             try:
                 await conn.execute(_CREATE_STAGING)
-                # asyncpg encodes inet through the ipaddress module (~12 µs a row, four
-                # times the rest of the row); a cached binary encoding makes it free.
-                await conn.set_type_codec("inet", schema="pg_catalog", encoder=_inet_binary,
-                                          decoder=_unused_decoder, format="binary")
             except BaseException:
                 conn.terminate()
                 raise
@@ -224,19 +232,6 @@ class BatchWriter:
         self.stats.dropped[reason] = self.stats.dropped.get(reason, 0) + 1
         if self._on_drop is not None:
             self._on_drop(reason)
-
-
-@lru_cache(maxsize=65536)
-def _inet_binary(address: str) -> bytes:
-    """PostgreSQL's binary inet: family, prefix bits, is_cidr, length, address bytes."""
-    interface = ipaddress.ip_interface(address)
-    family = 2 if interface.version == 4 else 3  # PGSQL_AF_INET, PGSQL_AF_INET6
-    packed = interface.ip.packed
-    return bytes((family, interface.network.prefixlen, 0, len(packed))) + packed
-
-
-def _unused_decoder(data: bytes) -> str:
-    raise NotImplementedError("the writer's connection never reads inet values")
 
 
 def _describe(exc: BaseException) -> str:
