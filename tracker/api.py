@@ -22,11 +22,19 @@ from tracker import accounts, campaigns, reports
 from tracker.lifespan import Runtime
 from tracker.policy import DEFAULT, PolicyError
 from tracker.queries import QUERIES
-from tracker.registration import InvalidInput, Registrar, parse_message, registered_json
+from tracker.registration import (
+    InvalidBatch,
+    InvalidInput,
+    Registrar,
+    parse_batch,
+    parse_message,
+    registered_json,
+)
 
 log = logging.getLogger("tracker.api")
 
-MAX_BODY_BYTES = 16 * 1024 * 1024
+# A batch of 5,000 messages with their HTML fits; anything larger is refused unread.
+MAX_BODY_BYTES = 128 * 1024 * 1024
 _MAX_ID = 2**63 - 1
 
 
@@ -178,6 +186,21 @@ def build_api(runtime: Runtime) -> Starlette:
             (registered,) = await registrar.register(conn, account_id, campaign_id, [message])
         return JSON(registered_json(registered), status_code=201)
 
+    async def register_batch(request: Request, account_id: int) -> Response:
+        campaign_id = _object_id(request, "id")
+        await _campaign(runtime.pool, account_id, campaign_id)
+        try:
+            messages = parse_batch(await _body(request))
+        except InvalidBatch as exc:
+            return JSON({"error": str(exc), "errors": [
+                {"index": index, "error": error} for index, error in exc.errors]},
+                status_code=422)
+        except InvalidInput as exc:
+            raise ApiError(422, str(exc)) from None
+        async with runtime.pool.acquire() as conn:
+            registered = await registrar.register(conn, account_id, campaign_id, messages)
+        return JSON({"messages": [registered_json(r) for r in registered]}, status_code=201)
+
     async def campaign_report(request: Request, account_id: int) -> Response:
         campaign_id = _object_id(request, "id")
         tz = request.query_params.get("tz", "UTC")
@@ -211,6 +234,8 @@ def build_api(runtime: Runtime) -> Starlette:
         Route("/api/campaigns/{id}", authenticated(patch_campaign), methods=["PATCH"]),
         Route("/api/campaigns/{id}", authenticated(delete_campaign), methods=["DELETE"]),
         Route("/api/campaigns/{id}/messages", authenticated(register_message), methods=["POST"]),
+        Route("/api/campaigns/{id}/messages/batch", authenticated(register_batch),
+              methods=["POST"]),
         Route("/api/campaigns/{id}/report", authenticated(campaign_report), methods=["GET"]),
         Route("/api/messages/{id}", authenticated(get_message), methods=["GET"]),
     ]

@@ -2,6 +2,10 @@
 
 Registration is batch-shaped even for one message: ids are reserved in one
 round trip, distinct destinations upserted in one, and messages and links COPYed.
+With `html`, the links are those the instrumentation engine finds in the document
+(each occurrence a link of its own, in document order), followed by any `links`
+given as well; the answer carries the instrumented document, which is never stored
+and never logged.
 """
 
 from __future__ import annotations
@@ -14,13 +18,16 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
+from tracker.instrument import Extraction, extract, render
 from tracker.queries import QUERIES
 from tracker.tokens import MAX_LINK_POSITION, MAX_URL_BYTES, Signer
 
 MAX_RECIPIENT_CHARS = 320
 MAX_SUBJECT_CHARS = 998  # the longest header line RFC 5322 allows
 MAX_LINKS = 1000
-_FIELDS = {"recipient", "subject", "sent_at", "links"}
+MAX_HTML_CHARS = 2_000_000
+MAX_BATCH = 5000
+_FIELDS = {"recipient", "subject", "sent_at", "links", "html"}
 # Tokens carry sent_at as unsigned 32-bit Unix seconds.
 _EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
 _LATEST = datetime(2106, 1, 1, tzinfo=UTC)
@@ -37,7 +44,9 @@ class MessageInput:
     recipient: str
     subject: str | None
     sent_at: datetime
-    links: tuple[str, ...]
+    links: tuple[str, ...]  # the html's links first, in document order, then `links`
+    html: str | None = None
+    extraction: Extraction | None = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,7 @@ class Registered:
     id: int
     pixel_url: str
     links: list[tuple[str, str]]  # (destination, tracked URL)
+    html: str | None = None
 
 
 def check_destination(url: object, where: str = "link") -> str:
@@ -54,10 +64,13 @@ def check_destination(url: object, where: str = "link") -> str:
         raise InvalidInput(f"{where}: must be a non-empty string")
     if len(url.encode()) > MAX_URL_BYTES:
         raise InvalidInput(f"{where}: longer than {MAX_URL_BYTES} bytes")
-    for char in url:
-        if char.isspace() or unicodedata.category(char) in ("Cc", "Cf", "Cs", "Zl", "Zp"):
-            raise InvalidInput(f"{where}: contains whitespace or a control character "
-                               f"(U+{ord(char):04X})")
+    # Most URLs are printable ASCII without spaces; only the others need a look at each
+    # character (registration checks every link of thousands of messages a second).
+    if not (url.isascii() and url.isprintable() and " " not in url):
+        for char in url:
+            if char.isspace() or unicodedata.category(char) in ("Cc", "Cf", "Cs", "Zl", "Zp"):
+                raise InvalidInput(f"{where}: contains whitespace or a control character "
+                                   f"(U+{ord(char):04X})")
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 -- raises ValueError for a malformed port
@@ -105,8 +118,6 @@ def parse_message(body: object, where: str = "message") -> MessageInput:
     if not isinstance(body, dict):
         raise InvalidInput(f"{where}: must be a JSON object")
     unknown = set(body) - _FIELDS
-    if "html" in unknown:
-        raise InvalidInput(f"{where}.html: instrumenting HTML is not available yet; send links")
     if unknown:
         raise InvalidInput(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
     recipient = _text(body.get("recipient"), f"{where}.recipient", MAX_RECIPIENT_CHARS,
@@ -121,7 +132,46 @@ def parse_message(body: object, where: str = "message") -> MessageInput:
         raise InvalidInput(f"{where}.links: at most {MAX_LINKS} links per message")
     checked = tuple(check_destination(url, f"{where}.links[{i}]") for i, url in enumerate(links))
     assert recipient is not None
-    return MessageInput(recipient, subject, sent_at, checked)
+    html = body.get("html")
+    if html is None:
+        return MessageInput(recipient, subject, sent_at, checked)
+    if not isinstance(html, str):
+        raise InvalidInput(f"{where}.html: must be a string")
+    if len(html) > MAX_HTML_CHARS:
+        raise InvalidInput(f"{where}.html: longer than {MAX_HTML_CHARS} characters")
+    extraction = extract(html)
+    found = tuple(spot.url for spot in extraction.links)
+    if len(found) + len(checked) > MAX_LINKS:
+        raise InvalidInput(f"{where}: at most {MAX_LINKS} links per message "
+                           f"(the html has {len(found)})")
+    return MessageInput(recipient, subject, sent_at, found + checked, html, extraction)
+
+
+def parse_batch(body: object) -> list[MessageInput]:
+    """All the messages of a batch, or InvalidBatch listing every bad one: all or nothing."""
+    if not isinstance(body, dict) or set(body) != {"messages"}:
+        raise InvalidInput('the body must be {"messages": [...]}')
+    items = body["messages"]
+    if not isinstance(items, list) or not items:
+        raise InvalidInput("messages: must be a non-empty list")
+    if len(items) > MAX_BATCH:
+        raise InvalidInput(f"messages: at most {MAX_BATCH} per batch, got {len(items)}")
+    parsed: list[MessageInput] = []
+    errors: list[tuple[int, str]] = []
+    for index, item in enumerate(items):
+        try:
+            parsed.append(parse_message(item, f"messages[{index}]"))
+        except InvalidInput as exc:
+            errors.append((index, str(exc)))
+    if errors:
+        raise InvalidBatch(errors, len(items))
+    return parsed
+
+
+class InvalidBatch(InvalidInput):
+    def __init__(self, errors: list[tuple[int, str]], total: int) -> None:
+        super().__init__(f"{len(errors)} of {total} messages are invalid; none was registered")
+        self.errors = errors
 
 
 class Registrar:
@@ -155,14 +205,24 @@ class Registrar:
     def _urls(self, account_id: int, campaign_id: int, message_id: int, message: MessageInput,
               url_ids: dict[str, int]) -> Registered:
         sent_at = int(message.sent_at.timestamp())
-        pixel = self._signer.open_token(account_id, campaign_id, message_id, sent_at)
+        pixel_url = (f"{self._base}/o/"
+                     f"{self._signer.open_token(account_id, campaign_id, message_id, sent_at)}.gif")
         links = [(url, f"{self._base}/c/"
                   + self._signer.click_token(account_id, campaign_id, message_id, sent_at, pos,
                                              url_ids[url], url))
                  for pos, url in enumerate(message.links)]
-        return Registered(message_id, f"{self._base}/o/{pixel}.gif", links)
+        html = None
+        if message.html is not None and message.extraction is not None:
+            in_html = len(message.extraction.links)
+            html = render(message.html, message.extraction,
+                          [tracked for _, tracked in links[:in_html]], pixel_url)
+        return Registered(message_id, pixel_url, links, html)
 
 
 def registered_json(item: Registered) -> dict[str, Any]:
-    return {"id": str(item.id), "pixel_url": item.pixel_url,
-            "links": [{"url": url, "tracked_url": tracked} for url, tracked in item.links]}
+    answer: dict[str, Any] = {
+        "id": str(item.id), "pixel_url": item.pixel_url,
+        "links": [{"url": url, "tracked_url": tracked} for url, tracked in item.links]}
+    if item.html is not None:
+        answer["html"] = item.html
+    return answer
