@@ -77,6 +77,13 @@ class Result:
     p99_ms: float
     errors: int
     wrk_cpu: float  # share of one core wrk used
+    server_cpu_s: float = 0.0  # CPU seconds the server's processes used during the run
+
+    @property
+    def per_cpu_second(self) -> float:
+        """Requests per CPU-second of the server: what one core would do if it had nothing
+        else to do, which stays steady when other work shares the machine."""
+        return self.requests / self.server_cpu_s if self.server_cpu_s else 0.0
 
 
 def _ms(value: str) -> float:
@@ -84,8 +91,25 @@ def _ms(value: str) -> float:
     return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-def run_wrk(name: str, url: str, args: argparse.Namespace, script: Path | None = None,
-            script_args: list[str] | None = None) -> Result:
+def _tree_cpu_seconds(pid: int) -> float:
+    """user + system CPU seconds of a process and all its descendants."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        pending.extend(int(c) for c in children)
+    return total
+
+
+def run_wrk(name: str, url: str, args: argparse.Namespace, server_pid: int,
+            script: Path | None = None, script_args: list[str] | None = None) -> Result:
     command = ["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{args.connections}",
                f"-d{args.duration}s", "--latency"]
     if script is not None:
@@ -93,7 +117,9 @@ def run_wrk(name: str, url: str, args: argparse.Namespace, script: Path | None =
     else:
         command.append(url)
     before = os.times()
+    server_before = _tree_cpu_seconds(server_pid)
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    server_cpu = _tree_cpu_seconds(server_pid) - server_before
     after = os.times()
     cpu = (after.children_user - before.children_user
            + after.children_system - before.children_system)
@@ -103,7 +129,8 @@ def run_wrk(name: str, url: str, args: argparse.Namespace, script: Path | None =
     errors += int(non2xx.group(1)) if non2xx else 0
     latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.MULTILINE))
     return Result(name, requests, float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
-                  _ms(latency["50"]), _ms(latency["99"]), errors, cpu / args.duration)
+                  _ms(latency["50"]), _ms(latency["99"]), errors, cpu / args.duration,
+                  server_cpu)
 
 
 def start_nginx(workdir: Path, port: int) -> subprocess.Popen[bytes]:
@@ -218,7 +245,9 @@ def _start_tracker(server: str, dsn: str, workdir: Path) -> tuple[subprocess.Pop
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds of every endpoint; medians are reported")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--servers", default="granian,uvicorn",
                         help="comma-separated HTTP servers to measure tracker on")
@@ -234,7 +263,7 @@ def main() -> None:
     pg = EmbeddedPostgres(workdir / "pg")
     pg.start()
     procs: list[subprocess.Popen[bytes]] = []
-    results: list[Result] = []
+    runs: dict[str, list[Result]] = {}
     checks = []
     try:
         running = pg.running()
@@ -248,54 +277,69 @@ def main() -> None:
         nginx_port = _free_port()
         nginx = start_nginx(workdir, nginx_port)
         procs.append(nginx)
-        results.append(run_wrk("nginx static GIF", f"http://127.0.0.1:{nginx_port}/o/x.gif",
-                               args))
-        nginx.send_signal(signal.SIGQUIT)
-        nginx.wait(10)
-
+        trackers = {}
         for server_name in servers:
             server, url = _start_tracker(server_name, dsn, workdir)
             procs.append(server)
             pixels, clicks = asyncio.run(_prepare(dsn, url, args.messages, args.links))
-            (workdir / "pixels.txt").write_text("\n".join(pixels) + "\n")
-            (workdir / "clicks.txt").write_text("\n".join(clicks) + "\n")
-            for endpoint, kind, paths in (("pixel", "open", "pixels.txt"),
-                                          ("click", "click", "clicks.txt")):
-                name = f"{server_name} {endpoint}"
-                before = settle(dsn, kind)
-                result = run_wrk(name, url, args, script,
-                                 [str(workdir / paths), str(workdir / "uas.txt")])
-                results.append(result)
-                landed = settle(dsn, kind) - before
-                checks.append((name, result.requests, landed,
-                               result.requests <= landed <= result.requests + args.connections))
+            (workdir / f"{server_name}-pixels.txt").write_text("\n".join(pixels) + "\n")
+            (workdir / f"{server_name}-clicks.txt").write_text("\n".join(clicks) + "\n")
+            trackers[server_name] = (server, url)
+
+        # Interleaved, so a change in the machine's other load hits every endpoint alike.
+        for _ in range(args.rounds):
+            runs.setdefault("nginx static GIF", []).append(run_wrk(
+                "nginx static GIF", f"http://127.0.0.1:{nginx_port}/o/x.gif", args, nginx.pid))
+            for server_name, (server, url) in trackers.items():
+                for endpoint, kind in (("pixel", "open"), ("click", "click")):
+                    name = f"{server_name} {endpoint}"
+                    before = settle(dsn, kind)
+                    result = run_wrk(name, url, args, server.pid, script, [
+                        str(workdir / f"{server_name}-{endpoint}s.txt"),
+                        str(workdir / "uas.txt")])
+                    runs.setdefault(name, []).append(result)
+                    landed = settle(dsn, kind) - before
+                    checks.append((name, result.requests, landed, result.requests <= landed
+                                   <= result.requests + args.connections))
+        for server, _ in trackers.values():
             server.send_signal(signal.SIGTERM)
             server.wait(60)
+        nginx.send_signal(signal.SIGQUIT)
+        nginx.wait(10)
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
         pg.stop("immediate")
 
-    nginx_rps = results[0].rps
+    results = {name: _median(rs) for name, rs in runs.items()}
+    reference = results["nginx static GIF"]
     goals = {"pixel": 0.5, "click": 0.45}
-    print(f"\nwrk -t1 -c{args.connections} -d{args.duration}s; the server under test on core "
-          f"{SERVER_CORE}, wrk and PostgreSQL on core {LOAD_CORE}; "
-          f"{args.messages} pixel / {args.messages * args.links} click tokens\n")
-    print(f"{'endpoint':<18} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} "
-          f"{'wrk cpu':>8} {'x nginx':>8} {'goal':>9}")
-    for r in results:
-        ratio = r.rps / nginx_rps
+    print(f"\nwrk -t1 -c{args.connections} -d{args.duration}s, {args.rounds} interleaved rounds "
+          f"(medians); the server under test pinned to core {SERVER_CORE}, wrk and PostgreSQL "
+          f"on core {LOAD_CORE}; {args.messages} pixel / {args.messages * args.links} click "
+          "tokens\n")
+    print(f"{'endpoint':<18} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} "
+          f"{'wrk cpu':>7} {'req/cpu-s':>9} {'x nginx':>8} {'x nginx/cpu':>11} {'goal':>9}")
+    for r in results.values():
+        ratio = r.rps / reference.rps
+        cpu_ratio = r.per_cpu_second / reference.per_cpu_second
         goal = goals.get(r.name.rsplit(" ", 1)[-1])
         verdict = "" if goal is None else (f">={goal}" + (" ok" if ratio >= goal else " MISS"))
-        print(f"{r.name:<18} {r.rps:>9.0f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} {r.errors:>7} "
-              f"{r.wrk_cpu:>7.0%} {ratio:>8.2f} {verdict:>9}")
-    print(f"\n{'endpoint':<18} {'completed':>10} {'events':>10}  landed")
+        print(f"{r.name:<18} {r.rps:>8.0f} {r.p50_ms:>7.2f} {r.p99_ms:>7.2f} {r.errors:>6} "
+              f"{r.wrk_cpu:>6.0%} {r.per_cpu_second:>9.0f} {ratio:>8.2f} {cpu_ratio:>11.2f} "
+              f"{verdict:>9}")
+    print(f"\n{'run':<18} {'completed':>10} {'events':>10}  landed")
     for name, completed, landed, ok in checks:
         print(f"{name:<18} {completed:>10} {landed:>10}  {'ok' if ok else 'MISMATCH'}")
     shutil.rmtree(workdir, ignore_errors=True)
     if not all(ok for *_, ok in checks):
         raise SystemExit(1)
+
+
+def _median(results: list[Result]) -> Result:
+    ordered = sorted(results, key=lambda r: r.rps)
+    return ordered[len(ordered) // 2]
 
 
 async def _migrate(dsn: str) -> None:
