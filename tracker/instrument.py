@@ -42,15 +42,22 @@ Tokens that cannot hold a link (text, other tags, ordinary comments, raw text) a
 consumed inside one compiled pattern, so Python code runs only for the few tokens
 that matter: link elements, `<base>`, `</body>`, conditional comments.
 
-Why this engine (benchmarks/instrument_bench.py; µs per document, extract + render,
-on the corpus newsletter of 18 KB with 24 links / the 16 KB receipt with 5 links):
+Why this engine: measured (benchmarks/instrument_bench.py, µs of CPU per document on
+the shared 2-core machine, extract with the message's links not seen before / seen in
+an earlier message, + render):
 
-    this tokenizer           ~60 / ~35 µs
-    tree-sitter-html         ~1,150 / ~900 µs (parse and a tree query in C, offsets
-                             mapped back to str indices); and it is not an HTML
-                             tokenizer: an unquoted `href=https://x/?a=1&b=2` is an
-                             error node to it, `<textarea>` content is markup
-    stdlib html.parser       ~2,700 / ~2,000 µs (pure Python, every token a method call)
+                           receipt (16 KB, 5 links)   newsletter (18 KB, 24 links)
+    this tokenizer         91 / 80 + 3                156 / 123 + 12
+    tree-sitter-html       1,230 (the C parse: 750)   2,420
+    stdlib html.parser     1,190                      1,470
+
+The tokenizer's floor is sre itself, about 4 ns per character for one pass (65 µs of the
+receipt's 80). tree-sitter builds a whole tree and is no HTML tokenizer: an unquoted
+`href=https://x/?a=1&b=2` is an error node to it, `<textarea>` content is markup, a
+`</body>` in a textarea ends the body (5 of the 13 corpus documents come out wrong).
+html.parser calls back into Python for every token and reads `<!-->` as an unfinished
+comment (1 document wrong). Against html5lib, a complete HTML5 parser, the tokenizer
+finds the same links on generated tag soup (tests/test_instrument.py).
 
 Limits, accepted: `<script>` ends at the first `</script>` (the spec's
 script-data-escaped states for `<!--<script>` inside scripts are not followed);
@@ -61,12 +68,13 @@ from __future__ import annotations
 
 import html as _html
 import re
-import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from html.entities import html5 as _ENTITIES
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
+from tracker import destinations
 from tracker.tokens import MAX_URL_BYTES
 
 __all__ = ["PIXEL_TEMPLATE", "Extraction", "LinkSpot", "extract", "render"]
@@ -95,39 +103,63 @@ class Extraction:
 
 
 # --- the tokenizer ------------------------------------------------------------------------
+# The patterns are case-sensitive, with names matched in (?i:...) groups: sre's
+# case-insensitive operations cost extra on every character of the document.
 # CR is whitespace here: the HTML input stream turns it into LF before tokenizing.
 _WS = r"\t\n\f\r "
-# One attribute, per the attribute name / value states: a name runs to whitespace, "/",
-# ">" or "=" (its first character may be "="); a value is double-, single- or unquoted.
-# An unclosed quote runs to the end: that tag is cut off by the end of input.
-_ATTRIBUTE = (rf"[^{_WS}/>][^{_WS}/>=]*+"
-              rf"(?:[{_WS}]*+=[{_WS}]*+(?:\"[^\"]*+\"?|'[^']*+'?|[^{_WS}>]*+))?")
-_ATTRIBUTES = rf"(?:[{_WS}/]++|{_ATTRIBUTE})*+"
+# The attribute states: a name runs to whitespace, "/", ">" or "=" (its first character
+# may be "="); "=" (after optional whitespace) starts the value: double-, single- or
+# unquoted (to whitespace or ">"). An unclosed quote runs to the end of input, where
+# the tag is dropped. "/" between attributes is a separator, like whitespace.
+_VALUE = rf"""(?:"[^"]*+"?|'[^']*+'?|[^{_WS}>]*+)"""
+_ATTRIBUTE = rf"[^{_WS}/>][^{_WS}/>=]*+(?:[{_WS}]*+=[{_WS}]*+{_VALUE})?"
+# sre's cost is per operation more than per character: the usual ` name="value"` pairs go
+# through a loop of few operations first, anything else through the general one.
+_ATTRIBUTES = (rf"""(?:[{_WS}]++[^{_WS}/>="']++=(?:"[^"]*+"|'[^']*+'))*+"""
+               rf"(?:[{_WS}/]*+{_ATTRIBUTE})*+[{_WS}/]*+")
+_TAG_NAME = rf"[a-zA-Z][^{_WS}/>]*+"
 _NAME_END = rf"(?=[{_WS}/>])"
 _RAW_TEXT = ("script", "style", "textarea", "title", "xmp", "iframe", "noembed", "noframes")
-# Start tags that Python code must see; every other token is consumed by _SKIP.
-_WANTED = rf"(?:a|area|base|plaintext|v:[^{_WS}/>]*+){_NAME_END}"
+# Start tags that Python code must see (link elements, <base>, <plaintext>); every other
+# token is consumed by _SKIP.
+_WANTED = rf"(?i:a|area|base|plaintext){_NAME_END}|[vV]:"
 
-# No capturing group in here: Python 3.11's re raises SystemError for some captures inside
-# possessive repeats.
-_SKIP = re.compile(
-    rf"""(?:
-        [^<]++
-      | {"|".join(rf"<{name}{_NAME_END}{_ATTRIBUTES}>(?:[^<]++|<(?!/{name}{_NAME_END}))*+"
-                  for name in _RAW_TEXT)}                 # raw-text elements, up to their end tag
-      | <(?!{_WANTED})[a-z][^{_WS}/>]*+{_ATTRIBUTES}>?      # any other start tag
-      | </(?!body{_NAME_END})[a-z][^{_WS}/>]*+{_ATTRIBUTES}>?  # end tag but </body>
-      | </(?![a-z])[^>]*+>?                                 # </> and bogus comments
-      | <!--(?!\[if)(?:>|->|(?:[^-]++|-(?!-!?>))*+(?:--!?>)?)  # ordinary comment
-      | <!(?!--)[^>]*+>? | <\?[^>]*+>?                      # doctype, <![endif]>, <?xml?>
-      | <(?![a-z!/?])                                       # a "<" that is text
-    )*+""",
-    re.IGNORECASE | re.ASCII | re.VERBOSE,
+# Everything up to the next token that Python code must see: text, and the token after
+# each "<", the most frequent kinds first. No group in here: Python 3.11's re raises
+# SystemError for a group inside a possessive repeat that goes on after it
+# (re.match(r"(?:(x)y|b)*+", "xyb")), hence one alternative per raw-text name.
+_SKIP = rf"""(?:[^<]*+<(?:
+        /(?!(?i:body){_NAME_END}){_TAG_NAME}{_ATTRIBUTES}>?     # end tag, but </body>
+      | (?!{_WANTED}|(?i:{"|".join(_RAW_TEXT)}){_NAME_END})
+        {_TAG_NAME}{_ATTRIBUTES}>?                              # start tag
+      | {"|".join(rf"(?i:{name}){_NAME_END}{_ATTRIBUTES}>(?:[^<]++|<(?!/(?i:{name}){_NAME_END}))*+"
+                  for name in _RAW_TEXT)}                       # raw-text element, to its end tag
+      | !--(?!\[(?i:if))(?:>|->|(?:[^-]++|-(?!-!?>))*+(?:--!?>)?)  # comment, unless conditional
+      | /(?![a-zA-Z])[^>]*+>?                                   # </> or a bogus comment
+      | !(?!--)[^>]*+>? | \?[^>]*+>?                            # doctype, <![endif]>, <?xml?>
+      | (?![a-zA-Z!/?])                                         # a "<" that is text
+    ))*+[^<]*+"""
+
+
+def _first(name: str) -> str:
+    """Pattern: the attributes before the first one called `name`, then that one, its value
+    in three groups (double-, single-, unquoted). Matches without it too."""
+    return (rf"(?:[{_WS}/]*+(?!(?i:{name})[{_WS}/>=]){_ATTRIBUTE})*+"
+            rf"(?:[{_WS}/]*+(?i:{name})(?=[{_WS}/>=])"
+            rf"(?:[{_WS}]*+=[{_WS}]*+(?:\"([^\"]*+)\"?|'([^']*+)'?|([^{_WS}>]*+)))?)?")
+
+
+# One call per token that Python code must see (sre does the rest): _SKIP, then a
+# conditional comment's "<!--" (group 1) or a tag: "/" (2), name (3), the value of its
+# first href (4, 5 or 6: double-, single-, unquoted) and ">" (7, empty when the input
+# ends inside the tag). Neither: the end.
+_NEXT = re.compile(
+    rf"{_SKIP}(?:(<!--)|<(/?)({_TAG_NAME}){_first('href')}{_ATTRIBUTES}(>?))?",
+    re.ASCII | re.VERBOSE,
 )
-_TAG = re.compile(rf"<(/?)([a-z][^{_WS}/>]*+)({_ATTRIBUTES})(>?)", re.IGNORECASE | re.ASCII)
-_ATTRIBUTE_PARTS = re.compile(
-    rf"[{_WS}/]*+([^{_WS}/>][^{_WS}/>=]*+)"
-    rf"(?:[{_WS}]*+=[{_WS}]*+(?:\"([^\"]*+)\"?|'([^']*+)'?|([^{_WS}>]*+)))?")
+_DATA_TRACK = re.compile(rf"<{_TAG_NAME}{_first('data-track')}", re.ASCII)
+# A cheap first look (a search with a literal first character); _DATA_TRACK decides.
+_MAYBE_DATA_TRACK = re.compile("-[tT][rR][aA][cC][kK]")
 # A comment's data is group 1; a downlevel-hidden conditional comment's markup follows
 # its "[if ...]>" header.
 _COMMENT = re.compile(r"<!--(?:>|->|((?:[^-]++|-(?!-!?>))*+)(?:--!?>)?)")
@@ -137,8 +169,6 @@ _CONDITION = re.compile(r"\[if[^\]]*+\]>", re.IGNORECASE | re.ASCII)
 _PLACEHOLDER = re.compile(r"\{\{.*?\}\}|\*\|.*?\|\*|%%.*?%%", re.DOTALL)
 _SCHEME = re.compile(r"[a-z][a-z0-9+.-]*:", re.IGNORECASE | re.ASCII)
 _CHARREF = re.compile(r"&(#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[^\t\n\f <&#;]{1,32};?)")
-_ASCII_REFUSED = re.compile(r"[\x00-\x20\x7f]")
-_REFUSED_CATEGORIES = frozenset(("Cc", "Cf", "Cs", "Zl", "Zp"))
 _URL_TRIM = "".join(map(chr, range(0x21)))  # C0 controls and space: the URL parser trims them
 
 
@@ -149,61 +179,57 @@ def extract(html: str) -> Extraction:
     body_end = plaintext_at = -1
     pos, end = 0, len(html)
     resume: list[tuple[int, int]] = []  # (pos, end) to go back to after a conditional comment
-    skip, tag, attribute_parts = _SKIP.match, _TAG.match, _ATTRIBUTE_PARTS.finditer
+    step = _NEXT.match
     while True:
-        pos = skip(html, pos, end).end()  # type: ignore[union-attr]  # matches the empty string
-        if pos >= end:
-            if not resume:
-                break
-            pos, end = resume.pop()
-            continue
-        if html.startswith("<!--", pos):  # a conditional comment: its markup is scanned too
-            comment = _COMMENT.match(html, pos, end)
-            assert comment is not None
-            data_start, data_end = comment.span(1)
+        m = step(html, pos, end)
+        assert m is not None  # matches the empty string
+        pos = m.end()
+        comment, slash, name, double, single, unquoted, closed = m.groups()
+        if name is None:
+            if comment is None:  # the end of the document, or of a conditional comment
+                if not resume:
+                    break
+                pos, end = resume.pop()
+                continue
+            # A conditional comment: its markup is scanned too.
+            c = _COMMENT.match(html, m.start(1), end)
+            assert c is not None
+            data_start, data_end = c.span(1)
             condition = _CONDITION.match(html, data_start, data_end)
             if condition is not None:
-                resume.append((comment.end(), end))
+                resume.append((c.end(), end))
                 pos, end = condition.end(), data_end
             else:
-                pos = comment.end()
+                pos = c.end()
             continue
-        m = tag(html, pos, end)
-        assert m is not None
-        pos = m.end()
-        if not m.group(4):  # cut off by the end of input (or of a conditional comment)
+        if not closed:  # cut off by the end of input (or of a conditional comment)
             continue
-        name = m.group(2).lower()
-        if m.group(1):  # the only end tag _SKIP stops at
+        tag_start = m.start(2) - 1
+        if slash:  # </body>, the only end tag _SKIP stops at
             if not resume:
-                body_end = m.start()
+                body_end = tag_start
             continue
+        name = name.lower()
         if name == "plaintext":  # the rest is text
             if not resume:
-                plaintext_at = m.start()
+                plaintext_at = tag_start
                 break
             pos = end
             continue
-        href: re.Match[str] | None = None
-        track = None
-        for a in attribute_parts(html, m.start(3), m.end(3)):
-            attribute = a.group(1).lower()
-            if attribute == "href":
-                href = href or a
-            elif attribute == "data-track" and track is None:
-                track = _attribute_text(a)
-        if href is None:
-            continue
+        if double is not None:
+            raw, quote, start = double, '"', m.start(4)
+        elif single is not None:
+            raw, quote, start = single, "'", m.start(5)
+        elif unquoted is not None:
+            raw, quote, start = unquoted, "", m.start(6)
+        else:
+            continue  # no href
         if name == "base":
             if base_href is None and not resume:
-                base_href = _decode(_attribute_text(href))
-            continue
-        if track is not None and _decode(track).strip(_URL_TRIM).lower() == "off":
-            continue
-        for group, quote in ((2, '"'), (3, "'"), (4, "")):
-            if href.start(group) >= 0:
-                found.append((href.start(group), href.end(group), href.group(group), quote))
-                break
+                base_href = _decode(raw)
+        elif not (_MAYBE_DATA_TRACK.search(html, tag_start, pos)
+                  and _tracking_off(html, tag_start)):
+            found.append((start, start + len(raw), raw, quote))
     base = _base_url(base_href)
     links = []
     for start, stop, raw, quote in found:
@@ -214,6 +240,13 @@ def extract(html: str) -> Extraction:
     return Extraction(tuple(links), pixel_at)
 
 
+def _tracking_off(html: str, tag_start: int) -> bool:
+    m = _DATA_TRACK.match(html, tag_start)
+    assert m is not None
+    value = m.group(1) or m.group(2) or m.group(3) or ""
+    return _decode(value).strip(_URL_TRIM).lower() == "off"
+
+
 def render(html: str, extraction: Extraction, tracked_urls: Sequence[str],
            pixel_url: str) -> str:
     """`html` with tracked_urls[i] in place of link i's value and the pixel at its place."""
@@ -222,15 +255,15 @@ def render(html: str, extraction: Extraction, tracked_urls: Sequence[str],
         raise ValueError(f"{len(links)} links, but {len(tracked_urls)} tracked URLs")
     pixel = PIXEL_TEMPLATE.format(url=_escape(pixel_url, '"'))
     pixel_at = extraction.pixel_at
-    parts = []
+    parts: list[str] = []
     pos = 0
     for spot, url in zip(links, tracked_urls, strict=True):
         if pos <= pixel_at <= spot.start:  # the pixel comes before this link
             parts += (html[pos:pixel_at], pixel)
             pos, pixel = pixel_at, ""
-        parts.append(html[pos:spot.start])
+        value = _escape(url, spot.quote or '"')
         # An unquoted value gets quotes: then no character of the URL can end the attribute.
-        parts.append(_escape(url, spot.quote) if spot.quote else f'"{_escape(url, chr(34))}"')
+        parts += (html[pos:spot.start], value if spot.quote else f'"{value}"')
         pos = spot.end
     parts += (html[pos:pixel_at], pixel, html[pixel_at:]) if pixel else (html[pos:],)
     return "".join(parts)
@@ -244,13 +277,13 @@ def _escape(url: str, quote: str) -> str:
     return url
 
 
-def _attribute_text(match: re.Match[str]) -> str:
-    return match.group(2) or match.group(3) or match.group(4) or ""
-
-
 def _decode(value: str) -> str:
     """Character references decoded as the tokenizer does in an attribute value."""
-    return _CHARREF.sub(_charref, value) if "&" in value else value
+    if "&" not in value:
+        return value
+    if value.count("&") == value.count("&amp;"):  # the usual query string: a fifth of the cost
+        return value.replace("&amp;", "&")
+    return _CHARREF.sub(_charref, value)
 
 
 def _charref(match: re.Match[str]) -> str:
@@ -275,42 +308,35 @@ def _base_url(href: str | None) -> str | None:
     if href is None:
         return None
     href = href.strip(_URL_TRIM)
-    return href if _is_destination(href) else None
+    return href if destinations.problem(href) is None and not _has_placeholder(href) else None
+
+
+def _has_placeholder(value: str) -> bool:
+    return ("{{" in value or "*|" in value or "%%" in value) and bool(_PLACEHOLDER.search(value))
 
 
 def _destination(raw: str, base: str | None) -> str | None:
+    """The destination of a link whose attribute value is `raw`, or None: left alone."""
+    # The messages of a campaign share most of their links: the same raw values come back
+    # thousands of times. The cache holds at most 1024 keys of at most 2048 characters.
+    if len(raw) <= MAX_URL_BYTES:
+        return _cached_destination(raw, base)
+    return _find_destination(raw, base)
+
+
+def _find_destination(raw: str, base: str | None) -> str | None:
     value = _decode(raw).strip(_URL_TRIM)
-    if not value or value[0] == "#" or _PLACEHOLDER.search(value):
+    if not value or value[0] == "#" or _has_placeholder(value):
         return None
-    scheme = _SCHEME.match(value)
-    if scheme is not None:
+    if value.startswith(("https://", "http://")):
+        url: str | None = value
+    elif (scheme := _SCHEME.match(value)) is not None:
         url = value if scheme.group().lower() in ("http:", "https:") else None
-    elif base is not None:
-        url = urljoin(base, value)
     else:
-        url = None
-    return url if url is not None and _is_destination(url) else None
+        url = urljoin(base, value) if base is not None else None
+    return url if url is not None and destinations.problem(url) is None else None
 
 
-def _is_destination(url: str) -> bool:
-    """True when tracker.registration.check_destination accepts `url` (a test keeps the two
-    in step). Not imported from there: registration imports this module, and importing
-    registration loads SQL files and asyncpg. Pure ASCII URLs, nearly all of them, take a
-    pattern instead of a Unicode category lookup per character."""
-    if not url or len(url) > MAX_URL_BYTES:
-        return False
-    if url.isascii():
-        if _ASCII_REFUSED.search(url):
-            return False
-    else:
-        for char in url:
-            if char.isspace() or unicodedata.category(char) in _REFUSED_CATEGORIES:
-                return False
-        if len(url.encode()) > MAX_URL_BYTES:
-            return False
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 -- raises ValueError for a malformed port
-    except ValueError:
-        return False
-    return parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+_cached_destination = lru_cache(maxsize=1024)(_find_destination)
+
+

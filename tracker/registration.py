@@ -14,13 +14,13 @@ import unicodedata
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg
 
+from tracker import destinations
 from tracker.instrument import Extraction, extract, render
 from tracker.queries import QUERIES
-from tracker.tokens import MAX_LINK_POSITION, MAX_URL_BYTES, Signer
+from tracker.tokens import MAX_LINK_POSITION, Signer
 
 MAX_RECIPIENT_CHARS = 320
 MAX_SUBJECT_CHARS = 998  # the longest header line RFC 5322 allows
@@ -58,28 +58,13 @@ class Registered:
 
 
 def check_destination(url: object, where: str = "link") -> str:
-    """An absolute http(s) URL, without whitespace or control characters, of bounded length.
-    It comes back unchanged: the redirect sends exactly these bytes."""
-    if not isinstance(url, str) or not url:
+    """An absolute http(s) URL without whitespace or control characters, of bounded length
+    (tracker.destinations). It comes back unchanged: the redirect sends exactly these bytes."""
+    if not isinstance(url, str):
         raise InvalidInput(f"{where}: must be a non-empty string")
-    if len(url.encode()) > MAX_URL_BYTES:
-        raise InvalidInput(f"{where}: longer than {MAX_URL_BYTES} bytes")
-    # Most URLs are printable ASCII without spaces; only the others need a look at each
-    # character (registration checks every link of thousands of messages a second).
-    if not (url.isascii() and url.isprintable() and " " not in url):
-        for char in url:
-            if char.isspace() or unicodedata.category(char) in ("Cc", "Cf", "Cs", "Zl", "Zp"):
-                raise InvalidInput(f"{where}: contains whitespace or a control character "
-                                   f"(U+{ord(char):04X})")
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 -- raises ValueError for a malformed port
-    except ValueError as exc:
-        raise InvalidInput(f"{where}: not a valid URL ({exc})") from None
-    if parts.scheme.lower() not in ("http", "https"):
-        raise InvalidInput(f"{where}: must be an absolute http or https URL")
-    if not parts.hostname:
-        raise InvalidInput(f"{where}: has no host")
+    problem = destinations.problem(url)
+    if problem is not None:
+        raise InvalidInput(f"{where}: {problem}")
     return url
 
 
