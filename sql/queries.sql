@@ -45,18 +45,17 @@ where updated_at > $1::timestamptz - interval '5 seconds';
 -- name: reserve-message-ids
 select nextval('messages_id_seq') as id from generate_series(1, $1);
 
--- name: upsert-urls
-with wanted as (select distinct unnest($3::text[]) as url),
-inserted as (
-    insert into urls (account_id, campaign_id, url)
-    select $1, $2, url from wanted
-    on conflict (account_id, campaign_id, url) do nothing
-    returning id, url
-)
-select id, url from inserted
-union all
-select u.id, u.url from urls u join wanted w on w.url = u.url
-where u.account_id = $1 and u.campaign_id = $2;
+-- name: insert-urls
+-- Returns only the rows it inserted. A URL another transaction inserted concurrently is
+-- skipped here and not visible to this statement's snapshot: find-urls, a statement of
+-- its own, reads it once that transaction has committed.
+insert into urls (account_id, campaign_id, url)
+select $1, $2, url from unnest($3::text[]) as url
+on conflict (account_id, campaign_id, url) do nothing
+returning id, url;
+
+-- name: find-urls
+select id, url from urls where account_id = $1 and campaign_id = $2 and url = any($3::text[]);
 
 -- name: get-message
 select id, campaign_id, recipient, subject, sent_at
@@ -74,49 +73,66 @@ where e.account_id = $1 and e.message_id = $2
 order by e.occurred_at, e.id;
 
 -- name: report-totals
+-- Reports read only the rollups (sql/0002_rollups.sql), never `events`.
 select
-    (select count(*) from messages where account_id = $1 and campaign_id = $2) as messages,
-    count(*) filter (where type = 'open' and not machine) as opens,
-    count(*) filter (where type = 'open' and machine) as machine_opens,
-    count(*) filter (where type = 'click' and not machine) as clicks,
-    count(*) filter (where type = 'click' and machine) as machine_clicks,
-    count(distinct message_id) filter (where not machine) as unique_opens,
-    count(distinct message_id) filter (where type = 'click' and not machine) as unique_clicks
-from events
+    (select coalesce(sum(messages), 0)::bigint from campaign_messages
+     where account_id = $1 and campaign_id = $2) as messages,
+    coalesce(sum(opens), 0)::bigint as opens,
+    coalesce(sum(machine_opens), 0)::bigint as machine_opens,
+    coalesce(sum(clicks), 0)::bigint as clicks,
+    coalesce(sum(machine_clicks), 0)::bigint as machine_clicks,
+    coalesce(sum(opened), 0)::bigint as unique_opens,
+    coalesce(sum(clicked), 0)::bigint as unique_clicks
+from rollup_campaign
 where account_id = $1 and campaign_id = $2;
 
 -- name: report-links
+-- Every destination of the campaign, clicked or not, except the honeypot link: a url
+-- with a click stored with reason 'honeypot' is one.
+-- TODO(registration): when urls carry a honeypot flag, also leave out `where u.honeypot`,
+-- so a honeypot nobody has hit yet is not listed either.
 select u.url,
-       count(e.id) as clicks,
-       count(distinct e.message_id) as unique_clicks
+       coalesce(l.clicks, 0)::bigint as clicks,
+       coalesce(l.unique_clicks, 0)::bigint as unique_clicks
 from urls u
-left join events e
-       on e.account_id = u.account_id and e.campaign_id = u.campaign_id and e.url_id = u.id
-      and e.type = 'click' and not e.machine
-where u.account_id = $1 and u.campaign_id = $2
-group by u.url
+left join (
+    select url_id, sum(clicks) as clicks, sum(clicked) as unique_clicks,
+           sum(honeypot_clicks) as honeypot_clicks
+    from rollup_link
+    where account_id = $1 and campaign_id = $2
+    group by url_id
+) l on l.url_id = u.id
+where u.account_id = $1 and u.campaign_id = $2 and coalesce(l.honeypot_clicks, 0) = 0
 order by clicks desc, u.url;
 
 -- name: report-timeline
--- $3 is an IANA zone name: hours are that zone's hours.
-select date_trunc('hour', occurred_at, $3) as hour,
-       count(*) filter (where type = 'open') as opens,
-       count(*) filter (where type = 'click') as clicks
-from events
-where account_id = $1 and campaign_id = $2 and not machine
+-- $3 is an IANA zone name: hours are that zone's hours. Buckets are 15 minutes wide,
+-- so this is exact in every zone whose offset is a multiple of 15 minutes.
+select date_trunc('hour', bucket, $3) as hour,
+       sum(opens)::bigint as opens,
+       sum(clicks)::bigint as clicks
+from rollup_campaign
+where account_id = $1 and campaign_id = $2
 group by 1
+having sum(opens) + sum(clicks) > 0
 order by 1;
 
 -- name: report-breakdown
-select type,
-       case when grouping(country) = 0 then 'country'
-            when grouping(region) = 0 then 'region'
-            when grouping(browser) = 0 then 'browser'
-            when grouping(os) = 0 then 'os'
-            else 'device' end as dimension,
-       coalesce(country, region, browser, os, device, 'unknown') as key,
-       count(*) as n
-from events
-where account_id = $1 and campaign_id = $2 and not machine
-group by grouping sets ((type, country), (type, region), (type, browser), (type, os), (type, device))
+select type, dimension, value as key, sum(humans)::bigint as n
+from rollup_dimension
+where account_id = $1 and campaign_id = $2
+group by type, dimension, value
+having sum(humans) > 0
 order by type, dimension, n desc, key;
+
+-- name: export-events
+-- Streamed through a cursor in the order stored; only what is stored (there is no
+-- user-agent column to leak). The address keeps its prefix when it was truncated.
+select e.id, e.type, e.occurred_at, e.message_id, m.recipient, e.link_position, u.url,
+       e.machine, e.reason, e.country, e.region, e.city, e.browser, e.os, e.device,
+       abbrev(e.ip) as ip
+from events e
+left join messages m on m.account_id = e.account_id and m.id = e.message_id
+left join urls u on u.account_id = e.account_id and u.id = e.url_id
+where e.account_id = $1 and e.campaign_id = $2
+order by e.occurred_at, e.id;

@@ -31,13 +31,15 @@ class Queries:
     delete_campaign: str
     campaign_policies_since: str
     reserve_message_ids: str
-    upsert_urls: str
+    insert_urls: str
+    find_urls: str
     get_message: str
     message_events: str
     report_totals: str
     report_links: str
     report_timeline: str
     report_breakdown: str
+    export_events: str
 
 
 def load(path: Path) -> Queries:

@@ -172,8 +172,7 @@ class Registrar:
             destinations = sorted({url for m in messages for url in m.links})
             url_ids: dict[str, int] = {}
             if destinations:
-                rows = await conn.fetch(QUERIES.upsert_urls, account_id, campaign_id, destinations)
-                url_ids = {r["url"]: r["id"] for r in rows}
+                url_ids = await _url_ids(conn, account_id, campaign_id, destinations)
             await conn.copy_records_to_table(
                 "messages", columns=("account_id", "id", "campaign_id", "recipient", "subject",
                                      "sent_at"),
@@ -202,6 +201,22 @@ class Registrar:
             html = render(message.html, message.extraction,
                           [tracked for _, tracked in links[:in_html]], pixel_url)
         return Registered(message_id, pixel_url, links, html)
+
+
+async def _url_ids(conn: asyncpg.Connection, account_id: int, campaign_id: int,
+                   urls: list[str]) -> dict[str, int]:
+    """Ids of a campaign's destinations, made for those that are new."""
+    found = {r["url"]: r["id"] for r in await conn.fetch(QUERIES.find_urls, account_id,
+                                                         campaign_id, urls)}
+    missing = [url for url in urls if url not in found]
+    if missing:
+        inserted = await conn.fetch(QUERIES.insert_urls, account_id, campaign_id, missing)
+        found.update((r["url"], r["id"]) for r in inserted)
+        still = [url for url in missing if url not in found]
+        if still:  # inserted meanwhile by a concurrent registration, committed by now
+            found.update((r["url"], r["id"]) for r in await conn.fetch(
+                QUERIES.find_urls, account_id, campaign_id, still))
+    return found
 
 
 def registered_json(item: Registered) -> dict[str, Any]:
