@@ -140,3 +140,30 @@ def test_clicks_from_html_links_are_told_apart_by_position(
 
     wait_for(lambda: position() is not None, message="the click to land")
     assert position() == 1
+
+
+def test_concurrent_batches_sharing_destinations_all_register(
+        server: Server, module_dsn: str) -> None:
+    import asyncio
+
+    key = new_account(module_dsn)
+    with server.client(key) as api:
+        campaign_id = campaign(api)
+
+    async def post_all() -> list[int]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60,
+                                     headers={"authorization": f"Bearer {key}"}) as client:
+            # Fresh destinations every round, so each round races on inserting them.
+            responses = []
+            for round_ in range(5):
+                shared = {"messages": [{"recipient": f"r{i}@example.com", "links": [
+                    f"https://example.com/shared/{round_}/{j}" for j in range(5)]}
+                    for i in range(50)]}
+                responses += await asyncio.gather(*(
+                    client.post(f"/api/campaigns/{campaign_id}/messages/batch", json=shared)
+                    for _ in range(4)))
+            return [r.status_code for r in responses]
+
+    assert set(asyncio.run(post_all())) == {201}
+    assert db_value(module_dsn, "select count(*) from urls where campaign_id = $1",
+                    int(campaign_id)) == 25
