@@ -167,3 +167,20 @@ def test_concurrent_batches_sharing_destinations_all_register(
     assert set(asyncio.run(post_all())) == {201}
     assert db_value(module_dsn, "select count(*) from urls where campaign_id = $1",
                     int(campaign_id)) == 25
+
+
+def test_instrumented_html_carries_one_hidden_honeypot_link_outside_the_links_list(
+        server: Server, api: httpx.Client) -> None:
+    answer = api.post(f"/api/campaigns/{campaign(api)}/messages",
+                      json={"recipient": "ada@example.com", "html": _html()}).json()
+    tracked = [spot.url for spot in extract(answer["html"]).links]
+    listed = [link["tracked_url"] for link in answer["links"]]
+    (honeypot,) = [url for url in tracked if url not in listed]
+    assert len(tracked) == len(listed) + 1
+    markup = answer["html"]
+    hidden = markup[markup.rindex("<div", 0, markup.index(honeypot)):markup.index(honeypot)]
+    assert "display:none" in hidden and 'aria-hidden="true"' in hidden
+    assert 'tabindex="-1"' in markup[markup.index(honeypot) - 200:markup.index(honeypot) + 300]
+    redirect = httpx.get(honeypot, follow_redirects=False)
+    assert redirect.status_code == 302
+    assert redirect.headers["location"] == server.url + "/"

@@ -88,6 +88,16 @@ PIXEL_TEMPLATE = (
 )
 
 
+# A link no reader can see or reach: hidden from layout in every client (mso-hide for
+# Outlook's Word engine), from screen readers and from keyboard focus, with no text.
+# Security scanners that fetch every href in a message follow it; people never do.
+HONEYPOT_TEMPLATE = (
+    '<div style="display:none;max-height:0;overflow:hidden;mso-hide:all" aria-hidden="true">'
+    '<a href="{url}" tabindex="-1" style="display:none;font-size:0;line-height:0">&#8203;</a>'
+    '</div>'
+)
+
+
 @dataclass(frozen=True, slots=True)
 class LinkSpot:
     start: int  # str offsets of the raw attribute value (inside the quotes, if quoted)
@@ -248,12 +258,15 @@ def _tracking_off(html: str, tag_start: int) -> bool:
 
 
 def render(html: str, extraction: Extraction, tracked_urls: Sequence[str],
-           pixel_url: str) -> str:
-    """`html` with tracked_urls[i] in place of link i's value and the pixel at its place."""
+           pixel_url: str, honeypot_url: str | None = None) -> str:
+    """`html` with tracked_urls[i] in place of link i's value and the pixel at its place,
+    preceded by the honeypot link when one is given."""
     links = extraction.links
     if len(tracked_urls) != len(links):
         raise ValueError(f"{len(links)} links, but {len(tracked_urls)} tracked URLs")
     pixel = PIXEL_TEMPLATE.format(url=_escape(pixel_url, '"'))
+    if honeypot_url is not None:
+        pixel = HONEYPOT_TEMPLATE.format(url=_escape(honeypot_url, '"')) + pixel
     pixel_at = extraction.pixel_at
     parts: list[str] = []
     pos = 0

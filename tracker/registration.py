@@ -20,11 +20,12 @@ import asyncpg
 from tracker import destinations
 from tracker.instrument import Extraction, extract, render
 from tracker.queries import QUERIES
-from tracker.tokens import MAX_LINK_POSITION, Signer
+from tracker.tokens import FLAG_HONEYPOT, MAX_LINK_POSITION, Signer
 
 MAX_RECIPIENT_CHARS = 320
 MAX_SUBJECT_CHARS = 998  # the longest header line RFC 5322 allows
 MAX_LINKS = 1000
+HONEYPOT_POSITION = MAX_LINK_POSITION
 MAX_HTML_CHARS = 2_000_000
 MAX_BATCH = 5000
 _FIELDS = {"recipient", "subject", "sent_at", "links", "html"}
@@ -198,8 +199,13 @@ class Registrar:
         html = None
         if message.html is not None and message.extraction is not None:
             in_html = len(message.extraction.links)
+            # The honeypot is no link of the message: no row, no url id, a position past
+            # every real one; the flag in its token makes any hit on it a machine's.
+            honeypot = f"{self._base}/c/" + self._signer.click_token(
+                account_id, campaign_id, message_id, sent_at, HONEYPOT_POSITION, 0,
+                f"{self._base}/", flags=FLAG_HONEYPOT)
             html = render(message.html, message.extraction,
-                          [tracked for _, tracked in links[:in_html]], pixel_url)
+                          [tracked for _, tracked in links[:in_html]], pixel_url, honeypot)
         return Registered(message_id, pixel_url, links, html)
 
 
