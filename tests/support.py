@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -133,8 +134,14 @@ class Server:
 
 def register(client: httpx.Client, campaign_id: str, links: list[str] | None = None,
              recipient: str = "reader@example.com", **extra: Any) -> dict[str, Any]:
-    response = client.post(f"/api/campaigns/{campaign_id}/messages",
-                           json={"recipient": recipient, "links": links or [], **extra})
+    """Registers a message sent an hour ago unless `sent_at` is given (`sent_at=None`: none,
+    the server's default, now). Tests click at once, and a click within seconds of sent_at
+    is a machine's (the `too_soon` rule)."""
+    body = {"recipient": recipient, "links": links or [],
+            "sent_at": (datetime.now(UTC) - timedelta(hours=1)).isoformat(), **extra}
+    if body["sent_at"] is None:
+        del body["sent_at"]
+    response = client.post(f"/api/campaigns/{campaign_id}/messages", json=body)
     assert response.status_code == 201, response.text
     result: dict[str, Any] = response.json()
     return result

@@ -144,12 +144,13 @@ def test_create_campaign_is_201_with_the_default_policy(api: httpx.Client) -> No
     assert isinstance(body["id"], str) and body["id"]
     assert body["name"] == "Spring sale"
     assert body["policy"] == {"location": "region", "device": True, "ip": "none",
-                              "retention_days": None}
+                              "retention_days": None, "recipient": "address"}
     assert before <= parse_time(body["created_at"]) <= datetime.now(UTC) + timedelta(seconds=5)
 
 
 def test_create_campaign_with_a_full_policy(api: httpx.Client) -> None:
-    policy = {"location": "city", "device": False, "ip": "truncated", "retention_days": 30}
+    policy = {"location": "city", "device": False, "ip": "truncated", "retention_days": 30,
+              "recipient": "pseudonym"}
     response = api.post("/api/campaigns", json={"name": "x", "policy": policy})
     assert response.status_code == 201
     assert response.json()["policy"] == policy
@@ -159,7 +160,7 @@ def test_create_campaign_with_a_partial_policy_fills_in_defaults(api: httpx.Clie
     response = api.post("/api/campaigns", json={"name": "x", "policy": {"ip": "full"}})
     assert response.status_code == 201
     assert response.json()["policy"] == {"location": "region", "device": True, "ip": "full",
-                                         "retention_days": None}
+                                         "retention_days": None, "recipient": "address"}
 
 
 def test_create_campaign_with_null_policy_gets_defaults(api: httpx.Client) -> None:
@@ -186,7 +187,8 @@ def test_list_shows_the_accounts_campaigns(api: httpx.Client) -> None:
 
 
 def test_patch_with_a_partial_policy_changes_only_those_fields(api: httpx.Client) -> None:
-    policy = {"location": "city", "device": True, "ip": "full", "retention_days": 30}
+    policy = {"location": "city", "device": True, "ip": "full", "retention_days": 30,
+              "recipient": "address"}
     created = api.post("/api/campaigns", json={"name": "patch me", "policy": policy}).json()
     response = api.patch(f"/api/campaigns/{created['id']}", json={"policy": {"device": False}})
     assert response.status_code == 200
@@ -198,7 +200,8 @@ def test_patch_with_a_partial_policy_changes_only_those_fields(api: httpx.Client
 
 
 def test_patch_name_only_keeps_the_policy(api: httpx.Client) -> None:
-    policy = {"location": "country", "device": False, "ip": "truncated", "retention_days": 7}
+    policy = {"location": "country", "device": False, "ip": "truncated", "retention_days": 7,
+              "recipient": "address"}
     created = api.post("/api/campaigns", json={"name": "old", "policy": policy}).json()
     body = api.patch(f"/api/campaigns/{created['id']}", json={"name": "new"}).json()
     assert (body["name"], body["policy"]) == ("new", policy)
@@ -273,6 +276,7 @@ BAD_POLICIES = [
     {"retention_days": 0}, {"retention_days": -1}, {"retention_days": 1.5},
     {"retention_days": "30"}, {"retention_days": True}, {"retention_days": 36501},
     {"retention_days": 10**15}, {"retention_days": []},
+    {"recipient": "hash"}, {"recipient": "Pseudonym"}, {"recipient": None}, {"recipient": True},
     {"unknown": 1}, {"location": "city", "extra": True},
     "region", ["region"], 1, True,
 ]
@@ -377,7 +381,7 @@ def test_registration_stores_recipient_subject_and_sent_at(
 def test_registration_without_sent_at_uses_now_and_subject_is_null(
         api: httpx.Client, target: str) -> None:
     before = datetime.now(UTC) - timedelta(seconds=5)
-    got = activity(api, register(api, target)["id"])
+    got = activity(api, register(api, target, sent_at=None)["id"])
     assert got["subject"] is None
     assert before <= parse_time(got["sent_at"]) <= datetime.now(UTC) + timedelta(seconds=5)
 
@@ -763,7 +767,7 @@ def test_message_activity_marks_bots_machine_with_a_reason(
         api: httpx.Client, scenario: dict[str, Any]) -> None:
     events = activity(api, scenario["messages"][3]["id"])["events"]
     assert sorted((e["type"], e["url"], e["machine"], e["reason"]) for e in events) == [
-        ("click", NEVER, True, "bot"), ("open", None, True, "bot")]
+        ("click", NEVER, True, "bot_ua"), ("open", None, True, "bot_ua")]
 
 
 def test_image_proxy_open_is_human_with_no_location(

@@ -284,8 +284,9 @@ def test_open_token_holds_only_fixed_size_numbers(signer: Signer) -> None:
     assert len(lengths) == 1
     raw = decode(open_token(signer, 11, 22, 33))
     assert (11).to_bytes(8) + (22).to_bytes(8) + (33).to_bytes(8) in raw
-    # Header, key id, three u64 ids, sent_at (u32) and a flags byte: no room for anything else.
-    assert lengths == {1 + 1 + 3 * 8 + 4 + 1 + MAC_BYTES}
+    # Header, key id, three u64 ids, sent_at (u32), a flags byte and the 8-byte recipient
+    # key: no room for anything else.
+    assert lengths == {1 + 1 + 3 * 8 + 4 + 1 + 8 + MAC_BYTES}
 
 
 def test_click_token_holds_only_fixed_size_numbers_and_the_destination(signer: Signer) -> None:
@@ -302,7 +303,7 @@ def test_recipient_and_subject_are_not_inputs_of_a_token() -> None:
         names = set(inspect.signature(method).parameters)
         assert not names & {"recipient", "subject", "email", "address", "html", "body"}
         assert names <= {"self", "account_id", "campaign_id", "message_id", "sent_at",
-                         "link_position", "url_id", "destination", "flags"}
+                         "link_position", "url_id", "destination", "flags", "recipient_key"}
 
 
 def test_overlong_destination_is_refused_when_signing(signer: Signer) -> None:
@@ -357,3 +358,52 @@ def test_keys_shorter_than_the_minimum_are_refused() -> None:
     with pytest.raises(SigningKeyError):
         Signer.from_setting(" , ")
     Signer(["k" * MIN_KEY_CHARS])
+
+
+# --- recipient keys and version 1 tokens --------------------------------------------------
+
+I64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
+
+
+@given(key=I64, sent_at=times)
+def test_recipient_key_round_trips_in_open_and_click_tokens(key: int, sent_at: int) -> None:
+    signer = Signer([KEY])
+    opened_token = signer.verify_open(signer.open_token(1, 2, 3, sent_at, recipient_key=key))
+    assert opened_token == OpenToken(1, 2, 3, sent_at, key)
+    clicked_token = signer.verify_click(signer.click_token(1, 2, 3, sent_at, 4, 5, URL,
+                                                           recipient_key=key))
+    assert clicked_token == ClickToken(1, 2, 3, sent_at, 0, 4, 5, URL.encode(), key)
+
+
+def test_recipient_key_sits_after_the_flags_as_eight_signed_bytes(signer: Signer) -> None:
+    raw = decode(signer.open_token(11, 22, 33, SENT, recipient_key=-2))
+    assert raw[0] >> 4 == 2  # format version 2
+    assert raw[1 + 1 + 24 + 4 + 1:][:8] == (-2).to_bytes(8, signed=True)
+
+
+def _version_1(key: str, body: bytes) -> str:
+    """A token as version 1 made them: no recipient key."""
+    return encode(body + hmac.digest(key.encode(), body, "sha256")[:MAC_BYTES])
+
+
+def _v1_ids(kind: int, account: int, campaign: int, message: int, flags: int = 0) -> bytes:
+    key_id = hashlib.sha256(KEY.encode()).digest()[0]
+    return (bytes([(1 << 4) | kind, key_id]) + account.to_bytes(8) + campaign.to_bytes(8)
+            + message.to_bytes(8) + SENT.to_bytes(4) + bytes([flags]))
+
+
+def test_version_1_tokens_in_mail_already_sent_still_verify(signer: Signer) -> None:
+    # Links in mail sent before recipient keys existed keep working: key 0, "unknown".
+    open_v1 = _version_1(KEY, _v1_ids(1, 5, 6, 7))
+    assert signer.verify_open(open_v1) == OpenToken(5, 6, 7, SENT, 0)
+    click_v1 = _version_1(KEY, _v1_ids(2, 5, 6, 7) + (8).to_bytes(2) + (9).to_bytes(8)
+                          + URL.encode())
+    assert signer.verify_click(click_v1) == ClickToken(5, 6, 7, SENT, 0, 8, 9, URL.encode(), 0)
+    # ... and are as tamper-proof as ever.
+    raw = decode(click_v1)
+    for index in range(len(raw)):
+        flipped = bytearray(raw)
+        flipped[index] ^= 0x01
+        assert signer.verify_click(encode(bytes(flipped))) is None, index
+    assert signer.verify_open(click_v1) is None and signer.verify_click(open_v1) is None
+    assert Signer([OTHER_KEY]).verify_open(open_v1) is None

@@ -418,7 +418,7 @@ async def test_close_during_a_background_write_still_writes_everything_once(
     async def inserting() -> bool:
         return bool(await db.fetchval(
             "select count(*) from pg_stat_activity where application_name = 'tracker' "
-            "and state = 'active' and query like 'insert into events%'"))
+            "and state = 'active' and query like '%insert into events%'"))
 
     await wait_until(inserting, message="the background write to be under way")
     assert await writer.close(10.0) == 0

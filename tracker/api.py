@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Match, Route
 
-from tracker import accounts, campaigns, reports
+from tracker import accounts, campaigns, dashboard, export, reports
+from tracker.fastpath import ClientAddress
+from tracker.health import Readiness
 from tracker.lifespan import Runtime
+from tracker.metrics import exposition, registry_for
 from tracker.policy import DEFAULT, PolicyError
 from tracker.queries import QUERIES
 from tracker.registration import (
@@ -36,6 +40,9 @@ log = logging.getLogger("tracker.api")
 # A batch of 5,000 messages with their HTML fits; anything larger is refused unread.
 MAX_BODY_BYTES = 128 * 1024 * 1024
 _MAX_ID = 2**63 - 1
+# The API's description, written by hand (tracker/openapi.json) and checked against the
+# running server by tests/test_fuzz.py.
+OPENAPI = (Path(__file__).with_name("openapi.json")).read_bytes()
 
 
 class ApiError(Exception):
@@ -57,13 +64,24 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 
 async def _body(request: Request) -> Any:
+    # Refused from the header alone: a client announcing gigabytes gets its answer at once,
+    # rather than after we have read 128 MB of it.
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise ApiError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
     size = 0
     chunks = []
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise ApiError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise ApiError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # The body ended early: the client went away, or its chunked encoding was broken
+        # (then granian still delivers this answer). Not a server error, and not worth a
+        # traceback in the log each time a client wants one.
+        raise ApiError(400, "the request body was cut short or malformed") from None
     if not chunks:
         raise ApiError(400, "a JSON body is required")
     try:
@@ -80,6 +98,12 @@ def _object_id(request: Request, name: str) -> int:
     return int(raw)
 
 
+def _route_of(request: Request) -> str:
+    """The route's template for a log line, never the path: a path can hold an email
+    address (/api/recipients/{address}), and logs keep no personal data."""
+    return str(getattr(request.scope.get("route"), "path", "?"))
+
+
 Handler = Callable[[Request, int], Awaitable[Response]]
 # What a request meets while PostgreSQL is down or going down. InternalClientError is
 # what asyncpg's pool raises when it resets a connection the server just killed.
@@ -90,27 +114,49 @@ _UNAVAILABLE = (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.
 
 def build_api(runtime: Runtime) -> Starlette:
     registrar = Registrar(runtime.signer, runtime.settings.base_url)
+    addresses = ClientAddress(runtime.settings.trusted_proxies)
+    registry = registry_for(runtime.collector)
+    readiness = Readiness(lambda: runtime.pool.fetchval("select 1"), lambda: runtime.writer,
+                          batch_size=runtime.settings.batch_size,
+                          max_buffered=runtime.settings.buffer_max_events,
+                          on_database_error=lambda: runtime.metrics.count_db_error("readiness"))
+
+    def client_of(request: Request) -> str | None:
+        """The client's address, resolved as the tracking endpoints resolve it."""
+        forwarded = request.headers.getlist("x-forwarded-for")
+        return addresses.resolve(request.client.host if request.client else None,
+                                 ",".join(forwarded).encode("latin-1") if forwarded else None)
 
     def authenticated(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
             try:
+                # Throttled before the key is looked at: a flood of guesses costs no query.
+                client = client_of(request)
+                wait = runtime.auth_throttle.retry_after(client)
+                if wait is not None:
+                    runtime.metrics.auth_throttled += 1
+                    return _error(429, "too many failed authentications from your address; "
+                                  "try again later", {"retry-after": str(wait)})
                 header = request.headers.get("authorization", "")
                 scheme, _, key = header.partition(" ")
                 account_id = (await accounts.authenticate(runtime.pool, key.strip())
                               if scheme.lower() == "bearer" and key.strip() else None)
                 if account_id is None:
+                    runtime.auth_throttle.failed(client)
+                    runtime.metrics.auth_failures += 1
                     return _error(401, "missing or invalid API key",
                                   {"www-authenticate": 'Bearer realm="tracker"'})
                 return await handler(request, account_id)
             except ApiError as exc:
                 return _error(exc.status, exc.message)
             except _UNAVAILABLE as exc:
+                runtime.metrics.count_db_error("api")
                 log.warning("database unavailable for %s %s: %s", request.method,
-                            request.url.path, type(exc).__name__)
+                            _route_of(request), type(exc).__name__)
                 return _error(503, "the database is unavailable; try again shortly",
                               {"retry-after": "5"})
             except Exception:
-                log.exception("unexpected error in %s %s", request.method, request.url.path)
+                log.exception("unexpected error in %s %s", request.method, _route_of(request))
                 return _error(500, "internal error")
         return endpoint
 
@@ -212,6 +258,15 @@ def build_api(runtime: Runtime) -> Starlette:
                 raise ApiError(422, str(exc)) from None
         return JSON(report)
 
+    async def export_events(request: Request, account_id: int) -> Response:
+        campaign_id = _object_id(request, "id")
+        name = request.query_params.get("format", "csv")
+        fmt = export.FORMATS.get(name)
+        if fmt is None:
+            raise ApiError(422, f"format: must be one of {', '.join(export.FORMATS)}")
+        await _campaign(runtime.pool, account_id, campaign_id)
+        return await export.open_export(runtime.pool, account_id, campaign_id, fmt)
+
     async def get_message(request: Request, account_id: int) -> Response:
         activity = await reports.message_activity(runtime.pool, account_id,
                                                   _object_id(request, "id"))
@@ -221,13 +276,41 @@ def build_api(runtime: Runtime) -> Starlette:
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        return _error(exc.status_code, exc.detail, dict(exc.headers or {}))
+        headers = {name.lower(): value for name, value in (exc.headers or {}).items()}
+        if exc.status_code == 405:
+            # Starlette's Allow names the methods of the first route for the path only; a
+            # path served by several routes (one per method) must list them all.
+            headers["allow"] = ", ".join(sorted({
+                method for route in routes if route.matches(request.scope)[0] != Match.NONE
+                for method in route.methods or ()}))
+        return _error(exc.status_code, exc.detail, headers)
 
     async def healthz(request: Request) -> Response:
         return JSON({"status": "ok"})
 
+    async def readyz(request: Request) -> Response:
+        verdict = await readiness.check()
+        return JSON(verdict.as_json(), status_code=200 if verdict.ready else 503,
+                    headers={"cache-control": "no-store"})
+
+    async def metrics(request: Request) -> Response:
+        body, content_type = exposition(registry, request.headers.get("accept"))
+        return Response(body, headers={"content-type": content_type,
+                                       "cache-control": "no-store"})
+
+    async def openapi(request: Request) -> Response:
+        return Response(OPENAPI, media_type="application/json")
+
+    async def home(request: Request) -> Response:
+        # Also where the honeypot link of an instrumented message leads.
+        return PlainTextResponse("tracker: email open and click analytics\n")
+
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/api/openapi.json", openapi, methods=["GET"]),
+        Route("/", home, methods=["GET", "HEAD"]),
         Route("/api/campaigns", authenticated(create_campaign), methods=["POST"]),
         Route("/api/campaigns", authenticated(list_campaigns), methods=["GET"]),
         Route("/api/campaigns/{id}", authenticated(get_campaign), methods=["GET"]),
@@ -237,6 +320,11 @@ def build_api(runtime: Runtime) -> Starlette:
         Route("/api/campaigns/{id}/messages/batch", authenticated(register_batch),
               methods=["POST"]),
         Route("/api/campaigns/{id}/report", authenticated(campaign_report), methods=["GET"]),
+        Route("/api/campaigns/{id}/export", authenticated(export_events), methods=["GET"]),
         Route("/api/messages/{id}", authenticated(get_message), methods=["GET"]),
     ]
+    routes += dashboard.routes(runtime)
+    from tracker import privacy_api  # it builds on this module's helpers
+
+    routes += privacy_api.routes(runtime, authenticated)
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error})

@@ -15,7 +15,8 @@ MAX_NAME_CHARS = 200
 
 def policy_of(row: asyncpg.Record) -> Policy:
     return Policy(location=row["policy_location"], device=row["policy_device"],
-                  ip=row["policy_ip"], retention_days=row["retention_days"])
+                  ip=row["policy_ip"], retention_days=row["retention_days"],
+                  recipient=row["policy_recipient"])
 
 
 def campaign_json(row: asyncpg.Record) -> dict[str, Any]:
@@ -37,7 +38,7 @@ async def create(conn: asyncpg.Connection | asyncpg.Pool, account_id: int, name:
                  policy: Policy = DEFAULT) -> asyncpg.Record:
     row: asyncpg.Record = await conn.fetchrow(
         QUERIES.create_campaign, account_id, name, policy.location, policy.device, policy.ip,
-        policy.retention_days)
+        policy.retention_days, policy.recipient)
     return row
 
 
@@ -51,5 +52,5 @@ async def update(conn: asyncpg.Connection | asyncpg.Pool, account_id: int, campa
                  name: str, policy: Policy) -> asyncpg.Record | None:
     row: asyncpg.Record | None = await conn.fetchrow(
         QUERIES.update_campaign, account_id, campaign_id, name, policy.location, policy.device,
-        policy.ip, policy.retention_days)
+        policy.ip, policy.retention_days, policy.recipient)
     return row

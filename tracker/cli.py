@@ -11,7 +11,7 @@ import asyncio
 import logging
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import asyncpg
@@ -127,6 +127,100 @@ def cmd_accounts_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _on_database(args: argparse.Namespace,
+                 work: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
+    """Run `work` on a connection to the configured (migrated) database."""
+    settings = _settings(args)
+
+    async def run(dsn: str) -> Any:
+        await _migrate(dsn)
+        conn = await connect(dsn)
+        try:
+            return await work(conn)
+        finally:
+            await conn.close()
+
+    with database_url(settings) as dsn:
+        return asyncio.run(run(dsn))
+
+
+def _object_id(value: str) -> int:
+    if not (value.isascii() and value.isdigit()) or not 0 < int(value) < 2**63:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an id")
+    return int(value)
+
+
+def cmd_accounts_delete(args: argparse.Namespace) -> int:
+    from tracker.privacy import PRIVACY_QUERIES
+    from tracker.retention import GRACE
+
+    row = _on_database(args, lambda conn: conn.fetchrow(PRIVACY_QUERIES.delete_account,
+                                                        args.id))
+    if row is None:
+        raise CommandError(f"no account {args.id} (or it is already purged)")
+    print(f"account {args.id} deleted at {row['deleted_at'].isoformat()}: nothing is recorded "
+          f"for it any more; its data is purged after {(row['deleted_at'] + GRACE).isoformat()} "
+          f"unless restored (tracker accounts restore {args.id})")
+    return 0
+
+
+def cmd_accounts_restore(args: argparse.Namespace) -> int:
+    from tracker.privacy import PRIVACY_QUERIES
+
+    row = _on_database(args, lambda conn: conn.fetchrow(PRIVACY_QUERIES.restore_account,
+                                                        args.id))
+    if row is None:
+        raise CommandError(f"account {args.id} is not deleted, or its grace period is over "
+                           "and it was purged")
+    print(f"account {args.id} restored: recording resumes within a second")
+    return 0
+
+
+def cmd_retention_run(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from tracker.jobs import maintain
+
+    now = datetime.now(UTC)
+    if args.now is not None:
+        try:
+            now = datetime.fromisoformat(args.now)
+        except ValueError:
+            raise CommandError(f"--now: {args.now!r} is not an ISO 8601 date-time") from None
+        now = now if now.tzinfo else now.replace(tzinfo=UTC)
+    result = _on_database(args, lambda conn: maintain(conn, now))
+    if result is None:
+        raise CommandError("another tracker process is running retention right now; "
+                           "try again in a minute")
+    summary = result.as_json()
+    if args.json:
+        sys.stdout.write(orjson.dumps(summary).decode() + "\n")
+        return 0
+    print(f"retention: {len(summary['partitions_dropped'])} day partition(s) dropped, "
+          f"{summary['expired_events_deleted']} expired event(s) deleted")
+    print(f"purge: {len(summary['campaigns_purged'])} campaign(s) and "
+          f"{len(summary['accounts_purged'])} account(s) past their grace period, "
+          f"{summary['purged_events_deleted']} event(s) deleted")
+    print(f"erasure sweep: {summary['erasure_sweep']} late row(s) removed")
+    return 0
+
+
+def cmd_policy_describe(args: argparse.Namespace) -> int:
+    from tracker.notice import campaign_summary
+    from tracker.privacy import PRIVACY_QUERIES
+
+    row = _on_database(args, lambda conn: conn.fetchrow(PRIVACY_QUERIES.campaign_privacy,
+                                                        None, args.campaign))
+    if row is None:
+        raise CommandError(f"no campaign {args.campaign} (or it is deleted)")
+    summary = campaign_summary(row)
+    if args.json:
+        sys.stdout.write(orjson.dumps(summary).decode() + "\n")
+    else:
+        print(summary["text"])
+    return 0
+
+
 def cmd_geoip_fetch(args: argparse.Namespace) -> int:
     from tracker.geoip_fetch import fetch_dbip_city_lite
 
@@ -134,6 +228,127 @@ def cmd_geoip_fetch(args: argparse.Namespace) -> int:
     path = fetch_dbip_city_lite(settings.data_dir / "geoip")
     print(f"installed {path}; tracker serve uses it unless TRACKER_GEOIP_DB is set")
     print("IP geolocation by DB-IP.com (https://db-ip.com), licensed CC BY 4.0")
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from tracker.classify import Classifier
+    from tracker.fastpath import canonical_address
+    from tracker.rules import load_rules
+    from tracker.useragent import parse_agent
+
+    settings = _settings(args)
+    client_ip = None
+    if args.ip is not None:
+        client_ip = canonical_address(args.ip.strip())
+        if client_ip is None:
+            raise CommandError(f"--ip: {args.ip!r} is not an IP address")
+    agent = parse_agent(args.user_agent)
+    # A fresh classifier: no earlier clicks, so no burst; the rules the server would load.
+    result = Classifier(load_rules(settings.rules)).explain(
+        args.kind, args.method, args.user_agent, agent, client_ip, args.seconds_after_send)
+    fields = {"kind": result.kind, "machine": result.machine, "reason": result.reason,
+              "rule": result.rule, "recorded": result.recorded,
+              "location_recorded": result.location_recorded,
+              "rules_version": result.rules_version, "browser": agent.browser, "os": agent.os,
+              "device": agent.device}
+    if args.json:
+        sys.stdout.write(orjson.dumps(fields).decode() + "\n")
+        return 0
+    who = "machine" if result.machine else "human"
+    print(f"{result.kind}: {who}" + (f" ({result.reason})" if result.reason else ""))
+    if not result.recorded:
+        print("recorded: no (a HEAD on the pixel records nothing)")
+    print(f"rule: {result.rule or 'no rule matched: a reader'}")
+    print(f"location: {'recorded as the policy allows' if result.location_recorded else 'none'}")
+    print(f"browser: {agent.browser or 'unknown'}; os: {agent.os or 'unknown'}; "
+          f"device: {agent.device}")
+    print(f"rules: {result.rules_version}")
+    return 0
+
+
+def _api_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--api-url", metavar="URL",
+                        help="the tracker server [TRACKER_API_URL, else http://127.0.0.1:8000]")
+    parser.add_argument("--api-key", metavar="KEY", help="an API key; the environment variable "
+                        "keeps it out of the process list [TRACKER_API_KEY]")
+
+
+def _api(args: argparse.Namespace) -> tuple[str, str]:
+    import os
+
+    from tracker.client import DEFAULT_URL
+
+    url = args.api_url or os.environ.get("TRACKER_API_URL") or DEFAULT_URL
+    key = args.api_key or os.environ.get("TRACKER_API_KEY")
+    if not key:
+        raise CommandError("an API key is required: --api-key or TRACKER_API_KEY")
+    return url, key
+
+
+def cmd_instrument(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tracker.client import Client, TrackerError
+    from tracker.relay import html_charset, text_codec
+
+    url, key = _api(args)
+    name = "stdin" if args.file == "-" else args.file
+    try:
+        data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+    except OSError as exc:
+        raise CommandError(f"cannot read {name}: {exc.strerror or exc}") from None
+    label = html_charset(data)
+    codec = text_codec(label, data) if label else "utf-8"
+    if codec is None:
+        raise CommandError(f"{name} declares charset {label!r}, which cannot be instrumented")
+    try:
+        html = data.decode(codec)
+    except UnicodeDecodeError as exc:
+        raise CommandError(f"{name} is not valid {codec}: byte 0x{data[exc.start]:02x} at "
+                           f"offset {exc.start} (declare its charset with <meta charset>)"
+                           ) from None
+    try:
+        with Client(url, key) as client:
+            registered = client.register_message(args.campaign, args.recipient,
+                                                 subject=args.subject, html=html)
+    except TrackerError as exc:
+        raise CommandError(str(exc)) from None
+    assert registered.html is not None
+    # In the document's own encoding: the tracked URLs and the pixel are ASCII.
+    sys.stdout.buffer.write(registered.html.encode(codec))
+    sys.stdout.flush()
+    return 0
+
+
+def cmd_relay(args: argparse.Namespace) -> int:
+    import os
+
+    from tracker import relay
+
+    url, key = _api(args)
+    user = args.upstream_user or os.environ.get("TRACKER_RELAY_UPSTREAM_USER")
+    password = args.upstream_password or os.environ.get("TRACKER_RELAY_UPSTREAM_PASSWORD")
+    if bool(user) != bool(password):
+        raise CommandError("upstream AUTH needs both a user and a password "
+                           "(--upstream-user/--upstream-password)")
+    upstream = args.upstream or os.environ.get("TRACKER_RELAY_UPSTREAM")
+    if not upstream:
+        raise CommandError("an upstream SMTP server is required: --upstream HOST:PORT or "
+                           "TRACKER_RELAY_UPSTREAM")
+    listen = args.listen or os.environ.get("TRACKER_RELAY_LISTEN") or "127.0.0.1:2525"
+    try:
+        config = relay.RelayConfig(
+            relay.parse_address(listen, "--listen"),
+            relay.Upstream(*relay.parse_address(upstream, "--upstream"), starttls=args.starttls,
+                           user=user, password=password, cafile=args.upstream_cafile),
+            url, key, api_timeout=args.api_timeout, hostname=args.hostname)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    try:
+        asyncio.run(relay.serve(config))
+    except OSError as exc:  # the listening socket: address in use, not permitted
+        raise CommandError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
     return 0
 
 
@@ -156,6 +371,38 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     _add_setting_flags(create, ("database_url", "data_dir"))
     create.set_defaults(run=cmd_accounts_create)
+    for name, run, text in (
+            ("delete", cmd_accounts_delete, "stop recording for an account now and purge its "
+             "data after the 30-day grace period"),
+            ("restore", cmd_accounts_restore, "undo an account's deletion within its grace "
+             "period")):
+        action = account_sub.add_parser(name, help=text)
+        action.add_argument("id", type=_object_id, metavar="ID")
+        _add_setting_flags(action, ("database_url", "data_dir"))
+        action.set_defaults(run=run)
+
+    retention_cmd = commands.add_parser("retention", help="privacy retention and purge")
+    retention_sub = retention_cmd.add_subparsers(dest="action", required=True, metavar="ACTION")
+    retention_run = retention_sub.add_parser(
+        "run", help="delete expired events and purge deleted campaigns and accounts now",
+        description="What the server does hourly: removes events older than their campaign's "
+        "retention (dropping whole day partitions where it can), purges campaigns and "
+        "accounts deleted more than 30 days ago, and sweeps recent erasures.")
+    retention_run.add_argument("--now", metavar="ISO8601",
+                               help="the time to apply retention at (default: now)")
+    retention_run.add_argument("--json", action="store_true",
+                               help="print one JSON object on stdout")
+    _add_setting_flags(retention_run, ("database_url", "data_dir"))
+    retention_run.set_defaults(run=cmd_retention_run)
+
+    policy_cmd = commands.add_parser("policy", help="campaign privacy policies")
+    policy_sub = policy_cmd.add_subparsers(dest="action", required=True, metavar="ACTION")
+    describe = policy_sub.add_parser(
+        "describe", help="print what a campaign collects, as a paragraph for a privacy notice")
+    describe.add_argument("--campaign", required=True, type=_object_id, metavar="ID")
+    describe.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    _add_setting_flags(describe, ("database_url", "data_dir"))
+    describe.set_defaults(run=cmd_policy_describe)
 
     geoip_cmd = commands.add_parser("geoip", help="manage the IP location database")
     geoip_sub = geoip_cmd.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -163,6 +410,58 @@ def build_parser() -> argparse.ArgumentParser:
                                  "data dir")
     _add_setting_flags(fetch, ("data_dir",))
     fetch.set_defaults(run=cmd_geoip_fetch)
+
+    classify = commands.add_parser(
+        "classify", help="show how a request would be classified (reader or machine, and why)")
+    classify.add_argument("--user-agent", required=True, metavar="UA",
+                          help="the User-Agent header (\"\" for none)")
+    classify.add_argument("--ip", metavar="IP", help="the client address")
+    classify.add_argument("--method", choices=("GET", "HEAD"), default="GET",
+                          type=str.upper)
+    classify.add_argument("--kind", choices=("open", "click"), default="open")
+    classify.add_argument("--seconds-after-send", type=float, metavar="N",
+                          help="when the hit came, in seconds after the message's sent_at "
+                               "(default: a day later, so no timing rule applies)")
+    classify.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    _add_setting_flags(classify, ("rules",))
+    classify.set_defaults(run=cmd_classify)
+
+    instrument = commands.add_parser(
+        "instrument", help="register an HTML message and print it instrumented",
+        description="Registers the HTML document FILE as a message of campaign ID to ADDR "
+        "through the API and prints it with tracked links and the open pixel, in the "
+        "document's encoding (UTF-8, or its <meta charset>).")
+    instrument.add_argument("file", metavar="FILE", help="the HTML document; - reads stdin")
+    instrument.add_argument("--campaign", required=True, metavar="ID")
+    instrument.add_argument("--recipient", required=True, metavar="ADDR")
+    instrument.add_argument("--subject", metavar="S")
+    _api_flags(instrument)
+    instrument.set_defaults(run=cmd_instrument)
+
+    relay_cmd = commands.add_parser(
+        "relay", help="run an SMTP relay that instruments mail with an X-Tracker-Campaign header",
+        description="An SMTP relay: mail with an X-Tracker-Campaign: ID header is sent as one "
+        "instrumented copy per recipient, other mail passes through unchanged. See "
+        "docs/relay.md.")
+    relay_cmd.add_argument("--listen", metavar="HOST:PORT",
+                           help="where to take mail [TRACKER_RELAY_LISTEN, else 127.0.0.1:2525]")
+    relay_cmd.add_argument("--upstream", metavar="HOST:PORT",
+                           help="the SMTP server to forward to [TRACKER_RELAY_UPSTREAM]")
+    relay_cmd.add_argument("--starttls", action="store_true",
+                           help="require STARTTLS to the upstream, its certificate verified")
+    relay_cmd.add_argument("--upstream-cafile", metavar="FILE",
+                           help="CA certificates to verify the upstream with (else the system's)")
+    relay_cmd.add_argument("--upstream-user", metavar="USER",
+                           help="AUTH to the upstream as USER [TRACKER_RELAY_UPSTREAM_USER]")
+    relay_cmd.add_argument("--upstream-password", metavar="PASSWORD",
+                           help="its password (the variable keeps it out of the process "
+                           "list) [TRACKER_RELAY_UPSTREAM_PASSWORD]")
+    relay_cmd.add_argument("--api-timeout", type=float, default=10.0, metavar="SECONDS",
+                           help="longest wait for the tracker API before a message is sent "
+                           "uninstrumented [10]")
+    relay_cmd.add_argument("--hostname", help="the name the relay greets with [this host's]")
+    _api_flags(relay_cmd)
+    relay_cmd.set_defaults(run=cmd_relay)
     return parser
 
 

@@ -228,7 +228,8 @@ def _policy_json(policy: Policy | Mapping[str, Any]) -> dict[str, Any]:
 
 def _policy(data: Mapping[str, Any]) -> Policy:
     return Policy(location=data["location"], device=data["device"], ip=data["ip"],
-                  retention_days=data["retention_days"])
+                  retention_days=data["retention_days"],
+                  recipient=data.get("recipient", "address"))
 
 
 def _campaign(data: Mapping[str, Any]) -> Campaign:

@@ -44,6 +44,10 @@ _NOT_ALLOWED_START = {"type": "http.response.start", "status": 405, "headers": [
     (b"content-length", b"19"), (b"cache-control", b"no-store")]}
 _NOT_ALLOWED_BODY = {"type": "http.response.body", "body": b"method not allowed\n"}
 _MAX_FORWARDED_CHARS = 2048
+# The user agent is cut here before it is parsed, classified or used as a cache key: the
+# parsers look at no more than this anyway, and the caches hold 16,384 entries each, so
+# uncut half-megabyte agents (granian accepts them) would pin gigabytes per worker.
+MAX_AGENT_BYTES = 1024
 
 
 class ClientAddress:
@@ -132,20 +136,42 @@ class Capture:
     def __init__(self, signer: Signer, pipeline: Pipeline, addresses: ClientAddress,
                  add_event: Callable[[EventRecord], bool],
                  count_drop: Callable[[DropReason], None],
-                 count_hit: Callable[[str, bool], None]) -> None:
+                 count_hit: Callable[[str, bool], None],
+                 sync: Callable[[], Awaitable[object] | None] | None = None) -> None:
         self.signer = signer
         self.pipeline = pipeline
         self.addresses = addresses
         self._add_event = add_event
         self._count_drop = count_drop
         self._count_hit = count_hit
+        # TRACKER_DURABILITY=journal: what a hit awaits before it is answered (the writer's
+        # group commit); None: answered first, recorded after.
+        self.sync = sync
+        # The privacy screen (suppression.py): why a hit must record nothing, before the
+        # pipeline looks at it; None records everything the policy allows.
+        self.screen: Callable[[Any, OpenToken | ClickToken], DropReason | None] | None = None
+
+    async def synced(self) -> None:
+        """Wait until what was recorded so far is on disk; never raises."""
+        waiter = self.sync() if self.sync is not None else None
+        if waiter is not None:
+            try:
+                await waiter
+            except Exception:
+                log.exception("could not wait for the journal")
 
     def open(self, scope: Scope, token: OpenToken) -> None:
+        if self.screen is not None and (refused := self.screen(scope["headers"], token)):
+            self._count_drop(refused)
+            return
         user_agent, client_ip = self._client(scope)
         self.record("open", self.pipeline.open(token, scope["method"], user_agent, client_ip,
                                                time.time_ns() // 1000))
 
     def click(self, scope: Scope, token: ClickToken) -> None:
+        if self.screen is not None and (refused := self.screen(scope["headers"], token)):
+            self._count_drop(refused)
+            return
         user_agent, client_ip = self._client(scope)
         self.record("click", self.pipeline.click(token, scope["method"], user_agent, client_ip,
                                                  time.time_ns() // 1000))
@@ -160,7 +186,7 @@ class Capture:
             elif name == b"x-forwarded-for":
                 forwarded = value if forwarded is None else forwarded + b"," + value
         client = scope.get("client")
-        return (user_agent.decode("latin-1"),
+        return (user_agent[:MAX_AGENT_BYTES].decode("latin-1"),
                 self.addresses.resolve(client[0] if client else None, forwarded))
 
     def record(self, endpoint: str, outcome: EventRecord | DropReason) -> None:
@@ -226,20 +252,15 @@ class FastPath:
             await send(_NOT_ALLOWED_START)
             await send(_NOT_ALLOWED_BODY)
             return
+        capture = self._capture()
+        if capture is not None and capture.sync is not None:
+            _record_open(capture, scope)  # durable: recorded and on disk before the answer
+            await capture.synced()
+            capture = None
         await send(_PIXEL_START)
         await send(_PIXEL_BODY if method == "GET" else _EMPTY_BODY)
-        capture = self._capture()
-        if capture is None:
-            return
-        try:
-            path: str = scope["path"]
-            token = capture.signer.verify_open(path[3:-4]) if path.endswith(".gif") else None
-            if token is None:
-                capture.record("open", DropReason.INVALID_TOKEN)
-            else:
-                capture.open(scope, token)
-        except Exception:
-            log.exception("could not record an open")
+        if capture is not None:
+            _record_open(capture, scope)
 
     async def _click(self, scope: Scope, send: Send) -> None:
         method = scope["method"]
@@ -255,11 +276,33 @@ class FastPath:
             await send(_NOT_FOUND_START)
             await send(_NOT_FOUND_BODY if method == "GET" else _EMPTY_BODY)
             return
+        assert capture is not None  # a token was verified with it
+        durable = capture.sync is not None
+        if durable:
+            _record_click(capture, scope, token)  # durable: recorded and on disk before the answer
+            await capture.synced()
         await send({"type": "http.response.start", "status": 302, "headers": [
             (b"location", token.destination), (b"cache-control", b"no-store"),
             (b"content-length", b"0")]})
         await send(_EMPTY_BODY)
-        try:
-            capture.click(scope, token)  # type: ignore[union-attr]
-        except Exception:
-            log.exception("could not record a click")
+        if not durable:
+            _record_click(capture, scope, token)
+
+
+def _record_open(capture: Capture, scope: Scope) -> None:
+    try:
+        path: str = scope["path"]
+        token = capture.signer.verify_open(path[3:-4]) if path.endswith(".gif") else None
+        if token is None:
+            capture.record("open", DropReason.INVALID_TOKEN)
+        else:
+            capture.open(scope, token)
+    except Exception:
+        log.exception("could not record an open")
+
+
+def _record_click(capture: Capture, scope: Scope, token: ClickToken) -> None:
+    try:
+        capture.click(scope, token)
+    except Exception:
+        log.exception("could not record a click")

@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from random import getrandbits
 from typing import Any, TypeVar
 
-from tracker.classify import HEAD, Verdict, classify_agent
+from tracker.classify import AgentClass, Classifier, Verdict
 from tracker.geo import Location
-from tracker.policy import PolicyBook, stored_ip
+from tracker.policy import Policy, PolicyBook, stored_ip
+from tracker.rules import load_rules
 from tracker.tokens import ClickToken, OpenToken
 from tracker.useragent import Agent
 
@@ -52,6 +53,12 @@ class DropReason(enum.StrEnum):
     HEAD_OPEN = "head_open"  # the contract: a HEAD on the pixel records nothing
     CAMPAIGN_DISABLED = "campaign_disabled"
     BUFFER_FULL = "buffer_full"
+    JOURNAL_FULL = "journal_full"  # memory full, and the journal at its cap or failing
+    # The privacy screen (suppression.py): the hit is answered, and nothing is recorded.
+    ACCOUNT_DISABLED = "account_disabled"  # the account is deleted (in its grace period)
+    OPTED_OUT = "opted_out"  # the recipient opted out of tracking
+    ERASED = "erased"  # a message of a recipient whose data was erased
+    PRIVACY_SIGNAL = "privacy_signal"  # Sec-GPC: 1 or DNT: 1, and the account honours them
 
 
 _NULL = "\\N"
@@ -98,14 +105,19 @@ class Event:
 
 class Pipeline:
     """The steps, in order: campaign state, agent part (user agent and what it says about
-    the client), verdict, location part, address part; every part cached."""
+    the client), verdict, location part, address part; every part cached.
+
+    Without a classifier the packaged rules are used (tests, tools); the server passes
+    one built from TRACKER_RULES."""
 
     def __init__(self, policies: PolicyBook, parse_agent: Callable[[str], Agent],
-                 locate: Callable[[str], Location | None]) -> None:
+                 locate: Callable[[str], Location | None],
+                 classifier: Classifier | None = None) -> None:
         self._policies = policies
         self._parse_agent = parse_agent
         self._locate = locate
-        self._agents: dict[tuple[str, bool], tuple[str, Verdict]] = {}
+        self.classifier = classifier or Classifier(load_rules())
+        self._agents: dict[tuple[str, bool], tuple[str, AgentClass]] = {}
         self._locations: dict[tuple[str, str], str] = {}
         self._addresses: dict[tuple[str, str], str] = {}
 
@@ -117,41 +129,45 @@ class Pipeline:
              at_us: int) -> EventRecord | DropReason:
         if method == "HEAD":
             return DropReason.HEAD_OPEN
-        return self._event(OPEN, token.account_id, token.campaign_id, token.message_id,
-                           _NULL, _NULL, method, user_agent, client_ip, at_us)
+        policy, recording = self._policies.policy_for(token.account_id, token.campaign_id)
+        if not recording:
+            return DropReason.CAMPAIGN_DISABLED
+        agent_part, agent = self._agent_part(user_agent, policy.device)
+        verdict = self.classifier.open(agent, client_ip, token, at_us)
+        return self._record(OPEN, token, _NULL, _NULL, policy, agent_part, verdict, client_ip,
+                            at_us)
 
     def click(self, token: ClickToken, method: str, user_agent: str, client_ip: str | None,
               at_us: int) -> EventRecord | DropReason:
-        return self._event(CLICK, token.account_id, token.campaign_id, token.message_id,
-                           str(token.link_position), str(token.url_id), method, user_agent,
-                           client_ip, at_us)
-
-    def _event(self, kind: str, account_id: int, campaign_id: int, message_id: int,
-               link_position: str, url_id: str, method: str, user_agent: str,
-               client_ip: str | None, at_us: int) -> EventRecord | DropReason:
-        policy, recording = self._policies.policy_for(account_id, campaign_id)
+        policy, recording = self._policies.policy_for(token.account_id, token.campaign_id)
         if not recording:
             return DropReason.CAMPAIGN_DISABLED
-        agent_part, verdict = self._agent_part(user_agent, policy.device)
-        if method == "HEAD":
-            verdict = HEAD
+        agent_part, agent = self._agent_part(user_agent, policy.device)
+        verdict = self.classifier.click(agent, method, token, at_us)
+        return self._record(CLICK, token, str(token.link_position), str(token.url_id), policy,
+                            agent_part, verdict, client_ip, at_us)
+
+    def _record(self, kind: str, token: OpenToken | ClickToken, link_position: str,
+                url_id: str, policy: Policy, agent_part: str, verdict: Verdict,
+                client_ip: str | None, at_us: int) -> EventRecord:
         # A mailbox image proxy fetches from its own data centre: that place is not the reader's.
         location_part = (_NO_LOCATION if verdict.proxied or not client_ip
                          else self._location_part(client_ip, policy.location))
         address_part = (_NULL if policy.ip == "none" or not client_ip
                         else self._address_part(client_ip, policy.ip))
-        return (f"{account_id}\t{at_us}\t{event_id(at_us):032x}\t{campaign_id}\t{message_id}\t"
-                f"{kind}\t{link_position}\t{url_id}\t{verdict.line}\t{location_part}\t"
-                f"{agent_part}\t{address_part}\n", at_us // DAY_MICROSECONDS, verdict.machine)
+        return (f"{token.account_id}\t{at_us}\t{event_id(at_us):032x}\t{token.campaign_id}\t"
+                f"{token.message_id}\t{kind}\t{link_position}\t{url_id}\t{verdict.line}\t"
+                f"{location_part}\t{agent_part}\t{address_part}\n", at_us // DAY_MICROSECONDS,
+                verdict.machine)
 
-    def _agent_part(self, user_agent: str, device: bool) -> tuple[str, Verdict]:
+    def _agent_part(self, user_agent: str, device: bool) -> tuple[str, AgentClass]:
         key = (user_agent, device)
         part = self._agents.get(key)
         if part is None:
             agent = self._parse_agent(user_agent)
             fields = (agent.browser, agent.os, agent.device) if device else (None, None, None)
             part = ("\t".join(copy_text(v) for v in fields),
-                    classify_agent(user_agent, agent))
+                    self.classifier.agent(user_agent, agent))
             _bounded(self._agents)[key] = part
         return part
 

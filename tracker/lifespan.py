@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -14,12 +13,19 @@ import asyncpg
 
 from tracker import geo
 from tracker.campaigns import policy_of
+from tracker.classify import Classifier
 from tracker.database import connect, create_pool
 from tracker.fastpath import Capture, ClientAddress
-from tracker.hits import DropReason, Pipeline
+from tracker.hits import Pipeline
+from tracker.jobs import Jobs
+from tracker.journal import Journal
+from tracker.metrics import Metrics, MetricsCollector, SharedSnapshots, observe_flushes
 from tracker.policy import Policy, PolicyBook
 from tracker.queries import QUERIES
+from tracker.rules import load_rules
 from tracker.settings import Settings
+from tracker.suppression import SuppressionBook
+from tracker.throttle import AuthThrottle
 from tracker.tokens import Signer
 from tracker.useragent import parse_agent
 from tracker.writer import BatchWriter
@@ -38,8 +44,15 @@ class Runtime:
         self.signer = signer
         self.dsn = dsn
         self.policies = PolicyBook()
-        self.drops: Counter[str] = Counter()
-        self.hits: Counter[tuple[str, bool]] = Counter()
+        # Opted-out and erased recipients, deleted accounts, GPC/DNT settings (privacy).
+        self.suppressions = SuppressionBook()
+        self.jobs: Jobs | None = None
+        # Plain counters on the hot path, turned into Prometheus metrics at scrape time.
+        self.metrics = Metrics()
+        self.collector = MetricsCollector(self.metrics, lambda: self.writer,
+                                          settings.buffer_max_events)
+        self.auth_throttle = AuthThrottle()
+        self._publish: asyncio.Task[None] | None = None
         self._pool: asyncpg.Pool | None = None
         self.writer: BatchWriter | None = None
         self.capture: Capture | None = None
@@ -55,28 +68,42 @@ class Runtime:
     async def start(self) -> None:
         self._pool = await create_pool(self.dsn)
         await self.refresh_policies()
+        await self.suppressions.refresh(self.pool)
+        journal = self._open_journal()
+        durable = self.settings.durability == "journal"
         self.writer = BatchWriter(
             lambda: connect(self.dsn),
             batch_size=self.settings.batch_size,
             interval_s=self.settings.flush_interval_ms / 1000,
             max_buffered=self.settings.buffer_max_events,
-            on_drop=self._count_drop)
+            on_drop=self.metrics.count_drop,
+            journal=journal, durable=durable)
+        observe_flushes(self.writer, self.metrics)
         self.writer.start()
         self._refresh = asyncio.create_task(self._refresh_policies_forever(),
                                             name="tracker-policy-refresh")
         locate = _locator(self.settings)
-        pipeline = Pipeline(self.policies, parse_agent, locate)
+        pipeline = Pipeline(self.policies, parse_agent, locate,
+                            Classifier(load_rules(self.settings.rules)))
         if locate is geo.no_location and self.settings.geoip_fetch == "on":
             self._geo_watch = asyncio.create_task(self._adopt_fetched_geo_database(pipeline),
                                                   name="tracker-geo-watch")
         self.capture = Capture(self.signer, pipeline, ClientAddress(self.settings.trusted_proxies),
-                               self.writer.add, self._count_drop, self._count_hit)
+                               self.writer.add, self.metrics.count_drop,
+                               self.metrics.count_hit,
+                               sync=self.writer.synced if durable else None)
+        self.capture.screen = self.suppressions.screen
+        self.jobs = Jobs(self.pool, self.suppressions)
+        self.jobs.start()
+        self._share_metrics()
 
     async def stop(self) -> None:
         # The server has stopped accepting requests by now; in order: stop recording,
         # stop background work, write what is queued (bounded in time), close the pool.
         self.capture = None
-        for task in (self._refresh, self._geo_watch):
+        if self.jobs is not None:
+            await self.jobs.stop()
+        for task in (self._refresh, self._geo_watch, self._publish):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -85,6 +112,15 @@ class Runtime:
             await self.writer.close(_SHUTDOWN_FLUSH_TIMEOUT_S)
         if self._pool is not None:
             await self._pool.close()
+
+    def _open_journal(self) -> Journal:
+        """This worker's journal, and whatever dead workers (or the last run) left there:
+        the writer replays it as soon as it runs. Each worker gets an equal share of the cap."""
+        journal = Journal(self.settings.data_dir / "journal",
+                          max_bytes=self.settings.journal_max_bytes // self.settings.workers)
+        if journal.adopt_orphans():
+            log.info("replaying %d events left in the journal", journal.pending_events)
+        return journal
 
     def remember_campaign(self, account_id: int, campaign_id: int, policy: Policy,
                           recording: bool) -> None:
@@ -123,11 +159,20 @@ class Runtime:
                 log.info("locating hits with %s", path)
                 return
 
-    def _count_drop(self, reason: DropReason) -> None:
-        self.drops[reason] += 1
-
-    def _count_hit(self, endpoint: str, machine: bool) -> None:
-        self.hits[(endpoint, machine)] += 1
+    def _share_metrics(self) -> None:
+        """With several workers, each publishes its numbers for whichever one is scraped."""
+        if self.settings.workers < 2:
+            return
+        shared = SharedSnapshots.for_server(self.settings.data_dir, self.settings.port)
+        try:
+            shared.prepare()
+        except OSError as exc:
+            log.warning("metrics cover this worker only: cannot share them in %s: %s",
+                        shared.dir, exc)
+            return
+        self.collector.shared = shared
+        self._publish = asyncio.create_task(self.collector.publish_forever(),
+                                            name="tracker-metrics-publish")
 
 
 def _locator(settings: Settings) -> geo.Locate:

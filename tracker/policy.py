@@ -16,6 +16,9 @@ from typing import Any
 
 LOCATIONS = ("none", "country", "region", "city")
 IP_MODES = ("none", "truncated", "full")
+# "pseudonym": the recipient is stored only as a keyed hash (privacy.py), never the address.
+RECIPIENT_MODES = ("address", "pseudonym")
+_FIELDS = ("location", "device", "ip", "retention_days", "recipient")
 MAX_RETENTION_DAYS = 36500
 
 
@@ -29,16 +32,17 @@ class Policy:
     device: bool = True
     ip: str = "none"
     retention_days: int | None = None
+    recipient: str = "address"
 
     def as_json(self) -> dict[str, Any]:
         return {"location": self.location, "device": self.device, "ip": self.ip,
-                "retention_days": self.retention_days}
+                "retention_days": self.retention_days, "recipient": self.recipient}
 
     def updated(self, changes: object) -> Policy:
         """This policy with the fields given in an API object changed, validated."""
         if not isinstance(changes, dict):
             raise PolicyError("policy must be an object")
-        unknown = set(changes) - {"location", "device", "ip", "retention_days"}
+        unknown = set(changes) - set(_FIELDS)
         if unknown:
             raise PolicyError(f"policy has unknown field(s): {', '.join(sorted(unknown))}")
         policy = replace(self, **changes)
@@ -52,6 +56,8 @@ class Policy:
         if days is not None and (isinstance(days, bool) or not isinstance(days, int)
                                  or not 1 <= days <= MAX_RETENTION_DAYS):
             raise PolicyError(f"policy.retention_days must be null or 1 to {MAX_RETENTION_DAYS}")
+        if policy.recipient not in RECIPIENT_MODES:
+            raise PolicyError(f"policy.recipient must be one of {', '.join(RECIPIENT_MODES)}")
         return policy
 
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TypeVar
 
 from tracker.migrations import sql_dir
 
 _NAME = re.compile(r"^-- name: ([a-z0-9-]+)\s*$", re.MULTILINE)
+Q = TypeVar("Q")
 
 
 class QueryFileError(RuntimeError):
@@ -43,16 +45,21 @@ class Queries:
 
 
 def load(path: Path) -> Queries:
+    return load_as(path, Queries)
+
+
+def load_as(path: Path, kind: type[Q]) -> Q:
+    """The named queries of `path` as a `kind`, a dataclass with one str field per name."""
     text = path.read_text()
     parts = _NAME.split(text)
     found = {name.replace("-", "_"): sql.strip() for name, sql in zip(parts[1::2], parts[2::2],
                                                                         strict=True)}
-    expected = {f.name for f in fields(Queries)}
+    expected = {f.name for f in fields(kind)}  # type: ignore[arg-type]
     missing, unknown = expected - set(found), set(found) - expected
     if missing or unknown:
         raise QueryFileError(f"{path}: missing queries {sorted(missing)}, "
                              f"unknown queries {sorted(unknown)}")
-    return Queries(**found)
+    return kind(**found)
 
 
 QUERIES = load(sql_dir() / "queries.sql")

@@ -1,5 +1,10 @@
 """Register messages: validate, store recipient, subject and links (never a body), sign URLs.
 
+The recipient is stored as given, or only as its pseudonym when the campaign's policy
+says `"recipient": "pseudonym"`; either way each message stores, and each of its
+tokens carries, the recipient key (privacy.py) by which erasure, opt-out and export
+find it and the hot path refuses to record a suppressed recipient.
+
 Registration is batch-shaped even for one message: ids are reserved in one
 round trip, distinct destinations upserted in one, and messages and links COPYed.
 With `html`, the links are those the instrumentation engine finds in the document
@@ -19,6 +24,7 @@ import asyncpg
 
 from tracker import destinations
 from tracker.instrument import Extraction, extract, render
+from tracker.privacy import PRIVACY_QUERIES, Recipient, identify, stored_recipient
 from tracker.queries import QUERIES
 from tracker.tokens import FLAG_HONEYPOT, MAX_LINK_POSITION, Signer
 
@@ -111,8 +117,10 @@ def parse_message(body: object, where: str = "message") -> MessageInput:
     subject = _text(body.get("subject"), f"{where}.subject", MAX_SUBJECT_CHARS, required=False)
     sent_at = (parse_time(body["sent_at"], f"{where}.sent_at")
                if body.get("sent_at") is not None else datetime.now(UTC))
-    links = body.get("links") or []
-    if not isinstance(links, list):
+    links = body.get("links")
+    if links is None:
+        links = []
+    if not isinstance(links, list):  # {}, "" and false too: only null means "no links"
         raise InvalidInput(f"{where}.links: must be a list of URLs")
     if len(links) > MAX_LINKS:
         raise InvalidInput(f"{where}.links: at most {MAX_LINKS} links per message")
@@ -169,6 +177,12 @@ class Registrar:
                        messages: list[MessageInput]) -> list[Registered]:
         """Store the messages and their links in one transaction; all or nothing."""
         async with conn.transaction():
+            context = await conn.fetchrow(PRIVACY_QUERIES.registration_context, account_id,
+                                          campaign_id)
+            if context is None:
+                raise LookupError(f"campaign {campaign_id} of account {account_id} not found")
+            secret, mode = context["recipient_secret"], context["policy_recipient"]
+            recipients = [identify(secret, m.recipient) for m in messages]
             ids = [r["id"] for r in await conn.fetch(QUERIES.reserve_message_ids, len(messages))]
             destinations = sorted({url for m in messages for url in m.links})
             url_ids: dict[str, int] = {}
@@ -176,25 +190,28 @@ class Registrar:
                 url_ids = await _url_ids(conn, account_id, campaign_id, destinations)
             await conn.copy_records_to_table(
                 "messages", columns=("account_id", "id", "campaign_id", "recipient", "subject",
-                                     "sent_at"),
-                records=[(account_id, mid, campaign_id, m.recipient, m.subject, m.sent_at)
-                         for mid, m in zip(ids, messages, strict=True)])
+                                     "sent_at", "recipient_key"),
+                records=[(account_id, mid, campaign_id,
+                          stored_recipient(mode, m.recipient, r), m.subject, m.sent_at, r.key)
+                         for mid, m, r in zip(ids, messages, recipients, strict=True)])
             await conn.copy_records_to_table(
                 "links", columns=("account_id", "message_id", "position", "url_id"),
                 records=[(account_id, mid, pos, url_ids[url])
                          for mid, m in zip(ids, messages, strict=True)
                          for pos, url in enumerate(m.links)])
-        return [self._urls(account_id, campaign_id, mid, m, url_ids)
-                for mid, m in zip(ids, messages, strict=True)]
+        return [self._urls(account_id, campaign_id, mid, m, url_ids, r)
+                for mid, m, r in zip(ids, messages, recipients, strict=True)]
 
     def _urls(self, account_id: int, campaign_id: int, message_id: int, message: MessageInput,
-              url_ids: dict[str, int]) -> Registered:
+              url_ids: dict[str, int], recipient: Recipient) -> Registered:
         sent_at = int(message.sent_at.timestamp())
+        key = recipient.key
         pixel_url = (f"{self._base}/o/"
-                     f"{self._signer.open_token(account_id, campaign_id, message_id, sent_at)}.gif")
+                     + self._signer.open_token(account_id, campaign_id, message_id, sent_at,
+                                               recipient_key=key) + ".gif")
         links = [(url, f"{self._base}/c/"
                   + self._signer.click_token(account_id, campaign_id, message_id, sent_at, pos,
-                                             url_ids[url], url))
+                                             url_ids[url], url, recipient_key=key))
                  for pos, url in enumerate(message.links)]
         html = None
         if message.html is not None and message.extraction is not None:
@@ -203,7 +220,7 @@ class Registrar:
             # every real one; the flag in its token makes any hit on it a machine's.
             honeypot = f"{self._base}/c/" + self._signer.click_token(
                 account_id, campaign_id, message_id, sent_at, HONEYPOT_POSITION, 0,
-                f"{self._base}/", flags=FLAG_HONEYPOT)
+                f"{self._base}/", flags=FLAG_HONEYPOT, recipient_key=key)
             html = render(message.html, message.extraction,
                           [tracked for _, tracked in links[:in_html]], pixel_url, honeypot)
         return Registered(message_id, pixel_url, links, html)

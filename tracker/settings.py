@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from tracker.rules import RulesError, load_rules
+
 
 class SettingsError(ValueError):
     """A setting has a value tracker cannot use; the message names the variable."""
@@ -48,6 +50,22 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+_BYTE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def _byte_size(raw: str) -> int:
+    """Bytes, optionally with a binary unit: 1073741824, 512M, 1G."""
+    text = raw.strip().lower().removesuffix("b").removesuffix("i")
+    unit = text[-1:] if text[-1:] in _BYTE_UNITS else ""
+    number = text[: len(text) - len(unit)].strip()
+    if not number.isascii() or not number.isdigit():
+        raise ValueError(f"must be a size in bytes such as 1073741824, 512M or 1G, got {raw!r}")
+    value = int(number) * _BYTE_UNITS[unit]
+    if value < 1 << 20:
+        raise ValueError(f"must be at least 1M, got {raw!r}")
+    return value
+
+
 def _path(raw: str) -> Path:
     if not raw.strip():
         raise ValueError("must not be empty")
@@ -56,6 +74,17 @@ def _path(raw: str) -> Path:
 
 def _optional_path(raw: str) -> Path | None:
     return Path(raw.strip()).expanduser() if raw.strip() else None
+
+
+def _rules_file(raw: str) -> Path | None:
+    """A user rules file, loaded here so that a bad one stops start-up naming the setting."""
+    path = _optional_path(raw)
+    if path is not None:
+        try:
+            load_rules(path)
+        except RulesError as exc:
+            raise ValueError(str(exc)) from None
+    return path
 
 
 def _database_url(raw: str) -> str | None:
@@ -142,10 +171,20 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TRACKER_FLUSH_INTERVAL_MS", "200", "longest time an event waits in memory "
             "before the writer flushes it", _positive_int),
     Setting("TRACKER_BATCH_SIZE", "5000", "events per COPY batch", _positive_int),
-    Setting("TRACKER_BUFFER_MAX_EVENTS", "1000000", "events held in memory while "
-            "PostgreSQL is unreachable before new ones are dropped", _positive_int),
+    Setting("TRACKER_BUFFER_MAX_EVENTS", "1000000", "events held in memory; past it they "
+            "spill to the journal, and with the journal full too new ones are dropped",
+            _positive_int),
+    Setting("TRACKER_JOURNAL_MAX_BYTES", "1G", "disk cap of the journal in the data dir "
+            "(shared equally by the workers), e.g. 512M or 1G", _byte_size),
+    Setting("TRACKER_DURABILITY", "memory", "memory: a hit is answered once its event is in "
+            "memory (a kill -9 loses up to one flush interval); journal: once it is fsynced "
+            "to the journal (group commit; a kill -9 loses nothing)",
+            _choice("memory", "journal")),
     Setting("TRACKER_LOG_LEVEL", "info", "debug, info, warning or error",
             _choice("debug", "info", "warning", "error")),
+    Setting("TRACKER_RULES", "", "TOML file laid over the packaged classification rules "
+            "(thresholds, patterns, Apple proxy ranges; see tracker/rules/README.md)",
+            _rules_file),
 )
 
 
@@ -165,7 +204,10 @@ class Settings:
     flush_interval_ms: int
     batch_size: int
     buffer_max_events: int
+    journal_max_bytes: int
+    durability: str
     log_level: str
+    rules: Path | None
 
     @property
     def embedded(self) -> bool:

@@ -2,18 +2,25 @@
 
 A token is `base64url(header | ids | [link] | mac)` with no padding:
 
-    byte 0      format version (high nibble) and kind (low nibble: open or click)
+    byte 0      format version (high nibble: 2) and kind (low nibble: open or click)
     byte 1      key id: first byte of SHA-256 of the signing key, so keys can rotate
     8+8+8       account, campaign and message id (big-endian unsigned)
     4           the message's sent_at (Unix seconds): classification needs it on the hot path
     1           flags (bit 0: a honeypot link no reader can see)
+    8           recipient key (signed): HMAC-SHA256 of the normalized address under the
+                account's own random key, truncated (privacy.py); never the address
     click only: 2-byte link position, 8-byte url id, then the destination URL as UTF-8
     16          HMAC-SHA256 over everything before it, truncated to 128 bits
 
 The click token carries its destination so the redirect needs no database read
 and keeps working through an outage or on a node that has never seen the
-message. Nothing personal is inside: no address, no subject, only numeric ids and
-the destination the recipient is about to visit anyway.
+message. The recipient key lets the hot path refuse to record hits of an opted-out
+or erased recipient from memory (suppression.py). Nothing personal is inside: no
+address, no subject, only numeric ids, a keyed hash that cannot be reversed without
+the account's key, and the destination the recipient is about to visit anyway.
+
+Version 1 tokens (the same without the recipient key) still verify, so links in mail
+sent before version 2 keep working; their recipient key reads as 0 (unknown).
 """
 
 from __future__ import annotations
@@ -26,17 +33,22 @@ import struct
 from base64 import urlsafe_b64encode
 from typing import NamedTuple
 
-_VERSION = 1
+_VERSION = 2
 _KIND_OPEN = 1
 _KIND_CLICK = 2
 _OPEN_HEADER = (_VERSION << 4) | _KIND_OPEN
 _CLICK_HEADER = (_VERSION << 4) | _KIND_CLICK
+_V1_OPEN_HEADER = (1 << 4) | _KIND_OPEN
+_V1_CLICK_HEADER = (1 << 4) | _KIND_CLICK
 
 _MAC_LEN = 16
-_IDS = struct.Struct(">BBQQQIB")
+_IDS = struct.Struct(">BBQQQIBq")
+_V1_IDS = struct.Struct(">BBQQQIB")
 _LINK = struct.Struct(">HQ")
 _OPEN_LEN = _IDS.size + _MAC_LEN
 _CLICK_MIN_LEN = _IDS.size + _LINK.size + _MAC_LEN
+_V1_OPEN_LEN = _V1_IDS.size + _MAC_LEN
+_V1_CLICK_MIN_LEN = _V1_IDS.size + _LINK.size + _MAC_LEN
 
 # A destination is at most MAX_URL_BYTES (validated at registration); anything
 # longer than its token is refused before it costs a base64 decode or a MAC.
@@ -54,6 +66,7 @@ class OpenToken(NamedTuple):
     campaign_id: int
     message_id: int
     sent_at: int
+    recipient_key: int = 0  # 0: unknown (a version 1 token)
 
 
 class ClickToken(NamedTuple):
@@ -65,6 +78,7 @@ class ClickToken(NamedTuple):
     link_position: int
     url_id: int
     destination: bytes  # UTF-8, exactly as registered: it goes into Location as is
+    recipient_key: int = 0  # 0: unknown (a version 1 token)
 
 
 class SigningKeyError(ValueError):
@@ -96,43 +110,60 @@ class Signer:
         return cls([k.strip() for k in value.split(",") if k.strip()])
 
     def open_token(self, account_id: int, campaign_id: int, message_id: int,
-                   sent_at: int) -> str:
+                   sent_at: int, recipient_key: int = 0) -> str:
         body = _IDS.pack(_OPEN_HEADER, self._signing_id, account_id, campaign_id, message_id,
-                         _clamp_time(sent_at), 0)
+                         _clamp_time(sent_at), 0, recipient_key)
         return self._seal(body)
 
     def click_token(self, account_id: int, campaign_id: int, message_id: int, sent_at: int,
-                    link_position: int, url_id: int, destination: str, flags: int = 0) -> str:
+                    link_position: int, url_id: int, destination: str, flags: int = 0,
+                    recipient_key: int = 0) -> str:
         url = destination.encode()
         if len(url) > MAX_URL_BYTES:
             raise ValueError(f"destination longer than {MAX_URL_BYTES} bytes")
         body = (_IDS.pack(_CLICK_HEADER, self._signing_id, account_id, campaign_id, message_id,
-                          _clamp_time(sent_at), flags)
+                          _clamp_time(sent_at), flags, recipient_key)
                 + _LINK.pack(link_position, url_id) + url)
         return self._seal(body)
 
     def verify_open(self, token: str) -> OpenToken | None:
-        raw = self._authentic(token, _OPEN_HEADER)
-        if raw is None or len(raw) != _OPEN_LEN:
+        raw = self._authentic(token, _OPEN_HEADER, _V1_OPEN_HEADER)
+        if raw is None:
             return None
-        _, _, account_id, campaign_id, message_id, sent_at, _ = _IDS.unpack_from(raw)
+        if raw[0] == _OPEN_HEADER:
+            if len(raw) != _OPEN_LEN:
+                return None
+            _, _, account_id, campaign_id, message_id, sent_at, _, key = _IDS.unpack_from(raw)
+            return OpenToken(account_id, campaign_id, message_id, sent_at, key)
+        if len(raw) != _V1_OPEN_LEN:
+            return None
+        _, _, account_id, campaign_id, message_id, sent_at, _ = _V1_IDS.unpack_from(raw)
         return OpenToken(account_id, campaign_id, message_id, sent_at)
 
     def verify_click(self, token: str) -> ClickToken | None:
-        raw = self._authentic(token, _CLICK_HEADER)
-        if raw is None or len(raw) < _CLICK_MIN_LEN:
+        raw = self._authentic(token, _CLICK_HEADER, _V1_CLICK_HEADER)
+        if raw is None:
             return None
-        _, _, account_id, campaign_id, message_id, sent_at, flags = _IDS.unpack_from(raw)
-        position, url_id = _LINK.unpack_from(raw, _IDS.size)
-        destination = raw[_IDS.size + _LINK.size:-_MAC_LEN]
+        if raw[0] == _CLICK_HEADER:
+            if len(raw) < _CLICK_MIN_LEN:
+                return None
+            _, _, account_id, campaign_id, message_id, sent_at, flags, key = _IDS.unpack_from(raw)
+            ids_size = _IDS.size
+        else:
+            if len(raw) < _V1_CLICK_MIN_LEN:
+                return None
+            _, _, account_id, campaign_id, message_id, sent_at, flags = _V1_IDS.unpack_from(raw)
+            key, ids_size = 0, _V1_IDS.size
+        position, url_id = _LINK.unpack_from(raw, ids_size)
+        destination = raw[ids_size + _LINK.size:-_MAC_LEN]
         return ClickToken(account_id, campaign_id, message_id, sent_at, flags, position, url_id,
-                          destination)
+                          destination, key)
 
     def _seal(self, body: bytes) -> str:
         mac = self._signing_key.digest(body)[:_MAC_LEN]
         return urlsafe_b64encode(body + mac).rstrip(b"=").decode("ascii")
 
-    def _authentic(self, token: str, header: int) -> bytes | None:
+    def _authentic(self, token: str, header: int, legacy_header: int) -> bytes | None:
         """The decoded token if its MAC is good under one of our keys, else None."""
         if len(token) > MAX_TOKEN_CHARS or len(token) < 4:
             return None
@@ -142,7 +173,7 @@ class Signer:
                 strict_mode=True)
         except (binascii.Error, ValueError):  # ValueError: not ASCII
             return None
-        if len(raw) < _OPEN_LEN or raw[0] != header:
+        if len(raw) < _V1_OPEN_LEN or (raw[0] != header and raw[0] != legacy_header):
             return None
         body, mac = raw[:-_MAC_LEN], raw[-_MAC_LEN:]
         for key in self._by_id.get(raw[1], ()):

@@ -5,11 +5,22 @@ It flushes when a batch is full, on a timer (every flush interval), on an explic
 already encoded as COPY text lines (see hits.py); a batch is COPYed into a
 session-local staging table and moved into `events` with ON CONFLICT DO NOTHING:
 event ids are made at capture, so writing a batch twice after an unclear failure
-counts it once.
+counts it once. The same transaction keeps the report rollups (rollups.py), from the
+rows that were new, and re-labels clicks around a honeypot or burst click.
 
-While PostgreSQL is unreachable the writer keeps events in memory up to a bound,
-retries with backoff and writes them, in order, when it is back. Past the bound new
-events are dropped and counted (a disk journal takes over there in a later step).
+While PostgreSQL is unreachable, or memory holds more than its bound, the writer
+spills the buffer to the journal (journal.py: checksummed records, an fsync per
+batch) and retries with backoff; when it can write again it replays the journal, in
+order, before what memory holds. Without a journal (tests, tools) events stay in
+memory up to the bound. Past every bound new events are dropped, counted by reason
+and logged once per interval.
+
+Durability. By default an event is acknowledged once it is in memory: a `kill -9`
+loses what memory holds, the events of at most one flush interval plus the write in
+progress. A durable writer (TRACKER_DURABILITY=journal) instead puts every event in
+the journal before its hit is answered (`synced`): the events added while one append
+and fsync run go together in the next (group commit), and PostgreSQL is then fed from
+the journal, so a `kill -9` loses nothing that was answered.
 """
 
 from __future__ import annotations
@@ -19,13 +30,16 @@ import contextlib
 import io
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 
 import asyncpg
 
-from tracker.hits import EVENT_COLUMNS, DropReason, EventRecord
+from tracker.hits import DAY_MICROSECONDS, EVENT_COLUMNS, DropReason, EventRecord
+from tracker.journal import Journal, JournalFull
+from tracker.rollups import Mover
 
 log = logging.getLogger("tracker.writer")
 
@@ -38,14 +52,13 @@ _CREATE_STAGING = f"""
         type text, link_position integer, url_id bigint, machine boolean, reason text,
         country text, region text, city text, browser text, os text, device text, ip inet
     ) on commit delete rows"""
-_EVENT_FIELDS = ", ".join(("occurred_at" if c == "at_us" else c) for c in EVENT_COLUMNS)
-_STAGED_FIELDS = ", ".join(
-    ("timestamptz 'epoch' + at_us * interval '1 microsecond'" if c == "at_us" else c)
-    for c in EVENT_COLUMNS)
-_MOVE_STAGED = (f"insert into events ({_EVENT_FIELDS}) select {_STAGED_FIELDS} from {_STAGING} "
-                "on conflict do nothing")
 _RETRY_FIRST_S = 0.1
 _RETRY_MAX_S = 5.0
+_DROP_LOG_S = 10.0  # drops and journal failures are logged at most this often
+_ADOPT_EVERY_S = 10.0  # how often a healthy writer looks for orphaned journal segments
+# A durable hit waits for its group commit; a disk that stalls longer than this must not
+# hold the answer (the pixel always renders): it goes out unconfirmed, and is logged.
+_SYNC_WAIT_S = 5.0
 
 Connect = Callable[[], Awaitable[asyncpg.Connection]]
 
@@ -54,17 +67,27 @@ Connect = Callable[[], Awaitable[asyncpg.Connection]]
 class WriterStats:
     written: int = 0  # rows new to the database
     duplicates: int = 0  # rows that were already there (a retried batch)
+    relabelled: int = 0  # human clicks made machine by a honeypot or burst click near them
     batches: int = 0
     failures: int = 0
     last_batch_size: int = 0
     last_flush_seconds: float = 0.0
     dropped: dict[str, int] = field(default_factory=dict)
+    journaled: int = 0  # events put in the journal (spills and group commits)
+    replayed: int = 0  # events written to PostgreSQL from the journal
 
 
 class BatchWriter:
     def __init__(self, connect: Connect, *, batch_size: int, interval_s: float,
-                 max_buffered: int, on_drop: Callable[[DropReason], None] | None = None) -> None:
+                 max_buffered: int, on_drop: Callable[[DropReason], None] | None = None,
+                 relabel_windows: Mapping[str, timedelta] | None = None,
+                 journal: Journal | None = None, durable: bool = False) -> None:
+        if durable and journal is None:
+            raise ValueError("a durable writer needs a journal")
         self._connect = connect
+        # Moves a staged batch into events and the report rollups, re-labelling human clicks
+        # near a honeypot or burst click (rollups.relabel_windows: the rules' timing).
+        self._mover = Mover(_STAGING, relabel_windows)
         self._batch_size = batch_size
         self._interval_s = interval_s
         self._max_buffered = max_buffered
@@ -78,42 +101,108 @@ class BatchWriter:
         self._failing_since: float | None = None
         self._stopping = False
         self.stats = WriterStats()
+        self._journal = journal
+        self._durable = durable
+        self._inflight: list[EventRecord] = []  # the batch being written from memory
+        self._spills: deque[list[EventRecord]] = deque()  # batches on their way to the journal
+        self._spilling = 0  # events in _spills
+        self._spill_task: asyncio.Task[None] | None = None
+        self._journal_full = False  # until something is committed from it
+        self._journal_error_logged = 0.0
+        # Durable: events waiting for the next group commit, and the future their hits await.
+        self._pending: list[EventRecord] = []
+        self._pending_synced: asyncio.Future[bool] | None = None
+        self._commit_lock = asyncio.Lock()
+        self._commit_wake = asyncio.Event()
+        self._committer: asyncio.Task[None] | None = None
+        self._unreported: Counter[str] = Counter()
+        self._reported_at = 0.0
+        self._adopted_at = time.monotonic()
+
+    @property
+    def journal(self) -> Journal | None:
+        return self._journal
 
     @property
     def buffered(self) -> int:
-        return len(self._buffer)
+        """Events in memory only: buffered, being written, being spilled, or waiting for
+        their group commit."""
+        return len(self._buffer) + len(self._inflight) + self._spilling + len(self._pending)
 
     @property
     def healthy(self) -> bool:
         return self._failing_since is None
 
     def add(self, row: EventRecord) -> bool:
-        """Queue an event; never blocks. False if it had to be dropped (buffer full)."""
-        if len(self._buffer) >= self._max_buffered:
-            self._drop(DropReason.BUFFER_FULL)
+        """Queue an event; never blocks. False if it had to be dropped (memory full, and
+        the journal full or absent)."""
+        if self._durable:
+            return self._add_pending(row)
+        if len(self._buffer) >= self._max_buffered and not self._spill_buffer():
+            self._drop(self._full_reason())
             return False
         self._buffer.append(row)
         if len(self._buffer) >= self._batch_size:
             self._wake.set()
         return True
 
+    def synced(self) -> Awaitable[bool] | None:
+        """Durable writer: what a hit awaits before it is answered. Done once every event
+        added so far is in the journal (True), or could not be put there (False: it is
+        kept in memory, or was dropped and counted); None when nothing is waiting."""
+        if not self._pending:
+            return None
+        if self._pending_synced is None:
+            self._pending_synced = asyncio.get_running_loop().create_future()
+        # Shielded: a hit whose client went away must not cancel its neighbours' answers.
+        return asyncio.shield(self._pending_synced)
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="tracker-writer")
+        if self._durable:
+            self._committer = asyncio.create_task(self._commit_forever(),
+                                                  name="tracker-group-commit")
+        if self._journal is not None and self._journal.pending_events:
+            self._wake.set()  # replay what earlier runs left without waiting for the timer
 
     async def flush(self) -> int:
-        """Write everything queued so far; returns rows written. Raises if the database fails."""
+        """Write everything queued so far, the journal's events first; returns rows written.
+        Raises if the database fails."""
+        await self._settle()
         async with self._lock:
             written = 0
-            while self._buffer:
-                written += await self._write(self._buffer[: self._batch_size])
-            return written
+            while True:
+                chunk = self._journal.read(self._batch_size) if self._journal else None
+                if chunk is not None:
+                    assert self._journal is not None
+                    if chunk.lines:
+                        written += await self._write([_record_of(x) for x in chunk.lines])
+                    self._journal.commit(chunk)
+                    self._journal_full = False
+                    self.stats.replayed += len(chunk.lines)
+                    continue
+                if not self._buffer:
+                    return written
+                batch = self._buffer[: self._batch_size]
+                del self._buffer[: len(batch)]
+                self._inflight = batch
+                try:
+                    written += await self._write(batch)
+                except BaseException:
+                    # Not written (or in doubt): back in front of anything newer.
+                    self._buffer[:0] = batch
+                    raise
+                finally:
+                    self._inflight = []
 
     async def close(self, timeout_s: float) -> int:
-        """Stop the timer, then try to write what is left within the timeout.
-        Returns how many events could not be written."""
+        """Stop the timer, then try to write what is left within the timeout; with a
+        journal, what could not be written is kept there for the next start.
+        Returns how many events were lost (neither written nor kept in the journal)."""
         deadline = time.monotonic() + timeout_s
         self._stopping = True
         self._wake.set()
+        self._commit_wake.set()
         task, self._task = self._task, None
         if task is not None and not task.done():
             # Let the loop finish the write it may be in rather than cancel it mid-way; if
@@ -124,40 +213,77 @@ class BatchWriter:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        while self._buffer and time.monotonic() < deadline:
+        committer, self._committer = self._committer, None
+        if committer is not None:
+            # It commits what is pending, then returns; a disk that hangs must not hold
+            # the shutdown (the events stay in memory and are written below).
+            try:
+                await asyncio.wait_for(asyncio.shield(committer), timeout_s / 2)
+            except TimeoutError:
+                log.error("the journal did not answer within %.1f s at shutdown", timeout_s / 2)
+        while self._unwritten() and time.monotonic() < deadline:
             try:
                 await asyncio.wait_for(self.flush(), max(0.01, deadline - time.monotonic()))
             except (TimeoutError, OSError, asyncpg.PostgresError,
                     asyncpg.InterfaceError) as exc:
                 log.warning("flush at shutdown failed: %s", _describe(exc))
+                if self._journal is not None:
+                    break  # no need to wait out the timeout: the journal keeps the rest
                 await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+        await self._settle()
         left = len(self._buffer)
+        if left and self._journal is not None:
+            kept = await self._to_journal(self._buffer)
+            del self._buffer[:kept]
+            left -= kept
         if left:
             log.error("%d events could not be written before shutdown and are lost", left)
+        if self._journal is not None:
+            waiting = self._journal.pending_events
+            if waiting:
+                log.warning("%d events wait in the journal (%s) for the next start", waiting,
+                            self._journal.directory)
+            self._journal.close()
+        self._report_drops(force=True)
         await self._disconnect()
         return left
 
+    def _unwritten(self) -> bool:
+        return bool(self._buffer or self._spilling or self._pending
+                    or (self._journal is not None and self._journal.pending_events))
+
     async def _run(self) -> None:
         delay = _RETRY_FIRST_S
+        retry_at = 0.0
         while not self._stopping:
             await self._pause(self._interval_s)
             if self._stopping:
                 return  # close() writes what is left
+            self._report_drops()
+            if self._failing_since is not None:
+                # PostgreSQL is unreachable: what memory took since the last tick goes to
+                # the journal before anything else (a connect attempt can take seconds),
+                # so a crash during an outage loses one interval at most.
+                await self._spill()
+            if time.monotonic() < retry_at:
+                continue
             try:
                 await self.flush()
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 self.stats.failures += 1
                 if self._failing_since is None:
                     self._failing_since = time.monotonic()
-                    log.warning("cannot write events (%s); keeping them in memory and retrying",
-                                _describe(exc))
-                await self._pause(delay)
+                    log.warning("cannot write events (%s); %s and retrying", _describe(exc),
+                                "spilling them to the journal" if self._journal
+                                else "keeping them in memory")
+                await self._spill()
+                retry_at = time.monotonic() + delay
                 delay = min(delay * 2, _RETRY_MAX_S)
                 continue
             except Exception:
                 # A bug must not stop the writer for good; the batch stays queued.
                 log.exception("unexpected error in the batch writer")
-                await self._pause(delay)
+                retry_at = time.monotonic() + delay
                 delay = min(delay * 2, _RETRY_MAX_S)
                 continue
             if self._failing_since is not None:
@@ -165,6 +291,7 @@ class BatchWriter:
                             time.monotonic() - self._failing_since, len(self._buffer))
                 self._failing_since = None
             delay = _RETRY_FIRST_S
+            await self._adopt_now_and_then()
 
     async def _pause(self, seconds: float) -> None:
         """Sleep, but wake at once for a full batch or close()."""
@@ -180,17 +307,15 @@ class BatchWriter:
             data = io.BytesIO("".join(line for line, _, _ in batch).encode())
             async with conn.transaction():
                 await conn.copy_to_table(_STAGING, source=data, columns=EVENT_COLUMNS)
-                status = await conn.execute(_MOVE_STAGED)
+                inserted, relabelled = await self._mover.move_staged(conn)
         except BaseException:
             # A write that failed or was interrupted leaves the session in doubt (asyncpg can
             # believe a BEGIN is still open, turning the next commit into a savepoint):
             # never reuse it. The batch stays queued; writing it again is harmless.
             self._abandon_connection()
             raise
-        # Only now is the batch safe; rows added meanwhile sit behind it in the buffer.
-        del self._buffer[: len(batch)]
-        inserted = int(status.rsplit(" ", 1)[-1])
         self.stats.written += inserted
+        self.stats.relabelled += relabelled
         self.stats.duplicates += len(batch) - inserted
         self.stats.batches += 1
         self.stats.last_batch_size = len(batch)
@@ -219,6 +344,9 @@ class BatchWriter:
         if self._conn is not None:
             self._conn.terminate()
             self._conn = None
+        # Retention may have dropped a day's partition since we made it (a late event for
+        # that day then fails): check the days again rather than fail the batch for ever.
+        self._known_days.clear()
 
     async def _disconnect(self) -> None:
         if self._conn is not None:
@@ -230,8 +358,170 @@ class BatchWriter:
 
     def _drop(self, reason: DropReason) -> None:
         self.stats.dropped[reason] = self.stats.dropped.get(reason, 0) + 1
+        self._unreported[reason] += 1
         if self._on_drop is not None:
             self._on_drop(reason)
+
+    def _full_reason(self) -> DropReason:
+        return (DropReason.JOURNAL_FULL if self._journal is not None and self._journal_full
+                else DropReason.BUFFER_FULL)
+
+    def _report_drops(self, force: bool = False) -> None:
+        """One log line per interval for the drops of that interval, never one per event."""
+        now = time.monotonic()
+        if not self._unreported or (not force and now - self._reported_at < _DROP_LOG_S):
+            return
+        log.warning("dropped %d events since the last report (%s)",
+                    sum(self._unreported.values()),
+                    ", ".join(f"{reason}: {n}" for reason, n in sorted(self._unreported.items())))
+        self._unreported.clear()
+        self._reported_at = now
+
+    # -- the journal ------------------------------------------------------------------------
+
+    def _spill_buffer(self) -> bool:
+        """Hand the memory buffer to the journal (written in the background); False if the
+        journal cannot take it now: none, full, or still writing earlier spills (what is
+        on its way to disk and what waits in memory stay within memory's bound together,
+        so memory holds at most twice the bound and a batch in flight)."""
+        if (self._journal is None or self._journal_full
+                or self._spilling + len(self._buffer) > self._max_buffered):
+            return False
+        if self._buffer:
+            batch, self._buffer = self._buffer, []
+            self._spills.append(batch)
+            self._spilling += len(batch)
+            if self._spill_task is None or self._spill_task.done():
+                self._spill_task = asyncio.get_running_loop().create_task(
+                    self._drain_spills(), name="tracker-spill")
+        return True
+
+    async def _spill(self) -> None:
+        """Spill what memory holds, and wait until it is on disk (or back in memory)."""
+        self._spill_buffer()
+        await self._settle()
+
+    async def _drain_spills(self) -> None:
+        while self._spills:
+            # Whatever queued up during the last write goes in one (fewer fsyncs).
+            batch = [row for queued in self._spills for row in queued]
+            taken = len(self._spills)
+            kept = await self._to_journal(batch)
+            for _ in range(taken):
+                self._spills.popleft()
+            self._spilling -= len(batch)
+            if kept < len(batch):
+                # Full or failing: the rest goes back to memory, in front of anything
+                # newer, and memory's bound decides what is kept.
+                rest = batch[kept:] + [row for later in self._spills for row in later]
+                self._spills.clear()
+                self._spilling = 0
+                self._restore(rest)
+                return
+
+    def _restore(self, rows: list[EventRecord]) -> None:
+        self._buffer[:0] = rows
+        excess = len(self._buffer) - self._max_buffered
+        if excess > 0:
+            del self._buffer[-excess:]
+            reason = self._full_reason()
+            for _ in range(excess):
+                self._drop(reason)
+
+    async def _to_journal(self, rows: list[EventRecord]) -> int:
+        """Append rows to the journal, a record and an fsync per batch; returns how many,
+        from the front, it took before it was full or failed."""
+        journal = self._journal
+        assert journal is not None
+        kept = 0
+        while kept < len(rows):
+            part = [line for line, _, _ in rows[kept: kept + self._batch_size]]
+            try:
+                await asyncio.to_thread(journal.append, part)
+            except JournalFull as exc:
+                if not self._journal_full:
+                    log.warning("the journal is full (%s): events past memory's bound are "
+                                "dropped until it drains", exc)
+                self._journal_full = True
+                break
+            except OSError as exc:
+                now = time.monotonic()
+                if now - self._journal_error_logged >= _DROP_LOG_S:
+                    self._journal_error_logged = now
+                    log.error("cannot write to the journal: %s", _describe(exc))
+                break
+            kept += len(part)
+        self.stats.journaled += kept
+        return kept
+
+    async def _settle(self) -> None:
+        """Let the spills and the group commit under way finish, so that whatever was
+        added before is in the journal or back in memory."""
+        spilling = self._spill_task
+        if spilling is not None and not spilling.done():
+            await asyncio.shield(spilling)
+        if self._durable:
+            await self._commit_group()
+
+    def _add_pending(self, row: EventRecord) -> bool:
+        # With the group under way, memory holds at most twice the bound here too.
+        if len(self._pending) + len(self._buffer) >= self._max_buffered:
+            self._drop(self._full_reason())  # the disk is not keeping up, or is full
+            return False
+        self._pending.append(row)
+        self._commit_wake.set()
+        return True
+
+    async def _commit_forever(self) -> None:
+        """Group commit: the events that arrived during one append + fsync go in the next."""
+        while True:
+            await self._commit_wake.wait()
+            self._commit_wake.clear()
+            if not self._pending and self._stopping:
+                return
+            await self._commit_group()
+
+    async def _commit_group(self) -> None:
+        async with self._commit_lock:
+            if not self._pending:
+                return
+            group, self._pending = self._pending, []
+            synced, self._pending_synced = self._pending_synced, None
+            timer = (asyncio.get_running_loop().call_later(_SYNC_WAIT_S, _late, synced)
+                     if synced is not None else None)
+            kept = await self._to_journal(group)
+            if kept < len(group):
+                self._restore(group[kept:])  # written from memory, if it has room
+            if timer is not None:
+                timer.cancel()
+            if synced is not None and not synced.done():
+                synced.set_result(kept == len(group))
+            if self._journal is not None and self._journal.pending_events >= self._batch_size:
+                self._wake.set()
+
+    async def _adopt_now_and_then(self) -> None:
+        """A sibling worker that died left its segments behind: take them over."""
+        if self._journal is None or time.monotonic() - self._adopted_at < _ADOPT_EVERY_S:
+            return
+        self._adopted_at = time.monotonic()
+        try:
+            if await asyncio.to_thread(self._journal.adopt_orphans):
+                self._wake.set()
+        except OSError as exc:
+            log.warning("cannot look for orphaned journal segments: %s", _describe(exc))
+
+
+def _late(synced: asyncio.Future[bool]) -> None:
+    if not synced.done():
+        log.warning("the journal took more than %.0f s to sync: hits answered unconfirmed",
+                    _SYNC_WAIT_S)
+        synced.set_result(False)
+
+
+def _record_of(line: str) -> EventRecord:
+    """A journal line as the writer's record again: its UTC day and machine flag are in it."""
+    fields = line.split("\t", 9)
+    return line, int(fields[1]) // DAY_MICROSECONDS, fields[8] == "t"
 
 
 def _describe(exc: BaseException) -> str:

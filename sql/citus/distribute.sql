@@ -87,6 +87,10 @@ select pg_temp.distribute('rollup_dimension', 'account_id', 'accounts');
 select pg_temp.distribute('rollup_message', 'account_id', 'accounts');
 select pg_temp.distribute('rollup_message_link', 'account_id', 'accounts');
 
+-- Privacy (sql/0003_privacy.sql): suppressed recipients and recent erasures, per account.
+select pg_temp.distribute('recipient_suppressions', 'account_id', 'accounts');
+select pg_temp.distribute('erasures', 'account_id', 'accounts');
+
 -- Global: which migrations ran. A copy on every node, so `tracker serve` (which applies
 -- pending migrations first) finds the schema current whichever node it connects to.
 -- New migrations are still applied on the coordinator only: DDL runs there.

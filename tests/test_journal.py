@@ -1,0 +1,525 @@
+"""tracker.journal on its own (files in a temp dir), and the writer with a journal against a
+real PostgreSQL: spills, replays, bounds, durable group commit, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from tracker.database import connect
+from tracker.hits import DropReason, EventRecord
+from tracker.journal import HEADER_BYTES, MAGIC, Journal, JournalFull
+from tracker.writer import BatchWriter
+
+from .support import free_port
+from .test_writer import rows
+
+ROOT = Path(__file__).resolve().parent.parent
+MB = 1 << 20
+
+
+def lines(n: int) -> list[str]:
+    return [line for line, _, _ in rows(n)]
+
+
+def read_all(journal: Journal) -> list[str]:
+    """Everything the journal gives, committing as a writer would."""
+    got: list[str] = []
+    while (chunk := journal.read(1000)) is not None:
+        got.extend(chunk.lines)
+        journal.commit(chunk)
+    return got
+
+
+def segment_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.seg"))
+
+
+def records(data: bytes) -> list[tuple[int, int]]:
+    """(offset, size) of each record of an undamaged segment, parsed independently of journal.py."""
+    found, offset = [], 0
+    while offset < len(data):
+        magic, length, crc = struct.unpack_from("<4sII", data, offset)
+        assert magic == MAGIC
+        assert zlib.crc32(data[offset + 12: offset + 12 + length]) == crc
+        found.append((offset, 12 + length))
+        offset += 12 + length
+    assert offset == len(data)
+    return found
+
+
+def orphan_from(data: bytes, directory: Path, name: str = "4242-deadbeef-000001.seg") -> Journal:
+    """A journal that finds `data` as a segment left by a dead writer."""
+    directory.mkdir(parents=True)
+    (directory / name).write_bytes(data)
+    journal = Journal(directory, max_bytes=64 * MB)
+    journal.adopt_orphans()
+    return journal
+
+
+def three_records(tmp_path: Path) -> tuple[bytes, list[list[str]]]:
+    batches = [lines(3), lines(2), lines(1)]
+    source = Journal(tmp_path / "source", max_bytes=64 * MB)
+    for batch in batches:
+        source.append(batch)
+    (path,) = segment_files(tmp_path / "source")
+    data = path.read_bytes()
+    source.close()
+    return data, batches
+
+
+# -- the journal alone ---------------------------------------------------------------------
+
+
+def test_appended_batches_come_back_in_order_and_a_committed_segment_is_removed(
+        tmp_path: Path) -> None:
+    journal = Journal(tmp_path, max_bytes=64 * MB)
+    batches = [lines(5), lines(1), lines(40)]
+    for batch in batches:
+        journal.append(batch)
+    assert journal.pending_events == 46
+    first = journal.read(6)
+    assert first is not None
+    assert first.lines == batches[0] + batches[1]  # whole records, up to the limit
+    journal.commit(first)
+    assert journal.pending_events == 40
+    assert segment_files(tmp_path), "a segment is kept while events in it are uncommitted"
+    assert read_all(journal) == batches[2]
+    assert journal.read(1000) is None
+    assert segment_files(tmp_path) == []
+    assert journal.disk_bytes == 0
+    journal.append(lines(2))  # a new segment after the last one went
+    assert len(segment_files(tmp_path)) == 1
+    journal.close()
+
+
+def test_a_segment_holds_the_copy_lines_and_nothing_else(tmp_path: Path) -> None:
+    # The privacy promise: what reaches the disk is exactly the policy-filtered COPY lines.
+    journal = Journal(tmp_path, max_bytes=64 * MB)
+    batches = [lines(3), lines(7)]
+    for batch in batches:
+        journal.append(batch)
+    (path,) = segment_files(tmp_path)
+    data = path.read_bytes()
+    payloads = b"".join(data[o + HEADER_BYTES: o + n] for o, n in records(data))
+    assert payloads == "".join(batches[0] + batches[1]).encode()
+    assert len(data) == len(payloads) + 2 * HEADER_BYTES
+    assert path.stat().st_mode & 0o777 == 0o600
+    journal.close()
+
+
+def test_an_uncommitted_segment_survives_close_and_a_new_journal_replays_it(
+        tmp_path: Path) -> None:
+    first = Journal(tmp_path, max_bytes=64 * MB)
+    batch = lines(4)
+    first.append(batch)
+    first.close()
+    second = Journal(tmp_path, max_bytes=64 * MB)
+    assert second.adopt_orphans() == 1
+    assert second.pending_events == 4
+    assert read_all(second) == batch
+    assert segment_files(tmp_path) == []
+    second.close()
+
+
+def test_a_torn_tail_at_every_byte_of_the_last_record_is_skipped_and_reported(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    data, batches = three_records(tmp_path)
+    last_start, last_size = records(data)[-1]
+    whole = batches[0] + batches[1]
+    for cut in range(last_start, last_start + last_size):
+        caplog.clear()
+        journal = orphan_from(data[:cut], tmp_path / f"cut{cut}")
+        assert read_all(journal) == whole, f"cut at byte {cut}"
+        torn = cut > last_start
+        assert journal.stats.torn_tails == int(torn), f"cut at byte {cut}"
+        assert journal.stats.skipped_bytes == cut - last_start
+        assert journal.stats.corrupt_records == 0
+        assert ("torn or corrupt tail" in caplog.text) == torn
+        assert segment_files(tmp_path / f"cut{cut}") == []
+        journal.close()
+    untouched = orphan_from(data, tmp_path / "whole")
+    assert read_all(untouched) == whole + batches[2]
+    assert untouched.stats.torn_tails == 0
+
+
+@pytest.mark.parametrize("where", ["magic", "length", "crc", "payload", "last payload byte"])
+def test_a_corrupt_record_in_the_middle_is_skipped_and_the_next_one_read(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, where: str) -> None:
+    data, batches = three_records(tmp_path)
+    start, size = records(data)[1]
+    at = {"magic": start + 1, "length": start + 4, "crc": start + 9,
+          "payload": start + HEADER_BYTES + 20, "last payload byte": start + size - 1}[where]
+    damaged = bytearray(data)
+    damaged[at] ^= 0x5A
+    journal = orphan_from(bytes(damaged), tmp_path / "damaged")
+    assert journal.pending_events == 4
+    assert read_all(journal) == batches[0] + batches[2]
+    assert journal.stats.corrupt_records == 1
+    assert journal.stats.torn_tails == 0
+    assert journal.stats.skipped_bytes == size
+    assert "corrupt record at byte" in caplog.text
+    journal.close()
+
+
+def test_garbage_only_segment_is_reported_and_removed(tmp_path: Path) -> None:
+    journal = orphan_from(b"\x00" * 100 + MAGIC + b"\xff" * 50, tmp_path / "junk")
+    assert journal.pending_events == 0
+    assert journal.stats.torn_tails == 1
+    assert segment_files(tmp_path / "junk") == []
+    journal.close()
+
+
+def test_the_disk_cap_is_never_passed_and_space_comes_back_once_committed(
+        tmp_path: Path) -> None:
+    cap = 16 * 1024
+    journal = Journal(tmp_path, max_bytes=cap)
+    appended = 0
+    with pytest.raises(JournalFull):
+        for _ in range(1000):
+            journal.append(lines(5))
+            appended += 5
+    assert appended > 0
+    assert journal.disk_bytes <= cap
+    assert sum(p.stat().st_size for p in tmp_path.iterdir()) <= cap
+    assert len(read_all(journal)) == appended
+    journal.append(lines(5))  # room again
+    journal.close()
+
+
+def test_a_segment_of_a_live_writer_is_never_adopted(tmp_path: Path) -> None:
+    # Two writers in one directory (as two workers have): separate files, neither takes
+    # the other's, even in one process (flock locks belong to the open file).
+    first = Journal(tmp_path, max_bytes=64 * MB)
+    second = Journal(tmp_path, max_bytes=64 * MB)
+    first.append(lines(2))
+    second.append(lines(3))
+    assert first.instance != second.instance
+    assert len(segment_files(tmp_path)) == 2
+    assert first.adopt_orphans() == 0
+    assert second.adopt_orphans() == 0
+    assert first.pending_events == 2 and second.pending_events == 3
+    first.close()
+    assert second.adopt_orphans() == 1  # now an orphan
+    assert second.pending_events == 5
+    second.close()
+
+
+_CHILD = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    from tracker.journal import Journal
+    journal = Journal(Path(sys.argv[1]), max_bytes=1 << 26)
+    if sys.argv[2] == "append":
+        journal.append([f"line {i} of {os.getpid()}\\n" for i in range(int(sys.argv[3]))])
+    else:
+        journal.adopt_orphans()
+        print(*sorted(p.name for p in journal.segments()), flush=True)
+    print("ready", flush=True)
+    if sys.argv[-1] == "die":
+        os.kill(os.getpid(), signal.SIGKILL)
+    sys.stdin.read()  # hold the locks until told to go
+""")
+
+
+def _child(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-c", _CHILD, *args], cwd=ROOT, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+
+def _ready(child: subprocess.Popen[str]) -> list[str]:
+    """What the child printed before "ready"."""
+    assert child.stdout is not None
+    said = []
+    while (line := child.stdout.readline().strip()) != "ready":
+        assert line or child.poll() is None, "the child process ended early"
+        said.append(line)
+    return said
+
+
+def test_orphans_of_a_dead_process_are_replayed_and_a_live_ones_are_not(
+        tmp_path: Path) -> None:
+    dead = _child(str(tmp_path), "append", "7", "die")
+    _ready(dead)
+    assert dead.wait(10) == -signal.SIGKILL
+    alive = _child(str(tmp_path), "append", "5", "hold")
+    try:
+        _ready(alive)
+        journal = Journal(tmp_path, max_bytes=64 * MB)
+        assert journal.adopt_orphans() == 1  # the dead one's only
+        got = read_all(journal)
+        assert got == [f"line {i} of {dead.pid}\n" for i in range(7)]
+        assert journal.adopt_orphans() == 0
+    finally:
+        alive.kill()
+        alive.wait(10)
+    assert journal.adopt_orphans() == 1
+    assert read_all(journal) == [f"line {i} of {alive.pid}\n" for i in range(5)]
+    assert segment_files(tmp_path) == []
+    journal.close()
+
+
+def test_two_workers_adopting_at_once_never_share_a_segment(tmp_path: Path) -> None:
+    for _ in range(24):
+        left = Journal(tmp_path, max_bytes=64 * MB)
+        left.append(lines(1))
+        left.close()
+    orphans = {p.name for p in segment_files(tmp_path)}
+    assert len(orphans) == 24
+    workers = [_child(str(tmp_path), "adopt", "hold") for _ in range(3)]
+    try:
+        adopted = [set(" ".join(_ready(w)).split()) for w in workers]
+    finally:
+        for worker in workers:
+            worker.kill()
+            worker.wait(10)
+    assert set().union(*adopted) == orphans
+    assert sum(len(a) for a in adopted) == len(orphans), "a segment was adopted twice"
+
+
+# -- the writer with a journal, against PostgreSQL ------------------------------------------
+
+
+@pytest.fixture
+async def db(dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(dsn)
+    yield conn
+    await conn.close()
+
+
+async def until(predicate: Callable[[], Awaitable[bool] | bool], within: float = 20.0,
+                message: str = "condition") -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        value = predicate()
+        if await value if isinstance(value, Awaitable) else value:
+            return
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {message}"
+        await asyncio.sleep(0.02)
+
+
+async def exactly_once(db: asyncpg.Connection, expected: list[EventRecord]) -> None:
+    total, distinct = await db.fetchrow("select count(*), count(distinct id) from events")
+    assert (total, distinct) == (len(expected), len(expected))
+    ids = {r[0] for r in await db.fetch("select replace(id::text, '-', '') from events")}
+    assert ids == {line.split("\t")[2] for line, _, _ in expected}
+
+
+class Switch:
+    """A connect function that fails (closed port) until switched on."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.up = False
+        self._closed = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+
+    async def __call__(self) -> asyncpg.Connection:
+        return await connect(self.dsn if self.up else self._closed)
+
+
+@pytest.fixture
+async def writers(dsn: str) -> AsyncIterator[Callable[..., BatchWriter]]:
+    made: list[BatchWriter] = []
+
+    def make(journal: Journal | None, connect_fn: Callable[[], Awaitable[asyncpg.Connection]],
+             **options: object) -> BatchWriter:
+        settings: dict[str, object] = {"batch_size": 100, "interval_s": 3600.0,
+                                       "max_buffered": 10_000}
+        settings.update(options)
+        writer = BatchWriter(connect_fn, journal=journal, **settings)  # type: ignore[arg-type]
+        made.append(writer)
+        return writer
+
+    yield make
+    for writer in made:
+        await writer.close(0.5)
+
+
+async def test_while_postgres_is_unreachable_events_spill_and_are_replayed_once_when_back(
+        writers: Callable[..., BatchWriter], dsn: str, db: asyncpg.Connection,
+        tmp_path: Path) -> None:
+    switch = Switch(dsn)
+    journal = Journal(tmp_path, max_bytes=64 * MB)
+    writer = writers(journal, switch, interval_s=0.02)
+    writer.start()
+    batch = rows(250)
+    for item in batch:
+        assert writer.add(item)
+    await until(lambda: writer.buffered == 0 and journal.pending_events == 250,
+                message="the buffer to spill to the journal")
+    assert not writer.healthy
+    assert segment_files(tmp_path)
+    switch.up = True
+    await until(lambda: journal.pending_events == 0 and writer.buffered == 0,
+                message="the journal to be replayed")
+    await exactly_once(db, batch)
+    assert writer.stats.replayed == 250
+    assert segment_files(tmp_path) == []
+
+
+async def test_past_the_memory_bound_events_spill_instead_of_being_dropped(
+        writers: Callable[..., BatchWriter], dsn: str, db: asyncpg.Connection,
+        tmp_path: Path) -> None:
+    journal = Journal(tmp_path, max_bytes=64 * MB)
+    writer = writers(journal, lambda: connect(dsn), max_buffered=10, batch_size=7)
+    batch = rows(300)
+    for item in batch:
+        assert writer.add(item)
+        # A disk that keeps up: each spill is on disk before memory fills again.
+        await until(lambda: writer.buffered <= 10, message="the spill to be written")
+    assert writer.stats.dropped == {}
+    assert journal.stats.appended_events >= 290
+    assert await writer.flush() == 300
+    await exactly_once(db, batch)
+
+
+async def test_with_memory_and_journal_full_drops_are_counted_by_reason_and_logged_per_interval(
+        writers: Callable[..., BatchWriter], dsn: str, db: asyncpg.Connection,
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    switch = Switch(dsn)
+    journal = Journal(tmp_path, max_bytes=8 * 1024)
+    reasons: list[DropReason] = []
+    writer = writers(journal, switch, interval_s=0.01, max_buffered=20, batch_size=10,
+                     on_drop=reasons.append)
+    writer.start()
+    batch = rows(2000)
+    accepted = 0
+    for item in batch:
+        accepted += writer.add(item)
+        # Each spill reaches the disk before memory fills again, until the journal is full.
+        await until(lambda: writer.buffered <= 20, message="the spill to be written")
+    assert DropReason.JOURNAL_FULL in writer.stats.dropped
+    assert journal.disk_bytes <= 8 * 1024
+    assert writer.buffered <= 2 * 20 + 10  # memory, a spill under way, a batch in flight
+    assert set(writer.stats.dropped) <= {DropReason.JOURNAL_FULL, DropReason.BUFFER_FULL}
+    assert accepted < len(batch)
+    switch.up = True
+    await until(lambda: writer.healthy and writer.buffered == 0
+                and journal.pending_events == 0, message="the writer to catch up")
+    dropped = sum(writer.stats.dropped.values())
+    assert len(reasons) == dropped
+    # Every event is either in PostgreSQL once or was dropped and counted, never both.
+    assert await db.fetchval("select count(distinct id) from events") == len(batch) - dropped
+    assert await db.fetchval("select count(*) from events") == len(batch) - dropped
+    await writer.close(1.0)
+    reports = [r.getMessage() for r in caplog.records
+               if "events since the last report" in r.getMessage()]
+    assert dropped > 10
+    assert 1 <= len(reports) <= 2, "drops are logged once per interval, not per event"
+    assert "journal_full: " in " ".join(reports)
+
+
+async def test_durable_writer_has_the_event_on_disk_before_synced_resolves(
+        writers: Callable[..., BatchWriter], dsn: str, db: asyncpg.Connection,
+        tmp_path: Path) -> None:
+    journal = Journal(tmp_path, max_bytes=64 * MB)
+    writer = writers(journal, lambda: connect(dsn), durable=True)
+    writer.start()
+    batch = rows(30)
+    waits = []
+    for item in batch:
+        assert writer.add(item)
+        waiter = writer.synced()
+        assert waiter is not None
+        waits.append(waiter)
+    assert writer.synced() is not None
+    assert await asyncio.gather(*waits) == [True] * 30
+    assert writer.synced() is None  # nothing is waiting
+    on_disk = b"".join(p.read_bytes() for p in segment_files(tmp_path))
+    assert all(line.encode() in on_disk for line, _, _ in batch)
+    assert await db.fetchval("select count(*) from events") == 0
+    assert writer.stats.journaled == 30
+    assert await writer.flush() == 30
+    await exactly_once(db, batch)
+    assert segment_files(tmp_path) == []
+
+
+async def test_durable_writer_whose_journal_is_full_answers_and_keeps_events_in_memory(
+        writers: Callable[..., BatchWriter], dsn: str, db: asyncpg.Connection,
+        tmp_path: Path) -> None:
+    journal = Journal(tmp_path, max_bytes=1024)
+    writer = writers(journal, lambda: connect(dsn), durable=True)
+    writer.start()
+    batch = rows(20)  # far more than 1 KB
+    for item in batch:
+        writer.add(item)
+    waiter = writer.synced()
+    assert waiter is not None
+    assert await waiter is False
+    assert writer.buffered == 20
+    assert await writer.flush() == 20
+    await exactly_once(db, batch)
+
+
+async def test_close_with_postgres_down_keeps_events_in_the_journal_for_the_next_start(
+        writers: Callable[..., BatchWriter], dsn: str, db: asyncpg.Connection,
+        tmp_path: Path) -> None:
+    first = writers(Journal(tmp_path, max_bytes=64 * MB), Switch(dsn), batch_size=40)
+    first.start()
+    batch = rows(100)
+    for item in batch:
+        first.add(item)
+    assert await first.close(5.0) == 0, "nothing is lost"
+    assert segment_files(tmp_path)
+    journal = Journal(tmp_path, max_bytes=64 * MB)
+    assert journal.adopt_orphans() >= 1
+    second = writers(journal, lambda: connect(dsn))
+    assert await second.flush() == 100
+    await exactly_once(db, batch)
+    assert segment_files(tmp_path) == []
+
+
+async def test_a_replay_of_events_already_committed_counts_them_once(
+        writers: Callable[..., BatchWriter], dsn: str, db: asyncpg.Connection,
+        tmp_path: Path) -> None:
+    # A crash after PostgreSQL committed a chunk but before the journal learned of it.
+    batch = rows(60)
+    crashed = Journal(tmp_path, max_bytes=64 * MB)
+    crashed.append([line for line, _, _ in batch])
+    before = writers(None, lambda: connect(dsn))
+    for item in batch[:35]:
+        before.add(item)
+    assert await before.flush() == 35
+    crashed.close()
+    journal = Journal(tmp_path, max_bytes=64 * MB)
+    journal.adopt_orphans()
+    after = writers(journal, lambda: connect(dsn))
+    assert await after.flush() == 25
+    assert after.stats.duplicates == 35
+    await exactly_once(db, batch)
+
+
+def test_a_writer_refuses_durability_without_a_journal() -> None:
+    with pytest.raises(ValueError, match="journal"):
+        BatchWriter(lambda: connect("postgresql://x"), batch_size=1, interval_s=1,
+                    max_buffered=1, durable=True)
+
+
+@pytest.fixture(autouse=True)
+def _journal_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    # tracker's logger stops propagating once logs.configure ran in this process.
+    logger = logging.getLogger("tracker")
+    propagate, logger.propagate = logger.propagate, True
+    caplog.set_level(logging.INFO, logger="tracker")
+    yield
+    logger.propagate = propagate
+
+
+def test_segment_names_carry_the_pid(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, max_bytes=64 * MB)
+    journal.append(lines(1))
+    (path,) = segment_files(tmp_path)
+    assert path.name.startswith(f"{os.getpid()}-")
+    journal.close()

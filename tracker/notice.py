@@ -1,0 +1,85 @@
+"""A campaign's policy in plain language, for the sender's own privacy notice.
+
+The paragraph is generated from what the campaign actually does (its policy, its
+effective retention, whether its account honours Sec-GPC / DNT), so it cannot drift
+from the behaviour it describes; tests/test_privacy.py holds each sentence to the
+setting it comes from.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+
+from tracker.campaigns import policy_of
+from tracker.policy import Policy
+
+_PLACE = {
+    "none": None,
+    "country": "the country",
+    "region": "the country and region (such as a state or province)",
+    "city": "the country, region and city",
+}
+
+
+def describe(policy: Policy, retention_days: int | None, honours_signals: bool) -> str:
+    sentences = [
+        "Our emails contain a tracking image and tracked links, served by a self-hosted "
+        "server we operate. When you open one of our emails with images shown, or click "
+        "one of its links, we record that it happened and when, and which link you "
+        "clicked; the link takes you to its destination either way."]
+    place = _PLACE[policy.location]
+    if place is None:
+        sentences.append("We do not record where you are.")
+    else:
+        sentences.append(f"We derive {place} from your IP address at that moment and record "
+                         "only that; when your email provider fetches images for you (as "
+                         "Gmail does), we record no location.")
+    if policy.device:
+        sentences.append("We record the browser or email program, the operating system and "
+                         "the kind of device (desktop, mobile or tablet), read from the "
+                         "request, but never the full user-agent text.")
+    else:
+        sentences.append("We do not record your browser, operating system or device.")
+    sentences.append({
+        "none": "We do not store your IP address.",
+        "truncated": "We store your IP address only shortened to its network (the last "
+                     "part of an IPv4 address, most of an IPv6 address removed), which does "
+                     "not identify your connection.",
+        "full": "We store your full IP address with each open and click.",
+    }[policy.ip])
+    if policy.recipient == "pseudonym":
+        sentences.append("Your email address is not stored with this data: it is replaced "
+                         "by a keyed pseudonym that only we can match to your address.")
+    else:
+        sentences.append("We store your email address and the subject of the email with "
+                         "this data.")
+    sentences.append("We never store the content of our emails, and we set no cookies.")
+    if retention_days is None:
+        sentences.append("Individual opens and clicks are kept until you ask us to delete "
+                         "them or we delete the campaign.")
+    else:
+        span = "1 day" if retention_days == 1 else f"{retention_days} days"
+        sentences.append(f"Individual opens and clicks (their time, place and device) are "
+                         f"deleted automatically after {span}; after that we keep only counts: "
+                         "how often each email was opened and clicked, and campaign totals.")
+    if honours_signals:
+        sentences.append("If your browser or email program sends a Global Privacy Control "
+                         "(Sec-GPC) or Do Not Track signal, we record nothing about your "
+                         "opens and clicks.")
+    sentences.append("You can ask us for a copy of everything we store about you, to delete "
+                     "it, or to stop recording your opens and clicks altogether; when we delete a "
+                     "campaign, its data is purged 30 days later.")
+    return " ".join(sentences)
+
+
+def campaign_summary(row: asyncpg.Record) -> dict[str, Any]:
+    """A campaign's privacy summary from a campaign-privacy row (sql/privacy.sql): what the
+    API's /privacy and `tracker policy describe` answer."""
+    policy = policy_of(row)
+    days = row["retention_days"] if row["retention_days"] is not None else (
+        row["account_retention_days"])
+    return {"campaign_id": str(row["id"]), "policy": policy.as_json(), "retention_days": days,
+            "honours_privacy_signals": row["honour_privacy_signals"],
+            "text": describe(policy, days, row["honour_privacy_signals"])}

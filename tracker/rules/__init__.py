@@ -1,0 +1,296 @@
+"""The classification rules, as data: `default.toml` and the Apple ranges next to this file,
+with a user's file (TRACKER_RULES) laid over them.
+
+A user file overrides key by key. A number or true/false replaces the packaged value; a
+list replaces the packaged list when given as a list, and is edited when given as
+`{add = [...], remove = [...]}`, `remove` naming entries exactly as the packaged file
+writes them (a name that is not there is an error: it is nearly always a typo). Paths in
+`range_files` are relative to the file that names them.
+
+Everything is checked when the rules load, once at start: TOML syntax, unknown sections
+and keys, types, every regular expression, every CIDR. A bad file raises `RulesError`
+with one line naming the file and the key; the settings turn it into a start-up error
+naming TRACKER_RULES.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import ipaddress
+import re
+import tomllib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PACKAGED = Path(__file__).with_name("default.toml")
+
+# section -> key -> kind. Every key must be in the packaged file; a user file may give any.
+_SCHEMA: dict[str, dict[str, str]] = {
+    "timing": {"too_soon_seconds": "int", "apple_mpp_seconds": "int", "burst_links": "int",
+               "burst_seconds": "int", "honeypot_seconds": "int", "recent_messages": "int"},
+    "apple_mpp": {"user_agents": "patterns", "range_files": "files", "ranges": "networks"},
+    "image_proxy": {"patterns": "patterns"},
+    "scanner": {"patterns": "patterns"},
+    "mail_client": {"patterns": "patterns", "click_patterns": "patterns"},
+    "bot": {"patterns": "patterns", "crawlerdetect": "bool"},
+}
+_LIST_KINDS = ("patterns", "files", "networks")
+
+
+class RulesError(ValueError):
+    """The rules cannot be used; the message names the file and the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    too_soon_seconds: int
+    apple_mpp_seconds: int
+    burst_links: int
+    burst_seconds: int
+    honeypot_seconds: int
+    recent_messages: int
+
+
+class Patterns:
+    """Regular expressions tried in order; `first` names the one that matched."""
+
+    def __init__(self, patterns: Iterable[tuple[str, re.Pattern[str]]]) -> None:
+        self._patterns = tuple(patterns)
+        self.sources = tuple(text for text, _ in self._patterns)
+
+    def first(self, text: str) -> str | None:
+        for source, regex in self._patterns:
+            if regex.search(text):
+                return source
+        return None
+
+    def __len__(self) -> int:
+        return len(self._patterns)
+
+
+class AddressRanges:
+    """A set of IP networks as sorted, merged integer intervals: one bisect per lookup,
+    however many networks (Apple's egress list has hundreds of thousands)."""
+
+    def __init__(self, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> None:
+        self.networks = 0
+        spans: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
+        for net in networks:
+            spans[net.version].append((int(net.network_address), int(net.broadcast_address)))
+            self.networks += 1
+        self._starts: dict[int, list[int]] = {}
+        self._ends: dict[int, list[int]] = {}
+        for version, found in spans.items():
+            starts: list[int] = []
+            ends: list[int] = []
+            for start, end in sorted(found):
+                if ends and start <= ends[-1] + 1:
+                    ends[-1] = max(ends[-1], end)
+                else:
+                    starts.append(start)
+                    ends.append(end)
+            self._starts[version], self._ends[version] = starts, ends
+
+    def __contains__(self, address: object) -> bool:
+        if not isinstance(address, str):
+            return False
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        value = int(ip)
+        at = bisect.bisect_right(self._starts[ip.version], value) - 1
+        return at >= 0 and value <= self._ends[ip.version][at]
+
+
+@dataclass(frozen=True)
+class Rules:
+    version: str
+    sources: tuple[str, ...]  # the files laid over each other, packaged first
+    timing: Timing
+    apple_mail: Patterns
+    apple_ranges: AddressRanges
+    image_proxy: Patterns
+    scanner: Patterns
+    mail_client: Patterns
+    mail_client_fetch: Patterns  # mail_client.click_patterns
+    bot: Patterns
+    crawlerdetect: bool
+
+
+_loaded: dict[tuple[str, int, int] | None, Rules] = {}
+
+
+def load_rules(path: Path | None = None) -> Rules:
+    """The packaged rules with the user file at `path` laid over them. Loaded once per
+    process and file version: settings validation and the worker share one load."""
+    key = None
+    if path is not None:
+        try:
+            stat = path.stat()
+        except OSError as exc:
+            raise RulesError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    rules = _loaded.get(key)
+    if rules is None:
+        rules = _loaded[key] = _load(path)
+    return rules
+
+
+def _load(path: Path | None) -> Rules:
+    raw, _ = _read(PACKAGED)
+    values: dict[str, Any] = {}
+    version = _version(raw, PACKAGED)
+    if version is None:
+        raise RulesError(f"{PACKAGED}: version: missing")
+    _apply(values, raw, PACKAGED, base=True)
+    missing = [f"{s}.{k}" for s, keys in _SCHEMA.items() for k in keys if f"{s}.{k}" not in values]
+    if missing:
+        raise RulesError(f"{PACKAGED}: missing {', '.join(missing)}")
+    sources = [str(PACKAGED)]
+    if path is not None:
+        user, digest = _read(path)
+        own = _version(user, path)
+        version = f"{version}+{own or 'local.' + digest[:12]}"
+        _apply(values, user, path, base=False)
+        sources.append(str(path))
+    return _build(version, tuple(sources), values)
+
+
+def _read(path: Path) -> tuple[dict[str, Any], str]:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RulesError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        return tomllib.loads(data.decode("utf-8")), hashlib.sha256(data).hexdigest()
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise RulesError(f"{path}: not a valid TOML file: {exc}") from None
+
+
+def _version(raw: dict[str, Any], path: Path) -> str | None:
+    version = raw.get("version")
+    if version is not None and (not isinstance(version, str) or not version.strip()
+                                or not version.isprintable() or len(version) > 64):
+        raise RulesError(f"{path}: version: must be a short non-empty string")
+    return version.strip() if version else None
+
+
+def _apply(values: dict[str, Any], raw: dict[str, Any], path: Path, base: bool) -> None:
+    for section, table in raw.items():
+        if section == "version":
+            continue
+        keys = _SCHEMA.get(section)
+        if keys is None:
+            raise RulesError(f"{path}: unknown section [{section}] "
+                             f"(known: {', '.join(_SCHEMA)})")
+        if not isinstance(table, dict):
+            raise RulesError(f"{path}: {section}: must be a table ([{section}])")
+        for key, value in table.items():
+            where = f"{section}.{key}"
+            kind = keys.get(key)
+            if kind is None:
+                raise RulesError(f"{path}: unknown key {where} (known in [{section}]: "
+                                 f"{', '.join(keys)})")
+            if kind in _LIST_KINDS:
+                values[where] = _edited_list(values.get(where, []), value, kind, path, where, base)
+            elif kind == "bool":
+                if not isinstance(value, bool):
+                    raise RulesError(f"{path}: {where}: must be true or false")
+                values[where] = value
+            else:
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise RulesError(f"{path}: {where}: must be a whole number of 0 or more")
+                values[where] = value
+
+
+def _edited_list(current: list[tuple[str, Any]], value: Any, kind: str, path: Path,
+                 where: str, base: bool) -> list[tuple[str, Any]]:
+    """A list of (text as written, parsed value) after this layer's replace or add/remove."""
+    if isinstance(value, list):
+        return [_entry(item, kind, path, where) for item in value]
+    if base or not isinstance(value, dict) or not value or set(value) - {"add", "remove"}:
+        raise RulesError(f"{path}: {where}: must be a list"
+                         + ("" if base else ", or {add = [...], remove = [...]}"))
+    edited = list(current)
+    remove = value.get("remove", [])
+    if not isinstance(remove, list) or not all(isinstance(item, str) for item in remove):
+        raise RulesError(f"{path}: {where}.remove: must be a list of strings")
+    for item in remove:
+        kept = [entry for entry in edited if entry[0] != item]
+        if len(kept) == len(edited):
+            raise RulesError(f"{path}: {where}.remove: {item!r} is not in the rules")
+        edited = kept
+    add = value.get("add", [])
+    if not isinstance(add, list):
+        raise RulesError(f"{path}: {where}.add: must be a list")
+    return edited + [_entry(item, kind, path, f"{where}.add") for item in add]
+
+
+def _entry(item: Any, kind: str, path: Path, where: str) -> tuple[str, Any]:
+    if not isinstance(item, str) or not item.strip():
+        raise RulesError(f"{path}: {where}: entries must be non-empty strings, got {item!r}")
+    if kind == "patterns":
+        try:
+            return item, re.compile(item, re.IGNORECASE)
+        except re.error as exc:
+            raise RulesError(f"{path}: {where}: {item!r} is not a valid regular expression "
+                             f"({exc})") from None
+    if kind == "networks":
+        try:
+            return item, ipaddress.ip_network(item.strip(), strict=False)
+        except ValueError:
+            raise RulesError(f"{path}: {where}: {item!r} is not an IP network (CIDR)") from None
+    file = (path.parent / item).expanduser()
+    if not file.is_file():
+        raise RulesError(f"{path}: {where}: {item!r} is not a file ({file})")
+    return item, file
+
+
+def _build(version: str, sources: tuple[str, ...], values: dict[str, Any]) -> Rules:
+    timing = Timing(**{key: values[f"timing.{key}"] for key in _SCHEMA["timing"]})
+    if timing.burst_links == 1:
+        raise RulesError(f"{sources[-1]}: timing.burst_links: must be 0 (off) or 2 or more")
+    if timing.recent_messages < 1:
+        raise RulesError(f"{sources[-1]}: timing.recent_messages: must be 1 or more")
+    networks = [net for _, net in values["apple_mpp.ranges"]]
+    for _, file in values["apple_mpp.range_files"]:
+        networks.extend(read_ranges(file))
+
+    def patterns(where: str) -> Patterns:
+        return Patterns(values[where])
+
+    return Rules(
+        version=version, sources=sources, timing=timing,
+        apple_mail=patterns("apple_mpp.user_agents"),
+        apple_ranges=AddressRanges(networks),
+        image_proxy=patterns("image_proxy.patterns"),
+        scanner=patterns("scanner.patterns"),
+        mail_client=patterns("mail_client.patterns"),
+        mail_client_fetch=patterns("mail_client.click_patterns"),
+        bot=patterns("bot.patterns"),
+        crawlerdetect=values["bot.crawlerdetect"])
+
+
+def read_ranges(path: Path) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """A CIDR list: one network a line, `#` comments, or rows of Apple's egress CSV
+    (`prefix,country,region,city,`: the first field is the network)."""
+    try:
+        text = path.read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RulesError(f"{path}: cannot read: {exc}") from None
+    networks = []
+    for number, line in enumerate(text.splitlines(), 1):
+        field = line.split("#", 1)[0].split(",", 1)[0].strip()
+        if field:
+            try:
+                networks.append(ipaddress.ip_network(field, strict=False))
+            except ValueError:
+                raise RulesError(f"{path}:{number}: {field!r} is not an IP network (CIDR)"
+                                 ) from None
+    return networks
