@@ -214,8 +214,19 @@ def test_a_client_that_leaves_mid_export_gives_the_connection_back(
         server: Server, api: httpx.Client, module_dsn: str, exported: dict[str, Any]) -> None:
     in_export = ("select count(*) from pg_stat_activity where application_name = 'tracker' "
                  "and state like 'idle in transaction%'")
+    # A campaign of its own with an export far larger than the kernel's socket buffers on
+    # loopback (several MB), so the server is certainly still streaming when we leave.
+    big = campaign(api, name="big export")
+    db_value(module_dsn, "select tracker_ensure_event_partition((now() at time zone 'UTC')::date)")
+    db_value(module_dsn, """
+        insert into events (account_id, occurred_at, id, campaign_id, message_id, type,
+                            machine, country, region, city, browser, os, device)
+        select c.account_id, now() - n * interval '1 microsecond',
+               gen_random_uuid(), c.id, 1, 'open', false, 'DE', 'Hesse',
+               'Frankfurt am Main', 'Chrome', 'Windows', 'desktop'
+        from campaigns c, generate_series(1, 60000) as n where c.id = $1""", int(big))
     with httpx.Client(base_url=server.url, headers=api.headers, timeout=10) as leaving, \
-            leaving.stream("GET", f"/api/campaigns/{exported['campaign']}/export") as response:
+            leaving.stream("GET", f"/api/campaigns/{big}/export") as response:
         assert response.status_code == 200
         next(response.iter_raw(1024))
         # Still streaming: the body is larger than the socket buffers take at once.

@@ -22,6 +22,7 @@ from tracker.journal import Journal
 from tracker.metrics import Metrics, MetricsCollector, SharedSnapshots, observe_flushes
 from tracker.policy import Policy, PolicyBook
 from tracker.queries import QUERIES
+from tracker.rollups import relabel_windows
 from tracker.rules import load_rules
 from tracker.settings import Settings
 from tracker.suppression import SuppressionBook
@@ -71,20 +72,24 @@ class Runtime:
         await self.suppressions.refresh(self.pool)
         journal = self._open_journal()
         durable = self.settings.durability == "journal"
+        # One reading of the rules serves the classifier and the writer's re-labelling, so a
+        # TRACKER_RULES override of the honeypot or burst window applies to both.
+        rules = load_rules(self.settings.rules)
         self.writer = BatchWriter(
             lambda: connect(self.dsn),
             batch_size=self.settings.batch_size,
             interval_s=self.settings.flush_interval_ms / 1000,
             max_buffered=self.settings.buffer_max_events,
             on_drop=self.metrics.count_drop,
-            journal=journal, durable=durable)
+            journal=journal, durable=durable,
+            relabel_windows=relabel_windows(rules.timing))
         observe_flushes(self.writer, self.metrics)
         self.writer.start()
         self._refresh = asyncio.create_task(self._refresh_policies_forever(),
                                             name="tracker-policy-refresh")
         locate = _locator(self.settings)
         pipeline = Pipeline(self.policies, parse_agent, locate,
-                            Classifier(load_rules(self.settings.rules)))
+                            Classifier(rules))
         if locate is geo.no_location and self.settings.geoip_fetch == "on":
             self._geo_watch = asyncio.create_task(self._adopt_fetched_geo_database(pipeline),
                                                   name="tracker-geo-watch")
