@@ -24,7 +24,7 @@ from tracker.fastpath import ClientAddress
 from tracker.health import Readiness
 from tracker.lifespan import Runtime
 from tracker.metrics import exposition, registry_for
-from tracker.policy import DEFAULT, PolicyError
+from tracker.policy import DEFAULT, Policy, PolicyError
 from tracker.queries import QUERIES
 from tracker.registration import (
     InvalidBatch,
@@ -166,7 +166,9 @@ def build_api(runtime: Runtime) -> Starlette:
             raise ApiError(404, "campaign not found")
         return row
 
-    async def create_campaign(request: Request, account_id: int) -> Response:
+    async def campaign_fields(request: Request, name: str | None,
+                              policy: Policy) -> tuple[str, Policy]:
+        """The name and policy a POST or PATCH body asks for, over the current ones."""
         body = await _body(request)
         if not isinstance(body, dict):
             raise ApiError(422, "the body must be a JSON object")
@@ -174,10 +176,16 @@ def build_api(runtime: Runtime) -> Starlette:
         if unknown:
             raise ApiError(422, f"unknown field(s): {', '.join(sorted(unknown))}")
         try:
-            name = campaigns.check_name(body.get("name"))
-            policy = DEFAULT.updated(body["policy"]) if body.get("policy") is not None else DEFAULT
+            if "name" in body or name is None:
+                name = campaigns.check_name(body.get("name"))
+            if body.get("policy") is not None:
+                policy = policy.updated(body["policy"])
         except (ValueError, PolicyError) as exc:
             raise ApiError(422, str(exc)) from None
+        return name, policy
+
+    async def create_campaign(request: Request, account_id: int) -> Response:
+        name, policy = await campaign_fields(request, None, DEFAULT)
         row = await campaigns.create(runtime.pool, account_id, name, policy)
         runtime.remember_campaign(account_id, row["id"], policy, recording=True)
         return JSON(campaigns.campaign_json(row), status_code=201)
@@ -193,19 +201,7 @@ def build_api(runtime: Runtime) -> Starlette:
     async def patch_campaign(request: Request, account_id: int) -> Response:
         campaign_id = _object_id(request, "id")
         row = await _campaign(runtime.pool, account_id, campaign_id)
-        body = await _body(request)
-        if not isinstance(body, dict):
-            raise ApiError(422, "the body must be a JSON object")
-        unknown = set(body) - {"name", "policy"}
-        if unknown:
-            raise ApiError(422, f"unknown field(s): {', '.join(sorted(unknown))}")
-        try:
-            name = campaigns.check_name(body["name"]) if "name" in body else row["name"]
-            policy = campaigns.policy_of(row)
-            if body.get("policy") is not None:
-                policy = policy.updated(body["policy"])
-        except (ValueError, PolicyError) as exc:
-            raise ApiError(422, str(exc)) from None
+        name, policy = await campaign_fields(request, row["name"], campaigns.policy_of(row))
         updated = await campaigns.update(runtime.pool, account_id, campaign_id, name, policy)
         if updated is None:
             raise ApiError(404, "campaign not found")
