@@ -34,6 +34,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tests.support import free_port
 from tracker import accounts
 from tracker.embedded_db import EmbeddedPostgres
 from tracker.migrations import migrate
@@ -175,11 +176,6 @@ def _wait_http(url: str, timeout: float = 60) -> None:
     raise SystemExit(f"{url} did not come up")
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def _prepare(dsn: str, url: str, messages: int, links: int) -> tuple[list[str], list[str]]:
@@ -230,7 +226,7 @@ def settle(dsn: str, kind: str, timeout: float = 30) -> int:
 
 
 def _start_tracker(server: str, dsn: str, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "TRACKER_DATABASE_URL": dsn, "TRACKER_SECRET_KEY": SECRET,
            "TRACKER_PORT": str(port), "TRACKER_SERVER": server,
            "TRACKER_DATA_DIR": str(workdir / "data"), "TRACKER_LOG_LEVEL": "warning",
@@ -274,7 +270,7 @@ def main() -> None:
         script = workdir / "paths.lua"
         script.write_text(LUA)
 
-        nginx_port = _free_port()
+        nginx_port = free_port()
         nginx = start_nginx(workdir, nginx_port)
         procs.append(nginx)
         trackers = {}

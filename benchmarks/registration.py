@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.support import free_port  # noqa: E402
 from tracker import accounts  # noqa: E402
 from tracker.embedded_db import EmbeddedPostgres  # noqa: E402
 from tracker.instrument import extract  # noqa: E402
@@ -45,10 +45,6 @@ DOCUMENT = ROOT / "tests" / "corpus" / "receipt.html"
 GOAL = 5000
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def _account(dsn: str) -> str:
@@ -140,7 +136,7 @@ def main() -> None:
         assert running is not None
         dsn = running.dsn()
         key = asyncio.run(_account(dsn))
-        port = _free_port()
+        port = free_port()
         env = {**os.environ, "TRACKER_DATABASE_URL": dsn, "TRACKER_SECRET_KEY": SECRET,
                "TRACKER_PORT": str(port), "TRACKER_DATA_DIR": str(workdir / "data"),
                "TRACKER_LOG_LEVEL": "warning", "TRACKER_GEOIP_FETCH": "off",

@@ -31,7 +31,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.support import free_port  # noqa: E402
 from tracker import accounts, campaigns  # noqa: E402
 from tracker.database import connect  # noqa: E402
 from tracker.embedded_db import EmbeddedPostgres  # noqa: E402
@@ -99,10 +99,6 @@ RAW = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _zipf(rng: random.Random, n: int, s: float = 1.1) -> int:
@@ -373,7 +369,7 @@ def main() -> None:
         print(f"generating {args.events:,} events for {args.messages:,} messages over "
               f"{args.days} days ...", flush=True)
         made = asyncio.run(_generate(dsn, args))
-        port = _free_port()
+        port = free_port()
         base = f"http://127.0.0.1:{port}"
         env = {**os.environ, "TRACKER_DATABASE_URL": dsn, "TRACKER_SECRET_KEY": SECRET,
                "TRACKER_PORT": str(port), "TRACKER_DATA_DIR": str(workdir / "data"),

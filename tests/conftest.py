@@ -72,6 +72,32 @@ def module_dsn(postgres: EmbeddedPostgres, template_dsn: str) -> str:
 
 
 @pytest.fixture(scope="module")
+def own_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
+    """A migrated PostgreSQL of the module's own, which its tests may stop and start
+    without disturbing the session's."""
+    pg = EmbeddedPostgres(tmp_path_factory.mktemp("own-pg"), extra_options=_FAST)
+    running, _ = pg.start()
+
+    async def build() -> None:
+        conn = await asyncpg.connect(running.dsn())
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+
+    asyncio.run(build())
+    yield pg
+    pg.stop("immediate")
+
+
+@pytest.fixture(scope="module")
+def own_dsn(own_postgres: EmbeddedPostgres) -> str:
+    running = own_postgres.running()
+    assert running is not None
+    return running.dsn()
+
+
+@pytest.fixture(scope="module")
 def server(module_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A real tracker server (granian, one worker) for the module, on its own database."""
     srv = Server(module_dsn, tmp_path_factory.mktemp("server")).start()

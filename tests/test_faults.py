@@ -19,21 +19,15 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import asyncpg
-import pytest
-
 from tracker.embedded_db import EmbeddedPostgres
 from tracker.fastpath import PIXEL_GIF
-from tracker.migrations import migrate
 from tracker.tokens import Signer
 
 from .support import SECRET, Server, campaign, db_fetch, db_value, new_account, wait_for
 
-_FAST = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
 CHROME = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
           "Chrome/126.0.0.0 Safari/537.36")
 SETTLE_S = 40.0  # the writer's backoff tops out at 5 s; the rest is slack for a busy machine
@@ -48,31 +42,6 @@ OUTAGE_RATE = 1500.0  # hits a second during the outage test
 
 
 # -- the database and the server -----------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def own_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
-    """A PostgreSQL these tests may stop and start (not the session one)."""
-    pg = EmbeddedPostgres(tmp_path_factory.mktemp("faults-pg"), extra_options=_FAST)
-    running, _ = pg.start()
-
-    async def build() -> None:
-        conn = await asyncpg.connect(running.dsn())
-        try:
-            await migrate(conn)
-        finally:
-            await conn.close()
-
-    asyncio.run(build())
-    yield pg
-    pg.stop("immediate")
-
-
-@pytest.fixture(scope="module")
-def own_dsn(own_postgres: EmbeddedPostgres) -> str:
-    running = own_postgres.running()
-    assert running is not None
-    return running.dsn()
 
 
 def stop_postgres(pg: EmbeddedPostgres) -> None:

@@ -22,42 +22,16 @@ import pytest
 
 from tracker.embedded_db import EmbeddedPostgres
 from tracker.fastpath import PIXEL_GIF
-from tracker.migrations import migrate
 
 from .support import Server, campaign, db_fetch, db_value, new_account, register, wait_for
 
 # Durability is not under test, recovery is: the same fast settings as the session database.
-_FAST = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
 MESSAGES = 10
 LINKS = 10
 HITS = 2 * MESSAGES * LINKS  # an open and a click per link: 200 distinct hits
 # The writer's retry backoff tops out at 5 s; the rest is slack for a loaded 2-core machine.
 RECOVERY_S = 30.0
 EXIT_S = 30.0
-
-
-@pytest.fixture(scope="module")
-def own_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
-    pg = EmbeddedPostgres(tmp_path_factory.mktemp("outage-pg"), extra_options=_FAST)
-    running, _ = pg.start()
-
-    async def build() -> None:
-        conn = await asyncpg.connect(running.dsn())
-        try:
-            await migrate(conn)
-        finally:
-            await conn.close()
-
-    asyncio.run(build())
-    yield pg
-    pg.stop("immediate")
-
-
-@pytest.fixture(scope="module")
-def own_dsn(own_postgres: EmbeddedPostgres) -> str:
-    running = own_postgres.running()
-    assert running is not None
-    return running.dsn()
 
 
 @pytest.fixture(scope="module")
