@@ -223,6 +223,42 @@ def test_wrong_key_is_401_with_the_form_again_and_no_cookie(browserless: httpx.C
         assert 'name="api_key"' in response.text
 
 
+def test_failed_sign_ins_are_throttled_per_address_with_retry_after(
+        browserless: httpx.Client, seeded: Seeded) -> None:
+    attacker = {"x-forwarded-for": "198.51.100.20"}  # the loopback peer is a trusted proxy
+    wrong = seeded.key[:-4] + "AAAA"
+    assert [_sign_in(browserless, wrong, **attacker).status_code for _ in range(10)] == [401] * 10
+    refused = _sign_in(browserless, wrong, **attacker)
+    assert refused.status_code == 429
+    assert 1 <= int(refused.headers["retry-after"]) <= 6
+    assert "Too many failed sign-ins from your address" in refused.text
+    assert 'name="api_key"' in refused.text  # the form again, as for a wrong key
+    assert "set-cookie" not in refused.headers
+    assert refused.headers["content-security-policy"] == dashboard.CSP
+    # The right key from that address waits too: the key is not even looked at.
+    right = _sign_in(browserless, seeded.key, **attacker)
+    assert right.status_code == 429 and "set-cookie" not in right.headers
+    # Another address is not affected.
+    assert _sign_in(browserless, seeded.key,
+                    **{"x-forwarded-for": "198.51.100.21"}).status_code == 303
+
+
+def test_sign_in_and_api_take_guesses_from_one_bucket_per_address(
+        server: Server, browserless: httpx.Client, seeded: Seeded) -> None:
+    # Alternating between the API and the dashboard buys an attacker no extra guesses.
+    attacker = {"x-forwarded-for": "198.51.100.22"}
+    wrong = seeded.key[:-4] + "AAAA"
+    with httpx.Client(base_url=server.url, timeout=10) as api:
+        for _ in range(5):
+            assert api.get("/api/campaigns", headers={
+                **attacker, "authorization": f"Bearer {wrong}"}).status_code == 401
+            assert _sign_in(browserless, wrong, **attacker).status_code == 401
+        assert _sign_in(browserless, wrong, **attacker).status_code == 429
+        refused = api.get("/api/campaigns", headers={
+            **attacker, "authorization": f"Bearer {seeded.key}"})
+        assert refused.status_code == 429 and refused.json().keys() == {"error"}
+
+
 def test_sign_in_post_from_another_site_or_without_its_form_token_is_refused(
         browserless: httpx.Client, seeded: Seeded) -> None:
     # Login CSRF: another site signing the visitor into the attacker's account.

@@ -34,6 +34,7 @@ from tracker.registration import (
     parse_message,
     registered_json,
 )
+from tracker.throttle import client_of
 
 log = logging.getLogger("tracker.api")
 
@@ -121,17 +122,11 @@ def build_api(runtime: Runtime) -> Starlette:
                           max_buffered=runtime.settings.buffer_max_events,
                           on_database_error=lambda: runtime.metrics.count_db_error("readiness"))
 
-    def client_of(request: Request) -> str | None:
-        """The client's address, resolved as the tracking endpoints resolve it."""
-        forwarded = request.headers.getlist("x-forwarded-for")
-        return addresses.resolve(request.client.host if request.client else None,
-                                 ",".join(forwarded).encode("latin-1") if forwarded else None)
-
     def authenticated(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
             try:
                 # Throttled before the key is looked at: a flood of guesses costs no query.
-                client = client_of(request)
+                client = client_of(request, addresses)
                 wait = runtime.auth_throttle.retry_after(client)
                 if wait is not None:
                     runtime.metrics.auth_throttled += 1

@@ -4,7 +4,8 @@ Signing in takes an API key once; the answer is a session cookie holding a signe
 expiring token (sessions.py), never the key itself. Every page checks that the key
 still exists, so revoking a key ends its sessions. POST forms carry a per-session
 CSRF token, and a POST the browser marks as cross-site is refused before the token is
-even looked at (which also stops login CSRF, where no session exists yet). Pages are
+even looked at (which also stops login CSRF, where no session exists yet). Failed
+sign-ins are throttled per address together with the API's failed authentications. Pages are
 Jinja2 templates with autoescaping; charts are drawn by the vendored Chart.js from a
 JSON block (charts.py makes it), so the CSP allows no inline script or style at all.
 Another account's campaign or message is a 404, as in the API.
@@ -36,6 +37,7 @@ from tracker.fastpath import ClientAddress
 from tracker.lifespan import Runtime
 from tracker.queries import QUERIES
 from tracker.sessions import SESSION_LIFETIME_S, Session, SessionKeys, key_id_of
+from tracker.throttle import client_of
 
 log = logging.getLogger("tracker.dashboard")
 
@@ -256,15 +258,26 @@ class Dashboard:
         return _secured(RedirectResponse("/dashboard/campaigns", status_code=303))
 
     async def _sign_in_form(self, request: Request, error: str | None = None,
-                            status: int = 200) -> Response:
+                            status: int = 200, headers: dict[str, str] | None = None
+                            ) -> Response:
         if error is None and await self._visit(request) is not None:
             raise _Redirect(_local_next(request.query_params.get("next")))
-        return self._render("sign_in.html", None, status=status, error=error,
+        return self._render("sign_in.html", None, status=status, headers=headers, error=error,
                             signed_out="signed-out" in request.query_params,
                             form_token=self._sessions.sign_in_form(time.time()),
                             next=_local_next(request.query_params.get("next")))
 
     async def _sign_in(self, request: Request) -> Response:
+        # The API's throttle, checked before the form is read: a key guessed here costs
+        # the same bucket as one guessed at the API, and a flood of guesses no query.
+        client = client_of(request, self._addresses)
+        wait = self._runtime.auth_throttle.retry_after(client)
+        if wait is not None:
+            self._runtime.metrics.auth_throttled += 1
+            return await self._sign_in_form(
+                request, "Too many failed sign-ins from your address; try again in "
+                         f"{wait} second{'s' if wait != 1 else ''}.", 429,
+                {"retry-after": str(wait)})
         form = await _form(request)
         if not _same_origin(request) or not self._sessions.check_sign_in_form(
                 form.get("form_token", ""), time.time()):
@@ -273,6 +286,8 @@ class Dashboard:
         api_key = form.get("api_key", "").strip()
         account_id = await accounts.authenticate(self._runtime.pool, api_key) if api_key else None
         if account_id is None:
+            self._runtime.auth_throttle.failed(client)
+            self._runtime.metrics.auth_failures += 1
             return await self._sign_in_form(request, "That API key is not valid.", 401)
         log.info("dashboard sign-in for account %d", account_id)
         token = self._sessions.issue(account_id, key_id_of(api_key), time.time())

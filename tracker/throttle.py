@@ -12,6 +12,9 @@ throttled: they are the machine itself (the CLI, a local script), and a reverse
 proxy on the same host that forgot `X-Forwarded-For` would otherwise put every
 client in one bucket and lock everybody out.
 
+The API and the dashboard's sign-in form share one throttle (the runtime's), so a
+client cannot double its guesses by alternating between them.
+
 Memory is bounded: past `max_clients` buckets the least recently failed one is
 forgotten (which only ever gives a client more tries, never fewer). Each worker
 process has its own buckets, so with `--workers N` a client gets up to N times the
@@ -24,6 +27,12 @@ import ipaddress
 import math
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from starlette.requests import Request
+
+if TYPE_CHECKING:
+    from tracker.fastpath import ClientAddress
 
 BURST = 10  # failures allowed at once
 REFILL_PER_S = 1 / 6  # then one more every 6 s: 10 a minute
@@ -74,6 +83,14 @@ class AuthThrottle:
         if tokens >= self.burst:
             del self._buckets[key]  # full again: nothing left to remember
         return tokens
+
+
+def client_of(request: Request, addresses: ClientAddress) -> str | None:
+    """The request's client address, resolved as the tracking endpoints resolve it (through
+    trusted proxies' X-Forwarded-For): what its bucket is keyed by."""
+    forwarded = request.headers.getlist("x-forwarded-for")
+    return addresses.resolve(request.client.host if request.client else None,
+                             ",".join(forwarded).encode("latin-1") if forwarded else None)
 
 
 def _key(client: str | None) -> str | None:
