@@ -563,6 +563,20 @@ def test_the_bearer_scheme_is_case_insensitive(server: Server, api: httpx.Client
                           headers={"authorization": f"bearer {key}"}).status_code == 200
 
 
+@pytest.mark.parametrize(("method", "path"), [
+    ("GET", "/api/campaigns/"), ("POST", "/api/campaigns/"), ("GET", "/api/campaigns/{c}/"),
+    ("GET", "/api/campaigns/{c}/report/"), ("GET", "/api/messages/{m}/"), ("GET", "/healthz/"),
+    ("GET", "/dashboard/campaigns/"), ("GET", "/dashboard/sign-in/")])
+def test_a_trailing_slash_is_404_never_a_redirect_to_the_host_header(
+        api: httpx.Client, owned: dict[str, str], method: str, path: str) -> None:
+    # A forged Host must not come back as a Location (Starlette's redirect_slashes built one).
+    response = api.request(method, path.format(c=owned["campaign"], m=owned["message"]),
+                           headers={"host": "evil.example"},
+                           json={"name": "x"} if method == "POST" else None)
+    assert "location" not in response.headers, response.headers
+    error_of(response, 404)
+
+
 # --- unknown and malformed ids ---------------------------------------------------------------
 
 

@@ -318,4 +318,9 @@ def build_api(runtime: Runtime) -> Starlette:
     from tracker import privacy_api  # it builds on this module's helpers
 
     routes += privacy_api.routes(runtime, authenticated)
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    # Starlette would answer `/api/campaigns/` with a 307 to an absolute URL built from the
+    # request's Host header: a redirect to wherever the client says we are. A path with a
+    # slash too many is simply not one of ours (404, the API's JSON error).
+    app.router.redirect_slashes = False
+    return app
