@@ -188,10 +188,10 @@ def test_an_unknown_format_is_422(api: httpx.Client, exported: dict[str, Any],
     assert "format" in response.json()["error"]
 
 
-def test_another_accounts_campaign_is_404_like_one_that_never_existed(
+def test_another_accounts_campaign_is_404_like_one_that_never_existed_whatever_the_format(
         server: Server, module_dsn: str, exported: dict[str, Any]) -> None:
     with server.client(new_account(module_dsn, "intruder")) as intruder:
-        for fmt in ("csv", "jsonl"):
+        for fmt in ("csv", "jsonl", "xml", ""):
             theirs = intruder.get(f"/api/campaigns/{exported['campaign']}/export",
                                   params={"format": fmt})
             never = intruder.get("/api/campaigns/999999999/export", params={"format": fmt})

@@ -251,11 +251,12 @@ def build_api(runtime: Runtime) -> Starlette:
 
     async def export_events(request: Request, account_id: int) -> Response:
         campaign_id = _object_id(request, "id")
-        name = request.query_params.get("format", "csv")
-        fmt = export.FORMATS.get(name)
+        # The campaign first: another account's campaign is a 404 whatever the format, so
+        # a bad format cannot tell whether it exists.
+        await _campaign(runtime.pool, account_id, campaign_id)
+        fmt = export.FORMATS.get(request.query_params.get("format", "csv"))
         if fmt is None:
             raise ApiError(422, f"format: must be one of {', '.join(export.FORMATS)}")
-        await _campaign(runtime.pool, account_id, campaign_id)
         return await export.open_export(runtime.pool, account_id, campaign_id, fmt)
 
     async def get_message(request: Request, account_id: int) -> Response:
