@@ -33,7 +33,8 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from tracker.client import Client
 from tracker.instrument import extract, render
-from tracker.relay import Mail, RelayConfig, RelayHandler, Upstream
+from tracker.mime_rewrite import Mail
+from tracker.relay import RelayConfig, RelayHandler, Upstream
 from tracker.tokens import Signer
 
 from .support import SECRET, Server, free_port, new_account, wait_for
