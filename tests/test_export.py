@@ -229,8 +229,10 @@ def test_a_client_that_leaves_mid_export_gives_the_connection_back(
             leaving.stream("GET", f"/api/campaigns/{big}/export") as response:
         assert response.status_code == 200
         next(response.iter_raw(1024))
-        # Still streaming: the body is larger than the socket buffers take at once.
-        assert db_value(module_dsn, in_export) == 1
+        # Still streaming: the body is larger than the socket buffers take at once. Polled:
+        # while the server fetches its next chunk the backend is 'active', not idle.
+        wait_for(lambda: db_value(module_dsn, in_export) == 1, timeout=5,
+                 message="the export's transaction to wait on the client")
     wait_for(lambda: db_value(module_dsn, in_export) == 0,
              message="the export's transaction to end")
     assert api.get(f"/api/campaigns/{exported['campaign']}/report").status_code == 200
