@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from http import HTTPStatus
 from typing import Any, Protocol
 
 from tracker.hits import DropReason, EventRecord, Pipeline
@@ -43,6 +44,25 @@ _NOT_ALLOWED_START = {"type": "http.response.start", "status": 405, "headers": [
     (b"allow", b"GET, HEAD"), (b"content-type", b"text/plain; charset=utf-8"),
     (b"content-length", b"19"), (b"cache-control", b"no-store")]}
 _NOT_ALLOWED_BODY = {"type": "http.response.body", "body": b"method not allowed\n"}
+
+
+def wire_response(start: Message, body: Message) -> bytes:
+    """An ASGI response as the HTTP/1.1 bytes uvicorn would write for it, so the tracking
+    protocol (tracker.protocol) sends exactly what the ASGI way sends."""
+    status = start["status"]
+    head = [b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode())]
+    head += [name + b": " + value + b"\r\n" for name, value in start["headers"]]
+    content: bytes = body["body"]
+    return b"".join(head) + b"\r\n" + content
+
+
+_WIRE_PIXEL = wire_response(_PIXEL_START, _PIXEL_BODY)
+_WIRE_PIXEL_HEAD = wire_response(_PIXEL_START, _EMPTY_BODY)
+_WIRE_NOT_FOUND = wire_response(_NOT_FOUND_START, _NOT_FOUND_BODY)
+_WIRE_NOT_FOUND_HEAD = wire_response(_NOT_FOUND_START, _EMPTY_BODY)
+_WIRE_NOT_ALLOWED = wire_response(_NOT_ALLOWED_START, _NOT_ALLOWED_BODY)
+_WIRE_REDIRECT_START = b"HTTP/1.1 302 Found\r\nlocation: "
+_WIRE_REDIRECT_END = b"\r\ncache-control: no-store\r\ncontent-length: 0\r\n\r\n"
 _MAX_FORWARDED_CHARS = 2048
 # The user agent is cut here before it is parsed, classified or used as a cache key: the
 # parsers look at no more than this anyway, and the caches hold 16,384 entries each, so
@@ -225,6 +245,35 @@ class FastPath:
 
     def _capture(self) -> Capture | None:
         return self._runtime.capture
+
+    def answer(self, scope: Scope) -> bytes | None:
+        """The whole response to a tracking request (a path under /o/ or /c/) as bytes, the
+        hit recorded; for a server that writes it from its parser's callbacks with no task
+        per request (tracker.protocol). None when the answer must wait for the journal
+        (TRACKER_DURABILITY=journal): such requests go the ASGI way.
+
+        The same answers as `__call__`, byte for byte (tested); the hit is recorded just
+        before the answer is written rather than just after it, which only moves ~10 µs of
+        work ahead of the write."""
+        capture = self._runtime.capture
+        if capture is not None and capture.sync is not None:
+            return None
+        method = scope["method"]
+        if method != "GET" and method != "HEAD":
+            return _WIRE_NOT_ALLOWED
+        path: str = scope["path"]
+        if path.startswith("/o/"):
+            if capture is not None:
+                _record_open(capture, scope)
+            return _WIRE_PIXEL if method == "GET" else _WIRE_PIXEL_HEAD
+        token = capture.signer.verify_click(path[3:]) if capture else None
+        if token is None:
+            if capture is not None:
+                capture.record("click", DropReason.INVALID_TOKEN)
+            return _WIRE_NOT_FOUND if method == "GET" else _WIRE_NOT_FOUND_HEAD
+        assert capture is not None  # a token was verified with it
+        _record_click(capture, scope, token)
+        return _WIRE_REDIRECT_START + token.destination + _WIRE_REDIRECT_END
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:

@@ -49,6 +49,8 @@ def _run_granian(settings: Settings) -> None:
 def _run_uvicorn(settings: Settings) -> None:
     import uvicorn
 
+    from tracker.protocol import TrackingHttpProtocol
+
     # After a graceful shutdown uvicorn re-raises the signal that stopped it, under the
     # handler that was there before it; with this one that is a no-op, so a clean stop
     # exits 0 instead of dying by SIGTERM (143).
@@ -62,10 +64,13 @@ def _run_uvicorn(settings: Settings) -> None:
         port=settings.port,
         workers=settings.workers,
         loop="uvloop",
-        http="httptools",
+        http=TrackingHttpProtocol,  # httptools, with the tracking paths answered in place
         ws="none",
         lifespan="on",
         access_log=False,  # an access log would hold addresses the policy may forbid
+        # X-Forwarded-For is read by tracker itself, only from TRACKER_TRUSTED_PROXIES;
+        # uvicorn's own handling would trust 127.0.0.1 and rewrite the client address.
+        proxy_headers=False,
         log_level=settings.log_level,
         server_header=False,
         date_header=False,

@@ -1,0 +1,180 @@
+"""uvicorn's protocol with tracking requests answered in place (tracker/protocol.py).
+
+The same server is started twice on one database: in the default durability mode,
+where tracking requests are answered from the parser's callbacks, and with
+TRACKER_DURABILITY=journal, where every request goes through uvicorn's ASGI
+machinery. Both must answer every request with the same bytes.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from .support import Server, campaign, db_value, new_account, register, wait_for
+
+DESTINATION = "https://example.com/p?q=1&r=%20x#frag"
+
+
+@pytest.fixture(scope="module")
+def servers(module_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
+        tuple[Server, Server]]:
+    env = {"TRACKER_SERVER": "uvicorn"}
+    fast = Server(module_dsn, tmp_path_factory.mktemp("fast"), env).start()
+    asgi = Server(module_dsn, tmp_path_factory.mktemp("asgi"),
+                  {**env, "TRACKER_DURABILITY": "journal"}).start()
+    yield fast, asgi
+    fast.stop()
+    asgi.stop()
+
+
+@pytest.fixture(scope="module")
+def tokens(servers: tuple[Server, Server], module_dsn: str) -> dict[str, str]:
+    fast, _ = servers
+    with fast.client(new_account(module_dsn)) as client:
+        message = register(client, campaign(client), [DESTINATION])
+    return {"pixel": message["pixel_url"].removeprefix(fast.url),
+            "click": message["links"][0]["tracked_url"].removeprefix(fast.url),
+            "message": message["id"], "key": client.headers["authorization"]}
+
+
+def exchange(port: int, data: bytes, expect_close: bool = True) -> bytes:
+    """Sends raw bytes; returns everything read until the server closes (or goes quiet)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        if not expect_close:
+            sock.settimeout(1.0)
+        received = b""
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except TimeoutError:
+            pass
+    return received
+
+
+def _request(method: str, target: str, version: str = "1.1", extra: str = "") -> bytes:
+    return (f"{method} {target} HTTP/{version}\r\nHost: track.example\r\n"
+            f"User-Agent: Mozilla/5.0 (X11; Linux x86_64) Firefox/130.0\r\n{extra}"
+            "Connection: close\r\n\r\n").encode("latin-1")
+
+
+def _cases(tokens: dict[str, str]) -> list[bytes]:
+    pixel, click = tokens["pixel"], tokens["click"]
+    return [
+        _request("GET", pixel), _request("HEAD", pixel), _request("GET", pixel + "?x=1"),
+        _request("GET", click), _request("HEAD", click), _request("GET", click + "?utm=1"),
+        _request("GET", "/o/not-a-token.gif"), _request("GET", "/c/not-a-token"),
+        _request("HEAD", "/c/not-a-token"), _request("GET", "/c/"), _request("GET", "/o/"),
+        _request("POST", pixel, extra="Content-Length: 3\r\n") + b"abc",
+        _request("DELETE", click), _request("GET", click, version="1.0"),
+        _request("GET", pixel, extra="Content-Length: 5\r\n") + b"hello",
+    ]
+
+
+def test_answers_are_byte_for_byte_those_of_the_asgi_way(
+        servers: tuple[Server, Server], tokens: dict[str, str]) -> None:
+    fast, asgi = servers
+    for case in _cases(tokens):
+        answer = exchange(fast.port, case)
+        assert answer, case
+        assert answer == exchange(asgi.port, case), case
+
+
+def test_paths_it_does_not_handle_go_the_asgi_way_with_the_same_result(
+        servers: tuple[Server, Server], tokens: dict[str, str]) -> None:
+    fast, asgi = servers
+    pixel = tokens["pixel"]
+    escaped = pixel[:3] + "%" + format(ord(pixel[3]), "02X") + pixel[4:]
+    for case in (_request("GET", escaped), _request("GET", f"http://track.example{pixel}"),
+                 _request("GET", "/api/campaigns")):
+        answer = exchange(fast.port, case)
+        assert answer == exchange(asgi.port, case), case
+    assert exchange(fast.port, _request("GET", escaped)).startswith(b"HTTP/1.1 200 OK")
+
+
+def test_pipelined_requests_are_answered_in_order_across_both_ways(
+        servers: tuple[Server, Server], tokens: dict[str, str]) -> None:
+    fast, _ = servers
+    keep = "Connection: keep-alive\r\n"
+    api = f"GET /api/messages/{tokens['message']} HTTP/1.1\r\nHost: x\r\n" \
+          f"Authorization: {tokens['key']}\r\n\r\n"
+    pipelined = (
+        f"GET {tokens['pixel']} HTTP/1.1\r\nHost: x\r\n{keep}\r\n" + api
+        + f"GET {tokens['click']} HTTP/1.1\r\nHost: x\r\n\r\n" + api
+        + "GET /o/bad.gif HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").encode()
+    answer = exchange(fast.port, pipelined)
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)  # bodies have no line ends
+    assert statuses == [b"200", b"200", b"302", b"200", b"200"], answer
+    assert answer.count(b"content-type: image/gif") == 2
+    assert answer.count(b"location: " + DESTINATION.encode()) == 1
+
+
+def test_every_pipelined_hit_is_recorded_once(
+        servers: tuple[Server, Server], tokens: dict[str, str], module_dsn: str) -> None:
+    fast, _ = servers
+    message = int(tokens["message"])
+
+    def opens() -> int:
+        return int(db_value(module_dsn, "select count(*) from events where message_id = $1 "
+                            "and type = 'open'", message))
+
+    before = steady(opens)
+    burst = b"".join(f"GET {tokens['pixel']} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+                     for _ in range(200))
+    answer = exchange(fast.port, burst + _request("GET", "/o/bad.gif"))
+    assert answer.count(b"HTTP/1.1 200 OK") == 201
+    wait_for(lambda: opens() == before + 200, timeout=15,
+             message="200 pipelined opens in PostgreSQL")
+
+
+def steady(count: Callable[[], int]) -> int:
+    """The value of a counter once it stops moving for half a second."""
+    last = count()
+    while True:
+        time.sleep(0.5)
+        now = count()
+        if now == last:
+            return now
+        last = now
+
+
+def test_an_idle_keep_alive_connection_is_closed_after_the_timeout(
+        servers: tuple[Server, Server], tokens: dict[str, str]) -> None:
+    fast, _ = servers
+    with socket.create_connection(("127.0.0.1", fast.port), timeout=15) as sock:
+        sock.sendall(f"GET {tokens['pixel']} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        started = time.monotonic()
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+        waited = time.monotonic() - started
+    assert received.startswith(b"HTTP/1.1 200 OK")
+    assert b"connection: close" not in received
+    assert 4.0 <= waited <= 12.0, waited  # uvicorn's keep-alive timeout is 5 s
+
+
+def test_a_client_that_never_reads_does_not_stop_the_server(
+        servers: tuple[Server, Server], tokens: dict[str, str]) -> None:
+    fast, _ = servers
+    hog = socket.create_connection(("127.0.0.1", fast.port), timeout=10)
+    hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    request = f"GET {tokens['pixel']} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    hog.setblocking(False)
+    blocked = False
+    try:
+        for _ in range(50000):  # far more answers than the socket buffers hold
+            try:
+                hog.send(request)
+            except BlockingIOError:
+                blocked = True  # the server stopped reading from us: that is the point
+                break
+        answer = exchange(fast.port, _request("GET", tokens["pixel"]))
+        assert answer.startswith(b"HTTP/1.1 200 OK")
+    finally:
+        hog.close()
+    assert blocked, "the server kept reading requests whose answers nobody read"
