@@ -289,8 +289,8 @@ def _api(args: argparse.Namespace) -> tuple[str, str]:
 def cmd_instrument(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from tracker.charsets import html_charset, text_codec
     from tracker.client import Client, TrackerError
-    from tracker.relay import html_charset, text_codec
 
     url, key = _api(args)
     name = "stdin" if args.file == "-" else args.file

@@ -380,10 +380,11 @@ def families(snap: Snapshot, workers: int = 1) -> Iterator[Metric]:
     for source in DB_ERROR_SOURCES:
         errors.add_metric([source], c.get(f"db_errors_{source}", 0))
     yield errors
-    yield from _counter("tracker_auth_failures", "API requests refused for a missing or "
-                        "wrong key.", c, "auth_failures")
-    yield from _counter("tracker_auth_throttled", "API requests refused with 429 after too "
-                        "many failed authentications from their address.", c, "auth_throttled")
+    yield from _counter("tracker_auth_failures", "API requests and dashboard sign-ins "
+                        "refused for a missing or wrong key.", c, "auth_failures")
+    yield from _counter("tracker_auth_throttled", "API requests and dashboard sign-ins "
+                        "refused with 429 after too many failed authentications from their "
+                        "address.", c, "auth_throttled")
     yield from _gauge("tracker_writer_buffered_events", "Events in memory waiting to be "
                       "written.", g, "buffered")
     yield from _gauge("tracker_writer_buffer_capacity_events", "Events the memory buffer "

@@ -30,14 +30,8 @@ from dataclasses import dataclass, field
 import aiosmtplib
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from tracker.charsets import html_charset, text_codec
 from tracker.client import AsyncClient, NewMessage, Registered, TrackerError
 from tracker.mime_rewrite import Mail
-
-# html_charset and text_codec live in tracker.charsets; named here still for the
-# `tracker instrument` command, which imports them from this module.
-__all__ = ["RelayConfig", "RelayHandler", "RelayStats", "Upstream", "html_charset",
-           "parse_address", "serve", "text_codec"]
 
 log = logging.getLogger("tracker.relay")
 

@@ -30,7 +30,7 @@ class UnknownTimeZone(ValueError):
 def zone(name: str) -> ZoneInfo:
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a name too long for a file
         raise UnknownTimeZone(f"tz: unknown time zone {name!r}") from None
 
 
