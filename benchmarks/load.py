@@ -32,16 +32,28 @@ from pathlib import Path
 import asyncpg
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tests.support import free_port
+from common import (
+    LOAD_CORE,
+    SERVER_CORE,
+    BenchError,
+    Database,
+    free_port,
+    ms,
+    require,
+    start_nginx,
+    start_tracker,
+    stop,
+    tree_cpu_seconds,
+    wait_http,
+)
+
 from tracker import accounts
-from tracker.embedded_db import EmbeddedPostgres
-from tracker.migrations import migrate
 
-SECRET = "benchmark-signing-key-0123456789"
-SERVER_CORE = "0"
-LOAD_CORE = "1"
+# durability.py imports these under their former names.
+_free_port = free_port
+_wait_http = wait_http
 USER_AGENTS = [
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
     "Chrome/130.0.0.0 Safari/537.36",
@@ -87,28 +99,6 @@ class Result:
         return self.requests / self.server_cpu_s if self.server_cpu_s else 0.0
 
 
-def _ms(value: str) -> float:
-    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", value).groups()  # type: ignore[union-attr]
-    return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
-
-
-def _tree_cpu_seconds(pid: int) -> float:
-    """user + system CPU seconds of a process and all its descendants."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    pending = [pid]
-    while pending:
-        current = pending.pop()
-        try:
-            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / ticks
-            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        pending.extend(int(c) for c in children)
-    return total
-
-
 def run_wrk(name: str, url: str, args: argparse.Namespace, server_pid: int,
             script: Path | None = None, script_args: list[str] | None = None) -> Result:
     command = ["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{args.connections}",
@@ -118,9 +108,9 @@ def run_wrk(name: str, url: str, args: argparse.Namespace, server_pid: int,
     else:
         command.append(url)
     before = os.times()
-    server_before = _tree_cpu_seconds(server_pid)
+    server_before = tree_cpu_seconds(server_pid)
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    server_cpu = _tree_cpu_seconds(server_pid) - server_before
+    server_cpu = tree_cpu_seconds(server_pid) - server_before
     after = os.times()
     cpu = (after.children_user - before.children_user
            + after.children_system - before.children_system)
@@ -130,52 +120,8 @@ def run_wrk(name: str, url: str, args: argparse.Namespace, server_pid: int,
     errors += int(non2xx.group(1)) if non2xx else 0
     latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.MULTILINE))
     return Result(name, requests, float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
-                  _ms(latency["50"]), _ms(latency["99"]), errors, cpu / args.duration,
+                  ms(latency["50"]), ms(latency["99"]), errors, cpu / args.duration,
                   server_cpu)
-
-
-def start_nginx(workdir: Path, port: int) -> subprocess.Popen[bytes]:
-    root = workdir / "www" / "o"
-    root.mkdir(parents=True)
-    from tracker.fastpath import PIXEL_GIF
-    (root / "x.gif").write_bytes(PIXEL_GIF)
-    conf = workdir / "nginx.conf"
-    conf.write_text(f"""
-worker_processes 1;
-daemon off;
-pid {workdir}/nginx.pid;
-error_log {workdir}/nginx-error.log;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  server {{
-    listen 127.0.0.1:{port} backlog=2048;
-    root {workdir}/www;
-    location /o/ {{
-      add_header Cache-Control "no-store, no-cache, must-revalidate, max-age=0";
-      types {{ image/gif gif; }}
-    }}
-  }}
-}}
-""")
-    proc = subprocess.Popen(["taskset", "-c", SERVER_CORE, "nginx", "-c", str(conf),
-                             "-p", str(workdir)], stderr=subprocess.DEVNULL)
-    _wait_http(f"http://127.0.0.1:{port}/o/x.gif")
-    return proc
-
-
-def _wait_http(url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"{url} did not come up")
-
-
 
 
 async def _prepare(dsn: str, url: str, messages: int, links: int) -> tuple[list[str], list[str]]:
@@ -225,20 +171,6 @@ def settle(dsn: str, kind: str, timeout: float = 30) -> int:
     return last
 
 
-def _start_tracker(server: str, dsn: str, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    env = {**os.environ, "TRACKER_DATABASE_URL": dsn, "TRACKER_SECRET_KEY": SECRET,
-           "TRACKER_PORT": str(port), "TRACKER_SERVER": server,
-           "TRACKER_DATA_DIR": str(workdir / "data"), "TRACKER_LOG_LEVEL": "warning",
-           "TRACKER_GEOIP_FETCH": "off"}
-    proc = subprocess.Popen(["taskset", "-c", SERVER_CORE, sys.executable, "-m", "tracker",
-                             "serve"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=open(workdir / f"{server}.log", "wb"))  # noqa: SIM115
-    url = f"http://127.0.0.1:{port}"
-    _wait_http(url + "/healthz")
-    return proc, url
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
@@ -250,22 +182,23 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--links", type=int, default=5)
     args = parser.parse_args()
-    for tool in ("wrk", "nginx", "taskset"):
-        if shutil.which(tool) is None:
-            raise SystemExit(f"{tool} is needed: apt-get install wrk nginx-light util-linux")
+    try:
+        measure(args)
+    except BenchError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+def measure(args: argparse.Namespace) -> None:
+    require("wrk", "nginx", "taskset")
     servers = [name.strip() for name in args.servers.split(",") if name.strip()]
 
     workdir = Path(tempfile.mkdtemp(prefix="tracker-bench-"))
-    pg = EmbeddedPostgres(workdir / "pg")
-    pg.start()
+    db = Database(workdir / "pg")
+    dsn = db.dsn
     procs: list[subprocess.Popen[bytes]] = []
     runs: dict[str, list[Result]] = {}
     checks = []
     try:
-        running = pg.running()
-        assert running is not None
-        dsn = running.dsn()
-        asyncio.run(_migrate(dsn))
         (workdir / "uas.txt").write_text("\n".join(USER_AGENTS) + "\n")
         script = workdir / "paths.lua"
         script.write_text(LUA)
@@ -275,7 +208,8 @@ def main() -> None:
         procs.append(nginx)
         trackers = {}
         for server_name in servers:
-            server, url = _start_tracker(server_name, dsn, workdir)
+            server, url = start_tracker(dsn, workdir, name=server_name,
+                                        TRACKER_SERVER=server_name)
             procs.append(server)
             pixels, clicks = asyncio.run(_prepare(dsn, url, args.messages, args.links))
             (workdir / f"{server_name}-pixels.txt").write_text("\n".join(pixels) + "\n")
@@ -298,15 +232,12 @@ def main() -> None:
                     checks.append((name, result.requests, landed, result.requests <= landed
                                    <= result.requests + args.connections))
         for server, _ in trackers.values():
-            server.send_signal(signal.SIGTERM)
-            server.wait(60)
-        nginx.send_signal(signal.SIGQUIT)
-        nginx.wait(10)
+            stop(server)
+        stop(nginx, signal.SIGQUIT, 10)
     finally:
         for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-        pg.stop("immediate")
+            stop(proc, signal.SIGKILL, 10)
+        db.stop()
 
     results = {name: _median(rs) for name, rs in runs.items()}
     reference = results["nginx static GIF"]
@@ -336,14 +267,6 @@ def main() -> None:
 def _median(results: list[Result]) -> Result:
     ordered = sorted(results, key=lambda r: r.rps)
     return ordered[len(ordered) // 2]
-
-
-async def _migrate(dsn: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
 
 
 if __name__ == "__main__":

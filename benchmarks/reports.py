@@ -14,23 +14,26 @@ clicks of the same message around it, which the writer re-labels). Dimension val
 have realistic cardinalities: ~120 countries, ~1,500 regions, 40 browsers, 15 systems,
 3 device classes, each skewed (Zipf) and 5-10 % unknown.
 
-Then a real server (`tracker serve`, granian, one worker) is started on that database:
+Then a real server (`tracker serve`, its default HTTP server, one worker) is started on
+that database:
 - report latency: GET /api/campaigns/{id}/report, sequentially, after warm-up;
 - freshness: a real pixel or click hit on a new message, then the report polled every
   20 ms until it counts the hit (the server's default 200 ms flush interval applies);
 - the same report computed from raw events (the pre-rollup queries) for comparison,
   and checked equal to the rollup report (`--no-verify` skips it).
+
+With `--json` the last line of stdout is one JSON object with the figures (the benchmark
+suite reads it).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import math
-import os
 import random
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -43,20 +46,19 @@ from typing import Any
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tests.support import free_port  # noqa: E402
-from tracker import accounts, campaigns  # noqa: E402
-from tracker.database import connect  # noqa: E402
-from tracker.embedded_db import EmbeddedPostgres  # noqa: E402
-from tracker.hits import DAY_MICROSECONDS, EventRecord, event_id  # noqa: E402
-from tracker.migrations import migrate  # noqa: E402
-from tracker.reports import DIMENSIONS  # noqa: E402
-from tracker.rollups import HONEYPOT_URL_ID  # noqa: E402
-from tracker.writer import BatchWriter  # noqa: E402
+from common import BenchError, percentile, start_tracker, stop
 
-SECRET = "benchmark-signing-key-0123456789"
+from tracker import accounts, campaigns
+from tracker.database import connect
+from tracker.embedded_db import EmbeddedPostgres
+from tracker.hits import DAY_MICROSECONDS, EventRecord, event_id
+from tracker.migrations import migrate
+from tracker.reports import DIMENSIONS
+from tracker.rollups import HONEYPOT_URL_ID
+from tracker.writer import BatchWriter
+
 CHROME = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
           "Chrome/126.0.0.0 Safari/537.36")
 GOAL_MS = 200.0
@@ -258,11 +260,6 @@ async def _generate(dsn: str, args: argparse.Namespace) -> dict[str, Any]:
             "events_bytes": events_bytes, "distinct": people.distinct}
 
 
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 def _measure_reports(client: httpx.Client, campaign: int, n: int,
                      tz: str | None = None) -> tuple[list[float], dict[str, Any]]:
     params = {"tz": tz} if tz else {}
@@ -356,8 +353,16 @@ def main() -> None:
     parser.add_argument("--fresh", type=int, default=6, help="freshness rounds")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--no-verify", dest="verify", action="store_false")
+    parser.add_argument("--json", action="store_true",
+                        help="also print the figures as one JSON object on the last line")
     args = parser.parse_args()
+    try:
+        measure(args)
+    except BenchError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
+
+def measure(args: argparse.Namespace) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="tracker-report-bench-"))
     pg = EmbeddedPostgres(workdir / "pg")
     pg.start()
@@ -369,24 +374,7 @@ def main() -> None:
         print(f"generating {args.events:,} events for {args.messages:,} messages over "
               f"{args.days} days ...", flush=True)
         made = asyncio.run(_generate(dsn, args))
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "TRACKER_DATABASE_URL": dsn, "TRACKER_SECRET_KEY": SECRET,
-               "TRACKER_PORT": str(port), "TRACKER_DATA_DIR": str(workdir / "data"),
-               "TRACKER_LOG_LEVEL": "warning", "TRACKER_GEOIP_FETCH": "off",
-               "TRACKER_PUBLIC_URL": base}
-        server = subprocess.Popen([sys.executable, "-m", "tracker", "serve"], env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(base + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("the server did not come up")
-            time.sleep(0.1)
+        server, base = start_tracker(dsn, workdir, core=None, name="server")
         headers = {"authorization": f"Bearer {made['api_key']}"}
         with httpx.Client(base_url=base, headers=headers, timeout=60) as client, \
                 httpx.Client(base_url=base, timeout=10) as public:
@@ -397,18 +385,15 @@ def main() -> None:
                           if args.verify else (None, None))
             problems = _check(report, raw) if raw is not None else []
             fresh = _freshness(client, public, base, made["campaign"], args.fresh)
-        server.send_signal(signal.SIGTERM)
-        server.wait(60)
     finally:
-        if server is not None and server.poll() is None:
-            server.kill()
+        stop(server)
         pg.stop("immediate")
         shutil.rmtree(workdir, ignore_errors=True)
 
     flushes = made["flushes"]
     rate = made["written"] / made["generate_s"]
-    p50, p95 = _percentile(utc_times, 0.5) * 1000, _percentile(utc_times, 0.95) * 1000
-    tz50, tz95 = _percentile(tz_times, 0.5) * 1000, _percentile(tz_times, 0.95) * 1000
+    p50, p95 = percentile(utc_times, 0.5) * 1000, percentile(utc_times, 0.95) * 1000
+    tz50, tz95 = percentile(tz_times, 0.5) * 1000, percentile(tz_times, 0.95) * 1000
     print(f"\n{made['written']:,} events for {args.messages:,} messages over {args.days} days, "
           f"{args.writers} writer(s), batches of {args.batch:,}; "
           f"{made['relabelled']:,} clicks re-labelled machine; "
@@ -417,8 +402,8 @@ def main() -> None:
           f"the population\n")
     print(f"{'write path':<34} {'value':>12}")
     print(f"{'events/s (COPY + move + rollups)':<34} {rate:>12,.0f}")
-    print(f"{'batch write p50 ms':<34} {_percentile(flushes, 0.5) * 1000:>12.0f}")
-    print(f"{'batch write p95 ms':<34} {_percentile(flushes, 0.95) * 1000:>12.0f}")
+    print(f"{'batch write p50 ms':<34} {percentile(flushes, 0.5) * 1000:>12.0f}")
+    print(f"{'batch write p95 ms':<34} {percentile(flushes, 0.95) * 1000:>12.0f}")
     for name, (rows, size) in sorted(made["sizes"].items()):
         print(f"{name + ' rows (MiB)':<34} {rows:>12,} ({size / 2**20:,.0f})")
     print()
@@ -435,6 +420,15 @@ def main() -> None:
     print(f"{'freshness (hit -> report)':<34} {'median s':>8} {'max s':>8} {'goal':>14}")
     print(f"{f'{len(fresh)} hits, pixel and click':<34} {fresh_median:>8.2f} {fresh_max:>8.2f} "
           f"{'<= 5 ' + verdict:>14}")
+    if args.json:
+        print(json.dumps({
+            "events": made["written"], "messages": args.messages, "days": args.days,
+            "write_events_per_s": rate, "report_p50_ms": p50, "report_p95_ms": p95,
+            "report_tz_p50_ms": tz50, "report_tz_p95_ms": tz95,
+            "raw_report_ms": None if raw_s is None else raw_s * 1000,
+            "verified": raw_s is not None, "equal": not problems,
+            "fresh_median_s": fresh_median, "fresh_max_s": fresh_max,
+            "goal_ms": GOAL_MS, "goal_fresh_s": GOAL_FRESH_S}))
     if problems:
         print("\nthe rollup report differs from the raw-events one:", *problems, sep="\n  ")
         raise SystemExit(1)
