@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import re
 import shutil
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -287,94 +288,197 @@ class Database:
 
 
 @dataclass
+class Window:
+    """Answers that came in during one time window of a phase."""
+
+    t: float  # seconds from the phase's first request to the window's middle
+    rate: float  # answers per second of the window's part inside the phase
+    p50: float | None  # latency, ms (None: no timed answer in the window)
+    p90: float | None
+    p99: float | None
+    timed: int  # answers whose latency is known
+
+
+def nearest_rank(ordered: Sequence[float], q: float) -> float:
+    """The q-quantile (0..1] of sorted values, by the nearest-rank method."""
+    return float(ordered[max(0, min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1))])
+
+
+@dataclass
+class Plan:
+    """One wrk process over a plan written by write_plan."""
+
+    directory: Path
+    connections: int
+    threads: int
+    rate: float = 0.0  # requests/s of the whole process; 0: as fast as answered
+    timed: bool = False  # one connection per thread, every latency kept
+    stop: Path | None = None  # send nothing more once this file exists
+    finished: Path | None = None  # created when this plan is done
+
+
+@dataclass
 class PlanRun:
-    """One wrk run over a finite plan: what it sent, when, and how fast it was answered."""
+    """What one wrk process sent, when, and how its answers came."""
 
     planned: int
     sent: int
-    complete: bool  # every planned request answered, none in flight when wrk stopped
-    active_s: float  # first request written to last answer read
+    answered: int
+    complete: bool  # every thread parked: nothing in flight when wrk stopped
+    first_us: int  # CLOCK_MONOTONIC of the first request written
+    done_us: int  # and of the last answer read
     wall_s: float  # the wrk process, start to exit
-    errors: dict[str, int]
-    latency_us: dict[str, float]
-    histogram: dict[int, int]  # latency in µs -> requests
-    fillers: int
+    errors: dict[str, int]  # wrk's: connect, read, write, timeout, status (answers >= 400)
+    fillers: int  # requests outside the plan (only after a connection error)
     late: int  # paced runs: requests sent more than 1 ms after their slot
     late_max_ms: float
     wrk_cpu_s: float
+    counts: dict[int, int]  # window (CLOCK_MONOTONIC // window_us) -> answers
+    latencies: dict[int, list[int]]  # window -> latencies in µs (timed runs)
+    window_us: int
+    thread_sent: list[int]  # per thread (plan-<n>.txt): how many of its lines it sent
     server_cpu_s: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def active_s(self) -> float:
+        return (self.done_us - self.first_us) / 1e6 if self.done_us > self.first_us else 0.0
 
     @property
     def rate(self) -> float:
-        return self.sent / self.active_s if self.active_s > 0 else 0.0
+        return self.answered / self.active_s if self.active_s else 0.0
 
     @property
     def socket_errors(self) -> int:
         return sum(v for k, v in self.errors.items() if k != "status")
 
 
-def write_plan(directory: Path, agents: Sequence[str], threads: Sequence[Sequence[str]]) -> None:
-    """The files plan.lua reads: agents.txt, and one plan-<n>.txt per wrk thread with lines
-    'METHOD PATH AGENT [X-FORWARDED-FOR]' (AGENT: 1-based line of agents.txt, 0 for none)."""
+def write_plan(directory: Path, agents: Sequence[str], lines: Sequence[str],
+               threads: int) -> None:
+    """The files plan.lua reads: agents.txt, and the plan dealt round-robin into one
+    plan-<n>.txt per thread, lines 'METHOD PATH AGENT [X-FORWARDED-FOR]' (AGENT: the
+    1-based line of agents.txt, 0 for no User-Agent header)."""
     directory.mkdir(parents=True, exist_ok=True)
-    for stale in directory.glob("done-*"):
+    for stale in (*directory.glob("done-*"), *directory.glob("lat-*")):
         stale.unlink()
     (directory / "agents.txt").write_text("".join(f"{a}\n" for a in agents))
-    for n, lines in enumerate(threads, 1):
-        (directory / f"plan-{n}.txt").write_text("".join(f"{line}\n" for line in lines))
+    for n in range(threads):
+        (directory / f"plan-{n + 1}.txt").write_text(
+            "".join(f"{line}\n" for line in lines[n::threads]))
 
 
-def run_plan(url: str, directory: Path, *, threads: int, connections: int, rate: float = 0.0,
-             cap_s: float = 60.0, core: str | None = LOAD_CORE,
-             server_pids: Sequence[int] = ()) -> PlanRun:
-    """wrk with plan.lua over the plan in `directory` (see write_plan), as fast as the server
-    answers or paced at `rate` requests/s in all; stops when the plan is answered, or at
-    `cap_s`. `server_pids`: processes whose CPU (with their descendants) is measured."""
-    per_thread = max(1, connections // threads)
+def run_plans(url: str, plans: Sequence[Plan], *, window_s: float = 1.0, cap_s: float = 60.0,
+              core: str | None = LOAD_CORE,
+              server_pids: Sequence[int] = ()) -> list[PlanRun]:
+    """wrk with plan.lua, one process per plan, all starting at the same moment; each stops
+    when its plan is answered (or its STOP file appears), or at `cap_s`. `server_pids`:
+    processes whose CPU (with their descendants) is measured over the runs (given to the
+    first PlanRun)."""
+    window_us = max(1, round(window_s * 1e6))
+    lines = sum(1 for plan in plans for path in plan.directory.glob("plan-*.txt")
+                for _ in path.open())
+    threads = sum(plan.threads for plan in plans)
+    # wrk loads each thread's plan before starting it, one thread after the other: ~5 µs a
+    # line and ~2 ms a thread here. The threads wait for this moment to start together.
+    start_us = round((time.monotonic() + 0.05 + 5e-6 * lines + 0.002 * threads) * 1e6)
     pinning = ["taskset", "-c", core] if core is not None else []
-    command = [*pinning, "wrk", f"-t{threads}", f"-c{per_thread * threads}",
-               f"-d{max(1, round(cap_s))}s", "--timeout", "10s", "-s", str(PLAN_LUA), url, "--",
-               str(directory), str(per_thread), f"{rate / threads:.3f}", str(threads)]
-    out_path = directory / "wrk.out"
     server_before = sum(tree_cpu_seconds(p) for p in server_pids)
     started = time.monotonic()
-    with out_path.open("wb") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.monotonic() - started
+    procs = []
+    try:
+        for plan in plans:
+            if plan.timed and plan.connections != plan.threads:
+                raise ValueError("a timed plan needs one connection per thread")
+            for stale in (plan.stop, plan.finished):
+                if stale is not None and stale.exists():
+                    stale.unlink()
+            per_thread = max(1, plan.connections // plan.threads)
+            command = [*pinning, "wrk", f"-t{plan.threads}", f"-c{per_thread * plan.threads}",
+                       f"-d{max(1, math.ceil(cap_s))}s", "--timeout", "10s", "-s",
+                       str(PLAN_LUA), url, "--", str(plan.directory),
+                       f"{plan.rate / plan.threads:.6f}", str(window_us), str(plan.threads),
+                       str(per_thread), str(start_us), "1" if plan.timed else "0",
+                       str(plan.stop or "-"), str(plan.finished or "-")]
+            out = (plan.directory / "wrk.out").open("wb")
+            procs.append(subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT))
+            out.close()
+        usages: dict[int, tuple[Any, float]] = {}
+        while len(usages) < len(procs):
+            for proc in procs:
+                if proc.pid in usages:
+                    continue
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    proc.returncode = os.waitstatus_to_exitcode(status)
+                    usages[pid] = (usage, time.monotonic() - started)
+            time.sleep(0.005)
+    except BaseException:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.kill()
+                proc.wait()
+        raise
     server_cpu = sum(tree_cpu_seconds(p) for p in server_pids) - server_before
-    text = out_path.read_text(errors="replace")
+    runs = [_plan_run(plan, proc, *usages[proc.pid], window_us)
+            for plan, proc in zip(plans, procs, strict=True)]
+    runs[0].server_cpu_s = server_cpu
+    return runs
+
+
+def _plan_run(plan: Plan, proc: subprocess.Popen[bytes], usage: Any, wall: float,
+              window_us: int) -> PlanRun:
+    text = (plan.directory / "wrk.out").read_text(errors="replace")
     found = re.search(r"^PLAN-RESULT (.*)$", text, re.MULTILINE)
     if found is None:
         raise BenchError(f"wrk gave no result (exit {proc.returncode}): {text.strip()[-500:]}")
     result = json.loads(found[1])
-    rows = result["threads"]
-    firsts = [r["first_us"] for r in rows if r["sent"]]
-    dones = [r["done_us"] for r in rows if r["complete"]]
-    complete = all(r["complete"] and r["sent"] == r["planned"] for r in rows)
-    active = (max(dones) - min(firsts)) / 1e6 if complete and firsts else wall
-    histogram = {int(v): int(c) for v, c in
-                 (pair.split(":") for pair in result.get("histogram", "").split(",") if pair)}
+    rows = sorted(result["threads"], key=lambda r: int(r["id"]))
+    counts: dict[int, int] = {}
+    latencies: dict[int, list[int]] = {}
+    for path in plan.directory.glob("lat-*.txt"):
+        for line in path.read_text().splitlines():
+            window, count, *values = (int(v) for v in line.split())
+            counts[window] = counts.get(window, 0) + count
+            if values:
+                latencies.setdefault(window, []).extend(values)
+    working = [r for r in rows if r["sent"]]
     return PlanRun(
         planned=sum(r["planned"] for r in rows), sent=sum(r["sent"] for r in rows),
-        complete=complete, active_s=active, wall_s=wall, errors=result["errors"],
-        latency_us=result["latency_us"], histogram=histogram,
-        fillers=sum(r["fillers"] for r in rows), late=sum(r["late"] for r in rows),
-        late_max_ms=max(r["late_max_us"] for r in rows) / 1000,
-        wrk_cpu_s=usage.ru_utime + usage.ru_stime, server_cpu_s=server_cpu)
+        answered=sum(r["answered"] for r in rows),
+        complete=all(r["complete"] and r["answered"] == r["sent"] for r in rows),
+        first_us=min((r["first_us"] for r in working), default=0),
+        done_us=max((r["done_us"] for r in working), default=0),
+        wall_s=wall, errors=result["errors"], fillers=sum(r["fillers"] for r in rows),
+        late=sum(r["late"] for r in rows),
+        late_max_ms=max((r["late_max_us"] for r in rows), default=0) / 1000,
+        wrk_cpu_s=usage.ru_utime + usage.ru_stime, counts=counts, latencies=latencies,
+        window_us=window_us, thread_sent=[r["sent"] for r in rows])
 
 
-def histogram_percentile(histogram: dict[int, int], q: float) -> float:
-    """The q-quantile (0..1) of a latency histogram (µs -> count), in µs."""
-    total = sum(histogram.values())
-    if not total:
-        return 0.0
-    rank = q * total
-    seen = 0
-    for value in sorted(histogram):
-        seen += histogram[value]
-        if seen >= rank:
-            return float(value)
-    return float(max(histogram))
+def latency_ms(runs: Sequence[PlanRun], q: float) -> float | None:
+    """The q-quantile of every timed answer's latency in these runs, in ms."""
+    values = sorted(v for run in runs for vs in run.latencies.values() for v in vs)
+    return nearest_rank(values, q) / 1000 if values else None
+
+
+def series(runs: Sequence[PlanRun]) -> list[Window]:
+    """Answers/s of the runs together and the latency percentiles of their timed answers,
+    window by window. The slivers at either end (less than a quarter of a window inside the
+    runs) are left out: too few answers to tell."""
+    working = [run for run in runs if run.answered]
+    if not working:
+        return []
+    width = working[0].window_us
+    first = min(run.first_us for run in working)
+    last = max(run.done_us for run in working)
+    out = []
+    for index in sorted({w for run in working for w in run.counts}):
+        start, end = max(index * width, first), min((index + 1) * width, last)
+        if end - start < width / 4:
+            continue
+        count = sum(run.counts.get(index, 0) for run in working)
+        values = sorted(v for run in working for v in run.latencies.get(index, ()))
+        p50, p90, p99 = ((nearest_rank(values, q) / 1000 for q in (0.5, 0.9, 0.99))
+                         if values else (None, None, None))
+        out.append(Window((index * width + width / 2 - first) / 1e6,
+                          count / ((end - start) / 1e6), p50, p90, p99, len(values)))
+    return out

@@ -1,29 +1,39 @@
--- wrk sends a finite plan of requests, each exactly once, times every answer, then stops.
+-- wrk sends a finite plan of requests, each at most once, counts or times the answers,
+-- and stops with nothing in flight.
 --
---   wrk -t N -c N -d CAP -s plan.lua URL -- DIR RATE_PER_THREAD WINDOW_US N
+--   wrk -t T -c C -d CAP -s plan.lua URL -- DIR RATE WINDOW_US T C/T START_US TIMED STOP FINISHED
 --
--- One connection per thread (-t and -c equal), so that each thread always knows which
--- request an answer belongs to. DIR holds agents.txt (one user agent a line) and
--- plan-<thread>.txt, one request a line: "METHOD PATH AGENT [X-FORWARDED-FOR]", AGENT
--- a line number of agents.txt (0: no User-Agent header). RATE_PER_THREAD 0 sends as fast
--- as the server answers; above 0 it paces the thread's requests to that many a second.
+-- DIR holds agents.txt (one user agent a line) and plan-<thread>.txt, one request a line:
+-- "METHOD PATH AGENT [X-FORWARDED-FOR]", AGENT a line number of agents.txt (0: no
+-- User-Agent header).
+--   RATE      requests/s of each thread; 0: as fast as the server answers. A paced thread
+--             spreads its connections' requests evenly; threads are offset from each other.
+--   WINDOW_US answers are counted (or timed) per window of this many µs of CLOCK_MONOTONIC,
+--             so that the windows of threads and of separate wrk processes line up.
+--   C/T       connections per thread.
+--   START_US  CLOCK_MONOTONIC µs at which every thread starts sending: wrk starts threads one
+--             after another as it loads their plans, which takes a while for big plans.
+--   TIMED     1: one connection per thread (C/T = 1), and each answer's latency is kept;
+--             0: answers are only counted (any number of connections per thread).
+--   STOP      a file; once it exists, the threads send nothing more ("-": none).
+--   FINISHED  a file this run creates when its plan is done ("-": none), for another run's STOP.
 --
 -- Why a plan and not wrk's usual endless loop: when wrk's duration ends it drops the
 -- requests in flight, which the server may or may not have recorded, so what the server
--- counted could not be checked exactly. Here wrk calls delay() before every request, and
--- (with one connection) only once the previous answer is complete. delay() reserves the
--- next plan line; once the plan is used up it parks the connection (an hour's delay),
--- writes the thread's latencies to DIR/lat-<thread>.txt and DIR/done-<thread>, and the
--- thread that finds every done file there sends SIGINT to wrk, which stops at once. So
--- nothing is in flight at the end and every planned request was answered.
+-- counted could not be checked exactly. wrk calls delay() before each request of a
+-- connection, the first one and then each time the previous answer is complete. delay()
+-- reserves the next plan line; when the plan is used up (or STOP exists) it parks the
+-- connection (an hour's delay). Once all of a thread's connections are parked, the thread
+-- writes its answers to DIR/lat-<thread>.txt and marks DIR/done-<thread>; the thread that
+-- finds every mark sends SIGINT to wrk, which stops at once and calls done(). Nothing is in
+-- flight then: every request sent was answered.
 --
--- Latency is measured here, not taken from wrk's statistics: wrk 4 "corrects" its
+-- Latency (TIMED) is measured here, not taken from wrk's statistics: wrk 4 "corrects" its
 -- histogram for coordinated omission with synthetic samples derived from the run's mean
--- rate, which is not what a closed-loop run measured. Here it is the time from building
--- a request to the call of delay() after its answer, per request, with CLOCK_MONOTONIC.
--- Each latency is kept in the window (WINDOW_US) its answer came in: lat-<n>.txt has
--- one line per window, "WINDOW LATENCY_US LATENCY_US ...", WINDOW counted from the
--- clock's epoch, so the threads' windows line up.
+-- rate, which is not what a closed-loop run measured. Here it is the time from building a
+-- request to the call of delay() after its answer, with CLOCK_MONOTONIC; with one connection
+-- per thread, that answer can only be this request's. lat-<n>.txt has one line per window:
+-- "WINDOW COUNT [LATENCY_US ...]".
 --
 -- done() prints one line "PLAN-RESULT {json}" with wrk's counts and each thread's.
 
@@ -44,6 +54,13 @@ local function now_us()
   return tonumber(timespec.tv_sec) * 1000000 + math.floor(tonumber(timespec.tv_nsec) / 1000)
 end
 
+local function exists(path)
+  local file = io.open(path, "r")
+  if file == nil then return false end
+  file:close()
+  return true
+end
+
 -- main state: the threads, for done()
 local threads = {}
 
@@ -58,18 +75,28 @@ first_us, done_us, late, late_max_us = 0, 0, 0, 0
 complete = 0
 
 local plan = {}
-local dir, window_us, threads_total
+local dir, window_us, threads_total, connections, start_us, timed, stop_file, finished_file
+local calls, parked = 0, 0
 local interval_us, next_us = 0, 0
 local filler
 local pending_since = 0
-local windows = {}
+local counts, latencies = {}, {}
+local stopped = false
 
 function init(args)
   dir = args[1]
   local rate = tonumber(args[2])
   window_us = tonumber(args[3])
   threads_total = tonumber(args[4])
-  if rate > 0 then interval_us = 1000000 / rate end
+  connections = tonumber(args[5])
+  start_us = tonumber(args[6])
+  timed = args[7] == "1"
+  if args[8] ~= "-" then stop_file = args[8] end
+  if args[9] ~= "-" then finished_file = args[9] end
+  if rate > 0 then
+    interval_us = 1000000 / rate
+    next_us = start_us + (id - 1) * interval_us / threads_total
+  end
   local agents = {}
   for line in io.lines(dir .. "/agents.txt") do agents[#agents + 1] = line end
   for line in io.lines(dir .. "/plan-" .. id .. ".txt") do
@@ -88,8 +115,11 @@ end
 
 local function save()
   local out = assert(io.open(dir .. "/lat-" .. id .. ".txt", "w"))
-  for window, values in pairs(windows) do
-    out:write(window, " ", table.concat(values, " "), "\n")
+  for window, count in pairs(counts) do
+    out:write(window, " ", count)
+    local values = latencies[window]
+    if values ~= nil then out:write(" ", table.concat(values, " ")) end
+    out:write("\n")
   end
   out:close()
 end
@@ -102,45 +132,56 @@ local function finish(now)
   mark:close()
   -- The last thread to finish sees every mark (each writes its own before looking).
   for i = 1, threads_total do
-    local other = io.open(dir .. "/done-" .. i, "r")
-    if other == nil then return end
-    other:close()
+    if not exists(dir .. "/done-" .. i) then return end
   end
+  if finished_file ~= nil then assert(io.open(finished_file, "w")):close() end
   ffi.C.kill(ffi.C.getpid(), SIGINT)
 end
 
 function delay()
   local now = now_us()
-  if pending_since > 0 then
+  calls = calls + 1
+  -- Each connection calls once before its first request, then once per answer. (Untimed,
+  -- an early answer may be counted in place of a connection's first call: the window it
+  -- is counted in can be off by that, never the total.)
+  if (timed and pending_since > 0) or (not timed and calls > connections) then
     local window = math.floor(now / window_us)
-    local values = windows[window]
-    if values == nil then
-      values = {}
-      windows[window] = values
-    end
-    values[#values + 1] = now - pending_since
+    counts[window] = (counts[window] or 0) + 1
     answered = answered + 1
-    pending_since = 0
+    if timed then
+      local values = latencies[window]
+      if values == nil then
+        values = {}
+        latencies[window] = values
+      end
+      values[#values + 1] = now - pending_since
+      pending_since = 0
+    end
   end
-  if reserved >= planned then
-    if complete == 0 then finish(now) end
+  if not stopped and stop_file ~= nil and exists(stop_file) then stopped = true end
+  if reserved >= planned or stopped then
+    parked = parked + 1
+    if parked == connections then finish(now) end
     return PARKED_MS
   end
   reserved = reserved + 1
-  if interval_us == 0 then return 0 end
-  if next_us == 0 then next_us = now end
+  if interval_us == 0 then
+    if now < start_us then return math.ceil((start_us - now) / 1000) end
+    return 0
+  end
   local wait = next_us - now
   next_us = next_us + interval_us
   if wait <= 0 then
-    -- Behind the schedule: the previous answer came late. Counted, so that a paced run
-    -- whose latencies hide such waits (coordinated omission) shows it.
+    -- Behind the schedule: every connection was busy. Counted, so that a paced run whose
+    -- latencies hide such waits (coordinated omission) shows it.
     if -wait > 1000 then
       late = late + 1
       if -wait > late_max_us then late_max_us = -wait end
     end
     return 0
   end
-  return math.floor(wait / 1000)
+  -- wrk's timers count whole ms: rounded, a request leaves within half a ms of its slot.
+  return math.floor(wait / 1000 + 0.5)
 end
 
 function request()

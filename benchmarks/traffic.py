@@ -1,0 +1,279 @@
+"""What the benchmark suite sends, and what the report must then say.
+
+The mix is many distinct tokens (every registered message's pixel and links), with the
+user agents and addresses real mail traffic has, each kind of request weighted by how
+common it is, and each with the verdict tracker's rules give it (`Mix.check_rules` asks
+the packaged rules, so a change there shows here as an error, not as a wrong count).
+`Tally` adds up what a list of requests must have recorded, by the report's definitions
+(CONTRACT: `total` and `unique` count human events; `opens.unique` is messages with a
+human open or a human click; rates are rounded to 6 places).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+BROWSERS = (
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/131.0.0.0 Safari/537.36",
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/131.0.0.0 Safari/537.36 Edg/131.0.0.0",
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:133.0) Gecko/20100101 Firefox/133.0",
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+    "Version/18.1 Safari/605.1.15",
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 18_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like "
+    "Gecko) Version/18.1 Mobile/15E148 Safari/604.1",
+    "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/131.0.6778.81 Mobile Safari/537.36",
+    "Mozilla/5.0 (Linux; Android 14; SM-S921B) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "SamsungBrowser/26.0 Chrome/122.0.0.0 Mobile Safari/537.36",
+)
+APPLE_MAIL = (
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko)",
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 18_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like "
+    "Gecko) Mobile/15E148",
+)
+OUTLOOK = ("Microsoft Outlook 16.0.17928; Pro", "Mozilla/4.0 (compatible; ms-office; MSOffice 16)")
+GMAIL = ("Mozilla/5.0 (Windows NT 5.1; rv:11.0) Gecko Firefox/11.0 (via ggpht.com "
+         "GoogleImageProxy)",)
+YAHOO = ("YahooMailProxy; https://help.yahoo.com/kb/yahoo-mail-proxy-SLN28749.html",)
+THUNDERBIRD = ("Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Thunderbird/128.5.0",)
+SCANNERS = (
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/100.0.4896.127 Safari/537.36 BingPreview/1.0b",
+    "Mozilla/5.0 (compatible; Barracuda Sentinel (EE))",
+    "Mimecast URL Protect",
+    "Mozilla/5.0 (compatible; urlscan.io)",
+)
+OFFICE_PROBE = ("Microsoft Office/16.0 (Windows NT 10.0; Microsoft Outlook 16.0.17928; Pro)",)
+BOTS = (
+    "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)",
+    "curl/8.5.0",
+    "python-requests/2.32.3",
+    "Go-http-client/1.1",
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "HeadlessChrome/131.0.0.0 Safari/537.36",
+)
+NO_AGENT = ("",)
+
+
+@dataclass(frozen=True)
+class Visitor:
+    """One kind of request in the mix, and what tracker's rules make of it."""
+
+    label: str
+    weight: float
+    agents: tuple[str, ...]
+    machine: bool | None  # None: records nothing (a tampered token)
+    method: str = "GET"
+    addresses: str = ""  # X-Forwarded-For pool (local mode only)
+    local_only: bool = False  # needs X-Forwarded-For to be believed
+
+
+OPENS = (
+    Visitor("Gmail image proxy", 22, GMAIL, False),
+    Visitor("Apple Mail Privacy Protection", 25, APPLE_MAIL, True, addresses="apple",
+            local_only=True),
+    Visitor("Apple Mail, a reader", 9, APPLE_MAIL, False, addresses="reader"),
+    Visitor("Outlook", 11, OUTLOOK, False, addresses="reader"),
+    Visitor("Yahoo image proxy", 3, YAHOO, False),
+    Visitor("webmail and mobile browsers", 12, BROWSERS, False, addresses="reader"),
+    Visitor("Thunderbird", 1, THUNDERBIRD, False, addresses="reader"),
+    Visitor("security scanners", 6, SCANNERS, True, addresses="scanner"),
+    Visitor("bots", 4, BOTS, True, addresses="scanner"),
+    Visitor("no user agent", 1, NO_AGENT, True, addresses="scanner"),
+    Visitor("tampered token", 3, BROWSERS, None, addresses="reader"),
+)
+# wrk cannot read the answer to a HEAD on the pixel (it waits for the 43 bytes its
+# Content-Length announces), so HEAD appears on links only, where the 302 has no body.
+CLICKS = (
+    Visitor("desktop and mobile browsers", 78, BROWSERS, False, addresses="reader"),
+    Visitor("security scanners", 8, SCANNERS, True, addresses="scanner"),
+    Visitor("Office probing the link", 2, OFFICE_PROBE, True, addresses="reader"),
+    Visitor("bots", 3, BOTS, True, addresses="scanner"),
+    Visitor("HEAD link checks", 3, BROWSERS, True, method="HEAD", addresses="scanner"),
+    Visitor("no user agent", 1, NO_AGENT, True, addresses="scanner"),
+    Visitor("tampered token", 4, BROWSERS, None, addresses="reader"),
+)
+LINKS = tuple(f"https://shop.example.com/{path}?utm_source=newsletter&utm_campaign=bench"
+              for path in ("", "sale", "new/arrivals", "account/orders", "unsubscribe"))
+# A reader clicks at most two distinct links of a message: three within 2 s would be a
+# scanner walking the message (the burst rule), and re-labelled machine.
+READER_LINKS = 2
+
+
+@dataclass(frozen=True)
+class Message:
+    pixel: str  # path of the pixel URL
+    links: tuple[str, ...]  # paths of the tracked links, in LINKS order
+
+
+@dataclass(frozen=True)
+class Request:
+    line: str  # for plan.lua
+    kind: str  # open | click
+    message: int
+    link: int | None
+    machine: bool | None  # None: records nothing
+
+
+class Mix:
+    """Requests drawn from the visitors' weights over the registered messages."""
+
+    def __init__(self, messages: Sequence[Message], remote: bool, seed: int) -> None:
+        self.messages = messages
+        self.remote = remote
+        self._rng = random.Random(seed)
+        self.opens = [v for v in OPENS if not (remote and v.local_only)]
+        self.clicks = [v for v in CLICKS if not (remote and v.local_only)]
+        self.agents = sorted({a for v in (*OPENS, *CLICKS) for a in v.agents if a})
+        self._agent_index = {a: i + 1 for i, a in enumerate(self.agents)}
+        self._agent_index[""] = 0
+
+    def address(self, pool: str) -> str:
+        rng = self._rng
+        if self.remote or not pool:
+            return ""
+        if pool == "apple":  # Apple's 17.0.0.0/8, where MPP's prefetches come from
+            return f"17.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}"
+        if pool == "scanner":
+            return f"192.0.2.{rng.randrange(1, 255)}"
+        if rng.random() < 0.1:
+            return f"2001:db8:{rng.randrange(65536):x}::{rng.randrange(1, 65536):x}"
+        return f"{rng.choice(('198.51.100', '203.0.113'))}.{rng.randrange(1, 255)}"
+
+    def requests(self, kind: str, count: int) -> list[Request]:
+        rng = self._rng
+        visitors = self.opens if kind == "open" else self.clicks
+        weights = [v.weight for v in visitors]
+        chosen = rng.choices(visitors, weights, k=count)
+        total = len(self.messages)
+        out = []
+        for visitor in chosen:
+            # A tenth of the readers make a third of the hits.
+            message = rng.randrange(max(1, total // 10)) if rng.random() < 0.3 else \
+                rng.randrange(total)
+            link = None
+            if kind == "open":
+                path = self.messages[message].pixel
+            else:
+                link = ((message + rng.randrange(READER_LINKS)) % len(LINKS)
+                        if visitor.machine is False else rng.randrange(len(LINKS)))
+                path = self.messages[message].links[link]
+            if visitor.machine is None:
+                path = _tampered(path, rng)
+            agent = rng.choice(visitor.agents)
+            line = f"{visitor.method} {path} {self._agent_index[agent]} " \
+                   f"{self.address(visitor.addresses)}"
+            out.append(Request(line.rstrip(), kind, message, link, visitor.machine))
+        return out
+
+    def check_rules(self) -> list[str]:
+        """Where tracker's packaged rules disagree with what this mix expects of a visitor."""
+        from tracker.classify import Classifier
+        from tracker.rules import load_rules
+        from tracker.useragent import parse_agent
+
+        classifier = Classifier(load_rules(None))
+        problems = []
+        for kind, visitors in (("open", self.opens), ("click", self.clicks)):
+            for visitor in visitors:
+                if visitor.machine is None:
+                    continue
+                for agent in visitor.agents:
+                    address = self.address(visitor.addresses) or "127.0.0.1"
+                    verdict = classifier.explain(kind, visitor.method, agent,
+                                                 parse_agent(agent), address, 7200.0)
+                    if verdict.machine != visitor.machine or not verdict.recorded:
+                        problems.append(f"{kind} by {visitor.label} ({agent!r}): the rules say "
+                                        f"{'machine' if verdict.machine else 'human'} "
+                                        f"({verdict.reason})")
+        return problems
+
+
+def _tampered(path: str, rng: random.Random) -> str:
+    """The path with one character of its token's middle changed: the MAC fails."""
+    start = path.index("/", 1) + 1
+    end = path.rfind(".gif") if path.endswith(".gif") else len(path)
+    at = (start + end) // 2
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    new = rng.choice(alphabet.replace(path[at], ""))
+    return path[:at] + new + path[at + 1:]
+
+
+@dataclass
+class Tally:
+    """What the requests sent so far must have recorded, by the report's definitions."""
+
+    messages: int
+    opens: Counter[bool] = field(default_factory=Counter)  # machine -> count
+    clicks: Counter[bool] = field(default_factory=Counter)
+    opened: set[int] = field(default_factory=set)  # messages with a human open
+    clicked: set[int] = field(default_factory=set)  # ... with a human click
+    link_clicks: Counter[int] = field(default_factory=Counter)
+    link_clickers: dict[int, set[int]] = field(default_factory=dict)
+    not_found: int = 0  # tampered click tokens: 404
+
+    def add(self, requests: Sequence[Request]) -> None:
+        for r in requests:
+            if r.machine is None:
+                self.not_found += r.kind == "click"
+                continue
+            if r.kind == "open":
+                self.opens[r.machine] += 1
+                if not r.machine:
+                    self.opened.add(r.message)
+            else:
+                self.clicks[r.machine] += 1
+                if not r.machine:
+                    assert r.link is not None
+                    self.clicked.add(r.message)
+                    self.link_clicks[r.link] += 1
+                    self.link_clickers.setdefault(r.link, set()).add(r.message)
+
+    def counters(self) -> dict[str, int]:
+        return {"opens.total": self.opens[False], "opens.machine": self.opens[True],
+                "clicks.total": self.clicks[False], "clicks.machine": self.clicks[True]}
+
+    def expected(self) -> dict[str, Any]:
+        unique_opens = len(self.opened | self.clicked)
+        unique_clicks = len(self.clicked)
+
+        def rate(part: int, whole: int) -> float:
+            return round(part / whole, 6) if whole else 0.0
+
+        return {
+            **self.counters(), "messages": self.messages,
+            "opens.unique": unique_opens, "clicks.unique": unique_clicks,
+            "open_rate": rate(unique_opens, self.messages),
+            "click_rate": rate(unique_clicks, self.messages),
+            "click_to_open_rate": rate(unique_clicks, unique_opens),
+            "links": {LINKS[i]: [self.link_clicks[i], len(self.link_clickers.get(i, ()))]
+                      for i in range(len(LINKS))},
+            "timeline opens": self.opens[False], "timeline clicks": self.clicks[False],
+            "breakdown opens (device)": self.opens[False],
+            "breakdown clicks (device)": self.clicks[False],
+        }
+
+
+def report_figures(report: dict[str, Any]) -> dict[str, Any]:
+    """The report's figures, keyed as Tally.expected() keys them."""
+    return {
+        "opens.total": report["opens"]["total"], "opens.machine": report["opens"]["machine"],
+        "clicks.total": report["clicks"]["total"], "clicks.machine": report["clicks"]["machine"],
+        "messages": report["messages"], "opens.unique": report["opens"]["unique"],
+        "clicks.unique": report["clicks"]["unique"], "open_rate": report["open_rate"],
+        "click_rate": report["click_rate"], "click_to_open_rate": report["click_to_open_rate"],
+        "links": {link["url"]: [link["clicks"], link["unique_clicks"]]
+                  for link in report["links"]},
+        "timeline opens": sum(h["opens"] for h in report["timeline"]),
+        "timeline clicks": sum(h["clicks"] for h in report["timeline"]),
+        "breakdown opens (device)": sum(report["breakdown"]["opens"]["device"].values()),
+        "breakdown clicks (device)": sum(report["breakdown"]["clicks"]["device"].values()),
+    }
+
+

@@ -1,0 +1,150 @@
+"""The benchmark suite (benchmarks/suite.py): in quick local mode it runs every stage, writes
+its charts and summary, and the campaign's report counts exactly what the load sent; and
+what it expects of a request agrees with the report's definitions and tracker's rules."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.append(str(ROOT / "benchmarks"))
+
+from traffic import CLICKS, LINKS, OPENS, Message, Mix, Request, Tally  # noqa: E402
+
+MISSING = [tool for tool in ("wrk", "nginx", "taskset") if shutil.which(tool) is None]
+PHASES = {"nginx static GIF", "tracker pixel", "tracker click", "tracker pixel, half rate",
+          "tracker click, half rate"}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str],
+                                                                   Path]:
+    if MISSING:
+        pytest.skip(f"the suite needs {', '.join(MISSING)}: apt-get install wrk nginx-light")
+    out = tmp_path_factory.mktemp("suite-out")
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "suite.py"), "--quick",
+                             "--out", str(out)], capture_output=True, text=True, timeout=300)
+    return result, out
+
+
+def test_quick_suite_finishes_and_the_report_counts_what_was_sent(
+        quick_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    result, out = quick_run
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    load = summary["load"]
+    assert load["correct"] is True and load["problems"] == []
+    checks = {c["name"]: c for c in load["checks"]}
+    assert all(c["ok"] for c in checks.values()), [c for c in checks.values() if not c["ok"]]
+    assert len([name for name in checks if name.startswith("link ")]) == len(LINKS)
+    # A real load reached the report: human and machine opens and clicks, every message.
+    for figure in ("opens.total", "opens.machine", "clicks.total", "clicks.machine"):
+        assert checks[figure]["got"] > 1000, (figure, checks[figure])
+    assert checks["messages"]["got"] == 1000
+    assert checks["opens.unique"]["got"] > 900
+    assert "PASS" in result.stdout and "FAIL" not in result.stdout
+
+
+def test_quick_suite_measures_every_phase_over_time(
+        quick_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    _, out = quick_run
+    phases = {p["name"]: p for p in json.loads((out / "summary.json").read_text())["load"]
+              ["phases"]}
+    assert set(phases) == PHASES
+    for phase in phases.values():
+        assert phase["requests"] > 500 and phase["rate"] > 0, phase["name"]
+        assert 0 < phase["latency_ms"]["p50"] <= phase["latency_ms"]["p99"], phase["name"]
+        assert phase["timed"] > 100, phase["name"]  # the probe timed its answers
+        windows = phase["windows"]
+        assert len(windows) >= 3 and all(w["rate"] > 0 for w in windows), phase["name"]
+        assert 0 < phase["wrk_cpu_share"] < 2, phase["name"]
+        assert all(run["complete"] for run in phase["runs"]), phase["name"]
+    # The local server's CPU was measured, so the per-core ratio exists.
+    assert phases["tracker pixel"]["per_cpu_second"] > 0
+    assert phases["nginx static GIF"]["per_cpu_second"] > 0
+    # Tampered link tokens were answered 404, exactly as many as planned.
+    click = phases["tracker click"]
+    assert click["not_found_expected"] > 0
+    assert click["not_found_expected"] == sum(r["errors"]["status"] for r in click["runs"])
+    # Paced phases ran at about half the full rate.
+    for endpoint in ("pixel", "click"):
+        full, half = phases[f"tracker {endpoint}"], phases[f"tracker {endpoint}, half rate"]
+        assert 0.3 * full["rate"] < half["rate"] < 0.7 * full["rate"], endpoint
+
+
+def test_quick_suite_writes_charts_and_the_goals_table(
+        quick_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    result, out = quick_run
+    for name in ("throughput.png", "latency.png"):
+        path = out / name
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        with Image.open(path) as image:
+            assert image.width >= 800 and image.height >= 400
+            colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
+            assert colours is not None and len(colours) > 50, name  # lines, not a blank page
+    summary = json.loads((out / "summary.json").read_text())
+    goals = {g["figure"].split(" (")[0].split(",")[0]: g for g in summary["goals"]}
+    for figure in ("pixel ÷ nginx", "click ÷ nginx", "pixel p99 at half the maximum rate",
+                   "click p99 at half the maximum rate", "RSS per worker under load",
+                   "registration", "report latency", "end-to-end correctness",
+                   "load generator CPU"):
+        assert figure in goals, (figure, list(goals))
+        assert goals[figure]["met"] is not None, goals[figure]
+        assert figure in result.stdout
+    assert goals["end-to-end correctness"]["met"] is True
+    programs = summary["programs"]
+    assert programs["registration"]["ok"] and programs["registration"]["figures"][
+        "messages_per_s"] > 0
+    assert any(title.startswith("report latency") and p["ok"] and p["figures"]["equal"]
+               for title, p in programs.items())
+    if (ROOT / "benchmarks" / "ingest.py").exists():
+        assert programs["ingest"]["ok"], programs["ingest"]
+        assert programs["ingest"]["figures"]["events_per_s"] > 0
+
+
+def test_tally_follows_the_report_definitions() -> None:
+    """A click proves an open (opens.unique); machines count apart; tampered tokens count
+    nowhere but as 404s; rates are rounded as the report rounds them."""
+    tally = Tally(messages=3)
+    tally.add([
+        Request("", "open", 0, None, False), Request("", "open", 0, None, False),
+        Request("", "open", 1, None, True),
+        Request("", "click", 2, 1, False),
+        Request("", "click", 1, 0, True),
+        Request("", "click", 0, None, None), Request("", "open", 0, None, None),
+    ])
+    expected = tally.expected()
+    assert expected["opens.total"] == 2 and expected["opens.machine"] == 1
+    assert expected["clicks.total"] == 1 and expected["clicks.machine"] == 1
+    assert expected["opens.unique"] == 2  # message 0 opened, message 2 clicked
+    assert expected["clicks.unique"] == 1
+    assert expected["open_rate"] == 0.666667 and expected["click_to_open_rate"] == 0.5
+    assert expected["links"][LINKS[1]] == [1, 1] and expected["links"][LINKS[0]] == [0, 0]
+    assert tally.not_found == 1
+
+
+def test_the_mix_agrees_with_trackers_rules() -> None:
+    """Every kind of request the suite sends is classified by tracker's packaged rules as the
+    suite expects (a rules change would otherwise show up as a wrong count)."""
+    messages = [Message(f"/o/AAAAAAAAAAAAAAAAAAAA{n}.gif",
+                        tuple(f"/c/BBBBBBBBBBBBBBBBBBBBBBBB{n}x{k}" for k in range(len(LINKS))))
+                for n in range(10)]
+    mix = Mix(messages, remote=False, seed=1)
+    assert mix.check_rules() == []
+    assert any(v.machine for v in OPENS) and any(v.machine is False for v in OPENS)
+    assert any(v.method == "HEAD" for v in CLICKS)
+    # Remote mode leaves out what needs X-Forwarded-For to be believed.
+    remote = Mix(messages, remote=True, seed=1)
+    assert all(not v.local_only for v in remote.opens)
+    assert all(r.line.count(" ") == 2 for r in remote.requests("open", 200))
+    lines = mix.requests("click", 2000)
+    assert sum(r.machine is None for r in lines) > 20  # tampered tokens are in the mix
+    assert {r.line.split()[1] for r in lines if r.machine is None}.isdisjoint(
+        {path for m in messages for path in m.links})
