@@ -99,7 +99,8 @@ def own_dsn(own_postgres: EmbeddedPostgres) -> str:
 
 @pytest.fixture(scope="module")
 def server(module_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """A real tracker server (granian, one worker) for the module, on its own database."""
+    """A real tracker server (the default HTTP server, one worker) for the module, on its
+    own database."""
     srv = Server(module_dsn, tmp_path_factory.mktemp("server")).start()
     yield srv
     srv.stop()

@@ -1,7 +1,7 @@
 """Hostile input against a real server: fuzzed tracking URLs, headers, API bodies and ids.
 
 Whatever arrives: never a 5xx, never a redirect from a token we did not sign, oversized
-requests refused cleanly (granian answers 414 and 431 itself; the API refuses a body
+requests refused cleanly (the HTTP server answers 414 and 431; the API refuses a body
 announced larger than it takes before reading it), a malformed X-Forwarded-For ignored
 (the peer's address is used, never a part of the header), invalid UTF-8 anywhere
 answered with 400, 404 or 422. Requests go out through raw sockets where an HTTP client
@@ -193,7 +193,7 @@ def test_arbitrary_bytes_in_any_path_never_make_a_server_error(server: Server,
            rest=path_bytes, method=st.sampled_from([b"GET", b"HEAD", b"POST", b"DELETE"]))
     def check(prefix: bytes, rest: bytes, method: bytes) -> None:
         answer = raw(server, method, prefix + rest, [authorization])
-        # None: granian refused the request line outright (it closes on some junk).
+        # None: the server refused the request line outright (it closes on some junk).
         assert answer is None or answer.status < 500, (prefix + rest, answer)
         if answer is not None and prefix == b"/c/":
             assert answer.status in (400, 404, 405) and "location" not in answer.headers, answer
@@ -221,7 +221,7 @@ def test_arbitrary_header_bytes_never_stop_a_pixel_or_a_redirect(server: Server,
                                                       (b"accept-language", other)])
         assert answer is not None
         if any(CONTROL.search(value) for value in (agent, forwarded, other)):
-            # Control characters are not allowed in a field value (RFC 9110 5.5): granian
+            # Control characters are not allowed in a field value (RFC 9110 5.5): the server
             # refuses the request before it reaches us.
             assert answer.status == 400
         elif click:

@@ -13,13 +13,20 @@ not sure about, goes through uvicorn's own ASGI machinery unchanged:
 - a path with percent-escapes, a fragment or non-ASCII (uvicorn decodes those);
 - absolute-form targets (`GET http://host/o/...`), upgrades;
 - TRACKER_DURABILITY=journal, where an answer waits for the journal.
+
+It also bounds what one request may make the server hold, which uvicorn leaves
+open with httptools: a request target longer than 8 KiB is refused with 414, more
+than 128 header fields or 256 KiB of them with 431 (a 100 KB user agent still passes).
 """
 
 from __future__ import annotations
 
 import asyncio
+from http import HTTPStatus
 from typing import Any
 
+import httptools
+import orjson
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
@@ -27,6 +34,13 @@ from uvicorn.server import ServerState
 from tracker.fastpath import FastPath
 
 _CLOSE = b"\r\nconnection: close\r\n\r\n"
+MAX_TARGET_BYTES = 8 * 1024
+MAX_HEADER_FIELDS = 128
+MAX_HEADER_BYTES = 256 * 1024
+
+
+class _Refused(Exception):
+    """Raised from a parser callback to stop parsing a request that is too large."""
 
 
 class TrackingHttpProtocol(HttpToolsProtocol):
@@ -41,6 +55,47 @@ class TrackingHttpProtocol(HttpToolsProtocol):
         # uvicorn's timer made and cancelled for every request (~1 µs each).
         self._idle_since: float | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._header_bytes = 0
+        self._refusal: HTTPStatus | None = None
+
+    def data_received(self, data: bytes) -> None:
+        # uvicorn's, with one more outcome: a request refused for its size.
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self._refuse(self._refusal or HTTPStatus.BAD_REQUEST, None if self._refusal
+                         else "malformed HTTP request")
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+
+    def send_400_response(self, msg: str) -> None:
+        self._refuse(HTTPStatus.BAD_REQUEST, "malformed HTTP request")
+
+    def _refuse(self, status: HTTPStatus, reason: str | None = None) -> None:
+        """Answers in the API's error shape and closes: the rest of the stream is unusable."""
+        body = orjson.dumps({"error": reason or status.phrase.lower()})
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+            % (status, status.phrase.encode(), len(body), body))
+        self.transport.close()
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > MAX_TARGET_BYTES:
+            self._refusal = HTTPStatus.REQUEST_URI_TOO_LONG
+            raise _Refused
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        super().on_header(name, value)
+        self._header_bytes += len(name) + len(value)
+        if len(self.headers) > MAX_HEADER_FIELDS or self._header_bytes > MAX_HEADER_BYTES:
+            self._refusal = HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
+            raise _Refused
 
     def on_message_begin(self) -> None:
         # uvicorn builds the ASGI scope here; a tracking request needs four of its keys,
@@ -48,6 +103,7 @@ class TrackingHttpProtocol(HttpToolsProtocol):
         self.url = b""
         self.expect_100_continue = False
         self.headers = []
+        self._header_bytes = 0
         self._idle_since = None
 
     def on_headers_complete(self) -> None:

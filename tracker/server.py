@@ -1,4 +1,4 @@
-"""Runs the ASGI app under granian (the default, fastest here) or uvicorn.
+"""Runs the ASGI app under uvicorn (the default, with tracker.protocol: fastest here) or granian.
 
 Each worker process builds its own app (and so its own pool, writer and caches)
 from the environment; `tracker serve` has put the resolved settings there.

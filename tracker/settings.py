@@ -158,7 +158,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TRACKER_HOST", "127.0.0.1", "bind address", _text),
     Setting("TRACKER_PORT", "8000", "bind port", _port),
     Setting("TRACKER_WORKERS", "1", "worker processes", _positive_int),
-    Setting("TRACKER_SERVER", "granian", "HTTP server: granian or uvicorn",
+    Setting("TRACKER_SERVER", "uvicorn", "HTTP server: uvicorn (with tracker's own "
+            "protocol for the tracking paths; the faster here) or granian",
             _choice("granian", "uvicorn")),
     Setting("TRACKER_GEOIP_DB", "", "MaxMind-format City or Country database "
             "(default: the DB-IP City Lite fetched by `tracker geoip fetch`, if any)",
