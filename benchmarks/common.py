@@ -112,6 +112,23 @@ def tree_cpu_seconds(pid: int) -> float:
     return sum(cpu_seconds(p) for p in (pid, *descendants(pid)))
 
 
+def tree_wait_seconds(pid: int) -> float:
+    """Seconds the threads of a process and its live descendants spent runnable but waiting
+    for a CPU (/proc/*/task/*/schedstat): how much other work on the machine took from it."""
+    total = 0
+    for process in (pid, *descendants(pid)):
+        try:
+            tasks = list(Path(f"/proc/{process}/task").iterdir())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        for task in tasks:
+            try:
+                total += int((task / "schedstat").read_text().split()[1])
+            except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+                continue
+    return total / 1e9
+
+
 def memory_kib(pid: int) -> dict[str, int]:
     """VmRSS (now) and VmHWM (the peak so far) of a process, in KiB; {} if it is gone."""
     try:
@@ -338,6 +355,7 @@ class PlanRun:
     window_us: int
     thread_sent: list[int]  # per thread (plan-<n>.txt): how many of its lines it sent
     server_cpu_s: float = 0.0
+    server_wait_s: float = 0.0  # the server's threads runnable but waiting for a CPU
 
     @property
     def active_s(self) -> float:
@@ -371,8 +389,8 @@ def run_plans(url: str, plans: Sequence[Plan], *, window_s: float = 1.0, cap_s: 
               server_pids: Sequence[int] = ()) -> list[PlanRun]:
     """wrk with plan.lua, one process per plan, all starting at the same moment; each stops
     when its plan is answered (or its STOP file appears), or at `cap_s`. `server_pids`:
-    processes whose CPU (with their descendants) is measured over the runs (given to the
-    first PlanRun)."""
+    processes whose CPU, and wait for a CPU, (with their descendants) are measured over the
+    runs (given to the first PlanRun)."""
     window_us = max(1, round(window_s * 1e6))
     lines = sum(1 for plan in plans for path in plan.directory.glob("plan-*.txt")
                 for _ in path.open())
@@ -382,6 +400,7 @@ def run_plans(url: str, plans: Sequence[Plan], *, window_s: float = 1.0, cap_s: 
     start_us = round((time.monotonic() + 0.05 + 5e-6 * lines + 0.002 * threads) * 1e6)
     pinning = ["taskset", "-c", core] if core is not None else []
     server_before = sum(tree_cpu_seconds(p) for p in server_pids)
+    wait_before = sum(tree_wait_seconds(p) for p in server_pids)
     started = time.monotonic()
     procs = []
     try:
@@ -418,9 +437,11 @@ def run_plans(url: str, plans: Sequence[Plan], *, window_s: float = 1.0, cap_s: 
                 proc.wait()
         raise
     server_cpu = sum(tree_cpu_seconds(p) for p in server_pids) - server_before
+    server_wait = sum(tree_wait_seconds(p) for p in server_pids) - wait_before
     runs = [_plan_run(plan, proc, *usages[proc.pid], window_us)
             for plan, proc in zip(plans, procs, strict=True)]
     runs[0].server_cpu_s = server_cpu
+    runs[0].server_wait_s = server_wait
     return runs
 
 

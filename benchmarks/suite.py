@@ -189,6 +189,12 @@ class Phase:
         return self.requests / self.server_cpu_s if self.server_cpu_s > 0 else 0.0
 
     @property
+    def server_wait(self) -> float:
+        """Share of the phase the server's threads spent waiting for a CPU that other work
+        had: where it is large, the machine was busy and the figures are low."""
+        return self.runs[0].server_wait_s / self.seconds if self.seconds else 0.0
+
+    @property
     def wrk_cpu_s(self) -> float:
         return sum(run.wrk_cpu_s for run in self.runs)
 
@@ -231,7 +237,7 @@ class Phase:
             "latency_ms": {f"p{k}": self.latency_ms(q) for k, q in PERCENTILES},
             "wrk_cpu_s": self.wrk_cpu_s, "wrk_cpu_share": self.wrk_share,
             "server_cpu_s": self.server_cpu_s, "per_cpu_second": self.per_cpu_second,
-            "settle_s": self.settle_s,
+            "server_wait_share": self.server_wait, "settle_s": self.settle_s,
             "windows": [w.__dict__ for w in series(self.runs)],
         }
 
@@ -446,7 +452,10 @@ def load_stage(args: argparse.Namespace) -> LoadResult:
                      "TRACKER_WORKERS": str(args.workers)}
             if args.server:
                 extra["TRACKER_SERVER"] = args.server
+            args.server_used = _server_name(extra)
             tracker, url = start_tracker(db.dsn, workdir, **extra)
+            print(f"tracker serve ({args.server_used}, {args.workers} worker(s)) pinned to core "
+                  f"0; wrk and PostgreSQL on core {LOAD_CORE}", flush=True)
             deployment = Deployment(url, key)
         deployment.create_campaign(f"benchmark suite {datetime.now(UTC):%Y-%m-%d %H:%M:%S}")
         messages, registration_s, origin = deployment.register(args.messages)
@@ -489,6 +498,14 @@ def load_stage(args: argparse.Namespace) -> LoadResult:
         if db is not None:
             db.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _server_name(extra: dict[str, str]) -> str:
+    """The HTTP server `tracker serve` will use with these variables."""
+    from tracker.settings import SETTINGS
+
+    default = next(s.default for s in SETTINGS if s.env == "TRACKER_SERVER")
+    return extra.get("TRACKER_SERVER") or os.environ.get("TRACKER_SERVER") or default
 
 
 @dataclass
@@ -632,14 +649,15 @@ def goals(load: LoadResult | None, others: dict[str, Any]) -> list[Goal]:
 def print_load(load: LoadResult, args: argparse.Namespace) -> None:
     nginx = load.find("nginx static GIF")
     where = ("remote deployment" if args.url else
-             f"server pinned to core 0, wrk and PostgreSQL on core {LOAD_CORE}")
+             f"tracker serve ({args.server_used}) pinned to core 0, wrk and PostgreSQL on core "
+             f"{LOAD_CORE}")
     print(f"\nLoad: wrk with a finite plan per run, {args.connections} connections on "
           f"{args.threads} thread(s), and a probe of {args.probe_connections} paced connections "
           f"({args.probe_rate:,.0f} requests/s) that times every answer; {load.messages:,} "
           f"messages, {len(LINKS)} links each; {where}\n")
     print(f"{'phase':<26} {'requests':>9} {'req/s':>8} {'p50 ms':>7} {'p90 ms':>7} "
           f"{'p99 ms':>7} {'p99.9':>7} {'errors':>6} {'404 want/got':>12} {'wrk cpu':>7} "
-          f"{'req/cpu-s':>9} {'× nginx':>7} {'×/cpu':>6}")
+          f"{'req/cpu-s':>9} {'cpu wait':>8} {'× nginx':>7} {'×/cpu':>6}")
     for p in load.phases:
         ratio = f"{p.rate / nginx.rate:.2f}" if nginx and not p.reference else ""
         cpu_ratio = (f"{p.per_cpu_second / nginx.per_cpu_second:.2f}"
@@ -647,10 +665,14 @@ def print_load(load: LoadResult, args: argparse.Namespace) -> None:
         status = (f"{p.not_found_expected}/{p.not_found}"
                   if p.not_found_expected is not None else "")
         per_cpu = f"{p.per_cpu_second:,.0f}" if p.per_cpu_second else "n/a"
+        wait = f"{p.server_wait:.0%}" if p.per_cpu_second else "n/a"
         print(f"{p.name:<26} {p.requests:>9,} {p.rate:>8,.0f} {p.latency_ms(0.5):>7.2f} "
               f"{p.latency_ms(0.9):>7.2f} {p.latency_ms(0.99):>7.2f} "
               f"{p.latency_ms(0.999):>7.2f} {p.socket_errors:>6} {status:>12} "
-              f"{p.wrk_share:>7.0%} {per_cpu:>9} {ratio:>7} {cpu_ratio:>6}")
+              f"{p.wrk_share:>7.0%} {per_cpu:>9} {wait:>8} {ratio:>7} {cpu_ratio:>6}")
+    if not args.url:
+        print("  cpu wait: the share of the phase the server's threads were ready to run but "
+              "waited for core 0 (other work on the machine); errors: socket errors")
     paced = [p for p in load.phases if p.paced]
     for p in paced:
         share = p.late / p.requests if p.requests else 0
@@ -829,6 +851,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         raise SystemExit(f"error: cannot write to {args.out}: {exc}") from None
     started = time.monotonic()
+    load_before = os.getloadavg()
+    args.server_used = None
     load: LoadResult | None = None
     others: dict[str, Any] = {}
     try:
@@ -851,6 +875,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = {
         "mode": "remote" if args.url else "local", "url": args.url, "quick": args.quick,
         "finished_at": datetime.now(UTC).isoformat(), "seconds": time.monotonic() - started,
+        # Other work on the machine shows here: the figures of a busy machine are lower.
+        "load_average": {"start": load_before, "end": os.getloadavg(),
+                         "cores": os.cpu_count()},
         "settings": {k: v for k, v in vars(args).items()
                      if k not in ("api_key", "out", "stages")},
         "load": None if load is None else {
@@ -866,6 +893,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "charts": [str(p) for p in written],
     }
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(f"\nload average (1 min) {load_before[0]:.1f} at the start, "
+          f"{os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} cores: other work on the "
+          "machine lowers the figures")
     print(f"\n{', '.join(p.name for p in written) + ' and ' if written else ''}summary.json "
           f"in {args.out}; {time.monotonic() - started:.0f} s in all")
     if failed:
