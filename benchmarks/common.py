@@ -17,10 +17,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import httpx
@@ -37,6 +37,8 @@ from tracker.migrations import migrate  # noqa: E402
 
 __all__ = ["free_port"]
 
+T = TypeVar("T")
+
 SECRET = "benchmark-signing-key-0123456789"
 # The server under test gets core 0 to itself; the load generator and PostgreSQL share core 1.
 SERVER_CORE = "0"
@@ -46,6 +48,14 @@ PLAN_LUA = Path(__file__).resolve().parent / "plan.lua"
 
 class BenchError(Exception):
     """A benchmark cannot go on; the message says why, in one line for the user."""
+
+
+def or_exit(function: Callable[[], T]) -> T:
+    """function(), or the program's exit with the BenchError's line instead of a traceback."""
+    try:
+        return function()
+    except BenchError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 def require(*tools: str, hint: str = "apt-get install wrk nginx-light util-linux") -> None:

@@ -37,10 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     LOAD_CORE,
     SERVER_CORE,
-    BenchError,
     Database,
     free_port,
     ms,
+    or_exit,
     require,
     start_nginx,
     start_tracker,
@@ -182,10 +182,7 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--links", type=int, default=5)
     args = parser.parse_args()
-    try:
-        measure(args)
-    except BenchError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    or_exit(lambda: measure(args))
 
 
 def measure(args: argparse.Namespace) -> None:

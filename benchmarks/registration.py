@@ -33,7 +33,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, BenchError, Database, require, start_tracker, stop
+from common import ROOT, Database, or_exit, require, start_tracker, stop
 
 from tracker.instrument import extract
 
@@ -101,10 +101,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true",
                         help="also print the figures as one JSON object on the last line")
     args = parser.parse_args()
-    try:
-        figures = measure(args)
-    except BenchError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    figures = or_exit(lambda: measure(args))
     if args.json:
         print(json.dumps(figures))
     if figures["failed"] or figures["stored"] < figures["registered"]:

@@ -48,7 +48,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BenchError, percentile, start_tracker, stop
+from common import or_exit, percentile, start_tracker, stop
 
 from tracker import accounts, campaigns
 from tracker.database import connect
@@ -356,10 +356,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true",
                         help="also print the figures as one JSON object on the last line")
     args = parser.parse_args()
-    try:
-        measure(args)
-    except BenchError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    or_exit(lambda: measure(args))
 
 
 def measure(args: argparse.Namespace) -> None:
