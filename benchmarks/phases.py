@@ -1,0 +1,348 @@
+"""The deployment under test, seen only over HTTP, and the load phases run against it.
+
+A phase is one endpoint under one kind of load (as fast as it answers, or paced): warm-up
+runs, then the measured run, each run two wrk processes over a finite plan (plan.lua). The
+`Load` keeps the tally of everything its runs sent, so that `correctness` can hold the
+campaign's report against it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from common import (
+    LOAD_CORE,
+    BenchError,
+    Plan,
+    PlanRun,
+    latency_ms,
+    run_plans,
+    series,
+    tree_cpu_seconds,
+    write_plan,
+)
+from traffic import LINKS, Message, Mix, Tally, report_figures
+
+# --- the deployment under test ----------------------------------------------------------------
+
+
+class Deployment:
+    """tracker's API and tracking URLs, local or remote, seen only over HTTP."""
+
+    def __init__(self, url: str, api_key: str) -> None:
+        self.url = url.rstrip("/")
+        self.client = httpx.Client(base_url=self.url, timeout=60,
+                                   headers={"authorization": f"Bearer {api_key}"})
+        self.campaign = ""
+
+    def call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self.client.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise BenchError(f"cannot reach {self.url}: {exc}") from None
+        if response.status_code == 401:
+            raise BenchError(f"{self.url} refused the API key (401): check --api-key")
+        if response.status_code >= 400:
+            raise BenchError(f"{method} {path}: {response.status_code} {response.text[:200]}")
+        return response
+
+    def check(self) -> None:
+        self.call("GET", "/api/campaigns")
+
+    def create_campaign(self, name: str) -> None:
+        self.campaign = self.call("POST", "/api/campaigns", json={"name": name}).json()["id"]
+
+    def delete_campaign(self) -> None:
+        if self.campaign:
+            self.call("DELETE", f"/api/campaigns/{self.campaign}")
+
+    def register(self, count: int, batch: int = 1000) -> tuple[list[Message], float, str]:
+        """`count` messages with LINKS, sent two hours ago (a click within seconds of
+        sent_at is a machine's). Returns them, the seconds it took, and the origin of their
+        tracking URLs (TRACKER_PUBLIC_URL: where mail clients send the hits)."""
+        sent_at = (datetime.now(UTC) - timedelta(hours=2)).isoformat()
+
+        def one(start: int) -> list[dict[str, Any]]:
+            body = {"messages": [{"recipient": f"reader{n}@bench.example", "sent_at": sent_at,
+                                  "subject": "Our November news", "links": list(LINKS)}
+                                 for n in range(start, min(count, start + batch))]}
+            answer = self.call("POST", f"/api/campaigns/{self.campaign}/messages/batch",
+                               json=body)
+            return answer.json()["messages"]  # type: ignore[no-any-return]
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(4) as pool:
+            answers = [m for part in pool.map(one, range(0, count, batch)) for m in part]
+        seconds = time.perf_counter() - started
+        messages = [Message(_path(m["pixel_url"]),
+                            tuple(_path(link["tracked_url"]) for link in m["links"]))
+                    for m in answers]
+        origin = urlsplit(answers[0]["pixel_url"])
+        return messages, seconds, f"{origin.scheme}://{origin.netloc}"
+
+    def report(self) -> dict[str, Any]:
+        return self.call("GET", f"/api/campaigns/{self.campaign}/report").json()  # type: ignore[no-any-return]
+
+    def report_latency(self, calls: int) -> list[float]:
+        self.report()
+        times = []
+        for _ in range(calls):
+            started = time.perf_counter()
+            self.report()
+            times.append(time.perf_counter() - started)
+        return times
+
+
+def _path(url: str) -> str:
+    parts = urlsplit(url)
+    return parts.path + (f"?{parts.query}" if parts.query else "")
+
+
+# --- load phases ---------------------------------------------------------------------------
+
+
+@dataclass
+class Phase:
+    """One endpoint under one kind of load: the load's wrk and the probe's, side by side."""
+
+    name: str
+    endpoint: str  # pixel | click
+    reference: bool  # nginx
+    paced: float  # the requests/s asked for; 0: as fast as answered
+    runs: list[PlanRun]  # the load, then the probe (warm-up runs are not in the figures)
+    not_found_expected: int | None  # 404s its plans must get (tampered click tokens)
+    settle_s: float = 0.0
+    server_cpu_s: float = 0.0  # the runs, and the writer catching up after them
+
+    @property
+    def requests(self) -> int:
+        return sum(run.answered for run in self.runs)
+
+    @property
+    def seconds(self) -> float:
+        working = [run for run in self.runs if run.answered]
+        return (max(r.done_us for r in working) - min(r.first_us for r in working)) / 1e6 \
+            if working else 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    @property
+    def per_cpu_second(self) -> float:
+        return self.requests / self.server_cpu_s if self.server_cpu_s > 0 else 0.0
+
+    @property
+    def server_wait(self) -> float:
+        """Share of the phase the server's threads spent waiting for a CPU that other work
+        had: where it is large, the machine was busy and the figures are low."""
+        return self.runs[0].server_wait_s / self.seconds if self.seconds else 0.0
+
+    @property
+    def wrk_cpu_s(self) -> float:
+        return sum(run.wrk_cpu_s for run in self.runs)
+
+    @property
+    def wrk_share(self) -> float:
+        """wrk's CPU over the phase as a share of one core (both processes)."""
+        wall = max(run.wall_s for run in self.runs)
+        return self.wrk_cpu_s / wall if wall else 0.0
+
+    @property
+    def late(self) -> int:
+        return sum(run.late for run in self.runs)
+
+    @property
+    def late_max_ms(self) -> float:
+        return max(run.late_max_ms for run in self.runs)
+
+    @property
+    def not_found(self) -> int:
+        return sum(run.errors["status"] for run in self.runs)
+
+    @property
+    def socket_errors(self) -> int:
+        return sum(run.socket_errors for run in self.runs)
+
+    def latency_ms(self, q: float) -> float:
+        return latency_ms(self.runs, q) or 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "endpoint": self.endpoint, "reference": self.reference,
+            "paced_rate": self.paced, "requests": self.requests, "seconds": self.seconds,
+            "rate": self.rate, "timed": sum(sum(map(len, r.latencies.values()))
+                                            for r in self.runs),
+            "runs": [{"planned": r.planned, "sent": r.sent, "answered": r.answered,
+                      "complete": r.complete, "errors": r.errors, "fillers": r.fillers,
+                      "late": r.late, "late_max_ms": r.late_max_ms, "wrk_cpu_s": r.wrk_cpu_s,
+                      "wall_s": r.wall_s} for r in self.runs],
+            "not_found_expected": self.not_found_expected,
+            "latency_ms": {f"p{k}": self.latency_ms(q) for k, q in PERCENTILES},
+            "wrk_cpu_s": self.wrk_cpu_s, "wrk_cpu_share": self.wrk_share,
+            "server_cpu_s": self.server_cpu_s, "per_cpu_second": self.per_cpu_second,
+            "server_wait_share": self.server_wait, "settle_s": self.settle_s,
+            "windows": [w.__dict__ for w in series(self.runs)],
+        }
+
+
+PERCENTILES = (("50", 0.5), ("90", 0.9), ("99", 0.99), ("99.9", 0.999))
+
+
+@dataclass
+class Target:
+    url: str
+    pids: list[int]  # whose CPU is the server's (local); none for a remote deployment
+
+
+class Load:
+    """Runs the phases over one campaign, keeps the tally of what they sent, and notes every
+    run whose answers were not all as planned.
+
+    Each run is two wrk processes started together. The load: one thread, many connections
+    (wrk's cheapest way to send), answers counted per window. The probe: a few connections
+    of one thread each, paced, every answer timed; it stops when the load is done. Their
+    requests are drawn from the same mix and both are counted in the tally. (wrk can time
+    an answer only where a thread has one connection, and a thread per connection costs
+    wrk about three times the CPU per request, which would make wrk the bottleneck.)"""
+
+    def __init__(self, args: argparse.Namespace, deployment: Deployment, mix: Mix,
+                 workdir: Path) -> None:
+        self.args = args
+        self.deployment = deployment
+        self.mix = mix
+        self.workdir = workdir
+        self.tally = Tally(len(mix.messages))
+        self.problems: list[str] = []
+        self.runs = 0
+
+    def phase(self, name: str, endpoint: str, target: Target, *, reference: bool = False,
+              paced: float = 0.0) -> Phase:
+        args = self.args
+        kind = "open" if endpoint == "pixel" else "click"
+        record = not reference
+        if paced:
+            runs, not_found = self._send(name, target, kind, paced * args.seconds, paced,
+                                         record)
+        else:
+            # Short runs first: they warm the server's caches and tell how many requests
+            # fill the phase's seconds. A run that ends much sooner than that was a warm-up
+            # too (the pace picks up once caches are warm), and the next one is sized anew.
+            runs, not_found = self._send(name, target, kind, args.connections * args.warmup,
+                                         0.0, record)
+            for _ in range(4):
+                count = max(args.connections * 20, _rate(runs) * args.seconds * 1.1)
+                runs, not_found = self._send(name, target, kind, count, 0.0, record)
+                if runs[0].active_s >= 0.75 * args.seconds:
+                    break
+        phase = Phase(name, endpoint, reference, paced, runs, None if reference else not_found,
+                      server_cpu_s=runs[0].server_cpu_s)
+        if record:
+            before = sum(tree_cpu_seconds(p) for p in target.pids)
+            phase.settle_s = self.settle(60 if args.quick else 180)
+            phase.server_cpu_s += sum(tree_cpu_seconds(p) for p in target.pids) - before
+        print(f"  {name:<26} {phase.requests:>9,} requests in {phase.seconds:5.1f} s: "
+              f"{phase.rate:>7,.0f}/s, p99 {phase.latency_ms(0.99):6.2f} ms, "
+              f"wrk {phase.wrk_share:4.0%} of a core"
+              + (f", writer caught up in {phase.settle_s:.1f} s" if record else ""), flush=True)
+        return phase
+
+    def _send(self, name: str, target: Target, kind: str, count: float, paced: float,
+              record: bool) -> tuple[list[PlanRun], int]:
+        """One run of about `count` requests (paced at `paced`/s in all if not 0); returns
+        the load's and the probe's PlanRun and the 404s their plans must get."""
+        args = self.args
+        self.runs += 1
+        directory = self.workdir / f"run-{self.runs}"
+        probe_rate = min(args.probe_rate, paced / 4) if paced else args.probe_rate
+        expected_s = count / paced if paced else args.seconds
+        load_count = max(args.connections, round(count - probe_rate * expected_s))
+        # The probe's plan outlasts the load's; it stops when the load is done.
+        probe_count = max(args.probe_connections, round(probe_rate * expected_s * 3))
+        plans = [Plan(directory / "load", args.connections, args.threads,
+                      rate=paced - probe_rate if paced else 0.0,
+                      finished=directory / "load-finished"),
+                 Plan(directory / "probe", args.probe_connections, args.probe_connections,
+                      rate=probe_rate, timed=True, stop=directory / "load-finished")]
+        requests = []
+        for plan, n in zip(plans, (load_count, probe_count), strict=True):
+            requests.append(self.mix.requests(kind, n))
+            write_plan(plan.directory, self.mix.agents, [r.line for r in requests[-1]],
+                       plan.threads)
+        runs = run_plans(target.url, plans, window_s=args.window, cap_s=max(30, 5 * expected_s),
+                         core=None if args.url else LOAD_CORE, server_pids=target.pids)
+        # What was sent: each thread's first `sent` lines.
+        sent = [r for plan, run, planned in zip(plans, runs, requests, strict=True)
+                for n, k in enumerate(run.thread_sent) for r in planned[n::plan.threads][:k]]
+        not_found = sum(1 for r in sent if r.kind == "click" and r.machine is None)
+        if record:
+            self.tally.add(sent)
+            problems = []
+            for label, run in zip(("load", "probe"), runs, strict=True):
+                if not run.complete:
+                    problems.append(f"{label}: {run.sent - run.answered} requests in flight "
+                                    "when wrk was stopped at its cap")
+                if run.socket_errors or run.fillers:
+                    problems.append(f"{label}: socket errors {run.errors}, {run.fillers} "
+                                    "requests re-sent outside the plan")
+            status = sum(run.errors["status"] for run in runs)
+            if status != not_found:
+                problems.append(f"{status} answers >= 400, {not_found} planned (tampered links)")
+            self.problems += [f"{name} (run {self.runs}): {p}" for p in problems]
+        return runs, not_found
+
+    def settle(self, timeout: float) -> float:
+        """Until the report counts what was sent (the writer has caught up), or `timeout`."""
+        started = time.monotonic()
+        want = self.tally.counters()
+        while time.monotonic() - started < timeout:
+            got = report_figures(self.deployment.report())
+            if {k: got[k] for k in want} == want:
+                break
+            time.sleep(0.2)
+        return time.monotonic() - started
+
+
+def _rate(runs: Sequence[PlanRun]) -> float:
+    working = [run for run in runs if run.answered]
+    span = (max(r.done_us for r in working) - min(r.first_us for r in working)) / 1e6 \
+        if working else 0.0
+    return sum(r.answered for r in working) / span if span else 0.0
+
+
+@dataclass
+class Check:
+    name: str
+    expected: Any
+    got: Any
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.expected == self.got)
+
+
+def correctness(load: Load, timeout: float) -> list[Check]:
+    """The report against the tally, once it counts everything or stops changing."""
+    expected = load.tally.expected()
+    deadline = time.monotonic() + timeout
+    got: dict[str, Any] = {}
+    while True:
+        got = report_figures(load.deployment.report())
+        if got == expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    checks = [Check(name, value, got.get(name)) for name, value in expected.items()
+              if name != "links"]
+    for url, value in expected["links"].items():
+        checks.append(Check(f"link {urlsplit(url).path or '/'} clicks, unique",
+                            value, got["links"].get(url)))
+    return checks
