@@ -69,7 +69,7 @@ from tracker.rollups import HONEYPOT_URL_ID, relabel_windows  # noqa: E402
 from tracker.settings import SETTINGS  # noqa: E402
 from tracker.tokens import FLAG_HONEYPOT, ClickToken, OpenToken  # noqa: E402
 from tracker.useragent import parse_agent  # noqa: E402
-from tracker.writer import BatchWriter  # noqa: E402
+from tracker.writer import DEFAULT_CONNECTIONS, BatchWriter  # noqa: E402
 
 GOAL = 100_000.0
 _DEFAULTS = {s.env: s.default for s in SETTINGS}
@@ -398,7 +398,7 @@ async def tallies(dsn: str) -> dict[str, Any]:
 def _writer(dsn: str, args: argparse.Namespace) -> BatchWriter:
     return BatchWriter(lambda: connect(dsn), batch_size=args.batch,
                        interval_s=args.interval_ms / 1000, max_buffered=MAX_BUFFERED,
-                       relabel_windows=relabel_windows())
+                       relabel_windows=relabel_windows(), connections=args.connections)
 
 
 async def run_round(running: Running, postmaster: int, records: list[EventRecord],
@@ -442,6 +442,8 @@ def main() -> None:
                         help="TRACKER_BATCH_SIZE (default: the server's)")
     parser.add_argument("--interval-ms", type=int, default=INTERVAL_MS,
                         help="TRACKER_FLUSH_INTERVAL_MS (default: the server's)")
+    parser.add_argument("--connections", type=int, default=DEFAULT_CONNECTIONS,
+                        help="the writer's connections: batches written at once")
     parser.add_argument("--hours", type=float, default=6.0,
                         help="the events are spread over the last HOURS")
     parser.add_argument("--accounts", type=int, default=5)

@@ -27,7 +27,7 @@ from tracker.hits import (
 from tracker.policy import DEFAULT, PolicyBook
 from tracker.tokens import ClickToken, OpenToken
 from tracker.useragent import parse_agent
-from tracker.writer import BatchWriter, Connect
+from tracker.writer import DEFAULT_CONNECTIONS, BatchWriter, Connect
 
 from .support import free_port
 
@@ -109,9 +109,11 @@ class Writers:
 
     def __call__(self, *, batch_size: int = 100, interval_s: float = 3600.0,
                  max_buffered: int = 10_000, connect_fn: Connect | None = None,
-                 on_drop: Callable[[DropReason], None] | None = None) -> BatchWriter:
+                 on_drop: Callable[[DropReason], None] | None = None,
+                 connections: int = DEFAULT_CONNECTIONS) -> BatchWriter:
         writer = BatchWriter(connect_fn or (lambda: connect(self.dsn)), batch_size=batch_size,
-                             interval_s=interval_s, max_buffered=max_buffered, on_drop=on_drop)
+                             interval_s=interval_s, max_buffered=max_buffered, on_drop=on_drop,
+                             connections=connections)
         self.made.append(writer)
         return writer
 
@@ -233,7 +235,7 @@ async def test_duplicate_ids_within_one_batch_are_stored_once(
 
 async def test_flush_splits_into_batches_of_batch_size(
         writers: Writers, db: asyncpg.Connection) -> None:
-    writer = writers(batch_size=3)
+    writer = writers(batch_size=3, connections=1)
     for item in rows(8):
         writer.add(item)
     assert await writer.flush() == 8

@@ -267,24 +267,32 @@ class Journal:
 
     # -- reading ---------------------------------------------------------------------------
 
-    def read(self, max_events: int) -> Chunk | None:
+    def read(self, max_events: int, after: Chunk | None = None) -> Chunk | None:
         """The oldest uncommitted events, in whole records: up to max_events, but at least
-        one record. None when there is nothing to read."""
+        one record. None when there is nothing to read. With `after`, a chunk read before
+        and not committed yet, the events that follow it (so several chunks can be written
+        at once; commit them in the order they were read)."""
         with self._mutex:
             segments = [(s, s.done, s.end) for s in (*self._adopted, *self._own)]
+        if after is not None and after.marks:
+            last, offset, _ = after.marks[-1]
+            for i, (segment, done, end) in enumerate(segments):
+                if segment is last:
+                    segments = [(segment, max(done, offset), end), *segments[i + 1:]]
+                    break
         lines: list[str] = []
         marks: list[tuple[_Segment, int, int]] = []
         for segment, offset, end in segments:
             start, events = offset, 0
             while offset < end:
-                payload, after = self._record_at(segment, offset, end)
+                payload, following = self._record_at(segment, offset, end)
                 text = payload.decode()
                 found = text.split("\n")[:-1]
                 if lines and len(lines) + len(found) > max_events:
                     break
                 lines.extend(line + "\n" for line in found)
                 events += len(found)
-                offset = after
+                offset = following
                 if len(lines) >= max_events:
                     break
             if offset > start:

@@ -1,45 +1,58 @@
 """Rollups: what the writer runs, in its transaction, to keep the report tables exact.
 
 The tables are in sql/0002_rollups.sql; reports.py reads nothing else. A batch
-arrives in the writer's staging table and `move_staged` then, in the writer's
-transaction:
+arrives in the writer's staging table and `move_staged` then runs, in the writer's
+transaction, one statement per step, in this order:
 
-1. takes an advisory lock per campaign that has clicks in the batch (see `_LOCK`);
-2. moves the batch into `events` with `insert ... on conflict do nothing returning`
-   in a CTE and aggregates every rollup from what that insert returned, so only rows
-   new to the database are counted: a retried batch or a journal replay adds nothing;
-3. if the batch brought a trigger (a honeypot hit, a burst click) or a human click
-   inside a stored trigger's window, re-labels: the same message's human clicks within
-   the window around the trigger (`relabel_windows`, from the classification rules'
-   timing) become machine with its reason (`update ... returning` in a CTE), and the
-   same rollup statements run on the difference (each re-labelled row: -1 human,
-   +1 machine).
+1. move: `insert into events ... on conflict do nothing returning`, and what that
+   insert returned goes into a session-local delta table (signed rows, n = +1), so
+   only rows new to the database are counted: a retried batch or a journal replay adds
+   nothing. The batch's triggers (below) go into `relabel_triggers`;
+2. messages: the per-message rollups (`rollup_message`, then `rollup_message_link`)
+   from the delta; each upsert returns the new counts, from which the statement sees
+   whether a message just became, or just stopped being, opened or clicked, and notes
+   that in a session-local marks table;
+3. re-label: the same message's human clicks within the window around a trigger (a
+   honeypot hit, a burst click; `relabel_windows`, from the classification rules'
+   timing) become machine with its reason (`update ... returning`); each re-labelled
+   row adds two rows to the delta (-1 human, +1 machine), and step 2 runs again on them;
+4. campaign rollups: `rollup_campaign`, `rollup_link` and `rollup_dimension` from the
+   whole delta and the marks, in one statement.
 
+Unique counts are kept as per-message human counts (`rollup_message`,
+`rollup_message_link`): a message is opened while it has a human open or click.
 Re-labelling works from stored rows, not from classify.py's in-memory `Relabel`
 signals: a click before the trigger is found whichever worker stored it, and so is one
-after it (which classify.py labels only when the same worker sees both); a replay or a
-restart loses nothing. The window is symmetric, and covers the signal's (a honeypot:
-`honeypot_seconds` before the hit; a burst: its clicks, all within `burst_seconds`).
-The triggers: a hit on the honeypot link itself, and every click labelled burst (so a
-burst that goes on extends its window, as classify.py's rule does).
-
-Both statements feed one generic set of upserts (`_ROLLUPS`) from a relation
-`delta` of signed rows, so an insert and a re-label can never disagree on what a
-count means. Unique counts are kept as per-message human counts (`rollup_message`,
-`rollup_message_link`): a message is opened while it has a human open or click, and
-each upsert returns the new counts, from which the statement sees whether the message
-just became, or just stopped being, opened or clicked.
+after it; a replay or a restart loses nothing. The window is symmetric, and covers the
+signal's (a honeypot: `honeypot_seconds` before the hit; a burst: its clicks, all within
+`burst_seconds`). The triggers: a hit on the honeypot link itself, and every click
+labelled burst (so a burst that goes on extends its window, as classify.py's rule does).
 
 Nothing here reads raw events back except the re-label's look at one message's clicks
 within seconds of a trigger, so retention can drop old event partitions and every total
 stays. (A journal replay of events older than the retention period would count them
 again: their ids are gone with the partition.)
 
-Exactness of re-labelling under concurrency: a victim click and its trigger may be
-written by two workers at the same moment, each transaction unable to see the other's
-row. The per-campaign lock, taken before anything else in the transaction, orders
-them: the second one's re-label statement runs after the first committed, so it sees
-both rows. Rows of the hot rollup bucket serialise writers of one campaign anyway.
+Concurrency. Several transactions run these steps at once (the workers' writers, and
+each writer's concurrent flushes), and they must neither miss a re-label nor deadlock.
+
+- Re-labelling is exact because the `rollup_message` row of a message is the point where
+  two transactions that could re-label each other's rows meet. A victim click and its
+  trigger may be written at the same moment, each transaction unable to see the other's
+  row; but both upsert the message's row in step 2 (a human click counts there; a
+  trigger is upserted with +0 for this reason alone), so the second waits there until
+  the first has committed, and its step 3, a new statement with a new snapshot, sees the
+  first one's row. (Before, a per-campaign advisory lock taken at the start of the
+  transaction did this, and it made every transaction of a campaign wait for the whole
+  of the one before: writers could not overlap at all.)
+- No deadlock: every transaction takes its row locks in the same order, table by table
+  as the steps go, and in key order within a table (`order by` before each upsert). Step
+  3 only re-labels messages with a click in the batch, whose `rollup_message` rows it
+  already holds; and whoever holds a message's `rollup_message_link` row took the
+  message's `rollup_message` row first. The campaign rollups' rows are the ones every
+  transaction of a campaign shares; they come last, in one statement, so a transaction
+  holds them only for that statement and its commit, and the steps before it (the bulk
+  of the work) overlap freely.
 """
 
 from __future__ import annotations
@@ -68,31 +81,59 @@ def relabel_windows(timing: Timing | None = None) -> dict[str, timedelta]:
 # soon after one are not (their window would extend the honeypot's).
 HONEYPOT_URL_ID = 0
 
-# Any two int4s will do: the pair must not be used for anything else.
-_LOCK_SPACE = 0x726C6162  # "rlab"
-_LOCK_BUCKETS = 255  # bounds the locks one transaction takes (the lock table is shared)
-
 _EVENT_FIELDS = ", ".join(("occurred_at" if c == "at_us" else c) for c in EVENT_COLUMNS)
 _DELTA_FIELDS = ("account_id, campaign_id, message_id, occurred_at, type, url_id, "
                  "country, region, browser, os, device")
-
 _MOVED_FIELDS = ", ".join("e." + name for name in _DELTA_FIELDS.split(", "))
 
-_LOCK = f"""
-select pg_advisory_xact_lock(
-    {_LOCK_SPACE}, hashtext(account_id::text || '/' || campaign_id::text) & {_LOCK_BUCKETS})
-from (select distinct account_id, campaign_id from {{staging}} where type = 'click'
-      order by 1, 2) c"""
+# Session-local, emptied at every commit. `n` is +1 or -1 (a re-label takes a human row
+# back and adds a machine one); `relabel` marks the rows step 3 added; `is_trigger` the
+# batch's triggers. Marks: a message that became opened (`opened`) or clicked, or stopped
+# being, in the rollup_campaign bucket `at` (url_id null), or a (message, url) that became
+# clicked, or stopped, in the rollup_link hour `at`.
+_TABLES = """
+    create temp table if not exists {delta} (
+        account_id bigint, campaign_id bigint, message_id bigint, occurred_at timestamptz,
+        type text, url_id bigint, country text, region text, browser text, os text,
+        device text, machine boolean, n integer, is_trigger boolean, relabel boolean
+    ) on commit delete rows;
+    create temp table if not exists {marks} (
+        account_id bigint, campaign_id bigint, url_id bigint, at timestamptz,
+        opened integer, clicked integer
+    ) on commit delete rows"""
 
-# Every rollup, from `delta` (signed rows: n is +1 or -1, machine the side counted).
-_ROLLUPS = """
-md as (
+# $1, $2: the trigger reasons and their windows; $3: the honeypot link's url id.
+_MOVE = f"""
+with new as (
+    insert into events ({_EVENT_FIELDS})
+    select {{staged_fields}} from {{staging}}
+    on conflict do nothing
+    returning {_DELTA_FIELDS}, id, machine, reason,
+              type = 'click' and reason = any($1::text[])
+              and (reason <> 'honeypot' or url_id = $3) as is_trigger
+),
+triggers as (
+    insert into relabel_triggers (account_id, message_id, occurred_at, id, reason, since, until)
+    select n.account_id, n.message_id, n.occurred_at, n.id, n.reason,
+           n.occurred_at - w.span, n.occurred_at + w.span
+    from new n join unnest($1::text[], $2::interval[]) w (reason, span) on w.reason = n.reason
+    where n.is_trigger
+    on conflict do nothing
+)
+insert into {{delta}} ({_DELTA_FIELDS}, machine, n, is_trigger, relabel)
+select {_DELTA_FIELDS}, machine, 1, is_trigger, false from new"""
+
+# $1: the delta rows of step 1 (false) or of step 3 (true). Trigger messages are upserted
+# with +0: that row lock is what orders re-labels (see Concurrency above).
+_MESSAGES = """
+with md as (
     select account_id, message_id, min(campaign_id) as campaign_id,
-           coalesce(sum(n) filter (where type = 'open'), 0) as opens,
-           coalesce(sum(n) filter (where type = 'click'), 0) as clicks,
-           tracker_quarter(min(occurred_at)) as opened_in,
-           tracker_quarter(min(occurred_at) filter (where type = 'click')) as clicked_in
-    from delta where not machine
+           coalesce(sum(n) filter (where type = 'open' and not machine), 0) as opens,
+           coalesce(sum(n) filter (where type = 'click' and not machine), 0) as clicks,
+           tracker_quarter(min(occurred_at) filter (where not machine)) as opened_in,
+           tracker_quarter(min(occurred_at) filter (where type = 'click' and not machine))
+               as clicked_in
+    from {delta} where relabel = $1 and (not machine or is_trigger)
     group by account_id, message_id
 ),
 m as (
@@ -115,11 +156,19 @@ mt as (
              - (m.opens - md.opens + m.clicks - md.clicks > 0)::int as opened,
            (m.clicks > 0)::int - (m.clicks - md.clicks > 0)::int as clicked
     from m join md on md.account_id = m.account_id and md.message_id = m.message_id
-),
-ld as (
+)
+insert into {marks} (account_id, campaign_id, url_id, at, opened, clicked)
+select account_id, campaign_id, null::bigint, opened_in, opened, 0 from mt where opened <> 0
+union all
+select account_id, campaign_id, null::bigint, clicked_in, 0, clicked from mt where clicked <> 0"""
+
+# After _MESSAGES, never in the same statement: see Concurrency above.
+_MESSAGE_LINKS = """
+with ld as (
     select account_id, message_id, url_id, min(campaign_id) as campaign_id, sum(n) as clicks,
            tracker_hour(min(occurred_at)) as clicked_in
-    from delta where not machine and type = 'click' and url_id is not null
+    from {delta}
+    where relabel = $1 and not machine and type = 'click' and url_id is not null
     group by account_id, message_id, url_id
 ),
 l as (
@@ -131,14 +180,49 @@ l as (
         clicks = r.clicks + excluded.clicks,
         clicked_in = case when r.clicks > 0 then r.clicked_in else excluded.clicked_in end
     returning account_id, message_id, url_id, campaign_id, clicks, clicked_in
+)
+insert into {marks} (account_id, campaign_id, url_id, at, opened, clicked)
+select l.account_id, l.campaign_id, l.url_id, l.clicked_in, 0,
+       (l.clicks > 0)::int - (l.clicks - ld.clicks > 0)::int
+from l join ld on ld.account_id = l.account_id and ld.message_id = l.message_id
+              and ld.url_id = l.url_id
+where (l.clicks > 0) <> (l.clicks - ld.clicks > 0)"""
+
+# The triggers that matter are those with one of the batch's new clicks in their window
+# that is a victim (human) or the trigger itself. Older ones were settled when written.
+# The earliest trigger around a click names its reason.
+_RELABEL = f"""
+with clicks as (
+    select distinct account_id, message_id, occurred_at from {{delta}}
+    where not relabel and type = 'click' and (not machine or is_trigger)
 ),
-lt as (
-    select l.account_id, l.campaign_id, l.url_id, l.clicked_in,
-           (l.clicks > 0)::int - (l.clicks - ld.clicks > 0)::int as clicked
-    from l join ld on ld.account_id = l.account_id and ld.message_id = l.message_id
-                  and ld.url_id = l.url_id
+near as (
+    select distinct on (e.account_id, e.occurred_at, e.id)
+           e.account_id, e.occurred_at, e.id, t.reason
+    from relabel_triggers t
+    join events e on e.account_id = t.account_id and e.message_id = t.message_id
+                 and e.occurred_at between t.since and t.until
+    where exists (select 1 from clicks s
+                  where s.account_id = t.account_id and s.message_id = t.message_id
+                    and s.occurred_at between t.since and t.until)
+      and e.type = 'click' and not e.machine
+    order by e.account_id, e.occurred_at, e.id, t.occurred_at
 ),
-rc as (
+moved as (
+    update events e set machine = true, reason = near.reason
+    from near
+    where e.account_id = near.account_id and e.occurred_at = near.occurred_at
+      and e.id = near.id and not e.machine
+    returning {_MOVED_FIELDS}
+)
+insert into {{delta}} ({_DELTA_FIELDS}, machine, n, is_trigger, relabel)
+select {_DELTA_FIELDS}, false, -1, false, true from moved
+union all
+select {_DELTA_FIELDS}, true, 1, false, true from moved"""
+
+# The rows every transaction of a campaign shares: last, in one statement.
+_CAMPAIGNS = """
+with rc as (
     insert into rollup_campaign as r (account_id, campaign_id, bucket, opens, clicks,
                                       machine_opens, machine_clicks, opened, clicked)
     select account_id, campaign_id, bucket, sum(opens), sum(clicks), sum(machine_opens),
@@ -150,13 +234,10 @@ rc as (
                case when type = 'open' and machine then n else 0 end as machine_opens,
                case when type = 'click' and machine then n else 0 end as machine_clicks,
                0 as opened, 0 as clicked
-        from delta
+        from {delta}
         union all
-        select account_id, campaign_id, opened_in, 0, 0, 0, 0, opened, 0
-        from mt where opened <> 0
-        union all
-        select account_id, campaign_id, clicked_in, 0, 0, 0, 0, 0, clicked
-        from mt where clicked <> 0
+        select account_id, campaign_id, at, 0, 0, 0, 0, opened, clicked
+        from {marks} where url_id is null
     ) x
     group by account_id, campaign_id, bucket
     order by account_id, campaign_id, bucket
@@ -177,10 +258,10 @@ rl as (
                case when not machine then n else 0 end as clicks,
                case when machine then n else 0 end as machine_clicks,
                0 as clicked
-        from delta where type = 'click' and url_id is not null
+        from {delta} where type = 'click' and url_id is not null
         union all
-        select account_id, campaign_id, url_id, clicked_in, 0, 0, clicked
-        from lt where clicked <> 0
+        select account_id, campaign_id, url_id, at, 0, 0, clicked
+        from {marks} where url_id is not null
     ) x
     group by account_id, campaign_id, url_id, hour
     order by account_id, campaign_id, url_id, hour
@@ -188,101 +269,46 @@ rl as (
         clicks = r.clicks + excluded.clicks,
         machine_clicks = r.machine_clicks + excluded.machine_clicks,
         clicked = r.clicked + excluded.clicked
-),
-rd as (
-    insert into rollup_dimension as r (account_id, campaign_id, type, dimension, value, humans,
-                                       machines)
-    select e.account_id, e.campaign_id, e.type, d.dimension, coalesce(d.value, 'unknown'),
-           coalesce(sum(e.n) filter (where not e.machine), 0),
-           coalesce(sum(e.n) filter (where e.machine), 0)
-    from delta e
-    cross join lateral (values ('country', e.country), ('region', e.region),
-                               ('browser', e.browser), ('os', e.os),
-                               ('device', e.device)) d (dimension, value)
-    group by 1, 2, 3, 4, 5
-    order by 1, 2, 3, 4, 5
-    on conflict (account_id, campaign_id, type, dimension, value) do update set
-        humans = r.humans + excluded.humans,
-        machines = r.machines + excluded.machines
-)"""
-
-# $1, $2: the trigger reasons and their windows; $3: the honeypot link's url id. Returns the
-# rows inserted and whether a re-label may be due.
-_MOVE = f"""
-with new as (
-    insert into events ({_EVENT_FIELDS})
-    select {{staged_fields}} from {{staging}}
-    on conflict do nothing
-    returning {_DELTA_FIELDS}, id, machine, reason
-),
-delta as (
-    select {_DELTA_FIELDS}, machine, 1 as n from new
-),
-triggers as (
-    insert into relabel_triggers (account_id, message_id, occurred_at, id, reason, since, until)
-    select n.account_id, n.message_id, n.occurred_at, n.id, n.reason,
-           n.occurred_at - w.span, n.occurred_at + w.span
-    from new n join unnest($1::text[], $2::interval[]) w (reason, span) on w.reason = n.reason
-    where n.type = 'click' and (n.reason <> 'honeypot' or n.url_id = $3)
-    on conflict do nothing
-),
-{_ROLLUPS}
-select (select count(*) from new) as inserted,
-       exists (select 1 from new where type = 'click' and reason = any($1::text[])
-                                 and (reason <> 'honeypot' or url_id = $3))
-       or exists (select 1 from new n
-                  join relabel_triggers t on t.account_id = n.account_id
-                                         and t.message_id = n.message_id
-                                         and n.occurred_at between t.since and t.until
-                  where n.type = 'click' and not n.machine) as relabel"""
-
-# Returns the rows re-labelled. The earliest trigger around a click names its reason.
-# The triggers that matter are those with a staged click in their window: that click is a
-# victim, or the trigger itself (new in this batch). Older ones were settled when written.
-_RELABEL = f"""
-with staged as (
-    select distinct account_id, message_id,
-           timestamptz 'epoch' + at_us * interval '1 microsecond' as occurred_at
-    from {{staging}} where type = 'click'
-),
-near as (
-    select distinct on (e.account_id, e.occurred_at, e.id)
-           e.account_id, e.occurred_at, e.id, t.reason
-    from relabel_triggers t
-    join events e on e.account_id = t.account_id and e.message_id = t.message_id
-                 and e.occurred_at between t.since and t.until
-    where exists (select 1 from staged s
-                  where s.account_id = t.account_id and s.message_id = t.message_id
-                    and s.occurred_at between t.since and t.until)
-      and e.type = 'click' and not e.machine
-    order by e.account_id, e.occurred_at, e.id, t.occurred_at
-),
-moved as (
-    update events e set machine = true, reason = near.reason
-    from near
-    where e.account_id = near.account_id and e.occurred_at = near.occurred_at
-      and e.id = near.id and not e.machine
-    returning {_MOVED_FIELDS}
-),
-delta as (
-    select {_DELTA_FIELDS}, false as machine, -1 as n from moved
-    union all
-    select {_DELTA_FIELDS}, true as machine, 1 as n from moved
-),
-{_ROLLUPS}
-select count(*) from moved"""
+)
+insert into rollup_dimension as r (account_id, campaign_id, type, dimension, value, humans,
+                                   machines)
+-- One pass with a grouping set per dimension (a missing value is the key 'unknown'); in
+-- the set of a dimension the others are null, so the first value not null is its own.
+-- A third cheaper than making five rows of each event to group (lateral values).
+select account_id, campaign_id, type,
+       case when grouping(country) = 0 then 'country' when grouping(region) = 0 then 'region'
+            when grouping(browser) = 0 then 'browser' when grouping(os) = 0 then 'os'
+            else 'device' end as dimension,
+       coalesce(country, region, browser, os, device) as value,
+       coalesce(sum(n) filter (where not machine), 0),
+       coalesce(sum(n) filter (where machine), 0)
+from (select account_id, campaign_id, type, machine, n,
+             coalesce(country, 'unknown') as country, coalesce(region, 'unknown') as region,
+             coalesce(browser, 'unknown') as browser, coalesce(os, 'unknown') as os,
+             coalesce(device, 'unknown') as device
+      from {delta}) e
+group by account_id, campaign_id, type, grouping sets (country, region, browser, os, device)
+order by 1, 2, 3, 4, 5
+on conflict (account_id, campaign_id, type, dimension, value) do update set
+    humans = r.humans + excluded.humans,
+    machines = r.machines + excluded.machines"""
 
 
 class Mover:
-    """The statements for one staging table, built once."""
+    """The statements for one staging table, built once. `tables` creates the
+    session-local tables they use; run it once per connection."""
 
     def __init__(self, staging: str, windows: Mapping[str, timedelta] | None = None) -> None:
         staged_fields = ", ".join(
             ("timestamptz 'epoch' + at_us * interval '1 microsecond'" if c == "at_us" else c)
             for c in EVENT_COLUMNS)
-        self._lock = _LOCK.format(staging=staging)
-        self._move = _MOVE.format(staging=staging, staged_fields=staged_fields)
-        self._relabel = _RELABEL.format(staging=staging)
+        names = {"staging": staging, "delta": f"{staging}_delta", "marks": f"{staging}_marks"}
+        self.tables = _TABLES.format(**names)
+        self._move = _MOVE.format(staged_fields=staged_fields, **names)
+        self._messages = _MESSAGES.format(**names)
+        self._message_links = _MESSAGE_LINKS.format(**names)
+        self._relabel = _RELABEL.format(**names)
+        self._campaigns = _CAMPAIGNS.format(**names)
         windows = relabel_windows() if windows is None else windows
         self._reasons = list(windows)
         self._spans = [windows[reason] for reason in self._reasons]
@@ -290,9 +316,20 @@ class Mover:
     async def move_staged(self, conn: asyncpg.Connection) -> tuple[int, int]:
         """Move the staged batch into `events` and the rollups; call inside a transaction.
         Returns (rows new to the database, rows re-labelled machine)."""
-        await conn.execute(self._lock)
-        row = await conn.fetchrow(self._move, self._reasons, self._spans, HONEYPOT_URL_ID)
-        relabelled = 0
-        if row["relabel"]:
-            relabelled = int(await conn.fetchval(self._relabel))
-        return int(row["inserted"]), relabelled
+        inserted = _rows(await conn.execute(self._move, self._reasons, self._spans,
+                                            HONEYPOT_URL_ID))
+        if not inserted:
+            return 0, 0
+        await conn.execute(self._messages, False)
+        await conn.execute(self._message_links, False)
+        relabelled = _rows(await conn.execute(self._relabel)) // 2
+        if relabelled:
+            await conn.execute(self._messages, True)
+            await conn.execute(self._message_links, True)
+        await conn.execute(self._campaigns)
+        return inserted, relabelled
+
+
+def _rows(status: str) -> int:
+    """Rows an INSERT affected, from its command tag ("INSERT 0 42")."""
+    return int(status.rsplit(" ", 1)[1])

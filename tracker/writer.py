@@ -38,7 +38,7 @@ from datetime import date, timedelta
 import asyncpg
 
 from tracker.hits import DAY_MICROSECONDS, EVENT_COLUMNS, DropReason, EventRecord
-from tracker.journal import Journal, JournalFull
+from tracker.journal import Chunk, Journal, JournalFull
 from tracker.rollups import Mover
 
 log = logging.getLogger("tracker.writer")
@@ -59,6 +59,11 @@ _ADOPT_EVERY_S = 10.0  # how often a healthy writer looks for orphaned journal s
 # A durable hit waits for its group commit; a disk that stalls longer than this must not
 # hold the answer (the pixel always renders): it goes out unconfirmed, and is logged.
 _SYNC_WAIT_S = 5.0
+# Batches written at once, each on its own connection. PostgreSQL runs a batch's
+# statements on one core; a second write in flight keeps a second core busy while the
+# first waits for its commit or holds the campaign's rollup rows (rollups.py). More than
+# the cores PostgreSQL has gains nothing (benchmarks/README.md, Ingest).
+DEFAULT_CONNECTIONS = 2
 
 Connect = Callable[[], Awaitable[asyncpg.Connection]]
 
@@ -81,9 +86,12 @@ class BatchWriter:
     def __init__(self, connect: Connect, *, batch_size: int, interval_s: float,
                  max_buffered: int, on_drop: Callable[[DropReason], None] | None = None,
                  relabel_windows: Mapping[str, timedelta] | None = None,
-                 journal: Journal | None = None, durable: bool = False) -> None:
+                 journal: Journal | None = None, durable: bool = False,
+                 connections: int = DEFAULT_CONNECTIONS) -> None:
         if durable and journal is None:
             raise ValueError("a durable writer needs a journal")
+        if connections < 1:
+            raise ValueError("a writer needs at least one connection")
         self._connect = connect
         # Moves a staged batch into events and the report rollups, re-labelling human clicks
         # near a honeypot or burst click (rollups.relabel_windows: the rules' timing).
@@ -94,7 +102,9 @@ class BatchWriter:
         self._on_drop = on_drop
         self._buffer: list[EventRecord] = []
         self._wake = asyncio.Event()
-        self._conn: asyncpg.Connection | None = None
+        self._connections = connections
+        self._idle: list[asyncpg.Connection] = []  # connections between writes
+        self._batch_ready = asyncio.Event()  # a full batch waits: another write may start
         self._known_days: set[int] = set()
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
@@ -103,7 +113,9 @@ class BatchWriter:
         self.stats = WriterStats()
         self._journal = journal
         self._durable = durable
-        self._inflight: list[EventRecord] = []  # the batch being written from memory
+        self._inflight: dict[int, list[EventRecord]] = {}  # batches being written from memory
+        self._lanes: list[list[EventRecord]] = [[] for _ in range(connections)]  # sorted out
+        self._taken = 0  # batches taken from memory so far: their order
         self._spills: deque[list[EventRecord]] = deque()  # batches on their way to the journal
         self._spilling = 0  # events in _spills
         self._spill_task: asyncio.Task[None] | None = None
@@ -127,7 +139,8 @@ class BatchWriter:
     def buffered(self) -> int:
         """Events in memory only: buffered, being written, being spilled, or waiting for
         their group commit."""
-        return len(self._buffer) + len(self._inflight) + self._spilling + len(self._pending)
+        return (len(self._buffer) + sum(len(b) for b in self._inflight.values())
+                + sum(len(queue) for queue in self._lanes) + self._spilling + len(self._pending))
 
     @property
     def healthy(self) -> bool:
@@ -144,6 +157,7 @@ class BatchWriter:
         self._buffer.append(row)
         if len(self._buffer) >= self._batch_size:
             self._wake.set()
+            self._batch_ready.set()
         return True
 
     def synced(self) -> Awaitable[bool] | None:
@@ -167,33 +181,147 @@ class BatchWriter:
 
     async def flush(self) -> int:
         """Write everything queued so far, the journal's events first; returns rows written.
-        Raises if the database fails."""
+        Raises if the database fails.
+
+        Up to `connections` batches are written at once, each in its own transaction on
+        its own connection, and never two with an event of the same message: events go
+        to a lane by message (`_lane_of`), and a lane writes one batch at a time. Two
+        transactions that share a message would meet on its `rollup_message` row, the
+        second waiting for the first to commit (rollups.py, Concurrency); sharing only
+        campaigns, they wait for each other in their last statement alone. A batch is
+        full unless it is the only one being written. A journal chunk is committed (its
+        segment may then go) only once it and every chunk read before it are in
+        PostgreSQL. A batch that fails, or is interrupted, goes back to memory in front of
+        anything newer; the chunks after a failed one stay in the journal (written again
+        later, they count nothing twice)."""
         await self._settle()
         async with self._lock:
-            written = 0
-            while True:
-                chunk = self._journal.read(self._batch_size) if self._journal else None
-                if chunk is not None:
-                    assert self._journal is not None
-                    if chunk.lines:
-                        written += await self._write([_record_of(x) for x in chunk.lines])
-                    self._journal.commit(chunk)
-                    self._journal_full = False
-                    self.stats.replayed += len(chunk.lines)
-                    continue
-                if not self._buffer:
-                    return written
-                batch = self._buffer[: self._batch_size]
-                del self._buffer[: len(batch)]
-                self._inflight = batch
-                try:
-                    written += await self._write(batch)
-                except BaseException:
-                    # Not written (or in doubt): back in front of anything newer.
-                    self._buffer[:0] = batch
-                    raise
-                finally:
-                    self._inflight = []
+            round_ = _Round(self._connections)
+            writing: dict[int, asyncio.Task[None]] = {}
+            try:
+                while True:
+                    self._batch_ready.clear()
+                    for lane in range(self._connections):
+                        if round_.error is None and lane not in writing:
+                            work = self._take(round_, lane, alone=not writing)
+                            if work is not None:
+                                writing[lane] = asyncio.create_task(
+                                    self._write_work(work, round_))
+                    if not writing:
+                        break
+                    # A write ends, or a full batch arrives for an idle lane.
+                    ready = asyncio.create_task(self._batch_ready.wait())
+                    try:
+                        await asyncio.wait({*writing.values(), ready},
+                                           return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        ready.cancel()
+                    writing = {lane: task for lane, task in writing.items() if not task.done()}
+            finally:
+                for task in writing.values():
+                    task.cancel()
+                await asyncio.gather(*writing.values(), return_exceptions=True)
+                # Not written (or in doubt), or sorted into lanes and not taken yet: back
+                # in front of anything newer.
+                self._buffer[:0] = [*(row for taken in sorted(self._inflight)
+                                      for row in self._inflight[taken]),
+                                    *(row for queue in self._lanes for row in queue)]
+                self._inflight.clear()
+                for queue in self._lanes:
+                    queue.clear()
+            if round_.error is not None:
+                raise round_.error
+            return round_.written
+
+    def _take(self, round_: _Round, lane: int, alone: bool) -> _Work | None:
+        """The lane's next batch: its part of the journal's next chunk, else its oldest
+        events in memory. Only a write on its own takes less than a full batch: with
+        others under way, what is short of one waits for them (or for more events) rather
+        than go in a small transaction of its own."""
+        parts = round_.parts[lane]
+        if self._journal is not None and not parts and all(len(p) < 2 for p in round_.parts):
+            self._read_journal(round_, alone)
+        if parts:
+            chunk, records = parts.popleft()
+            return _Work(lane, records, chunk=chunk)
+        queue = self._lanes[lane]
+        if len(queue) < self._batch_size:
+            self._sort_out(lane)
+        if not queue or (not alone and len(queue) < self._batch_size):
+            return None
+        batch = queue[: self._batch_size]
+        del queue[: len(batch)]
+        self._taken += 1
+        self._inflight[self._taken] = batch
+        return _Work(lane, batch, taken=self._taken)
+
+    def _read_journal(self, round_: _Round, alone: bool) -> None:
+        """The journal's next chunk (a batch for every lane), split into the lanes' parts."""
+        assert self._journal is not None
+        want = self._batch_size * self._connections
+        chunk = self._journal.read(want, after=round_.cursor)
+        if chunk is None or (not alone and len(chunk.lines) < want):
+            return
+        round_.cursor = chunk
+        round_.chunks.append(chunk)
+        split: list[list[EventRecord]] = [[] for _ in range(self._connections)]
+        for line in chunk.lines:
+            split[self._lane_of(line)].append(_record_of(line))
+        parts = [(lane, records) for lane, records in enumerate(split) if records]
+        round_.unwritten[id(chunk)] = len(parts)
+        for lane, records in parts:
+            round_.parts[lane].append((chunk, records))
+        if not parts:  # nothing readable in it (damaged records): done as it is
+            self._chunk_part_written(round_, chunk)
+
+    def _sort_out(self, lane: int) -> None:
+        """Move events from the front of memory into the lanes' queues, until this lane's
+        has a full batch, memory is empty, or the queues hold a batch for every lane (so
+        traffic for one message, which all goes to one lane, cannot pile up there)."""
+        queue, need = self._lanes[lane], self._batch_size - len(self._lanes[lane])
+        if self._connections == 1:
+            queue += self._buffer[:need]
+            del self._buffer[:need]
+            return
+        lanes = self._lanes
+        room = self._connections * self._batch_size - sum(len(q) for q in lanes)
+        moved = 0
+        for record in self._buffer[:max(0, room)]:
+            moved += 1
+            target = lanes[self._lane_of(record[0])]
+            target.append(record)
+            if target is queue:
+                need -= 1
+                if not need:
+                    break
+        del self._buffer[:moved]
+
+    def _lane_of(self, line: str) -> int:
+        return int(line.split("\t", 5)[4]) % self._connections  # by message id
+
+    async def _write_work(self, work: _Work, round_: _Round) -> None:
+        try:
+            # Not `+= await`: that would read the total before the write.
+            inserted = await self._write(work.records)
+            round_.written += inserted
+            if work.chunk is not None:
+                self._chunk_part_written(round_, work.chunk)
+            else:
+                del self._inflight[work.taken]
+        except Exception as exc:  # flush() raises it once the others end
+            if round_.error is None:
+                round_.error = exc
+
+    def _chunk_part_written(self, round_: _Round, chunk: Chunk) -> None:
+        """Mark the journal committed up to the first chunk not wholly written."""
+        assert self._journal is not None
+        round_.unwritten[id(chunk)] -= 1
+        while round_.chunks and not round_.unwritten[id(round_.chunks[0])]:
+            done = round_.chunks.popleft()
+            del round_.unwritten[id(done)]
+            self._journal.commit(done)
+            self._journal_full = False
+            self.stats.replayed += len(done.lines)
 
     async def close(self, timeout_s: float) -> int:
         """Stop the timer, then try to write what is left within the timeout; with a
@@ -312,8 +440,13 @@ class BatchWriter:
             # A write that failed or was interrupted leaves the session in doubt (asyncpg can
             # believe a BEGIN is still open, turning the next commit into a savepoint):
             # never reuse it. The batch stays queued; writing it again is harmless.
-            self._abandon_connection()
+            conn.terminate()
+            # Retention may have dropped a day's partition since we made it (a late event
+            # for that day then fails): check the days again rather than fail for ever.
+            self._known_days.clear()
             raise
+        if not conn.is_closed():
+            self._idle.append(conn)
         self.stats.written += inserted
         self.stats.relabelled += relabelled
         self.stats.duplicates += len(batch) - inserted
@@ -330,27 +463,22 @@ class BatchWriter:
             self._known_days.add(day)
 
     async def _connection(self) -> asyncpg.Connection:
-        if self._conn is None or self._conn.is_closed():
-            conn = await self._connect()
-            try:
-                await conn.execute(_CREATE_STAGING)
-            except BaseException:
-                conn.terminate()
-                raise
-            self._conn = conn
-        return self._conn
-
-    def _abandon_connection(self) -> None:
-        if self._conn is not None:
-            self._conn.terminate()
-            self._conn = None
-        # Retention may have dropped a day's partition since we made it (a late event for
-        # that day then fails): check the days again rather than fail the batch for ever.
-        self._known_days.clear()
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.is_closed():
+                return conn
+        conn = await self._connect()
+        try:
+            await conn.execute(_CREATE_STAGING)
+            await conn.execute(self._mover.tables)
+        except BaseException:
+            conn.terminate()
+            raise
+        return conn
 
     async def _disconnect(self) -> None:
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
+        idle, self._idle = self._idle, []
+        for conn in idle:
             try:
                 await asyncio.wait_for(conn.close(), 2)
             except Exception:
@@ -498,6 +626,7 @@ class BatchWriter:
                 synced.set_result(kept == len(group))
             if self._journal is not None and self._journal.pending_events >= self._batch_size:
                 self._wake.set()
+                self._batch_ready.set()
 
     async def _adopt_now_and_then(self) -> None:
         """A sibling worker that died left its segments behind: take them over."""
@@ -509,6 +638,29 @@ class BatchWriter:
                 self._wake.set()
         except OSError as exc:
             log.warning("cannot look for orphaned journal segments: %s", _describe(exc))
+
+
+@dataclass
+class _Work:
+    lane: int
+    records: list[EventRecord]
+    taken: int = 0  # from memory: its key in BatchWriter._inflight
+    chunk: Chunk | None = None  # from the journal: the chunk it is a part of
+
+
+class _Round:
+    """One flush: what it wrote, the journal chunks it read (in order), the parts of them
+    each lane has still to take and how many parts of each are not written, and the
+    first error."""
+
+    def __init__(self, lanes: int) -> None:
+        self.written = 0
+        self.cursor: Chunk | None = None  # the last chunk read: the next one starts after it
+        self.chunks: deque[Chunk] = deque()
+        self.parts: list[deque[tuple[Chunk, list[EventRecord]]]] = [
+            deque() for _ in range(lanes)]
+        self.unwritten: dict[int, int] = {}
+        self.error: Exception | None = None
 
 
 def _late(synced: asyncio.Future[bool]) -> None:
