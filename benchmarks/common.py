@@ -380,18 +380,23 @@ class PlanRun:
         return sum(v for k, v in self.errors.items() if k != "status")
 
 
-def write_plan(directory: Path, agents: Sequence[str], lines: Sequence[str],
-               threads: int) -> None:
-    """The files plan.lua reads: agents.txt, and the plan dealt round-robin into one
-    plan-<n>.txt per thread, lines 'METHOD PATH AGENT [X-FORWARDED-FOR]' (AGENT: the
-    1-based line of agents.txt, 0 for no User-Agent header)."""
+def http_request(method: str, path: str, host: str, agent: str = "",
+                 forwarded: str = "") -> str:
+    """One HTTP/1.1 request as wrk sends it; no User-Agent or X-Forwarded-For when empty."""
+    return (f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n"
+            + (f"User-Agent: {agent}\r\n" if agent else "")
+            + (f"X-Forwarded-For: {forwarded}\r\n" if forwarded else "") + "\r\n")
+
+
+def write_plan(directory: Path, requests: Sequence[str], threads: int) -> None:
+    """The files plan.lua reads: the requests (see http_request, no bodies) dealt
+    round-robin into one plan-<n>.txt per thread."""
     directory.mkdir(parents=True, exist_ok=True)
     for stale in (*directory.glob("done-*"), *directory.glob("lat-*")):
         stale.unlink()
-    (directory / "agents.txt").write_text("".join(f"{a}\n" for a in agents))
     for n in range(threads):
-        (directory / f"plan-{n + 1}.txt").write_text(
-            "".join(f"{line}\n" for line in lines[n::threads]))
+        (directory / f"plan-{n + 1}.txt").write_text("".join(requests[n::threads]),
+                                                     newline="")
 
 
 def run_plans(url: str, plans: Sequence[Plan], *, window_s: float = 1.0, cap_s: float = 60.0,
@@ -402,12 +407,13 @@ def run_plans(url: str, plans: Sequence[Plan], *, window_s: float = 1.0, cap_s: 
     processes whose CPU, and wait for a CPU, (with their descendants) are measured over the
     runs (given to the first PlanRun)."""
     window_us = max(1, round(window_s * 1e6))
-    lines = sum(1 for plan in plans for path in plan.directory.glob("plan-*.txt")
-                for _ in path.open())
+    size = sum(path.stat().st_size for plan in plans
+               for path in plan.directory.glob("plan-*.txt"))
     threads = sum(plan.threads for plan in plans)
-    # wrk loads each thread's plan before starting it, one thread after the other: ~5 µs a
-    # line and ~2 ms a thread here. The threads wait for this moment to start together.
-    start_us = round((time.monotonic() + 0.05 + 5e-6 * lines + 0.002 * threads) * 1e6)
+    # wrk loads each thread's plan before starting it, one thread after the other: ~5 ms
+    # per MB of plan and ~2 ms a thread here, three times that to be sure. The threads wait
+    # for this moment to start together.
+    start_us = round((time.monotonic() + 0.1 + 3 * (size / 2e8 + 0.002 * threads)) * 1e6)
     pinning = ["taskset", "-c", core] if core is not None else []
     server_before = sum(tree_cpu_seconds(p) for p in server_pids)
     wait_before = sum(tree_wait_seconds(p) for p in server_pids)

@@ -24,6 +24,7 @@ from common import (
     BenchError,
     Plan,
     PlanRun,
+    http_request,
     latency_ms,
     run_plans,
     series,
@@ -273,14 +274,20 @@ class Load:
                       finished=directory / "load-finished"),
                  Plan(directory / "probe", args.probe_connections, args.probe_connections,
                       rate=probe_rate, timed=True, stop=directory / "load-finished")]
+        host = urlsplit(target.url).netloc
         requests = []
         for plan, n in zip(plans, (load_count, probe_count), strict=True):
             requests.append(self.mix.requests(kind, n))
-            write_plan(plan.directory, self.mix.agents, [r.line for r in requests[-1]],
+            write_plan(plan.directory, [http_request(r.method, r.path, host, r.agent,
+                                                     r.forwarded) for r in requests[-1]],
                        plan.threads)
         runs = run_plans(target.url, plans, window_s=args.window, cap_s=max(30, 5 * expected_s),
                          core=None if args.url else LOAD_CORE, server_pids=target.pids)
-        # What was sent: each thread's first `sent` lines.
+        starts = [run.first_us for run in runs if run.sent]
+        if len(starts) == len(runs) and max(starts) - min(starts) > 50_000:
+            print(f"    (the load and the probe started {(max(starts) - min(starts)) / 1e3:.0f} "
+                  "ms apart: wrk took longer than expected to load the plan)", flush=True)
+        # What was sent: each thread's first `sent` requests.
         sent = [r for plan, run, planned in zip(plans, runs, requests, strict=True)
                 for n, k in enumerate(run.thread_sent) for r in planned[n::plan.threads][:k]]
         not_found = sum(1 for r in sent if r.kind == "click" and r.machine is None)

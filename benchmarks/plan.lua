@@ -3,9 +3,8 @@
 --
 --   wrk -t T -c C -d CAP -s plan.lua URL -- DIR RATE WINDOW_US T C/T START_US TIMED STOP FINISHED
 --
--- DIR holds agents.txt (one user agent a line) and plan-<thread>.txt, one request a line:
--- "METHOD PATH AGENT [X-FORWARDED-FOR]", AGENT a line number of agents.txt (0: no
--- User-Agent header).
+-- DIR holds plan-<thread>.txt: the thread's HTTP requests as they go on the wire, one
+-- after the other (no bodies: each ends with an empty line).
 --   RATE      requests/s of each thread; 0: as fast as the server answers. A paced thread
 --             spreads its connections' requests evenly; threads are offset from each other.
 --   WINDOW_US answers are counted (or timed) per window of this many µs of CLOCK_MONOTONIC,
@@ -97,15 +96,15 @@ function init(args)
     interval_us = 1000000 / rate
     next_us = start_us + (id - 1) * interval_us / threads_total
   end
-  local agents = {}
-  for line in io.lines(dir .. "/agents.txt") do agents[#agents + 1] = line end
-  for line in io.lines(dir .. "/plan-" .. id .. ".txt") do
-    local method, path, agent, forwarded = line:match("^(%S+) (%S+) (%d+) ?(%S*)$")
-    local headers = {}
-    local index = tonumber(agent)
-    if index > 0 then headers["User-Agent"] = agents[index] end
-    if forwarded ~= "" then headers["X-Forwarded-For"] = forwarded end
-    plan[#plan + 1] = wrk.format(method, path, headers)
+  local file = assert(io.open(dir .. "/plan-" .. id .. ".txt", "rb"))
+  local data = file:read("*a")
+  file:close()
+  local at = 1
+  while true do
+    local _, last = data:find("\r\n\r\n", at, true)
+    if last == nil then break end
+    plan[#plan + 1] = data:sub(at, last)
+    at = last + 1
   end
   planned = #plan
   -- Sent only if wrk re-opens a connection after an error (it then skips delay()), and

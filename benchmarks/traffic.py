@@ -114,7 +114,10 @@ class Message:
 
 @dataclass(frozen=True)
 class Request:
-    line: str  # for plan.lua
+    method: str
+    path: str
+    agent: str  # "": no User-Agent header
+    forwarded: str  # X-Forwarded-For; "": none
     kind: str  # open | click
     message: int
     link: int | None
@@ -130,9 +133,6 @@ class Mix:
         self._rng = random.Random(seed)
         self.opens = [v for v in OPENS if not (remote and v.local_only)]
         self.clicks = [v for v in CLICKS if not (remote and v.local_only)]
-        self.agents = sorted({a for v in (*OPENS, *CLICKS) for a in v.agents if a})
-        self._agent_index = {a: i + 1 for i, a in enumerate(self.agents)}
-        self._agent_index[""] = 0
 
     def address(self, pool: str) -> str:
         rng = self._rng
@@ -166,10 +166,9 @@ class Mix:
                 path = self.messages[message].links[link]
             if visitor.machine is None:
                 path = _tampered(path, rng)
-            agent = rng.choice(visitor.agents)
-            line = f"{visitor.method} {path} {self._agent_index[agent]} " \
-                   f"{self.address(visitor.addresses)}"
-            out.append(Request(line.rstrip(), kind, message, link, visitor.machine))
+            out.append(Request(visitor.method, path, rng.choice(visitor.agents),
+                               self.address(visitor.addresses), kind, message, link,
+                               visitor.machine))
         return out
 
     def check_rules(self) -> list[str]:
