@@ -43,6 +43,9 @@ _V1_CLICK_HEADER = (1 << 4) | _KIND_CLICK
 
 _MAC_LEN = 16
 _IDS = struct.Struct(">BBQQQIBq")
+# _IDS without the header, key id and flags: exactly an OpenToken's fields.
+_OPEN_FIELDS = struct.Struct(">xxQQQIxq")
+_new_tuple = tuple.__new__
 _V1_IDS = struct.Struct(">BBQQQIB")
 _LINK = struct.Struct(">HQ")
 _OPEN_LEN = _IDS.size + _MAC_LEN
@@ -133,8 +136,9 @@ class Signer:
         if raw[0] == _OPEN_HEADER:
             if len(raw) != _OPEN_LEN:
                 return None
-            _, _, account_id, campaign_id, message_id, sent_at, _, key = _IDS.unpack_from(raw)
-            return OpenToken(account_id, campaign_id, message_id, sent_at, key)
+            # Straight into the tuple (no per-field names, no NamedTuple.__new__): ~0.4 µs
+            # of the hot path.
+            return _new_tuple(OpenToken, _OPEN_FIELDS.unpack_from(raw))
         if len(raw) != _V1_OPEN_LEN:
             return None
         _, _, account_id, campaign_id, message_id, sent_at, _ = _V1_IDS.unpack_from(raw)
