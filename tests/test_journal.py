@@ -24,7 +24,7 @@ from tracker.journal import HEADER_BYTES, MAGIC, Journal, JournalFull
 from tracker.writer import BatchWriter
 
 from .support import free_port
-from .test_writer import rows
+from .test_writer import row, rows
 
 ROOT = Path(__file__).resolve().parent.parent
 MB = 1 << 20
@@ -102,6 +102,32 @@ def test_appended_batches_come_back_in_order_and_a_committed_segment_is_removed(
     assert journal.disk_bytes == 0
     journal.append(lines(2))  # a new segment after the last one went
     assert len(segment_files(tmp_path)) == 1
+    journal.close()
+
+
+def test_reading_after_a_chunk_in_flight_gives_what_follows_across_segments(
+        tmp_path: Path) -> None:
+    # A writer with several connections reads the next chunk before the last one is
+    # committed; a segment goes only once every chunk with events of it is.
+    journal = Journal(tmp_path, max_bytes=64 * MB, segment_bytes=1)  # a segment per record
+    batches = [lines(3), lines(2), lines(4)]
+    for batch in batches:
+        journal.append(batch)
+    assert len(segment_files(tmp_path)) == 3
+    first = journal.read(3)
+    second = journal.read(3, after=first)
+    third = journal.read(3, after=second)
+    assert first is not None and second is not None and third is not None
+    assert [first.lines, second.lines, third.lines] == batches
+    assert journal.read(3, after=third) is None
+    assert journal.read(3) == first, "nothing is committed yet: a fresh read starts over"
+    journal.commit(first)
+    journal.commit(second)
+    assert journal.pending_events == 4
+    assert len(segment_files(tmp_path)) == 1
+    assert journal.read(3, after=first) == third, "a chunk read before the commits still leads"
+    journal.commit(third)
+    assert segment_files(tmp_path) == []
     journal.close()
 
 
@@ -499,6 +525,47 @@ async def test_a_replay_of_events_already_committed_counts_them_once(
     assert await after.flush() == 25
     assert after.stats.duplicates == 35
     await exactly_once(db, batch)
+
+
+FAIL_SLOWLY_ON_MESSAGE_700 = """
+    create function fail_on_700() returns trigger language plpgsql as $$
+    begin
+        if new.message_id = 700 then
+            perform pg_sleep(1);
+            raise exception 'injected failure for message 700';
+        end if;
+        return new;
+    end $$;
+    create trigger fail_on_700 before insert on events
+        for each row execute function fail_on_700();"""
+
+
+async def test_journal_chunks_written_at_once_are_committed_in_order(
+        writers: Callable[..., BatchWriter], dsn: str, db: asyncpg.Connection,
+        tmp_path: Path) -> None:
+    # Two lanes (by message: even, odd). The first chunk's even part fails, slowly; while it
+    # fails the odd lane writes its part of the first chunk and the whole second chunk
+    # (odd messages only). None of it may be committed in the journal: the first chunk
+    # is not all in PostgreSQL. Written again, nothing counts twice.
+    first = rows(200)  # messages 700..899
+    second = [row(message_id=1001 + 2 * i) for i in range(200)]
+    journal = Journal(tmp_path, max_bytes=64 * MB)
+    for part in range(0, 400, 50):
+        journal.append([line for line, _, _ in (first + second)[part: part + 50]])
+    await db.execute(FAIL_SLOWLY_ON_MESSAGE_700)
+    writer = writers(journal, lambda: connect(dsn), batch_size=100, connections=2)
+    with pytest.raises(asyncpg.RaiseError, match="message 700"):
+        await writer.flush()
+    assert await db.fetchval("select count(*) from events") == 100 + 200
+    assert journal.pending_events == 400
+    assert writer.stats.replayed == 0
+    await db.execute("drop trigger fail_on_700 on events")
+    assert await writer.flush() == 100
+    assert writer.stats.duplicates == 300
+    assert writer.stats.replayed == 400
+    await exactly_once(db, first + second)
+    assert journal.pending_events == 0
+    assert segment_files(tmp_path) == []
 
 
 def test_a_writer_refuses_durability_without_a_journal() -> None:

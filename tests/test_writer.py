@@ -244,6 +244,83 @@ async def test_flush_splits_into_batches_of_batch_size(
     assert len(await stored(db)) == 8
 
 
+async def test_batches_of_different_lanes_are_written_at_once(
+        writers: Writers, db: asyncpg.Connection) -> None:
+    await db.execute("""
+        create function slow_insert() returns trigger language plpgsql as $$
+        begin perform pg_sleep(0.3); return null; end $$;
+        create trigger slow_insert before insert on events
+            for each statement execute function slow_insert();""")
+    writer = writers(batch_size=100, connections=2)
+    batch = rows(400)
+    for item in batch:
+        writer.add(item)
+    flushing = asyncio.create_task(writer.flush())
+
+    async def two_inserting() -> bool:
+        return int(await db.fetchval(
+            "select count(*) from pg_stat_activity where application_name = 'tracker' "
+            "and state = 'active' and query like '%insert into events%'")) == 2
+
+    await wait_until(two_inserting, message="two batches to be written at once")
+    assert await flushing == 400
+    assert sorted(map(as_tuple, await stored(db))) == sorted(expected(r) for r in batch)
+    assert writer.stats.duplicates == 0
+
+
+async def test_a_message_is_never_in_two_batches_written_at_once(
+        writers: Writers, db: asyncpg.Connection) -> None:
+    # Two transactions with the same message would queue on its rollup row (rollups.py).
+    # Each lane has its connection and writes a batch at a time, so one backend per
+    # message is the proof.
+    await db.execute("""
+        create table written_by (pid integer, message_id bigint);
+        create function note_backend() returns trigger language plpgsql as $$
+        begin insert into written_by values (pg_backend_pid(), new.message_id); return new;
+        end $$;
+        create trigger note_backend before insert on events
+            for each row execute function note_backend();""")
+    writer = writers(batch_size=50, connections=2)
+    start = datetime.now(UTC)
+    batch = [row(start + timedelta(seconds=i), message_id=700 + i % 20) for i in range(600)]
+    for item in batch:
+        writer.add(item)
+    assert await writer.flush() == 600
+    assert await db.fetchval("select count(distinct pid) from written_by") == 2
+    assert await db.fetchval(
+        "select count(*) from (select message_id from written_by group by message_id "
+        "having count(distinct pid) > 1) shared") == 0
+
+
+async def test_a_failed_batch_goes_back_to_memory_and_the_other_lane_still_writes(
+        writers: Writers, db: asyncpg.Connection) -> None:
+    await db.execute("""
+        create table failing (message_id bigint);
+        create function fail_on_message() returns trigger language plpgsql as $$
+        begin
+            if exists (select 1 from failing f where f.message_id = new.message_id) then
+                raise exception 'injected failure for message %', new.message_id;
+            end if;
+            return new;
+        end $$;
+        create trigger fail_on_message before insert on events
+            for each row execute function fail_on_message();
+        insert into failing values (700);""")
+    writer = writers(batch_size=50, connections=2)
+    batch = rows(200)  # messages 700..899: even ones in one lane, odd ones in the other
+    for item in batch:
+        writer.add(item)
+    with pytest.raises(asyncpg.RaiseError, match="message 700"):
+        await writer.flush()
+    written = int(await db.fetchval("select count(*) from events"))
+    assert written >= 50, "the odd lane's batch, written at the same time"
+    assert written + writer.buffered == 200, "what is not written is back in memory"
+    await db.execute("delete from failing")
+    assert await writer.flush() == 200 - written
+    assert sorted(map(as_tuple, await stored(db))) == sorted(expected(r) for r in batch)
+    assert writer.stats.duplicates == 0
+
+
 async def test_a_full_batch_wakes_the_writer_without_flush(
         writers: Writers, db: asyncpg.Connection) -> None:
     # The interval is an hour: only the batch size can trigger this write.
@@ -252,10 +329,11 @@ async def test_a_full_batch_wakes_the_writer_without_flush(
     for item in rows(3):
         writer.add(item)
 
-    async def written() -> int:
-        return int(await db.fetchval("select count(*) from events"))
+    async def written() -> bool:
+        # The batch may go in a write per lane (by message): wait for all of it.
+        return int(await db.fetchval("select count(*) from events")) == 3
 
-    assert await wait_until(lambda: written(), message="the full batch to be written") == 3
+    assert await wait_until(written, message="the full batch to be written")
     assert writer.buffered == 0
 
 

@@ -46,7 +46,9 @@ each writer's concurrent flushes), and they must neither miss a re-label nor dea
   transaction did this, and it made every transaction of a campaign wait for the whole
   of the one before: writers could not overlap at all.)
 - No deadlock: every transaction takes its row locks in the same order, table by table
-  as the steps go, and in key order within a table (`order by` before each upsert). Step
+  as the steps go, and in key order within a table (`order by` before each insert: two
+  transactions inserting the same events, a replay beside the original, would otherwise
+  each wait for the other's rows). Step
   3 only re-labels messages with a click in the batch, whose `rollup_message` rows it
   already holds; and whoever holds a message's `rollup_message_link` row took the
   message's `rollup_message` row first. The campaign rollups' rows are the ones every
@@ -107,6 +109,7 @@ _MOVE = f"""
 with new as (
     insert into events ({_EVENT_FIELDS})
     select {{staged_fields}} from {{staging}}
+    order by account_id, at_us, id  -- key order: see Concurrency above
     on conflict do nothing
     returning {_DELTA_FIELDS}, id, machine, reason,
               type = 'click' and reason = any($1::text[])

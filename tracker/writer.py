@@ -103,7 +103,7 @@ class BatchWriter:
         self._buffer: list[EventRecord] = []
         self._wake = asyncio.Event()
         self._connections = connections
-        self._idle: list[asyncpg.Connection] = []  # connections between writes
+        self._conns: list[asyncpg.Connection | None] = [None] * connections  # one per lane
         self._batch_ready = asyncio.Event()  # a full batch waits: another write may start
         self._known_days: set[int] = set()
         self._lock = asyncio.Lock()
@@ -188,8 +188,8 @@ class BatchWriter:
         to a lane by message (`_lane_of`), and a lane writes one batch at a time. Two
         transactions that share a message would meet on its `rollup_message` row, the
         second waiting for the first to commit (rollups.py, Concurrency); sharing only
-        campaigns, they wait for each other in their last statement alone. A batch is
-        full unless it is the only one being written. A journal chunk is committed (its
+        campaigns, they wait for each other in their last statement alone. Small batches
+        wait while others are written (`_take`). A journal chunk is committed (its
         segment may then go) only once it and every chunk read before it are in
         PostgreSQL. A batch that fails, or is interrupted, goes back to memory in front of
         anything newer; the chunks after a failed one stay in the journal (written again
@@ -235,9 +235,10 @@ class BatchWriter:
 
     def _take(self, round_: _Round, lane: int, alone: bool) -> _Work | None:
         """The lane's next batch: its part of the journal's next chunk, else its oldest
-        events in memory. Only a write on its own takes less than a full batch: with
-        others under way, what is short of one waits for them (or for more events) rather
-        than go in a small transaction of its own."""
+        events in memory. A batch holds at most `batch_size` events; with other writes
+        under way it holds at least this lane's share of a full batch (so a full batch
+        in memory goes in a write per lane, at once), and what is short of that waits for
+        them (or for more events) rather than go in a small transaction of its own."""
         parts = round_.parts[lane]
         if self._journal is not None and not parts and all(len(p) < 2 for p in round_.parts):
             self._read_journal(round_, alone)
@@ -247,7 +248,7 @@ class BatchWriter:
         queue = self._lanes[lane]
         if len(queue) < self._batch_size:
             self._sort_out(lane)
-        if not queue or (not alone and len(queue) < self._batch_size):
+        if not queue or (not alone and len(queue) < self._batch_size // self._connections):
             return None
         batch = queue[: self._batch_size]
         del queue[: len(batch)]
@@ -258,9 +259,8 @@ class BatchWriter:
     def _read_journal(self, round_: _Round, alone: bool) -> None:
         """The journal's next chunk (a batch for every lane), split into the lanes' parts."""
         assert self._journal is not None
-        want = self._batch_size * self._connections
-        chunk = self._journal.read(want, after=round_.cursor)
-        if chunk is None or (not alone and len(chunk.lines) < want):
+        chunk = self._journal.read(self._batch_size * self._connections, after=round_.cursor)
+        if chunk is None or (not alone and len(chunk.lines) < self._batch_size):
             return
         round_.cursor = chunk
         round_.chunks.append(chunk)
@@ -302,7 +302,7 @@ class BatchWriter:
     async def _write_work(self, work: _Work, round_: _Round) -> None:
         try:
             # Not `+= await`: that would read the total before the write.
-            inserted = await self._write(work.records)
+            inserted = await self._write(work.lane, work.records)
             round_.written += inserted
             if work.chunk is not None:
                 self._chunk_part_written(round_, work.chunk)
@@ -427,9 +427,9 @@ class BatchWriter:
             await asyncio.wait_for(self._wake.wait(), seconds)
         self._wake.clear()
 
-    async def _write(self, batch: list[EventRecord]) -> int:
+    async def _write(self, lane: int, batch: list[EventRecord]) -> int:
         started = time.perf_counter()
-        conn = await self._connection()
+        conn = await self._connection(lane)
         try:
             await self._ensure_partitions(conn, batch)
             data = io.BytesIO("".join(line for line, _, _ in batch).encode())
@@ -440,13 +440,12 @@ class BatchWriter:
             # A write that failed or was interrupted leaves the session in doubt (asyncpg can
             # believe a BEGIN is still open, turning the next commit into a savepoint):
             # never reuse it. The batch stays queued; writing it again is harmless.
+            self._conns[lane] = None
             conn.terminate()
             # Retention may have dropped a day's partition since we made it (a late event
             # for that day then fails): check the days again rather than fail for ever.
             self._known_days.clear()
             raise
-        if not conn.is_closed():
-            self._idle.append(conn)
         self.stats.written += inserted
         self.stats.relabelled += relabelled
         self.stats.duplicates += len(batch) - inserted
@@ -462,11 +461,10 @@ class BatchWriter:
                                _EPOCH_DAY + timedelta(days=day))
             self._known_days.add(day)
 
-    async def _connection(self) -> asyncpg.Connection:
-        while self._idle:
-            conn = self._idle.pop()
-            if not conn.is_closed():
-                return conn
+    async def _connection(self, lane: int) -> asyncpg.Connection:
+        conn = self._conns[lane]
+        if conn is not None and not conn.is_closed():
+            return conn
         conn = await self._connect()
         try:
             await conn.execute(_CREATE_STAGING)
@@ -474,11 +472,14 @@ class BatchWriter:
         except BaseException:
             conn.terminate()
             raise
+        self._conns[lane] = conn
         return conn
 
     async def _disconnect(self) -> None:
-        idle, self._idle = self._idle, []
-        for conn in idle:
+        conns, self._conns = self._conns, [None] * self._connections
+        for conn in conns:
+            if conn is None:
+                continue
             try:
                 await asyncio.wait_for(conn.close(), 2)
             except Exception:
