@@ -16,7 +16,17 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.append(str(ROOT / "benchmarks"))
 
-from traffic import CLICKS, LINKS, OPENS, Message, Mix, Request, Tally  # noqa: E402
+from traffic import (  # noqa: E402
+    APPLE_MAIL,
+    CLICKS,
+    LINKS,
+    OPENS,
+    Message,
+    Mix,
+    Request,
+    Tally,
+    Visitor,
+)
 
 MISSING = [tool for tool in ("wrk", "nginx", "taskset") if shutil.which(tool) is None]
 PHASES = {"nginx static GIF", "tracker pixel", "tracker click", "tracker pixel, half rate",
@@ -139,6 +149,13 @@ def test_the_mix_agrees_with_trackers_rules() -> None:
                 for n in range(10)]
     mix = Mix(messages, remote=False, seed=1)
     assert mix.check_rules() == []
+    # And it does see a wrong expectation: curl is a bot, Apple Mail from Apple is MPP.
+    wrong = Mix(messages, remote=False, seed=1)
+    wrong.opens = [Visitor("curl as a reader", 1, ("curl/8.5.0",), False),
+                   Visitor("MPP as a reader", 1, APPLE_MAIL, False, addresses="apple")]
+    wrong.clicks = []
+    problems = wrong.check_rules()
+    assert len(problems) == 3 and all("the rules say machine" in p for p in problems), problems
     assert any(v.machine for v in OPENS) and any(v.machine is False for v in OPENS)
     assert any(v.method == "HEAD" for v in CLICKS)
     # Remote mode leaves out what needs X-Forwarded-For to be believed.
