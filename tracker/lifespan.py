@@ -105,6 +105,8 @@ class Runtime:
     async def stop(self) -> None:
         # The server has stopped accepting requests by now; in order: stop recording,
         # stop background work, write what is queued (bounded in time), close the pool.
+        if self.capture is not None:
+            self.capture.record_deferred()
         self.capture = None
         if self.jobs is not None:
             await self.jobs.stop()
