@@ -229,15 +229,18 @@ class BatchWriter:
             finally:
                 for task in writing.values():
                     task.cancel()
-                await asyncio.gather(*writing.values(), return_exceptions=True)
-                # Not written (or in doubt), or sorted into lanes and not taken yet: back
-                # in front of anything newer.
-                self._buffer[:0] = [*(row for taken in sorted(self._inflight)
-                                      for row in self._inflight[taken]),
-                                    *(row for queue in self._lanes for row in queue)]
-                self._inflight.clear()
-                for queue in self._lanes:
-                    queue.clear()
+                try:
+                    await asyncio.gather(*writing.values(), return_exceptions=True)
+                finally:
+                    # Not written (or in doubt), or sorted into lanes and not taken yet: back
+                    # in front of anything newer. (Even if cancelled again while the writes
+                    # wind down: one that commits after all is written twice, counted once.)
+                    self._buffer[:0] = [*(row for taken in sorted(self._inflight)
+                                          for row in self._inflight[taken]),
+                                        *(row for queue in self._lanes for row in queue)]
+                    self._inflight.clear()
+                    for queue in self._lanes:
+                        queue.clear()
             if round_.error is not None:
                 raise round_.error
             return round_.written
@@ -316,7 +319,7 @@ class BatchWriter:
             if work.chunk is not None:
                 self._chunk_part_written(round_, work.chunk)
             else:
-                del self._inflight[work.taken]
+                self._inflight.pop(work.taken, None)
         except Exception as exc:  # flush() raises it once the others end
             if round_.error is None:
                 round_.error = exc
