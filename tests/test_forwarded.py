@@ -315,8 +315,10 @@ def test_server_locates_and_truncates_an_ipv4_mapped_client_as_ipv4(
 def test_server_on_an_ipv4_mapped_loopback_address_believes_its_loopback_proxy(
         module_dsn: str, city_db: Path, tmp_path: Path) -> None:
     # Bound to ::ffff:127.0.0.1, the server sees the loopback proxy as ::ffff:127.0.0.1,
-    # as it does every IPv4 peer when it listens on "::".
-    server = _start(module_dsn, tmp_path, city_db, TRACKER_HOST="::ffff:127.0.0.1")
+    # as it does every IPv4 peer when it listens on "::". Only granian can bind such an
+    # address (uvicorn's socket refuses it), and listening on "::" would leave loopback.
+    server = _start(module_dsn, tmp_path, city_db, TRACKER_HOST="::ffff:127.0.0.1",
+                    TRACKER_SERVER="granian")
     try:
         row = _open_from(server, module_dsn, [("X-Forwarded-For", CLIENT)])
     finally:

@@ -163,11 +163,13 @@ def test_a_client_that_never_reads_does_not_stop_the_server(
     fast, _ = servers
     hog = socket.create_connection(("127.0.0.1", fast.port), timeout=10)
     hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    hog.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     request = f"GET {tokens['pixel']} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
     hog.setblocking(False)
     blocked = False
     try:
-        for _ in range(50000):  # far more answers than the socket buffers hold
+        # Far more than the kernel's buffers hold on both sides (several MB each way).
+        for _ in range(400_000):
             try:
                 hog.send(request)
             except BlockingIOError:

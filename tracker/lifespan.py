@@ -78,6 +78,7 @@ class Runtime:
         self.writer = BatchWriter(
             lambda: connect(self.dsn),
             batch_size=self.settings.batch_size,
+            connections=self.settings.writer_connections,
             interval_s=self.settings.flush_interval_ms / 1000,
             max_buffered=self.settings.buffer_max_events,
             on_drop=self.metrics.count_drop,

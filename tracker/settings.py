@@ -172,6 +172,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TRACKER_FLUSH_INTERVAL_MS", "200", "longest time an event waits in memory "
             "before the writer flushes it", _positive_int),
     Setting("TRACKER_BATCH_SIZE", "5000", "events per COPY batch", _positive_int),
+    Setting("TRACKER_WRITER_CONNECTIONS", "2", "batches each worker writes at once, each on "
+            "its own connection; about the cores PostgreSQL has", _positive_int),
     Setting("TRACKER_BUFFER_MAX_EVENTS", "1000000", "events held in memory; past it they "
             "spill to the journal, and with the journal full too new ones are dropped",
             _positive_int),
@@ -204,6 +206,7 @@ class Settings:
     trusted_proxies: tuple[IPNetwork, ...]
     flush_interval_ms: int
     batch_size: int
+    writer_connections: int
     buffer_max_events: int
     journal_max_bytes: int
     durability: str
