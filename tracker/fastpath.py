@@ -204,9 +204,9 @@ class Capture:
         what is ready on every connection, with the hits of the others.
 
         The answer does not depend on it, and run together the hits find the interpreter's
-        caches warm: one at a time, between two system calls, a hit took ~20 % more CPU
-        here (benchmarks/README.md). Costs a tuple and an append now; the time recorded is
-        the request's."""
+        caches warm: one at a time, between two system calls, a hit took 10–15 % more CPU
+        here (benchmarks/README.md, `benchmarks/ab.py`). Costs a tuple and an append
+        now; the time recorded is the request's."""
         if not self._deferred:
             asyncio.get_running_loop().call_soon(self.record_deferred)
         self._deferred.append((scope, time.time_ns() // 1000))
