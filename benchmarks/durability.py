@@ -35,15 +35,14 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import free_port, wait_http
 from load import (
     LUA,
     SERVER_CORE,
     USER_AGENTS,
     Result,
-    _free_port,
     _median,
     _prepare,
-    _wait_http,
     run_wrk,
     settle,
 )
@@ -62,7 +61,7 @@ class Tracker:
 
     def __init__(self, mode: str, dsn: str, workdir: Path) -> None:
         self.mode = mode
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.data = workdir / f"data-{mode}"
         self.log = workdir / f"tracker-{mode}.log"
@@ -77,7 +76,7 @@ class Tracker:
             ["taskset", "-c", SERVER_CORE, sys.executable, "-m", "tracker", "serve"],
             env=self.env, stdout=subprocess.DEVNULL,
             stderr=open(self.log, "ab"))  # noqa: SIM115 -- lives as long as the process
-        _wait_http(self.url + "/healthz")
+        wait_http(self.url + "/healthz")
         return self
 
     def stop(self) -> None:

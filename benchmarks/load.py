@@ -46,14 +46,10 @@ from common import (
     start_tracker,
     stop,
     tree_cpu_seconds,
-    wait_http,
 )
 
 from tracker import accounts
 
-# durability.py imports these under their former names.
-_free_port = free_port
-_wait_http = wait_http
 USER_AGENTS = [
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
     "Chrome/130.0.0.0 Safari/537.36",
