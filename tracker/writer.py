@@ -2,7 +2,7 @@
 
 It flushes when a batch is full, on a timer (every flush interval), on an explicit
 `flush()` (which is what makes tests deterministic) and on shutdown. Events arrive
-already encoded as COPY text lines (see hits.py); a batch is COPYed into a
+already encoded as COPY text lines (see hits.py); a batch is COPYed (lanes.py) into a
 session-local staging table and moved into `events` with ON CONFLICT DO NOTHING:
 event ids are made at capture, so writing a batch twice after an unclear failure
 counts it once. The same transaction keeps the report rollups (rollups.py), from the
@@ -33,32 +33,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import logging
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import date, timedelta
-from operator import itemgetter
+from datetime import timedelta
 
 import asyncpg
 
-from tracker.hits import DAY_MICROSECONDS, EVENT_COLUMNS, DropReason, EventRecord
+from tracker.hits import DAY_MICROSECONDS, DropReason, EventRecord
 from tracker.journal import Chunk, Journal, JournalFull
-from tracker.rollups import Mover
+from tracker.lanes import Connect, Lanes
 
 log = logging.getLogger("tracker.writer")
 
-_EPOCH_DAY = date(1970, 1, 1)
-
-_STAGING = "events_staging"
-_CREATE_STAGING = f"""
-    create temp table if not exists {_STAGING} (
-        account_id bigint, at_us bigint, id uuid, campaign_id bigint, message_id bigint,
-        type text, link_position integer, url_id bigint, machine boolean, reason text,
-        country text, region text, city text, browser text, os text, device text, ip inet
-    ) on commit delete rows"""
 _RETRY_FIRST_S = 0.1
 _RETRY_MAX_S = 5.0
 _DROP_LOG_S = 10.0  # drops and journal failures are logged at most this often
@@ -72,9 +61,6 @@ _SYNC_WAIT_S = 5.0
 # the cores PostgreSQL has gains nothing (benchmarks/README.md, Ingest).
 DEFAULT_CONNECTIONS = 2
 
-Connect = Callable[[], Awaitable[asyncpg.Connection]]
-# Per event, on a batch of thousands: map() over these is twice as fast as a comprehension.
-_LINE, _DAY = itemgetter(0), itemgetter(1)
 
 
 @dataclass
@@ -101,10 +87,7 @@ class BatchWriter:
             raise ValueError("a durable writer needs a journal")
         if connections < 1:
             raise ValueError("a writer needs at least one connection")
-        self._connect = connect
-        # Moves a staged batch into events and the report rollups, re-labelling human clicks
-        # near a honeypot or burst click (rollups.relabel_windows: the rules' timing).
-        self._mover = Mover(_STAGING, relabel_windows)
+        self._db = Lanes(connect, connections, relabel_windows)
         self._batch_size = batch_size
         self._interval_s = interval_s
         self._max_buffered = max_buffered
@@ -112,9 +95,7 @@ class BatchWriter:
         self._buffer: list[EventRecord] = []
         self._wake = asyncio.Event()
         self._connections = connections
-        self._conns: list[asyncpg.Connection | None] = [None] * connections  # one per lane
         self._batch_ready = asyncio.Event()  # a full batch waits: another write may start
-        self._known_days: set[int] = set()
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._failing_since: float | None = None
@@ -385,7 +366,7 @@ class BatchWriter:
                             self._journal.directory)
             self._journal.close()
         self._report_drops(force=True)
-        await self._disconnect()
+        await self._db.close()
         return left
 
     def _unwritten(self) -> bool:
@@ -441,23 +422,7 @@ class BatchWriter:
 
     async def _write(self, lane: int, batch: list[EventRecord]) -> int:
         started = time.perf_counter()
-        conn = await self._connection(lane)
-        try:
-            await self._ensure_partitions(conn, batch)
-            data = io.BytesIO("".join(map(_LINE, batch)).encode())
-            async with conn.transaction():
-                await conn.copy_to_table(_STAGING, source=data, columns=EVENT_COLUMNS)
-                inserted, relabelled = await self._mover.move_staged(conn)
-        except BaseException:
-            # A write that failed or was interrupted leaves the session in doubt (asyncpg can
-            # believe a BEGIN is still open, turning the next commit into a savepoint):
-            # never reuse it. The batch stays queued; writing it again is harmless.
-            self._conns[lane] = None
-            conn.terminate()
-            # Retention may have dropped a day's partition since we made it (a late event
-            # for that day then fails): check the days again rather than fail for ever.
-            self._known_days.clear()
-            raise
+        inserted, relabelled = await self._db.write(lane, batch)
         self.stats.written += inserted
         self.stats.relabelled += relabelled
         self.stats.duplicates += len(batch) - inserted
@@ -465,37 +430,6 @@ class BatchWriter:
         self.stats.last_batch_size = len(batch)
         self.stats.last_flush_seconds = time.perf_counter() - started
         return inserted
-
-    async def _ensure_partitions(self, conn: asyncpg.Connection, batch: list[EventRecord]) -> None:
-        days = set(map(_DAY, batch)) - self._known_days
-        for day in sorted(days):
-            await conn.execute("select tracker_ensure_event_partition($1)",
-                               _EPOCH_DAY + timedelta(days=day))
-            self._known_days.add(day)
-
-    async def _connection(self, lane: int) -> asyncpg.Connection:
-        conn = self._conns[lane]
-        if conn is not None and not conn.is_closed():
-            return conn
-        conn = await self._connect()
-        try:
-            await conn.execute(_CREATE_STAGING)
-            await conn.execute(self._mover.tables)
-        except BaseException:
-            conn.terminate()
-            raise
-        self._conns[lane] = conn
-        return conn
-
-    async def _disconnect(self) -> None:
-        conns, self._conns = self._conns, [None] * self._connections
-        for conn in conns:
-            if conn is None:
-                continue
-            try:
-                await asyncio.wait_for(conn.close(), 2)
-            except Exception:
-                conn.terminate()
 
     def _drop(self, reason: DropReason) -> None:
         self.stats.dropped[reason] = self.stats.dropped.get(reason, 0) + 1
