@@ -133,14 +133,16 @@ def test_every_pipelined_hit_is_recorded_once(
 
 
 def steady(count: Callable[[], int]) -> int:
-    """The value of a counter once it stops moving for half a second."""
+    """The value of a counter once it stops moving for half a second (within 30 s)."""
     last = count()
-    while True:
-        time.sleep(0.5)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        time.sleep(0.5)  # the poll interval
         now = count()
         if now == last:
             return now
         last = now
+    raise AssertionError("the count kept moving for 30 s")
 
 
 def test_an_idle_keep_alive_connection_is_closed_after_the_timeout(
