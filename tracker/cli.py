@@ -232,15 +232,15 @@ def cmd_geoip_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
+    from tracker.addresses import canonical
     from tracker.classify import Classifier
-    from tracker.fastpath import canonical_address
     from tracker.rules import load_rules
     from tracker.useragent import parse_agent
 
     settings = _settings(args)
     client_ip = None
     if args.ip is not None:
-        client_ip = canonical_address(args.ip.strip())
+        client_ip = canonical(args.ip.strip())
         if client_ip is None:
             raise CommandError(f"--ip: {args.ip!r} is not an IP address")
     agent = parse_agent(args.user_agent)

@@ -9,13 +9,13 @@ full speed while PostgreSQL is slow or down. Everything else goes to Starlette.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from http import HTTPStatus
 from typing import Any, Protocol
 
+from tracker.addresses import Networks, packed, text_of
 from tracker.hits import DropReason, EventRecord, Pipeline
 from tracker.settings import IPNetwork
 from tracker.tokens import ClickToken, OpenToken, Signer
@@ -81,16 +81,16 @@ class ClientAddress:
     """
 
     def __init__(self, trusted: tuple[IPNetwork, ...]) -> None:
-        self._trusted = trusted
+        self._trusted = Networks(trusted)
         self._known: dict[str, tuple[str | None, bool]] = {}
 
     def _lookup(self, text: str) -> tuple[str | None, bool]:
         """(canonical address or None if not one, whether it is a trusted proxy); cached."""
         known = self._known.get(text)
         if known is None:
-            address = canonical_address(text)
-            trusted = address is not None and any(
-                ipaddress.ip_address(address) in net for net in self._trusted)
+            raw = packed(text)
+            address, trusted = (None, False) if raw is None else (text_of(raw),
+                                                                   raw in self._trusted)
             if len(self._known) >= 4096:
                 self._known.clear()  # junk headers must not grow memory without bound
             known = self._known[text] = (address, trusted)
@@ -116,18 +116,6 @@ class ClientAddress:
             if not hop_trusted:
                 return address
         return hops[0][0] if hops else client
-
-
-def canonical_address(text: str) -> str | None:
-    if "%" in text:  # a zone id is free text from the header; no client sends one
-        return None
-    try:
-        ip = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ip)
 
 
 def _host(hop: str) -> str | None:

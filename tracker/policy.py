@@ -9,10 +9,11 @@ recoverable mistake, storing too much is not.
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
+
+from tracker.addresses import packed, text_of, truncated
 
 LOCATIONS = ("none", "country", "region", "city")
 IP_MODES = ("none", "truncated", "full")
@@ -69,14 +70,10 @@ def stored_ip(mode: str, address: str | None) -> str | None:
     """The form of the client address that policy.ip `mode` lets us keep, if any."""
     if mode == "none" or not address:
         return None
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
+    raw = packed(address)
+    if raw is None:
         return None
-    if mode == "full":
-        return str(ip)
-    prefix = 24 if ip.version == 4 else 48
-    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+    return text_of(raw) if mode == "full" else truncated(raw)
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tracker.addresses import packed
+
 PACKAGED = Path(__file__).with_name("default.toml")
 
 # section -> key -> kind. Every key must be in the packaged file; a user file may give any.
@@ -95,17 +97,13 @@ class AddressRanges:
             self._starts[version], self._ends[version] = starts, ends
 
     def __contains__(self, address: object) -> bool:
-        if not isinstance(address, str):
+        raw = packed(address) if isinstance(address, str) else None
+        if raw is None:
             return False
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        value = int(ip)
-        at = bisect.bisect_right(self._starts[ip.version], value) - 1
-        return at >= 0 and value <= self._ends[ip.version][at]
+        version = 4 if len(raw) == 4 else 6
+        value = int.from_bytes(raw)
+        at = bisect.bisect_right(self._starts[version], value) - 1
+        return at >= 0 and value <= self._ends[version][at]
 
 
 @dataclass(frozen=True)

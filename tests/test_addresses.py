@@ -1,0 +1,72 @@
+"""tracker.addresses parses with the C library; it must agree with `ipaddress` exactly."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tracker.addresses import Networks, canonical, packed, text_of, truncated
+
+
+def reference(text: str) -> str | None:
+    """What tracker did with `ipaddress`: canonical text, IPv4-mapped as IPv4, no zones."""
+    if "%" in text:
+        return None
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+EDGES = [
+    "0.0.0.0", "255.255.255.255", "81.2.69.142", "01.2.3.4", "1.2.3.04", "1.2.3", "256.1.1.1",
+    "1.2.3.4.5", " 1.2.3.4", "1.2.3.4 ", "0x1.2.3.4", "134744072", "1.2.3.4\x00", "١.2.3.4",
+    "1.2.3.4/24", "", ":", "::", "::1", "1::", "::ffff:1.2.3.4", "::FFFF:102:304", "::1.2.3.4",
+    "::0.0.0.1", "::ffff:0.0.0.0", "::ffff:0:1.2.3.4", "1:2:3:4:5:6:1.2.3.4", "2001:DB8::1",
+    "2001:db8:0:0:1:0:0:1", "1:0:0:0:0:0:0:0", "0:0:0:0:0:1:0:0", "1:2:3:4:5:6:7::",
+    "::2:3:4:5:6:7:8", "1:2:3:4:5:6:7:8:9", "1::2::3", "00001::", "fe80::1%eth0", "[::1]",
+    "::ffff:01.2.3.4", "2001:db8::1\n",
+]
+
+
+@pytest.mark.parametrize("text", EDGES)
+def test_canonical_agrees_with_ipaddress_on_edge_cases(text: str) -> None:
+    assert canonical(text) == reference(text)
+
+
+@given(st.ip_addresses())
+def test_canonical_agrees_with_ipaddress_on_any_address(ip: ipaddress._BaseAddress) -> None:
+    for text in (str(ip), ip.exploded, str(ip).upper()):
+        assert canonical(text) == reference(text)
+
+
+@given(st.ip_addresses(v=6).map(lambda ip: ipaddress.IPv6Address(int(ip) & ((1 << 48) - 1))))
+def test_addresses_with_leading_zero_groups_agree(ip: ipaddress.IPv6Address) -> None:
+    # Where the C library would write an IPv4 tail ("::1.2.3.4") and ipaddress does not.
+    assert canonical(str(ip)) == reference(str(ip))
+
+
+@given(st.ip_addresses())
+def test_truncated_is_the_24_or_48_network(ip: ipaddress._BaseAddress) -> None:
+    raw = packed(str(ip))
+    assert raw is not None
+    prefix = 24 if len(raw) == 4 else 48
+    address = ipaddress.ip_address(text_of(raw))
+    assert truncated(raw) == str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
+
+
+def test_networks_contain_only_their_own_version() -> None:
+    networks = Networks([ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32"),
+                         ipaddress.ip_network("127.0.0.1/32")])
+    inside = ["10.255.0.1", "::ffff:10.1.2.3", "2001:db8:ffff::1", "127.0.0.1"]
+    outside = ["11.0.0.1", "127.0.0.2", "2001:db9::1", "::a00:1"]  # ::a00:1 is not 10.0.0.1
+    for text in inside + outside:
+        raw = packed(text)
+        assert raw is not None
+        assert (raw in networks) == (text in inside), text
