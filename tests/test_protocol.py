@@ -114,6 +114,16 @@ def test_pipelined_requests_are_answered_in_order_across_both_ways(
     assert answer.count(b"location: " + DESTINATION.encode()) == 1
 
 
+def test_a_malformed_request_is_refused_after_the_answers_before_it(
+        servers: tuple[Server, Server], tokens: dict[str, str]) -> None:
+    fast, _ = servers
+    hits = (f"GET {tokens['pixel']} HTTP/1.1\r\nHost: x\r\n\r\n"
+            f"GET {tokens['click']} HTTP/1.1\r\nHost: x\r\n\r\n").encode()
+    answer = exchange(fast.port, hits + b"GET /o/x.gif HTTP/1.1\r\nBad Header\r\n\r\n")
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", answer) == [b"200", b"302", b"400"], answer
+    assert answer.endswith(b'{"error":"malformed HTTP request"}')
+
+
 def test_every_pipelined_hit_is_recorded_once(
         servers: tuple[Server, Server], tokens: dict[str, str], module_dsn: str) -> None:
     fast, _ = servers
