@@ -191,6 +191,8 @@ class BatchWriter:
             try:
                 while True:
                     self._batch_ready.clear()
+                    if self._journal is not None and self._lane_needs_journal(round_, writing):
+                        await self._read_journal(round_, alone=not writing)
                     for lane in range(self._connections):
                         if round_.error is None and lane not in writing:
                             work = self._take(round_, lane, alone=not writing)
@@ -233,8 +235,6 @@ class BatchWriter:
         in memory goes in a write per lane, at once), and what is short of that waits for
         them (or for more events) rather than go in a small transaction of its own."""
         parts = round_.parts[lane]
-        if self._journal is not None and not parts and all(len(p) < 2 for p in round_.parts):
-            self._read_journal(round_, alone)
         if parts:
             chunk, records = parts.popleft()
             return _Work(lane, records, chunk=chunk)
@@ -249,23 +249,51 @@ class BatchWriter:
         self._inflight[self._taken] = batch
         return _Work(lane, batch, taken=self._taken)
 
-    def _read_journal(self, round_: _Round, alone: bool) -> None:
-        """The journal's next chunk (a batch for every lane), split into the lanes' parts."""
+    def _lane_needs_journal(self, round_: _Round, writing: Mapping[int, object]) -> bool:
+        """Whether to read the journal's next chunk now: a lane is free and has no part of
+        a chunk left, and no lane has two waiting."""
+        return (round_.error is None and all(len(p) < 2 for p in round_.parts)
+                and any(lane not in writing and not round_.parts[lane]
+                        for lane in range(self._connections)))
+
+    async def _read_journal(self, round_: _Round, alone: bool) -> None:
+        """The journal's next chunk (a batch for every lane), split into the lanes' parts.
+
+        Read and split in a thread: ~1 µs of Python per event, 10–20 ms for a chunk,
+        which in the event loop held every hit's answer that long (a replay after an
+        outage, and every event in `journal` durability); in a thread the loop gets the
+        interpreter back at least every switch interval (5 ms)."""
         assert self._journal is not None
-        chunk = self._journal.read(self._batch_size * self._connections, after=round_.cursor)
-        if chunk is None or (not alone and len(chunk.lines) < self._batch_size):
+        read = await asyncio.to_thread(
+            self._read_split, self._journal, self._batch_size * self._connections,
+            round_.cursor, alone)
+        if read is None:
             return
+        chunk, split = read
         round_.cursor = chunk
         round_.chunks.append(chunk)
-        split: list[list[EventRecord]] = [[] for _ in range(self._connections)]
-        for line in chunk.lines:
-            split[self._lane_of(line)].append(_record_of(line))
         parts = [(lane, records) for lane, records in enumerate(split) if records]
         round_.unwritten[id(chunk)] = len(parts)
         for lane, records in parts:
             round_.parts[lane].append((chunk, records))
         if not parts:  # nothing readable in it (damaged records): done as it is
             self._chunk_part_written(round_, chunk)
+
+    def _read_split(self, journal: Journal, max_events: int, after: Chunk | None,
+                    alone: bool) -> tuple[Chunk, list[list[EventRecord]]] | None:
+        """(In a worker thread.) The chunk after `after`, its events as records by lane;
+        None if there is none, or only a small one while other lanes write."""
+        chunk = journal.read(max_events, after=after)
+        if chunk is None or (not alone and len(chunk.lines) < self._batch_size):
+            return None
+        lanes = self._connections
+        split: list[list[EventRecord]] = [[] for _ in range(lanes)]
+        for line in chunk.lines:
+            # One split gives the lane (by message id, as _lane_of) and the record.
+            fields = line.split("\t", 9)
+            split[int(fields[4]) % lanes].append(
+                (line, int(fields[1]) // DAY_MICROSECONDS, fields[8] == "t"))
+        return chunk, split
 
     def _sort_out(self, lane: int) -> None:
         """Move events from the front of memory into the lanes' queues, until this lane's
@@ -615,12 +643,6 @@ def _late(synced: asyncio.Future[bool]) -> None:
         log.warning("the journal took more than %.0f s to sync: hits answered unconfirmed",
                     _SYNC_WAIT_S)
         synced.set_result(False)
-
-
-def _record_of(line: str) -> EventRecord:
-    """A journal line as the writer's record again: its UTC day and machine flag are in it."""
-    fields = line.split("\t", 9)
-    return line, int(fields[1]) // DAY_MICROSECONDS, fields[8] == "t"
 
 
 def _describe(exc: BaseException) -> str:
