@@ -155,9 +155,10 @@ class Pipeline:
                          else self._location_part(client_ip, policy.location))
         address_part = (_NULL if policy.ip == "none" or not client_ip
                         else self._address_part(client_ip, policy.ip))
+        day = at_us // DAY_MICROSECONDS
         return (f"{token.account_id}\t{at_us}\t{event_id(at_us):032x}\t{token.campaign_id}\t"
                 f"{token.message_id}\t{kind}\t{link_position}\t{url_id}\t{verdict.line}\t"
-                f"{location_part}\t{agent_part}\t{address_part}\n", at_us // DAY_MICROSECONDS,
+                f"{location_part}\t{agent_part}\t{address_part}\n", _DAYS.setdefault(day, day),
                 verdict.machine)
 
     def _agent_part(self, user_agent: str, device: bool) -> tuple[str, AgentClass]:
@@ -196,6 +197,9 @@ class Pipeline:
 
 
 _NO_LOCATION = "\t".join((_NULL,) * 3)
+# One int object per day for every event of that day: 28 bytes less per event waiting
+# in memory (~280), where a backlog of them is what a worker's memory grows with.
+_DAYS: dict[int, int] = {}
 _Cache = TypeVar("_Cache", bound=dict[Any, Any])
 
 

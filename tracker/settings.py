@@ -174,7 +174,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TRACKER_BATCH_SIZE", "5000", "events per COPY batch", _positive_int),
     Setting("TRACKER_WRITER_CONNECTIONS", "2", "batches each worker writes at once, each on "
             "its own connection; about the cores PostgreSQL has", _positive_int),
-    Setting("TRACKER_BUFFER_MAX_EVENTS", "1000000", "events held in memory; past it they "
+    Setting("TRACKER_BUFFER_MAX_EVENTS", "100000", "events held in memory; past it they "
             "spill to the journal, and with the journal full too new ones are dropped",
             _positive_int),
     Setting("TRACKER_JOURNAL_MAX_BYTES", "1G", "disk cap of the journal in the data dir "
