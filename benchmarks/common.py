@@ -8,6 +8,7 @@ Popen handle), and reads CPU and memory from /proc, so the figures hold on Linux
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -296,6 +297,19 @@ class Database:
     def pin(self, core: str) -> None:
         """Moves PostgreSQL to a core; the backends it forks later inherit it."""
         pin(self.pids(), core)
+
+    def yield_to_load(self, core: str) -> None:
+        """Moves PostgreSQL to the load generator's core, at idle priority (SCHED_IDLE):
+        wrk, which sends the load and times the answers, runs the moment it wakes
+        instead of queueing behind PostgreSQL for a time slice, so the latencies are the
+        server's and not a busy core's. The writer catches up with what PostgreSQL did
+        not take at once (the hot path never waits for it), and every event is still
+        counted afterwards. Backends forked later inherit both."""
+        pids = self.pids()
+        pin(pids, core)
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
 
     def account(self, name: str = "benchmark") -> str:
         """Creates an account; returns its API key."""
