@@ -60,6 +60,8 @@ _SYNC_WAIT_S = 5.0
 # first waits for its commit or holds the campaign's rollup rows (rollups.py). More than
 # the cores PostgreSQL has gains nothing (benchmarks/README.md, Ingest).
 DEFAULT_CONNECTIONS = 2
+# Events sorted into lanes between two turns of the event loop (~1 ms of work).
+_SORT_SLICE = 1000
 
 
 
@@ -194,6 +196,11 @@ class BatchWriter:
                     if self._journal is not None and self._lane_needs_journal(round_, writing):
                         await self._read_journal(round_, alone=not writing)
                     for lane in range(self._connections):
+                        if (round_.error is None and lane not in writing
+                                and not round_.parts[lane]
+                                and len(self._lanes[lane]) < self._batch_size):
+                            await self._sort_out(lane)
+                    for lane in range(self._connections):
                         if round_.error is None and lane not in writing:
                             work = self._take(round_, lane, alone=not writing)
                             if work is not None:
@@ -239,8 +246,6 @@ class BatchWriter:
             chunk, records = parts.popleft()
             return _Work(lane, records, chunk=chunk)
         queue = self._lanes[lane]
-        if len(queue) < self._batch_size:
-            self._sort_out(lane)
         if not queue or (not alone and len(queue) < self._batch_size // self._connections):
             return None
         batch = queue[: self._batch_size]
@@ -295,27 +300,40 @@ class BatchWriter:
                 (line, int(fields[1]) // DAY_MICROSECONDS, fields[8] == "t"))
         return chunk, split
 
-    def _sort_out(self, lane: int) -> None:
+    async def _sort_out(self, lane: int) -> None:
         """Move events from the front of memory into the lanes' queues, until this lane's
         has a full batch, memory is empty, or the queues hold a batch for every lane (so
-        traffic for one message, which all goes to one lane, cannot pile up there)."""
-        queue, need = self._lanes[lane], self._batch_size - len(self._lanes[lane])
+        traffic for one message, which all goes to one lane, cannot pile up there).
+
+        A few thousand events at a time took ~8 ms (a split per event for its message id),
+        which held every answer that long: they are sorted in slices, and the loop answers
+        hits between slices. Each slice moves events from the front of memory as it is
+        then (a spill or a restore in between changes what the next slice sees, never
+        what one has moved)."""
+        queue = self._lanes[lane]
         if self._connections == 1:
+            need = self._batch_size - len(queue)
             queue += self._buffer[:need]
             del self._buffer[:need]
             return
         lanes = self._lanes
-        room = self._connections * self._batch_size - sum(len(q) for q in lanes)
-        moved = 0
-        for record in self._buffer[:max(0, room)]:
-            moved += 1
-            target = lanes[self._lane_of(record[0])]
-            target.append(record)
-            if target is queue:
-                need -= 1
-                if not need:
-                    break
-        del self._buffer[:moved]
+        while True:
+            need = self._batch_size - len(queue)
+            room = min(self._connections * self._batch_size - sum(len(q) for q in lanes),
+                       _SORT_SLICE)
+            if need <= 0 or room <= 0 or not self._buffer:
+                return
+            moved = 0
+            for record in self._buffer[:room]:
+                moved += 1
+                target = lanes[self._lane_of(record[0])]
+                target.append(record)
+                if target is queue:
+                    need -= 1
+                    if not need:
+                        break
+            del self._buffer[:moved]
+            await asyncio.sleep(0)
 
     def _lane_of(self, line: str) -> int:
         return int(line.split("\t", 5)[4]) % self._connections  # by message id
