@@ -227,7 +227,7 @@ def build_api(runtime: Runtime) -> Starlette:
         campaign_id = _object_id(request, "id")
         await _campaign(runtime.pool, account_id, campaign_id)
         try:
-            messages = parse_batch(await _body(request))
+            messages = await parse_batch(await _body(request))
         except InvalidBatch as exc:
             return JSON({"error": str(exc), "errors": [
                 {"index": index, "error": error} for index, error in exc.errors]},
