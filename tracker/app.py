@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from tracker import logs
 from tracker.api import build_api
 from tracker.fastpath import ASGIApp, FastPath
@@ -20,6 +22,11 @@ def create_app_from_env() -> ASGIApp:
     and the signing keys and handed them down as TRACKER_DATABASE_URL and TRACKER_SECRET_KEY."""
     settings = load()
     logs.configure(settings.log_level)
+    # The event loop answers hits; CPU-bound work that would hold it (a registration
+    # batch, journal reads and spills) runs in threads. A thread holding the interpreter
+    # gives it back when the loop asks after this long (Python's default is 5 ms, most
+    # of the latency budget of a hit).
+    sys.setswitchinterval(0.001)
     if not settings.database_url:
         raise SettingsError(
             "TRACKER_DATABASE_URL: not set for the worker; start with tracker serve")
