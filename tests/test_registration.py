@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 
 from tracker.embedded_db import POSTGRES_BIN_PATH
 from tracker.instrument import extract
+from tracker.registration import parse_batch
 
 from .support import Server, campaign, db_value, new_account, wait_for
 
@@ -184,3 +186,24 @@ def test_instrumented_html_carries_one_hidden_honeypot_link_outside_the_links_li
     redirect = httpx.get(honeypot, follow_redirects=False)
     assert redirect.status_code == 302
     assert redirect.headers["location"] == server.url + "/"
+
+
+async def test_a_big_batch_hands_the_event_loop_back_while_it_is_parsed() -> None:
+    # The loop that parses a batch also answers tracking hits: a batch of 500 messages
+    # must let other tasks run between its slices, not only after it.
+    body = {"messages": [{"recipient": f"reader{i}@example.com",
+                          "links": [f"https://example.com/{i}"]} for i in range(500)]}
+    turns: list[int] = []
+    parsed: list[object] = []
+
+    async def other_work() -> None:
+        while not parsed:
+            turns.append(1)
+            await asyncio.sleep(0)
+
+    async def parse() -> None:
+        parsed.append(await parse_batch(body))
+
+    await asyncio.gather(other_work(), parse())
+    assert len(parsed[0]) == 500  # type: ignore[arg-type]
+    assert len(turns) >= 500 // 50 - 1
