@@ -4,7 +4,8 @@
 
 In one run, on this machine: nginx serving a static GIF, then tracker's pixel and
 click endpoints, each with the same wrk settings. The HTTP server under test (nginx
-or tracker) is pinned to core 0; wrk and PostgreSQL share core 1. wrk walks a list of
+or tracker) is pinned to core 0; wrk and PostgreSQL share core 1, PostgreSQL at idle
+priority (it takes what wrk leaves; the writer catches up after each run). wrk walks a list of
 many distinct valid tokens (a Lua script), so every request is a real, distinct
 event. Afterwards the events in PostgreSQL are counted and compared with the
 requests wrk completed.
