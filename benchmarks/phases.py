@@ -9,6 +9,7 @@ campaign's report against it.
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -58,6 +59,24 @@ class Deployment:
 
     def check(self) -> None:
         self.call("GET", "/api/campaigns")
+
+    def worker_memory(self) -> list[dict[str, Any]]:
+        """The largest worker's resident memory, now and at its peak, from /metrics (how a
+        remote run sees memory); [] if the deployment does not expose /metrics to us."""
+        try:
+            response = self.client.get("/metrics")
+        except httpx.HTTPError:
+            return []
+        if response.status_code != 200:
+            return []
+        found = dict(re.findall(
+            r"^(tracker_worker_resident_memory(?:_peak)?_bytes) ([0-9.e+]+)$", response.text,
+            re.MULTILINE))
+        if len(found) < 2:
+            return []
+        return [{"pid": "largest worker (/metrics)",
+                 "rss_mb": float(found["tracker_worker_resident_memory_bytes"]) / 2**20,
+                 "peak_mb": float(found["tracker_worker_resident_memory_peak_bytes"]) / 2**20}]
 
     def create_campaign(self, name: str) -> None:
         self.campaign = self.call("POST", "/api/campaigns", json={"name": name}).json()["id"]

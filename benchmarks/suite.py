@@ -20,7 +20,8 @@ Stages:
    CPU, the server's CPU (local), and nginx with the same plan as the reference.
 2. correctness: the campaign's report must count exactly what the plan sent, human and
    machine apart (wrk sends a finite plan and stops with nothing in flight; see plan.lua).
-3. memory: VmRSS and VmHWM of each server worker after the load (local).
+3. memory: VmRSS and VmHWM of each server worker after the load (local; remote: the
+   largest worker's, from /metrics).
 4. registration, report latency (1M and 10M events) and ingest: registration.py,
    reports.py and ingest.py (if present) as they are, their figures read from --json.
 
@@ -156,7 +157,7 @@ def load_stage(args: argparse.Namespace) -> LoadResult:
         pixel = load.phase("tracker pixel", "pixel", target)
         click = load.phase("tracker click", "click", target)
         phases += [pixel, click]
-        memory = server_memory(tracker.pid) if tracker else []
+        memory = server_memory(tracker.pid) if tracker else deployment.worker_memory()
         phases.append(load.phase("tracker pixel, half rate", "pixel", target,
                                  paced=pixel.rate / 2))
         phases.append(load.phase("tracker click, half rate", "click", target,

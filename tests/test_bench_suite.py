@@ -13,9 +13,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from .support import Server, new_account
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.append(str(ROOT / "benchmarks"))
 
+from phases import Deployment  # noqa: E402
 from traffic import (  # noqa: E402
     APPLE_MAIL,
     CLICKS,
@@ -167,3 +170,13 @@ def test_the_mix_agrees_with_trackers_rules() -> None:
     assert sum(r.machine is None for r in lines) > 20  # tampered tokens are in the mix
     assert {r.path for r in lines if r.machine is None}.isdisjoint(
         {path for m in messages for path in m.links})
+
+
+def test_a_remote_run_reads_the_largest_workers_memory_from_metrics(
+        module_dsn: str, tmp_path: Path) -> None:
+    server = Server(module_dsn, tmp_path).start()
+    try:
+        (memory,) = Deployment(server.url, new_account(module_dsn)).worker_memory()
+    finally:
+        server.stop()
+    assert 20 < memory["rss_mb"] <= memory["peak_mb"] < 2048

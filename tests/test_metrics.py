@@ -113,13 +113,15 @@ def test_counting_is_plain_integers_on_the_hot_path() -> None:
     assert found['tracker_drops_total{reason="head_open"}'] == 1
 
 
-def test_merging_workers_adds_counters_and_takes_the_worst_health() -> None:
+def test_merging_workers_adds_counters_and_takes_the_worst_health_and_memory() -> None:
     a, b = Snapshot(), Snapshot()
     a.hits, b.hits = {"open": [1, 2]}, {"open": [10, 20], "click": [5, 0]}
     a.drops, b.drops = {"invalid_token": 1}, {"invalid_token": 2, "buffer_full": 3}
     a.counters, b.counters = {"written": 4}, {"written": 6}
-    a.gauges = {"buffered": 7, "writer_healthy": 1, "journal_oldest_at": 50.0}
-    b.gauges = {"buffered": 8, "writer_healthy": 0, "journal_oldest_at": 40.0}
+    a.gauges = {"buffered": 7, "writer_healthy": 1, "journal_oldest_at": 50.0,
+                "resident_bytes": 100.0, "resident_peak_bytes": 300.0}
+    b.gauges = {"buffered": 8, "writer_healthy": 0, "journal_oldest_at": 40.0,
+                "resident_bytes": 200.0, "resident_peak_bytes": 250.0}
     a.histograms = {"batch_size": Histogram(BATCH_SIZE_BUCKETS)}
     b.histograms = {"batch_size": Histogram(BATCH_SIZE_BUCKETS)}
     a.histograms["batch_size"].observe(3)
@@ -128,7 +130,9 @@ def test_merging_workers_adds_counters_and_takes_the_worst_health() -> None:
     assert total.hits == {"open": [11, 22], "click": [5, 0]}
     assert total.drops == {"invalid_token": 3, "buffer_full": 3}
     assert total.counters == {"written": 10}
-    assert total.gauges == {"buffered": 15, "writer_healthy": 0, "journal_oldest_at": 40.0}
+    # Memory is per worker: the largest one, not a sum (a sum would hide the one near its limit).
+    assert total.gauges == {"buffered": 15, "writer_healthy": 0, "journal_oldest_at": 40.0,
+                            "resident_bytes": 200.0, "resident_peak_bytes": 300.0}
     assert sum(total.histograms["batch_size"].counts) == 2
     assert total.histograms["batch_size"].sum == 3003
     assert a.hits == {"open": [1, 2]}  # the inputs are left alone
@@ -291,6 +295,8 @@ def test_metrics_count_hits_by_endpoint_and_verdict_and_drops_by_reason(
     assert after["tracker_writer_buffered_events"] == 0
     assert after["tracker_writer_healthy"] == 1
     assert after["tracker_workers"] == 1
+    resident = after["tracker_worker_resident_memory_bytes"]
+    assert 20 * 2**20 < resident <= after["tracker_worker_resident_memory_peak_bytes"] < 2**31
 
 
 def test_metrics_speak_openmetrics_to_a_scraper_that_asks(server: Server) -> None:

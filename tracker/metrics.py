@@ -176,7 +176,8 @@ class Snapshot:
 
 # How gauges of several workers combine; anything not named here is summed.
 _GAUGE_MERGE: dict[str, Callable[[float, float], float]] = {
-    "writer_healthy": min, "journal_oldest_at": min}
+    "writer_healthy": min, "journal_oldest_at": min, "resident_bytes": max,
+    "resident_peak_bytes": max}
 
 
 def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
@@ -297,7 +298,7 @@ class MetricsCollector(Collector):
             drops={str(reason): n for reason, n in m.drops.items()},
             counters={"auth_failures": m.auth_failures, "auth_throttled": m.auth_throttled,
                       **{f"db_errors_{source}": n for source, n in m.db_errors.items()}},
-            gauges={"buffer_capacity": self._capacity},
+            gauges={"buffer_capacity": self._capacity, **_memory()},
             histograms={"batch_size": m.batch_sizes, "flush_seconds": m.flush_seconds})
         writer = self._writer()
         if writer is not None:
@@ -336,6 +337,21 @@ class MetricsCollector(Collector):
                 self.shared.write(own)
             snapshots += self.shared.others()
         yield from families(merge(snapshots), workers=len(snapshots))
+
+
+def _memory() -> dict[str, float]:
+    """This process's resident memory now and at its peak (Linux: /proc/self/status)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return {}
+    found = {}
+    for line in status.splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):  # "   123456 kB"
+            found["resident_bytes" if name == "VmRSS" else "resident_peak_bytes"] = (
+                float(value.split()[0]) * 1024)
+    return found
 
 
 def _read_journal(journal: Any, snap: Snapshot) -> None:
@@ -410,6 +426,10 @@ def families(snap: Snapshot, workers: int = 1) -> Iterator[Metric]:
              "(COPY, move and commit).", snap.histograms.get("flush_seconds"))):
         if histogram is not None:
             yield histogram.family(name, documentation)
+    yield from _gauge("tracker_worker_resident_memory_bytes", "Resident memory of the "
+                      "largest worker now.", g, "resident_bytes")
+    yield from _gauge("tracker_worker_resident_memory_peak_bytes", "The largest peak resident "
+                      "memory of any worker since it started.", g, "resident_peak_bytes")
     yield GaugeMetricFamily("tracker_workers", "Worker processes whose numbers this answer "
                             "adds up.", value=workers)
 
