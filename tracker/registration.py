@@ -38,7 +38,7 @@ MAX_HTML_CHARS = 2_000_000
 MAX_BATCH = 5000
 # Messages handled between two turns of the event loop while a batch is registered.
 _SLICE = 50
-T = TypeVar("T")
+_T = TypeVar("_T")
 _FIELDS = {"recipient", "subject", "sent_at", "links", "html"}
 # Tokens carry sent_at as unsigned 32-bit Unix seconds.
 _EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
@@ -171,7 +171,7 @@ async def parse_batch(body: object) -> list[MessageInput]:
     return parsed
 
 
-async def _cooperatively(items: list[T]) -> AsyncIterator[tuple[int, T]]:
+async def _cooperatively(items: list[_T]) -> AsyncIterator[tuple[int, _T]]:
     """(index, item), handing the event loop back every `_SLICE` items (a few ms of work
     here), so a big batch does not hold the tracking hits' answers."""
     for index, item in enumerate(items):
