@@ -299,12 +299,12 @@ class Database:
         pin(self.pids(), core)
 
     def yield_to_load(self, core: str) -> None:
-        """Moves PostgreSQL to the load generator's core, at idle priority (SCHED_IDLE):
-        wrk, which sends the load and times the answers, runs the moment it wakes
-        instead of queueing behind PostgreSQL for a time slice, so the latencies are the
-        server's and not a busy core's. The writer catches up with what PostgreSQL did
-        not take at once (the hot path never waits for it), and every event is still
-        counted afterwards. Backends forked later inherit both."""
+        """Moves PostgreSQL to the load generator's core, at idle priority (SCHED_IDLE), so
+        that wrk, which sends the load and times the answers, should not queue behind it
+        (on this VM it still waits up to a few ms after a wake-up: benchmarks/README.md).
+        The writer catches up with what PostgreSQL did not take at once (the hot path
+        never waits for it), and every event is still counted afterwards. Backends
+        forked later inherit both."""
         pids = self.pids()
         pin(pids, core)
         for pid in pids:
