@@ -134,6 +134,15 @@ _STORED = tuple("occurred_at" if c == "at_us" else "ip::text as ip" if c == "ip"
                 for c in EVENT_COLUMNS)
 
 
+async def slow_inserts(db: asyncpg.Connection, seconds: float) -> None:
+    """Every insert statement into events takes `seconds` longer (a trigger)."""
+    await db.execute(f"""
+        create function slow_insert() returns trigger language plpgsql as $$
+        begin perform pg_sleep({seconds}); return null; end $$;
+        create trigger slow_insert before insert on events
+            for each statement execute function slow_insert();""")
+
+
 def as_tuple(record: asyncpg.Record) -> tuple[object, ...]:
     return tuple(record)
 
@@ -246,11 +255,7 @@ async def test_flush_splits_into_batches_of_batch_size(
 
 async def test_batches_of_different_lanes_are_written_at_once(
         writers: Writers, db: asyncpg.Connection) -> None:
-    await db.execute("""
-        create function slow_insert() returns trigger language plpgsql as $$
-        begin perform pg_sleep(0.3); return null; end $$;
-        create trigger slow_insert before insert on events
-            for each statement execute function slow_insert();""")
+    await slow_inserts(db, 0.3)
     writer = writers(batch_size=100, connections=2)
     batch = rows(400)
     for item in batch:
@@ -485,11 +490,7 @@ def test_event_ids_are_unique_uuid7() -> None:
 async def test_close_during_a_background_write_still_writes_everything_once(
         writers: Writers, db: asyncpg.Connection) -> None:
     # Every insert into events takes a moment, so close() lands inside a write for certain.
-    await db.execute("""
-        create function slow_insert() returns trigger language plpgsql as $$
-        begin perform pg_sleep(0.2); return null; end $$;
-        create trigger slow_insert before insert on events
-            for each statement execute function slow_insert();""")
+    await slow_inserts(db, 0.2)
     writer = writers(batch_size=500, interval_s=3600)
     writer.start()
     for item in rows(1500):

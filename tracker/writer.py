@@ -193,7 +193,7 @@ class BatchWriter:
             try:
                 while True:
                     self._batch_ready.clear()
-                    if self._journal is not None and self._lane_needs_journal(round_, writing):
+                    if self._lane_needs_journal(round_, writing):
                         await self._read_journal(round_, alone=not writing)
                     for lane in range(self._connections):
                         if (round_.error is None and lane not in writing
@@ -255,9 +255,11 @@ class BatchWriter:
         return _Work(lane, batch, taken=self._taken)
 
     def _lane_needs_journal(self, round_: _Round, writing: Mapping[int, object]) -> bool:
-        """Whether to read the journal's next chunk now: a lane is free and has no part of
-        a chunk left, and no lane has two waiting."""
-        return (round_.error is None and all(len(p) < 2 for p in round_.parts)
+        """Whether to read the journal's next chunk now: it holds events, a lane is free and
+        has no part of a chunk left, and no lane has two waiting. (An empty journal, the
+        usual case, is not worth a trip to a worker thread.)"""
+        return (self._journal is not None and self._journal.pending_events > 0
+                and round_.error is None and all(len(p) < 2 for p in round_.parts)
                 and any(lane not in writing and not round_.parts[lane]
                         for lane in range(self._connections)))
 
