@@ -374,6 +374,7 @@ class PlanRun:
     late: int  # paced runs: requests sent more than 1 ms after their slot
     late_max_ms: float
     wrk_cpu_s: float
+    wrk_wait_s: float  # wrk's threads runnable but waiting for a CPU
     counts: dict[int, int]  # window (CLOCK_MONOTONIC // window_us) -> answers
     latencies: dict[int, list[int]]  # window -> latencies in µs (timed runs)
     window_us: int
@@ -451,7 +452,15 @@ def run_plans(url: str, plans: Sequence[Plan], *, window_s: float = 1.0, cap_s: 
             procs.append(subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT))
             out.close()
         usages: dict[int, tuple[Any, float]] = {}
+        # wrk's own wait for a CPU, read while it runs (gone with it): up to the last 50 ms.
+        waits = {proc.pid: 0.0 for proc in procs}
+        waits_read = 0.0
         while len(usages) < len(procs):
+            if time.monotonic() - waits_read >= 0.05:
+                waits_read = time.monotonic()
+                for proc in procs:
+                    if proc.pid not in usages:
+                        waits[proc.pid] = max(waits[proc.pid], tree_wait_seconds(proc.pid))
             for proc in procs:
                 if proc.pid in usages:
                     continue
@@ -468,7 +477,7 @@ def run_plans(url: str, plans: Sequence[Plan], *, window_s: float = 1.0, cap_s: 
         raise
     server_cpu = sum(tree_cpu_seconds(p) for p in server_pids) - server_before
     server_wait = sum(tree_wait_seconds(p) for p in server_pids) - wait_before
-    runs = [_plan_run(plan, proc, *usages[proc.pid], window_us)
+    runs = [_plan_run(plan, proc, *usages[proc.pid], waits[proc.pid], window_us)
             for plan, proc in zip(plans, procs, strict=True)]
     runs[0].server_cpu_s = server_cpu
     runs[0].server_wait_s = server_wait
@@ -476,7 +485,7 @@ def run_plans(url: str, plans: Sequence[Plan], *, window_s: float = 1.0, cap_s: 
 
 
 def _plan_run(plan: Plan, proc: subprocess.Popen[bytes], usage: Any, wall: float,
-              window_us: int) -> PlanRun:
+              wait_s: float, window_us: int) -> PlanRun:
     text = (plan.directory / "wrk.out").read_text(errors="replace")
     found = re.search(r"^PLAN-RESULT (.*)$", text, re.MULTILINE)
     if found is None:
@@ -501,7 +510,8 @@ def _plan_run(plan: Plan, proc: subprocess.Popen[bytes], usage: Any, wall: float
         wall_s=wall, errors=result["errors"], fillers=sum(r["fillers"] for r in rows),
         late=sum(r["late"] for r in rows),
         late_max_ms=max((r["late_max_us"] for r in rows), default=0) / 1000,
-        wrk_cpu_s=usage.ru_utime + usage.ru_stime, counts=counts, latencies=latencies,
+        wrk_cpu_s=usage.ru_utime + usage.ru_stime, wrk_wait_s=wait_s, counts=counts,
+        latencies=latencies,
         window_us=window_us, thread_sent=[r["sent"] for r in rows])
 
 

@@ -108,6 +108,7 @@ def print_load(load: LoadResult, args: argparse.Namespace) -> None:
           f"messages, {len(LINKS)} links each; {where}\n")
     print(f"{'phase':<26} {'requests':>9} {'req/s':>8} {'p50 ms':>7} {'p90 ms':>7} "
           f"{'p99 ms':>7} {'p99.9':>7} {'errors':>6} {'404 want/got':>12} {'wrk cpu':>7} "
+          f"{'wrk wait':>8} "
           f"{'req/cpu-s':>9} {'cpu wait':>8} {'× nginx':>7} {'×/cpu':>6}")
     for p in load.phases:
         ratio = f"{p.rate / nginx.rate:.2f}" if nginx and not p.reference else ""
@@ -120,10 +121,13 @@ def print_load(load: LoadResult, args: argparse.Namespace) -> None:
         print(f"{p.name:<26} {p.requests:>9,} {p.rate:>8,.0f} {p.latency_ms(0.5):>7.2f} "
               f"{p.latency_ms(0.9):>7.2f} {p.latency_ms(0.99):>7.2f} "
               f"{p.latency_ms(0.999):>7.2f} {p.socket_errors:>6} {status:>12} "
-              f"{p.wrk_share:>7.0%} {per_cpu:>9} {wait:>8} {ratio:>7} {cpu_ratio:>6}")
+              f"{p.wrk_share:>7.0%} {p.wrk_wait:>8.1%} {per_cpu:>9} {wait:>8} {ratio:>7} "
+              f"{cpu_ratio:>6}")
     if not args.url:
         print("  cpu wait: the share of the phase the server's threads were ready to run but "
-              "waited for core 0 (other work on the machine); errors: socket errors")
+              "waited for core 0 (other work on the machine); wrk wait: the same for wrk on "
+              f"core {LOAD_CORE}, which it shares with PostgreSQL (its latency counts that "
+              "wait); errors: socket errors")
     paced = [p for p in load.phases if p.paced]
     for p in paced:
         share = p.late / p.requests if p.requests else 0

@@ -179,6 +179,13 @@ class Phase:
         return self.wrk_cpu_s / self.seconds if self.seconds else 0.0
 
     @property
+    def wrk_wait(self) -> float:
+        """Share of the phase wrk's threads were ready to run but waited for their core: time
+        a request waits on the load generator, counted in its latency and not the server's
+        doing (PostgreSQL shares wrk's core in local runs)."""
+        return sum(run.wrk_wait_s for run in self.runs) / self.seconds if self.seconds else 0.0
+
+    @property
     def late(self) -> int:
         return sum(run.late for run in self.runs)
 
@@ -206,10 +213,12 @@ class Phase:
             "runs": [{"planned": r.planned, "sent": r.sent, "answered": r.answered,
                       "complete": r.complete, "errors": r.errors, "fillers": r.fillers,
                       "late": r.late, "late_max_ms": r.late_max_ms, "wrk_cpu_s": r.wrk_cpu_s,
+                      "wrk_wait_s": r.wrk_wait_s,
                       "wall_s": r.wall_s} for r in self.runs],
             "not_found_expected": self.not_found_expected,
             "latency_ms": {f"p{k}": self.latency_ms(q) for k, q in PERCENTILES},
             "wrk_cpu_s": self.wrk_cpu_s, "wrk_cpu_share": self.wrk_share,
+            "wrk_wait_share": self.wrk_wait,
             "server_cpu_s": self.server_cpu_s, "per_cpu_second": self.per_cpu_second,
             "server_wait_share": self.server_wait, "settle_s": self.settle_s,
             "windows": [w.__dict__ for w in series(self.runs)],
