@@ -38,7 +38,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 
 from tracker.hits import CLICK, OPEN, DropReason
-from tracker.writer import BatchWriter, WriterStats
+from tracker.writer import BatchWriter
 
 log = logging.getLogger("tracker.metrics")
 
@@ -122,31 +122,8 @@ class Metrics:
 
 
 def observe_flushes(writer: BatchWriter, metrics: Metrics) -> None:
-    """Feed the flush histograms from the writer's own bookkeeping.
-
-    The writer records each committed batch by assigning `stats.last_batch_size`, then
-    `stats.last_flush_seconds`; a stats object that notices the second assignment sees
-    every batch without a change to the writer. (A direct `on_flush(size, seconds)` hook
-    in the writer would replace this; tests/test_metrics.py pins that the histogram
-    counts exactly the writer's batches, so a change in that order cannot go unnoticed.)
-    """
-    if type(writer.stats) is not WriterStats:
-        log.warning("the writer's statistics changed shape; flush histograms stay empty")
-        return
-    observed = _ObservedStats.__new__(_ObservedStats)
-    object.__setattr__(observed, "_observe", metrics.observe_flush)
-    for name, value in vars(writer.stats).items():
-        object.__setattr__(observed, name, value)
-    writer.stats = observed
-
-
-class _ObservedStats(WriterStats):
-    _observe: Callable[[int, float], None]
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        object.__setattr__(self, name, value)
-        if name == "last_flush_seconds":
-            self._observe(self.last_batch_size, value)
+    """Feed the flush histograms with every batch the writer writes."""
+    writer.on_flush = metrics.observe_flush
 
 
 @dataclass

@@ -14,12 +14,12 @@ lane that takes the events of its share of the messages (flush() says why), writ
 batch at a time, and overlaps the others in everything but the campaign rollups' rows
 and the commit.
 
-While PostgreSQL is unreachable, or memory holds more than its bound, the writer
-spills the buffer to the journal (journal.py: checksummed records, an fsync per
-batch) and retries with backoff; when it can write again it replays the journal, in
-order, before what memory holds. Without a journal (tests, tools) events stay in
-memory up to the bound. Past every bound new events are dropped, counted by reason
-and logged once per interval.
+While PostgreSQL is unreachable, or memory holds more than its bound, the backlog
+(backlog.py) spills what memory holds to the journal (journal.py: checksummed records,
+an fsync per batch) and the writer retries with backoff; when it can write again it
+replays the journal, in order, before what memory holds. Without a journal (tests,
+tools) events stay in memory up to the bound. Past every bound new events are dropped,
+counted by reason and logged once per interval.
 
 Durability. By default an event is acknowledged once it is in memory: a `kill -9`
 loses what memory holds, the events of at most one flush interval plus the writes in
@@ -35,26 +35,23 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 
 import asyncpg
 
+from tracker.backlog import Backlog, WriterStats, describe
 from tracker.hits import DAY_MICROSECONDS, DropReason, EventRecord
-from tracker.journal import Chunk, Journal, JournalFull
+from tracker.journal import Chunk, Journal
 from tracker.lanes import Connect, Lanes
 
 log = logging.getLogger("tracker.writer")
 
 _RETRY_FIRST_S = 0.1
 _RETRY_MAX_S = 5.0
-_DROP_LOG_S = 10.0  # drops and journal failures are logged at most this often
 _ADOPT_EVERY_S = 10.0  # how often a healthy writer looks for orphaned journal segments
-# A durable hit waits for its group commit; a disk that stalls longer than this must not
-# hold the answer (the pixel always renders): it goes out unconfirmed, and is logged.
-_SYNC_WAIT_S = 5.0
 # Batches written at once, each on its own connection. PostgreSQL runs a batch's
 # statements on one core; a second write in flight keeps a second core busy while the
 # first waits for its commit or holds the campaign's rollup rows (rollups.py). More than
@@ -64,37 +61,23 @@ DEFAULT_CONNECTIONS = 2
 _SORT_SLICE = 1000
 
 
-
-@dataclass
-class WriterStats:
-    written: int = 0  # rows new to the database
-    duplicates: int = 0  # rows that were already there (a retried batch)
-    relabelled: int = 0  # human clicks made machine by a honeypot or burst click near them
-    batches: int = 0
-    failures: int = 0
-    last_batch_size: int = 0
-    last_flush_seconds: float = 0.0
-    dropped: dict[str, int] = field(default_factory=dict)
-    journaled: int = 0  # events put in the journal (spills and group commits)
-    replayed: int = 0  # events written to PostgreSQL from the journal
-
-
 class BatchWriter:
     def __init__(self, connect: Connect, *, batch_size: int, interval_s: float,
                  max_buffered: int, on_drop: Callable[[DropReason], None] | None = None,
                  relabel_windows: Mapping[str, timedelta] | None = None,
                  journal: Journal | None = None, durable: bool = False,
                  connections: int = DEFAULT_CONNECTIONS) -> None:
-        if durable and journal is None:
-            raise ValueError("a durable writer needs a journal")
         if connections < 1:
             raise ValueError("a writer needs at least one connection")
+        self.stats = WriterStats()
+        # Called with the size and the seconds of every batch written (metrics.py).
+        self.on_flush: Callable[[int, float], None] | None = None
+        self._backlog = Backlog(batch_size=batch_size, max_rows=max_buffered, journal=journal,
+                                durable=durable, stats=self.stats, on_batch=self._batch_waits,
+                                on_drop=on_drop)
         self._db = Lanes(connect, connections, relabel_windows)
         self._batch_size = batch_size
         self._interval_s = interval_s
-        self._max_buffered = max_buffered
-        self._on_drop = on_drop
-        self._buffer: list[EventRecord] = []
         self._wake = asyncio.Event()
         self._connections = connections
         self._batch_ready = asyncio.Event()  # a full batch waits: another write may start
@@ -102,25 +85,10 @@ class BatchWriter:
         self._task: asyncio.Task[None] | None = None
         self._failing_since: float | None = None
         self._stopping = False
-        self.stats = WriterStats()
         self._journal = journal
-        self._durable = durable
         self._inflight: dict[int, list[EventRecord]] = {}  # batches being written from memory
         self._lanes: list[list[EventRecord]] = [[] for _ in range(connections)]  # sorted out
         self._taken = 0  # batches taken from memory so far: their order
-        self._spills: deque[list[EventRecord]] = deque()  # batches on their way to the journal
-        self._spilling = 0  # events in _spills
-        self._spill_task: asyncio.Task[None] | None = None
-        self._journal_full = False  # until something is committed from it
-        self._journal_error_logged = 0.0
-        # Durable: events waiting for the next group commit, and the future their hits await.
-        self._pending: list[EventRecord] = []
-        self._pending_synced: asyncio.Future[bool] | None = None
-        self._commit_lock = asyncio.Lock()
-        self._commit_wake = asyncio.Event()
-        self._committer: asyncio.Task[None] | None = None
-        self._unreported: Counter[str] = Counter()
-        self._reported_at = 0.0
         self._adopted_at = time.monotonic()
 
     @property
@@ -129,10 +97,9 @@ class BatchWriter:
 
     @property
     def buffered(self) -> int:
-        """Events in memory only: buffered, being written, being spilled, or waiting for
-        their group commit."""
-        return (len(self._buffer) + sum(len(b) for b in self._inflight.values())
-                + sum(len(queue) for queue in self._lanes) + self._spilling + len(self._pending))
+        """Events in memory only: in the backlog, sorted into lanes, or being written."""
+        return (self._backlog.in_memory + sum(len(b) for b in self._inflight.values())
+                + sum(len(queue) for queue in self._lanes))
 
     @property
     def healthy(self) -> bool:
@@ -141,33 +108,19 @@ class BatchWriter:
     def add(self, row: EventRecord) -> bool:
         """Queue an event; never blocks. False if it had to be dropped (memory full, and
         the journal full or absent)."""
-        if self._durable:
-            return self._add_pending(row)
-        if len(self._buffer) >= self._max_buffered and not self._spill_buffer():
-            self._drop(self._full_reason())
-            return False
-        self._buffer.append(row)
-        if len(self._buffer) >= self._batch_size:
-            self._wake.set()
-            self._batch_ready.set()
-        return True
+        return self._backlog.add(row)
 
     def synced(self) -> Awaitable[bool] | None:
-        """Durable writer: what a hit awaits before it is answered. Done once every event
-        added so far is in the journal (True), or could not be put there (False: it is
-        kept in memory, or was dropped and counted); None when nothing is waiting."""
-        if not self._pending:
-            return None
-        if self._pending_synced is None:
-            self._pending_synced = asyncio.get_running_loop().create_future()
-        # Shielded: a hit whose client went away must not cancel its neighbours' answers.
-        return asyncio.shield(self._pending_synced)
+        """Durable writer: what a hit awaits before it is answered (Backlog.synced)."""
+        return self._backlog.synced()
+
+    def _batch_waits(self) -> None:
+        self._wake.set()
+        self._batch_ready.set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="tracker-writer")
-        if self._durable:
-            self._committer = asyncio.create_task(self._commit_forever(),
-                                                  name="tracker-group-commit")
+        self._backlog.start()
         if self._journal is not None and self._journal.pending_events:
             self._wake.set()  # replay what earlier runs left without waiting for the timer
 
@@ -186,7 +139,7 @@ class BatchWriter:
         PostgreSQL. A batch that fails, or is interrupted, goes back to memory in front of
         anything newer; the chunks after a failed one stay in the journal (written again
         later, they count nothing twice)."""
-        await self._settle()
+        await self._backlog.settle()
         async with self._lock:
             round_ = _Round(self._connections)
             writing: dict[int, asyncio.Task[None]] = {}
@@ -225,9 +178,10 @@ class BatchWriter:
                     # Not written (or in doubt), or sorted into lanes and not taken yet: back
                     # in front of anything newer. (Even if cancelled again while the writes
                     # wind down: one that commits after all is written twice, counted once.)
-                    self._buffer[:0] = [*(row for taken in sorted(self._inflight)
-                                          for row in self._inflight[taken]),
-                                        *(row for queue in self._lanes for row in queue)]
+                    self._backlog.rows[:0] = [
+                        *(row for taken in sorted(self._inflight)
+                          for row in self._inflight[taken]),
+                        *(row for queue in self._lanes for row in queue)]
                     self._inflight.clear()
                     for queue in self._lanes:
                         queue.clear()
@@ -315,18 +269,20 @@ class BatchWriter:
         queue = self._lanes[lane]
         if self._connections == 1:
             need = self._batch_size - len(queue)
-            queue += self._buffer[:need]
-            del self._buffer[:need]
+            queue += self._backlog.rows[:need]
+            del self._backlog.rows[:need]
             return
         lanes = self._lanes
         while True:
+            # Read anew each slice: a spill in between replaces the list.
+            rows = self._backlog.rows
             need = self._batch_size - len(queue)
             room = min(self._connections * self._batch_size - sum(len(q) for q in lanes),
                        _SORT_SLICE)
-            if need <= 0 or room <= 0 or not self._buffer:
+            if need <= 0 or room <= 0 or not rows:
                 return
             moved = 0
-            for record in self._buffer[:room]:
+            for record in rows[:room]:
                 moved += 1
                 target = lanes[self._lane_of(record[0])]
                 target.append(record)
@@ -334,7 +290,7 @@ class BatchWriter:
                     need -= 1
                     if not need:
                         break
-            del self._buffer[:moved]
+            del rows[:moved]
             await asyncio.sleep(0)
 
     def _lane_of(self, line: str) -> int:
@@ -361,7 +317,7 @@ class BatchWriter:
             done = round_.chunks.popleft()
             del round_.unwritten[id(done)]
             self._journal.commit(done)
-            self._journal_full = False
+            self._backlog.journal_committed()
             self.stats.replayed += len(done.lines)
 
     async def close(self, timeout_s: float) -> int:
@@ -371,7 +327,6 @@ class BatchWriter:
         deadline = time.monotonic() + timeout_s
         self._stopping = True
         self._wake.set()
-        self._commit_wake.set()
         task, self._task = self._task, None
         if task is not None and not task.done():
             # Let the loop finish the write it may be in rather than cancel it mid-way; if
@@ -382,28 +337,22 @@ class BatchWriter:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        committer, self._committer = self._committer, None
-        if committer is not None:
-            # It commits what is pending, then returns; a disk that hangs must not hold
-            # the shutdown (the events stay in memory and are written below).
-            try:
-                await asyncio.wait_for(asyncio.shield(committer), timeout_s / 2)
-            except TimeoutError:
-                log.error("the journal did not answer within %.1f s at shutdown", timeout_s / 2)
-        while self._unwritten() and time.monotonic() < deadline:
+        await self._backlog.stop(timeout_s / 2)  # what is left in memory is written below
+        backlog = self._backlog
+        while backlog.unwritten and time.monotonic() < deadline:
             try:
                 await asyncio.wait_for(self.flush(), max(0.01, deadline - time.monotonic()))
             except (TimeoutError, OSError, asyncpg.PostgresError,
                     asyncpg.InterfaceError) as exc:
-                log.warning("flush at shutdown failed: %s", _describe(exc))
+                log.warning("flush at shutdown failed: %s", describe(exc))
                 if self._journal is not None:
                     break  # no need to wait out the timeout: the journal keeps the rest
                 await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
-        await self._settle()
-        left = len(self._buffer)
+        await backlog.settle()
+        left = len(backlog.rows)
         if left and self._journal is not None:
-            kept = await self._to_journal(self._buffer)
-            del self._buffer[:kept]
+            kept = await backlog.to_journal(backlog.rows)
+            del backlog.rows[:kept]
             left -= kept
         if left:
             log.error("%d events could not be written before shutdown and are lost", left)
@@ -413,13 +362,9 @@ class BatchWriter:
                 log.warning("%d events wait in the journal (%s) for the next start", waiting,
                             self._journal.directory)
             self._journal.close()
-        self._report_drops(force=True)
+        backlog.report_drops(force=True)
         await self._db.close()
         return left
-
-    def _unwritten(self) -> bool:
-        return bool(self._buffer or self._spilling or self._pending
-                    or (self._journal is not None and self._journal.pending_events))
 
     async def _run(self) -> None:
         delay = _RETRY_FIRST_S
@@ -428,12 +373,12 @@ class BatchWriter:
             await self._pause(self._interval_s)
             if self._stopping:
                 return  # close() writes what is left
-            self._report_drops()
+            self._backlog.report_drops()
             if self._failing_since is not None:
                 # PostgreSQL is unreachable: what memory took since the last tick goes to
                 # the journal before anything else (a connect attempt can take seconds),
                 # so a crash during an outage loses one interval at most.
-                await self._spill()
+                await self._backlog.spill()
             if time.monotonic() < retry_at:
                 continue
             try:
@@ -442,10 +387,10 @@ class BatchWriter:
                 self.stats.failures += 1
                 if self._failing_since is None:
                     self._failing_since = time.monotonic()
-                    log.warning("cannot write events (%s); %s and retrying", _describe(exc),
+                    log.warning("cannot write events (%s); %s and retrying", describe(exc),
                                 "spilling them to the journal" if self._journal
                                 else "keeping them in memory")
-                await self._spill()
+                await self._backlog.spill()
                 retry_at = time.monotonic() + delay
                 delay = min(delay * 2, _RETRY_MAX_S)
                 continue
@@ -457,7 +402,7 @@ class BatchWriter:
                 continue
             if self._failing_since is not None:
                 log.warning("writing events again after %.1f s; %d queued",
-                            time.monotonic() - self._failing_since, len(self._buffer))
+                            time.monotonic() - self._failing_since, len(self._backlog.rows))
                 self._failing_since = None
             delay = _RETRY_FIRST_S
             await self._adopt_now_and_then()
@@ -477,151 +422,9 @@ class BatchWriter:
         self.stats.batches += 1
         self.stats.last_batch_size = len(batch)
         self.stats.last_flush_seconds = time.perf_counter() - started
+        if self.on_flush is not None:
+            self.on_flush(len(batch), self.stats.last_flush_seconds)
         return inserted
-
-    def _drop(self, reason: DropReason) -> None:
-        self.stats.dropped[reason] = self.stats.dropped.get(reason, 0) + 1
-        self._unreported[reason] += 1
-        if self._on_drop is not None:
-            self._on_drop(reason)
-
-    def _full_reason(self) -> DropReason:
-        return (DropReason.JOURNAL_FULL if self._journal is not None and self._journal_full
-                else DropReason.BUFFER_FULL)
-
-    def _report_drops(self, force: bool = False) -> None:
-        """One log line per interval for the drops of that interval, never one per event."""
-        now = time.monotonic()
-        if not self._unreported or (not force and now - self._reported_at < _DROP_LOG_S):
-            return
-        log.warning("dropped %d events since the last report (%s)",
-                    sum(self._unreported.values()),
-                    ", ".join(f"{reason}: {n}" for reason, n in sorted(self._unreported.items())))
-        self._unreported.clear()
-        self._reported_at = now
-
-    # -- the journal ------------------------------------------------------------------------
-
-    def _spill_buffer(self) -> bool:
-        """Hand the memory buffer to the journal (written in the background); False if the
-        journal cannot take it now: none, full, or still writing earlier spills (what is
-        on its way to disk and what waits in memory stay within memory's bound together,
-        so memory holds at most twice the bound and a batch in flight)."""
-        if (self._journal is None or self._journal_full
-                or self._spilling + len(self._buffer) > self._max_buffered):
-            return False
-        if self._buffer:
-            batch, self._buffer = self._buffer, []
-            self._spills.append(batch)
-            self._spilling += len(batch)
-            if self._spill_task is None or self._spill_task.done():
-                self._spill_task = asyncio.get_running_loop().create_task(
-                    self._drain_spills(), name="tracker-spill")
-        return True
-
-    async def _spill(self) -> None:
-        """Spill what memory holds, and wait until it is on disk (or back in memory)."""
-        self._spill_buffer()
-        await self._settle()
-
-    async def _drain_spills(self) -> None:
-        while self._spills:
-            # Whatever queued up during the last write goes in one (fewer fsyncs).
-            batch = [row for queued in self._spills for row in queued]
-            taken = len(self._spills)
-            kept = await self._to_journal(batch)
-            for _ in range(taken):
-                self._spills.popleft()
-            self._spilling -= len(batch)
-            if kept < len(batch):
-                # Full or failing: the rest goes back to memory, in front of anything
-                # newer, and memory's bound decides what is kept.
-                rest = batch[kept:] + [row for later in self._spills for row in later]
-                self._spills.clear()
-                self._spilling = 0
-                self._restore(rest)
-                return
-
-    def _restore(self, rows: list[EventRecord]) -> None:
-        self._buffer[:0] = rows
-        excess = len(self._buffer) - self._max_buffered
-        if excess > 0:
-            del self._buffer[-excess:]
-            reason = self._full_reason()
-            for _ in range(excess):
-                self._drop(reason)
-
-    async def _to_journal(self, rows: list[EventRecord]) -> int:
-        """Append rows to the journal, a record and an fsync per batch; returns how many,
-        from the front, it took before it was full or failed."""
-        journal = self._journal
-        assert journal is not None
-        kept = 0
-        while kept < len(rows):
-            part = [line for line, _, _ in rows[kept: kept + self._batch_size]]
-            try:
-                await asyncio.to_thread(journal.append, part)
-            except JournalFull as exc:
-                if not self._journal_full:
-                    log.warning("the journal is full (%s): events past memory's bound are "
-                                "dropped until it drains", exc)
-                self._journal_full = True
-                break
-            except OSError as exc:
-                now = time.monotonic()
-                if now - self._journal_error_logged >= _DROP_LOG_S:
-                    self._journal_error_logged = now
-                    log.error("cannot write to the journal: %s", _describe(exc))
-                break
-            kept += len(part)
-        self.stats.journaled += kept
-        return kept
-
-    async def _settle(self) -> None:
-        """Let the spills and the group commit under way finish, so that whatever was
-        added before is in the journal or back in memory."""
-        spilling = self._spill_task
-        if spilling is not None and not spilling.done():
-            await asyncio.shield(spilling)
-        if self._durable:
-            await self._commit_group()
-
-    def _add_pending(self, row: EventRecord) -> bool:
-        # With the group under way, memory holds at most twice the bound here too.
-        if len(self._pending) + len(self._buffer) >= self._max_buffered:
-            self._drop(self._full_reason())  # the disk is not keeping up, or is full
-            return False
-        self._pending.append(row)
-        self._commit_wake.set()
-        return True
-
-    async def _commit_forever(self) -> None:
-        """Group commit: the events that arrived during one append + fsync go in the next."""
-        while True:
-            await self._commit_wake.wait()
-            self._commit_wake.clear()
-            if not self._pending and self._stopping:
-                return
-            await self._commit_group()
-
-    async def _commit_group(self) -> None:
-        async with self._commit_lock:
-            if not self._pending:
-                return
-            group, self._pending = self._pending, []
-            synced, self._pending_synced = self._pending_synced, None
-            timer = (asyncio.get_running_loop().call_later(_SYNC_WAIT_S, _late, synced)
-                     if synced is not None else None)
-            kept = await self._to_journal(group)
-            if kept < len(group):
-                self._restore(group[kept:])  # written from memory, if it has room
-            if timer is not None:
-                timer.cancel()
-            if synced is not None and not synced.done():
-                synced.set_result(kept == len(group))
-            if self._journal is not None and self._journal.pending_events >= self._batch_size:
-                self._wake.set()
-                self._batch_ready.set()
 
     async def _adopt_now_and_then(self) -> None:
         """A sibling worker that died left its segments behind: take them over."""
@@ -632,7 +435,7 @@ class BatchWriter:
             if await asyncio.to_thread(self._journal.adopt_orphans):
                 self._wake.set()
         except OSError as exc:
-            log.warning("cannot look for orphaned journal segments: %s", _describe(exc))
+            log.warning("cannot look for orphaned journal segments: %s", describe(exc))
 
 
 @dataclass
@@ -656,14 +459,3 @@ class _Round:
             deque() for _ in range(lanes)]
         self.unwritten: dict[int, int] = {}
         self.error: Exception | None = None
-
-
-def _late(synced: asyncio.Future[bool]) -> None:
-    if not synced.done():
-        log.warning("the journal took more than %.0f s to sync: hits answered unconfirmed",
-                    _SYNC_WAIT_S)
-        synced.set_result(False)
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
