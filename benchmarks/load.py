@@ -163,7 +163,7 @@ async def _prepare(dsn: str, url: str, messages: int, links: int) -> tuple[list[
         registered = await asyncio.gather(*(one(i) for i in range(messages)))
     pixels = [str(m["pixel_url"]).removeprefix(url) for m in registered]
     clicks = [m["links"][i % links]["tracked_url"].removeprefix(url)  # type: ignore[index]
-              for i, m in enumerate(registered)]
+              for i, m in enumerate(registered)] if links else []
     return pixels, clicks
 
 
