@@ -51,7 +51,9 @@ DEPLOYMENT: dict[str, tuple[str | None, str]] = {
         "Behind nginx on the same host keep 127.0.0.1. The container image binds "
         "0.0.0.0 through its command.")),
     "TRACKER_WORKERS": (None, (
-        "One per core you give tracker; each worker has its own pool, writer and caches.")),
+        "One per core you give tracker; each worker has its own pool, writer and caches. "
+        "Under uvicorn (on Linux) each also listens on a socket of its own, and the kernel "
+        "spreads connections over them.")),
     "TRACKER_GEOIP_FETCH": (None, (
         "The fetch needs outbound HTTPS to PyPI; set off where the node has none.")),
     "TRACKER_JOURNAL_MAX_BYTES": (None, (

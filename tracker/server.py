@@ -2,14 +2,27 @@
 
 Each worker process builds its own app (and so its own pool, writer and caches)
 from the environment; `tracker serve` has put the resolved settings there.
+
+Several uvicorn workers each listen on a socket of their own (SO_REUSEPORT), so the
+kernel spreads new connections over them. On one shared socket every worker wakes for a
+connection and the first one accepts all that are waiting: a client opening a few
+connections at once had them all on one worker, and `benchmarks/registration.py` (four
+connections, two workers) measured one worker busy and the other idle (py-spy: 94 % and
+4 % of the samples).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import socket
+import sys
+from typing import Any
 
 from tracker.settings import Settings
+
+log = logging.getLogger("tracker.server")
 
 APP_FACTORY = "tracker.app:create_app_from_env"
 # Long enough for the writer's shutdown flush (10 s) plus the pool's close.
@@ -57,8 +70,7 @@ def _run_uvicorn(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
 
-    uvicorn.run(
-        APP_FACTORY,
+    options: dict[str, Any] = dict(
         factory=True,
         host=settings.host,
         port=settings.port,
@@ -76,3 +88,53 @@ def _run_uvicorn(settings: Settings) -> None:
         date_header=False,
         timeout_graceful_shutdown=_WORKER_SHUTDOWN_S,
     )
+    if settings.workers == 1 or not _SHARES_PORTS:
+        uvicorn.run(APP_FACTORY, **options)
+        return
+    from uvicorn.supervisors import Multiprocess
+
+    config = uvicorn.Config(APP_FACTORY, **options)
+    # Taken and let go: if the port is in use, uvicorn says so and exits now, rather than
+    # every worker failing on its own; and it prints the address it runs on.
+    config.bind_socket().close()
+    placeholder = _OwnListener(config.host, config.port)
+    try:
+        Multiprocess(config, sockets=[placeholder]).run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        placeholder.close()
+
+
+# Linux spreads connections over the sockets sharing a port; other systems may not.
+_SHARES_PORTS = sys.platform == "linux" and hasattr(socket, "SO_REUSEPORT")
+
+
+class _OwnListener(socket.socket):
+    """What uvicorn hands each worker process as its listening socket: unpickled there (the
+    workers are spawned), it becomes a new socket of the worker's own, bound to the port
+    with SO_REUSEPORT. It joins the port's group when uvicorn listens on it, after the
+    worker's start-up, and leaves it when the worker exits: no connection waits on a
+    socket that no worker accepts from."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.family_ = socket.AF_INET6 if ":" in host else socket.AF_INET
+        super().__init__(self.family_, socket.SOCK_STREAM)
+        self.address = (host, port)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_listen_own, (self.family_, self.address))
+
+
+def _listen_own(family: int, address: tuple[str, int]) -> socket.socket:
+    """(In a worker.) A socket bound to the shared port; uvicorn listens on it."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        log.error("cannot listen on %s:%d: %s", *address, exc.strerror or exc)
+        raise SystemExit(3) from None  # uvicorn's start-up failure status
+    return sock
