@@ -35,10 +35,9 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import free_port, wait_http
+from common import SERVER_CORE, free_port, wait_http
 from load import (
     LUA,
-    SERVER_CORE,
     USER_AGENTS,
     Result,
     _median,

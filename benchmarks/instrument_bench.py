@@ -194,7 +194,7 @@ class _Parser(HTMLParser):
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if tag in self.RAW:
-            self.set_cdata_mode(tag)  # type: ignore[attr-defined]
+            self.set_cdata_mode(tag)
         if not (_is_link_element(tag) or tag == "base"):
             return
         text = self.get_starttag_text() or ""

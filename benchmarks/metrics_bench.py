@@ -14,6 +14,7 @@ from __future__ import annotations
 import timeit
 from collections import Counter
 from collections.abc import Callable
+from functools import partial
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client import Counter as PromCounter
@@ -61,12 +62,12 @@ def main() -> None:
                       ("collections.Counter[(endpoint, machine)]", counter_hit),
                       ("prometheus Counter, pre-bound child .inc()", prom_child_hit),
                       ("prometheus Counter .labels(...).inc()", prom_labels_hit)):
-        rows.append((f"hit:  {name}", _best_ns(lambda hit=hit: hit("open", False)) - baseline))
+        rows.append((f"hit:  {name}", _best_ns(partial(hit, "open", False)) - baseline))
     for name, drop in (("tracker Metrics.count_drop (plain ints)", metrics.count_drop),
                        ("collections.Counter[reason]", counter_drop),
                        ("prometheus Counter .labels(...).inc()", prom_labels_drop)):
-        rows.append((f"drop: {name}", _best_ns(
-            lambda drop=drop: drop(DropReason.INVALID_TOKEN)) - baseline))
+        rows.append((f"drop: {name}", _best_ns(partial(drop, DropReason.INVALID_TOKEN))
+                     - baseline))
 
     collector = MetricsCollector(metrics, lambda: None, 1_000_000)
     scrape_registry = registry_for(collector)

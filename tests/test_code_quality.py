@@ -22,3 +22,8 @@ def test_ruff_finds_nothing() -> None:
 def test_mypy_strict_finds_nothing() -> None:
     result = _run("mypy")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_mypy_strict_finds_nothing_in_the_benchmarks_and_deploy_tools() -> None:
+    result = _run("mypy", "benchmarks", "deploy")
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -21,6 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import httpx
 
@@ -113,7 +114,11 @@ def process_tree(pid: int) -> list[int]:
     return found
 
 
-def kill_9(server: Server) -> None:
+class _Started(Protocol):
+    proc: subprocess.Popen[bytes] | None
+
+
+def kill_9(server: _Started) -> None:
     """SIGKILL the server and its workers (all started by this test), the parent first so
     that it cannot start a new worker."""
     assert server.proc is not None
