@@ -105,7 +105,7 @@ def tree_sitter_engine() -> Callable[[str], Extraction] | None:
             elif "end" in captures:
                 node = captures["end"][0]
                 if top and node.text is not None and node.text.lower() == b"body":
-                    found.body_end = offset + node.parent.start_byte  # type: ignore[union-attr]
+                    found.body_end = offset + node.parent.start_byte  # type: ignore[union-attr, unused-ignore]
             else:
                 name = (captures["tag"][0].text or b"").decode().lower()
                 if not (_is_link_element(name) or name == "base"):
