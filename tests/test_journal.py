@@ -18,6 +18,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from tracker.backlog import Backlog, WriterStats
 from tracker.database import connect
 from tracker.hits import DropReason, EventRecord
 from tracker.journal import HEADER_BYTES, MAGIC, Journal, JournalFull
@@ -589,4 +590,20 @@ def test_segment_names_carry_the_pid(tmp_path: Path) -> None:
     journal.append(lines(1))
     (path,) = segment_files(tmp_path)
     assert path.name.startswith(f"{os.getpid()}-")
+    journal.close()
+
+
+async def test_a_durable_backlog_stopped_with_events_pending_puts_them_in_the_journal_and_returns(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    journal = Journal(tmp_path, max_bytes=64 * MB)
+    backlog = Backlog(batch_size=100, max_rows=1000, journal=journal, durable=True,
+                      stats=WriterStats(), on_batch=lambda: None)
+    backlog.start()
+    for record in rows(5):
+        assert backlog.add(record)
+    started = asyncio.get_running_loop().time()
+    await backlog.stop(timeout_s=5)  # the group commit takes the five, then ends
+    assert asyncio.get_running_loop().time() - started < 2
+    assert journal.pending_events == 5
+    assert "did not answer" not in caplog.text
     journal.close()

@@ -256,9 +256,11 @@ class Backlog:
         while True:
             await self._commit_wake.wait()
             self._commit_wake.clear()
-            if not self._pending and self._stopping:
-                return
             await self._commit_group()
+            # Checked after the commit: stop() wakes it once, with events perhaps pending,
+            # and nothing would wake it again.
+            if self._stopping and not self._pending:
+                return
 
     async def _commit_group(self) -> None:
         async with self._commit_lock:
