@@ -1,0 +1,37 @@
+"""benchmarks/load.py end to end, briefly: it runs against nginx and tracker, sends readers'
+traffic (every event labelled human), and every request wrk completed became one event."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MISSING = [tool for tool in ("wrk", "nginx", "taskset") if shutil.which(tool) is None]
+
+
+def test_a_short_load_run_lands_every_request_as_one_human_event() -> None:
+    if MISSING:
+        pytest.skip(f"load.py needs {', '.join(MISSING)}: apt-get install wrk nginx-light")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "load.py"), "--duration", "1",
+         "--rounds", "1", "--servers", "uvicorn", "--messages", "200"],
+        capture_output=True, text=True, timeout=300, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    for row in ("nginx static GIF", "nginx, PG busy", "uvicorn pixel", "uvicorn click"):
+        assert re.search(rf"^{re.escape(row)}\s+\d+", output, re.MULTILINE), output
+    landed = re.findall(r"^uvicorn (pixel|click)\s+(\d+)\s+(\d+)\s+(\S+)$", output, re.MULTILINE)
+    assert {kind for kind, *_ in landed} == {"pixel", "click"}, output
+    for _, completed, events, verdict in landed:
+        # Every completed request, plus at most one in flight per connection (64) when
+        # wrk's time ran out.
+        assert 0 < int(completed) <= int(events) <= int(completed) + 64, output
+        assert verdict == "ok", output
+    assert "click events labelled: human 100%" in output, output
+    assert "open events labelled: human 100%" in output, output
