@@ -235,11 +235,17 @@ class BusyDatabase:
         assert self._proc.pid is not None
         pin([self._proc.pid], LOAD_CORE)
         os.sched_setscheduler(self._proc.pid, os.SCHED_IDLE, os.sched_param(0))
-        time.sleep(1.0)  # connected, table made, inserting
+        deadline = time.monotonic() + 15
+        while not self._inserting():
+            if not self._proc.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the busy-database neighbour could not start")
+            time.sleep(0.05)
         self._db.yield_to_load(LOAD_CORE)  # the backend, whatever it inherited
-        if not self._proc.is_alive():
-            raise RuntimeError("the busy-database neighbour could not start")
         return self
+
+    def _inserting(self) -> bool:
+        return bool(self._db.value(
+            "select count(*) from pg_stat_activity where query like 'insert into neighbour_load%'"))
 
     def __exit__(self, *_: object) -> None:
         self._proc.terminate()
