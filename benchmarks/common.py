@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import math
 import os
@@ -109,13 +110,15 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def cpu_seconds(pid: int) -> float:
-    """user + system CPU seconds of one process (0 if it is gone)."""
+def cpu_seconds(pid: int, reaped: bool = False) -> float:
+    """user + system CPU seconds of one process (0 if it is gone); with `reaped`, plus those
+    of its children that have exited and been waited for."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (FileNotFoundError, ProcessLookupError):
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = sum(int(f) for f in fields[11:15 if reaped else 13])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def tree_cpu_seconds(pid: int) -> float:
@@ -156,6 +159,35 @@ def command_line(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
     except (FileNotFoundError, ProcessLookupError):
         return ""
+
+
+_REAL_TIME = ["chrt", "--fifo", "10"]
+
+
+@functools.cache
+def real_time_permitted() -> bool:
+    """Whether this user may start a program at real-time priority (root, CAP_SYS_NICE)."""
+    try:
+        return subprocess.run([*_REAL_TIME, "true"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, check=False).returncode == 0
+    except FileNotFoundError:
+        return False
+
+
+def load_generator(core: str = LOAD_CORE) -> list[str]:
+    """The command prefix that runs one wrk process on its core, at real-time priority
+    where permitted.
+
+    Why real time: PostgreSQL shares wrk's core, writing the events of the run at idle
+    priority (Database.yield_to_load). On this machine's kernel (preempt=none) a waking
+    wrk still waited for it, often for milliseconds: nginx answered 0.52-0.64x its req/s
+    alone with PostgreSQL busy there, and 0.85-0.96x with wrk at real-time priority
+    (benchmarks/README.md). A real-time task takes the core the moment it wakes. The
+    kernel keeps 5 % of each second for other tasks (sched_rt_runtime_us), and wrk blocks
+    whenever it waits for answers, so PostgreSQL still gets the rest of the core. Only
+    for one wrk process per core: two at the same real-time priority would not share."""
+    pinning = ["taskset", "-c", core]
+    return [*_REAL_TIME, *pinning] if real_time_permitted() else pinning
 
 
 def pin(pids: Iterable[int], core: str) -> None:
@@ -293,6 +325,12 @@ class Database:
         except (FileNotFoundError, ValueError, IndexError):
             return []
         return [postmaster, *descendants(postmaster)]
+
+    def cpu_seconds(self) -> float:
+        """user + system CPU seconds of PostgreSQL: its live processes and the backends that
+        have exited (the postmaster waits for them)."""
+        postmaster, *children = self.pids() or [0]
+        return cpu_seconds(postmaster, reaped=True) + sum(map(cpu_seconds, children))
 
     def pin(self, core: str) -> None:
         """Moves PostgreSQL to a core; the backends it forks later inherit it."""

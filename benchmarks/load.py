@@ -4,8 +4,9 @@
 
 In one run, on this machine: nginx serving a static GIF, then tracker's pixel and
 click endpoints, each with the same wrk settings. The HTTP server under test (nginx
-or tracker) is pinned to core 0; wrk and PostgreSQL share core 1, PostgreSQL at idle
-priority (it takes what wrk leaves; the writer catches up after each run). wrk walks a list of
+or tracker) is pinned to core 0; wrk and PostgreSQL share core 1, wrk at real-time priority
+where permitted (root) and PostgreSQL at idle priority: it takes what wrk leaves, and the
+writer catches up after each run (common.load_generator says why). wrk walks a list of
 many distinct valid tokens (a Lua script), so every request is a real, distinct
 event. Afterwards the events in PostgreSQL are counted and compared with the
 requests wrk completed.
@@ -54,9 +55,11 @@ from common import (
     SERVER_CORE,
     Database,
     free_port,
+    load_generator,
     ms,
     or_exit,
     pin,
+    real_time_permitted,
     require,
     start_nginx,
     start_tracker,
@@ -106,6 +109,7 @@ class Result:
     errors: int
     wrk_cpu: float  # share of one core wrk used
     server_cpu_s: float = 0.0  # CPU seconds the server's processes used during the run
+    database_cpu: float = 0.0  # share of one core PostgreSQL used during the run
 
     @property
     def per_cpu_second(self) -> float:
@@ -115,8 +119,9 @@ class Result:
 
 
 def run_wrk(name: str, url: str, args: argparse.Namespace, server_pid: int,
-            script: Path | None = None, script_args: list[str] | None = None) -> Result:
-    command = ["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{args.connections}",
+            script: Path | None = None, script_args: list[str] | None = None,
+            db: Database | None = None) -> Result:
+    command = [*load_generator(), "wrk", "-t1", f"-c{args.connections}",
                f"-d{args.duration}s", "--latency"]
     if script is not None:
         command += ["-s", str(script), url, "--", *(script_args or [])]
@@ -124,8 +129,10 @@ def run_wrk(name: str, url: str, args: argparse.Namespace, server_pid: int,
         command.append(url)
     before = os.times()
     server_before = tree_cpu_seconds(server_pid)
+    database_before = db.cpu_seconds() if db else 0.0
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     server_cpu = tree_cpu_seconds(server_pid) - server_before
+    database_cpu = db.cpu_seconds() - database_before if db else 0.0
     after = os.times()
     cpu = (after.children_user - before.children_user
            + after.children_system - before.children_system)
@@ -136,7 +143,7 @@ def run_wrk(name: str, url: str, args: argparse.Namespace, server_pid: int,
     latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.MULTILINE))
     return Result(name, requests, float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
                   ms(latency["50"]), ms(latency["99"]), errors, cpu / args.duration,
-                  server_cpu)
+                  server_cpu, database_cpu / args.duration)
 
 
 async def _prepare(dsn: str, url: str, messages: int, links: int) -> tuple[list[str], list[str]]:
@@ -298,17 +305,18 @@ def measure(args: argparse.Namespace) -> None:
         # Interleaved, so a change in the machine's other load hits every endpoint alike.
         for _ in range(args.rounds):
             runs.setdefault("nginx static GIF", []).append(run_wrk(
-                "nginx static GIF", f"http://127.0.0.1:{nginx_port}/o/x.gif", args, nginx.pid))
+                "nginx static GIF", f"http://127.0.0.1:{nginx_port}/o/x.gif", args, nginx.pid,
+                db=db))
             with BusyDatabase(db):
                 runs.setdefault(BUSY, []).append(run_wrk(
-                    BUSY, f"http://127.0.0.1:{nginx_port}/o/x.gif", args, nginx.pid))
+                    BUSY, f"http://127.0.0.1:{nginx_port}/o/x.gif", args, nginx.pid, db=db))
             for server_name, (server, url) in trackers.items():
                 for endpoint, kind in (("pixel", "open"), ("click", "click")):
                     name = f"{server_name} {endpoint}"
                     before = settle(dsn, kind)
                     result = run_wrk(name, url, args, server.pid, script, [
                         str(workdir / f"{server_name}-{endpoint}s.txt"),
-                        str(workdir / "uas.txt")])
+                        str(workdir / "uas.txt")], db=db)
                     runs.setdefault(name, []).append(result)
                     landed = settle(dsn, kind, before + result.requests) - before
                     checks.append((name, result.requests, landed, result.requests <= landed
@@ -326,20 +334,24 @@ def measure(args: argparse.Namespace) -> None:
     reference = results["nginx static GIF"]
     busy = results[BUSY]
     goals = {"pixel": 0.5, "click": 0.45}
+    priority = ("real-time priority" if real_time_permitted() else
+                "normal priority (real time is not permitted: run as root for figures that "
+                "do not include wrk's wait for PostgreSQL)")
     print(f"\nwrk -t1 -c{args.connections} -d{args.duration}s, {args.rounds} interleaved rounds "
           f"(medians); the server under test pinned to core {SERVER_CORE}, wrk and PostgreSQL "
-          f"on core {LOAD_CORE}; {args.messages} pixel and {args.messages} click tokens "
-          f"(one link of {args.links} per message)\n")
+          f"on core {LOAD_CORE}, wrk at {priority}; {args.messages} pixel and {args.messages} "
+          f"click tokens (one link of {args.links} per message)\n")
     print(f"{'endpoint':<18} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} "
-          f"{'wrk cpu':>7} {'req/cpu-s':>9} {'x nginx':>8} {'x nginx/cpu':>11} {'goal':>9}")
+          f"{'wrk cpu':>7} {'PG cpu':>6} {'req/cpu-s':>9} {'x nginx':>8} {'x nginx/cpu':>11} "
+          f"{'goal':>9}")
     for r in results.values():
         ratio = r.rps / reference.rps
         cpu_ratio = r.per_cpu_second / reference.per_cpu_second
         goal = goals.get(r.name.rsplit(" ", 1)[-1])
         verdict = "" if goal is None else (f">={goal}" + (" ok" if ratio >= goal else " MISS"))
         print(f"{r.name:<18} {r.rps:>8.0f} {r.p50_ms:>7.2f} {r.p99_ms:>7.2f} {r.errors:>6} "
-              f"{r.wrk_cpu:>6.0%} {r.per_cpu_second:>9.0f} {ratio:>8.2f} {cpu_ratio:>11.2f} "
-              f"{verdict:>9}")
+              f"{r.wrk_cpu:>6.0%} {r.database_cpu:>5.0%} {r.per_cpu_second:>9.0f} "
+              f"{ratio:>8.2f} {cpu_ratio:>11.2f} {verdict:>9}")
     print(f"\nThe load generator's share: with PostgreSQL inserting on wrk's core, nginx answered "
           f"{busy.rps / reference.rps:.2f}x its req/s alone. Against that reference (the "
           "neighbour tracker's runs always have): "
