@@ -110,6 +110,7 @@ class Result:
     wrk_cpu: float  # share of one core wrk used
     server_cpu_s: float = 0.0  # CPU seconds the server's processes used during the run
     database_cpu: float = 0.0  # share of one core PostgreSQL used during the run
+    spilled: int = 0  # events the writer put in its journal during the run (behind PostgreSQL)
 
     @property
     def per_cpu_second(self) -> float:
@@ -194,6 +195,14 @@ async def _labels(dsn: str) -> dict[str, list[tuple[str, int]]]:
     for row in rows:
         labels.setdefault(row["type"], []).append((row["label"], row["count"]))
     return labels
+
+
+def _spilled(url: str) -> int:
+    """Events the server's writer has put in its journal so far: memory was full because
+    PostgreSQL did not keep up (each costs the server a write and a read back)."""
+    found = re.search(r"^tracker_journal_appended_events_total (\S+)$",
+                      httpx.get(f"{url}/metrics", timeout=10).text, re.MULTILINE)
+    return int(float(found.group(1))) if found else 0
 
 
 def settle(dsn: str, kind: str, at_least: int = 0, timeout: float = 60) -> int:
@@ -314,9 +323,11 @@ def measure(args: argparse.Namespace) -> None:
                 for endpoint, kind in (("pixel", "open"), ("click", "click")):
                     name = f"{server_name} {endpoint}"
                     before = settle(dsn, kind)
+                    spilled = _spilled(url)
                     result = run_wrk(name, url, args, server.pid, script, [
                         str(workdir / f"{server_name}-{endpoint}s.txt"),
                         str(workdir / "uas.txt")], db=db)
+                    result.spilled = _spilled(url) - spilled
                     runs.setdefault(name, []).append(result)
                     landed = settle(dsn, kind, before + result.requests) - before
                     checks.append((name, result.requests, landed, result.requests <= landed
@@ -342,15 +353,16 @@ def measure(args: argparse.Namespace) -> None:
           f"on core {LOAD_CORE}, wrk at {priority}; {args.messages} pixel and {args.messages} "
           f"click tokens (one link of {args.links} per message)\n")
     print(f"{'endpoint':<18} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} "
-          f"{'wrk cpu':>7} {'PG cpu':>6} {'req/cpu-s':>9} {'x nginx':>8} {'x nginx/cpu':>11} "
-          f"{'goal':>9}")
+          f"{'wrk cpu':>7} {'PG cpu':>6} {'spilled':>7} {'req/cpu-s':>9} {'x nginx':>8} "
+          f"{'x nginx/cpu':>11} {'goal':>9}")
     for r in results.values():
         ratio = r.rps / reference.rps
         cpu_ratio = r.per_cpu_second / reference.per_cpu_second
         goal = goals.get(r.name.rsplit(" ", 1)[-1])
         verdict = "" if goal is None else (f">={goal}" + (" ok" if ratio >= goal else " MISS"))
         print(f"{r.name:<18} {r.rps:>8.0f} {r.p50_ms:>7.2f} {r.p99_ms:>7.2f} {r.errors:>6} "
-              f"{r.wrk_cpu:>6.0%} {r.database_cpu:>5.0%} {r.per_cpu_second:>9.0f} "
+              f"{r.wrk_cpu:>6.0%} {r.database_cpu:>5.0%} {r.spilled / r.requests:>7.0%} "
+              f"{r.per_cpu_second:>9.0f} "
               f"{ratio:>8.2f} {cpu_ratio:>11.2f} {verdict:>9}")
     print(f"\nThe load generator's share: with PostgreSQL inserting on wrk's core, nginx answered "
           f"{busy.rps / reference.rps:.2f}x its req/s alone. Against that reference (the "
