@@ -339,7 +339,8 @@ class Database:
     def yield_to_load(self, core: str) -> None:
         """Moves PostgreSQL to the load generator's core, at idle priority (SCHED_IDLE), so
         that wrk, which sends the load and times the answers, should not queue behind it
-        (on this VM it still waits up to a few ms after a wake-up: benchmarks/README.md).
+        (on this VM it still waits up to a few ms after a wake-up unless it runs at
+        real-time priority: load_generator).
         The writer catches up with what PostgreSQL did not take at once (the hot path
         never waits for it), and every event is still counted afterwards. Backends
         forked later inherit both."""
