@@ -180,9 +180,9 @@ def load_generator(core: str = LOAD_CORE) -> list[str]:
 
     Why real time: PostgreSQL shares wrk's core, writing the events of the run at idle
     priority (Database.yield_to_load). On this machine's kernel (preempt=none) a waking
-    wrk still waited for it, often for milliseconds: nginx answered 0.52-0.64x its req/s
-    alone with PostgreSQL busy there, and 0.85-0.96x with wrk at real-time priority
-    (benchmarks/README.md). A real-time task takes the core the moment it wakes. The
+    wrk still waited for it, often for milliseconds: in load.py, nginx answered 0.52-0.64x
+    its req/s alone with PostgreSQL busy there, and 0.90-1.03x with wrk at real-time
+    priority (benchmarks/README.md). A real-time task takes the core the moment it wakes. The
     kernel keeps 5 % of each second for other tasks (sched_rt_runtime_us), and wrk blocks
     whenever it waits for answers, so PostgreSQL still gets the rest of the core. Only
     for one wrk process per core: two at the same real-time priority would not share."""

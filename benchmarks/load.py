@@ -361,7 +361,7 @@ def measure(args: argparse.Namespace) -> None:
         goal = goals.get(r.name.rsplit(" ", 1)[-1])
         verdict = "" if goal is None else (f">={goal}" + (" ok" if ratio >= goal else " MISS"))
         print(f"{r.name:<18} {r.rps:>8.0f} {r.p50_ms:>7.2f} {r.p99_ms:>7.2f} {r.errors:>6} "
-              f"{r.wrk_cpu:>6.0%} {r.database_cpu:>5.0%} {r.spilled / r.requests:>7.0%} "
+              f"{r.wrk_cpu:>6.0%} {r.database_cpu:>5.0%} {r.spilled / max(r.requests, 1):>7.0%} "
               f"{r.per_cpu_second:>9.0f} "
               f"{ratio:>8.2f} {cpu_ratio:>11.2f} {verdict:>9}")
     print(f"\nThe load generator's share: with PostgreSQL inserting on wrk's core, nginx answered "
