@@ -48,6 +48,8 @@ _OPEN_FIELDS = struct.Struct(">xxQQQIxq")
 _new_tuple = tuple.__new__
 _V1_IDS = struct.Struct(">BBQQQIB")
 _LINK = struct.Struct(">HQ")
+# _IDS and _LINK in one, without the header and key id: a ClickToken's numbers.
+_CLICK_FIELDS = struct.Struct(">xxQQQIBqHQ")
 _OPEN_LEN = _IDS.size + _MAC_LEN
 _CLICK_MIN_LEN = _IDS.size + _LINK.size + _MAC_LEN
 _V1_OPEN_LEN = _V1_IDS.size + _MAC_LEN
@@ -151,17 +153,18 @@ class Signer:
         if raw[0] == _CLICK_HEADER:
             if len(raw) < _CLICK_MIN_LEN:
                 return None
-            _, _, account_id, campaign_id, message_id, sent_at, flags, key = _IDS.unpack_from(raw)
-            ids_size = _IDS.size
-        else:
-            if len(raw) < _V1_CLICK_MIN_LEN:
-                return None
-            _, _, account_id, campaign_id, message_id, sent_at, flags = _V1_IDS.unpack_from(raw)
-            key, ids_size = 0, _V1_IDS.size
-        position, url_id = _LINK.unpack_from(raw, ids_size)
-        destination = raw[ids_size + _LINK.size:-_MAC_LEN]
+            # One unpack, straight into the tuple (as verify_open): ~0.5 µs of the redirect.
+            account_id, campaign_id, message_id, sent_at, flags, key, position, url_id = (
+                _CLICK_FIELDS.unpack_from(raw))
+            return _new_tuple(ClickToken, (
+                account_id, campaign_id, message_id, sent_at, flags, position, url_id,
+                raw[_CLICK_FIELDS.size:-_MAC_LEN], key))
+        if len(raw) < _V1_CLICK_MIN_LEN:
+            return None
+        _, _, account_id, campaign_id, message_id, sent_at, flags = _V1_IDS.unpack_from(raw)
+        position, url_id = _LINK.unpack_from(raw, _V1_IDS.size)
         return ClickToken(account_id, campaign_id, message_id, sent_at, flags, position, url_id,
-                          destination, key)
+                          raw[_V1_IDS.size + _LINK.size:-_MAC_LEN])
 
     def _seal(self, body: bytes) -> str:
         mac = self._signing_key.digest(body)[:_MAC_LEN]
