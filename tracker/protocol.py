@@ -22,6 +22,7 @@ costly in a VM) was 17 % of the server's CPU on the redirect here.
 It also bounds what one request may make the server hold, which uvicorn leaves
 open with httptools: a request target longer than 8 KiB is refused with 414, more
 than 128 header fields or 256 KiB of them with 431 (a 100 KB user agent still passes).
+A refused connection lingers before it closes (`_linger`), so the client reads the answer.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ _CLOSE = b"\r\nconnection: close\r\n\r\n"
 MAX_TARGET_BYTES = 8 * 1024
 MAX_HEADER_FIELDS = 128
 MAX_HEADER_BYTES = 256 * 1024
+# After a refusal, how long the rest of the request is read and dropped (_linger).
+LINGER_S = 2.0
 
 
 class _Refused(Exception):
@@ -103,9 +106,12 @@ class TrackingHttpProtocol(HttpToolsProtocol):
         self._idle_timer: asyncio.TimerHandle | None = None
         self._header_bytes = 0
         self._refusal: HTTPStatus | None = None
+        self._lingering = False
 
     def data_received(self, data: bytes) -> None:
         # uvicorn's, with one more outcome: a request refused for its size.
+        if self._lingering:
+            return  # the rest of a refused request: dropped
         self._unset_keepalive_if_required()
         try:
             self.parser.feed_data(data)
@@ -129,7 +135,23 @@ class TrackingHttpProtocol(HttpToolsProtocol):
             b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n"
             b"content-length: %d\r\nconnection: close\r\n\r\n%s"
             % (status, status.phrase.encode(), len(body), body))
-        self.transport.close()
+        self._linger()
+
+    def _linger(self) -> None:
+        """Closes after a refusal without losing the answer (nginx's lingering close).
+        Closed with the rest of the request unread, the connection is reset, and a client
+        still sending it may never read the answer. So: the answer, then our end of the
+        stream; what still comes is read and dropped, until the client closes its end or
+        LINGER_S have passed."""
+        self._lingering = True
+        transport = self.transport
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        if self.flow.read_paused:
+            self.flow.resume_reading()
+        self.loop.call_later(LINGER_S, transport.close)
 
     def on_url(self, url: bytes) -> None:
         self.url += url
