@@ -50,13 +50,16 @@ class InvalidAddress(ValueError):
 
 
 def check_address(value: str) -> str:
-    value = value.strip()
-    if not value:
-        raise InvalidAddress("address: must not be empty")
+    """The address as given, without the white space around it. Checked before that is
+    taken off: str.strip() also takes control characters \x1c-\x1f for white space, and
+    an address with those at its end must be refused, not quietly become another one."""
     if len(value) > MAX_ADDRESS_CHARS:
         raise InvalidAddress(f"address: longer than {MAX_ADDRESS_CHARS} characters")
     if any(unicodedata.category(c) == "Cc" for c in value):
         raise InvalidAddress("address: contains a control character")
+    value = value.strip()
+    if not value:
+        raise InvalidAddress("address: must not be empty")
     return value
 
 
