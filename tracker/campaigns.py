@@ -29,7 +29,7 @@ def check_name(value: object) -> str:
         raise ValueError("name: must be a non-empty string")
     if any(unicodedata.category(c) == "Cc" for c in value):
         raise ValueError("name: contains a control character")
-    if len(value.strip()) > MAX_NAME_CHARS:
+    if len(value) > MAX_NAME_CHARS:  # as given, white space included (the OpenAPI's maxLength)
         raise ValueError(f"name: longer than {MAX_NAME_CHARS} characters")
     return value.strip()
 
