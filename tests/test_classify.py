@@ -540,6 +540,34 @@ def test_classify_runs_as_a_command_without_a_database(tmp_path: Path) -> None:
     assert not (tmp_path / "data").exists()
 
 
+def test_classify_jsonl_answers_every_line_in_order_and_flags_bad_ones(tmp_path: Path) -> None:
+    lines = [
+        {"user_agent": IOS_MAIL, "ip": "2620:149::1", "method": "GET", "kind": "open",
+         "seconds_after_send": None},
+        "not json",
+        {"user_agent": "curl/8.5.0", "ip": None, "method": "GET", "kind": "click",
+         "seconds_after_send": 3600},
+        {"user_agent": CHROME, "ip": "17.0.0", "kind": "open"},
+        {"user_agent": CHROME, "ip": "203.0.113.9", "method": "HEAD", "kind": "click",
+         "seconds_after_send": 3600.0},
+    ]
+    stdin = "".join((line if isinstance(line, str) else json.dumps(line)) + "\n"
+                    for line in lines)
+    result = subprocess.run(
+        [sys.executable, "-m", "tracker", "classify", "--jsonl"], input=stdin,
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "TRACKER_DATA_DIR": str(tmp_path / "data")}, cwd=tmp_path)
+    got = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(got) == len(lines)
+    assert (got[0]["machine"], got[0]["reason"]) == (True, "apple_mpp")
+    assert got[1] == {"error": got[1]["error"]} and got[1]["error"].startswith("line 2: ")
+    assert (got[2]["machine"], got[2]["reason"], got[2]["kind"]) == (True, "bot_ua", "click")
+    assert got[3]["error"] == "line 4: ip: '17.0.0' is not an IP address"
+    assert (got[4]["machine"], got[4]["reason"]) == (True, "head")
+    assert result.returncode == 1
+    assert "line 2:" in result.stderr and "line 4:" in result.stderr
+
+
 # --- against a real server --------------------------------------------------------------
 
 

@@ -232,39 +232,88 @@ def cmd_geoip_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    from tracker.addresses import canonical
     from tracker.classify import Classifier
     from tracker.rules import load_rules
-    from tracker.useragent import parse_agent
 
     settings = _settings(args)
-    client_ip = None
-    if args.ip is not None:
-        client_ip = canonical(args.ip.strip())
-        if client_ip is None:
-            raise CommandError(f"--ip: {args.ip!r} is not an IP address")
-    agent = parse_agent(args.user_agent)
     # A fresh classifier: no earlier clicks, so no burst; the rules the server would load.
-    result = Classifier(load_rules(settings.rules)).explain(
-        args.kind, args.method, args.user_agent, agent, client_ip, args.seconds_after_send)
-    fields = {"kind": result.kind, "machine": result.machine, "reason": result.reason,
-              "rule": result.rule, "recorded": result.recorded,
-              "location_recorded": result.location_recorded,
-              "rules_version": result.rules_version, "browser": agent.browser, "os": agent.os,
-              "device": agent.device}
+    classifier = Classifier(load_rules(settings.rules))
+    if args.jsonl:
+        return _classify_lines(classifier)
+    if args.user_agent is None:
+        raise CommandError("--user-agent is required (or --jsonl to read requests from stdin)")
+    try:
+        fields = _classified(classifier, {
+            "user_agent": args.user_agent, "ip": args.ip, "method": args.method,
+            "kind": args.kind, "seconds_after_send": args.seconds_after_send})
+    except ValueError as exc:  # only --ip can be wrong here: argparse checked the rest
+        raise CommandError(f"--{exc}") from None
     if args.json:
         sys.stdout.write(orjson.dumps(fields).decode() + "\n")
         return 0
-    who = "machine" if result.machine else "human"
-    print(f"{result.kind}: {who}" + (f" ({result.reason})" if result.reason else ""))
-    if not result.recorded:
+    who = "machine" if fields["machine"] else "human"
+    print(f"{fields['kind']}: {who}" + (f" ({fields['reason']})" if fields["reason"] else ""))
+    if not fields["recorded"]:
         print("recorded: no (a HEAD on the pixel records nothing)")
-    print(f"rule: {result.rule or 'no rule matched: a reader'}")
-    print(f"location: {'recorded as the policy allows' if result.location_recorded else 'none'}")
-    print(f"browser: {agent.browser or 'unknown'}; os: {agent.os or 'unknown'}; "
-          f"device: {agent.device}")
-    print(f"rules: {result.rules_version}")
+    print(f"rule: {fields['rule'] or 'no rule matched: a reader'}")
+    print(f"location: {'recorded as the policy allows' if fields['location_recorded'] else 'none'}")
+    print(f"browser: {fields['browser'] or 'unknown'}; os: {fields['os'] or 'unknown'}; "
+          f"device: {fields['device']}")
+    print(f"rules: {fields['rules_version']}")
     return 0
+
+
+def _classify_lines(classifier: Any) -> int:
+    """`classify --jsonl`: one request a line on stdin, one verdict a line on stdout, in
+    order. A line that is not a valid request gets `{"error": ...}` in its place (and a
+    note on stderr), so the output still lines up with the input."""
+    failed = 0
+    for number, line in enumerate(sys.stdin.buffer, 1):
+        try:
+            request = orjson.loads(line)
+            if not isinstance(request, dict):
+                raise ValueError("not a JSON object")
+            fields = _classified(classifier, request)
+        except (orjson.JSONDecodeError, ValueError) as exc:
+            failed += 1
+            print(f"tracker: line {number}: {exc}", file=sys.stderr)
+            fields = {"error": f"line {number}: {exc}"}
+        sys.stdout.write(orjson.dumps(fields).decode() + "\n")
+    return 1 if failed else 0
+
+
+def _classified(classifier: Any, request: dict[str, Any]) -> dict[str, Any]:
+    """How one request would be classified, as the fields of `classify --json`; a
+    ValueError names what is wrong with the request."""
+    from tracker.addresses import canonical
+    from tracker.useragent import parse_agent
+
+    user_agent = request.get("user_agent")
+    if not isinstance(user_agent, str):
+        raise ValueError("user_agent: must be a string (\"\" for none)")
+    ip = request.get("ip")
+    client_ip = None
+    if ip is not None:
+        client_ip = canonical(ip.strip()) if isinstance(ip, str) else None
+        if client_ip is None:
+            raise ValueError(f"ip: {ip!r} is not an IP address")
+    method = request.get("method", "GET")
+    if not isinstance(method, str) or method.upper() not in ("GET", "HEAD"):
+        raise ValueError(f"method: must be GET or HEAD, not {method!r}")
+    kind = request.get("kind", "open")
+    if kind not in ("open", "click"):
+        raise ValueError(f"kind: must be open or click, not {kind!r}")
+    after = request.get("seconds_after_send")
+    if after is not None and (isinstance(after, bool) or not isinstance(after, (int, float))):
+        raise ValueError(f"seconds_after_send: must be a number or null, not {after!r}")
+    agent = parse_agent(user_agent)
+    result = classifier.explain(kind, method.upper(), user_agent, agent, client_ip,
+                                None if after is None else float(after))
+    return {"kind": result.kind, "machine": result.machine, "reason": result.reason,
+            "rule": result.rule, "recorded": result.recorded,
+            "location_recorded": result.location_recorded,
+            "rules_version": result.rules_version, "browser": agent.browser, "os": agent.os,
+            "device": agent.device}
 
 
 def _api_flags(parser: argparse.ArgumentParser) -> None:
@@ -413,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     classify = commands.add_parser(
         "classify", help="show how a request would be classified (reader or machine, and why)")
-    classify.add_argument("--user-agent", required=True, metavar="UA",
+    classify.add_argument("--user-agent", metavar="UA",
                           help="the User-Agent header (\"\" for none)")
     classify.add_argument("--ip", metavar="IP", help="the client address")
     classify.add_argument("--method", choices=("GET", "HEAD"), default="GET",
@@ -423,6 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="when the hit came, in seconds after the message's sent_at "
                                "(default: a day later, so no timing rule applies)")
     classify.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    classify.add_argument("--jsonl", action="store_true",
+                          help="read requests as JSON lines on stdin ({\"user_agent\", \"ip\", "
+                          "\"method\", \"kind\", \"seconds_after_send\"}) and print one verdict "
+                          "a line, in order")
     _add_setting_flags(classify, ("rules",))
     classify.set_defaults(run=cmd_classify)
 
