@@ -67,7 +67,7 @@ where m.account_id = $1 and m.id = $2
 
 -- name: message-events
 select e.type, e.occurred_at, u.url, e.country, e.region, e.city, e.browser, e.os, e.device,
-       e.machine, e.reason
+       e.client, e.machine, e.reason
 from events e
 left join urls u on u.account_id = e.account_id and u.id = e.url_id
 where e.account_id = $1 and e.message_id = $2
@@ -83,7 +83,9 @@ select
     coalesce(sum(clicks), 0)::bigint as clicks,
     coalesce(sum(machine_clicks), 0)::bigint as machine_clicks,
     coalesce(sum(opened), 0)::bigint as unique_opens,
-    coalesce(sum(clicked), 0)::bigint as unique_clicks
+    coalesce(sum(clicked), 0)::bigint as unique_clicks,
+    coalesce(sum(mpp), 0)::bigint as mpp,
+    coalesce(sum(mpp_opened), 0)::bigint as mpp_opened
 from rollup_campaign
 where account_id = $1 and campaign_id = $2;
 
@@ -118,16 +120,19 @@ having sum(opens) + sum(clicks) > 0
 order by 1;
 
 -- name: report-breakdown
-select type, dimension, value as key, humans as n
+-- Human events by dimension value; for the `reason` dimension, machine events by reason.
+select type, dimension, value as key,
+       case when dimension = 'reason' then machines else humans end as n
 from rollup_dimension
-where account_id = $1 and campaign_id = $2 and humans > 0
+where account_id = $1 and campaign_id = $2
+  and case when dimension = 'reason' then machines else humans end > 0
 order by type, dimension, n desc, key;
 
 -- name: export-events
 -- Streamed through a cursor in the order stored; only what is stored (there is no
 -- user-agent column to leak). The address keeps its prefix when it was truncated.
 select e.id, e.type, e.occurred_at, e.message_id, m.recipient, e.link_position, u.url,
-       e.machine, e.reason, e.country, e.region, e.city, e.browser, e.os, e.device,
+       e.machine, e.reason, e.country, e.region, e.city, e.browser, e.os, e.device, e.client,
        abbrev(e.ip) as ip
 from events e
 left join messages m on m.account_id = e.account_id and m.id = e.message_id

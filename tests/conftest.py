@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import shutil
+import tempfile
 from collections.abc import Iterator
 
 import asyncpg
@@ -16,6 +18,25 @@ from tracker.migrations import migrate
 from .support import Server
 
 TEMPLATE = "tracker_template"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A temporary directory of this run's own, outside pytest-of-<user>/: as root, the
+    embedded PostgreSQL runs as a system user that must traverse its data dir's parents,
+    and every pytest session that starts resets pytest-of-<user>/ to mode 0700, which
+    would cut off the PostgreSQL of a run going on beside it."""
+    if config.option.basetemp is None and not hasattr(config, "workerinput"):
+        config.option.basetemp = tempfile.mkdtemp(prefix="tracker-tests-")
+        config.stash[_OWN_BASETEMP] = config.option.basetemp
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    own = config.stash.get(_OWN_BASETEMP, None)
+    if own is not None:
+        shutil.rmtree(own, ignore_errors=True)
+
+
+_OWN_BASETEMP = pytest.StashKey[str]()
 # Durability is not under test here, speed is: let the test server skip fsyncs.
 _FAST = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
 _names = itertools.count()

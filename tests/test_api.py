@@ -35,8 +35,8 @@ SHARED = "https://example.com/shared?utm_source=mail&x=%20#top"
 ONLY_M1 = "https://example.com/only"
 NEVER = "https://example.org/never-clicked"
 EVENT_FIELDS = {"type", "at", "url", "country", "region", "city", "browser", "os", "device",
-                "machine", "reason"}
-DIMENSIONS = {"country", "region", "browser", "os", "device"}
+                "client", "machine", "reason"}
+DIMENSIONS = {"country", "region", "browser", "os", "device", "client"}
 # What a reverse proxy in front of the server would be reached at; the trailing slash is dropped.
 PUBLIC_URL = "https://track.example.com/t"
 
@@ -651,8 +651,10 @@ def test_report_counts_messages_opens_and_clicks(scenario: dict[str, Any]) -> No
     result = scenario["report"]
     assert result["campaign_id"] == scenario["campaign"]
     assert result["messages"] == 6
-    assert result["opens"] == {"total": 4, "unique": 4, "machine": 1}
-    assert result["clicks"] == {"total": 4, "unique": 3, "machine": 2}
+    assert result["opens"] == {"total": 4, "unique": 4, "machine": 1,
+                              "machine_by_reason": {"bot_ua": 1}}
+    assert result["clicks"] == {"total": 4, "unique": 3, "machine": 2,
+                               "machine_by_reason": {"bot_ua": 1, "head": 1}}
 
 
 def test_report_rates_divide_unique_counts(scenario: dict[str, Any]) -> None:
@@ -667,7 +669,8 @@ def test_report_rates_divide_unique_counts(scenario: dict[str, Any]) -> None:
 def test_report_has_every_contract_key(scenario: dict[str, Any]) -> None:
     assert set(scenario["report"]) == {
         "campaign_id", "messages", "opens", "clicks", "open_rate", "click_rate",
-        "click_to_open_rate", "links", "timeline", "breakdown"}
+        "click_to_open_rate", "links", "timeline", "breakdown", "estimated_open_rate",
+        "estimate_method"}
 
 
 def test_report_links_are_grouped_by_url(scenario: dict[str, Any]) -> None:
@@ -770,10 +773,15 @@ def test_message_activity_lists_each_event_with_its_fields(
                "browser": "Chrome", "os": "Windows", "device": "desktop"}
     strip = [{k: v for k, v in e.items() if k != "at"} for e in events]
     assert sorted(strip, key=repr) == sorted([
-        {"type": "open", "url": None, "machine": False, "reason": None, **located},
-        {"type": "open", "url": None, "machine": False, "reason": None, **located},
-        {"type": "click", "url": SHARED, "machine": False, "reason": None, **located},
-        {"type": "click", "url": SHARED, "machine": True, "reason": "head", **located},
+        # A browser opening the pixel is webmail; a click says nothing of the mail client.
+        {"type": "open", "url": None, "machine": False, "reason": None, "client": "webmail",
+         **located},
+        {"type": "open", "url": None, "machine": False, "reason": None, "client": "webmail",
+         **located},
+        {"type": "click", "url": SHARED, "machine": False, "reason": None, "client": None,
+         **located},
+        {"type": "click", "url": SHARED, "machine": True, "reason": "head", "client": None,
+         **located},
     ], key=repr)
 
 
@@ -806,8 +814,8 @@ def test_a_message_with_only_a_click_counts_as_opened(
     register(api, cid, [SHARED])
     click(public, server, message)
     result = settled_report(api, cid, 1)
-    assert result["opens"] == {"total": 0, "unique": 1, "machine": 0}
-    assert result["clicks"] == {"total": 1, "unique": 1, "machine": 0}
+    assert result["opens"] == {"total": 0, "unique": 1, "machine": 0, "machine_by_reason": {}}
+    assert result["clicks"] == {"total": 1, "unique": 1, "machine": 0, "machine_by_reason": {}}
     assert result["open_rate"] == pytest.approx(0.5)
     assert result["click_rate"] == pytest.approx(0.5)
     assert result["click_to_open_rate"] == pytest.approx(1.0)
@@ -819,8 +827,8 @@ def test_report_without_hits_is_all_zero(api: httpx.Client) -> None:
     register(api, cid, [SHARED])
     result = report(api, cid)
     assert result["messages"] == 2
-    assert result["opens"] == {"total": 0, "unique": 0, "machine": 0}
-    assert result["clicks"] == {"total": 0, "unique": 0, "machine": 0}
+    assert result["opens"] == {"total": 0, "unique": 0, "machine": 0, "machine_by_reason": {}}
+    assert result["clicks"] == {"total": 0, "unique": 0, "machine": 0, "machine_by_reason": {}}
     assert (result["open_rate"], result["click_rate"], result["click_to_open_rate"]) == (
         0.0, 0.0, 0.0)
     assert sorted((x["url"], x["clicks"], x["unique_clicks"]) for x in result["links"]) == [
@@ -845,8 +853,10 @@ def test_click_to_open_rate_is_zero_when_only_machines_opened(
     open_pixel(public, server, message, agent=GOOGLEBOT)
     click(public, server, message, method="HEAD")
     result = settled_report(api, cid, 2)
-    assert result["opens"] == {"total": 0, "unique": 0, "machine": 1}
-    assert result["clicks"] == {"total": 0, "unique": 0, "machine": 1}
+    assert result["opens"] == {"total": 0, "unique": 0, "machine": 1,
+                              "machine_by_reason": {"bot_ua": 1}}
+    assert result["clicks"] == {"total": 0, "unique": 0, "machine": 1,
+                               "machine_by_reason": {"head": 1}}
     assert (result["open_rate"], result["click_rate"], result["click_to_open_rate"]) == (
         0.0, 0.0, 0.0)
     assert result["timeline"] == []
@@ -947,8 +957,9 @@ def test_lists_show_only_the_accounts_own_campaigns(tenants: dict[str, Any]) -> 
 def test_reports_count_only_the_accounts_own_hits(tenants: dict[str, Any]) -> None:
     a_report = report(tenants["a"], tenants["a_campaign"]["id"])
     assert a_report["messages"] == 1
-    assert a_report["opens"] == {"total": 1, "unique": 1, "machine": 0}
-    assert a_report["clicks"] == {"total": 0, "unique": 0, "machine": 0}
+    assert a_report["opens"] == {"total": 1, "unique": 1, "machine": 0, "machine_by_reason": {}}
+    assert a_report["clicks"] == {"total": 0, "unique": 0, "machine": 0,
+                                 "machine_by_reason": {}}
     assert a_report["links"] == [{"url": SHARED, "clicks": 0, "unique_clicks": 0}]
     b_report = report(tenants["b"], tenants["b_campaign"]["id"])
     assert b_report["opens"]["total"] == 3 and b_report["clicks"]["total"] == 3

@@ -124,7 +124,7 @@ def test_the_report_reads_the_timeline_in_the_zone_asked_for(client: Client) -> 
     assert report is not None
     assert report["campaign_id"] == campaign.id
     assert report["messages"] == 1
-    assert report["opens"] == {"total": 1, "unique": 1, "machine": 0}
+    assert report["opens"] == {"total": 1, "unique": 1, "machine": 0, "machine_by_reason": {}}
     assert report["open_rate"] == 1.0
     assert report["timeline"][0]["at"].endswith("+00:00")
     india = client.report(campaign.id, tz="Asia/Kolkata")

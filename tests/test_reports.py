@@ -45,6 +45,7 @@ REGIONS = ("Hesse", "England", "Bagmati", None)
 BROWSERS = ("Chrome", "Firefox", "Safari", "Outlook", None)
 SYSTEMS = ("Windows", "iOS", "Mac OS X", "Android", None)
 DEVICES = ("desktop", "mobile", "tablet", None)
+CLIENTS = ("Apple Mail", "Gmail", "Outlook", "webmail", "other", None)
 
 
 def micros(at: datetime) -> int:
@@ -85,7 +86,7 @@ def event(c: Campaign, message: int, kind: str, at_us: int, *, url: int | None =
                  url_id=(url if url is not None else next(iter(c.urls))) if click else None,
                  machine=machine, reason=reason, country=rng.choice(COUNTRIES),
                  region=rng.choice(REGIONS), city=None, browser=rng.choice(BROWSERS),
-                 os=rng.choice(SYSTEMS), device=rng.choice(DEVICES))
+                 os=rng.choice(SYSTEMS), device=rng.choice(DEVICES), client=rng.choice(CLIENTS))
 
 
 # --- the oracle ------------------------------------------------------------------------
@@ -125,14 +126,38 @@ def expected_report(c: Campaign, rows: list[asyncpg.Record], messages: int,
             counts = breakdown["opens" if r["type"] == OPEN else "clicks"][dim]
             key = r[dim] if r[dim] is not None else "unknown"
             counts[key] = counts.get(key, 0) + 1
+    by_reason: dict[str, Counter[str]] = {OPEN: Counter(), CLICK: Counter()}
+    for r in rows:
+        if r["machine"]:
+            by_reason[r["type"]][r["reason"]] += 1
+    # The MPP-adjusted estimate, from its definition (README): messages opened by a reader,
+    # plus those only MPP prefetched at the open rate of the ones it did not prefetch.
+    opened = {r["message_id"] for r in human}
+    prefetched = {r["message_id"] for r in rows
+                  if r["type"] == OPEN and r["machine"] and r["reason"] == "apple_mpp"}
+    estimate: float | None
+    if not messages:
+        estimate = None
+    elif not prefetched:
+        estimate = rate(unique_opens, messages)
+    elif len(prefetched) == messages:
+        estimate = None
+    else:
+        seen_rate = len(opened - prefetched) / (messages - len(prefetched))
+        estimate = round(min(1.0, (len(opened) + seen_rate * len(prefetched - opened))
+                             / messages), 6)
     return {
         "campaign_id": str(c.campaign_id),
         "messages": messages,
         "opens": {"total": len(opens), "unique": unique_opens,
-                  "machine": sum(1 for r in rows if r["machine"] and r["type"] == OPEN)},
+                  "machine": sum(1 for r in rows if r["machine"] and r["type"] == OPEN),
+                  "machine_by_reason": dict(by_reason[OPEN])},
         "clicks": {"total": len(clicks), "unique": unique_clicks,
-                   "machine": sum(1 for r in rows if r["machine"] and r["type"] == CLICK)},
+                   "machine": sum(1 for r in rows if r["machine"] and r["type"] == CLICK),
+                   "machine_by_reason": dict(by_reason[CLICK])},
         "open_rate": rate(unique_opens, messages),
+        "estimated_open_rate": estimate,
+        "estimate_method": reports.ESTIMATE_METHOD,
         "click_rate": rate(unique_clicks, messages),
         "click_to_open_rate": rate(unique_clicks, unique_opens),
         "links": links,
@@ -385,8 +410,8 @@ async def test_a_click_alone_makes_the_message_opened(
     await write(writers[0], [event(c, c.messages[0], CLICK, at)])
     await write(writers[0], [event(c, c.messages[0], OPEN, at + 1)])  # not a new unique
     report = await assert_report_is_recomputation(db, c)
-    assert report["opens"] == {"total": 1, "unique": 1, "machine": 0}
-    assert report["clicks"] == {"total": 1, "unique": 1, "machine": 0}
+    assert report["opens"] == {"total": 1, "unique": 1, "machine": 0, "machine_by_reason": {}}
+    assert report["clicks"] == {"total": 1, "unique": 1, "machine": 0, "machine_by_reason": {}}
 
 
 # --- re-labelling -------------------------------------------------------------------------
@@ -406,7 +431,7 @@ async def test_a_honeypot_hit_makes_the_messages_clicks_around_it_machine(
     # Half before the hit is stored, half after, by two writers.
     await write(writers[0], [clicks[-window - 1], clicks[-window], clicks[-1], opened, elsewhere])
     before = await assert_report_is_recomputation(db, c)
-    assert before["clicks"] == {"total": 4, "unique": 2, "machine": 0}
+    assert before["clicks"] == {"total": 4, "unique": 2, "machine": 0, "machine_by_reason": {}}
     await write(writers[1], [event(c, message, CLICK, hit, url=HONEYPOT_URL_ID, machine=True,
                                    reason="honeypot", position=HONEYPOT_POSITION)])
     await write(writers[0], [clicks[1], clicks[window], clicks[window + 1]])
@@ -417,7 +442,8 @@ async def test_a_honeypot_hit_makes_the_messages_clicks_around_it_machine(
     assert labels[opened.id] == (False, None)  # opens are not re-labelled
     assert labels[elsewhere.id] == (False, None)  # another message
     after = await assert_report_is_recomputation(db, c, ZONES)
-    assert after["clicks"] == {"total": 3, "unique": 2, "machine": 5}
+    assert after["clicks"] == {"total": 3, "unique": 2, "machine": 5,
+                              "machine_by_reason": {"honeypot": 5}}
     assert sum(w.stats.relabelled for w in writers) == 4
 
 
@@ -431,14 +457,16 @@ async def test_relabelling_the_last_human_click_takes_the_unique_counts_back(
     await write(writers[0], [event(c, message, CLICK, at + 1, url=url, machine=True,
                                    reason="burst")])
     report = await assert_report_is_recomputation(db, c, ZONES)
-    assert report["opens"] == {"total": 0, "unique": 0, "machine": 0}
-    assert report["clicks"] == {"total": 0, "unique": 0, "machine": 2}
+    assert report["opens"] == {"total": 0, "unique": 0, "machine": 0, "machine_by_reason": {}}
+    assert report["clicks"] == {"total": 0, "unique": 0, "machine": 2,
+                                "machine_by_reason": {"burst": 2}}
     assert report["links"] == [{"url": c.urls[url], "clicks": 0, "unique_clicks": 0}]
     assert report["timeline"] == []
     # A reader's click later on counts again.
     await write(writers[1], [event(c, message, CLICK, at + 3_600_000_000, url=url)])
     report = await assert_report_is_recomputation(db, c, ZONES)
-    assert report["clicks"] == {"total": 1, "unique": 1, "machine": 2}
+    assert report["clicks"] == {"total": 1, "unique": 1, "machine": 2,
+                                "machine_by_reason": {"burst": 2}}
 
 
 async def test_clicks_labelled_honeypot_after_a_hit_do_not_extend_its_window(

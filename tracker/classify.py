@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 from crawlerdetect import CrawlerDetect
 
-from tracker.rules import Rules
+from tracker.rules import AddressRanges, Rules
 from tracker.tokens import FLAG_HONEYPOT, ClickToken, OpenToken
 from tracker.useragent import Agent
 
@@ -61,9 +61,10 @@ BURST = Verdict(True, "burst")
 SCANNER = Verdict(True, "scanner_ua")
 BOT = Verdict(True, "bot_ua")
 EMPTY = Verdict(True, "empty_ua")
+SCANNER_NETWORK = Verdict(True, "scanner_network")
 # Every reason an event can carry (None: a plain human hit).
 REASONS = tuple(v.reason for v in (PROXIED, HEAD, HONEYPOT, APPLE_MPP, TOO_SOON, BURST,
-                                   SCANNER, BOT, EMPTY) if v.reason)
+                                   SCANNER, BOT, EMPTY, SCANNER_NETWORK) if v.reason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +74,10 @@ class AgentClass:
     open: Verdict
     click: Verdict
     apple_mail: bool = False  # Apple Mail's WebKit agent: an open may be MPP's prefetch
+    browser: bool = False  # a browser's agent, not a mail client's: scanners pose as one
     rule: str | None = None  # the pattern (or crawlerdetect match) that decided
+    client_open: str | None = None  # the mail client an open with this agent comes from
+    client_click: str | None = None  # ... a click (a browser says nothing of the mail client)
 
 
 class Relabel(NamedTuple):
@@ -115,6 +119,8 @@ class Explanation:
     recorded: bool
     location_recorded: bool
     rules_version: str
+    client: str | None = None
+    address_list: str | None = None  # the address list that decided, if one did
 
 
 class Classifier:
@@ -135,6 +141,8 @@ class Classifier:
         self._recent_old: dict[tuple[int, int], _Recent] = {}
         self._agents: dict[str, AgentClass] = {}
         self._apple_addresses: dict[str, bool] = {}
+        self._scanner_addresses: dict[str, bool] = {}
+        self._scanner_us = timing.scanner_network_seconds * _US
         self._on_relabel = on_relabel
         self._crawlers: CrawlerDetect | None = None
         if rules.crawlerdetect:
@@ -154,26 +162,57 @@ class Classifier:
         return known
 
     def _classify_agent(self, text: str, agent: Agent) -> AgentClass:
+        verdicts, rule, apple_mail = self._agent_verdicts(text, agent)
+        open_, click = verdicts
+        named = self._client(text)
+        browser = (not open_.machine and not open_.proxied and rule is None
+                   and agent.browser is not None)
+        if open_.machine and open_ is not APPLE_MPP:  # a bot naming a mail client is a bot
+            clients = (None, None)
+        elif named is not None:
+            clients = (named, named)
+        elif rule is not None:  # a mail client's own agent that no [client] list names
+            clients = ("other", "other")
+        else:  # a browser opening the pixel is webmail; a click says nothing of the client
+            clients = ("webmail" if agent.browser is not None else "other", None)
+        return AgentClass(open_, click, apple_mail=apple_mail, browser=browser, rule=rule,
+                          client_open=clients[0], client_click=clients[1])
+
+    def _agent_verdicts(self, text: str, agent: Agent
+                        ) -> tuple[tuple[Verdict, Verdict], str | None, bool]:
+        """(open and click verdicts, the rule that decided, whether it is Apple Mail's)."""
         rules = self.rules
         if not text:
-            return AgentClass(EMPTY, EMPTY, rule="empty user agent")
-        if rule := rules.image_proxy.first(text):
-            return AgentClass(PROXIED, PROXIED, rule=rule)
+            return (EMPTY, EMPTY), "empty user agent", False
+        if rule := rules.apple_bare.first(text):
+            return (APPLE_MPP, EMPTY), rule, False
+        if rule := rules.near_empty.first(text):
+            return (EMPTY, EMPTY), rule, False
         if rule := rules.scanner.first(text):
-            return AgentClass(SCANNER, SCANNER, rule=rule)
-        if rule := rules.mail_client_fetch.first(text):
-            return AgentClass(HUMAN, SCANNER, rule=rule)
-        if rule := rules.apple_mail.first(text):
-            return AgentClass(HUMAN, HUMAN, apple_mail=True, rule=rule)
-        if rule := rules.mail_client.first(text):
-            return AgentClass(HUMAN, HUMAN, rule=rule)
+            return (SCANNER, SCANNER), rule, False
         if rule := rules.bot.first(text):
-            return AgentClass(BOT, BOT, rule=rule)
+            return (BOT, BOT), rule, False
+        if rule := rules.image_proxy.first(text):
+            return (PROXIED, PROXIED), rule, False
+        if rule := rules.bot_contact.first(text):
+            return (BOT, BOT), rule, False
+        if rule := rules.mail_client_fetch.first(text):
+            return (HUMAN, SCANNER), rule, False
+        if rule := rules.apple_mail.first(text):
+            return (HUMAN, HUMAN), rule, True
+        if rule := rules.mail_client.first(text):
+            return (HUMAN, HUMAN), rule, False
         if agent.device == "bot":
-            return AgentClass(BOT, BOT, rule=f"ua-parser: {agent.browser or 'bot'}")
+            return (BOT, BOT), f"ua-parser: {agent.browser or 'bot'}", False
         if self._crawlers is not None and self._crawlers.is_crawler(text):
-            return AgentClass(BOT, BOT, rule=f"crawlerdetect: {self._crawlers.get_matches()}")
-        return AgentClass(HUMAN, HUMAN)
+            return (BOT, BOT), f"crawlerdetect: {self._crawlers.get_matches()}", False
+        return (HUMAN, HUMAN), None, False
+
+    def _client(self, text: str) -> str | None:
+        for name, patterns in self.rules.clients:
+            if patterns.first(text):
+                return name
+        return None
 
     # --- what the hit says (every hit) ------------------------------------------------
 
@@ -183,9 +222,14 @@ class Classifier:
                 -self._apple_mpp_us < at_us - token.sent_at * _US < self._apple_mpp_us
                 or (client_ip is not None and self.is_apple_proxy(client_ip))):
             return APPLE_MPP
+        if (agent.browser and client_ip is not None
+                and -self._scanner_us < at_us - token.sent_at * _US < self._scanner_us
+                and self.is_scanner_network(client_ip)):
+            return SCANNER_NETWORK
         return agent.open
 
-    def click(self, agent: AgentClass, method: str, token: ClickToken, at_us: int) -> Verdict:
+    def click(self, agent: AgentClass, method: str, token: ClickToken, at_us: int,
+              client_ip: str | None = None) -> Verdict:
         if token.flags & FLAG_HONEYPOT:
             self._honeypot_hit(token, at_us)
             return HONEYPOT
@@ -194,8 +238,12 @@ class Classifier:
         verdict = agent.click
         if verdict.machine:
             return verdict
-        if -self._too_soon_us < at_us - token.sent_at * _US < self._too_soon_us:
+        after = at_us - token.sent_at * _US
+        if -self._too_soon_us < after < self._too_soon_us:
             return TOO_SOON
+        if (agent.browser and client_ip is not None and -self._scanner_us < after < self._scanner_us
+                and self.is_scanner_network(client_ip)):
+            return SCANNER_NETWORK
         # The message's recent clicks: the honeypot window, then bursts.
         recent = self._remembered(token)
         if at_us <= recent.honeypot_until:
@@ -221,13 +269,10 @@ class Classifier:
         return verdict
 
     def is_apple_proxy(self, client_ip: str) -> bool:
-        known = self._apple_addresses.get(client_ip)
-        if known is None:
-            known = client_ip in self.rules.apple_ranges
-            if len(self._apple_addresses) >= _MAX_CACHED:
-                self._apple_addresses.clear()
-            self._apple_addresses[client_ip] = known
-        return known
+        return _cached_membership(self._apple_addresses, self.rules.apple_ranges, client_ip)
+
+    def is_scanner_network(self, client_ip: str) -> bool:
+        return _cached_membership(self._scanner_addresses, self.rules.scanner_ranges, client_ip)
 
     def _remembered(self, token: ClickToken) -> _Recent:
         """The message's recent clicks. Two generations of dicts make a cheap LRU: a
@@ -274,14 +319,22 @@ class Classifier:
                        self.open(agent_class, client_ip, OpenToken(0, 0, 0, sent_at), at_us))
         else:
             token = ClickToken(0, 0, 0, sent_at, FLAG_HONEYPOT if honeypot else 0, 0, 0, b"")
-            verdict = self.click(agent_class, method, token, at_us)
+            verdict = self.click(agent_class, method, token, at_us, client_ip)
+        address_list = None
+        if client_ip is not None and (verdict is APPLE_MPP and agent_class.apple_mail
+                                      and self.is_apple_proxy(client_ip)):
+            address_list = "apple_mpp"
+        elif client_ip is not None and verdict is SCANNER_NETWORK:
+            address_list = "scanner"
         return Explanation(
             kind=kind, machine=verdict.machine, reason=verdict.reason,
             rule=self._rule(verdict, agent_class, client_ip, after),
             # The contract: a HEAD on the pixel records nothing.
             recorded=not (kind == "open" and method == "HEAD"),
             location_recorded=not verdict.proxied and client_ip is not None,
-            rules_version=self.rules.version)
+            rules_version=self.rules.version,
+            client=agent_class.client_open if kind == "open" else agent_class.client_click,
+            address_list=address_list)
 
     def _rule(self, verdict: Verdict, agent_class: AgentClass, client_ip: str | None,
               after: float) -> str | None:
@@ -292,9 +345,22 @@ class Classifier:
             return "hit on the message's honeypot link"
         if verdict is TOO_SOON:
             return f"clicked {after:g} s from sent_at (within {timing.too_soon_seconds} s)"
-        if verdict is APPLE_MPP:
+        if verdict is APPLE_MPP and agent_class.apple_mail:
             if client_ip is not None and self.is_apple_proxy(client_ip):
                 return f"Apple Mail's agent from an Apple proxy address ({client_ip})"
             return (f"Apple Mail's agent {after:g} s from sent_at "
                     f"(within {timing.apple_mpp_seconds} s)")
+        if verdict is SCANNER_NETWORK:
+            return (f"a browser's agent from a scanner network ({client_ip}) {after:g} s from "
+                    f"sent_at (within {timing.scanner_network_seconds} s)")
         return agent_class.rule
+
+
+def _cached_membership(cache: dict[str, bool], ranges: AddressRanges, client_ip: str) -> bool:
+    known = cache.get(client_ip)
+    if known is None:
+        known = client_ip in ranges
+        if len(cache) >= _MAX_CACHED:
+            cache.clear()  # spoofed or countless addresses must not grow memory without bound
+        cache[client_ip] = known
+    return known

@@ -34,7 +34,7 @@ log = logging.getLogger("tracker.export")
 
 CHUNK_ROWS = 2000
 COLUMNS = ("id", "type", "at", "message_id", "recipient", "url", "link_position", "machine",
-           "reason", "country", "region", "city", "browser", "os", "device", "ip")
+           "reason", "country", "region", "city", "browser", "os", "device", "ip", "client")
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def _values(row: asyncpg.Record) -> dict[str, Any]:
         "link_position": row["link_position"], "machine": row["machine"],
         "reason": row["reason"], "country": row["country"], "region": row["region"],
         "city": row["city"], "browser": row["browser"], "os": row["os"],
-        "device": row["device"], "ip": row["ip"]}
+        "device": row["device"], "ip": row["ip"], "client": row["client"]}
 
 
 def _jsonl(rows: list[asyncpg.Record]) -> bytes:

@@ -41,11 +41,25 @@ _MAX_CACHED = 16384
 # the move into `events` converts it exactly.
 EVENT_COLUMNS = (
     "account_id", "at_us", "id", "campaign_id", "message_id", "type", "link_position",
-    "url_id", "machine", "reason", "country", "region", "city", "browser", "os", "device", "ip",
+    "url_id", "machine", "reason", "country", "region", "city", "browser", "os", "device",
+    "client", "ip",
 )
 # A line for the writer, the UTC day (days since 1970) its partition is for, and
 # whether it is a machine's (for counting).
 EventRecord = tuple[str, int, bool]
+
+
+_LINE_TABS = len(EVENT_COLUMNS) - 1
+
+
+def current_line(line: str) -> str:
+    """A line from the journal in today's column layout: a line written before events had
+    a `client` column (one column fewer, `ip` last) gets a null client before its `ip`.
+    Tabs inside values are escaped in COPY text, so counting them counts columns."""
+    if line.count("\t") == _LINE_TABS - 1:
+        head, _, ip = line.rpartition("\t")
+        return f"{head}\t{_NULL}\t{ip}"
+    return line
 
 
 class DropReason(enum.StrEnum):
@@ -92,6 +106,7 @@ class Event:
     browser: str | None = None
     os: str | None = None
     device: str | None = None
+    client: str | None = None
     ip: str | None = None
 
     def line(self) -> str:
@@ -117,7 +132,8 @@ class Pipeline:
         self._parse_agent = parse_agent
         self._locate = locate
         self.classifier = classifier or Classifier(load_rules())
-        self._agents: dict[tuple[str, bool], tuple[str, AgentClass]] = {}
+        # (agent, policy.device) -> (the open's agent part, the click's, the agent's class)
+        self._agents: dict[tuple[str, bool], tuple[str, str, AgentClass]] = {}
         self._locations: dict[tuple[str, str], str] = {}
         self._addresses: dict[tuple[str, str], str] = {}
 
@@ -132,7 +148,7 @@ class Pipeline:
         policy, recording = self._policies.policy_for(token.account_id, token.campaign_id)
         if not recording:
             return DropReason.CAMPAIGN_DISABLED
-        agent_part, agent = self._agent_part(user_agent, policy.device)
+        agent_part, _, agent = self._agent_parts(user_agent, policy.device)
         verdict = self.classifier.open(agent, client_ip, token, at_us)
         return self._record(OPEN, token, _NULL, _NULL, policy, agent_part, verdict, client_ip,
                             at_us)
@@ -142,8 +158,8 @@ class Pipeline:
         policy, recording = self._policies.policy_for(token.account_id, token.campaign_id)
         if not recording:
             return DropReason.CAMPAIGN_DISABLED
-        agent_part, agent = self._agent_part(user_agent, policy.device)
-        verdict = self.classifier.click(agent, method, token, at_us)
+        _, agent_part, agent = self._agent_parts(user_agent, policy.device)
+        verdict = self.classifier.click(agent, method, token, at_us, client_ip)
         return self._record(CLICK, token, str(token.link_position), str(token.url_id), policy,
                             agent_part, verdict, client_ip, at_us)
 
@@ -161,16 +177,19 @@ class Pipeline:
                 f"{location_part}\t{agent_part}\t{address_part}\n", _DAYS.setdefault(day, day),
                 verdict.machine)
 
-    def _agent_part(self, user_agent: str, device: bool) -> tuple[str, AgentClass]:
+    def _agent_parts(self, user_agent: str, device: bool) -> tuple[str, str, AgentClass]:
+        """The browser, OS, device and mail-client columns of an open's line and of a
+        click's, and the agent's class; cached."""
         key = (user_agent, device)
-        part = self._agents.get(key)
-        if part is None:
+        parts = self._agents.get(key)
+        if parts is None:
             agent = self._parse_agent(user_agent)
-            fields = (agent.browser, agent.os, agent.device) if device else (None, None, None)
-            part = ("\t".join(copy_text(v) for v in fields),
-                    self.classifier.agent(user_agent, agent))
-            _bounded(self._agents)[key] = part
-        return part
+            agent_class = self.classifier.agent(user_agent, agent)
+            parts = (_agent_columns(agent, agent_class, agent_class.client_open, device),
+                     _agent_columns(agent, agent_class, agent_class.client_click, device),
+                     agent_class)
+            _bounded(self._agents)[key] = parts
+        return parts
 
     def _location_part(self, client_ip: str, mode: str) -> str:
         key = (client_ip, mode)
@@ -197,6 +216,17 @@ class Pipeline:
 
 
 _NO_LOCATION = "\t".join((_NULL,) * 3)
+
+
+def _agent_columns(agent: Agent, agent_class: AgentClass, client: str | None,
+                   device: bool) -> str:
+    """browser, os, device and client as COPY text. None of them without the policy's
+    device data; an image proxy's own agent says nothing of the reader's device."""
+    if not device:
+        return "\t".join((_NULL,) * 4)
+    if agent_class.open.proxied:
+        return f"{_NULL}\t{_NULL}\t{_NULL}\t{copy_text(client)}"
+    return "\t".join(copy_text(v) for v in (agent.browser, agent.os, agent.device, client))
 # One int object per day for every event of that day: 28 bytes less per event waiting
 # in memory (~280), where a backlog of them is what a worker's memory grows with.
 _DAYS: dict[int, int] = {}

@@ -27,7 +27,8 @@ _CREATE_STAGING = f"""
     create temp table if not exists {_STAGING} (
         account_id bigint, at_us bigint, id uuid, campaign_id bigint, message_id bigint,
         type text, link_position integer, url_id bigint, machine boolean, reason text,
-        country text, region text, city text, browser text, os text, device text, ip inet
+        country text, region text, city text, browser text, os text, device text,
+        client text, ip inet
     ) on commit delete rows"""
 # Per event, on a batch of thousands: map() over these is twice as fast as a comprehension.
 LINE, DAY = itemgetter(0), itemgetter(1)

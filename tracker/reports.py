@@ -20,7 +20,11 @@ import asyncpg
 
 from tracker.queries import QUERIES
 
-DIMENSIONS = ("country", "region", "browser", "os", "device")
+DIMENSIONS = ("country", "region", "browser", "os", "device", "client")
+ESTIMATE_METHOD = (
+    "mpp_adjusted: messages opened by a reader, plus the messages whose opens Apple Mail "
+    "Privacy Protection hides (an MPP prefetch, no reader's open or click) times the open "
+    "rate of the messages MPP did not prefetch; divided by messages. An estimate, not a count.")
 
 
 class UnknownTimeZone(ValueError):
@@ -52,9 +56,13 @@ async def campaign_report(conn: asyncpg.Connection, account_id: int, campaign_id
 
     breakdown: dict[str, dict[str, dict[str, int]]] = {
         kind: {dim: {} for dim in DIMENSIONS} for kind in ("opens", "clicks")}
+    by_reason: dict[str, dict[str, int]] = {"opens": {}, "clicks": {}}
     for row in breakdown_rows:
-        breakdown["opens" if row["type"] == "open" else "clicks"][row["dimension"]][row["key"]] = (
-            row["n"])
+        kind = "opens" if row["type"] == "open" else "clicks"
+        if row["dimension"] == "reason":
+            by_reason[kind][row["key"]] = row["n"]
+        else:
+            breakdown[kind][row["dimension"]][row["key"]] = row["n"]
 
     messages = totals["messages"]
     unique_opens, unique_clicks = totals["unique_opens"], totals["unique_clicks"]
@@ -62,10 +70,16 @@ async def campaign_report(conn: asyncpg.Connection, account_id: int, campaign_id
         "campaign_id": str(campaign_id),
         "messages": messages,
         "opens": {"total": totals["opens"], "unique": unique_opens,
-                  "machine": totals["machine_opens"]},
+                  "machine": totals["machine_opens"],
+                  "machine_by_reason": _summing_to(by_reason["opens"], totals["machine_opens"])},
         "clicks": {"total": totals["clicks"], "unique": unique_clicks,
-                   "machine": totals["machine_clicks"]},
+                   "machine": totals["machine_clicks"],
+                   "machine_by_reason": _summing_to(by_reason["clicks"],
+                                                    totals["machine_clicks"])},
         "open_rate": _rate(unique_opens, messages),
+        "estimated_open_rate": estimated_open_rate(messages, unique_opens, totals["mpp"],
+                                                   totals["mpp_opened"]),
+        "estimate_method": ESTIMATE_METHOD,
         "click_rate": _rate(unique_clicks, messages),
         "click_to_open_rate": _rate(unique_clicks, unique_opens),
         "links": [{"url": r["url"], "clicks": r["clicks"], "unique_clicks": r["unique_clicks"]}
@@ -74,6 +88,33 @@ async def campaign_report(conn: asyncpg.Connection, account_id: int, campaign_id
                       "clicks": r["clicks"]} for r in timeline],
         "breakdown": breakdown,
     }
+
+
+def estimated_open_rate(messages: int, opened: int, prefetched: int,
+                        prefetched_opened: int) -> float | None:
+    """The open rate with the opens MPP hides estimated: the messages MPP prefetched that
+    no reader is seen to open are taken to be opened at the rate of the messages it did
+    not prefetch. None when there is nothing to estimate from (no messages, or every
+    message prefetched)."""
+    if messages <= 0:
+        return None
+    if prefetched <= 0:
+        return _rate(opened, messages)
+    observable = messages - prefetched
+    if observable <= 0:
+        return None
+    rate_seen = (opened - prefetched_opened) / observable
+    hidden = prefetched - prefetched_opened
+    return round(min(1.0, (opened + rate_seen * hidden) / messages), 6)
+
+
+def _summing_to(counts: dict[str, int], total: int) -> dict[str, int]:
+    """Machine counts by reason, with what retention left without one as "unknown", so
+    they sum to the report's machine count."""
+    rest = total - sum(counts.values())
+    if rest > 0:
+        counts["unknown"] = counts.get("unknown", 0) + rest
+    return counts
 
 
 def _hour(at: datetime, zone_info: ZoneInfo) -> str:
@@ -96,6 +137,6 @@ async def message_activity(conn: asyncpg.Connection | asyncpg.Pool, account_id: 
             "type": e["type"], "at": e["occurred_at"].isoformat(), "url": e["url"],
             "country": e["country"], "region": e["region"], "city": e["city"],
             "browser": e["browser"], "os": e["os"], "device": e["device"],
-            "machine": e["machine"], "reason": e["reason"],
+            "client": e["client"], "machine": e["machine"], "reason": e["reason"],
         } for e in events],
     }

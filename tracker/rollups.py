@@ -85,8 +85,10 @@ HONEYPOT_URL_ID = 0
 
 _EVENT_FIELDS = ", ".join(("occurred_at" if c == "at_us" else c) for c in EVENT_COLUMNS)
 _DELTA_FIELDS = ("account_id, campaign_id, message_id, occurred_at, type, url_id, "
-                 "country, region, browser, os, device")
+                 "country, region, browser, os, device, client, reason")
 _MOVED_FIELDS = ", ".join("e." + name for name in _DELTA_FIELDS.split(", "))
+# A re-label's -1 row takes back the human click as it was: without a reason.
+_UNLABELLED_FIELDS = _DELTA_FIELDS.replace("reason", "null::text")
 
 # Session-local, emptied at every commit. `n` is +1 or -1 (a re-label takes a human row
 # back and adds a machine one); `relabel` marks the rows step 3 added; `is_trigger` the
@@ -97,11 +99,12 @@ _TABLES = """
     create temp table if not exists {delta} (
         account_id bigint, campaign_id bigint, message_id bigint, occurred_at timestamptz,
         type text, url_id bigint, country text, region text, browser text, os text,
-        device text, machine boolean, n integer, is_trigger boolean, relabel boolean
+        device text, client text, reason text, machine boolean, n integer, is_trigger boolean,
+        relabel boolean
     ) on commit delete rows;
     create temp table if not exists {marks} (
         account_id bigint, campaign_id bigint, url_id bigint, at timestamptz,
-        opened integer, clicked integer
+        opened integer, clicked integer, mpp integer, mpp_opened integer
     ) on commit delete rows"""
 
 # $1, $2: the trigger reasons and their windows; $3: the honeypot link's url id.
@@ -111,7 +114,7 @@ with new as (
     select {{staged_fields}} from {{staging}}
     order by account_id, at_us, id  -- key order: see Concurrency above
     on conflict do nothing
-    returning {_DELTA_FIELDS}, id, machine, reason,
+    returning {_DELTA_FIELDS}, id, machine,
               type = 'click' and reason = any($1::text[])
               and (reason <> 'honeypot' or url_id = $3) as is_trigger
 ),
@@ -135,35 +138,47 @@ with md as (
            coalesce(sum(n) filter (where type = 'click' and not machine), 0) as clicks,
            tracker_quarter(min(occurred_at) filter (where not machine)) as opened_in,
            tracker_quarter(min(occurred_at) filter (where type = 'click' and not machine))
-               as clicked_in
-    from {delta} where relabel = $1 and (not machine or is_trigger)
+               as clicked_in,
+           coalesce(sum(n) filter (where type = 'open' and reason = 'apple_mpp'), 0) as mpp,
+           tracker_quarter(min(occurred_at) filter (where reason = 'apple_mpp')) as mpp_in
+    from {delta} where relabel = $1 and (not machine or is_trigger or reason = 'apple_mpp')
     group by account_id, message_id
 ),
 m as (
     insert into rollup_message as r (account_id, message_id, campaign_id, opens, clicks,
-                                     opened_in, clicked_in)
-    select account_id, message_id, campaign_id, opens, clicks, opened_in, clicked_in
+                                     opened_in, clicked_in, mpp)
+    select account_id, message_id, campaign_id, opens, clicks, opened_in, clicked_in, mpp
     from md order by account_id, message_id
     on conflict (account_id, message_id) do update set
         opens = r.opens + excluded.opens,
         clicks = r.clicks + excluded.clicks,
         opened_in = case when r.opens + r.clicks > 0 then r.opened_in else excluded.opened_in end,
-        clicked_in = case when r.clicks > 0 then r.clicked_in else excluded.clicked_in end
-    returning account_id, message_id, campaign_id, opens, clicks, opened_in, clicked_in
+        clicked_in = case when r.clicks > 0 then r.clicked_in else excluded.clicked_in end,
+        mpp = r.mpp + excluded.mpp
+    returning account_id, message_id, campaign_id, opens, clicks, opened_in, clicked_in, mpp
 ),
--- +1 where a message became opened (clicked), -1 where it stopped: new counts against
--- the counts before this statement (new minus delta).
+-- +1 where a message became opened (clicked, MPP-prefetched, both prefetched and opened),
+-- -1 where it stopped: new counts against the counts before this statement (new minus
+-- delta). An MPP prefetch is never taken back, so `mpp` only goes up.
 mt as (
-    select m.account_id, m.campaign_id, m.opened_in, m.clicked_in,
+    select m.account_id, m.campaign_id, m.opened_in, m.clicked_in, md.mpp_in,
            (m.opens + m.clicks > 0)::int
              - (m.opens - md.opens + m.clicks - md.clicks > 0)::int as opened,
-           (m.clicks > 0)::int - (m.clicks - md.clicks > 0)::int as clicked
+           (m.clicks > 0)::int - (m.clicks - md.clicks > 0)::int as clicked,
+           (m.mpp > 0)::int - (m.mpp - md.mpp > 0)::int as mpp,
+           (m.mpp > 0 and m.opens + m.clicks > 0)::int
+             - (m.mpp - md.mpp > 0 and m.opens - md.opens + m.clicks - md.clicks > 0)::int
+             as mpp_opened
     from m join md on md.account_id = m.account_id and md.message_id = m.message_id
 )
-insert into {marks} (account_id, campaign_id, url_id, at, opened, clicked)
-select account_id, campaign_id, null::bigint, opened_in, opened, 0 from mt where opened <> 0
+insert into {marks} (account_id, campaign_id, url_id, at, opened, clicked, mpp, mpp_opened)
+select account_id, campaign_id, null::bigint, opened_in, opened, 0, 0, mpp_opened
+from mt where opened <> 0 or mpp_opened <> 0
 union all
-select account_id, campaign_id, null::bigint, clicked_in, 0, clicked from mt where clicked <> 0"""
+select account_id, campaign_id, null::bigint, clicked_in, 0, clicked, 0, 0
+from mt where clicked <> 0
+union all
+select account_id, campaign_id, null::bigint, mpp_in, 0, 0, mpp, 0 from mt where mpp <> 0"""
 
 # After _MESSAGES, never in the same statement: see Concurrency above.
 _MESSAGE_LINKS = """
@@ -184,9 +199,9 @@ l as (
         clicked_in = case when r.clicks > 0 then r.clicked_in else excluded.clicked_in end
     returning account_id, message_id, url_id, campaign_id, clicks, clicked_in
 )
-insert into {marks} (account_id, campaign_id, url_id, at, opened, clicked)
+insert into {marks} (account_id, campaign_id, url_id, at, opened, clicked, mpp, mpp_opened)
 select l.account_id, l.campaign_id, l.url_id, l.clicked_in, 0,
-       (l.clicks > 0)::int - (l.clicks - ld.clicks > 0)::int
+       (l.clicks > 0)::int - (l.clicks - ld.clicks > 0)::int, 0, 0
 from l join ld on ld.account_id = l.account_id and ld.message_id = l.message_id
               and ld.url_id = l.url_id
 where (l.clicks > 0) <> (l.clicks - ld.clicks > 0)"""
@@ -219,7 +234,7 @@ moved as (
     returning {_MOVED_FIELDS}
 )
 insert into {{delta}} ({_DELTA_FIELDS}, machine, n, is_trigger, relabel)
-select {_DELTA_FIELDS}, false, -1, false, true from moved
+select {_UNLABELLED_FIELDS}, false, -1, false, true from moved
 union all
 select {_DELTA_FIELDS}, true, 1, false, true from moved"""
 
@@ -227,19 +242,20 @@ select {_DELTA_FIELDS}, true, 1, false, true from moved"""
 _CAMPAIGNS = """
 with rc as (
     insert into rollup_campaign as r (account_id, campaign_id, bucket, opens, clicks,
-                                      machine_opens, machine_clicks, opened, clicked)
+                                      machine_opens, machine_clicks, opened, clicked, mpp,
+                                      mpp_opened)
     select account_id, campaign_id, bucket, sum(opens), sum(clicks), sum(machine_opens),
-           sum(machine_clicks), sum(opened), sum(clicked)
+           sum(machine_clicks), sum(opened), sum(clicked), sum(mpp), sum(mpp_opened)
     from (
         select account_id, campaign_id, tracker_quarter(occurred_at) as bucket,
                case when type = 'open' and not machine then n else 0 end as opens,
                case when type = 'click' and not machine then n else 0 end as clicks,
                case when type = 'open' and machine then n else 0 end as machine_opens,
                case when type = 'click' and machine then n else 0 end as machine_clicks,
-               0 as opened, 0 as clicked
+               0 as opened, 0 as clicked, 0 as mpp, 0 as mpp_opened
         from {delta}
         union all
-        select account_id, campaign_id, at, 0, 0, 0, 0, opened, clicked
+        select account_id, campaign_id, at, 0, 0, 0, 0, opened, clicked, mpp, mpp_opened
         from {marks} where url_id is null
     ) x
     group by account_id, campaign_id, bucket
@@ -250,7 +266,9 @@ with rc as (
         machine_opens = r.machine_opens + excluded.machine_opens,
         machine_clicks = r.machine_clicks + excluded.machine_clicks,
         opened = r.opened + excluded.opened,
-        clicked = r.clicked + excluded.clicked
+        clicked = r.clicked + excluded.clicked,
+        mpp = r.mpp + excluded.mpp,
+        mpp_opened = r.mpp_opened + excluded.mpp_opened
 ),
 rl as (
     insert into rollup_link as r (account_id, campaign_id, url_id, hour, clicks, machine_clicks,
@@ -277,20 +295,23 @@ insert into rollup_dimension as r (account_id, campaign_id, type, dimension, val
                                    machines)
 -- One pass with a grouping set per dimension (a missing value is the key 'unknown'); in
 -- the set of a dimension the others are null, so the first value not null is its own.
--- A third cheaper than making five rows of each event to group (lateral values).
+-- A third cheaper than making a row per dimension of each event to group (lateral values).
 select account_id, campaign_id, type,
        case when grouping(country) = 0 then 'country' when grouping(region) = 0 then 'region'
             when grouping(browser) = 0 then 'browser' when grouping(os) = 0 then 'os'
-            else 'device' end as dimension,
-       coalesce(country, region, browser, os, device) as value,
+            when grouping(device) = 0 then 'device' when grouping(client) = 0 then 'client'
+            else 'reason' end as dimension,
+       coalesce(country, region, browser, os, device, client, reason) as value,
        coalesce(sum(n) filter (where not machine), 0),
        coalesce(sum(n) filter (where machine), 0)
 from (select account_id, campaign_id, type, machine, n,
              coalesce(country, 'unknown') as country, coalesce(region, 'unknown') as region,
              coalesce(browser, 'unknown') as browser, coalesce(os, 'unknown') as os,
-             coalesce(device, 'unknown') as device
+             coalesce(device, 'unknown') as device, coalesce(client, 'unknown') as client,
+             coalesce(reason, 'unknown') as reason
       from {delta}) e
-group by account_id, campaign_id, type, grouping sets (country, region, browser, os, device)
+group by account_id, campaign_id, type,
+         grouping sets (country, region, browser, os, device, client, reason)
 order by 1, 2, 3, 4, 5
 on conflict (account_id, campaign_id, type, dimension, value) do update set
     humans = r.humans + excluded.humans,

@@ -43,7 +43,7 @@ from datetime import timedelta
 import asyncpg
 
 from tracker.backlog import Backlog, WriterStats, describe
-from tracker.hits import DAY_MICROSECONDS, DropReason, EventRecord
+from tracker.hits import DAY_MICROSECONDS, DropReason, EventRecord, current_line
 from tracker.journal import Chunk, Journal
 from tracker.lanes import Connect, Lanes
 
@@ -249,7 +249,7 @@ class BatchWriter:
             return None
         lanes = self._connections
         split: list[list[EventRecord]] = [[] for _ in range(lanes)]
-        for line in chunk.lines:
+        for line in map(current_line, chunk.lines):
             # One split gives the lane (by message id, as _lane_of) and the record.
             fields = line.split("\t", 9)
             split[int(fields[4]) % lanes].append(

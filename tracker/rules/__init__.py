@@ -28,16 +28,23 @@ from typing import Any
 from tracker.addresses import packed
 
 PACKAGED = Path(__file__).with_name("default.toml")
+# [client] keys and the mail-client names events and reports carry (CONTRACT.md).
+CLIENT_KEYS = {"apple_mail": "Apple Mail", "gmail": "Gmail", "outlook": "Outlook",
+               "yahoo_mail": "Yahoo Mail", "thunderbird": "Thunderbird"}
 
 # section -> key -> kind. Every key must be in the packaged file; a user file may give any.
 _SCHEMA: dict[str, dict[str, str]] = {
     "timing": {"too_soon_seconds": "int", "apple_mpp_seconds": "int", "burst_links": "int",
-               "burst_seconds": "int", "honeypot_seconds": "int", "recent_messages": "int"},
-    "apple_mpp": {"user_agents": "patterns", "range_files": "files", "ranges": "networks"},
+               "burst_seconds": "int", "honeypot_seconds": "int", "recent_messages": "int",
+               "scanner_network_seconds": "int"},
+    "apple_mpp": {"user_agents": "patterns", "bare_agents": "patterns", "range_files": "files",
+                  "ranges": "networks"},
     "image_proxy": {"patterns": "patterns"},
-    "scanner": {"patterns": "patterns"},
+    "scanner": {"patterns": "patterns", "range_files": "files", "ranges": "networks"},
     "mail_client": {"patterns": "patterns", "click_patterns": "patterns"},
-    "bot": {"patterns": "patterns", "crawlerdetect": "bool"},
+    "bot": {"patterns": "patterns", "contact_patterns": "patterns", "near_empty": "patterns",
+            "crawlerdetect": "bool"},
+    "client": {name: "patterns" for name in CLIENT_KEYS},
 }
 _LIST_KINDS = ("patterns", "files", "networks")
 
@@ -54,6 +61,7 @@ class Timing:
     burst_seconds: int
     honeypot_seconds: int
     recent_messages: int
+    scanner_network_seconds: int
 
 
 class Patterns:
@@ -112,13 +120,18 @@ class Rules:
     sources: tuple[str, ...]  # the files laid over each other, packaged first
     timing: Timing
     apple_mail: Patterns
+    apple_bare: Patterns  # apple_mpp.bare_agents: MPP's prefetch, from any address
     apple_ranges: AddressRanges
     image_proxy: Patterns
     scanner: Patterns
+    scanner_ranges: AddressRanges  # the networks security scanners fetch from
     mail_client: Patterns
     mail_client_fetch: Patterns  # mail_client.click_patterns
     bot: Patterns
+    bot_contact: Patterns  # bot.contact_patterns
+    near_empty: Patterns
     crawlerdetect: bool
+    clients: tuple[tuple[str, Patterns], ...]  # (mail-client name, its agents), in order
 
 
 _loaded: dict[tuple[str, int, int] | None, Rules] = {}
@@ -256,23 +269,30 @@ def _build(version: str, sources: tuple[str, ...], values: dict[str, Any]) -> Ru
         raise RulesError(f"{sources[-1]}: timing.burst_links: must be 0 (off) or 2 or more")
     if timing.recent_messages < 1:
         raise RulesError(f"{sources[-1]}: timing.recent_messages: must be 1 or more")
-    networks = [net for _, net in values["apple_mpp.ranges"]]
-    for _, file in values["apple_mpp.range_files"]:
-        networks.extend(read_ranges(file))
-
     def patterns(where: str) -> Patterns:
         return Patterns(values[where])
+
+    def ranges(section: str) -> AddressRanges:
+        networks = [net for _, net in values[f"{section}.ranges"]]
+        for _, file in values[f"{section}.range_files"]:
+            networks.extend(read_ranges(file))
+        return AddressRanges(networks)
 
     return Rules(
         version=version, sources=sources, timing=timing,
         apple_mail=patterns("apple_mpp.user_agents"),
-        apple_ranges=AddressRanges(networks),
+        apple_bare=patterns("apple_mpp.bare_agents"),
+        apple_ranges=ranges("apple_mpp"),
         image_proxy=patterns("image_proxy.patterns"),
         scanner=patterns("scanner.patterns"),
+        scanner_ranges=ranges("scanner"),
         mail_client=patterns("mail_client.patterns"),
         mail_client_fetch=patterns("mail_client.click_patterns"),
         bot=patterns("bot.patterns"),
-        crawlerdetect=values["bot.crawlerdetect"])
+        bot_contact=patterns("bot.contact_patterns"),
+        near_empty=patterns("bot.near_empty"),
+        crawlerdetect=values["bot.crawlerdetect"],
+        clients=tuple((name, patterns(f"client.{key}")) for key, name in CLIENT_KEYS.items()))
 
 
 def read_ranges(path: Path) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
