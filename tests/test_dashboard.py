@@ -48,6 +48,9 @@ IPHONE_SAFARI = ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWe
                  "(KHTML, like Gecko) Version/17.5 Mobile/15E148 Safari/604.1")
 FIREFOX = "Mozilla/5.0 (X11; Linux x86_64; rv:127.0) Gecko/20100101 Firefox/127.0"
 FRANKFURT, BOXFORD, LINKOPING = "81.2.69.142", "2.125.160.216", "89.160.20.112"
+APPLE_MAIL = ("Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 "
+              "(KHTML, like Gecko)")
+APPLE_PROXY = "17.58.101.9"
 # Angle brackets and quotes in a name: the page must show them as text, never as markup.
 CAMPAIGN_NAME = 'Spring <b>sale</b> & "friends"'
 SCREENSHOT = Path("/tmp/tracker-dashboard-campaign.png")
@@ -122,7 +125,8 @@ def seeded(server: Server, module_dsn: str) -> Seeded:
         _hit(public, third["pixel_url"], FIREFOX, LINKOPING)
         _hit(public, third["links"][0]["tracked_url"], FIREFOX, LINKOPING, method="HEAD")
         _hit(public, fourth["links"][0]["tracked_url"], CHROME, FRANKFURT, method="HEAD")
-        hits = 8
+        _hit(public, fourth["pixel_url"], APPLE_MAIL, APPLE_PROXY)  # MPP's prefetch
+        hits = 9
 
         def settled() -> dict[str, Any]:
             report = _report(api, campaign_id)
@@ -719,7 +723,9 @@ def test_browser_campaign_page_shows_the_api_numbers_and_draws_the_charts(
     metrics = _metrics(tab)
     assert set(metrics) == {"messages", "opens.unique", "open_rate", "clicks.unique",
                             "click_rate", "click_to_open_rate", "opens.total", "clicks.total",
-                            "opens.machine", "clicks.machine"}
+                            "opens.machine", "clicks.machine", "estimated_open_rate"}
+    # One of four messages MPP prefetched and no reader seen: 3 opened of the other 3.
+    assert (report["open_rate"], report["estimated_open_rate"]) == (0.75, 1.0)
     for name, text in metrics.items():
         expected = _api_value(report, name)
         if name.endswith("rate"):
@@ -737,8 +743,14 @@ def test_browser_campaign_page_shows_the_api_numbers_and_draws_the_charts(
         sum(p["opens"] for p in report["timeline"]), sum(p["clicks"] for p in report["timeline"])]
 
     # Every chart drawn, each with its series' colours on the screenshot.
-    expected_charts = {"timeline", "machines", "links", "country", "region", "browser", "os",
-                       "device"}
+    expected_charts = {"timeline", "machines", "links", "client", "country", "region",
+                       "browser", "os", "device"}
+    reasons = tab.evaluate("[...document.querySelectorAll('#reasons-table tbody tr')].map(r => "
+                           "[...r.querySelectorAll('td.num')].map(td => Number(td.textContent)))")
+    by_reason = report["opens"]["machine_by_reason"], report["clicks"]["machine_by_reason"]
+    assert sorted(map(tuple, reasons)) == sorted(
+        (by_reason[0].get(k, 0), by_reason[1].get(k, 0)) for k in {*by_reason[0], *by_reason[1]})
+    assert by_reason == ({"apple_mpp": 1}, {"head": 2})
     assert {c["id"] for c in charts} == expected_charts
     assert tab.evaluate("document.documentElement.dataset.chartsDrawn") == str(len(charts))
     png = tab.screenshot(SCREENSHOT)
@@ -832,7 +844,7 @@ def test_browser_campaign_page_fits_a_phone(browser: Browser, server: Server,
     try:
         _browser_sign_in(tab, seeded.key)
         tab.goto(f"/dashboard/campaigns/{seeded.campaign_id}")
-        assert tab.evaluate("document.documentElement.dataset.chartsDrawn") == "8"
+        assert tab.evaluate("document.documentElement.dataset.chartsDrawn") == "9"
         # Nothing wider than the screen; wide tables scroll inside their own box.
         assert tab.evaluate("document.documentElement.scrollWidth") <= 390
         widths = tab.evaluate("[...document.querySelectorAll('canvas')]"

@@ -10,15 +10,14 @@ person's: "Jane.Doe-iPhone/1.0"), and the parser's answer is stored as "other".
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
-try:  # Python 3.11 renamed the modules; the old names still work but warn
-    import re._constants as _c
-    import re._parser as _p
-except ImportError:  # pragma: no cover
-    import sre_constants as _c  # type: ignore[no-redef]
-    import sre_parse as _p  # type: ignore[no-redef]
+with warnings.catch_warnings():  # the regex parser's public names, deprecated but kept
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import sre_constants as _c
+    import sre_parse as _p
 
 # A group that can match more strings than this is treated as open text.
 _MAX_STRINGS = 64

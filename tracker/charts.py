@@ -85,12 +85,37 @@ def _size(bars: int) -> str:
 
 # The breakdowns, each with what the policy must allow for it to hold anything.
 _DIMENSIONS = (
+    ("client", "Mail clients", lambda p: p.device),
     ("country", "Countries", lambda p: p.location != "none"),
     ("region", "Regions", lambda p: p.location in ("region", "city")),
     ("browser", "Browsers", lambda p: p.device),
     ("os", "Operating systems", lambda p: p.device),
     ("device", "Devices", lambda p: p.device),
 )
+
+
+# Why machines were told apart, in words (the reasons are tracker/rules/README.md's).
+REASON_LABELS = {
+    "apple_mpp": "Apple Mail Privacy Protection",
+    "scanner_ua": "Link scanner or preview",
+    "scanner_network": "Scanner network, on delivery",
+    "bot_ua": "Bot or crawler",
+    "empty_ua": "No user agent",
+    "head": "HEAD request",
+    "too_soon": "Clicked on sending",
+    "burst": "Links clicked all at once",
+    "honeypot": "Hidden honeypot link",
+    "unknown": "Not known (older counts)",
+}
+
+
+def reason_rows(report: Mapping[str, Any]) -> list[tuple[str, int, int]]:
+    """(reason in words, machine opens, machine clicks), most first."""
+    opens = report["opens"].get("machine_by_reason", {})
+    clicks = report["clicks"].get("machine_by_reason", {})
+    rows = [(REASON_LABELS.get(k, k), opens.get(k, 0), clicks.get(k, 0))
+            for k in set(opens) | set(clicks)]
+    return sorted(rows, key=lambda row: (-row[1] - row[2], row[0]))
 
 
 def campaign_view(report: dict[str, Any], policy: Policy, zone: ZoneInfo) -> dict[str, Any]:
@@ -124,6 +149,9 @@ def campaign_view(report: dict[str, Any], policy: Policy, zone: ZoneInfo) -> dic
     dimensions = []
     for name, title, allowed in _DIMENSIONS:
         rows = breakdown_rows(report["breakdown"], name)
+        if name == "client":
+            # A click is made in a browser, which says nothing of the mail client: opens only.
+            rows = [(k, n, 0) for k, n, _ in rows if n]
         dimensions.append({"name": name, "title": title, "allowed": allowed(policy),
                            "rows": [(_label(k), n, m) for k, n, m in rows]})
         if not allowed(policy) or not rows:
@@ -137,14 +165,14 @@ def campaign_view(report: dict[str, Any], policy: Policy, zone: ZoneInfo) -> dic
                                "series": [{"label": "Opens", "role": "palette",
                                            "values": [n for _, n in slices]}]})
         else:
+            series = [{"label": "Opens", "role": "opens", "values": [n for _, n, _ in shown]}]
+            if name != "client":
+                series.append({"label": "Clicks", "role": "clicks",
+                               "values": [m for _, _, m in shown]})
             charts.append({"id": name, "type": "bar", "horizontal": True,
                            "countries": name == "country", "size": _size(len(shown)),
-                           "labels": [_label(k) for k, _, _ in shown], "series": [
-                               {"label": "Opens", "role": "opens",
-                                "values": [n for _, n, _ in shown]},
-                               {"label": "Clicks", "role": "clicks",
-                                "values": [m for _, _, m in shown]}]})
+                           "labels": [_label(k) for k, _, _ in shown], "series": series})
     return {"unit": unit, "timeline": list(zip(labels, opens, clicks, strict=True)),
             "charts": charts, "chart_ids": {chart["id"] for chart in charts},
             "sizes": {chart["id"]: chart["size"] for chart in charts},
-            "dimensions": dimensions}
+            "dimensions": dimensions, "reasons": reason_rows(report)}

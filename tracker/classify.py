@@ -167,6 +167,7 @@ class Classifier:
         named = self._client(text)
         browser = (not open_.machine and not open_.proxied and rule is None
                    and agent.browser is not None)
+        clients: tuple[str | None, str | None]
         if open_.machine and open_ is not APPLE_MPP:  # a bot naming a mail client is a bot
             clients = (None, None)
         elif named is not None:

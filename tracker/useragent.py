@@ -34,8 +34,9 @@ _SYSTEMS = known_names(_matchers[1])
 
 # Tokens that settle the device class before anything else is looked at.
 _TABLET = re.compile(
-    r"\biPad\b|\bTablet(?! PC)|\bTab(?:let)?[ _-]?\d|\bKindle|\bSilk/|\bPlayBook\b|\bKF[A-Z]{2,4}\b"
-    r"|Nexus (?:7|9|10)\b|\bSM-[PTX]\d|\bGT-[PN]\d|\bSCH-I[89]\d\d|\bLenovo TB|\bTB-\d"
+    r"\biPad\b|\bTablet(?! PC)|\bTab(?:let)?[ _-]?\d|\bKindle|\bSilk/|\bPlayBook\b"
+    r"|\bKF[A-Z]{2,4}\b|Nexus (?:7|9|10)\b|\bSM-[PTX]\d|\bGT-[PN]\d|\bSCH-I[89]\d\d"
+    r"|\bLenovo TB|\bTB-\d"
     r"|\bMediaPad|\bMatePad|\bMi Pad|\bXiaoxin Pad|\bRedmi Pad|\bLenovo Yoga Tab", re.IGNORECASE)
 _MOBILE = re.compile(
     r"\biPhone\b|\biPod\b|\bWindows Phone|\bWindows Mobile|\bBlackBerry|\bBB10\b|\bKAIOS\b"
@@ -45,8 +46,9 @@ _MOBILE = re.compile(
 _ANDROID = re.compile(r"\bAndroid\b|\bAdr\b|Dalvik/", re.IGNORECASE)
 _ANDROID_PHONE = re.compile(r"\bMobile\b|\bPhone\b", re.IGNORECASE)
 _OTHER_DEVICE = re.compile(
-    r"\bSmart-?TV|\bSmartTV|\bHbbTV|\bTizen.*TV|\bWeb0S|\bwebOS.*TV|\bAppleTV|\bGoogleTV|\bAndroid TV"
-    r"|\bBRAVIA|\bCrKey|\bRoku|\bAFT[A-Z]|\bPlayStation|\bXbox|\bNintendo|\bOculus|\bQuest\b"
+    r"\bSmart-?TV|\bSmartTV|\bHbbTV|\bTizen.*TV|\bWeb0S|\bwebOS.*TV|\bAppleTV|\bGoogleTV"
+    r"|\bAndroid TV|\bBRAVIA|\bCrKey|\bRoku|\bAFT[A-Z]|\bPlayStation|\bXbox|\bNintendo"
+    r"|\bOculus|\bQuest\b"
     r"|\bTesla/|\bCarPlay", re.IGNORECASE)
 _DESKTOP_SYSTEMS = frozenset({
     "Windows", "Mac OS X", "Linux", "Ubuntu", "Fedora", "Debian", "Chrome OS", "FreeBSD",
