@@ -24,11 +24,12 @@ gateway next, the clouds last.
 
 from __future__ import annotations
 
-import bisect
 import gzip
 import ipaddress
 import logging
 import re
+import socket
+from bisect import bisect_right as _bisect
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,8 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 # In order of precedence where two lists hold the same address.
 LIST_NAMES = ("apple_mpp", "mail_security", "microsoft", "google_cloud", "aws")
 PACKAGED_DIR = Path(__file__).with_name("lists")
+_inet_pton = socket.inet_pton
+_AF_INET = socket.AF_INET
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 _HEADER = re.compile(r"#\s*([a-z][a-z-]*)\s*:\s*(.*?)\s*$")
 # A list file larger than this is refused rather than read into memory.
@@ -162,26 +165,34 @@ class AddressLists:
     def __init__(self, lists: Sequence[AddressList]) -> None:
         rank = {name: i for i, name in enumerate(LIST_NAMES)}
         self.lists = tuple(sorted(lists, key=lambda lst: rank.get(lst.name, len(rank))))
-        self._names = tuple(lst.name for lst in self.lists)
+        names = [lst.name for lst in self.lists]
         self._bounds: dict[int, list[int]] = {}
-        self._tags: dict[int, list[int]] = {}
+        self._named: dict[int, list[str | None]] = {}  # per segment: its list, or None
         for version in (4, 6):
             spans = [(int(net.network_address), int(net.broadcast_address), tag)
                      for tag, lst in enumerate(self.lists)
                      for net in lst.networks if net.version == version]
-            self._bounds[version], self._tags[version] = _tagged_segments(spans, len(self.lists))
+            bounds, tags = _tagged_segments(spans, len(self.lists))
+            self._bounds[version] = bounds
+            self._named[version] = [names[tag] if tag >= 0 else None for tag in tags]
+        # IPv4 (nearly every hit) gets its own attributes: ~100 ns less a lookup.
+        self._v4_bounds, self._v4_named = self._bounds[4], self._named[4]
 
     def lookup(self, address: str) -> str | None:
         """The name of the list that holds `address`, or None (also for a non-address)."""
-        raw = packed(address)
+        if ":" not in address:
+            try:
+                value = int.from_bytes(_inet_pton(_AF_INET, address))
+            except (OSError, ValueError):
+                return None
+            at = _bisect(self._v4_bounds, value) - 1
+            return self._v4_named[at] if at >= 0 else None
+        raw = packed(address)  # IPv6, or IPv4-mapped IPv6
         if raw is None:
             return None
         version = 4 if len(raw) == 4 else 6
-        at = bisect.bisect_right(self._bounds[version], int.from_bytes(raw)) - 1
-        if at < 0:
-            return None
-        tag = self._tags[version][at]
-        return None if tag < 0 else self._names[tag]
+        at = _bisect(self._bounds[version], int.from_bytes(raw)) - 1
+        return self._named[version][at] if at >= 0 else None
 
     def get(self, name: str) -> AddressList | None:
         for lst in self.lists:
