@@ -165,7 +165,7 @@ class Population:
                 city = f"{region} City {_zipf(rng, 12)}" if rng.random() > 0.2 else None
                 self.places[address] = Location(country, region, city)
             self.readers.append(Reader(address, _pick(rng, MAIL_CLIENTS), _pick(rng, BROWSERS)))
-        # Apple's MPP fetches from its own network (tracker/rules/apple_mpp_ranges.txt).
+        # Apple's MPP fetches from its own network (tracker/rules/lists/apple_mpp.txt).
         self.apple = [f"17.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}"
                       for _ in range(2000)]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -22,6 +23,7 @@ from tracker.database import connect, database_url, wait_until_reachable
 from tracker.embedded_db import EmbeddedDatabaseError
 from tracker.keys import signing_keys
 from tracker.migrations import MigrationError, migrate
+from tracker.rules.lists import LIST_NAMES
 from tracker.settings import SETTINGS, Settings, SettingsError, load
 
 log = logging.getLogger("tracker")
@@ -263,6 +265,17 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rules_update(args: argparse.Namespace) -> int:
+    from tracker.rules.update import MIRROR_ENV, update_lists
+
+    settings = _settings(args)
+    mirror = args.mirror or os.environ.get(MIRROR_ENV) or None
+    results = update_lists(settings.data_dir, only=args.only, mirror=mirror)
+    for result in results:
+        print(result.line)
+    return 1 if any(result.status == "failed" for result in results) else 0
+
+
 def _classify_lines(classifier: Any) -> int:
     """`classify --jsonl`: one request a line on stdin, one verdict a line on stdout, in
     order. A line that is not a valid request gets `{"error": ...}` in its place (and a
@@ -478,6 +491,21 @@ def build_parser() -> argparse.ArgumentParser:
                           "a line, in order")
     _add_setting_flags(classify, ("rules",))
     classify.set_defaults(run=cmd_classify)
+
+    rules_cmd = commands.add_parser("rules", help="classification rules and address lists")
+    rules_sub = rules_cmd.add_subparsers(dest="action", required=True, metavar="ACTION")
+    rules_update = rules_sub.add_parser(
+        "update", help="refresh the address lists (Apple MPP, clouds) from their publishers",
+        description="Downloads each address list from its publisher, checks it and writes "
+        "it atomically into DATA_DIR/rules/lists/ (used from the next start). A list that "
+        "fails keeps the copy in use. See tracker/rules/README.md.")
+    rules_update.add_argument("--only", action="append", metavar="NAME",
+                              choices=LIST_NAMES, help="only this list (repeatable)")
+    rules_update.add_argument("--mirror", metavar="URL|DIR",
+                              help="fetch the publishers' files from this base URL or "
+                              "directory instead [TRACKER_LISTS_MIRROR]")
+    _add_setting_flags(rules_update, ("data_dir",))
+    rules_update.set_defaults(run=cmd_rules_update)
 
     instrument = commands.add_parser(
         "instrument", help="register an HTML message and print it instrumented",
