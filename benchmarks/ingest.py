@@ -426,8 +426,9 @@ async def reference_events(dsn: str, records: list[EventRecord], batch: int,
                 async with conn.transaction():
                     await conn.copy_to_table("staged", source=io.BytesIO(data),
                                              columns=EVENT_COLUMNS)
-                    await conn.execute(f"insert into events ({columns}) select {staged} from staged "
-                                       "order by account_id, at_us, id on conflict do nothing")
+                    await conn.execute(f"insert into events ({columns}) select {staged} "
+                                       "from staged order by account_id, at_us, id "
+                                       "on conflict do nothing")
         assert await conn.fetchval("select count(*) from events") == len(records)
     finally:
         await conn.close()

@@ -217,7 +217,7 @@ def test_crawlerdetect_runs_once_per_distinct_user_agent() -> None:
 
 def test_every_reason_is_a_short_stable_slug() -> None:
     assert set(REASONS) == {"image_proxy", "head", "honeypot", "apple_mpp", "too_soon", "burst",
-                            "scanner_ua", "bot_ua", "empty_ua"}
+                            "scanner_ua", "bot_ua", "empty_ua", "scanner_network"}
     for _, on_open, on_click in REAL_WORLD.values():
         assert on_open[1] in (*REASONS, None) and on_click[1] in (*REASONS, None)
 
@@ -253,13 +253,12 @@ def test_apple_mpp_needs_apple_mails_own_agent_and_an_open() -> None:
 
 
 def test_packaged_ranges_contain_apples_network_and_nothing_private() -> None:
-    ranges = load_rules().apple_ranges
-    assert ranges.networks >= 5
-    assert APPLE_PROXY in ranges and "17.0.0.0" in ranges and "17.255.255.255" in ranges
-    assert APPLE_PROXY_V6 in ranges
+    classifier = Classifier(load_rules())
+    for inside in (APPLE_PROXY, "17.0.0.0", "17.255.255.255", APPLE_PROXY_V6):
+        assert classifier.is_apple_proxy(inside), inside
     for outside in ("16.255.255.255", "18.0.0.0", "10.0.0.1", "127.0.0.1", "192.168.1.1",
                     FRANKFURT, "::1", "2001:db8::1", "not an address"):
-        assert outside not in ranges, outside
+        assert not classifier.is_apple_proxy(outside), outside
 
 
 # --- timing, HEAD and honeypot ----------------------------------------------------------
@@ -397,7 +396,7 @@ def test_user_rules_remove_and_replace_lists(tmp_path: Path) -> None:
 [image_proxy]
 patterns = { remove = ['YahooMailProxy'] }
 [apple_mpp]
-range_files = []
+lists = []
 """)
     p = pipeline(Classifier(load_rules(path)))
     # Without its allow-list entry crawlerdetect calls Yahoo's proxy a crawler.
@@ -406,8 +405,11 @@ range_files = []
     assert open_(p, APPLE_MAIL, ip=APPLE_PROXY) == READER  # no ranges left
     assert load_rules(path).version.startswith(load_rules().version + "+local.")
     no_crawlerdetect = write_rules(tmp_path, "[bot]\ncrawlerdetect = false\n", "off.toml")
-    p = pipeline(Classifier(load_rules(no_crawlerdetect)))
-    assert open_(p, DATAPROVIDER) == READER
+    without = Classifier(load_rules(no_crawlerdetect))
+    # Without crawlerdetect it is still a machine, by the last rule: it names no browser,
+    # system or device.
+    assert without.explain("open", "GET", DATAPROVIDER, parse_agent(DATAPROVIDER), None,
+                           None).rule == "names no mail client, browser, system or device"
     assert open_(p, GOOGLEBOT) == (True, "bot_ua")  # ua-parser still knows this one
 
 
@@ -483,7 +485,9 @@ def test_classify_command_explains_an_apple_mpp_open_as_json(
                    "rule": f"Apple Mail's agent from an Apple proxy address ({APPLE_PROXY})",
                    "recorded": True, "location_recorded": True,
                    "rules_version": load_rules().version, "browser": "Apple Mail",
-                   "os": "Mac OS X", "device": "desktop"}
+                   "os": "Mac OS X", "device": "desktop", "client": "Apple Mail",
+                   "list": "apple_mpp", "list_date": load_rules().address_lists.get(
+                       "apple_mpp").as_of}  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize(("args", "lines"), [
@@ -499,7 +503,8 @@ def test_classify_command_explains_an_apple_mpp_open_as_json(
     (["--user-agent", CHROME, "--method", "HEAD"],
      ["open: machine (head)", "recorded: no (a HEAD on the pixel records nothing)"]),
     (["--user-agent", OFFICE_FETCH, "--kind", "click"], ["click: machine (scanner_ua)"]),
-    (["--user-agent", OFFICE_FETCH], ["open: human", "browser: Outlook; os: Windows"]),
+    (["--user-agent", OFFICE_FETCH],
+     ["open: human", "mail client: Outlook; browser: Outlook; os: Windows"]),
 ])
 def test_classify_command_prints_the_verdict_and_the_rule(
         capsys: pytest.CaptureFixture[str], args: list[str], lines: list[str]) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from tracker.classify import Classifier
 from tracker.cli import main
 from tracker.rules import load_rules
 from tracker.rules.lists import (
@@ -59,7 +60,7 @@ def test_packaged_lists_load_and_the_apple_rule_reads_the_same_file() -> None:
     # Apple's Fastly-hosted egress, named in issue 14.
     for address in ("146.75.154.1", "140.248.8.36", "17.58.0.1", "2a04:4e41::1"):
         assert lists.lookup(address) == "apple_mpp"
-        assert address in load_rules().apple_ranges
+        assert Classifier(load_rules()).is_apple_proxy(address)
     assert lists.lookup("8.8.8.8") is None
 
 

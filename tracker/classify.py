@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 from crawlerdetect import CrawlerDetect
 
-from tracker.rules import AddressRanges, Rules
+from tracker.rules import Rules
 from tracker.tokens import FLAG_HONEYPOT, ClickToken, OpenToken
 from tracker.useragent import Agent
 
@@ -121,6 +121,7 @@ class Explanation:
     rules_version: str
     client: str | None = None
     address_list: str | None = None  # the address list that decided, if one did
+    address_list_date: str | None = None  # ... and the date of its data
 
 
 class Classifier:
@@ -140,8 +141,7 @@ class Classifier:
         self._recent: dict[tuple[int, int], _Recent] = {}
         self._recent_old: dict[tuple[int, int], _Recent] = {}
         self._agents: dict[str, AgentClass] = {}
-        self._apple_addresses: dict[str, bool] = {}
-        self._scanner_addresses: dict[str, bool] = {}
+        self._networks: dict[str, tuple[bool, bool, str | None]] = {}
         self._scanner_us = timing.scanner_network_seconds * _US
         self._on_relabel = on_relabel
         self._crawlers: CrawlerDetect | None = None
@@ -207,6 +207,10 @@ class Classifier:
             return (BOT, BOT), f"ua-parser: {agent.browser or 'bot'}", False
         if self._crawlers is not None and self._crawlers.is_crawler(text):
             return (BOT, BOT), f"crawlerdetect: {self._crawlers.get_matches()}", False
+        if agent.os is None and agent.device == "other" and agent.browser in (None, "other"):
+            # A browser names itself or the system it runs on, and every mail client that
+            # does neither is named by the rules above: a program fetching for itself.
+            return (BOT, BOT), "names no mail client, browser, system or device", False
         return (HUMAN, HUMAN), None, False
 
     def _client(self, text: str) -> str | None:
@@ -270,10 +274,26 @@ class Classifier:
         return verdict
 
     def is_apple_proxy(self, client_ip: str) -> bool:
-        return _cached_membership(self._apple_addresses, self.rules.apple_ranges, client_ip)
+        return self._network(client_ip)[0]
 
     def is_scanner_network(self, client_ip: str) -> bool:
-        return _cached_membership(self._scanner_addresses, self.rules.scanner_ranges, client_ip)
+        return self._network(client_ip)[1]
+
+    def _network(self, client_ip: str) -> tuple[bool, bool, str | None]:
+        """(an Apple proxy, a scanner network, the address list that says so); cached per
+        address, in a bounded dict: spoofed or countless addresses cannot grow memory."""
+        known = self._networks.get(client_ip)
+        if known is None:
+            rules = self.rules
+            listed = rules.address_lists.lookup(client_ip)
+            apple = listed in rules.apple_lists or client_ip in rules.apple_ranges
+            scanner = not apple and (listed in rules.scanner_lists
+                                     or client_ip in rules.scanner_ranges)
+            known = (apple, scanner, listed if apple or scanner else None)
+            if len(self._networks) >= _MAX_CACHED:
+                self._networks.clear()
+            self._networks[client_ip] = known
+        return known
 
     def _remembered(self, token: ClickToken) -> _Recent:
         """The message's recent clicks. Two generations of dicts make a cheap LRU: a
@@ -322,11 +342,12 @@ class Classifier:
             token = ClickToken(0, 0, 0, sent_at, FLAG_HONEYPOT if honeypot else 0, 0, 0, b"")
             verdict = self.click(agent_class, method, token, at_us, client_ip)
         address_list = None
-        if client_ip is not None and (verdict is APPLE_MPP and agent_class.apple_mail
-                                      and self.is_apple_proxy(client_ip)):
-            address_list = "apple_mpp"
-        elif client_ip is not None and verdict is SCANNER_NETWORK:
-            address_list = "scanner"
+        if client_ip is not None:
+            apple, scanner, listed = self._network(client_ip)
+            if (verdict is SCANNER_NETWORK and scanner) or (
+                    verdict is APPLE_MPP and agent_class.apple_mail and apple):
+                address_list = listed or "rules file"
+        published = self.rules.address_lists.get(address_list) if address_list else None
         return Explanation(
             kind=kind, machine=verdict.machine, reason=verdict.reason,
             rule=self._rule(verdict, agent_class, client_ip, after),
@@ -335,7 +356,8 @@ class Classifier:
             location_recorded=not verdict.proxied and client_ip is not None,
             rules_version=self.rules.version,
             client=agent_class.client_open if kind == "open" else agent_class.client_click,
-            address_list=address_list)
+            address_list=address_list,
+            address_list_date=published.as_of if published is not None else None)
 
     def _rule(self, verdict: Verdict, agent_class: AgentClass, client_ip: str | None,
               after: float) -> str | None:
@@ -356,12 +378,3 @@ class Classifier:
                     f"sent_at (within {timing.scanner_network_seconds} s)")
         return agent_class.rule
 
-
-def _cached_membership(cache: dict[str, bool], ranges: AddressRanges, client_ip: str) -> bool:
-    known = cache.get(client_ip)
-    if known is None:
-        known = client_ip in ranges
-        if len(cache) >= _MAX_CACHED:
-            cache.clear()  # spoofed or countless addresses must not grow memory without bound
-        cache[client_ip] = known
-    return known

@@ -239,7 +239,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     # A fresh classifier: no earlier clicks, so no burst; the rules the server would load.
-    classifier = Classifier(load_rules(settings.rules))
+    classifier = Classifier(load_rules(settings.rules, settings.data_dir))
     if args.jsonl:
         return _classify_lines(classifier)
     if args.user_agent is None:
@@ -258,9 +258,12 @@ def cmd_classify(args: argparse.Namespace) -> int:
     if not fields["recorded"]:
         print("recorded: no (a HEAD on the pixel records nothing)")
     print(f"rule: {fields['rule'] or 'no rule matched: a reader'}")
+    if fields["list"]:
+        print(f"address list: {fields['list']}"
+              + (f" (data of {fields['list_date']})" if fields["list_date"] else ""))
     print(f"location: {'recorded as the policy allows' if fields['location_recorded'] else 'none'}")
-    print(f"browser: {fields['browser'] or 'unknown'}; os: {fields['os'] or 'unknown'}; "
-          f"device: {fields['device']}")
+    print(f"mail client: {fields['client'] or 'unknown'}; browser: {fields['browser'] or 'unknown'}"
+          f"; os: {fields['os'] or 'unknown'}; device: {fields['device']}")
     print(f"rules: {fields['rules_version']}")
     return 0
 
@@ -326,7 +329,8 @@ def _classified(classifier: Any, request: dict[str, Any]) -> dict[str, Any]:
             "rule": result.rule, "recorded": result.recorded,
             "location_recorded": result.location_recorded,
             "rules_version": result.rules_version, "browser": agent.browser, "os": agent.os,
-            "device": agent.device}
+            "device": agent.device, "client": result.client, "list": result.address_list,
+            "list_date": result.address_list_date}
 
 
 def _api_flags(parser: argparse.ArgumentParser) -> None:
@@ -485,6 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="when the hit came, in seconds after the message's sent_at "
                                "(default: a day later, so no timing rule applies)")
     classify.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    classify.add_argument("--explain", action="store_true",
+                          help="say which rule and which address list decided, in words (the "
+                               "default without --json)")
     classify.add_argument("--jsonl", action="store_true",
                           help="read requests as JSON lines on stdin ({\"user_agent\", \"ip\", "
                           "\"method\", \"kind\", \"seconds_after_send\"}) and print one verdict "

@@ -74,7 +74,7 @@ class Runtime:
         durable = self.settings.durability == "journal"
         # One reading of the rules serves the classifier and the writer's re-labelling, so a
         # TRACKER_RULES override of the honeypot or burst window applies to both.
-        rules = load_rules(self.settings.rules)
+        rules = load_rules(self.settings.rules, self.settings.data_dir)
         self.writer = BatchWriter(
             lambda: connect(self.dsn),
             batch_size=self.settings.batch_size,

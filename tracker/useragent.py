@@ -41,13 +41,15 @@ _TABLET = re.compile(
 _MOBILE = re.compile(
     r"\biPhone\b|\biPod\b|\bWindows Phone|\bWindows Mobile|\bBlackBerry|\bBB10\b|\bKAIOS\b"
     r"|\bSymbian|\bSeries ?[46]0|\bJ2ME|\bMIDP\b|\bOpera Mini|\bMobile Safari|\bIEMobile"
-    r"|\bFirefox OS|\bKaiOS|\bNokia|\bSamsung-SGH|\bSonyEricsson|\bUP\.Browser|\bObigo",
+    r"|\bFirefox OS|\bKaiOS|\bNokia|\bSamsung-SGH|\bSonyEricsson|\bUP\.Browser|\bObigo"
+    r"|\bDoCoMo/|\bKDDI-|\bSoftBank/|\bVodafone/",
     re.IGNORECASE)
 _ANDROID = re.compile(r"\bAndroid\b|\bAdr\b|Dalvik/", re.IGNORECASE)
 _ANDROID_PHONE = re.compile(r"\bMobile\b|\bPhone\b", re.IGNORECASE)
 _OTHER_DEVICE = re.compile(
     r"\bSmart-?TV|\bSmartTV|\bHbbTV|\bTizen.*TV|\bWeb0S|\bwebOS.*TV|\bAppleTV|\bGoogleTV"
-    r"|\bAndroid TV|\bBRAVIA|\bCrKey|\bRoku|\bAFT[A-Z]|\bPlayStation|\bXbox|\bNintendo"
+    r"|\bAndroid TV|\bApple ?TV|\bApple Watch|\bwatchOS|\bBRAVIA|\bCrKey|\bRoku|\bAFT[A-Z]"
+    r"|\bPlayStation|\bXbox|\bNintendo"
     r"|\bOculus|\bQuest\b"
     r"|\bTesla/|\bCarPlay", re.IGNORECASE)
 _DESKTOP_SYSTEMS = frozenset({

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tracker.addresses import packed
+from tracker.rules.lists import LIST_NAMES, AddressLists, data_dir_lists, load_address_lists
 
 PACKAGED = Path(__file__).with_name("default.toml")
 # [client] keys and the mail-client names events and reports carry (CONTRACT.md).
@@ -37,16 +38,17 @@ _SCHEMA: dict[str, dict[str, str]] = {
     "timing": {"too_soon_seconds": "int", "apple_mpp_seconds": "int", "burst_links": "int",
                "burst_seconds": "int", "honeypot_seconds": "int", "recent_messages": "int",
                "scanner_network_seconds": "int"},
-    "apple_mpp": {"user_agents": "patterns", "bare_agents": "patterns", "range_files": "files",
-                  "ranges": "networks"},
+    "apple_mpp": {"user_agents": "patterns", "bare_agents": "patterns", "lists": "names",
+                  "range_files": "files", "ranges": "networks"},
     "image_proxy": {"patterns": "patterns"},
-    "scanner": {"patterns": "patterns", "range_files": "files", "ranges": "networks"},
+    "scanner": {"patterns": "patterns", "lists": "names", "range_files": "files",
+                "ranges": "networks"},
     "mail_client": {"patterns": "patterns", "click_patterns": "patterns"},
     "bot": {"patterns": "patterns", "contact_patterns": "patterns", "near_empty": "patterns",
             "crawlerdetect": "bool"},
     "client": {name: "patterns" for name in CLIENT_KEYS},
 }
-_LIST_KINDS = ("patterns", "files", "networks")
+_LIST_KINDS = ("patterns", "files", "networks", "names")
 
 
 class RulesError(ValueError):
@@ -121,10 +123,15 @@ class Rules:
     timing: Timing
     apple_mail: Patterns
     apple_bare: Patterns  # apple_mpp.bare_agents: MPP's prefetch, from any address
+    # Addresses: the published lists (lookup names the list), and each section's own
+    # files and inline CIDRs on top.
+    address_lists: AddressLists
+    apple_lists: frozenset[str]
     apple_ranges: AddressRanges
     image_proxy: Patterns
     scanner: Patterns
-    scanner_ranges: AddressRanges  # the networks security scanners fetch from
+    scanner_lists: frozenset[str]  # the lists of networks security scanners fetch from
+    scanner_ranges: AddressRanges
     mail_client: Patterns
     mail_client_fetch: Patterns  # mail_client.click_patterns
     bot: Patterns
@@ -134,26 +141,38 @@ class Rules:
     clients: tuple[tuple[str, Patterns], ...]  # (mail-client name, its agents), in order
 
 
-_loaded: dict[tuple[str, int, int] | None, Rules] = {}
+_loaded: dict[tuple[Any, ...], Rules] = {}
 
 
-def load_rules(path: Path | None = None) -> Rules:
-    """The packaged rules with the user file at `path` laid over them. Loaded once per
-    process and file version: settings validation and the worker share one load."""
-    key = None
+def load_rules(path: Path | None = None, data_dir: Path | None = None) -> Rules:
+    """The packaged rules with the user file at `path` laid over them, and the address
+    lists `tracker rules update` left in `data_dir` where they are newer than the packaged
+    ones. Loaded once per process and version of the files: settings validation and the
+    worker share one load."""
+    key: tuple[Any, ...] = (None,)
     if path is not None:
         try:
             stat = path.stat()
         except OSError as exc:
             raise RulesError(f"{path}: cannot read: {exc.strerror or exc}") from None
         key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if data_dir is not None:
+        key += (str(data_dir), *_files_state(data_dir_lists(data_dir)))
     rules = _loaded.get(key)
     if rules is None:
-        rules = _loaded[key] = _load(path)
+        rules = _loaded[key] = _load(path, data_dir)
     return rules
 
 
-def _load(path: Path | None) -> Rules:
+def _files_state(directory: Path) -> list[tuple[str, int, int]]:
+    try:
+        return sorted((entry.name, entry.stat().st_mtime_ns, entry.stat().st_size)
+                      for entry in directory.iterdir())
+    except OSError:
+        return []
+
+
+def _load(path: Path | None, data_dir: Path | None) -> Rules:
     raw, _ = _read(PACKAGED)
     values: dict[str, Any] = {}
     version = _version(raw, PACKAGED)
@@ -170,7 +189,7 @@ def _load(path: Path | None) -> Rules:
         version = f"{version}+{own or 'local.' + digest[:12]}"
         _apply(values, user, path, base=False)
         sources.append(str(path))
-    return _build(version, tuple(sources), values)
+    return _build(version, tuple(sources), values, load_address_lists(data_dir))
 
 
 def _read(path: Path) -> tuple[dict[str, Any], str]:
@@ -246,6 +265,11 @@ def _edited_list(current: list[tuple[str, Any]], value: Any, kind: str, path: Pa
 def _entry(item: Any, kind: str, path: Path, where: str) -> tuple[str, Any]:
     if not isinstance(item, str) or not item.strip():
         raise RulesError(f"{path}: {where}: entries must be non-empty strings, got {item!r}")
+    if kind == "names":
+        if item not in LIST_NAMES:
+            raise RulesError(f"{path}: {where}: {item!r} is not an address list (known: "
+                             f"{', '.join(LIST_NAMES)})")
+        return item, item
     if kind == "patterns":
         try:
             return item, re.compile(item, re.IGNORECASE)
@@ -263,7 +287,8 @@ def _entry(item: Any, kind: str, path: Path, where: str) -> tuple[str, Any]:
     return item, file
 
 
-def _build(version: str, sources: tuple[str, ...], values: dict[str, Any]) -> Rules:
+def _build(version: str, sources: tuple[str, ...], values: dict[str, Any],
+           lists: AddressLists) -> Rules:
     timing = Timing(**{key: values[f"timing.{key}"] for key in _SCHEMA["timing"]})
     if timing.burst_links == 1:
         raise RulesError(f"{sources[-1]}: timing.burst_links: must be 0 (off) or 2 or more")
@@ -282,9 +307,12 @@ def _build(version: str, sources: tuple[str, ...], values: dict[str, Any]) -> Ru
         version=version, sources=sources, timing=timing,
         apple_mail=patterns("apple_mpp.user_agents"),
         apple_bare=patterns("apple_mpp.bare_agents"),
+        address_lists=lists,
+        apple_lists=frozenset(name for name, _ in values["apple_mpp.lists"]),
         apple_ranges=ranges("apple_mpp"),
         image_proxy=patterns("image_proxy.patterns"),
         scanner=patterns("scanner.patterns"),
+        scanner_lists=frozenset(name for name, _ in values["scanner.lists"]),
         scanner_ranges=ranges("scanner"),
         mail_client=patterns("mail_client.patterns"),
         mail_client_fetch=patterns("mail_client.click_patterns"),
