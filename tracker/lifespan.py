@@ -50,8 +50,11 @@ class Runtime:
         self.jobs: Jobs | None = None
         # Plain counters on the hot path, turned into Prometheus metrics at scrape time.
         self.metrics = Metrics()
+        # One reading of the rules serves the classifier, the writer's re-labelling and
+        # /metrics, so a TRACKER_RULES override of the honeypot or burst window applies to all.
+        self.rules = load_rules(settings.rules, settings.data_dir)
         self.collector = MetricsCollector(self.metrics, lambda: self.writer,
-                                          settings.buffer_max_events)
+                                          settings.buffer_max_events, rules=self.rules)
         self.auth_throttle = AuthThrottle()
         self._publish: asyncio.Task[None] | None = None
         self._pool: asyncpg.Pool | None = None
@@ -72,9 +75,7 @@ class Runtime:
         await self.suppressions.refresh(self.pool)
         journal = self._open_journal()
         durable = self.settings.durability == "journal"
-        # One reading of the rules serves the classifier and the writer's re-labelling, so a
-        # TRACKER_RULES override of the honeypot or burst window applies to both.
-        rules = load_rules(self.settings.rules, self.settings.data_dir)
+        rules = self.rules
         self.writer = BatchWriter(
             lambda: connect(self.dsn),
             batch_size=self.settings.batch_size,
