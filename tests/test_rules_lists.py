@@ -80,7 +80,8 @@ def test_the_scanner_networks_are_packaged_with_their_provenance() -> None:
     assert lists.lookup("104.47.1.1") == "microsoft"  # Exchange Online Protection
     assert lists.lookup("34.1.208.9") == "google_cloud"  # cloud.json's africa-south1
     assert lists.lookup("2600:1900:4000::1") == "google_cloud"
-    assert lists.lookup("209.85.128.5") is None  # Gmail's own servers are not Google Cloud
+    # Gmail's own servers are not Google Cloud: they are Google's mail gateway.
+    assert lists.lookup("209.85.128.5") == "mail_security"
     assert lists.lookup("3.5.0.1") == lists.lookup("2600:1f18::1") == "aws"
     assert lists.lookup("67.231.144.1") == "mail_security"  # Proofpoint
     assert lists.lookup("94.100.130.1") == "mail_security"  # Hornetsecurity
