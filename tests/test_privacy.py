@@ -705,3 +705,40 @@ def test_privacy_notice_of_a_campaign_in_the_api_and_the_cli(
         assert api.get("/api/campaigns/999999999/privacy").status_code == 404
         missing = _cli(module_dsn, "policy", "describe", "--campaign", "999999999")
         assert missing.returncode == 1 and missing.stderr.startswith("tracker: error:")
+
+
+# Addresses a sender might register. Whatever registration accepts, erasure, export and
+# opt-out accept too (and name the same recipient); whatever it refuses, they refuse.
+_ADDRESS_CASES = ("plain@example.com", "Ada Lovelace <lovelace@example.com>",
+                  "  spaced@example.com  ", "tab\there@example.com", "tab@example.com\t",
+                  "unit\x1fsep@example.com", "nul\x00@example.com", "line\nbreak@example.com",
+                  "del\x7f@example.com", "c1\x85@example.com", "x" * 321, "slash/ed@example.com",
+                  "Name <>", "   ")
+
+
+@pytest.mark.parametrize("address", _ADDRESS_CASES)
+def test_a_recipient_registration_accepts_can_be_exported_opted_out_and_erased(
+        server: Server, module_dsn: str, address: str) -> None:
+    with server.client(new_account(module_dsn, "addresses")) as api:
+        cid = campaign(api, name="addresses")
+        registered = api.post(f"/api/campaigns/{cid}/messages",
+                              json={"recipient": address, "links": [LINK]})
+        path = "/api/recipients/" + quote(address, safe="")
+        if registered.status_code != 201:
+            assert registered.status_code == 422, registered.text
+            assert "recipient" in registered.json()["error"]
+            for method, suffix in (("GET", "/export"), ("POST", "/opt-out"), ("DELETE", "")):
+                refused = api.request(method, path + suffix)
+                assert refused.status_code in (404, 422), (method, refused.text)
+            return
+        message = registered.json()
+        exported = api.get(path + "/export")
+        assert exported.status_code == 200, exported.text
+        assert [m["id"] for m in exported.json()["messages"]] == [message["id"]]
+        opted = api.post(path + "/opt-out")
+        assert opted.status_code == 200 and opted.json()["opted_out"] is True, opted.text
+        erased = api.delete(path)
+        assert erased.status_code == 200, erased.text
+        assert erased.json()["messages"] == 1
+        assert db_value(module_dsn, "select count(*) from messages where id = $1",
+                        int(message["id"])) == 0

@@ -33,7 +33,34 @@ from tracker.migrations import sql_dir
 from tracker.queries import load_as
 
 PSEUDONYM_PREFIX = "psn_"
+MAX_ADDRESS_CHARS = 320
 _ANGLE_ADDRESS = re.compile(r"<([^<>]*)>\s*$")
+
+
+class InvalidAddress(ValueError):
+    """A recipient address tracker refuses; the message names where and why."""
+
+
+def check_address(value: object, where: str = "address") -> str:
+    """The one check of a recipient address, wherever one comes in (registration, the
+    recipient endpoints): what registration accepts, erasure, export and opt-out accept
+    too. Returns it without the white space around it.
+
+    Checked before that white space is taken off: str.strip() also takes TAB and the
+    control characters \x1c-\x1f for white space, and an address with those in it must
+    be refused, not quietly become another one."""
+    if not isinstance(value, str):
+        raise InvalidAddress(f"{where}: must be a non-empty string")
+    if len(value) > MAX_ADDRESS_CHARS:
+        raise InvalidAddress(f"{where}: longer than {MAX_ADDRESS_CHARS} characters")
+    if any(unicodedata.category(c) == "Cc" for c in value):
+        raise InvalidAddress(f"{where}: contains a control character")
+    value = value.strip()
+    if not value:
+        raise InvalidAddress(f"{where}: must be a non-empty string")
+    if not normalize(value):
+        raise InvalidAddress(f"{where}: has no address in its angle brackets")
+    return value
 
 
 @dataclass(frozen=True)

@@ -26,11 +26,17 @@ import asyncpg
 
 from tracker import destinations
 from tracker.instrument import Extraction, extract, render
-from tracker.privacy import PRIVACY_QUERIES, Recipient, identify, stored_recipient
+from tracker.privacy import (
+    PRIVACY_QUERIES,
+    InvalidAddress,
+    Recipient,
+    check_address,
+    identify,
+    stored_recipient,
+)
 from tracker.queries import QUERIES
 from tracker.tokens import FLAG_HONEYPOT, MAX_LINK_POSITION, Signer
 
-MAX_RECIPIENT_CHARS = 320
 MAX_SUBJECT_CHARS = 998  # the longest header line RFC 5322 allows
 MAX_LINKS = 1000
 HONEYPOT_POSITION = MAX_LINK_POSITION
@@ -80,17 +86,16 @@ def check_destination(url: object, where: str = "link") -> str:
     return url
 
 
-def _text(value: object, where: str, limit: int, *, required: bool) -> str | None:
-    if value is None and not required:
+def _subject(value: object, where: str) -> str | None:
+    if value is None:
         return None
-    if not isinstance(value, str) or (required and not value.strip()):
-        raise InvalidInput(f"{where}: must be a non-empty string" if required
-                           else f"{where}: must be a string or null")
-    if len(value) > limit:
-        raise InvalidInput(f"{where}: longer than {limit} characters")
+    if not isinstance(value, str):
+        raise InvalidInput(f"{where}: must be a string or null")
+    if len(value) > MAX_SUBJECT_CHARS:
+        raise InvalidInput(f"{where}: longer than {MAX_SUBJECT_CHARS} characters")
     if any(unicodedata.category(c) == "Cc" and c != "\t" for c in value):
         raise InvalidInput(f"{where}: contains a control character")
-    return value.strip() if required else value
+    return value
 
 
 def parse_time(value: object, where: str) -> datetime:
@@ -117,9 +122,11 @@ def parse_message(body: object, where: str = "message") -> MessageInput:
     unknown = set(body) - _FIELDS
     if unknown:
         raise InvalidInput(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
-    recipient = _text(body.get("recipient"), f"{where}.recipient", MAX_RECIPIENT_CHARS,
-                      required=True)
-    subject = _text(body.get("subject"), f"{where}.subject", MAX_SUBJECT_CHARS, required=False)
+    try:
+        recipient = check_address(body.get("recipient"), f"{where}.recipient")
+    except InvalidAddress as exc:
+        raise InvalidInput(str(exc)) from None
+    subject = _subject(body.get("subject"), f"{where}.subject")
     sent_at = (parse_time(body["sent_at"], f"{where}.sent_at")
                if body.get("sent_at") is not None else datetime.now(UTC))
     links = body.get("links")
@@ -130,7 +137,6 @@ def parse_message(body: object, where: str = "message") -> MessageInput:
     if len(links) > MAX_LINKS:
         raise InvalidInput(f"{where}.links: at most {MAX_LINKS} links per message")
     checked = tuple(check_destination(url, f"{where}.links[{i}]") for i, url in enumerate(links))
-    assert recipient is not None
     html = body.get("html")
     if html is None:
         return MessageInput(recipient, subject, sent_at, checked)

@@ -23,7 +23,6 @@ worker that ran it, and by the hourly job (jobs.py) for `SWEEP_DAYS`.
 
 from __future__ import annotations
 
-import unicodedata
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -41,26 +40,7 @@ from tracker.privacy import (
 )
 from tracker.suppression import SuppressionBook
 
-MAX_ADDRESS_CHARS = 320
 SWEEP_DAYS = 30
-
-
-class InvalidAddress(ValueError):
-    pass
-
-
-def check_address(value: str) -> str:
-    """The address as given, without the white space around it. Checked before that is
-    taken off: str.strip() also takes control characters \x1c-\x1f for white space, and
-    an address with those at its end must be refused, not quietly become another one."""
-    if len(value) > MAX_ADDRESS_CHARS:
-        raise InvalidAddress(f"address: longer than {MAX_ADDRESS_CHARS} characters")
-    if any(unicodedata.category(c) == "Cc" for c in value):
-        raise InvalidAddress("address: contains a control character")
-    value = value.strip()
-    if not value:
-        raise InvalidAddress("address: must not be empty")
-    return value
 
 
 @dataclass(frozen=True)
