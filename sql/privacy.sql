@@ -209,6 +209,19 @@ where deleted_at is not null and purge_finished_at is null
   and (deleted_at <= $1 or purged_at is not null)
 order by id;
 
+-- name: deleted-in-grace
+-- What a purge as of a later time would take although it is still in its grace period:
+-- deleted after $1 (the grace period before the real time) and on or before $2 (the grace
+-- period before the time asked for), not claimed by a purge yet.
+select 'account' as kind, id as account_id, null::bigint as campaign_id, name, deleted_at
+from accounts
+where deleted_at > $1 and deleted_at <= $2 and purged_at is null
+union all
+select 'campaign', account_id, id, name, deleted_at
+from campaigns
+where deleted_at > $1 and deleted_at <= $2 and purged_at is null
+order by deleted_at, account_id, campaign_id nulls first;
+
 -- name: claim-account-purge
 update accounts set purged_at = coalesce(purged_at, now())
 where id = $1 and deleted_at is not null and purge_finished_at is null

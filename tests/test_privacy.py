@@ -22,6 +22,7 @@ from urllib.parse import quote
 
 import asyncpg
 import httpx
+import orjson
 import pytest
 
 from tracker import accounts, campaigns, jobs, reports
@@ -672,10 +673,24 @@ def test_deleted_account_stops_recording_at_once_and_is_purged_after_the_grace_p
                                     int(account_id))
     secret = db_value(module_dsn, "select recipient_secret from accounts where id = $1",
                       int(account_id))
-    done = _cli(module_dsn, "retention", "run", "--json", "--now",
-                (deleted_at + GRACE + timedelta(minutes=1)).isoformat())
+    # A --now past the grace period does not purge, unasked, what can still be restored.
+    later = (deleted_at + GRACE + timedelta(minutes=1)).isoformat()
+    done = _cli(module_dsn, "retention", "run", "--json", "--now", later)
     assert done.returncode == 0, done.stderr
-    assert account_id in done.stdout
+    assert "grace period" in done.stderr and f"account {account_id} ('leaving'" in done.stderr
+    summary = orjson.loads(done.stdout)
+    assert summary["accounts_purged"] == []
+    assert [(s["account_id"], s["campaign_id"]) for s in summary["skipped_in_grace"]] == [
+        (account_id, None)]
+    assert db_value(module_dsn, "select purged_at from accounts where id = $1",
+                    int(account_id)) is None
+    assert db_value(module_dsn, "select count(*) from api_keys where account_id = $1",
+                    int(account_id)) == 1
+    done = _cli(module_dsn, "retention", "run", "--json", "--now", later, "--purge-within-grace")
+    assert done.returncode == 0, done.stderr
+    assert "purging within the grace period" in done.stderr
+    assert f"account {account_id} ('leaving'" in done.stderr
+    assert orjson.loads(done.stdout)["accounts_purged"] == [account_id]
     for table in ("api_keys", "messages", "events", "urls", "rollup_campaign"):
         assert db_value(module_dsn, f"select count(*) from {table} where account_id = $1",
                         int(account_id)) == 0, table

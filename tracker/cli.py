@@ -179,20 +179,35 @@ def cmd_accounts_restore(args: argparse.Namespace) -> int:
 def cmd_retention_run(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
-    from tracker.jobs import maintain
+    from tracker.jobs import Maintenance, maintain
+    from tracker.retention import InGrace, still_in_grace
 
-    now = datetime.now(UTC)
+    real_now = datetime.now(UTC)
+    now = real_now
     if args.now is not None:
         try:
             now = datetime.fromisoformat(args.now)
         except ValueError:
             raise CommandError(f"--now: {args.now!r} is not an ISO 8601 date-time") from None
         now = now if now.tzinfo else now.replace(tzinfo=UTC)
-    result = _on_database(args, lambda conn: maintain(conn, now))
+
+    async def run(conn: asyncpg.Connection) -> tuple[Maintenance | None, list[InGrace]]:
+        # A --now in the future must not purge, unasked, what can still be restored.
+        early = await still_in_grace(conn, real_now, now)
+        if early and args.purge_within_grace:
+            _say_in_grace("purging within the grace period, as --purge-within-grace asks "
+                          "(it cannot be restored afterwards):", early)
+        elif early:
+            _say_in_grace("not purged, still in the 30-day grace period (add "
+                          "--purge-within-grace to purge it now):", early)
+        purge_at = now if args.purge_within_grace else min(now, real_now)
+        return await maintain(conn, now, purge_at), [] if args.purge_within_grace else early
+
+    result, skipped = _on_database(args, run)
     if result is None:
         raise CommandError("another tracker process is running retention right now; "
                            "try again in a minute")
-    summary = result.as_json()
+    summary = {**result.as_json(), "skipped_in_grace": [s.as_json() for s in skipped]}
     if args.json:
         sys.stdout.write(orjson.dumps(summary).decode() + "\n")
         return 0
@@ -203,6 +218,12 @@ def cmd_retention_run(args: argparse.Namespace) -> int:
           f"{summary['purged_events_deleted']} event(s) deleted")
     print(f"erasure sweep: {summary['erasure_sweep']} late row(s) removed")
     return 0
+
+
+def _say_in_grace(heading: str, items: list[Any]) -> None:
+    print(heading, file=sys.stderr)
+    for item in items:
+        print(f"  {item.describe()}", file=sys.stderr)
 
 
 def cmd_policy_describe(args: argparse.Namespace) -> int:
@@ -441,6 +462,11 @@ def build_parser() -> argparse.ArgumentParser:
                                help="the time to apply retention at (default: now)")
     retention_run.add_argument("--json", action="store_true",
                                help="print one JSON object on stdout")
+    retention_run.add_argument(
+        "--purge-within-grace", action="store_true",
+        help="with a --now in the future, also purge what was deleted less than 30 days ago "
+        "(the list is printed first); without it such campaigns and accounts are left for "
+        "their grace period and listed")
     _add_setting_flags(retention_run, ("database_url", "data_dir"))
     retention_run.set_defaults(run=cmd_retention_run)
 

@@ -53,12 +53,16 @@ class Maintenance:
         }
 
 
-async def maintain(conn: asyncpg.Connection, now: datetime) -> Maintenance | None:
-    """One maintenance run, unless another process is running one (None)."""
+async def maintain(conn: asyncpg.Connection, now: datetime,
+                   purge_at: datetime | None = None) -> Maintenance | None:
+    """One maintenance run, unless another process is running one (None). `purge_at`: the
+    time the grace periods are measured at, when not `now` (the CLI keeps it at the real
+    time unless told to purge within the grace period)."""
     if not await conn.fetchval("select pg_try_advisory_lock($1)", _MAINTENANCE_LOCK):
         return None
     try:
-        return Maintenance(await enforce_retention(conn, now), await purge_deleted(conn, now),
+        return Maintenance(await enforce_retention(conn, now),
+                           await purge_deleted(conn, now if purge_at is None else purge_at),
                            await subjects.sweep_recent(conn, now))
     finally:
         await conn.execute("select pg_advisory_unlock($1)", _MAINTENANCE_LOCK)

@@ -100,6 +100,7 @@ class PrivacyQueries:
     campaigns_to_purge: str
     claim_campaign_purge: str
     accounts_to_purge: str
+    deleted_in_grace: str
     claim_account_purge: str
     claim_account_campaigns: str
     purge_campaign_data: str
