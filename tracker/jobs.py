@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 import asyncpg
 
 from tracker import subjects
+from tracker.privacy import PRIVACY_QUERIES
 from tracker.retention import PurgeResult, RetentionResult, enforce_retention, purge_deleted
 from tracker.suppression import SuppressionBook
 
@@ -61,6 +62,7 @@ async def maintain(conn: asyncpg.Connection, now: datetime,
     if not await conn.fetchval("select pg_try_advisory_lock($1)", _MAINTENANCE_LOCK):
         return None
     try:
+        await conn.execute(PRIVACY_QUERIES.forget_expired_sign_outs, now)
         return Maintenance(await enforce_retention(conn, now),
                            await purge_deleted(conn, now if purge_at is None else purge_at),
                            await subjects.sweep_recent(conn, now))
