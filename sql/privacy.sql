@@ -113,6 +113,57 @@ delete from rollup_message_link where account_id = $1 and message_id = any($2::b
 -- name: erase-relabel-triggers
 delete from relabel_triggers where account_id = $1 and message_id = any($2::bigint[]);
 
+-- name: destinations-like
+-- The account's destinations that may name an address ($2: an ILIKE pattern of a part of
+-- it that no encoding changes); privacy_destinations.Redactor decides which do.
+select id, campaign_id, url from urls where account_id = $1 and url ilike $2 order by id;
+
+-- name: redact-destination
+-- A destination that named an erased address gets its redacted text, unless its campaign
+-- has that destination already (then it is merged into it: merge-destination).
+update urls set url = $3
+where account_id = $1 and id = $2
+  and not exists (select 1 from urls o where o.account_id = $1 and o.campaign_id = $4
+                  and o.url = $3)
+returning id;
+
+-- name: merge-destination
+-- Everything that names destination $2 names $3 instead (the same campaign's redacted
+-- form of it); the rollups' counts are added to its rows. Then delete-destination.
+with links_moved as (
+    update links set url_id = $3 where account_id = $1 and url_id = $2
+),
+events_moved as (
+    update events set url_id = $3 where account_id = $1 and campaign_id = $4 and url_id = $2
+),
+link_rollups as (
+    insert into rollup_link as r (account_id, campaign_id, url_id, hour, clicks,
+                                  machine_clicks, clicked)
+    select account_id, campaign_id, $3, hour, clicks, machine_clicks, clicked
+    from rollup_link where account_id = $1 and campaign_id = $4 and url_id = $2
+    order by hour
+    on conflict (account_id, campaign_id, url_id, hour) do update set
+        clicks = r.clicks + excluded.clicks,
+        machine_clicks = r.machine_clicks + excluded.machine_clicks,
+        clicked = r.clicked + excluded.clicked
+),
+message_link_rollups as (
+    insert into rollup_message_link as r (account_id, message_id, url_id, campaign_id,
+                                          clicks, clicked_in)
+    select account_id, message_id, $3, campaign_id, clicks, clicked_in
+    from rollup_message_link where account_id = $1 and url_id = $2
+    order by message_id
+    on conflict (account_id, message_id, url_id) do update set
+        clicks = r.clicks + excluded.clicks,
+        clicked_in = least(r.clicked_in, excluded.clicked_in)
+)
+select 1;
+
+-- name: delete-destination
+delete from rollup_link where account_id = $1 and url_id = $2;
+delete from rollup_message_link where account_id = $1 and url_id = $2;
+delete from urls where account_id = $1 and id = $2;
+
 -- name: count-links
 select count(*) from links where account_id = $1 and message_id = any($2::bigint[]);
 

@@ -18,7 +18,7 @@ import threading
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import asyncpg
 import httpx
@@ -534,6 +534,115 @@ def test_pseudonymous_campaign_stores_only_the_keyed_hash(server: Server,
         assert first["recipient_stored_as"] == "pseudonym"
         assert first["links"] == [{"position": 0, "url": LINK}]
         assert [e["type"] for e in first["events"]] == ["open"]
+
+
+_PERSONAL = {  # destination -> what is stored for jane.doe+news@example.com
+    "https://shop.example/unsubscribe?email=jane.doe+news@example.com":
+        "https://shop.example/unsubscribe?email={recipient}",
+    "https://shop.example/unsubscribe?email=Jane.Doe%2BNews%40Example.com":
+        "https://shop.example/unsubscribe?email={recipient}",
+    "https://shop.example/u/jane.doe%2bnews%40example.com/prefs?x=1":
+        "https://shop.example/u/{recipient}/prefs?x=1",
+    "https://track.example/r?to=https%3A%2F%2Fshop.example%2F%3Fe%3Djane.doe%252Bnews%2540example.com":
+        "https://track.example/r?to=https%3A%2F%2Fshop.example%2F%3Fe%3D{recipient}",
+    "https://shop.example/sale?utm_source=mail": "https://shop.example/sale?utm_source=mail",
+}
+
+
+def _stored_urls(dsn: str, account_key: str) -> list[str]:
+    return [r["url"] for r in db_fetch(dsn, "select url from urls where account_id = $1 "
+                                            "order by url", int(account_key.split("_")[1]))]
+
+
+def _names_jane(text: str) -> bool:
+    decoded = unquote(unquote(text)).lower()
+    return "jane" in decoded
+
+
+@pytest.mark.parametrize("mode", ["pseudonym", "address"])
+def test_destinations_that_name_the_recipient_are_stored_without_the_address(
+        server: Server, module_dsn: str, mode: str) -> None:
+    key = new_account(module_dsn, "personal links")
+    with server.client(key) as api:
+        cid = campaign(api, {"recipient": mode}, name="personal")
+        # A message per link: clicks on several links of one message within seconds would
+        # be a burst, a machine's.
+        jane = [register(api, cid, [link], recipient="Jane Doe <Jane.Doe+news@example.com>")
+                for link in _PERSONAL]
+        bob = register(api, cid, ["https://shop.example/unsubscribe?email=bob@example.com"],
+                       recipient="bob@example.com")
+        stored = _stored_urls(module_dsn, key)
+        assert not any(_names_jane(url) for url in stored), stored
+        assert set(stored) == set(_PERSONAL.values())
+        # The redirect still sends each reader to the destination as registered.
+        for message in (*jane, bob):
+            link = message["links"][0]
+            assert _hit(link["tracked_url"]).headers["location"] == link["url"]
+            _recorded(module_dsn, message, 1)
+        # The report's links: every recipient's unsubscribe link is one destination.
+        report = {row["url"]: row["clicks"] for row in _report(api, cid)["links"]}
+        assert report["https://shop.example/unsubscribe?email={recipient}"] == 3
+        assert not any(_names_jane(url) for url in report)
+        exported = api.get("/api/recipients/jane.doe+news@example.com/export").json()
+        assert len(exported["messages"]) == len(_PERSONAL)
+        assert not any(_names_jane(link["url"]) for m in exported["messages"]
+                       for link in m["links"])
+
+
+def test_erasure_redacts_stored_destinations_that_still_name_the_address(
+        server: Server, module_dsn: str) -> None:
+    """Destinations stored in clear (before registration redacted them, or another
+    recipient's link naming the address) are redacted by the erasure, merged into the
+    redacted destination where the campaign has it, their clicks kept."""
+    key = new_account(module_dsn, "legacy links")
+    account_id = int(key.split("_")[1])
+    redacted = "https://shop.example/unsubscribe?email={recipient}"
+    with server.client(key) as api:
+        cid = campaign(api, {"recipient": "pseudonym"}, name="legacy")
+        jane = register(api, cid, ["https://shop.example/unsubscribe?email=jane@example.com"],
+                        recipient="jane@example.com")
+        other = register(api, cid, ["https://shop.example/unsubscribe?email=x@example.com"],
+                         recipient="x@example.com")
+        for message in (jane, other):
+            _hit(message["links"][0]["tracked_url"])
+            _recorded(module_dsn, message, 1)
+        assert {r["url"]: r["clicks"] for r in _report(api, cid)["links"]} == {redacted: 2}
+        # As a database written before registration redacted holds it: jane's link (her
+        # link row, click and rollups) on a destination with her address in clear; and a
+        # referral link of someone else's naming her.
+        legacy = db_value(module_dsn, "insert into urls (account_id, campaign_id, url) "
+                          "values ($1, $2, $3) returning id", account_id, int(cid),
+                          "https://shop.example/unsubscribe?email=Jane%40Example.com")
+        jane_id = int(jane["id"])
+        for table in ("links", "events", "rollup_message_link"):
+            db_fetch(module_dsn, f"update {table} set url_id = $2 where message_id = $1",
+                     jane_id, legacy)
+        db_fetch(module_dsn, """
+            with moved as (
+                update rollup_link r set clicks = clicks - 1, clicked = clicked - 1
+                from events e
+                where e.message_id = $1 and r.account_id = e.account_id
+                  and r.campaign_id = e.campaign_id and r.hour = tracker_hour(e.occurred_at)
+                  and r.url_id <> $2
+                returning r.account_id, r.campaign_id, r.hour)
+            insert into rollup_link (account_id, campaign_id, url_id, hour, clicks, clicked)
+            select account_id, campaign_id, $2, hour, 1, 1 from moved""", jane_id, legacy)
+        db_fetch(module_dsn, "insert into urls (account_id, campaign_id, url) "
+                             "values ($1, $2, $3)", account_id, int(cid),
+                 "https://shop.example/refer?friend=jane@example.com")
+        assert {r["url"]: r["clicks"] for r in _report(api, cid)["links"]} == {
+            redacted: 1, "https://shop.example/unsubscribe?email=Jane%40Example.com": 1,
+            "https://shop.example/refer?friend=jane@example.com": 0}
+
+        assert api.delete("/api/recipients/jane@example.com").status_code == 200
+        stored = _stored_urls(module_dsn, key)
+        assert not any(_names_jane(url) for url in stored), stored
+        assert sorted(stored) == ["https://shop.example/refer?friend={recipient}", redacted]
+        after = {r["url"]: (r["clicks"], r["unique_clicks"]) for r in _report(api, cid)["links"]}
+        assert after == {redacted: (2, 2), "https://shop.example/refer?friend={recipient}": (0, 0)}
+        # The other recipient's link still redirects and is counted.
+        assert _hit(other["links"][0]["tracked_url"]).status_code == 302
+        _recorded(module_dsn, other, 2)
 
 
 def test_export_holds_every_stored_field(server: Server, module_dsn: str) -> None:

@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import asyncpg
 import httpx
@@ -41,8 +42,14 @@ from .support import Server, campaign, db_fetch, new_account, register, wait_for
 RUN = uuid.uuid4().hex[:10]
 LINK = "https://example.com/audit?utm_campaign=audit"
 BODY = f"confidential-body-{RUN}"
-HTML = (f"<html><body><p>Dear reader, {BODY}: your statement is attached.</p>"
-        f'<a href="{LINK}">Read more</a></body></html>')
+UNSUBSCRIBE = "https://example.com/unsubscribe?email="
+
+
+def _html(recipient: str) -> str:
+    """Every message's body: the same text, and a link that names its recipient (URL-encoded)."""
+    return (f"<html><body><p>Dear reader, {BODY}: your statement is attached.</p>"
+            f'<a href="{LINK}">Read more</a> '
+            f'<a href="{UNSUBSCRIBE}{quote(recipient, safe="")}">Unsubscribe</a></body></html>')
 
 
 def _chrome(marker: str) -> str:
@@ -157,15 +164,15 @@ def test_nothing_beyond_the_policies_is_in_the_database_the_journal_or_the_logs(
         ids = {name: campaign(api, policy, name=f"audit {name}")
                for name, policy in POLICIES.items()}
         messages = {name: register(api, ids[name], [], recipient=recipients[name],
-                                   subject=f"Statement {RUN}", html=HTML)
+                                   subject=f"Statement {RUN}", html=_html(recipients[name]))
                     for name in POLICIES}
         assert all(BODY in m["html"] for m in messages.values())  # instrumented, not stored
         erased = register(api, ids["city"], [], recipient=f"erased-{RUN}@example.com",
-                          html=HTML)
+                          html=_html(f"erased-{RUN}@example.com"))
         opted_out = register(api, ids["city"], [], recipient=f"optout-{RUN}@example.com",
-                             html=HTML)
+                             html=_html(f"optout-{RUN}@example.com"))
         signalled = register(api, ids["city"], [], recipient=f"gpc-{RUN}@example.com",
-                             html=HTML)
+                             html=_html(f"gpc-{RUN}@example.com"))
 
         # Round 1: PostgreSQL up.
         for name in POLICIES:
@@ -175,7 +182,7 @@ def test_nothing_beyond_the_policies_is_in_the_database_the_journal_or_the_logs(
         assert api.post(f"/api/recipients/optout-{RUN}@example.com/opt-out").status_code == 200
         _read_all(opted_out, OPTED_OUT)
         _read_all(signalled, SIGNALLING, **{"sec-gpc": "1"})
-        hits = 2  # the pixel and the one link of the html (the honeypot is not hit)
+        hits = 3  # the pixel and the two links of the html (the honeypot is not hit)
         expected_rows = {"strict": hits, "country": 2 * hits, "city": 2 * hits,
                          "region": hits}
 
@@ -210,7 +217,9 @@ def test_nothing_beyond_the_policies_is_in_the_database_the_journal_or_the_logs(
 
     # What must be nowhere.
     # (The opted-out and signalling readers' messages stay: only their hits leave nothing.)
-    everywhere = [recipients["strict"], f"erased-{RUN}@", BODY]
+    # (Addresses also as the links of the html name them, URL-encoded.)
+    everywhere = [recipients["strict"], quote(recipients["strict"], safe=""),
+                  f"erased-{RUN}@", f"erased-{RUN}%40", BODY]
     for client in (*CLIENTS.values(), *JOURNALED.values(), ERASED, OPTED_OUT, SIGNALLING):
         everywhere += [client.user_agent, client.marker]
     for client in (CLIENTS["strict"], CLIENTS["country"], CLIENTS["country6"],

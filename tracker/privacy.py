@@ -84,6 +84,10 @@ class PrivacyQueries:
     erase_message_rollups: str
     erase_message_link_rollups: str
     erase_relabel_triggers: str
+    destinations_like: str
+    redact_destination: str
+    merge_destination: str
+    delete_destination: str
     count_links: str
     erase_messages: str
     keep_message_counts: str
@@ -146,6 +150,14 @@ def is_recipient(stored: str, address: str, recipient: Recipient) -> bool:
     """Whether a message's stored recipient is this address (or its pseudonym): the
     recipient key finds candidates, this rules out the one-in-2^64 collision."""
     return stored == recipient.pseudonym or normalize(stored) == normalize(address)
+
+
+async def run_block(conn: asyncpg.Connection, block: str, *args: object) -> None:
+    """Run a named block of several statements, each with the same arguments, in order."""
+    code = "\n".join(line for line in block.splitlines() if not line.lstrip().startswith("--"))
+    for statement in code.split(";"):
+        if statement.strip():
+            await conn.execute(statement, *args)
 
 
 async def account_secret(conn: asyncpg.Connection | asyncpg.Pool, account_id: int) -> bytes:

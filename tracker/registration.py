@@ -1,5 +1,9 @@
 """Register messages: validate, store recipient, subject and links (never a body), sign URLs.
 
+A link is stored without the recipient's address in it (privacy_destinations.py): the
+report and the exports show `...?email={recipient}`, and the click token carries the
+destination as registered.
+
 The recipient is stored as given, or only as its pseudonym when the campaign's policy
 says `"recipient": "pseudonym"`; either way each message stores, and each of its
 tokens carries, the recipient key (privacy.py) by which erasure, opt-out and export
@@ -34,6 +38,7 @@ from tracker.privacy import (
     identify,
     stored_recipient,
 )
+from tracker.privacy_destinations import Redactor
 from tracker.queries import QUERIES
 from tracker.tokens import FLAG_HONEYPOT, MAX_LINK_POSITION, Signer
 
@@ -208,8 +213,10 @@ class Registrar:
             secret, mode = context["recipient_secret"], context["policy_recipient"]
             recipients = [identify(secret, m.recipient)
                           async for _, m in _cooperatively(messages)]
+            # What each link is stored as: its destination, without the recipient's address.
+            stored = [_stored_links(m) async for _, m in _cooperatively(messages)]
             ids = [r["id"] for r in await conn.fetch(QUERIES.reserve_message_ids, len(messages))]
-            destinations = sorted({url for m in messages for url in m.links})
+            destinations = sorted({url for links in stored for url in links})
             url_ids: dict[str, int] = {}
             if destinations:
                 url_ids = await _url_ids(conn, account_id, campaign_id, destinations)
@@ -222,14 +229,15 @@ class Registrar:
             await conn.copy_records_to_table(
                 "links", columns=("account_id", "message_id", "position", "url_id"),
                 records=[(account_id, mid, pos, url_ids[url])
-                         for mid, m in zip(ids, messages, strict=True)
-                         for pos, url in enumerate(m.links)])
-        return [self._urls(account_id, campaign_id, mid, m, url_ids, r)
-                async for _, (mid, m, r) in _cooperatively(
-                    list(zip(ids, messages, recipients, strict=True)))]
+                         for mid, links in zip(ids, stored, strict=True)
+                         for pos, url in enumerate(links)])
+        return [self._urls(account_id, campaign_id, mid, m,
+                           [url_ids[url] for url in links], r)
+                async for _, (mid, m, links, r) in _cooperatively(
+                    list(zip(ids, messages, stored, recipients, strict=True)))]
 
     def _urls(self, account_id: int, campaign_id: int, message_id: int, message: MessageInput,
-              url_ids: dict[str, int], recipient: Recipient) -> Registered:
+              url_ids: list[int], recipient: Recipient) -> Registered:
         sent_at = int(message.sent_at.timestamp())
         key = recipient.key
         pixel_url = (f"{self._base}/o/"
@@ -237,7 +245,7 @@ class Registrar:
                                                recipient_key=key) + ".gif")
         links = [(url, f"{self._base}/c/"
                   + self._signer.click_token(account_id, campaign_id, message_id, sent_at, pos,
-                                             url_ids[url], url, recipient_key=key))
+                                             url_ids[pos], url, recipient_key=key))
                  for pos, url in enumerate(message.links)]
         html = None
         if message.html is not None and message.extraction is not None:
@@ -250,6 +258,13 @@ class Registrar:
             html = render(message.html, message.extraction,
                           [tracked for _, tracked in links[:in_html]], pixel_url, honeypot)
         return Registered(message_id, pixel_url, links, html)
+
+
+def _stored_links(message: MessageInput) -> tuple[str, ...]:
+    """The message's links as stored: a destination that names the recipient has the
+    address replaced by a placeholder (privacy_destinations.py); its token keeps it."""
+    redactor = Redactor(message.recipient)
+    return tuple(redactor.redact(url) for url in message.links)
 
 
 async def _url_ids(conn: asyncpg.Connection, account_id: int, campaign_id: int,

@@ -34,7 +34,7 @@ from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
 
-from tracker.privacy import PRIVACY_QUERIES
+from tracker.privacy import PRIVACY_QUERIES, run_block
 
 log = logging.getLogger("tracker.retention")
 
@@ -225,7 +225,7 @@ async def purge_deleted(conn: asyncpg.Connection, now: datetime) -> PurgeResult:
         for partition in await partitions(conn):
             result.events_deleted += await delete_in_batches(conn, partition, account_id)
         async with conn.transaction():
-            await _run_all(conn, PRIVACY_QUERIES.purge_account_data, account_id)
+            await run_block(conn, PRIVACY_QUERIES.purge_account_data, account_id)
             await conn.execute(PRIVACY_QUERIES.finish_account_purge, account_id)
         result.accounts.append(account_id)
     for row in await conn.fetch(PRIVACY_QUERIES.campaigns_to_purge, cutoff):
@@ -248,17 +248,9 @@ async def _purge_campaign(conn: asyncpg.Connection, account_id: int, campaign_id
     for partition in await partitions(conn):
         deleted += await delete_in_batches(conn, partition, account_id, campaign_id)
     async with conn.transaction():
-        await _run_all(conn, PRIVACY_QUERIES.purge_campaign_data, account_id, campaign_id)
+        await run_block(conn, PRIVACY_QUERIES.purge_campaign_data, account_id, campaign_id)
         await conn.execute(PRIVACY_QUERIES.finish_campaign_purge, account_id, campaign_id)
     return deleted
-
-
-async def _run_all(conn: asyncpg.Connection, block: str, *args: object) -> None:
-    """Run a named block of several statements, each with the same arguments, in order."""
-    code = "\n".join(line for line in block.splitlines() if not line.lstrip().startswith("--"))
-    for statement in code.split(";"):
-        if statement.strip():
-            await conn.execute(statement, *args)
 
 
 def _quoted(partition: Partition) -> str:

@@ -5,11 +5,13 @@ campaign stored the address or only its pseudonym. What each operation changes:
 
 - erasure removes the recipient's messages (and with them their links), their events,
   and the per-message markers of the rollups (`rollup_message`, `rollup_message_link`,
-  `relabel_triggers`). The campaign totals, unique counts, timeline and breakdown stay:
-  they are anonymous counts, and a report keeps its numbers, including the campaign's
-  message count. The recipient key is kept as suppressed up to the last message id
-  handed out, so hits on the old links still redirect but record nothing; mail
-  registered for the address afterwards is tracked again.
+  `relabel_triggers`), and redacts the account's stored destinations that still name
+  the address (privacy_destinations.py; registration stores none). The campaign
+  totals, unique counts, timeline and breakdown stay: they are anonymous counts, and a
+  report keeps its numbers, including the campaign's message count. The recipient key
+  is kept as suppressed up to the last message id handed out, so hits on the old links
+  still redirect but record nothing; mail registered for the address afterwards is
+  tracked again.
 - opt-out keeps nothing from being recorded for the address, in every campaign of the
   account, now and for future messages, until it is withdrawn. Nothing is deleted.
 - export returns everything stored about the address.
@@ -37,7 +39,10 @@ from tracker.privacy import (
     identify,
     is_recipient,
     normalize,
+    run_block,
 )
+from tracker.privacy_destinations import Redactor
+from tracker.queries import QUERIES
 from tracker.suppression import SuppressionBook
 
 SWEEP_DAYS = 30
@@ -72,7 +77,7 @@ async def erase(pool: asyncpg.Pool, account_id: int, address: str,
             await flush()  # what this process captured before is in the table now, or raises
         return await _erase(conn, account_id, recipient.key, through,
                             lambda stored: is_recipient(stored, address, recipient),
-                            normalize(address))
+                            normalize(address), redactor=Redactor(address))
 
 
 async def sweep(conn: asyncpg.Connection, account_id: int, recipient_key: int, through: int,
@@ -100,8 +105,11 @@ async def sweep_recent(conn: asyncpg.Connection, now: datetime) -> int:
 
 async def _erase(conn: asyncpg.Connection, account_id: int, recipient_key: int, through: int,
                  match: Callable[[str], bool] | None, normalized: str,
-                 known_ids: list[int] | None = None, *, record: bool = True) -> Erased:
+                 known_ids: list[int] | None = None, *, record: bool = True,
+                 redactor: Redactor | None = None) -> Erased:
     async with conn.transaction():
+        if redactor is not None:
+            await _redact_destinations(conn, account_id, redactor)
         rows = await conn.fetch(PRIVACY_QUERIES.recipient_messages, account_id, recipient_key,
                                 normalized, through)
         found = [r for r in rows if match is None or match(r["recipient"])]
@@ -122,6 +130,30 @@ async def _erase(conn: asyncpg.Connection, account_id: int, recipient_key: int, 
             await conn.execute(PRIVACY_QUERIES.record_erasure, account_id, recipient_key,
                                through, ids)
     return Erased(len(campaigns), events, links, tuple(ids), recipient_key, through)
+
+
+async def _redact_destinations(conn: asyncpg.Connection, account_id: int,
+                               redactor: Redactor) -> int:
+    """Replace the address in every stored destination of the account that names it; a
+    destination whose redacted form its campaign has already is merged into that one (its
+    links, events and link rollups move there). Returns how many were redacted."""
+    pattern = redactor.like_pattern()
+    if pattern == "%%":
+        return 0  # an address without a letter or digit: nothing to find it by
+    redacted = 0
+    for row in await conn.fetch(PRIVACY_QUERIES.destinations_like, account_id, pattern):
+        if not redactor.names(row["url"]):
+            continue
+        url_id, campaign_id = row["id"], row["campaign_id"]
+        text = redactor.redact(row["url"])
+        if await conn.fetchval(PRIVACY_QUERIES.redact_destination, account_id, url_id, text,
+                               campaign_id) is None:
+            (target,) = await conn.fetch(QUERIES.find_urls, account_id, campaign_id, [text])
+            await conn.execute(PRIVACY_QUERIES.merge_destination, account_id, url_id,
+                               target["id"], campaign_id)
+            await run_block(conn, PRIVACY_QUERIES.delete_destination, account_id, url_id)
+        redacted += 1
+    return redacted
 
 
 def _count(status: str) -> int:
