@@ -199,7 +199,7 @@ delete from erasures where erased_at <= $1;
 -- name: export-messages
 select m.id, m.campaign_id, c.name as campaign_name, c.deleted_at as campaign_deleted_at,
        c.policy_recipient, m.recipient, m.subject, m.sent_at, m.created_at,
-       r.opens as human_opens, r.clicks as human_clicks
+       r.opens as human_opens, r.clicks as human_clicks, r.opened_in, r.clicked_in
 from messages m
 join campaigns c on c.account_id = m.account_id and c.id = m.campaign_id
 left join rollup_message r on r.account_id = m.account_id and r.message_id = m.id
@@ -208,8 +208,11 @@ where m.account_id = $1
 order by m.id;
 
 -- name: export-links
-select l.message_id, l.position, u.url
+-- Each link with the per-(message, destination) rollup, which outlives the events.
+select l.message_id, l.position, u.url, r.clicks as human_clicks, r.clicked_in
 from links l join urls u on u.account_id = l.account_id and u.id = l.url_id
+left join rollup_message_link r
+    on r.account_id = l.account_id and r.message_id = l.message_id and r.url_id = l.url_id
 where l.account_id = $1 and l.message_id = any($2::bigint[])
 order by l.message_id, l.position;
 

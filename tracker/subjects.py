@@ -204,7 +204,10 @@ async def export(conn: asyncpg.Connection, account_id: int, address: str) -> dic
     events: dict[int, list[dict[str, Any]]] = {i: [] for i in ids}
     if ids:
         for link in await conn.fetch(PRIVACY_QUERIES.export_links, account_id, ids):
-            links[link["message_id"]].append({"position": link["position"], "url": link["url"]})
+            links[link["message_id"]].append({
+                "position": link["position"], "url": link["url"],
+                "human_clicks": link["human_clicks"] or 0,
+                "first_clicked_in": _iso(link["clicked_in"])})
         for e in await conn.fetch(PRIVACY_QUERIES.export_events, account_id, ids):
             events[e["message_id"]].append({
                 "id": str(e["id"]), "type": e["type"], "at": _iso(e["occurred_at"]),
@@ -230,6 +233,10 @@ async def export(conn: asyncpg.Connection, account_id: int, address: str) -> dic
             "events": events[r["id"]],
             "human_opens": r["human_opens"] or 0,
             "human_clicks": r["human_clicks"] or 0,
+            # Kept after retention, with the counts: the 15-minute slot of the first human
+            # open or click (a click proves the open), the hour of the first human click.
+            "first_opened_in": _iso(r["opened_in"]),
+            "first_clicked_in": _iso(r["clicked_in"]),
         } for r in rows],
         "never_stored": ["the message body", "the user agent string", "cookies",
                          "the IP address, unless the campaign's policy keeps it (see each "
