@@ -238,7 +238,7 @@ async def test_maintenance_runs_in_one_process_at_a_time(dsn: str) -> None:
     pool = await create_pool(dsn)
     holder = await asyncpg.connect(dsn)
     try:
-        runner = jobs.Jobs(pool, SuppressionBook(), first_run_s=0)
+        runner = jobs.Jobs(pool, first_run_s=0)
         await holder.execute("select pg_advisory_lock($1)", jobs._MAINTENANCE_LOCK)
         assert await runner.run_once() is None  # another process is at it: skip the round
         await holder.execute("select pg_advisory_unlock($1)", jobs._MAINTENANCE_LOCK)

@@ -201,6 +201,7 @@ def build_api(runtime: Runtime) -> Starlette:
         if updated is None:
             raise ApiError(404, "campaign not found")
         runtime.remember_campaign(account_id, campaign_id, policy, recording=True)
+        await runtime.privacy_changed()
         return JSON(campaigns.campaign_json(updated))
 
     async def delete_campaign(request: Request, account_id: int) -> Response:
@@ -210,6 +211,7 @@ def build_api(runtime: Runtime) -> Starlette:
             raise ApiError(404, "campaign not found")
         runtime.remember_campaign(account_id, campaign_id, campaigns.policy_of(row),
                                   recording=False)
+        await runtime.privacy_changed()
         return Response(status_code=204)
 
     async def register_message(request: Request, account_id: int) -> Response:

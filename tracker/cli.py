@@ -159,9 +159,25 @@ def cmd_accounts_delete(args: argparse.Namespace) -> int:
     if row is None:
         raise CommandError(f"no account {args.id} (or it is already purged)")
     print(f"account {args.id} deleted at {row['deleted_at'].isoformat()}: nothing is recorded "
-          f"for it any more; its data is purged after {(row['deleted_at'] + GRACE).isoformat()} "
-          f"unless restored (tracker accounts restore {args.id})")
+          f"for it {_privacy_change_holds(args)}; its data is purged after "
+          f"{(row['deleted_at'] + GRACE).isoformat()} unless restored "
+          f"(tracker accounts restore {args.id})")
     return 0
+
+
+def _privacy_change_holds(args: argparse.Namespace) -> str:
+    """Tell the workers of a server on this data dir at once (privacy_sync.py); say when
+    the change holds."""
+    from tracker.privacy_sync import announce_from_outside
+
+    data_dir = _settings(args).data_dir
+    try:
+        if announce_from_outside(data_dir):
+            return ("at once in the server on this data dir (within a second in servers of "
+                    "other data dirs or nodes)")
+    except OSError as exc:
+        log.debug("cannot tell the workers on %s: %s", data_dir, exc)
+    return "within a second"
 
 
 def cmd_accounts_restore(args: argparse.Namespace) -> int:
@@ -172,7 +188,7 @@ def cmd_accounts_restore(args: argparse.Namespace) -> int:
     if row is None:
         raise CommandError(f"account {args.id} is not deleted, or its grace period is over "
                            "and it was purged")
-    print(f"account {args.id} restored: recording resumes within a second")
+    print(f"account {args.id} restored: recording resumes {_privacy_change_holds(args)}")
     return 0
 
 

@@ -87,6 +87,7 @@ def routes(runtime: Runtime, authenticated: Authenticated) -> list[Route]:
             updated = await conn.fetchrow(PRIVACY_QUERIES.update_account_settings, account_id,
                                           days, honour)
         runtime.suppressions.put_account(account_id, disabled=False, honours_signals=honour)
+        await runtime.privacy_changed()
         return JSON(_account_json(updated))
 
     async def restore_campaign(request: Request, account_id: int) -> Response:
@@ -100,6 +101,7 @@ def routes(runtime: Runtime, authenticated: Authenticated) -> list[Route]:
                 raise ApiError(404, "campaign not found")
         runtime.remember_campaign(account_id, campaign_id, campaigns.policy_of(row),
                                   recording=True)
+        await runtime.privacy_changed()
         return JSON(campaigns.campaign_json(row))
 
     async def campaign_privacy(request: Request, account_id: int) -> Response:
@@ -111,9 +113,8 @@ def routes(runtime: Runtime, authenticated: Authenticated) -> list[Route]:
 
     async def erase_recipient(request: Request, account_id: int) -> Response:
         address = address_of(request)
-        writer = runtime.writer
         erased = await subjects.erase(runtime.pool, account_id, address, runtime.suppressions,
-                                      writer.flush if writer is not None else None)
+                                      lambda: runtime.privacy_changed(erasure=True))
         if runtime.jobs is not None:
             runtime.jobs.sweep_later(account_id, erased.recipient_key, erased.through,
                                      list(erased.message_ids))
@@ -133,12 +134,14 @@ def routes(runtime: Runtime, authenticated: Authenticated) -> list[Route]:
     async def opt_out(request: Request, account_id: int) -> Response:
         address = address_of(request)
         state = await subjects.opt_out(runtime.pool, account_id, address, runtime.suppressions)
+        await runtime.privacy_changed()
         return JSON({"address": address, **state})
 
     async def withdraw_opt_out(request: Request, account_id: int) -> Response:
         address = address_of(request)
         state = await subjects.withdraw_opt_out(runtime.pool, account_id, address,
                                                 runtime.suppressions)
+        await runtime.privacy_changed()
         return JSON({"address": address, **state})
 
     recipient = "/api/recipients/{address:address}"

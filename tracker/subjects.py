@@ -16,11 +16,12 @@ campaign stored the address or only its pseudonym. What each operation changes:
   account, now and for future messages, until it is withdrawn. Nothing is deleted.
 - export returns everything stored about the address.
 
-An erasure races with hits in flight: the worker that runs it stops recording the
-recipient before it deletes anything and writes out what it captured before, and
-other workers learn of it within a second (suppression.py). What they captured in that
-second, or what a journal replays later, is swept: shortly after the erasure in the
-worker that ran it, and by the hourly job (jobs.py) for `SWEEP_DAYS`.
+An erasure races with hits in flight: before it deletes anything, every worker of the
+server stops recording the recipient and writes out what it captured before
+(privacy_sync.py), so that is deleted too. What no worker of the server could write out
+by then (a wedged one, another node's, a journal replayed after an outage) is swept:
+shortly after the erasure in the worker that ran it, and by the hourly job (jobs.py) for
+`SWEEP_DAYS`.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ async def erase(pool: asyncpg.Pool, account_id: int, address: str,
                 book: SuppressionBook | None = None,
                 flush: Callable[[], Awaitable[object]] | None = None) -> Erased:
     """Erase a recipient in an account. `book`: this process's suppression book, told
-    first; `flush`: writes out what this process captured before it was told."""
+    first; `flush`: has every worker stop recording the recipient and write out what it
+    captured before (Runtime.privacy_changed), before anything is deleted."""
     async with pool.acquire() as conn:
         recipient = identify(await account_secret(conn, account_id), address)
         state = await conn.fetchrow(PRIVACY_QUERIES.mark_erased, account_id, recipient.key)
@@ -74,7 +76,7 @@ async def erase(pool: asyncpg.Pool, account_id: int, address: str,
             # Before anything is deleted: from here on this process records nothing of it.
             book.put_recipient(account_id, recipient.key, state["opted_out"], through)
         if flush is not None:
-            await flush()  # what this process captured before is in the table now, or raises
+            await flush()  # what the workers captured before is in the table now, or raises
         return await _erase(conn, account_id, recipient.key, through,
                             lambda stored: is_recipient(stored, address, recipient),
                             normalize(address), redactor=Redactor(address))

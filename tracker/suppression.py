@@ -10,9 +10,10 @@ Before a hit reaches the pipeline, `SuppressionBook.screen` drops it when
   does unless it turned that off (`PRIVACY_SIGNAL`).
 
 The book holds only exceptions: the accounts that are deleted or ignore the signals,
-and the suppressed recipients. It is loaded at start, refreshed every second from the
-rows changed since the last read (as the policy book is), changed at once in the
-process whose API made the change, and kept as it is while the database is down. A
+and the suppressed recipients. It is loaded at start, changed at once in the process
+whose API made the change, read again from the rows changed since the last read by every
+other worker of the server before the API answers (privacy_sync.py) and by every worker
+each second (changes of other nodes), and kept as it is while the database is down. A
 recipient key of 0 (a version 1 token, issued before keys existed) matches nothing.
 """
 

@@ -1,0 +1,340 @@
+"""Privacy changes hold in every worker from the moment the API answers.
+
+A real server with two workers. The test holds a keep-alive connection to each worker
+(found through /proc: which worker process has the server end of the connection), so
+it can send a hit to the one worker that did not answer the API, right after the
+answer. Each change is made many times in a tight loop, each time followed at once by
+hits on both workers: a worker that learnt of changes a second late (as polling the
+database every second did) records some of them. The server is then stopped (it writes
+everything it captured) and PostgreSQL is read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from tracker.fastpath import Capture, ClientAddress
+from tracker.geo import no_location
+from tracker.hits import DropReason, EventRecord, Pipeline
+from tracker.policy import Policy, PolicyBook
+from tracker.privacy_sync import PrivacySync
+from tracker.suppression import SuppressionBook
+from tracker.tokens import OpenToken, Signer
+from tracker.useragent import parse_agent
+
+from .support import Server, campaign, db_fetch, db_value, new_account, register, wait_for
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc; SO_REUSEPORT")
+
+ROUNDS = 15
+LINK = "https://example.com/offer?utm_source=mail"
+CHROME = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+          "Chrome/126.0.0.0 Safari/537.36")
+BEFORE = "198.51.100.10"  # the client address of hits sent before a change
+AFTER = "198.51.100.20"  # ... and after it
+FULL = {"location": "country", "device": True, "ip": "full"}
+STRICT = {"location": "none", "device": False, "ip": "none"}
+
+
+def _children(pid: int) -> list[int]:
+    return [int(child) for child in
+            Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = fd.readlink().name
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def _server_end(port: int, client_port: int) -> int | None:
+    """The inode of the server's end of our connection from `client_port`."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = fields[1].split(":"), fields[2].split(":")
+        if int(local[1], 16) == port and int(remote[1], 16) == client_port:
+            return int(fields[9])
+    return None
+
+
+class Worker:
+    """A keep-alive connection that a given worker process serves."""
+
+    def __init__(self, pid: int, conn: http.client.HTTPConnection) -> None:
+        self.pid = pid
+        self.conn = conn
+
+    def request(self, method: str, path: str, body: Any = None,
+                headers: dict[str, str] | None = None) -> tuple[int, bytes, dict[str, str]]:
+        payload = orjson.dumps(body) if body is not None else None
+        all_headers = {"content-type": "application/json"} if payload else {}
+        self.conn.request(method, path, body=payload, headers={**all_headers, **(headers or {})})
+        response = self.conn.getresponse()
+        return response.status, response.read(), {k.lower(): v for k, v in
+                                                   response.getheaders()}
+
+    def hit(self, url: str, address: str) -> None:
+        path = url.split("/", 3)[3]
+        status, _, _ = self.request("GET", "/" + path, headers={
+            "user-agent": CHROME, "x-forwarded-for": address})
+        assert status in (200, 302), status
+
+
+def _connect(server: Server) -> Worker:
+    """A new connection, and the worker process the kernel gave it to."""
+    assert server.proc is not None
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.connect()
+    assert conn.sock is not None
+    client_port = conn.sock.getsockname()[1]
+    inode = wait_for(lambda: _server_end(server.port, client_port),
+                     message="the server end of a connection")
+    pids = [pid for pid in _children(server.proc.pid) if inode in _socket_inodes(pid)]
+    assert len(pids) == 1, pids
+    return Worker(pids[0], conn)
+
+
+def _connect_to(server: Server, pid: int) -> Worker:
+    for _ in range(200):
+        worker = _connect(server)
+        if worker.pid == pid:
+            return worker
+        worker.conn.close()
+    raise AssertionError(f"no connection reached worker {pid}")
+
+
+@contextmanager
+def one_connection_per_worker(server: Server, workers: int) -> Iterator[list[Worker]]:
+    found: dict[int, Worker] = {}
+    try:
+        for _ in range(200):
+            worker = _connect(server)
+            if worker.pid in found:
+                worker.conn.close()
+                continue
+            found[worker.pid] = worker
+            if len(found) == workers:
+                break
+        assert len(found) == workers, f"connections reached {len(found)} of {workers} workers"
+        yield list(found.values())
+    finally:
+        for worker in found.values():
+            worker.conn.close()
+
+
+@pytest.fixture
+def two_workers(dsn: str, tmp_path: Path) -> Iterator[Server]:
+    server = Server(dsn, tmp_path, env={"TRACKER_WORKERS": "2"}).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _api(worker: Worker, key: str, method: str, path: str, body: Any = None) -> Any:
+    status, content, _ = worker.request(method, path, body, {"authorization": f"Bearer {key}"})
+    assert status in (200, 201, 204), (status, content)
+    return orjson.loads(content) if content else None
+
+
+def _events(dsn: str, message_ids: list[int]) -> list[dict[str, Any]]:
+    rows = db_fetch(dsn, "select message_id, country, browser, host(ip) as ip from events "
+                         "where message_id = any($1::bigint[])", message_ids)
+    return [dict(row) for row in rows]
+
+
+def test_privacy_changes_hold_in_every_worker_from_the_moment_the_api_answers(
+        two_workers: Server, dsn: str) -> None:
+    server = two_workers
+    key = new_account(dsn, "two workers")
+    sent_at = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
+    with server.client(key) as api, one_connection_per_worker(server, 2) as workers:
+        # A stricter policy: campaigns that store the full address, city and browser,
+        # known as such to both workers (a hit stores the address) before each PATCH.
+        tightened = [campaign(api, FULL, name=f"tightened {i}") for i in range(ROUNDS)]
+        tightened_messages = [register(api, cid, [LINK], sent_at=sent_at) for cid in tightened]
+        # A worker reads campaigns in the order they changed: once it knows the probe's
+        # policy, made last, it knows theirs.
+        probe = register(api, campaign(api, FULL, name="probe"), [], sent_at=sent_at)
+        for worker in workers:
+            def knows_the_policy(worker: Worker = worker) -> bool:
+                worker.hit(probe["pixel_url"], BEFORE)
+                return bool(db_value(dsn, "select count(*) from events where message_id = $1 "
+                                          "and host(ip) = $2", int(probe["id"]), BEFORE))
+            wait_for(knows_the_policy, timeout=30, interval=0.2,
+                     message=f"worker {worker.pid} to store the full address")
+        opted_out_campaign = campaign(api, FULL, name="opt-out")
+        erased_campaign = campaign(api, FULL, name="erasure")
+
+        for i in range(ROUNDS):
+            answering, other = workers[i % 2], workers[(i + 1) % 2]
+            message = tightened_messages[i]
+            _api(answering, key, "PATCH", f"/api/campaigns/{tightened[i]}", {"policy": STRICT})
+            for worker in (other, answering):
+                worker.hit(message["pixel_url"], AFTER)
+                worker.hit(message["links"][0]["tracked_url"], AFTER)
+
+        opted_out = []
+        for i in range(ROUNDS):
+            answering, other = workers[i % 2], workers[(i + 1) % 2]
+            message = register(api, opted_out_campaign, [LINK], sent_at=sent_at,
+                               recipient=f"opted-out-{i}@example.com")
+            opted_out.append(int(message["id"]))
+            _api(answering, key, "POST", f"/api/recipients/opted-out-{i}@example.com/opt-out")
+            for worker in (other, answering):
+                worker.hit(message["pixel_url"], AFTER)
+                worker.hit(message["links"][0]["tracked_url"], AFTER)
+
+        erased = []
+        for i in range(ROUNDS):
+            answering, other = workers[i % 2], workers[(i + 1) % 2]
+            message = register(api, erased_campaign, [LINK], sent_at=sent_at,
+                               recipient=f"erased-{i}@example.com")
+            erased.append(int(message["id"]))
+            _api(answering, key, "DELETE", f"/api/recipients/erased-{i}@example.com")
+            for worker in (other, answering):
+                worker.hit(message["pixel_url"], AFTER)
+                worker.hit(message["links"][0]["tracked_url"], AFTER)
+
+    assert server.stop() == 0  # every worker writes what it captured before it exits
+
+    after = _events(dsn, [int(m["id"]) for m in tightened_messages])
+    assert len(after) == 4 * ROUNDS  # recorded, under the stricter policy
+    problems = []
+    leaked = [e for e in after if e["ip"] or e["browser"] or e["country"]]
+    if leaked:
+        problems.append(f"{len(leaked)} of {len(after)} hits after a PATCH kept what it forbade")
+    if recorded := _events(dsn, opted_out):
+        problems.append(f"{len(recorded)} hits after an opt-out were recorded")
+    if recorded := _events(dsn, erased):
+        problems.append(f"{len(recorded)} hits after an erasure were recorded")
+    counted = db_value(dsn, "select coalesce(sum(opens + clicks + machine_opens + "
+                            "machine_clicks), 0) from rollup_campaign where campaign_id = $1",
+                       int(erased_campaign))
+    if counted:
+        problems.append(f"{counted} hits after an erasure were counted in the report's rollups")
+    assert not problems, problems
+
+
+def test_a_worker_that_was_stopped_applies_the_change_before_recording_again(
+        two_workers: Server, dsn: str) -> None:
+    """A wedged worker cannot confirm a change: the API answers after a bounded wait, and
+    the worker, once it runs again, holds every hit until it has read the change."""
+    server = two_workers
+    key = new_account(dsn, "wedged")
+    sent_at = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
+    with server.client(key) as api, one_connection_per_worker(server, 2) as workers:
+        answering, wedged = workers
+        cid = campaign(api, FULL, name="wedged")
+        message = register(api, cid, [LINK], sent_at=sent_at)
+        probe = register(api, cid, [], sent_at=sent_at)
+
+        def knows_the_policy() -> bool:
+            wedged.hit(probe["pixel_url"], BEFORE)
+            return bool(db_value(dsn, "select count(*) from events where message_id = $1 and "
+                                      "host(ip) = $2", int(probe["id"]), BEFORE))
+        wait_for(knows_the_policy, timeout=30, interval=0.2, message="the full policy")
+
+        os.kill(wedged.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            _api(answering, key, "PATCH", f"/api/campaigns/{cid}", {"policy": STRICT})
+            waited = time.monotonic() - started
+        finally:
+            os.kill(wedged.pid, signal.SIGCONT)
+        assert waited < 15, waited
+        # Its idle keep-alive connection timed out while it was stopped: a new one to it.
+        resumed = _connect_to(server, wedged.pid)
+        try:
+            for _ in range(5):
+                resumed.hit(message["pixel_url"], AFTER)
+                resumed.hit(message["links"][0]["tracked_url"], AFTER)
+        finally:
+            resumed.conn.close()
+        ids = [int(message["id"])]
+    assert server.stop() == 0
+    after = _events(dsn, ids)
+    assert len(after) == 10
+    assert not [e for e in after if e["ip"] or e["browser"] or e["country"]], after
+    assert "did not confirm" in server.log(), "the bounded wait is not logged"
+
+
+# --- the check on every hit, in one process -------------------------------------------------
+
+
+async def test_hits_wait_while_a_change_cannot_be_read_and_are_then_recorded_under_it(
+        tmp_path: Path) -> None:
+    """While the worker is behind and PostgreSQL does not answer, hits are answered (this
+    is the recording side) and held; once the change is read they are recorded under it,
+    with the time of their request."""
+    book = SuppressionBook()
+    recorded: list[EventRecord] = []
+    dropped: list[DropReason] = []
+    down = [2]  # the first two reads fail
+
+    async def read_changes() -> None:
+        if down[0]:
+            down[0] -= 1
+            raise OSError("the database is down")
+        book.put_recipient(1, 5, opted_out=True, erased_through=None)  # what it reads
+
+    async def write_out() -> None:
+        return None
+
+    sync = PrivacySync(tmp_path, read_changes, write_out)
+    sync.open()
+    policies = PolicyBook()
+    policies.put(1, 1, Policy(), recording=True)
+
+    def add(row: EventRecord) -> bool:
+        recorded.append(row)
+        return True
+
+    capture = Capture(Signer(["k" * 32]), Pipeline(policies, parse_agent, no_location),
+                      ClientAddress(()), add, dropped.append, lambda endpoint, machine: None)
+    capture.screen = book.screen
+    capture.behind, capture.wake = sync.behind, sync.wake
+    released = asyncio.Event()
+
+    def release() -> None:
+        capture.release_held()
+        released.set()
+
+    sync.release = release
+    sync.start()
+    try:
+        scope = {"method": "GET", "headers": [(b"user-agent", CHROME.encode())],
+                 "client": ("203.0.113.1", 1)}
+        capture.open(scope, OpenToken(1, 1, 10, 0, 6), at_us=1_000)
+        assert recorded and not sync.behind()  # current: recorded at once
+        assert sync.shared is not None
+        sync.shared.change(erasure=False)  # another worker opts recipient 5 out
+        assert sync.behind()
+        capture.open(scope, OpenToken(1, 1, 11, 0, 5), at_us=2_000)
+        capture.open(scope, OpenToken(1, 1, 12, 0, 6), at_us=3_000)
+        assert len(recorded) == 1 and capture.held == 2 and not dropped
+        await asyncio.wait_for(released.wait(), 10)
+        assert capture.held == 0 and not sync.behind()
+        assert dropped == [DropReason.OPTED_OUT]
+        assert [row[0].split("\t")[1] for row in recorded] == ["1000", "3000"]
+    finally:
+        await sync.stop()
