@@ -12,10 +12,12 @@ everything it captured) and PostgreSQL is read.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,12 +25,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 
 from tracker.fastpath import Capture, ClientAddress
 from tracker.geo import no_location
 from tracker.hits import DropReason, EventRecord, Pipeline
+from tracker.journal import Journal
 from tracker.policy import Policy, PolicyBook
 from tracker.privacy_sync import PrivacySync
 from tracker.suppression import SuppressionBook
@@ -291,11 +295,11 @@ async def test_hits_wait_while_a_change_cannot_be_read_and_are_then_recorded_und
     dropped: list[DropReason] = []
     down = [2]  # the first two reads fail
 
-    async def read_changes() -> None:
+    async def read_changes() -> bool:
         if down[0]:
             down[0] -= 1
             raise OSError("the database is down")
-        book.put_recipient(1, 5, opted_out=True, erased_through=None)  # what it reads
+        return book.put_recipient(1, 5, opted_out=True, erased_through=None)  # what it reads
 
     async def write_out() -> None:
         return None
@@ -338,3 +342,137 @@ async def test_hits_wait_while_a_change_cannot_be_read_and_are_then_recorded_und
         assert [row[0].split("\t")[1] for row in recorded] == ["1000", "3000"]
     finally:
         await sync.stop()
+
+
+# --- the journal ----------------------------------------------------------------------------
+
+
+def test_an_erased_recipients_journal_lines_are_off_the_disk_when_the_erasure_answers(
+        dsn: str, tmp_path: Path) -> None:
+    """With TRACKER_DURABILITY=journal every event is on disk before its hit is answered.
+    Under steady traffic a segment keeps getting new records, so the ones already in
+    PostgreSQL stayed in it until it filled up: an erased recipient's address among
+    them. The erasure's write-out starts new segments, so the old ones go as soon as
+    they are written."""
+    server = Server(dsn, tmp_path, env={"TRACKER_WORKERS": "2",
+                                        "TRACKER_DURABILITY": "journal"}).start()
+    journal = tmp_path / "data" / "journal"
+    erased_address = "203.0.113.77"
+    stop = threading.Event()
+
+    def steady_traffic(url: str) -> None:
+        with httpx.Client(timeout=30, headers={"user-agent": CHROME}) as client:
+            while not stop.is_set():
+                client.get(url, headers={"x-forwarded-for": BEFORE})
+
+    def on_disk() -> bool:
+        found = False
+        for path in journal.glob("*.seg"):
+            with contextlib.suppress(FileNotFoundError):  # removed meanwhile
+                found = found or erased_address.encode() in path.read_bytes()
+        return found
+
+    threads: list[threading.Thread] = []
+    try:
+        key = new_account(dsn, "journal")
+        sent_at = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
+        with server.client(key) as api, one_connection_per_worker(server, 2) as workers:
+            cid = campaign(api, {"ip": "full"}, name="journal")
+            steady = register(api, cid, [], sent_at=sent_at, recipient="steady@example.com")
+            erased = register(api, cid, [LINK], sent_at=sent_at,
+                              recipient="erased@example.com")
+            # Steady traffic, on new connections (so on both workers): their segments
+            # keep getting records, and are never all written at once.
+            threads = [threading.Thread(target=steady_traffic, args=(steady["pixel_url"],))
+                       for _ in range(4)]
+            for thread in threads:
+                thread.start()
+            wait_for(lambda: db_value(dsn, "select count(*) from events where message_id = $1",
+                                      int(steady["id"])) > 50, message="steady traffic")
+            # Answered once on disk (durable); erased at once, with the writers busy. (Should
+            # a writer have caught up with everything in between, and removed the segment,
+            # again.)
+            for _ in range(20):
+                for worker in workers:
+                    worker.hit(erased["pixel_url"], erased_address)
+                if on_disk():
+                    break
+            assert on_disk(), "the test needs the erased line on disk before the erasure"
+            _api(workers[0], key, "DELETE", "/api/recipients/erased@example.com")
+            assert not on_disk(), "an erased recipient's line is in the journal"
+        assert db_value(dsn, "select count(*) from events where message_id = $1",
+                        int(erased["id"])) == 0
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+        server.stop()
+
+
+def test_a_sealed_segment_goes_once_its_events_are_committed(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, max_bytes=1 << 20)
+    journal.append(["erased line\n"])
+    chunk = journal.read(10)
+    assert chunk is not None
+    journal.append(["later line\n"])  # the segment keeps getting records
+    journal.commit(chunk)
+    assert len(journal.segments()) == 1  # the committed record stays on disk with it
+    (sealed,) = journal.segments()
+    journal.seal()
+    journal.append(["after the seal\n"])
+    assert len(journal.segments()) == 2  # a new segment took the append
+    rest = journal.read(10)
+    assert rest is not None and rest.lines == ["later line\n", "after the seal\n"]
+    journal.commit(rest)
+    assert sealed not in journal.segments() and not sealed.exists()
+    journal.seal()  # the active one, all committed: it goes at once
+    assert journal.segments() == [] and list(tmp_path.glob("*.seg")) == []
+    journal.close()
+
+
+def test_another_node_writes_out_and_drops_an_erased_recipients_journal_lines_in_a_second(
+        dsn: str, tmp_path: Path) -> None:
+    """Two servers on one database (two nodes). The one that did not take the erasure
+    reads it within a second and writes out what it captured, its journal segments going
+    with it (here its writer would otherwise wait a minute), and the erasure's sweep then
+    deletes those events."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    nodes = [Server(dsn, tmp_path / "a", env={"TRACKER_DURABILITY": "journal"}),
+             Server(dsn, tmp_path / "b", env={"TRACKER_DURABILITY": "journal",
+                                                "TRACKER_FLUSH_INTERVAL_MS": "60000",
+                                                "TRACKER_BATCH_SIZE": "1000000"})]
+    for node in nodes:
+        node.start()
+    other_journal = tmp_path / "b" / "data" / "journal"
+    erased_address = "203.0.113.78"
+
+    def on_disk() -> bool:
+        return any(erased_address.encode() in path.read_bytes()
+                   for path in other_journal.glob("*.seg"))
+
+    try:
+        key = new_account(dsn, "nodes")
+        sent_at = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
+        with nodes[0].client(key) as api:
+            cid = campaign(api, {"ip": "full"}, name="nodes")
+            erased = register(api, cid, [], sent_at=sent_at, recipient="erased@example.com")
+            other_pixel = erased["pixel_url"].replace(nodes[0].url, nodes[1].url)
+
+            def journaled() -> bool:
+                # Answered once in the journal (durable), written in a minute; with the
+                # address once the node has read the campaign (made on the other one).
+                httpx.get(other_pixel, headers={"user-agent": CHROME,
+                                                "x-forwarded-for": erased_address}, timeout=30)
+                return on_disk()
+            wait_for(journaled, timeout=15, interval=0.2, message="the line in the journal")
+            assert api.delete("/api/recipients/erased@example.com").status_code == 200
+            wait_for(lambda: not on_disk(), timeout=10,
+                     message="the other node to drop the erased line from its journal")
+            wait_for(lambda: db_value(dsn, "select swept_at from erasures"), timeout=30,
+                     message="the erasure's sweep")
+            assert db_value(dsn, "select count(*) from events where message_id = $1",
+                            int(erased["id"])) == 0
+    finally:
+        for node in nodes:
+            node.stop()

@@ -155,14 +155,24 @@ class Runtime:
             if self.policies.loaded_until is None or row["updated_at"] > self.policies.loaded_until:
                 self.policies.loaded_until = row["updated_at"]
 
-    async def _read_privacy_changes(self) -> None:
-        """The policies and the suppressions changed since the last read."""
+    async def _read_privacy_changes(self) -> bool:
+        """The policies and the suppressions changed since the last read; whether they
+        hold an erasure this worker did not know of."""
         await self.refresh_policies()
-        await self.suppressions.refresh(self.pool)
+        return await self.suppressions.refresh(self.pool)
 
     async def _write_out(self) -> None:
-        if self.writer is not None:
-            await self.writer.flush()
+        """An erasure: write everything captured so far into PostgreSQL, and leave none of
+        it on the disk. A dead worker's journal segments are taken over to be written too;
+        this worker's active segment is sealed, so it goes once written (a segment that
+        keeps getting new records would otherwise keep the old ones until it fills up)."""
+        if self.writer is None:
+            return
+        journal = self.writer.journal
+        if journal is not None:
+            await asyncio.to_thread(journal.adopt_orphans)
+            journal.seal()
+        await self.writer.flush()
 
     async def privacy_changed(self, erasure: bool = False) -> None:
         """A privacy change is committed (and applied here): every worker applies it

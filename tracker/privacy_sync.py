@@ -179,11 +179,13 @@ class PrivacySync:
     """One worker's side: the check on every hit, catching up, confirming, announcing.
 
     `refresh` reads the policies and suppressions changed since the last read into this
-    worker's books; `flush` writes out what the worker captured so far (both raise on a
-    database error); `release` records the held hits (called once a change is applied).
+    worker's books, and says whether they hold an erasure it did not know of; `flush`
+    writes out what the worker captured so far, leaving none of it in the journal (both
+    raise on a database error); `release` records the held hits (called once a change is
+    applied).
     """
 
-    def __init__(self, data_dir: Path, refresh: Callable[[], Awaitable[None]],
+    def __init__(self, data_dir: Path, refresh: Callable[[], Awaitable[bool]],
                  flush: Callable[[], Awaitable[object]]) -> None:
         self._data_dir = data_dir
         self._refresh = refresh
@@ -335,12 +337,16 @@ class PrivacySync:
             self.shared.set_slot(self._slot, self.applied, self._erasure, ready=True)
 
     async def _refresh_forever(self) -> None:
-        """Changes made elsewhere (another node, the CLI of another data dir)."""
+        """Changes made elsewhere (another node, the CLI of another data dir). An erasure
+        made on another node has this worker write out what it captured, so that no
+        line of it stays in the journal, and the erasure's sweep finds the events."""
         while True:
             await asyncio.sleep(REFRESH_S)
             try:
                 async with self._refreshing:
-                    await self._refresh()
+                    erased = await self._refresh()
+                if erased:
+                    await self._flush()
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 # Keep what we know; the database may be down for a while.
                 log.debug("privacy refresh failed: %s", exc)
