@@ -1,5 +1,8 @@
 """The audit: after a mixed workload, nothing beyond what the policies allow is anywhere.
 
+It runs with one worker and with two: a privacy change (the opt-out, the erasure) must
+hold in every worker from the moment the API answers.
+
 A real server (durable journal, debug logging, a City database) takes opens and clicks
 from known addresses (set with X-Forwarded-For, which it believes from loopback) and
 known user agents, for campaigns with four different policies, for an erased
@@ -146,12 +149,13 @@ async def _allow_connections(postgres: EmbeddedPostgres, name: str, allowed: boo
         await admin.close()
 
 
-@pytest.fixture
-def audited(dsn: str, tmp_path: Path) -> Iterator[Server]:
+@pytest.fixture(params=[1, 2], ids=["one worker", "two workers"])
+def audited(dsn: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Server]:
     city_db = build_test_city_db(tmp_path / "city.mmdb")
     server = Server(dsn, tmp_path, env={"TRACKER_GEOIP_DB": str(city_db),
                                         "TRACKER_DURABILITY": "journal",
-                                        "TRACKER_LOG_LEVEL": "debug"}).start()
+                                        "TRACKER_LOG_LEVEL": "debug",
+                                        "TRACKER_WORKERS": str(request.param)}).start()
     yield server
     server.stop()
 

@@ -183,6 +183,9 @@ def build_api(runtime: Runtime) -> Starlette:
         name, policy = await campaign_fields(request, None, DEFAULT)
         row = await campaigns.create(runtime.pool, account_id, name, policy)
         runtime.remember_campaign(account_id, row["id"], policy, recording=True)
+        # Every worker knows its policy before its links are handed out: one that did not
+        # would store the strictest policy's fields only.
+        await runtime.privacy_changed()
         return JSON(campaigns.campaign_json(row), status_code=201)
 
     async def list_campaigns(request: Request, account_id: int) -> Response:
