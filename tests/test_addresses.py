@@ -80,9 +80,9 @@ def reference_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
 def test_truncated_is_the_24_or_48_network(ip: ipaddress._BaseAddress) -> None:
     raw = packed(str(ip))
     assert raw is not None
-    address = ipaddress.ip_address(text_of(raw))
-    if isinstance(address, ipaddress.IPv6Address) and reference_ipv4(address) is not None:
-        address = reference_ipv4(address)
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(text_of(raw))
+    if isinstance(address, ipaddress.IPv6Address):
+        address = reference_ipv4(address) or address
     prefix = 24 if address.version == 4 else 48
     assert truncated(raw) == str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
 

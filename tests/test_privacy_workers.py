@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -39,7 +39,17 @@ from tracker.suppression import SuppressionBook
 from tracker.tokens import OpenToken, Signer
 from tracker.useragent import parse_agent
 
-from .support import Server, campaign, db_fetch, db_value, new_account, register, wait_for
+from .support import (
+    Server,
+    campaign,
+    db_fetch,
+    db_value,
+    new_account,
+    register,
+    socket_inodes,
+    wait_for,
+    worker_pids,
+)
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc; SO_REUSEPORT")
 
@@ -51,23 +61,6 @@ BEFORE = "198.51.100.10"  # the client address of hits sent before a change
 AFTER = "198.51.100.20"  # ... and after it
 FULL = {"location": "country", "device": True, "ip": "full"}
 STRICT = {"location": "none", "device": False, "ip": "none"}
-
-
-def _children(pid: int) -> list[int]:
-    return [int(child) for child in
-            Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-
-
-def _socket_inodes(pid: int) -> set[int]:
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = fd.readlink().name
-        except OSError:
-            continue  # closed meanwhile
-        if target.startswith("socket:["):
-            inodes.add(int(target[8:-1]))
-    return inodes
 
 
 def _server_end(port: int, client_port: int) -> int | None:
@@ -112,7 +105,7 @@ def _connect(server: Server) -> Worker:
     client_port = conn.sock.getsockname()[1]
     inode = wait_for(lambda: _server_end(server.port, client_port),
                      message="the server end of a connection")
-    pids = [pid for pid in _children(server.proc.pid) if inode in _socket_inodes(pid)]
+    pids = [pid for pid in worker_pids(server.proc.pid) if inode in socket_inodes(pid)]
     assert len(pids) == 1, pids
     return Worker(pids[0], conn)
 
@@ -160,6 +153,24 @@ def _api(worker: Worker, key: str, method: str, path: str, body: Any = None) -> 
     return orjson.loads(content) if content else None
 
 
+def _call(key: str, method: str, path: str, body: Any = None) -> Callable[[Worker], object]:
+    """An API call, to be made through a given worker."""
+    def call(worker: Worker) -> object:
+        return _api(worker, key, method, path, body)
+    return call
+
+
+def _change_then_hit(workers: list[Worker], round_: int, message: dict[str, Any],
+                     change: Callable[[Worker], object]) -> None:
+    """A change through one worker's API (each in turn), then at once the message's pixel
+    and link on the other worker, and on that one."""
+    answering, other = workers[round_ % 2], workers[(round_ + 1) % 2]
+    change(answering)
+    for worker in (other, answering):
+        worker.hit(message["pixel_url"], AFTER)
+        worker.hit(message["links"][0]["tracked_url"], AFTER)
+
+
 def _events(dsn: str, message_ids: list[int]) -> list[dict[str, Any]]:
     rows = db_fetch(dsn, "select message_id, country, browser, host(ip) as ip from events "
                          "where message_id = any($1::bigint[])", message_ids)
@@ -189,35 +200,27 @@ def test_privacy_changes_hold_in_every_worker_from_the_moment_the_api_answers(
         opted_out_campaign = campaign(api, FULL, name="opt-out")
         erased_campaign = campaign(api, FULL, name="erasure")
 
-        for i in range(ROUNDS):
-            answering, other = workers[i % 2], workers[(i + 1) % 2]
-            message = tightened_messages[i]
-            _api(answering, key, "PATCH", f"/api/campaigns/{tightened[i]}", {"policy": STRICT})
-            for worker in (other, answering):
-                worker.hit(message["pixel_url"], AFTER)
-                worker.hit(message["links"][0]["tracked_url"], AFTER)
+        for i, (cid, message) in enumerate(zip(tightened, tightened_messages, strict=True)):
+            _change_then_hit(workers, i, message,
+                             _call(key, "PATCH", f"/api/campaigns/{cid}", {"policy": STRICT}))
 
         opted_out = []
         for i in range(ROUNDS):
-            answering, other = workers[i % 2], workers[(i + 1) % 2]
+            address = f"opted-out-{i}@example.com"
             message = register(api, opted_out_campaign, [LINK], sent_at=sent_at,
-                               recipient=f"opted-out-{i}@example.com")
+                               recipient=address)
             opted_out.append(int(message["id"]))
-            _api(answering, key, "POST", f"/api/recipients/opted-out-{i}@example.com/opt-out")
-            for worker in (other, answering):
-                worker.hit(message["pixel_url"], AFTER)
-                worker.hit(message["links"][0]["tracked_url"], AFTER)
+            _change_then_hit(workers, i, message,
+                             _call(key, "POST", f"/api/recipients/{address}/opt-out"))
 
         erased = []
         for i in range(ROUNDS):
-            answering, other = workers[i % 2], workers[(i + 1) % 2]
+            address = f"erased-{i}@example.com"
             message = register(api, erased_campaign, [LINK], sent_at=sent_at,
-                               recipient=f"erased-{i}@example.com")
+                               recipient=address)
             erased.append(int(message["id"]))
-            _api(answering, key, "DELETE", f"/api/recipients/erased-{i}@example.com")
-            for worker in (other, answering):
-                worker.hit(message["pixel_url"], AFTER)
-                worker.hit(message["links"][0]["tracked_url"], AFTER)
+            _change_then_hit(workers, i, message,
+                             _call(key, "DELETE", f"/api/recipients/{address}"))
 
     assert server.stop() == 0  # every worker writes what it captured before it exits
 
