@@ -18,7 +18,7 @@ or another recipient's link that names it).
 from __future__ import annotations
 
 import re
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from tracker.privacy import normalize
 
@@ -31,7 +31,9 @@ class Redactor:
 
     def __init__(self, address: str) -> None:
         self.address = normalize(address)
-        self._pattern: re.Pattern[str] | None = None  # made when a destination needs it
+        # Made when a destination needs them (most name no address).
+        self._spellings: list[str] | None = None
+        self._pattern: re.Pattern[str] | None = None
 
     def names(self, url: str) -> bool:
         """Whether the destination holds the address, in any of its encodings. Cheap when
@@ -45,6 +47,19 @@ class Redactor:
         unchanged when it names no address."""
         if not self.address or not self.names(url):
             return url
+        if url.isascii():
+            # The usual spellings first, without a pattern to build (~50 µs).
+            lowered = url.lower()
+            if self._spellings is None:
+                self._spellings = _spellings(self.address)
+            for form in self._spellings:
+                start = lowered.find(form)
+                while start >= 0:
+                    url = url[:start] + PLACEHOLDER + url[start + len(form):]
+                    lowered = url.lower()
+                    start = lowered.find(form, start + len(PLACEHOLDER))
+            if not self.names(url):
+                return url
         if self._pattern is None:
             self._pattern = re.compile("".join(_character(c) for c in self.address),
                                        re.IGNORECASE)
@@ -64,6 +79,15 @@ class Redactor:
         runs = _ALNUM_RUN.findall(self.address)
         longest = max(runs, key=len, default="")
         return f"%{longest}%"
+
+
+def _spellings(address: str) -> list[str]:
+    """The address as written and as URL encoders write it, in lower case (compared with
+    the URL in lower case)."""
+    once = quote(address, safe="")
+    return list(dict.fromkeys(form.lower() for form in (
+        quote(once, safe=""), once, quote(address, safe="+"), quote(address, safe="@+"),
+        quote(address, safe="@"), address)))
 
 
 def _character(char: str) -> str:
