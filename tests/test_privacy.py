@@ -31,6 +31,7 @@ from tracker.hits import CLICK, OPEN, Event, event_id
 from tracker.notice import describe
 from tracker.policy import Policy
 from tracker.privacy import PRIVACY_QUERIES, identify, normalize
+from tracker.privacy_destinations import Redactor
 from tracker.registration import MessageInput, Registrar
 from tracker.retention import GRACE, enforce_retention
 from tracker.suppression import SuppressionBook
@@ -549,6 +550,19 @@ _PERSONAL = {  # destination -> what is stored for jane.doe+news@example.com
         "https://track.example/r?to=https%3A%2F%2Fshop.example%2F%3Fe%3D{recipient}",
     "https://shop.example/sale?utm_source=mail": "https://shop.example/sale?utm_source=mail",
 }
+
+
+@pytest.mark.parametrize(("url", "stored"), [
+    ("https://x.example/?e=jane.doe%2Bnews@example.com", "https://x.example/?e={recipient}"),
+    ("https://x.example/?e=%6Aane.doe%2bnews%40EXAMPLE.com", "https://x.example/?e={recipient}"),
+    ("https://x.example/?e=jane.doe+news%40example.com&again=JANE.DOE%2BNEWS%2540example.com",
+     "https://x.example/?e={recipient}&again={recipient}"),
+    ("https://x.example/café?e=jane.doe+news@example.com", "https://x.example/café?e={recipient}"),
+    ("https://x.example/?e=jane.doe%252Bnews%25%34%30example.com", "https://x.example/{recipient}"),
+    ("https://x.example/?e=jane.doe@example.com", "https://x.example/?e=jane.doe@example.com"),
+])
+def test_a_destination_is_stored_without_its_recipients_address(url: str, stored: str) -> None:
+    assert Redactor("Jane Doe <Jane.Doe+news@Example.com>").redact(url) == stored
 
 
 def _stored_urls(dsn: str, account_key: str) -> list[str]:
