@@ -9,6 +9,7 @@ machinery. Both must answer every request with the same bytes.
 from __future__ import annotations
 
 import re
+import select
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -192,3 +193,63 @@ def test_a_client_that_never_reads_does_not_stop_the_server(
     finally:
         hog.close()
     assert blocked, "the server kept reading requests whose answers nobody read"
+
+
+def send_until_answered(port: int, head: bytes, filler: bytes, limit: int) -> tuple[bytes, int]:
+    """Sends `head`, then `filler` over and over (up to `limit` bytes in all) until the server
+    answers; reads the answer to its end. Returns it and how much was sent. Reading as it
+    sends: a server that refuses closes after a while, and a reset connection loses what
+    was not read yet."""
+    received = b""
+    sent = 0
+    pending = memoryview(head)
+    deadline = time.monotonic() + 60
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.setblocking(False)
+        while time.monotonic() < deadline:
+            want_write = sent < limit and not received
+            readable, writable, _ = select.select([sock], [sock] if want_write else [], [], 10)
+            if readable:
+                try:
+                    chunk = sock.recv(65536)
+                except ConnectionResetError:
+                    break
+                if not chunk:
+                    break
+                received += chunk
+            elif writable:
+                if not pending:
+                    pending = memoryview(filler)
+                try:
+                    written = sock.send(pending)
+                except (BrokenPipeError, ConnectionResetError):
+                    continue  # closed: what it said is read next
+                pending = pending[written:]
+                sent += written
+            elif not want_write:
+                break  # nothing more to send and nothing said for 10 s
+    return received, sent
+
+
+@pytest.mark.parametrize("shape", ["value", "name", "trailer"])
+def test_a_header_line_that_never_ends_is_refused_with_431(
+        servers: tuple[Server, Server], shape: str) -> None:
+    heads = {"value": b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Long: ",
+             "name": b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Long",
+             "trailer": b"POST /o/x.gif HTTP/1.1\r\nHost: x\r\n"
+                        b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nX-Long: "}
+    for server in servers:
+        answer, sent = send_until_answered(server.port, heads[shape], b"a" * 65536,
+                                           16 * 1024 * 1024)
+        # (With the trailer, an answer to the request may come first: the 405 of a POST.)
+        statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)
+        assert statuses and statuses[-1] == b"431", (shape, sent, answer[:300])
+        assert answer.endswith(b'{"error":"request header fields too large"}')
+
+
+def test_a_long_head_within_the_bounds_is_answered(servers: tuple[Server, Server]) -> None:
+    fast, _ = servers
+    fields = "".join(f"X-Field-{i:03}: {'v' * 2100}\r\n" for i in range(120))  # ~250 KB
+    answer = exchange(fast.port, (f"GET /healthz HTTP/1.1\r\nHost: x\r\n{fields}"
+                                  "Connection: close\r\n\r\n").encode())
+    assert answer.startswith(b"HTTP/1.1 200 OK"), answer[:200]

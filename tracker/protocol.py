@@ -21,8 +21,12 @@ costly in a VM) was 17 % of the server's CPU on the redirect here.
 
 It also bounds what one request may make the server hold, which uvicorn leaves
 open with httptools: a request target longer than 8 KiB is refused with 414, more
-than 128 header fields or 256 KiB of them with 431 (a 100 KB user agent still passes).
-A refused connection lingers before it closes (`_linger`), so the client reads the answer.
+than 128 header fields or 256 KiB of them with 431 (a 100 KB user agent still passes),
+and so is a head still unfinished after MAX_HEAD_BYTES: httptools keeps a header line
+(name or value, in the head or in a chunked body's trailer) until it ends, so a line
+that never ends would grow without bound, and each piece of it is appended by copying
+the whole (a 150 MB line took seconds of the loop). A refused connection lingers before
+it closes (`_linger`), so the client reads the answer.
 """
 
 from __future__ import annotations
@@ -44,6 +48,14 @@ _CLOSE = b"\r\nconnection: close\r\n\r\n"
 MAX_TARGET_BYTES = 8 * 1024
 MAX_HEADER_FIELDS = 128
 MAX_HEADER_BYTES = 256 * 1024
+# What arrives is parsed in slices of at most this many bytes, so that the server can stop
+# between two of them: when an unfinished head has grown too long.
+_FEED_BYTES = 8 * 1024
+# No head within the bounds above is longer: the target, the fields, and 8 KiB for the
+# rest of the request line and the fields' separators. The bytes of an unfinished head
+# are counted a slice at a time (a slice that ends it may hold the next request too), so
+# one slice more is allowed.
+MAX_HEAD_BYTES = MAX_TARGET_BYTES + MAX_HEADER_BYTES + 8 * 1024 + _FEED_BYTES
 # After a refusal, how long the rest of the request is read and dropped (_linger).
 LINGER_S = 2.0
 
@@ -105,6 +117,10 @@ class TrackingHttpProtocol(HttpToolsProtocol):
         self._idle_since: float | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self._header_bytes = 0
+        # Whether the parser is inside a head (or a trailer section), where it keeps an
+        # unfinished header line whole; and how many bytes of it were fed so far.
+        self._in_head = False
+        self._head_bytes = 0
         self._refusal: HTTPStatus | None = None
         self._lingering = False
 
@@ -113,16 +129,34 @@ class TrackingHttpProtocol(HttpToolsProtocol):
         if self._lingering:
             return  # the rest of a refused request: dropped
         self._unset_keepalive_if_required()
+        if len(data) <= _FEED_BYTES:
+            self._feed(data)
+            return
+        view = memoryview(data)
+        for start in range(0, len(data), _FEED_BYTES):
+            if not self._feed(view[start:start + _FEED_BYTES]):
+                return
+
+    def _feed(self, data: bytes | memoryview) -> bool:
+        """Parses one slice; False if the rest must not be parsed (refused, upgraded)."""
+        if self._in_head:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._refuse(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
+                return False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
             self._refuse(self._refusal or HTTPStatus.BAD_REQUEST, None if self._refusal
                          else "malformed HTTP request")
+            return False
         except httptools.HttpParserUpgrade:
             if self._should_upgrade():
                 self.handle_websocket_upgrade()
             else:
                 self._unsupported_upgrade_warning()
+            return False  # uvicorn drops the rest of what was read with it
+        return not self._lingering
 
     def send_400_response(self, msg: str) -> None:
         self._refuse(HTTPStatus.BAD_REQUEST, "malformed HTTP request")
@@ -176,9 +210,12 @@ class TrackingHttpProtocol(HttpToolsProtocol):
         self.expect_100_continue = False
         self.headers = []
         self._header_bytes = 0
+        self._in_head = True
+        self._head_bytes = 0
         self._idle_since = None
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         url = self.url
         if (self._fast_path is not None and (url.startswith(b"/o/") or url.startswith(b"/c/"))
                 and (self.cycle is None or self.cycle.response_complete)
@@ -200,12 +237,23 @@ class TrackingHttpProtocol(HttpToolsProtocol):
         self.scope["headers"] = headers
         super().on_headers_complete()
 
+    def on_chunk_header(self) -> None:
+        # Either a chunk's data follows (on_body), or, after the last chunk, the trailer
+        # section: header lines again.
+        self._in_head = True
+        self._head_bytes = 0
+
+    def on_chunk_complete(self) -> None:
+        self._in_head = False
+
     def on_body(self, body: bytes) -> None:
+        self._in_head = False
         if self._answer is None:
             super().on_body(body)
         # A body on a tracking GET means nothing; it is read and dropped.
 
     def on_message_complete(self) -> None:
+        self._in_head = False
         answer = self._answer
         if answer is None:
             return super().on_message_complete()
