@@ -13,6 +13,7 @@ import select
 import socket
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -253,3 +254,58 @@ def test_a_long_head_within_the_bounds_is_answered(servers: tuple[Server, Server
     answer = exchange(fast.port, (f"GET /healthz HTTP/1.1\r\nHost: x\r\n{fields}"
                                   "Connection: close\r\n\r\n").encode())
     assert answer.startswith(b"HTTP/1.1 200 OK"), answer[:200]
+
+
+def rss_mb(server: Server) -> float:
+    """The server process's resident memory (one worker: uvicorn runs in it)."""
+    assert server.proc is not None
+    status = Path(f"/proc/{server.proc.pid}/status").read_text()
+    return int(status.split("VmRSS:", 1)[1].split()[0]) / 1024
+
+
+def pipeline_unread(port: int, request: bytes, limit: int) -> int:
+    """Pipelines `request` over and over on one connection and never reads an answer; stops
+    at `limit` bytes or when the server has taken nothing for 2 s. Returns bytes sent."""
+    burst = memoryview(request * (65536 // len(request)))
+    sent = offset = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.setblocking(False)
+        while sent < limit:
+            if not select.select([], [sock], [], 2)[1]:
+                break  # the server stopped reading
+            written = sock.send(burst[offset:])
+            sent += written
+            offset = (offset + written) % len(burst)
+    return sent
+
+
+def test_pipelined_requests_of_a_client_that_never_reads_are_not_read_on_every_path(
+        servers: tuple[Server, Server]) -> None:
+    # Each request waiting to be answered the ASGI way costs the server a few KB; read
+    # as fast as they come, 8 MB of them held ~500 MB (the kernel's buffers on both sides
+    # take up to ~36 MB here, so that the client cannot tell by being blocked).
+    fast, _ = servers
+    before = rss_mb(fast)
+    pipeline_unread(fast.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", 8 * 1024 * 1024)
+    grown = max(rss_mb(fast) - before for _ in poll(seconds=2))
+    assert grown < 64, f"the server grew by {grown:.0f} MB"
+
+
+def poll(seconds: float) -> Iterator[None]:
+    """Yields every 50 ms for `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        yield
+        time.sleep(0.05)
+
+
+def test_many_pipelined_requests_on_both_ways_are_all_answered_in_order(
+        servers: tuple[Server, Server], tokens: dict[str, str]) -> None:
+    # More than one read's worth: parsing stops while requests wait behind one answered
+    # the ASGI way, and goes on from where it stopped.
+    fast, _ = servers
+    pair = (f"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+            f"GET {tokens['click']} HTTP/1.1\r\nHost: x\r\n\r\n").encode()
+    answer = exchange(fast.port, pair * 1000 + _request("GET", "/o/bad.gif"))
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)
+    assert statuses == [b"200", b"302"] * 1000 + [b"200"]

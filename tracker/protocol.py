@@ -27,6 +27,13 @@ and so is a head still unfinished after MAX_HEAD_BYTES: httptools keeps a header
 that never ends would grow without bound, and each piece of it is appended by copying
 the whole (a 150 MB line took seconds of the loop). A refused connection lingers before
 it closes (`_linger`), so the client reads the answer.
+
+And it stops reading from a client that does not read its answers, on every path: while
+the connection's write buffer is over its high-water mark, or while requests wait behind
+one that is still being answered the ASGI way, nothing more is read or parsed (what was
+read already is held, unparsed: `_held`). uvicorn pauses for the second only until the
+next answer, then reads a whole buffer of requests again (a client pipelining /healthz
+without reading made one connection hold ~2 GB of waiting requests).
 """
 
 from __future__ import annotations
@@ -49,7 +56,8 @@ MAX_TARGET_BYTES = 8 * 1024
 MAX_HEADER_FIELDS = 128
 MAX_HEADER_BYTES = 256 * 1024
 # What arrives is parsed in slices of at most this many bytes, so that the server can stop
-# between two of them: when an unfinished head has grown too long.
+# between two of them: when an unfinished head has grown too long, or when the client
+# must read its answers before more of its requests are parsed.
 _FEED_BYTES = 8 * 1024
 # No head within the bounds above is longer: the target, the fields, and 8 KiB for the
 # rest of the request line and the fields' separators. The bytes of an unfinished head
@@ -111,7 +119,8 @@ class TrackingHttpProtocol(HttpToolsProtocol):
         self._outbox = outbox
         # The answer to the tracking request being parsed, written when it is complete.
         self._answer: bytes | None = None
-        self._reading_paused_for_writes = False
+        # What was read but not parsed yet, while the client must first read its answers.
+        self._held = b""
         # Keep-alive after tracking answers: one timer that re-arms itself, rather than
         # uvicorn's timer made and cancelled for every request (~1 µs each).
         self._idle_since: float | None = None
@@ -125,17 +134,45 @@ class TrackingHttpProtocol(HttpToolsProtocol):
         self._lingering = False
 
     def data_received(self, data: bytes) -> None:
-        # uvicorn's, with one more outcome: a request refused for its size.
+        # uvicorn's, with more outcomes: a request refused for its size, and reading
+        # paused until the client has read its answers.
         if self._lingering:
             return  # the rest of a refused request: dropped
+        if self._held:
+            # Read although paused (uvicorn resumes reading when an app awaits a body):
+            # behind what is held, in order.
+            self._held += data
+            self.flow.pause_reading()
+            return
+        self._parse(data)
+
+    def _must_wait(self) -> bool:
+        """Whether the client must read answers before more of its requests are parsed."""
+        return self.flow.write_paused or bool(self.pipeline)
+
+    def _parse(self, data: bytes) -> None:
         self._unset_keepalive_if_required()
-        if len(data) <= _FEED_BYTES:
+        if len(data) <= _FEED_BYTES and not self._must_wait():
             self._feed(data)
             return
         view = memoryview(data)
         for start in range(0, len(data), _FEED_BYTES):
+            if self._must_wait():
+                self._held = bytes(view[start:])
+                self.flow.pause_reading()
+                return
             if not self._feed(view[start:start + _FEED_BYTES]):
                 return
+
+    def _resume_parsing(self) -> None:
+        """Parses what was held, then reads again, unless the client must still wait."""
+        if self._lingering or self.transport.is_closing() or self._must_wait():
+            return
+        held, self._held = self._held, b""
+        if held:
+            self._parse(held)
+        if not self._held and not self._must_wait() and not self._lingering:
+            self.flow.resume_reading()
 
     def _feed(self, data: bytes | memoryview) -> bool:
         """Parses one slice; False if the rest must not be parsed (refused, upgraded)."""
@@ -277,10 +314,6 @@ class TrackingHttpProtocol(HttpToolsProtocol):
         transport.write(answer)
         if close:
             transport.close()
-        elif self.flow.write_paused and not self._reading_paused_for_writes:
-            # The client does not read its answers: stop reading its requests.
-            self._reading_paused_for_writes = True
-            self.flow.pause_reading()
 
     def shutdown(self) -> None:
         # Graceful shutdown closes idle connections at once: answers still in the outbox
@@ -305,11 +338,26 @@ class TrackingHttpProtocol(HttpToolsProtocol):
             self._idle_timer = None
         super().connection_lost(exc)
 
+    def pause_writing(self) -> None:
+        # The client does not read its answers: stop reading its requests, whichever
+        # path answers them (and stop parsing those read already: _parse).
+        super().pause_writing()
+        self.flow.pause_reading()
+
     def resume_writing(self) -> None:
         super().resume_writing()
-        if self._reading_paused_for_writes:
-            self._reading_paused_for_writes = False
-            self.flow.resume_reading()
+        self._resume_parsing()
+
+    def on_response_complete(self) -> None:
+        # uvicorn's resumes reading and starts the next request waiting (if any); reading
+        # stays paused while others still wait, and what was held is parsed once none do.
+        super().on_response_complete()
+        if self.transport.is_closing():
+            return
+        if self._held or self._must_wait():
+            self.flow.pause_reading()
+            if not self._must_wait():
+                self.loop.call_soon(self._resume_parsing)
 
 
 def _find_fast_path(app: Any) -> FastPath | None:
