@@ -309,3 +309,25 @@ def test_many_pipelined_requests_on_both_ways_are_all_answered_in_order(
     answer = exchange(fast.port, pair * 1000 + _request("GET", "/o/bad.gif"))
     statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)
     assert statuses == [b"200", b"302"] * 1000 + [b"200"]
+
+
+@pytest.mark.parametrize("refused", [
+    b"GET /o/x.gif HTTP/1.1\r\nBad Header\r\n\r\n",  # malformed: 400
+    b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n",  # target too long: 414
+    b"POST /api/campaigns HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",  # body: 400
+])
+def test_a_refused_request_comes_after_the_api_answers_before_it_in_full(
+        servers: tuple[Server, Server], tokens: dict[str, str], refused: bytes) -> None:
+    fast, asgi = servers
+    api = f"GET /api/messages/{tokens['message']} HTTP/1.1\r\nHost: x\r\n" \
+          f"Authorization: {tokens['key']}\r\n\r\n"
+    for server in (fast, asgi):
+        logged = len(server.log())
+        answer = exchange(server.port, ("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" + api
+                                        + f"GET {tokens['pixel']} HTTP/1.1\r\n\r\n").encode()
+                          + refused)
+        statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)
+        assert statuses[:3] == [b"200", b"200", b"200"] and len(statuses) == 4, answer
+        assert statuses[3] in (b"400", b"414"), answer
+        assert b'{"status":"ok"}' in answer and b'"recipient":' in answer
+        assert "Traceback" not in server.log()[logged:]

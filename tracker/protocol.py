@@ -45,8 +45,9 @@ from typing import Any
 
 import httptools
 import orjson
+from uvicorn._types import ASGI3Application
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
 from tracker.fastpath import FastPath
@@ -131,13 +132,19 @@ class TrackingHttpProtocol(HttpToolsProtocol):
         self._in_head = False
         self._head_bytes = 0
         self._refusal: HTTPStatus | None = None
-        self._lingering = False
+        # A request was refused: nothing more is parsed, what still comes is dropped.
+        self._refused = False
+        # The refusal's answer, while it waits for the answers to the requests before it.
+        self._refusal_answer: bytes | None = None
+        # The request being answered the ASGI way (uvicorn's `cycle` is the last one parsed,
+        # `pipeline` those waiting behind the one being answered).
+        self._answering: RequestResponseCycle | None = None
 
     def data_received(self, data: bytes) -> None:
         # uvicorn's, with more outcomes: a request refused for its size, and reading
         # paused until the client has read its answers.
-        if self._lingering:
-            return  # the rest of a refused request: dropped
+        if self._refused:
+            return  # what follows a refused request: dropped
         if self._held:
             # Read although paused (uvicorn resumes reading when an app awaits a body):
             # behind what is held, in order.
@@ -166,12 +173,12 @@ class TrackingHttpProtocol(HttpToolsProtocol):
 
     def _resume_parsing(self) -> None:
         """Parses what was held, then reads again, unless the client must still wait."""
-        if self._lingering or self.transport.is_closing() or self._must_wait():
+        if self._refused or self.transport.is_closing() or self._must_wait():
             return
         held, self._held = self._held, b""
         if held:
             self._parse(held)
-        if not self._held and not self._must_wait() and not self._lingering:
+        if not self._held and not self._must_wait() and not self._refused:
             self.flow.resume_reading()
 
     def _feed(self, data: bytes | memoryview) -> bool:
@@ -193,19 +200,55 @@ class TrackingHttpProtocol(HttpToolsProtocol):
             else:
                 self._unsupported_upgrade_warning()
             return False  # uvicorn drops the rest of what was read with it
-        return not self._lingering
+        return not self._refused
 
     def send_400_response(self, msg: str) -> None:
         self._refuse(HTTPStatus.BAD_REQUEST, "malformed HTTP request")
 
     def _refuse(self, status: HTTPStatus, reason: str | None = None) -> None:
-        """Answers in the API's error shape and closes: the rest of the stream is unusable."""
+        """Answers in the API's error shape and closes: the rest of the stream is unusable.
+
+        The answers to the requests before the refused one go first, in full: one still
+        being answered the ASGI way (or waiting for its turn) is finished before the
+        refusal is written (on_response_complete). The refused request itself gets only
+        the refusal: a tracking request's answer is dropped (nothing was recorded), and
+        the app answering it the ASGI way, if it got that far, sees the client leave."""
         body = orjson.dumps({"error": reason or status.phrase.lower()})
-        self._outbox.flush()  # the answers to the requests before this one go first
-        self.transport.write(
-            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n"
-            b"content-length: %d\r\nconnection: close\r\n\r\n%s"
-            % (status, status.phrase.encode(), len(body), body))
+        self._refused = True
+        self._held = b""
+        self._answer = None
+        self._refusal_answer = (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n"
+                                b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+                                % (status, status.phrase.encode(), len(body), body))
+        refused = self.cycle
+        if (refused is not None and refused.more_body and not refused.response_complete
+                and not refused.response_started):
+            # Its body is what was refused: it is not answered, and not waited for.
+            for waiting in self.pipeline:
+                if waiting[0] is refused:
+                    self.pipeline.remove(waiting)
+                    break
+            refused.disconnected = True
+            refused.message_event.set()
+        if not self._answers_pending():
+            self._send_refusal()
+
+    def _answers_pending(self) -> bool:
+        """Whether a request before the refused one is still to be answered the ASGI way."""
+        cycle = self._answering
+        return bool(self.pipeline) or (cycle is not None and not cycle.response_complete
+                                       and not cycle.disconnected)
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        self._answering = cycle
+        super()._start_asgi_task(cycle, app)
+
+    def _send_refusal(self) -> None:
+        answer, self._refusal_answer = self._refusal_answer, None
+        if answer is None or self.transport.is_closing():
+            return
+        self._outbox.flush()  # the tracking answers before it
+        self.transport.write(answer)
         self._linger()
 
     def _linger(self) -> None:
@@ -214,7 +257,6 @@ class TrackingHttpProtocol(HttpToolsProtocol):
         still sending it may never read the answer. So: the answer, then our end of the
         stream; what still comes is read and dropped, until the client closes its end or
         LINGER_S have passed."""
-        self._lingering = True
         transport = self.transport
         if not transport.can_write_eof():
             transport.close()
@@ -353,6 +395,10 @@ class TrackingHttpProtocol(HttpToolsProtocol):
         # stays paused while others still wait, and what was held is parsed once none do.
         super().on_response_complete()
         if self.transport.is_closing():
+            return
+        if self._refused:
+            if not self._answers_pending():
+                self._send_refusal()  # (if still to be sent: a refusal is sent once)
             return
         if self._held or self._must_wait():
             self.flow.pause_reading()
