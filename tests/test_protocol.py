@@ -8,16 +8,19 @@ machinery. Both must answer every request with the same bytes.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import select
 import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
-from .support import Server, campaign, db_value, new_account, register, wait_for
+from .support import Server, campaign, db_fetch, db_value, new_account, register, wait_for
 
 DESTINATION = "https://example.com/p?q=1&r=%20x#frag"
 
@@ -331,3 +334,113 @@ def test_a_refused_request_comes_after_the_api_answers_before_it_in_full(
         assert statuses[3] in (b"400", b"414"), answer
         assert b'{"status":"ok"}' in answer and b'"recipient":' in answer
         assert "Traceback" not in server.log()[logged:]
+
+
+def _message_with_two_links(server: Server, key: str) -> dict[str, Any]:
+    with httpx.Client(base_url=server.url, headers={"authorization": key}, timeout=10) as api:
+        message = register(api, campaign(api), ["https://example.com/a", "https://example.com/b"])
+    return {"id": int(message["id"]), "pixel": message["pixel_url"].removeprefix(server.url),
+            "clicks": [link["tracked_url"].removeprefix(server.url)
+                       for link in message["links"]]}
+
+
+def _events_after_marker(dsn: str, server: Server, message: dict[str, Any]) -> list[Any]:
+    """The message's events once a complete click on its second link (the marker, written
+    after anything before it: one message's events go through one writer lane in order)
+    is stored."""
+    answer = exchange(server.port, _request("GET", message["clicks"][1]))
+    assert answer.startswith(b"HTTP/1.1 302 "), answer
+
+    def events() -> list[Any]:
+        rows = db_fetch(dsn, "select type, link_position from events where message_id = $1",
+                        message["id"])
+        return rows if any(row["link_position"] == 1 for row in rows) else []
+
+    return [tuple(row) for row in wait_for(events, timeout=15, message="the marker click")]
+
+
+def test_a_pixel_whose_body_is_refused_is_not_recorded(
+        servers: tuple[Server, Server], tokens: dict[str, str], module_dsn: str) -> None:
+    for server in servers:
+        message = _message_with_two_links(server, tokens["key"])
+        answer = exchange(server.port, f"GET {message['pixel']} HTTP/1.1\r\nHost: x\r\n"
+                                       "Transfer-Encoding: chunked\r\n\r\nzz\r\n".encode())
+        assert re.findall(rb"HTTP/1\.1 (\d{3}) ", answer) == [b"400"], answer
+        assert _events_after_marker(module_dsn, server, message) == [("click", 1)]
+
+
+def test_a_click_whose_body_never_comes_is_not_recorded(
+        servers: tuple[Server, Server], tokens: dict[str, str], module_dsn: str) -> None:
+    for server in servers:
+        message = _message_with_two_links(server, tokens["key"])
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(f"GET {message['clicks'][0]} HTTP/1.1\r\nHost: x\r\n"
+                         "Content-Length: 100\r\n\r\n0123456789".encode())
+            sock.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                sock.recv(100)  # no answer to an incomplete request
+        assert _events_after_marker(module_dsn, server, message) == [("click", 1)]
+
+
+@pytest.mark.parametrize("kind", ["pixel", "click"])
+def test_expect_100_continue_on_a_tracking_path_is_answered_then_the_request(
+        servers: tuple[Server, Server], tokens: dict[str, str], kind: str) -> None:
+    for server in servers:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(f"GET {tokens[kind]} HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+                         "Expect: 100-continue\r\nConnection: close\r\n\r\n".encode())
+            interim = b""
+            while not interim.endswith(b"\r\n\r\n"):
+                interim += sock.recv(1)
+            assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+            sock.sendall(b"hello")
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 302 " if kind == "click" else b"HTTP/1.1 200 ")
+
+
+def test_a_request_head_that_does_not_arrive_in_time_is_refused_with_408(
+        servers: tuple[Server, Server], tokens: dict[str, str]) -> None:
+    # Slowloris: heads dripped a byte at a time, to both ways; connections that say
+    # nothing; a tracking request whose body never comes. All are let go after
+    # HEAD_TIMEOUT_S (10 s), which no dripping resets.
+    started = time.monotonic()
+    clients: list[tuple[socket.socket, bytes]] = []
+    for server in servers:
+        for head, count in ((f"GET {tokens['pixel']} HTTP/1.1\r\nHost: x\r\n", 20),
+                            ("GET /healthz HTTP/1.1\r\nHost: x\r\n", 20), ("", 5),
+                            (f"GET {tokens['click']} HTTP/1.1\r\nContent-Length: 9\r\n\r\n", 5)):
+            for _ in range(count):
+                sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+                sock.sendall(head.encode())
+                sock.setblocking(False)
+                clients.append((sock, head.encode()))
+    outcomes: dict[int, tuple[float, bytes]] = {}
+    try:
+        deadline = started + 40
+        while len(outcomes) < len(clients) and time.monotonic() < deadline:
+            for index, (sock, head) in enumerate(clients):
+                if index in outcomes:
+                    continue
+                try:
+                    received = sock.recv(65536)
+                except BlockingIOError:
+                    if head and not head.endswith(b"\r\n\r\n"):
+                        with contextlib.suppress(OSError):
+                            sock.send(b"X")  # one more byte of a header name
+                    continue
+                except ConnectionResetError:
+                    received = b""
+                outcomes[index] = (time.monotonic() - started, received)
+            time.sleep(0.5)  # the dripping's pace
+    finally:
+        for sock, _ in clients:
+            sock.close()
+    assert len(outcomes) == len(clients), f"{len(clients) - len(outcomes)} still open after 40 s"
+    for index, (after, received) in outcomes.items():
+        assert after >= 9.5, after
+        if clients[index][1]:
+            assert received.startswith(b"HTTP/1.1 408 "), received
+        else:
+            assert received == b""

@@ -244,9 +244,14 @@ class FastPath:
         kind = scope["type"]
         if kind == "http":
             path: str = scope["path"]
-            if path.startswith("/o/"):
-                return await self._pixel(scope, send)
-            if path.startswith("/c/"):
+            if path.startswith("/o/") or path.startswith("/c/"):
+                # A hit counts once its request is whole: a request whose body never comes
+                # (or comes broken, and is refused by the server) is neither answered nor
+                # recorded.
+                if not await _read_to_the_end(receive):
+                    return
+                if path[1] == "o":
+                    return await self._pixel(scope, send)
                 return await self._click(scope, send)
         elif kind == "lifespan":
             return await self._lifespan(receive, send)
@@ -255,18 +260,22 @@ class FastPath:
     def _capture(self) -> Capture | None:
         return self._runtime.capture
 
-    def answer(self, scope: Scope) -> bytes | None:
+    def answers_in_place(self) -> bool:
+        """Whether `answer` may answer tracking requests: not when an answer must wait for
+        the journal (TRACKER_DURABILITY=journal); such requests go the ASGI way."""
+        capture = self._runtime.capture
+        return capture is None or capture.sync is None
+
+    def answer(self, scope: Scope) -> bytes:
         """The whole response to a tracking request (a path under /o/ or /c/) as bytes, the
         hit recorded; for a server that writes it from its parser's callbacks with no task
-        per request (tracker.protocol). None when the answer must wait for the journal
-        (TRACKER_DURABILITY=journal): such requests go the ASGI way.
+        per request (tracker.protocol), once the request is complete, and only while
+        `answers_in_place()`.
 
         The same answers as `__call__`, byte for byte (tested); the hit is recorded a
         moment later for the pixel, with the others the loop has read
         (`Capture.defer_open`)."""
         capture = self._runtime.capture
-        if capture is not None and capture.sync is not None:
-            return None
         method = scope["method"]
         if method != "GET" and method != "HEAD":
             return _WIRE_NOT_ALLOWED
@@ -347,6 +356,18 @@ class FastPath:
         await send(_EMPTY_BODY)
         if not durable:
             _record_click(capture, scope, token)
+
+
+async def _read_to_the_end(receive: Receive) -> bool:
+    """Reads a request's body (meaningless on a tracking path) to its end; False if the
+    client left first. Asking for it is also what makes the server answer
+    `Expect: 100-continue`."""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return False
+        if not message.get("more_body", False):
+            return True
 
 
 def _record_open(capture: Capture, scope: Scope, at_us: int | None = None) -> None:

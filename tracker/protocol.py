@@ -53,6 +53,7 @@ from uvicorn.server import ServerState
 from tracker.fastpath import FastPath
 
 _CLOSE = b"\r\nconnection: close\r\n\r\n"
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 MAX_TARGET_BYTES = 8 * 1024
 MAX_HEADER_FIELDS = 128
 MAX_HEADER_BYTES = 256 * 1024
@@ -65,6 +66,13 @@ _FEED_BYTES = 8 * 1024
 # are counted a slice at a time (a slice that ends it may hold the next request too), so
 # one slice more is allowed.
 MAX_HEAD_BYTES = MAX_TARGET_BYTES + MAX_HEADER_BYTES + 8 * 1024 + _FEED_BYTES
+# A request's head must be in this many seconds after its first byte (a tracking request
+# whole: its body, if any, too), and a connection's first request must begin as long after
+# it opens; else 408 (or a close, if nothing came). A real client sends a head at once, in
+# one packet or a few; a slowloris client drips it to hold connections open for ever.
+# nginx allows 60 s (client_header_timeout), Apache 20-40 s: 10 s is still far beyond what
+# a working client needs, and four times less than either lets a slow client hold.
+HEAD_TIMEOUT_S = 10.0
 # After a refusal, how long the rest of the request is read and dropped (_linger).
 LINGER_S = 2.0
 
@@ -118,8 +126,10 @@ class TrackingHttpProtocol(HttpToolsProtocol):
         if outbox is None:
             outbox = _outboxes[server_state] = _Outbox(self.loop)
         self._outbox = outbox
-        # The answer to the tracking request being parsed, written when it is complete.
-        self._answer: bytes | None = None
+        # The tracking request being parsed (what FastPath.answer needs of it): answered and
+        # recorded once it is complete; and whether it awaits `100 Continue` for its body.
+        self._tracking: dict[str, Any] | None = None
+        self._continue = False
         # What was read but not parsed yet, while the client must first read its answers.
         self._held = b""
         # Keep-alive after tracking answers: one timer that re-arms itself, rather than
@@ -139,6 +149,16 @@ class TrackingHttpProtocol(HttpToolsProtocol):
         # The request being answered the ASGI way (uvicorn's `cycle` is the last one parsed,
         # `pipeline` those waiting behind the one being answered).
         self._answering: RequestResponseCycle | None = None
+        # Since when the head being read (or a tracking request, whole) has been awaited,
+        # or None between requests; checked by one timer that re-arms itself.
+        self._head_since: float | None = None
+        self._head_begun = False
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_since = self.loop.time()  # the first request's, from the connection on
+        self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._check_head)
 
     def data_received(self, data: bytes) -> None:
         # uvicorn's, with more outcomes: a request refused for its size, and reading
@@ -200,6 +220,11 @@ class TrackingHttpProtocol(HttpToolsProtocol):
             else:
                 self._unsupported_upgrade_warning()
             return False  # uvicorn drops the rest of what was read with it
+        if self._continue:
+            # A tracking request whose client waits to be asked for its body (which means
+            # nothing here, but is part of the request: it is answered once whole).
+            self._continue = False
+            self._outbox.put(self, _CONTINUE, False)
         return not self._refused
 
     def send_400_response(self, msg: str) -> None:
@@ -216,7 +241,8 @@ class TrackingHttpProtocol(HttpToolsProtocol):
         body = orjson.dumps({"error": reason or status.phrase.lower()})
         self._refused = True
         self._held = b""
-        self._answer = None
+        self._tracking = None
+        self._continue = False
         self._refusal_answer = (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n"
                                 b"content-length: %d\r\nconnection: close\r\n\r\n%s"
                                 % (status, status.phrase.encode(), len(body), body))
@@ -292,23 +318,31 @@ class TrackingHttpProtocol(HttpToolsProtocol):
         self._in_head = True
         self._head_bytes = 0
         self._idle_since = None
+        self._head_since = self.loop.time()
+        self._head_begun = True
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._check_head)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         url = self.url
-        if (self._fast_path is not None and (url.startswith(b"/o/") or url.startswith(b"/c/"))
+        fast_path = self._fast_path
+        if (fast_path is not None and (url.startswith(b"/o/") or url.startswith(b"/c/"))
                 and (self.cycle is None or self.cycle.response_complete)
-                and not self.parser.should_upgrade()):
+                and not self.parser.should_upgrade() and fast_path.answers_in_place()):
             path = url.partition(b"?")[0]
             if path.isascii() and b"%" not in path and b"#" not in url:
-                self._outbox.expect()
-                answer = self._fast_path.answer({
+                # Answered and recorded when complete (on_message_complete): a request whose
+                # body never comes, or is refused, is neither.
+                self._tracking = {
                     "method": self.parser.get_method().decode("ascii"),
                     "path": path.decode("ascii"), "headers": self.headers,
-                    "client": self.client})
-                if answer is not None:
-                    self._answer = answer
-                    return
+                    "client": self.client}
+                if self.expect_100_continue and self.parser.get_http_version() != "1.0":
+                    self._continue = True
+                return
+        if not (url.startswith(b"/o/") or url.startswith(b"/c/")):
+            self._head_since = None  # its head is in; a tracking request is timed whole
         # The ASGI way: uvicorn's scope (its on_message_begin resets what was read so far).
         url, headers, expect = self.url, self.headers, self.expect_100_continue
         super().on_message_begin()
@@ -327,16 +361,21 @@ class TrackingHttpProtocol(HttpToolsProtocol):
 
     def on_body(self, body: bytes) -> None:
         self._in_head = False
-        if self._answer is None:
+        if self._tracking is None:
             super().on_body(body)
         # A body on a tracking GET means nothing; it is read and dropped.
 
     def on_message_complete(self) -> None:
         self._in_head = False
-        answer = self._answer
-        if answer is None:
+        self._head_since = None
+        tracking = self._tracking
+        if tracking is None:
             return super().on_message_complete()
-        self._answer = None
+        self._tracking = None
+        self._continue = False
+        assert self._fast_path is not None  # (a tracking request was taken with it)
+        self._outbox.expect()
+        answer = self._fast_path.answer(tracking)
         self.server_state.total_requests += 1
         parser = self.parser
         if parser.should_keep_alive() and parser.get_http_version() != "1.0":
@@ -374,10 +413,33 @@ class TrackingHttpProtocol(HttpToolsProtocol):
             self._idle_timer = self.loop.call_later(self.timeout_keep_alive - idle_for,
                                                     self._close_if_idle)
 
+    def _check_head(self) -> None:
+        """Refuses a request whose head (a tracking request: whole) is late with 408, and
+        closes a connection whose first request has not begun in time."""
+        self._head_timer = None
+        since = self._head_since
+        if since is None or self._refused or self.transport.is_closing():
+            return  # between requests (the keep-alive timeout rules), or done
+        now = self.loop.time()
+        if self._held or self.flow.read_paused:
+            # Not reading: the rest may be here already, waiting for the client to read
+            # its answers (or for the answers before it).
+            since = self._head_since = now
+        waited = now - since
+        if waited < HEAD_TIMEOUT_S:
+            self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S - waited, self._check_head)
+        elif self._head_begun:
+            self._refuse(HTTPStatus.REQUEST_TIMEOUT, "request not received in time")
+        else:
+            self.transport.close()
+
     def connection_lost(self, exc: Exception | None) -> None:
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         super().connection_lost(exc)
 
     def pause_writing(self) -> None:
