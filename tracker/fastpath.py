@@ -75,9 +75,13 @@ class ClientAddress:
     """The client's address: the peer, or from X-Forwarded-For when the peer is a trusted proxy.
 
     The right-most address not in a trusted network is the client: everything to its
-    left was written by parties we cannot vouch for. A malformed header is ignored as a
-    whole. Addresses come out canonical, IPv4-mapped IPv6 (what a dual-stack listener
-    reports for IPv4 peers) as plain IPv4, so geolocation and truncation see IPv4.
+    left was written by parties we cannot vouch for, and is not read. When what our own
+    proxies wrote (the elements from the right up to the client's) is malformed, or the
+    header is longer than any real chain writes and the client is not within its last
+    _MAX_FORWARDED_CHARS, the client is unknown (None): never the proxy, whose address
+    would be located, stored and, on loopback, exempt from the sign-in throttle. Addresses
+    come out canonical, IPv4-mapped IPv6 (what a dual-stack listener reports for IPv4
+    peers) as plain IPv4, so geolocation and truncation see IPv4.
     """
 
     def __init__(self, trusted: tuple[IPNetwork, ...]) -> None:
@@ -103,19 +107,20 @@ class ClientAddress:
         if peer is None:
             return None
         client, trusted = self._lookup(peer)
-        if forwarded is None or not trusted or len(forwarded) > _MAX_FORWARDED_CHARS:
+        if forwarded is None or not trusted:
             return client
-        hops: list[tuple[str, bool]] = []
-        for part in forwarded.decode("latin-1").split(","):
+        cut = len(forwarded) > _MAX_FORWARDED_CHARS
+        hops = forwarded[-_MAX_FORWARDED_CHARS:].decode("latin-1").split(",")
+        if cut:
+            del hops[0]  # cut short, perhaps in the middle of an address
+        address = None
+        for part in reversed(hops):
             host = _host(part.strip())
             address, hop_trusted = self._lookup(host) if host is not None else (None, False)
-            if address is None:
-                return client
-            hops.append((address, hop_trusted))
-        for address, hop_trusted in reversed(hops):
-            if not hop_trusted:
+            if address is None or not hop_trusted:
                 return address
-        return hops[0][0] if hops else client
+        # Every address a trusted proxy: the left-most, unless the header went on further.
+        return None if cut else address
 
 
 def _host(hop: str) -> str | None:
