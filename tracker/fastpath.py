@@ -45,6 +45,10 @@ _NOT_ALLOWED_START = {"type": "http.response.start", "status": 405, "headers": [
     (b"allow", b"GET, HEAD"), (b"content-type", b"text/plain; charset=utf-8"),
     (b"content-length", b"19"), (b"cache-control", b"no-store")]}
 _NOT_ALLOWED_BODY = {"type": "http.response.body", "body": b"method not allowed\n"}
+_MALFORMED_START = {"type": "http.response.start", "status": 400, "headers": [
+    (b"content-type", b"application/json"), (b"content-length", b"34"),
+    (b"connection", b"close")]}
+_MALFORMED_BODY = {"type": "http.response.body", "body": b'{"error":"malformed HTTP request"}'}
 
 
 def wire_response(start: Message, body: Message) -> bytes:
@@ -254,6 +258,10 @@ class FastPath:
                 # (or comes broken, and is refused by the server) is neither answered nor
                 # recorded.
                 if not await _read_to_the_end(receive):
+                    # Under uvicorn the protocol has answered (or the client left, and this
+                    # goes nowhere); granian leaves it to the app.
+                    await send(_MALFORMED_START)
+                    await send(_MALFORMED_BODY)
                     return
                 if path[1] == "o":
                     return await self._pixel(scope, send)

@@ -25,8 +25,11 @@ than 128 header fields or 256 KiB of them with 431 (a 100 KB user agent still pa
 and so is a head still unfinished after MAX_HEAD_BYTES: httptools keeps a header line
 (name or value, in the head or in a chunked body's trailer) until it ends, so a line
 that never ends would grow without bound, and each piece of it is appended by copying
-the whole (a 150 MB line took seconds of the loop). A refused connection lingers before
-it closes (`_linger`), so the client reads the answer.
+the whole (a 150 MB line took seconds of the loop). A head must also be in within
+HEAD_TIMEOUT_S of its first byte (`_check_head`: slowloris clients held connections for
+minutes); the bounds are in wire_limits.py. A refused request is answered after the
+answers to those before it, and its connection lingers before it closes (`_linger`), so
+the client reads the answer.
 
 And it stops reading from a client that does not read its answers, on every path: while
 the connection's write buffer is over its high-water mark, or while requests wait behind
@@ -51,28 +54,17 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 from uvicorn.server import ServerState
 
 from tracker.fastpath import FastPath
+from tracker.wire_limits import (
+    FEED_BYTES,
+    HEAD_TIMEOUT_S,
+    MAX_HEAD_BYTES,
+    MAX_HEADER_BYTES,
+    MAX_HEADER_FIELDS,
+    MAX_TARGET_BYTES,
+)
 
 _CLOSE = b"\r\nconnection: close\r\n\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-MAX_TARGET_BYTES = 8 * 1024
-MAX_HEADER_FIELDS = 128
-MAX_HEADER_BYTES = 256 * 1024
-# What arrives is parsed in slices of at most this many bytes, so that the server can stop
-# between two of them: when an unfinished head has grown too long, or when the client
-# must read its answers before more of its requests are parsed.
-_FEED_BYTES = 8 * 1024
-# No head within the bounds above is longer: the target, the fields, and 8 KiB for the
-# rest of the request line and the fields' separators. The bytes of an unfinished head
-# are counted a slice at a time (a slice that ends it may hold the next request too), so
-# one slice more is allowed.
-MAX_HEAD_BYTES = MAX_TARGET_BYTES + MAX_HEADER_BYTES + 8 * 1024 + _FEED_BYTES
-# A request's head must be in this many seconds after its first byte (a tracking request
-# whole: its body, if any, too), and a connection's first request must begin as long after
-# it opens; else 408 (or a close, if nothing came). A real client sends a head at once, in
-# one packet or a few; a slowloris client drips it to hold connections open for ever.
-# nginx allows 60 s (client_header_timeout), Apache 20-40 s: 10 s is still far beyond what
-# a working client needs, and four times less than either lets a slow client hold.
-HEAD_TIMEOUT_S = 10.0
 # After a refusal, how long the rest of the request is read and dropped (_linger).
 LINGER_S = 2.0
 
@@ -179,16 +171,16 @@ class TrackingHttpProtocol(HttpToolsProtocol):
 
     def _parse(self, data: bytes) -> None:
         self._unset_keepalive_if_required()
-        if len(data) <= _FEED_BYTES and not self._must_wait():
+        if len(data) <= FEED_BYTES and not self._must_wait():
             self._feed(data)
             return
         view = memoryview(data)
-        for start in range(0, len(data), _FEED_BYTES):
+        for start in range(0, len(data), FEED_BYTES):
             if self._must_wait():
                 self._held = bytes(view[start:])
                 self.flow.pause_reading()
                 return
-            if not self._feed(view[start:start + _FEED_BYTES]):
+            if not self._feed(view[start:start + FEED_BYTES]):
                 return
 
     def _resume_parsing(self) -> None:
