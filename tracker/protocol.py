@@ -65,6 +65,8 @@ from tracker.wire_limits import (
 
 _CLOSE = b"\r\nconnection: close\r\n\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# What one connection may have read before the loop serves the others (data_received).
+TURN_BYTES = 256 * 1024
 # After a refusal, how long the rest of the request is read and dropped (_linger).
 LINGER_S = 2.0
 
@@ -124,6 +126,10 @@ class TrackingHttpProtocol(HttpToolsProtocol):
         self._continue = False
         # What was read but not parsed yet, while the client must first read its answers.
         self._held = b""
+        # Bytes read since the connection's last turn ended (TURN_BYTES), and whether it
+        # has ended: reading is paused until the loop has served the others.
+        self._turn_bytes = 0
+        self._turn_over = False
         # Keep-alive after tracking answers: one timer that re-arms itself, rather than
         # uvicorn's timer made and cancelled for every request (~1 µs each).
         self._idle_since: float | None = None
@@ -164,6 +170,20 @@ class TrackingHttpProtocol(HttpToolsProtocol):
             self.flow.pause_reading()
             return
         self._parse(data)
+        self._turn_bytes += len(data)
+        if self._turn_bytes >= TURN_BYTES and not self._turn_over:
+            # libuv reads a ready connection up to 32 times before the loop goes on to the
+            # others: a client sending requests as fast as it could had ~60,000 of them
+            # parsed in one go while everyone else waited (a /healthz probe: 2-3 s). So, a
+            # turn's worth, then the others get theirs.
+            self._turn_over = True
+            self.flow.pause_reading()
+            self.loop.call_soon(self._next_turn)
+
+    def _next_turn(self) -> None:
+        self._turn_bytes = 0
+        self._turn_over = False
+        self._resume_parsing()
 
     def _must_wait(self) -> bool:
         """Whether the client must read answers before more of its requests are parsed."""
@@ -190,7 +210,7 @@ class TrackingHttpProtocol(HttpToolsProtocol):
         held, self._held = self._held, b""
         if held:
             self._parse(held)
-        if not self._held and not self._must_wait() and not self._refused:
+        if not (self._held or self._must_wait() or self._refused or self._turn_over):
             self.flow.resume_reading()
 
     def _feed(self, data: bytes | memoryview) -> bool:
