@@ -116,6 +116,9 @@ class TrackingHttpProtocol(HttpToolsProtocol):
                  _loop: asyncio.AbstractEventLoop | None = None) -> None:
         super().__init__(config, server_state, app_state, _loop)
         self._fast_path = _find_fast_path(self.app)
+        # Fixed from start-up on (connections are taken once the app has started).
+        self._answers_in_place = (self._fast_path is not None
+                                  and self._fast_path.answers_in_place())
         outbox = _outboxes.get(server_state)
         if outbox is None:
             outbox = _outboxes[server_state] = _Outbox(self.loop)
@@ -169,13 +172,30 @@ class TrackingHttpProtocol(HttpToolsProtocol):
             self._held += data
             self.flow.pause_reading()
             return
-        self._parse(data)
-        self._turn_bytes += len(data)
-        if self._turn_bytes >= TURN_BYTES and not self._turn_over:
-            # libuv reads a ready connection up to 32 times before the loop goes on to the
-            # others: a client sending requests as fast as it could had ~60,000 of them
-            # parsed in one go while everyone else waited (a /healthz probe: 2-3 s). So, a
-            # turn's worth, then the others get theirs.
+        size = len(data)
+        self._turn_bytes += size
+        if self._turn_bytes >= TURN_BYTES:
+            self._end_turn()
+        if size > FEED_BYTES or self._in_head or self.flow.write_paused or self.pipeline:
+            self._parse(data)
+            return
+        # The common case, inlined (it is every hit's): one slice, between two requests.
+        if self.timeout_keep_alive_task is not None:
+            self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            self._parser_stopped(exc)
+            return
+        if self._continue:
+            self._ask_for_body()
+
+    def _end_turn(self) -> None:
+        """libuv reads a ready connection up to 32 times before the loop goes on to the
+        others: a client sending requests as fast as it could had ~60,000 of them parsed
+        in one go while everyone else waited (a /healthz probe: 2-3 s). So, a turn's
+        worth, then the others get theirs."""
+        if not self._turn_over:
             self._turn_over = True
             self.flow.pause_reading()
             self.loop.call_soon(self._next_turn)
@@ -191,9 +211,6 @@ class TrackingHttpProtocol(HttpToolsProtocol):
 
     def _parse(self, data: bytes) -> None:
         self._unset_keepalive_if_required()
-        if len(data) <= FEED_BYTES and not self._must_wait():
-            self._feed(data)
-            return
         view = memoryview(data)
         for start in range(0, len(data), FEED_BYTES):
             if self._must_wait():
@@ -222,22 +239,29 @@ class TrackingHttpProtocol(HttpToolsProtocol):
                 return False
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError:
-            self._refuse(self._refusal or HTTPStatus.BAD_REQUEST, None if self._refusal
-                         else "malformed HTTP request")
-            return False
-        except httptools.HttpParserUpgrade:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            self._parser_stopped(exc)
+            return False  # (after an upgrade, uvicorn drops the rest of what was read)
+        if self._continue:
+            self._ask_for_body()
+        return not self._refused
+
+    def _parser_stopped(self, stop: Exception) -> None:
+        if isinstance(stop, httptools.HttpParserUpgrade):
             if self._should_upgrade():
                 self.handle_websocket_upgrade()
             else:
                 self._unsupported_upgrade_warning()
-            return False  # uvicorn drops the rest of what was read with it
-        if self._continue:
-            # A tracking request whose client waits to be asked for its body (which means
-            # nothing here, but is part of the request: it is answered once whole).
-            self._continue = False
-            self._outbox.put(self, _CONTINUE, False)
-        return not self._refused
+        else:
+            self._refuse(self._refusal or HTTPStatus.BAD_REQUEST, None if self._refusal
+                         else "malformed HTTP request")
+
+    def _ask_for_body(self) -> None:
+        """`100 Continue` for a tracking request whose client waits to be asked for its
+        body (which means nothing here, but is part of the request: it is answered once
+        whole)."""
+        self._continue = False
+        self._outbox.put(self, _CONTINUE, False)
 
     def send_400_response(self, msg: str) -> None:
         self._refuse(HTTPStatus.BAD_REQUEST, "malformed HTTP request")
@@ -338,10 +362,9 @@ class TrackingHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         url = self.url
-        fast_path = self._fast_path
-        if (fast_path is not None and (url.startswith(b"/o/") or url.startswith(b"/c/"))
+        if (self._answers_in_place and (url.startswith(b"/o/") or url.startswith(b"/c/"))
                 and (self.cycle is None or self.cycle.response_complete)
-                and not self.parser.should_upgrade() and fast_path.answers_in_place()):
+                and not self.parser.should_upgrade()):
             path = url.partition(b"?")[0]
             if path.isascii() and b"%" not in path and b"#" not in url:
                 # Answered and recorded when complete (on_message_complete): a request whose
