@@ -20,6 +20,7 @@ from tracker.geo import no_location
 from tracker.hits import Pipeline
 from tracker.policy import PolicyBook
 from tracker.settings import IPNetwork
+from tracker.throttle import BURST, AuthThrottle
 from tracker.tokens import Signer
 from tracker.useragent import parse_agent
 
@@ -56,6 +57,11 @@ def test_right_most_untrusted_forwarded_address_wins_over_client_written_ones() 
     # Everything left of the address our proxy appended came from the client itself.
     assert resolve(LOOPBACK, f"{SPOOFED}, {CLIENT}".encode()) == CLIENT
     assert resolve(LOOPBACK, f"1.1.1.1,{SPOOFED},{CLIENT}".encode()) == CLIENT
+
+
+def test_malformed_element_among_trusted_proxies_leaves_the_client_unknown() -> None:
+    assert resolve(LOOPBACK, f"{CLIENT},,10.0.0.1".encode(), PROXY_CHAIN_TRUST) is None
+    assert resolve(LOOPBACK, f"{CLIENT}, junk, 10.0.0.1".encode(), PROXY_CHAIN_TRUST) is None
 
 
 def test_chain_of_trusted_proxies_is_skipped_from_the_right() -> None:
@@ -103,21 +109,32 @@ def test_no_forwarded_header_or_no_peer() -> None:
     b" ",
     b",",
     b"81.2.69.142,",
-    b",81.2.69.142",
-    b"6.6.6.6,,81.2.69.142",
-    b"6.6.6.6, , 81.2.69.142",
     b"81.2.69.142, garbage",
     b"\xff\xfe81.2.69.142",
     b"81.2.69.142\xc3",
-    b"\xc3\xa9, 81.2.69.142",
     b"\xb9.2.69.142",  # latin-1 superscript one: a digit to str.isdigit, not to an address
     b"81.2.69.142\x00",
     b"[2001:db8:1::1",
     b"2001:db8:1::1]",
     b"2001:db8:1:::1",
 ])
-def test_malformed_forwarded_header_is_ignored(header: bytes) -> None:
-    assert resolve(LOOPBACK, header) == LOOPBACK
+def test_malformed_forwarded_header_leaves_the_client_unknown(header: bytes) -> None:
+    # What our own proxy wrote is broken: the client is not known, and is not the proxy
+    # (whose address would be stored and located, and on loopback is never throttled).
+    assert resolve(LOOPBACK, header) is None
+    assert resolve(LOOPBACK, header, PROXY_CHAIN_TRUST) is None
+
+
+@pytest.mark.parametrize("header", [
+    b",81.2.69.142",
+    b"6.6.6.6,,81.2.69.142",
+    b"6.6.6.6, , 81.2.69.142",
+    b"garbage, 81.2.69.142",
+    b"\xc3\xa9, 81.2.69.142",
+    b"for=1.2.3.4, 81.2.69.142:443",
+])
+def test_what_the_client_wrote_left_of_its_address_is_not_read(header: bytes) -> None:
+    assert resolve(LOOPBACK, header) == CLIENT
 
 
 @pytest.mark.parametrize("header", [
@@ -127,16 +144,23 @@ def test_malformed_forwarded_header_is_ignored(header: bytes) -> None:
     b"[2001:db8:1::1]:443junk",
     b"[2001:db8:1::1]junk",
 ])
-def test_forwarded_address_with_a_malformed_port_is_ignored(header: bytes) -> None:
-    assert resolve(LOOPBACK, header) == LOOPBACK
+def test_forwarded_address_with_a_malformed_port_leaves_the_client_unknown(
+        header: bytes) -> None:
+    assert resolve(LOOPBACK, header) is None
 
 
-def test_too_long_forwarded_header_is_ignored() -> None:
-    # Every element valid, the header longer than any real chain of proxies writes.
+def test_too_long_forwarded_header_is_read_from_the_right_as_far_as_2048_characters() -> None:
+    # Longer than any real chain of proxies writes: the client's own padding on the left
+    # cannot hide the address our proxy appended...
     header = ", ".join(["10.0.0.1"] * 300 + [CLIENT]).encode()
     assert len(header) > 2048
-    assert resolve(LOOPBACK, header) == LOOPBACK
-    assert resolve(LOOPBACK, b"x" * 100_000) == LOOPBACK
+    assert resolve(LOOPBACK, header) == CLIENT
+    assert resolve(LOOPBACK, header, PROXY_CHAIN_TRUST) == CLIENT
+    # ... but if the trusted hops go on past the bound, the client is unknown.
+    assert resolve(LOOPBACK, ", ".join([CLIENT] + ["10.0.0.1"] * 300).encode(),
+                   PROXY_CHAIN_TRUST) is None
+    assert resolve(LOOPBACK, b"x" * 100_000) is None
+    assert resolve(LOOPBACK, b"x" * 100_000 + b", " + CLIENT.encode()) == CLIENT
 
 
 @pytest.mark.parametrize(("header", "client"), [
@@ -162,7 +186,7 @@ def test_forwarded_ipv6_zone_id_does_not_become_part_of_the_client_address() -> 
     # A zone id names an interface of the host that wrote it: meaningless here, and
     # free text (ipaddress takes "%a b" or 1,500 x's) that must not travel with the address.
     for header in (b"2001:db8:1::1%eth0", b"2001:db8:1::1%a b", b"2001:db8:1::1%" + b"x" * 1500):
-        assert resolve(LOOPBACK, header) in (LOOPBACK, "2001:db8:1::1"), header
+        assert resolve(LOOPBACK, header) in (None, "2001:db8:1::1"), header
 
 
 def test_ipv4_mapped_loopback_peer_is_the_trusted_loopback() -> None:
@@ -200,10 +224,19 @@ def test_several_forwarded_headers_read_as_one_list_in_order() -> None:
     assert _capture(PROXY_CHAIN_TRUST)._client(scope)[1] == CLIENT
 
 
-def test_malformed_second_forwarded_header_makes_the_peer_the_client() -> None:
+def test_malformed_second_forwarded_header_leaves_the_client_unknown() -> None:
     scope = _scope(LOOPBACK, (b"x-forwarded-for", CLIENT.encode()),
                    (b"x-forwarded-for", b"garbage"))
-    assert _capture()._client(scope)[1] == LOOPBACK
+    assert _capture()._client(scope)[1] is None
+
+
+def test_an_unknown_client_is_throttled_in_one_bucket_for_all_unknown_clients() -> None:
+    throttle = AuthThrottle()
+    for _ in range(BURST):
+        assert throttle.retry_after(None) is None
+        throttle.failed(None)
+    assert throttle.retry_after(None) is not None
+    assert throttle.retry_after(CLIENT) is None
 
 
 def test_forwarded_headers_from_an_untrusted_peer_are_ignored() -> None:
@@ -266,7 +299,8 @@ def _open_from(server: Server, dsn: str, headers: list[tuple[str, str]],
         rows = db_fetch(dsn, "select ip, country, region, city from events"
                              " where message_id = $1", int(message["id"]))
         assert len(rows) <= 1
-        return {**dict(rows[0]), "ip": str(rows[0]["ip"])} if rows else {}
+        ip = rows[0]["ip"] if rows else None
+        return {**dict(rows[0]), "ip": None if ip is None else str(ip)} if rows else {}
 
     return wait_for(stored, message="the open's row")
 
@@ -290,10 +324,29 @@ def test_server_uses_right_most_of_several_forwarded_headers(
     assert row["ip"] == CLIENT and row["country"] == "DE"
 
 
-def test_server_ignores_malformed_forwarded_for_and_keeps_the_peer(
+def test_server_stores_no_address_for_a_malformed_forwarded_for(
         trusting_server: Server, module_dsn: str) -> None:
     row = _open_from(trusting_server, module_dsn, [("X-Forwarded-For", f"{CLIENT}, garbage")])
-    assert row == {"ip": LOOPBACK, "country": None, "region": None, "city": None}
+    assert row == {"ip": None, "country": None, "region": None, "city": None}
+    row = _open_from(trusting_server, module_dsn, [("X-Forwarded-For", "x" * 3000)])
+    assert row == {"ip": None, "country": None, "region": None, "city": None}
+
+
+def test_server_reads_a_forwarded_for_only_up_to_the_address_its_proxy_appended(
+        trusting_server: Server, module_dsn: str) -> None:
+    row = _open_from(trusting_server, module_dsn, [("X-Forwarded-For", f"garbage, {CLIENT}")])
+    assert row == {"ip": CLIENT, "country": "DE", "region": "Hesse", "city": "Frankfurt am Main"}
+
+
+def test_failed_sign_ins_of_clients_behind_a_broken_forwarded_for_are_throttled(
+        trusting_server: Server) -> None:
+    # Unknown clients share one bucket; they were the loopback proxy, never throttled.
+    with trusting_server.client("not-a-key") as api:
+        statuses = [api.get("/api/campaigns", headers={"x-forwarded-for": "garbage"}).status_code
+                    for _ in range(BURST + 1)]
+        other = api.get("/api/campaigns", headers={"x-forwarded-for": CLIENT}).status_code
+    assert statuses == [401] * BURST + [429]
+    assert other == 401
 
 
 def test_server_locates_a_forwarded_ipv6_client(

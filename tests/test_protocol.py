@@ -8,14 +8,19 @@ machinery. Both must answer every request with the same bytes.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import select
 import socket
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
-from .support import Server, campaign, db_value, new_account, register, wait_for
+from .support import Server, campaign, db_fetch, db_value, new_account, register, wait_for
 
 DESTINATION = "https://example.com/p?q=1&r=%20x#frag"
 
@@ -192,3 +197,279 @@ def test_a_client_that_never_reads_does_not_stop_the_server(
     finally:
         hog.close()
     assert blocked, "the server kept reading requests whose answers nobody read"
+
+
+def send_until_answered(port: int, head: bytes, filler: bytes, limit: int) -> tuple[bytes, int]:
+    """Sends `head`, then `filler` over and over (up to `limit` bytes in all) until the server
+    answers; reads the answer to its end. Returns it and how much was sent. Reading as it
+    sends: a server that refuses closes after a while, and a reset connection loses what
+    was not read yet."""
+    received = b""
+    sent = 0
+    pending = memoryview(head)
+    deadline = time.monotonic() + 60
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.setblocking(False)
+        while time.monotonic() < deadline:
+            want_write = sent < limit and not received
+            readable, writable, _ = select.select([sock], [sock] if want_write else [], [], 10)
+            if readable:
+                try:
+                    chunk = sock.recv(65536)
+                except ConnectionResetError:
+                    break
+                if not chunk:
+                    break
+                received += chunk
+            elif writable:
+                if not pending:
+                    pending = memoryview(filler)
+                try:
+                    written = sock.send(pending)
+                except (BrokenPipeError, ConnectionResetError):
+                    continue  # closed: what it said is read next
+                pending = pending[written:]
+                sent += written
+            elif not want_write:
+                break  # nothing more to send and nothing said for 10 s
+    return received, sent
+
+
+@pytest.mark.parametrize("shape", ["value", "name", "trailer"])
+def test_a_header_line_that_never_ends_is_refused_with_431(
+        servers: tuple[Server, Server], shape: str) -> None:
+    heads = {"value": b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Long: ",
+             "name": b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Long",
+             "trailer": b"POST /o/x.gif HTTP/1.1\r\nHost: x\r\n"
+                        b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nX-Long: "}
+    for server in servers:
+        answer, sent = send_until_answered(server.port, heads[shape], b"a" * 65536,
+                                           16 * 1024 * 1024)
+        # (With the trailer, an answer to the request may come first: the 405 of a POST.)
+        statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)
+        assert statuses and statuses[-1] == b"431", (shape, sent, answer[:300])
+        assert answer.endswith(b'{"error":"request header fields too large"}')
+
+
+def test_a_long_head_within_the_bounds_is_answered(servers: tuple[Server, Server]) -> None:
+    fast, _ = servers
+    fields = "".join(f"X-Field-{i:03}: {'v' * 2100}\r\n" for i in range(120))  # ~250 KB
+    answer = exchange(fast.port, (f"GET /healthz HTTP/1.1\r\nHost: x\r\n{fields}"
+                                  "Connection: close\r\n\r\n").encode())
+    assert answer.startswith(b"HTTP/1.1 200 OK"), answer[:200]
+
+
+def rss_mb(server: Server) -> float:
+    """The server process's resident memory (one worker: uvicorn runs in it)."""
+    assert server.proc is not None
+    status = Path(f"/proc/{server.proc.pid}/status").read_text()
+    return int(status.split("VmRSS:", 1)[1].split()[0]) / 1024
+
+
+def pipeline_unread(port: int, request: bytes, limit: int) -> int:
+    """Pipelines `request` over and over on one connection and never reads an answer; stops
+    at `limit` bytes or when the server has taken nothing for 2 s. Returns bytes sent."""
+    burst = memoryview(request * (65536 // len(request)))
+    sent = offset = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.setblocking(False)
+        while sent < limit:
+            if not select.select([], [sock], [], 2)[1]:
+                break  # the server stopped reading
+            written = sock.send(burst[offset:])
+            sent += written
+            offset = (offset + written) % len(burst)
+    return sent
+
+
+def test_pipelined_requests_of_a_client_that_never_reads_are_not_read_on_every_path(
+        servers: tuple[Server, Server]) -> None:
+    # Each request waiting to be answered the ASGI way costs the server a few KB; read
+    # as fast as they come, 8 MB of them held ~500 MB (the kernel's buffers on both sides
+    # take up to ~36 MB here, so that the client cannot tell by being blocked).
+    fast, _ = servers
+    before = rss_mb(fast)
+    pipeline_unread(fast.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", 8 * 1024 * 1024)
+    grown = max(rss_mb(fast) - before for _ in poll(seconds=2))
+    assert grown < 64, f"the server grew by {grown:.0f} MB"
+
+
+def poll(seconds: float) -> Iterator[None]:
+    """Yields every 50 ms for `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        yield
+        time.sleep(0.05)
+
+
+def test_many_pipelined_requests_on_both_ways_are_all_answered_in_order(
+        servers: tuple[Server, Server], tokens: dict[str, str]) -> None:
+    # More than one read's worth: parsing stops while requests wait behind one answered
+    # the ASGI way, and goes on from where it stopped.
+    fast, _ = servers
+    pair = (f"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+            f"GET {tokens['click']} HTTP/1.1\r\nHost: x\r\n\r\n").encode()
+    answer = exchange(fast.port, pair * 1000 + _request("GET", "/o/bad.gif"))
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)
+    assert statuses == [b"200", b"302"] * 1000 + [b"200"]
+
+
+@pytest.mark.parametrize("refused", [
+    b"GET /o/x.gif HTTP/1.1\r\nBad Header\r\n\r\n",  # malformed: 400
+    b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n",  # target too long: 414
+    b"POST /api/campaigns HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",  # body: 400
+])
+def test_a_refused_request_comes_after_the_api_answers_before_it_in_full(
+        servers: tuple[Server, Server], tokens: dict[str, str], refused: bytes) -> None:
+    fast, asgi = servers
+    api = f"GET /api/messages/{tokens['message']} HTTP/1.1\r\nHost: x\r\n" \
+          f"Authorization: {tokens['key']}\r\n\r\n"
+    for server in (fast, asgi):
+        logged = len(server.log())
+        answer = exchange(server.port, ("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" + api
+                                        + f"GET {tokens['pixel']} HTTP/1.1\r\n\r\n").encode()
+                          + refused)
+        statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)
+        assert statuses[:3] == [b"200", b"200", b"200"] and len(statuses) == 4, answer
+        assert statuses[3] in (b"400", b"414"), answer
+        assert b'{"status":"ok"}' in answer and b'"recipient":' in answer
+        assert "Traceback" not in server.log()[logged:]
+
+
+def _message_with_two_links(server: Server, key: str) -> dict[str, Any]:
+    with httpx.Client(base_url=server.url, headers={"authorization": key}, timeout=10) as api:
+        message = register(api, campaign(api), ["https://example.com/a", "https://example.com/b"])
+    return {"id": int(message["id"]), "pixel": message["pixel_url"].removeprefix(server.url),
+            "clicks": [link["tracked_url"].removeprefix(server.url)
+                       for link in message["links"]]}
+
+
+def _events_after_marker(dsn: str, server: Server, message: dict[str, Any]) -> list[Any]:
+    """The message's events once a complete click on its second link (the marker, written
+    after anything before it: one message's events go through one writer lane in order)
+    is stored."""
+    answer = exchange(server.port, _request("GET", message["clicks"][1]))
+    assert answer.startswith(b"HTTP/1.1 302 "), answer
+
+    def events() -> list[Any]:
+        rows = db_fetch(dsn, "select type, link_position from events where message_id = $1",
+                        message["id"])
+        return rows if any(row["link_position"] == 1 for row in rows) else []
+
+    return [tuple(row) for row in wait_for(events, timeout=15, message="the marker click")]
+
+
+def test_a_pixel_whose_body_is_refused_is_not_recorded(
+        servers: tuple[Server, Server], tokens: dict[str, str], module_dsn: str) -> None:
+    for server in servers:
+        message = _message_with_two_links(server, tokens["key"])
+        answer = exchange(server.port, f"GET {message['pixel']} HTTP/1.1\r\nHost: x\r\n"
+                                       "Transfer-Encoding: chunked\r\n\r\nzz\r\n".encode())
+        assert re.findall(rb"HTTP/1\.1 (\d{3}) ", answer) == [b"400"], answer
+        assert _events_after_marker(module_dsn, server, message) == [("click", 1)]
+
+
+def test_a_click_whose_body_never_comes_is_not_recorded(
+        servers: tuple[Server, Server], tokens: dict[str, str], module_dsn: str) -> None:
+    for server in servers:
+        message = _message_with_two_links(server, tokens["key"])
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(f"GET {message['clicks'][0]} HTTP/1.1\r\nHost: x\r\n"
+                         "Content-Length: 100\r\n\r\n0123456789".encode())
+            sock.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                sock.recv(100)  # no answer to an incomplete request
+        assert _events_after_marker(module_dsn, server, message) == [("click", 1)]
+
+
+@pytest.mark.parametrize("kind", ["pixel", "click"])
+def test_expect_100_continue_on_a_tracking_path_is_answered_then_the_request(
+        servers: tuple[Server, Server], tokens: dict[str, str], kind: str) -> None:
+    for server in servers:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(f"GET {tokens[kind]} HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+                         "Expect: 100-continue\r\nConnection: close\r\n\r\n".encode())
+            interim = b""
+            while not interim.endswith(b"\r\n\r\n"):
+                interim += sock.recv(1)
+            assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+            sock.sendall(b"hello")
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 302 " if kind == "click" else b"HTTP/1.1 200 ")
+
+
+def test_a_request_head_that_does_not_arrive_in_time_is_refused_with_408(
+        servers: tuple[Server, Server], tokens: dict[str, str]) -> None:
+    # Slowloris: heads dripped a byte at a time, to both ways; connections that say
+    # nothing; a tracking request whose body never comes. All are let go after
+    # HEAD_TIMEOUT_S (10 s), which no dripping resets.
+    started = time.monotonic()
+    clients: list[tuple[socket.socket, bytes]] = []
+    for server in servers:
+        for head, count in ((f"GET {tokens['pixel']} HTTP/1.1\r\nHost: x\r\n", 20),
+                            ("GET /healthz HTTP/1.1\r\nHost: x\r\n", 20), ("", 5),
+                            (f"GET {tokens['click']} HTTP/1.1\r\nContent-Length: 9\r\n\r\n", 5)):
+            for _ in range(count):
+                sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+                sock.sendall(head.encode())
+                sock.setblocking(False)
+                clients.append((sock, head.encode()))
+    outcomes: dict[int, tuple[float, bytes]] = {}
+    try:
+        deadline = started + 40
+        while len(outcomes) < len(clients) and time.monotonic() < deadline:
+            for index, (sock, head) in enumerate(clients):
+                if index in outcomes:
+                    continue
+                try:
+                    received = sock.recv(65536)
+                except BlockingIOError:
+                    # One more byte of a header name, until just before the bound (bytes
+                    # sent after the server is done with us could reset the connection).
+                    if (head and not head.endswith(b"\r\n\r\n")
+                            and time.monotonic() - started < 9):
+                        with contextlib.suppress(OSError):
+                            sock.send(b"X")
+                    continue
+                except ConnectionResetError:
+                    received = b""
+                outcomes[index] = (time.monotonic() - started, received)
+            time.sleep(0.5)  # the dripping's pace
+    finally:
+        for sock, _ in clients:
+            sock.close()
+    assert len(outcomes) == len(clients), f"{len(clients) - len(outcomes)} still open after 40 s"
+    for index, (after, received) in outcomes.items():
+        assert after >= 9.5, after
+        if clients[index][1]:
+            assert received.startswith(b"HTTP/1.1 408 "), received
+        else:
+            assert received == b""
+
+
+def test_granian_answers_and_records_tracking_requests_only_when_whole(
+        module_dsn: str, tmp_path: Path, tokens: dict[str, str]) -> None:
+    # Under granian the ASGI way is the only way: a body it finds broken reaches the app
+    # as a disconnect, which records nothing and answers 400; Expect gets its 100.
+    server = Server(module_dsn, tmp_path, {"TRACKER_SERVER": "granian"}).start()
+    try:
+        message = _message_with_two_links(server, tokens["key"])
+        answer = exchange(server.port, f"GET {message['pixel']} HTTP/1.1\r\nHost: x\r\n"
+                                       "Transfer-Encoding: chunked\r\n\r\nzz\r\n".encode())
+        assert answer.startswith(b"HTTP/1.1 400 ")
+        assert answer.endswith(b'{"error":"malformed HTTP request"}')
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(f"GET {message['pixel']} HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+                         "Expect: 100-continue\r\nConnection: close\r\n\r\n".encode())
+            assert sock.recv(25) == b"HTTP/1.1 100 Continue\r\n\r\n"
+            sock.sendall(b"hello")
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200 ")
+        assert sorted(_events_after_marker(module_dsn, server, message)) == [
+            ("click", 1), ("open", None)]
+    finally:
+        server.stop()

@@ -407,3 +407,38 @@ def test_version_1_tokens_in_mail_already_sent_still_verify(signer: Signer) -> N
         assert signer.verify_click(encode(bytes(flipped))) is None, index
     assert signer.verify_open(click_v1) is None and signer.verify_click(open_v1) is None
     assert Signer([OTHER_KEY]).verify_open(open_v1) is None
+
+
+ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def _other_spellings(token: str) -> list[str]:
+    """The token with each other last character; where its last character carries unused
+    bits, some of these decode to the very same bytes."""
+    return [token[:-1] + c for c in ALPHABET if c != token[-1]]
+
+
+def test_an_open_token_verifies_in_its_one_spelling_only(signer: Signer) -> None:
+    # An open token is 74 characters (2 mod 4): its last one holds 4 unused bits.
+    token = open_token(signer, 5, 6, 7)
+    assert len(token) % 4 == 2
+    assert [t for t in _other_spellings(token) if signer.verify_open(t)] == []
+    v1 = _version_1(KEY, _v1_ids(1, 5, 6, 7))
+    assert [t for t in _other_spellings(v1) if signer.verify_open(t)] == []
+
+
+@pytest.mark.parametrize("extra", range(3))
+def test_a_click_token_verifies_in_its_one_spelling_only_whatever_its_length(
+        signer: Signer, extra: int) -> None:
+    token = click_token(signer, 5, 6, 7, 8, 9, URL + "x" * extra)
+    assert {len(click_token(signer, 5, 6, 7, 8, 9, URL + "x" * n)) % 4 for n in range(3)} == {
+        0, 2, 3}
+    assert signer.verify_click(token) is not None
+    assert [t for t in _other_spellings(token) if signer.verify_click(t)] == []
+
+
+@pytest.mark.parametrize("extra", range(3))
+def test_padding_is_refused_on_tokens_of_every_length(signer: Signer, extra: int) -> None:
+    token = click_token(signer, 5, 6, 7, 8, 9, URL + "x" * extra)
+    for padded in (token + "=", token + "==", token + "===", token + "===="):
+        assert signer.verify_click(padded) is None, padded

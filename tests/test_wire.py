@@ -9,7 +9,7 @@ import pytest
 from tracker.fastpath import PIXEL_GIF
 from tracker.tokens import Signer
 
-from .support import SECRET, Server, campaign, new_account, register
+from .support import SECRET, Server, campaign, db_fetch, new_account, register, wait_for
 
 DESTINATIONS = [
     "https://example.com/",
@@ -134,3 +134,43 @@ def test_other_methods_on_tracking_paths_are_405(server: Server) -> None:
         status, headers, _ = raw_get(server, path, "POST", {"Content-Length": "0"})
         assert status.startswith(b"HTTP/1.1 405")
         assert headers[b"allow"] == [b"GET, HEAD"]
+
+
+ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def _spellings(token: str) -> list[str]:
+    """Other spellings of a token: each other last character, padding, padding escaped."""
+    return ([token[:-1] + c for c in ALPHABET if c != token[-1]]
+            + [token + "=", token + "==", token + "%3D%3D", token + "%3d", token + "%3D%3D%3D"])
+
+
+def test_a_click_token_is_accepted_in_its_one_spelling_only(
+        server: Server, registered: dict[str, list[dict[str, str]]]) -> None:
+    tokens = [link["tracked_url"].rsplit("/", 1)[1] for link in registered["links"]]
+    assert {len(token) % 4 for token in tokens} >= {2, 3}
+    for token in tokens:
+        for variant in _spellings(token):
+            status, headers, _ = raw_get(server, f"/c/{variant}")
+            assert status.startswith(b"HTTP/1.1 404"), variant
+            assert b"location" not in headers
+
+
+def test_a_pixel_token_records_in_its_one_spelling_only(server: Server, module_dsn: str) -> None:
+    with server.client(new_account(module_dsn)) as client:
+        message = register(client, campaign(client), ["https://example.com/"])
+    pixel = str(message["pixel_url"]).rsplit("/", 1)[1].removesuffix(".gif")
+    for variant in _spellings(pixel):
+        status, _, body = raw_get(server, f"/o/{variant}.gif")
+        assert status.startswith(b"HTTP/1.1 200") and body == PIXEL_GIF
+    # The marker: a click of the same message, stored after whatever came before it.
+    status, _, _ = raw_get(server, message["links"][0]["tracked_url"].removeprefix(server.url))
+    assert status.startswith(b"HTTP/1.1 302")
+
+    def stored() -> list[str]:
+        rows = db_fetch(module_dsn, "select type from events where message_id = $1",
+                        int(message["id"]))
+        return [row["type"] for row in rows] if any(row["type"] == "click" for row in rows) \
+            else []
+
+    assert wait_for(stored, timeout=15, message="the marker click") == ["click"]

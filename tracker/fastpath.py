@@ -45,6 +45,10 @@ _NOT_ALLOWED_START = {"type": "http.response.start", "status": 405, "headers": [
     (b"allow", b"GET, HEAD"), (b"content-type", b"text/plain; charset=utf-8"),
     (b"content-length", b"19"), (b"cache-control", b"no-store")]}
 _NOT_ALLOWED_BODY = {"type": "http.response.body", "body": b"method not allowed\n"}
+_MALFORMED_START = {"type": "http.response.start", "status": 400, "headers": [
+    (b"content-type", b"application/json"), (b"content-length", b"34"),
+    (b"connection", b"close")]}
+_MALFORMED_BODY = {"type": "http.response.body", "body": b'{"error":"malformed HTTP request"}'}
 
 
 def wire_response(start: Message, body: Message) -> bytes:
@@ -75,9 +79,13 @@ class ClientAddress:
     """The client's address: the peer, or from X-Forwarded-For when the peer is a trusted proxy.
 
     The right-most address not in a trusted network is the client: everything to its
-    left was written by parties we cannot vouch for. A malformed header is ignored as a
-    whole. Addresses come out canonical, IPv4-mapped IPv6 (what a dual-stack listener
-    reports for IPv4 peers) as plain IPv4, so geolocation and truncation see IPv4.
+    left was written by parties we cannot vouch for, and is not read. When what our own
+    proxies wrote (the elements from the right up to the client's) is malformed, or the
+    header is longer than any real chain writes and the client is not within its last
+    _MAX_FORWARDED_CHARS, the client is unknown (None): never the proxy, whose address
+    would be located, stored and, on loopback, exempt from the sign-in throttle. Addresses
+    come out canonical, IPv4-mapped IPv6 (what a dual-stack listener reports for IPv4
+    peers) as plain IPv4, so geolocation and truncation see IPv4.
     """
 
     def __init__(self, trusted: tuple[IPNetwork, ...]) -> None:
@@ -103,19 +111,20 @@ class ClientAddress:
         if peer is None:
             return None
         client, trusted = self._lookup(peer)
-        if forwarded is None or not trusted or len(forwarded) > _MAX_FORWARDED_CHARS:
+        if forwarded is None or not trusted:
             return client
-        hops: list[tuple[str, bool]] = []
-        for part in forwarded.decode("latin-1").split(","):
+        cut = len(forwarded) > _MAX_FORWARDED_CHARS
+        hops = forwarded[-_MAX_FORWARDED_CHARS:].decode("latin-1").split(",")
+        if cut:
+            del hops[0]  # cut short, perhaps in the middle of an address
+        address = None
+        for part in reversed(hops):
             host = _host(part.strip())
             address, hop_trusted = self._lookup(host) if host is not None else (None, False)
-            if address is None:
-                return client
-            hops.append((address, hop_trusted))
-        for address, hop_trusted in reversed(hops):
-            if not hop_trusted:
+            if address is None or not hop_trusted:
                 return address
-        return hops[0][0] if hops else client
+        # Every address a trusted proxy: the left-most, unless the header went on further.
+        return None if cut else address
 
 
 def _host(hop: str) -> str | None:
@@ -284,9 +293,18 @@ class FastPath:
         kind = scope["type"]
         if kind == "http":
             path: str = scope["path"]
-            if path.startswith("/o/"):
-                return await self._pixel(scope, send)
-            if path.startswith("/c/"):
+            if path.startswith("/o/") or path.startswith("/c/"):
+                # A hit counts once its request is whole: a request whose body never comes
+                # (or comes broken, and is refused by the server) is neither answered nor
+                # recorded.
+                if not await _read_to_the_end(receive):
+                    # Under uvicorn the protocol has answered (or the client left, and this
+                    # goes nowhere); granian leaves it to the app.
+                    await send(_MALFORMED_START)
+                    await send(_MALFORMED_BODY)
+                    return
+                if path[1] == "o":
+                    return await self._pixel(scope, send)
                 return await self._click(scope, send)
         elif kind == "lifespan":
             return await self._lifespan(receive, send)
@@ -295,18 +313,22 @@ class FastPath:
     def _capture(self) -> Capture | None:
         return self._runtime.capture
 
-    def answer(self, scope: Scope) -> bytes | None:
+    def answers_in_place(self) -> bool:
+        """Whether `answer` may answer tracking requests: not when an answer must wait for
+        the journal (TRACKER_DURABILITY=journal); such requests go the ASGI way."""
+        capture = self._runtime.capture
+        return capture is None or capture.sync is None
+
+    def answer(self, scope: Scope) -> bytes:
         """The whole response to a tracking request (a path under /o/ or /c/) as bytes, the
         hit recorded; for a server that writes it from its parser's callbacks with no task
-        per request (tracker.protocol). None when the answer must wait for the journal
-        (TRACKER_DURABILITY=journal): such requests go the ASGI way.
+        per request (tracker.protocol), once the request is complete, and only while
+        `answers_in_place()`.
 
         The same answers as `__call__`, byte for byte (tested); the hit is recorded a
         moment later for the pixel, with the others the loop has read
         (`Capture.defer_open`)."""
         capture = self._runtime.capture
-        if capture is not None and capture.sync is not None:
-            return None
         method = scope["method"]
         if method != "GET" and method != "HEAD":
             return _WIRE_NOT_ALLOWED
@@ -387,6 +409,18 @@ class FastPath:
         await send(_EMPTY_BODY)
         if not durable:
             _record_click(capture, scope, token)
+
+
+async def _read_to_the_end(receive: Receive) -> bool:
+    """Reads a request's body (meaningless on a tracking path) to its end; False if the
+    client left first. Asking for it is also what makes the server answer
+    `Expect: 100-continue`."""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return False
+        if not message.get("more_body", False):
+            return True
 
 
 def _record_open(capture: Capture, scope: Scope, at_us: int | None = None) -> None:

@@ -39,7 +39,10 @@ def run(settings: Settings, env: dict[str, str]) -> None:
 
 def _run_granian(settings: Settings) -> None:
     from granian.constants import HTTPModes, Interfaces, Loops, RuntimeModes
+    from granian.http import HTTP1Settings
     from granian.server import Server
+
+    from tracker.wire_limits import HEAD_TIMEOUT_S, MAX_HEAD_BYTES
 
     Server(
         APP_FACTORY,
@@ -51,6 +54,12 @@ def _run_granian(settings: Settings) -> None:
         runtime_mode=RuntimeModes.st,
         loop=Loops.uvloop,
         http=HTTPModes.http1,
+        # The bounds tracker's own protocol keeps (tracker/wire_limits.py), as far as granian
+        # has them: a head must be in within HEAD_TIMEOUT_S (hyper starts the clock when it
+        # waits for a request, so an idle keep-alive connection also closes then), and
+        # what one connection may have read and not parsed yet is about a head's bound.
+        http1_settings=HTTP1Settings(header_read_timeout=int(HEAD_TIMEOUT_S * 1000),
+                                     max_buffer_size=MAX_HEAD_BYTES),
         websockets=False,
         backlog=2048,
         log_access=False,  # an access log would hold addresses the policy may forbid

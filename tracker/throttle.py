@@ -10,7 +10,10 @@ IPv6 clients are keyed by their /64 (one subscriber usually holds a whole /64, a
 could otherwise take a fresh bucket for every guess). Loopback clients are never
 throttled: they are the machine itself (the CLI, a local script), and a reverse
 proxy on the same host that forgot `X-Forwarded-For` would otherwise put every
-client in one bucket and lock everybody out.
+client in one bucket and lock everybody out. A client whose address is unknown (what a
+trusted proxy wrote in `X-Forwarded-For` is malformed: ClientAddress) is throttled, all
+such clients in one bucket: a broken proxy chain then costs its clients a shared burst,
+rather than letting anyone behind it guess without limit as the proxy's own address.
 
 The API and the dashboard's sign-in form share one throttle (the runtime's), so a
 client cannot double its guesses by alternating between them.

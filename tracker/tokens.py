@@ -171,8 +171,12 @@ class Signer:
         return urlsafe_b64encode(body + mac).rstrip(b"=").decode("ascii")
 
     def _authentic(self, token: str, header: int, legacy_header: int) -> bytes | None:
-        """The decoded token if its MAC is good under one of our keys, else None."""
+        """The decoded token if it is in the one encoding we write and its MAC is good under
+        one of our keys, else None."""
         if len(token) > MAX_TOKEN_CHARS or len(token) < 4:
+            return None
+        ends = _CANONICAL_ENDS[len(token) & 3]
+        if ends is not None and token[-1] not in ends:
             return None
         try:
             raw = binascii.a2b_base64(
@@ -215,8 +219,14 @@ _IPAD = bytes(b ^ 0x36 for b in range(256))
 _OPAD = bytes(b ^ 0x5C for b in range(256))
 
 
-# base64url -> standard alphabet; "+" and "/" are mapped away so they stay invalid.
+# base64url -> standard alphabet; "+" and "/" are mapped away so they stay invalid, and so
+# is "=": a token has no padding.
 _URLSAFE = bytes.maketrans(b"-_+/=", b"+/!!!")
+# The characters a token may end with, by its length mod 4. Unpadded, the last character
+# of a token of length 2 (mod 4) holds 2 bits of the last byte and 4 unused bits, of one
+# of length 3 (mod 4) 4 bits and 2 unused ones; the decoder ignores those, so unless they
+# must be zero, 16 or 4 spellings of one token verify. (1 (mod 4) never decodes.)
+_CANONICAL_ENDS: tuple[str | None, ...] = (None, "", "AQgw", "AEIMQUYcgkosw048")
 
 
 def _clamp_time(seconds: int) -> int:
