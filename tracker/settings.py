@@ -191,6 +191,9 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 
+_BY_ENV = {setting.env: setting for setting in SETTINGS}
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str | None
@@ -212,6 +215,12 @@ class Settings:
     durability: str
     log_level: str
     rules: Path | None
+    # The variables given as CLI flags: messages name a setting as the user gave it.
+    flags: frozenset[str] = frozenset()
+
+    def named(self, env: str) -> str:
+        """How the user gave a setting: its flag (`--port`) or its variable (`TRACKER_PORT`)."""
+        return _BY_ENV[env].flag if env in self.flags else env
 
     @property
     def embedded(self) -> bool:
@@ -242,15 +251,16 @@ def load(environ: Mapping[str, str] | None = None,
     """Read every setting from `environ` (default os.environ); `overrides` (CLI flags,
     keyed by variable name) win. Raises SettingsError naming the first bad variable."""
     environ = os.environ if environ is None else environ
-    overrides = overrides or {}
+    flags = frozenset(env for env, raw in (overrides or {}).items() if raw is not None)
     values: dict[str, Any] = {}
     for setting in SETTINGS:
-        raw = overrides.get(setting.env)
+        raw = (overrides or {}).get(setting.env)
         if raw is None:
             raw = environ.get(setting.env, setting.default)
         try:
             values[setting.field] = setting.parse(raw)
         except ValueError as exc:
-            raise SettingsError(f"{setting.env}: {exc}") from None
-    assert {f.name for f in fields(Settings)} == set(values)
-    return Settings(**values)
+            name = setting.flag if setting.env in flags else setting.env
+            raise SettingsError(f"{name}: {exc}") from None
+    assert {f.name for f in fields(Settings)} == {*values, "flags"}
+    return Settings(**values, flags=flags)
