@@ -279,6 +279,54 @@ def test_a_bad_flag_value_names_the_flag_the_user_typed_in_one_line(
     assert line.startswith("tracker: error: --port: ") and "TRACKER_PORT" not in line
 
 
+@pytest.mark.parametrize("server_kind", ["uvicorn", "granian"])
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_port_in_use_stops_serve_in_one_line_before_any_database_work(
+        tmp_path: Path, server_kind: str, workers: str) -> None:
+    data_dir = tmp_path / "data"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {"TRACKER_DATA_DIR": str(data_dir), "TRACKER_GEOIP_FETCH": "off",
+               "TRACKER_SERVER": server_kind, "TRACKER_WORKERS": workers}
+        result = tracker("serve", env={**env, "TRACKER_PORT": str(port)}, timeout=30)
+        line = _one_error_line(result, "TRACKER_PORT")
+        assert f"port {port} on 127.0.0.1 is in use" in line, line
+        flagged = tracker("serve", "--port", str(port), env=env, timeout=30)
+        assert _one_error_line(flagged, "--port").startswith("tracker: error: --port: ")
+    assert not (data_dir / "postgres").exists(), "the embedded database was started"
+
+
+@pytest.mark.parametrize("host", ["999.1.1.1", "192.0.2.1", "no-such-host.invalid"])
+def test_an_address_this_machine_cannot_listen_on_stops_serve_in_one_line(
+        tmp_path: Path, host: str) -> None:
+    data_dir = tmp_path / "data"
+    result = tracker("serve", env={"TRACKER_DATA_DIR": str(data_dir), "TRACKER_HOST": host,
+                                   "TRACKER_PORT": str(free_port()),
+                                   "TRACKER_GEOIP_FETCH": "off"}, timeout=30)
+    assert host in _one_error_line(result, "TRACKER_HOST")
+    assert not (data_dir / "postgres").exists(), "the embedded database was started"
+
+
+def test_listening_on_every_address_without_a_public_url_warns_what_urls_will_say(
+        tmp_path: Path, module_dsn: str) -> None:
+    srv = Server(module_dsn, tmp_path, env={"TRACKER_HOST": "0.0.0.0"}).start()
+    try:
+        warnings = [line for line in srv.log().splitlines() if "WARNING" in line]
+        assert len(warnings) == 1, srv.log()
+        assert "TRACKER_PUBLIC_URL" in warnings[0]
+        assert f"http://0.0.0.0:{srv.port}" in warnings[0]
+    finally:
+        assert srv.stop() == 0
+    public = Server(module_dsn, tmp_path, env={"TRACKER_HOST": "0.0.0.0",
+                                               "TRACKER_PUBLIC_URL": "https://t.example.com"})
+    try:
+        assert "TRACKER_PUBLIC_URL" not in public.start().log()
+    finally:
+        assert public.stop() == 0
+
+
 def test_a_flag_wins_over_the_environment(tmp_path: Path, module_dsn: str) -> None:
     flag_port = free_port()
     # The environment's port stays bound here (not listening): no other process takes it,

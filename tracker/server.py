@@ -59,7 +59,7 @@ def check_listen(settings: Settings) -> None:
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise SettingsError(f"{port_name}: port {port} on {host} is in use by another "
-                                    "program") from None
+                                    f"program ({exc.strerror})") from None
             if exc.errno == errno.EACCES:
                 raise SettingsError(f"{port_name}: not allowed to listen on port {port} (below "
                                     "1024 it takes privileges)") from None
