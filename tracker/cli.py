@@ -409,6 +409,10 @@ def cmd_relay(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
     try:
         asyncio.run(relay.serve(config))
+    except relay.ApiRefused as exc:
+        flag = args.api_key if exc.setting == "key" else args.api_url
+        name = f"--api-{exc.setting}" if flag else f"TRACKER_API_{exc.setting.upper()}"
+        raise CommandError(f"{name}: {exc}") from None
     except OSError as exc:  # the listening socket: address in use, not permitted
         raise CommandError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
     return 0
