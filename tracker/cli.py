@@ -10,7 +10,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
@@ -96,14 +95,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _fetch_geo_database_in_background(settings: Settings) -> None:
-    """Give a fresh install locations without an extra step. A separate process, not a
-    thread: the server forks its workers, and forking with a busy thread is unsafe.
-    Workers pick the database up when it lands; a failure is one log line."""
+    """Give a fresh install locations without an extra step. Workers pick the database up
+    when it lands; a failure is one log line."""
+    from tracker.geoip_fetch import fetch_in_background
+
     log.info("no geo database: fetching DB-IP City Lite into %s in the background "
              "(TRACKER_GEOIP_FETCH=off to skip)", settings.data_dir / "geoip")
-    subprocess.Popen([sys.executable, "-m", "tracker", "geoip", "fetch", "--data-dir",
-                      str(settings.data_dir)], stdin=subprocess.DEVNULL,
-                     stdout=subprocess.DEVNULL, start_new_session=True)
+    fetch_in_background(settings.data_dir)
 
 
 @contextlib.contextmanager
