@@ -175,10 +175,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TRACKER_WRITER_CONNECTIONS", "2", "batches each worker writes at once, each on "
             "its own connection; about the cores PostgreSQL has", _positive_int),
     Setting("TRACKER_BUFFER_MAX_EVENTS", "100000", "events held in memory; past it they "
-            "spill to the journal, and with the journal full too new ones are dropped",
+            "spill to the journal, and only with the journal full too are new ones dropped",
             _positive_int),
     Setting("TRACKER_JOURNAL_MAX_BYTES", "1G", "disk cap of the journal in the data dir "
-            "(shared equally by the workers), e.g. 512M or 1G", _byte_size),
+            "(one cap for all the workers), e.g. 512M or 1G", _byte_size),
     Setting("TRACKER_DURABILITY", "memory", "memory: a hit is answered once its event is in "
             "memory (a kill -9 loses up to one flush interval); journal: once it is fsynced "
             "to the journal (group commit; a kill -9 loses nothing)",
