@@ -231,7 +231,7 @@ def test_a_client_that_leaves_mid_export_gives_the_connection_back(
         next(response.iter_raw(1024))
         # Still streaming: the body is larger than the socket buffers take at once. Polled:
         # while the server fetches its next chunk the backend is 'active', not idle.
-        wait_for(lambda: db_value(module_dsn, in_export) == 1, timeout=5,
+        wait_for(lambda: db_value(module_dsn, in_export) == 1,
                  message="the export's transaction to wait on the client")
     wait_for(lambda: db_value(module_dsn, in_export) == 0,
              message="the export's transaction to end")
