@@ -520,11 +520,7 @@ def test_the_relay_command_serves_until_sigterm(server: Server, key: str, campai
          "--api-url", server.url, "--hostname", "relay.test"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        def listening() -> bool:
-            assert process.poll() is None, process.communicate()[1].decode()
-            with socket.socket() as probe:
-                return probe.connect_ex(("127.0.0.1", port)) == 0
-        wait_for(listening, timeout=30, message="the relay to listen")
+        _wait_listening(process, port)
         send(port, newsletter(campaign), ["ada@example.com"])
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=30)
@@ -546,6 +542,14 @@ def _relay_command(port: int, api_url: str, upstream_port: int,
          "--api-url", api_url, "--upstream", f"127.0.0.1:{upstream_port}",
          "--hostname", "relay.test", *flags],
         env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _wait_listening(process: subprocess.Popen[bytes], port: int) -> None:
+    def listening() -> bool:
+        assert process.poll() is None, process.communicate()[1].decode()
+        with socket.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", port)) == 0
+    wait_for(listening, timeout=30, message="the relay to listen")
 
 
 def _ended(process: subprocess.Popen[bytes], timeout: float = 30) -> str:
@@ -597,11 +601,7 @@ def test_a_relay_started_while_the_api_is_down_relays_and_checks_the_key_once_it
     port = free_port()
     process = _relay_command(port, later.url, sink[1], TRACKER_API_KEY="tk_1_deadbeef_wrong")
     try:
-        def listening() -> bool:
-            assert process.poll() is None, process.communicate()[1].decode()
-            with socket.socket() as probe:
-                return probe.connect_ex(("127.0.0.1", port)) == 0
-        wait_for(listening, timeout=30, message="the relay to listen")
+        _wait_listening(process, port)
         later.start()
         stderr = _ended(process, timeout=90)
     finally:
