@@ -33,8 +33,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.05,
+def wait_for(predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.05,
              message: str = "condition") -> T:
+    """Poll until `predicate` is true, and return its value. The deadline is for a machine
+    far busier than a quiet one: only a test that is failing waits it out."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -107,21 +109,39 @@ class Server:
         self._args = args or []
         self.proc: subprocess.Popen[bytes] | None = None
 
+    @property
+    def workers(self) -> int:
+        flag = self._args.index("--workers") if "--workers" in self._args else None
+        return int(self._args[flag + 1] if flag is not None
+                   else self._env.get("TRACKER_WORKERS", "1"))
+
     def start(self, timeout: float = 60.0) -> Server:
+        """Start the server and return once every worker is up: the first one to answer
+        may be the only one, and a signal sent while another is still starting tests
+        something else (or leaves it behind)."""
         log = open(self.log_path, "ab")  # noqa: SIM115 -- lives as long as the process
         self.proc = subprocess.Popen([sys.executable, "-m", "tracker", "serve", *self._args],
                                      env=self._env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
 
-        def up() -> bool:
+        def answering(path: str) -> str | None:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                return httpx.get(self.url + "/healthz", timeout=1).status_code == 200
+                response = httpx.get(self.url + path, timeout=1)
             except httpx.HTTPError:
-                return False
+                return None
+            return response.text if response.status_code == 200 else None
 
-        wait_for(up, timeout, interval=0.1, message="the server to answer")
+        wait_for(lambda: answering("/healthz"), timeout, interval=0.1,
+                 message="the server to answer")
+        if self.workers > 1:
+            # Each worker publishes its metrics once its start-up is done (tracker_workers
+            # counts them), whichever worker is asked.
+            wait_for(lambda: _workers_up(answering("/metrics")) >= self.workers,
+                     max(1.0, deadline - time.monotonic()), interval=0.1,
+                     message=f"{self.workers} workers to start")
         return self
 
     def log(self) -> str:
@@ -149,6 +169,13 @@ class Server:
     def client(self, api_key: str | None = None) -> httpx.Client:
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         return httpx.Client(base_url=self.url, headers=headers, timeout=10)
+
+
+def _workers_up(metrics: str | None) -> int:
+    for line in (metrics or "").splitlines():
+        if line.startswith("tracker_workers "):
+            return int(float(line.split()[1]))
+    return 0
 
 
 def register(client: httpx.Client, campaign_id: str, links: list[str] | None = None,

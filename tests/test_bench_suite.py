@@ -86,10 +86,13 @@ def test_quick_suite_measures_every_phase_over_time(
     click = phases["tracker click"]
     assert click["not_found_expected"] > 0
     assert click["not_found_expected"] == sum(r["errors"]["status"] for r in click["runs"])
-    # Paced phases ran at about half the full rate.
+    # The paced phases were paced at half the full rate, and the pace held them there. (A
+    # machine busy with something else may leave them slower than their pace, never faster:
+    # how much slower says nothing about the suite.)
     for endpoint in ("pixel", "click"):
         full, half = phases[f"tracker {endpoint}"], phases[f"tracker {endpoint}, half rate"]
-        assert 0.25 * full["rate"] < half["rate"] < 0.75 * full["rate"], endpoint
+        assert half["paced_rate"] == pytest.approx(full["rate"] / 2), endpoint
+        assert 0 < half["rate"] <= 1.1 * half["paced_rate"], (endpoint, half["rate"])
 
 
 def test_quick_suite_writes_charts_and_the_goals_table(

@@ -17,6 +17,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -176,15 +177,9 @@ def api(server: Server, module_dsn: str) -> Iterator[httpx.Client]:
         yield client
 
 
-@pytest.mark.parametrize(("forwarding", "stored"), [
-    ("as shipped", "127.0.0.1"),
-    # The mistake the site config's comment warns about, made on purpose: appending lets
-    # the client-written address through whenever the reader's own one is trusted.
-    ("appending", SPOOFED),
-])
-def test_site_config_in_front_of_a_real_tracker(
-        forwarding: str, stored: str, nginx_program: str, certificate: Path, server: Server,
-        api: httpx.Client, module_dsn: str, tmp_path: Path) -> None:
+def _site_in_front_of(server: Server, certificate: Path, tmp_path: Path) -> tuple[Nginx, int, int]:
+    """The site config on loopback ports, proxying to `server`, with an ACME webroot that
+    holds a file `probe`. Returns nginx (not started), its HTTP port and its HTTPS port."""
     http_port, https_port = free_port(), free_port()
     acme = tmp_path / "acme"
     (acme / ".well-known" / "acme-challenge").mkdir(parents=True)
@@ -199,7 +194,20 @@ def test_site_config_in_front_of_a_real_tracker(
         "listen [::]:443 ssl;": "",
         "server 127.0.0.1:8000;": f"server 127.0.0.1:{server.port};",
         "root /var/www/acme;": f"root {acme};"})
-    proxy = Nginx(prefix, text, whole=False)
+    return Nginx(prefix, text, whole=False), http_port, https_port
+
+
+@pytest.mark.parametrize(("forwarding", "stored"), [
+    ("as shipped", "127.0.0.1"),
+    # The mistake the site config's comment warns about, made on purpose: appending lets
+    # the client-written address through whenever the reader's own one is trusted.
+    ("appending", SPOOFED),
+])
+def test_site_config_in_front_of_a_real_tracker(
+        forwarding: str, stored: str, nginx_program: str, certificate: Path, server: Server,
+        api: httpx.Client, module_dsn: str, tmp_path: Path) -> None:
+    proxy, http_port, https_port = _site_in_front_of(server, certificate, tmp_path)
+    prefix = proxy.prefix
     if forwarding == "appending":
         snippet = proxy.prefix / "snippets" / "tracker-proxy.conf"
         snippet.write_text(_rewrite(snippet.read_text(), {
@@ -521,3 +529,42 @@ def test_env_example_values_are_accepted_and_need_no_quoting() -> None:
         assert not re.search(r"[\s\"'$`\\]", value), f"{name}={value} reads differently " \
             "under systemd and compose"
     load(environ=values)
+
+
+def test_site_config_keeps_metrics_and_readiness_off_the_internet(
+        nginx_program: str, certificate: Path, server: Server, tmp_path: Path) -> None:
+    # docs/metrics.md: traffic volumes are nobody else's business. nginx matches locations
+    # on the normalised path, so no spelling of it gets through either.
+    proxy, _, https_port = _site_in_front_of(server, certificate, tmp_path)
+    proxy.start(https_port)
+    try:
+        # Raw request lines: an HTTP client would tidy the odd spellings up first.
+        refused = {path: _status_over_tls(https_port, path)
+                   for path in ("/metrics", "/readyz", "/metrics?format=openmetrics",
+                                "//metrics", "/./readyz", "/%6Detrics", "/api/../metrics",
+                                "/o/../readyz")}
+        health = _status_over_tls(https_port, "/healthz")
+    finally:
+        proxy.stop()
+    assert refused == dict.fromkeys(refused, 404), refused
+    assert health == 200
+    # The server itself still answers them, for the monitoring that reaches it directly.
+    assert httpx.get(server.url + "/metrics").status_code == 200
+    assert httpx.get(server.url + "/readyz").status_code == 200
+
+
+def _status_over_tls(port: int, target: str) -> int:
+    """The status of `GET target` sent as written, over TLS to 127.0.0.1:port."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname="t.example.com") as tls:
+        tls.sendall(f"GET {target} HTTP/1.1\r\nHost: t.example.com\r\n"
+                    "Connection: close\r\n\r\n".encode())
+        head = b""
+        while b"\r\n" not in head:
+            data = tls.recv(4096)
+            assert data, f"no answer to {target}"
+            head += data
+    return int(head.split(b" ", 2)[1])

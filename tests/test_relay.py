@@ -520,11 +520,7 @@ def test_the_relay_command_serves_until_sigterm(server: Server, key: str, campai
          "--api-url", server.url, "--hostname", "relay.test"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        def listening() -> bool:
-            assert process.poll() is None, process.communicate()[1].decode()
-            with socket.socket() as probe:
-                return probe.connect_ex(("127.0.0.1", port)) == 0
-        wait_for(listening, timeout=30, message="the relay to listen")
+        _wait_listening(process, port)
         send(port, newsletter(campaign), ["ada@example.com"])
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=30)
@@ -537,3 +533,81 @@ def test_the_relay_command_serves_until_sigterm(server: Server, key: str, campai
     assert b"X-Tracker-" not in copy and b"/o/" in copy
     assert re.search(r"\binstrumented=1\b", stderr.decode()), stderr.decode()
     assert "ada@example.com" not in stderr.decode()
+
+
+def _relay_command(port: int, api_url: str, upstream_port: int,
+                   *flags: str, **env: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tracker", "relay", "--listen", f"127.0.0.1:{port}",
+         "--api-url", api_url, "--upstream", f"127.0.0.1:{upstream_port}",
+         "--hostname", "relay.test", *flags],
+        env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _wait_listening(process: subprocess.Popen[bytes], port: int) -> None:
+    def listening() -> bool:
+        assert process.poll() is None, process.communicate()[1].decode()
+        with socket.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", port)) == 0
+    wait_for(listening, timeout=30, message="the relay to listen")
+
+
+def _ended(process: subprocess.Popen[bytes], timeout: float = 30) -> str:
+    try:
+        _, stderr = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return stderr.decode()
+
+
+@pytest.mark.parametrize("given", ["variable", "flag"])
+def test_a_relay_whose_key_the_api_refuses_stops_at_start_in_one_line(
+        server: Server, sink: tuple[Sink, int], given: str) -> None:
+    wrong = "tk_1_deadbeef_" + "x" * 43
+    port = free_port()
+    process = (_relay_command(port, server.url, sink[1], TRACKER_API_KEY=wrong)
+               if given == "variable" else
+               _relay_command(port, server.url, sink[1], "--api-key", wrong))
+    stderr = _ended(process)
+    assert process.returncode == 1, stderr
+    (line,) = stderr.strip().splitlines()
+    name = "TRACKER_API_KEY" if given == "variable" else "--api-key"
+    assert line.startswith(f"tracker: error: {name}: the tracker API at {server.url} refuses "
+                           "this key"), line
+    assert wrong not in line
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", port)) != 0, "it listened for mail"
+
+
+def test_a_relay_pointed_at_something_else_than_the_api_names_the_url(
+        server: Server, key: str, sink: tuple[Sink, int]) -> None:
+    process = _relay_command(free_port(), server.url + "/elsewhere", sink[1],
+                             TRACKER_API_KEY=key)
+    stderr = _ended(process)
+    assert process.returncode == 1, stderr
+    (line,) = stderr.strip().splitlines()
+    assert line.startswith(f"tracker: error: --api-url: {server.url}/elsewhere is not a "
+                           "tracker API"), line
+
+
+def test_a_relay_started_while_the_api_is_down_relays_and_checks_the_key_once_it_answers(
+        module_dsn: str, tmp_path: Path, sink: tuple[Sink, int]) -> None:
+    # Down at start (the relay and the server started together, say): mail must not wait
+    # for the tracker, so the relay runs; once the API answers, a key it refuses stops the
+    # relay as it would have at start.
+    later = Server(module_dsn, tmp_path)
+    port = free_port()
+    process = _relay_command(port, later.url, sink[1], TRACKER_API_KEY="tk_1_deadbeef_wrong")
+    try:
+        _wait_listening(process, port)
+        later.start()
+        stderr = _ended(process, timeout=90)
+    finally:
+        later.stop()
+    assert process.returncode == 1, stderr
+    assert re.search(r"WARNING tracker\.relay: the tracker API at \S+ does not answer", stderr)
+    assert stderr.strip().splitlines()[-1].startswith(
+        "tracker: error: TRACKER_API_KEY: the tracker API at "), stderr
+    assert "Traceback" not in stderr

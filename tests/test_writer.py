@@ -81,7 +81,7 @@ def expected(record: EventRecord) -> tuple[object, ...]:
     return tuple(converted)
 
 
-async def wait_until(predicate: Callable[[], Awaitable[T]], within: float = 10.0,
+async def wait_until(predicate: Callable[[], Awaitable[T]], within: float = 30.0,
                      message: str = "condition") -> T:
     deadline = time.monotonic() + within
     while True:
@@ -335,11 +335,12 @@ async def test_a_full_batch_wakes_the_writer_without_flush(
         writer.add(item)
 
     async def written() -> bool:
-        # The batch may go in a write per lane (by message): wait for all of it.
-        return int(await db.fetchval("select count(*) from events")) == 3
+        # The batch may go in a write per lane (by message): wait for all of it. The rows
+        # can be seen in PostgreSQL a moment before the writer has heard its commit back.
+        return (int(await db.fetchval("select count(*) from events")) == 3
+                and writer.buffered == 0)
 
     assert await wait_until(written, message="the full batch to be written")
-    assert writer.buffered == 0
 
 
 async def test_the_interval_flushes_without_flush(
@@ -349,10 +350,11 @@ async def test_the_interval_flushes_without_flush(
     writer.add(row())
 
     async def written() -> int:
-        return int(await db.fetchval("select count(*) from events"))
+        # Seen in PostgreSQL a moment before the writer has heard its commit back: both.
+        count = int(await db.fetchval("select count(*) from events"))
+        return count if writer.buffered == 0 else 0
 
     assert await wait_until(lambda: written(), message="the timer to flush") == 1
-    assert writer.buffered == 0
     assert writer.stats.batches >= 1
 
 
@@ -399,11 +401,11 @@ async def test_rows_stay_buffered_while_connect_fails_and_are_written_after(
     up.set()
 
     async def all_written() -> bool:
-        return bool(await db.fetchval("select count(*) from events") == 5)
+        # Seen in PostgreSQL a moment before the writer has heard its commit back: both.
+        return bool(await db.fetchval("select count(*) from events") == 5
+                    and writer.buffered == 0 and writer.healthy)
 
     await wait_until(all_written, message="the buffered rows to be written once connect works")
-    assert writer.buffered == 0
-    assert writer.healthy
     assert (sorted(as_tuple(r) for r in await stored(db))
             == sorted(expected(b) for b in first + later))
 

@@ -1,10 +1,15 @@
 """The writer's backlog: events in memory that no write has taken yet, within a bound.
 
 Past the bound, memory is handed to the journal (journal.py) and written to disk in the
-background (a spill); past the journal's own bound, or without one, new events are
-dropped, counted by reason and logged once per interval. In durable mode
-(TRACKER_DURABILITY=journal) every event goes to the journal before its hit is answered:
-the events added while one append and fsync run go together in the next (group commit).
+background (a spill). Events that arrive while a spill is being written queue for the
+next one, which takes all of them in one append: nothing is dropped while the journal
+has room, however small the bound (what is on its way to disk counts against the
+journal's room, so a disk that stops answering holds at most that much in memory). With
+the journal full or failing, or without one, new events past the bound are dropped,
+counted by reason (`journal_full`, or `buffer_full` without a journal) and logged once
+per interval. In durable mode (TRACKER_DURABILITY=journal) every event goes to the
+journal before its hit is answered: the events added while one append and fsync run go
+together in the next (group commit), and they too are held back only by the journal's room.
 
 The batch writer (writer.py) takes events from the front of `rows`, puts back in front
 what it could not write, and reads the journal back into PostgreSQL; this module only
@@ -59,13 +64,17 @@ class Backlog:
         self._stats = stats
         self._on_batch = on_batch  # a batch is ready to be written
         self._on_drop = on_drop
-        self._spills: deque[list[EventRecord]] = deque()  # on their way to the journal
-        self._spilling = 0  # events in _spills
+        # On their way to the journal, each with its size; the events and bytes in them.
+        self._spills: deque[tuple[list[EventRecord], int]] = deque()
+        self._spilling = 0
+        self._spilling_bytes = 0
         self._spill_task: asyncio.Task[None] | None = None
-        self._journal_full = False  # until something is committed from it
+        self._journal_full = False  # logged as full; until a spill finds room again
         self._journal_error_logged = 0.0
         # Durable: events waiting for the next group commit, and the future their hits await.
         self._pending: list[EventRecord] = []
+        self._pending_bytes = 0
+        self._committing_bytes = 0  # the group being appended
         self._pending_synced: asyncio.Future[bool] | None = None
         self._commit_lock = asyncio.Lock()
         self._commit_wake = asyncio.Event()
@@ -88,7 +97,7 @@ class Backlog:
 
     def add(self, row: EventRecord) -> bool:
         """Queue an event; never blocks. False if it had to be dropped (memory full, and
-        the journal full or absent)."""
+        the journal full, failing or absent)."""
         if self._durable:
             return self._add_pending(row)
         if len(self.rows) >= self._max_rows and not self.spill_rows():
@@ -155,28 +164,42 @@ class Backlog:
         self._unreported.clear()
         self._reported_at = now
 
-    def journal_committed(self) -> None:
-        """Events left the journal for PostgreSQL: it has room again."""
-        self._journal_full = False
-
     def _full_reason(self) -> DropReason:
-        return (DropReason.JOURNAL_FULL if self.journal is not None and self._journal_full
-                else DropReason.BUFFER_FULL)
+        # With a journal, memory's bound alone never drops an event: the journal had no
+        # room for it, or failed.
+        return DropReason.JOURNAL_FULL if self.journal is not None else DropReason.BUFFER_FULL
+
+    def _journal_takes(self, nbytes: int) -> bool:
+        """Whether the journal has room for `nbytes` more besides what is on its way."""
+        assert self.journal is not None
+        on_its_way = self._spilling_bytes + self._pending_bytes + self._committing_bytes
+        if self.journal.has_room(on_its_way + nbytes):
+            self._journal_full = False
+            return True
+        if not self._journal_full:
+            self._journal_full = True
+            log.warning("the journal is full (its cap of %d bytes, shared by the workers): "
+                        "events past memory's bound are dropped until it drains",
+                        self.journal.max_bytes)
+        return False
 
     # -- spills -----------------------------------------------------------------------------
 
     def spill_rows(self) -> bool:
         """Hand memory's rows to the journal (written in the background); False if the
-        journal cannot take them now: none, full, or still writing earlier spills (what is
-        on its way to disk and what waits in memory stay within memory's bound together,
-        so memory holds at most twice the bound and a batch in flight)."""
-        if (self.journal is None or self._journal_full
-                or self._spilling + len(self.rows) > self._max_rows):
+        journal cannot take them: none, or no room for them besides what is on its way.
+        While a spill is being written the next ones queue behind it, and the next append
+        takes them all."""
+        if self.journal is None:
             return False
         if self.rows:
+            size = _size(self.rows)
+            if not self._journal_takes(size):
+                return False
             batch, self.rows = self.rows, []
-            self._spills.append(batch)
+            self._spills.append((batch, size))
             self._spilling += len(batch)
+            self._spilling_bytes += size
             if self._spill_task is None or self._spill_task.done():
                 self._spill_task = asyncio.get_running_loop().create_task(
                     self._drain_spills(), name="tracker-spill")
@@ -199,18 +222,20 @@ class Backlog:
     async def _drain_spills(self) -> None:
         while self._spills:
             # Whatever queued up during the last write goes in one (fewer fsyncs).
-            batch = [row for queued in self._spills for row in queued]
+            batch = [row for queued, _ in self._spills for row in queued]
+            size = sum(queued_size for _, queued_size in self._spills)
             taken = len(self._spills)
             kept = await self.to_journal(batch)
             for _ in range(taken):
                 self._spills.popleft()
             self._spilling -= len(batch)
+            self._spilling_bytes -= size
             if kept < len(batch):
                 # Full or failing: the rest goes back to memory, in front of anything
                 # newer, and memory's bound decides what is kept.
-                rest = batch[kept:] + [row for later in self._spills for row in later]
+                rest = batch[kept:] + [row for later, _ in self._spills for row in later]
                 self._spills.clear()
-                self._spilling = 0
+                self._spilling = self._spilling_bytes = 0
                 self.restore(rest)
                 return
 
@@ -243,11 +268,14 @@ class Backlog:
     # -- group commit (durable) -------------------------------------------------------------
 
     def _add_pending(self, row: EventRecord) -> bool:
-        # With the group under way, memory holds at most twice the bound here too.
-        if len(self._pending) + len(self.rows) >= self._max_rows:
-            self.drop(self._full_reason())  # the disk is not keeping up, or is full
+        # Past memory's bound (the disk is not keeping up), only while the journal has room.
+        size = len(row[0])
+        if (len(self._pending) + len(self.rows) >= self._max_rows
+                and not self._journal_takes(size)):
+            self.drop(self._full_reason())
             return False
         self._pending.append(row)
+        self._pending_bytes += size
         self._commit_wake.set()
         return True
 
@@ -267,10 +295,14 @@ class Backlog:
             if not self._pending:
                 return
             group, self._pending = self._pending, []
+            self._committing_bytes, self._pending_bytes = self._pending_bytes, 0
             synced, self._pending_synced = self._pending_synced, None
             timer = (asyncio.get_running_loop().call_later(_SYNC_WAIT_S, _late, synced)
                      if synced is not None else None)
-            kept = await self.to_journal(group)
+            try:
+                kept = await self.to_journal(group)
+            finally:
+                self._committing_bytes = 0
             if kept < len(group):
                 self.restore(group[kept:])  # written from memory, if it has room
             if timer is not None:
@@ -286,6 +318,11 @@ def _late(synced: asyncio.Future[bool]) -> None:
         log.warning("the journal took more than %.0f s to sync: hits answered unconfirmed",
                     _SYNC_WAIT_S)
         synced.set_result(False)
+
+
+def _size(rows: list[EventRecord]) -> int:
+    """About the bytes rows take in the journal (their lines; records add a header each)."""
+    return sum(len(line) for line, _, _ in rows)
 
 
 def describe(exc: BaseException) -> str:

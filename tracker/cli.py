@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
-import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import asyncpg
 import orjson
 
-from tracker import accounts, geo, logs
-from tracker.database import connect, database_url, wait_until_reachable
+from tracker import accounts, datadir, geo, logs
+from tracker.database import connect, use_database, wait_until_reachable
 from tracker.embedded_db import EmbeddedDatabaseError
 from tracker.keys import signing_keys
 from tracker.migrations import MigrationError, migrate
@@ -63,63 +63,73 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from tracker import server
 
     settings = _settings(args)
-    keys = signing_keys(settings)
-    geo_path = settings.geoip_db or geo.default_geoip_path(settings.data_dir)
-    if geo_path is not None:
-        try:
-            geo.GeoLookup(geo_path)  # fail now, not in every worker
-        except geo.GeoDatabaseError as exc:
-            if settings.geoip_db is None:
-                raise
-            raise SettingsError(f"TRACKER_GEOIP_DB: {exc}") from None
-    elif settings.geoip_fetch == "on":
-        _fetch_geo_database_in_background(settings)
-    with database_url(settings, owner=True) as dsn:
-        for name in asyncio.run(_migrate(dsn)):
-            log.info("applied migration %s", name)
-        env = {**settings.as_env(), "TRACKER_DATABASE_URL": dsn, "TRACKER_SECRET_KEY": keys}
-        log.info("tracker on %s (%s, %d worker%s, %s database)", settings.base_url,
-                 settings.server, settings.workers, "" if settings.workers == 1 else "s",
-                 "embedded" if settings.embedded else "external")
-        server.run(settings, env)
+    # First the checks that need nothing started: the data dir is ours, the address free.
+    # Only the embedded database makes a data dir one server's own: with an external one
+    # it holds nothing two servers cannot share (journal segments are each locked by their
+    # writer), and a second server on it is how a release is switched over on one host.
+    owned = (datadir.held(settings.data_dir, server.listen_url(settings),
+                          settings.named("TRACKER_DATA_DIR"))
+             if settings.embedded else contextlib.nullcontext())
+    with owned:
+        server.check_listen(settings)
+        server.warn_about_public_url(settings)
+        keys = signing_keys(settings)
+        geo_path = settings.geoip_db or geo.default_geoip_path(settings.data_dir)
+        if geo_path is not None:
+            try:
+                geo.GeoLookup(geo_path)  # fail now, not in every worker
+            except geo.GeoDatabaseError as exc:
+                if settings.geoip_db is None:
+                    raise
+                raise SettingsError(f"{settings.named('TRACKER_GEOIP_DB')}: {exc}") from None
+        elif settings.geoip_fetch == "on":
+            _fetch_geo_database_in_background(settings)
+        with use_database(settings) as database:
+            for name in asyncio.run(_migrate(database.dsn)):
+                log.info("applied migration %s", name)
+            env = {**settings.as_env(), "TRACKER_DATABASE_URL": database.dsn,
+                   "TRACKER_SECRET_KEY": keys}
+            log.info("tracker on %s (%s, %d worker%s, %s database)", settings.base_url,
+                     settings.server, settings.workers, "" if settings.workers == 1 else "s",
+                     "embedded" if settings.embedded else "external")
+            server.run(settings, env)
     return 0
 
 
 def _fetch_geo_database_in_background(settings: Settings) -> None:
-    """Give a fresh install locations without an extra step. A separate process, not a
-    thread: the server forks its workers, and forking with a busy thread is unsafe.
-    Workers pick the database up when it lands; a failure is one log line."""
+    """Give a fresh install locations without an extra step. Workers pick the database up
+    when it lands; a failure is one log line."""
+    from tracker.geoip_fetch import fetch_in_background
+
     log.info("no geo database: fetching DB-IP City Lite into %s in the background "
              "(TRACKER_GEOIP_FETCH=off to skip)", settings.data_dir / "geoip")
-    subprocess.Popen([sys.executable, "-m", "tracker", "geoip", "fetch", "--data-dir",
-                      str(settings.data_dir)], stdin=subprocess.DEVNULL,
-                     stdout=subprocess.DEVNULL, start_new_session=True)
+    fetch_in_background(settings.data_dir)
+
+
+@contextlib.contextmanager
+def _database(settings: Settings, *, create: bool = False) -> Iterator[str]:
+    """The DSN of the database a command works on, said on stderr (stdout may be the
+    command's JSON): an operator sees at once a command that went to the wrong place."""
+    with use_database(settings, create=create) as database:
+        print(f"tracker: database: {database.where}", file=sys.stderr)
+        yield database.dsn
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    with database_url(settings) as dsn:
+    with _database(settings, create=True) as dsn:
         applied = asyncio.run(_migrate(dsn))
     print("\n".join(f"applied {name}" for name in applied) or "already up to date")
     return 0
 
 
 def cmd_accounts_create(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-
-    async def create(dsn: str) -> accounts.NewAccount:
-        await _migrate(dsn)
-        conn = await connect(dsn)
-        try:
-            return await accounts.create_account(conn, args.name)
-        finally:
-            await conn.close()
-
-    with database_url(settings) as dsn:
-        try:
-            account = asyncio.run(create(dsn))
-        except ValueError as exc:
-            raise CommandError(str(exc)) from None
+    if not 1 <= len(args.name.strip()) <= accounts.MAX_NAME_CHARS:  # before any database work
+        raise CommandError(f"an account name must be 1 to {accounts.MAX_NAME_CHARS} characters")
+    try:
+        account = _on_database(args, lambda conn: accounts.create_account(conn, args.name))
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
     if args.json:
         sys.stdout.write(orjson.dumps({"id": str(account.id), "name": account.name,
                                        "api_key": account.api_key}).decode() + "\n")
@@ -131,7 +141,8 @@ def cmd_accounts_create(args: argparse.Namespace) -> int:
 
 def _on_database(args: argparse.Namespace,
                  work: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
-    """Run `work` on a connection to the configured (migrated) database."""
+    """Run `work` on a connection to the configured (migrated) database, which must exist:
+    only serve and migrate make a new embedded one."""
     settings = _settings(args)
 
     async def run(dsn: str) -> Any:
@@ -142,7 +153,7 @@ def _on_database(args: argparse.Namespace,
         finally:
             await conn.close()
 
-    with database_url(settings) as dsn:
+    with _database(settings) as dsn:
         return asyncio.run(run(dsn))
 
 
@@ -450,6 +461,10 @@ def cmd_relay(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
     try:
         asyncio.run(relay.serve(config))
+    except relay.ApiRefused as exc:
+        flag = args.api_key if exc.setting == "key" else args.api_url
+        name = f"--api-{exc.setting}" if flag else f"TRACKER_API_{exc.setting.upper()}"
+        raise CommandError(f"{name}: {exc}") from None
     except OSError as exc:  # the listening socket: address in use, not permitted
         raise CommandError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
     return 0
@@ -599,6 +614,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from tracker.geoip_fetch import GeoFetchError
 
     return (CommandError, SettingsError, EmbeddedDatabaseError, MigrationError, OSError,
+            datadir.DataDirInUse,
             asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError, geo.GeoDatabaseError,
             GeoFetchError)
 

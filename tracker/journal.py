@@ -31,8 +31,17 @@ dies, even by `kill -9`, so a segment whose lock can be taken belongs to nobody:
 worker adopts such orphans at start-up and now and then, and two live workers never
 replay the same one.
 
-Not thread-safe beyond this: one thread may `append` while the event loop reads and
-commits (the writer's group commit and spills run in a thread, one at a time).
+The cap. `max_bytes` bounds the whole directory, every writer's segments together: the
+workers of a server share one journal cap, and one worker that needs it all (its traffic,
+or the segments it adopted) gets it all. An append takes an exclusive `flock` on `.cap`
+while it sums the segment files and writes its record (not while it syncs), so writers
+in several processes never pass the cap together; so does a writer that removes
+segments. Under that lock each of them leaves the sum in `.cap` (8 bytes), where
+`has_room` reads it without a lock or a directory scan: it sees at once the room another
+worker gave back.
+
+Appends are serialised within a process (a spill and a group commit may overlap); one
+thread may `append` while the event loop reads and commits.
 """
 
 from __future__ import annotations
@@ -47,7 +56,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +72,8 @@ _NEW_SUFFIX = ".new"
 DEFAULT_SEGMENT_BYTES = 16 << 20
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _STALE_NEW_S = 60.0
+_CAP_FILE = ".cap"
+_USED = struct.Struct("<q")  # what the segments take, in .cap
 
 
 class JournalFull(Exception):
@@ -116,6 +127,10 @@ class Journal:
         self._own: list[_Segment] = []
         self._active: _Segment | None = None
         self._mutex = threading.Lock()
+        self._appending = threading.Lock()  # one append at a time in this process
+        self._cap = os.open(directory / _CAP_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                            0o600)
+        self._cap_mutex = threading.Lock()
         self._closed = False
         self.stats = JournalStats()
 
@@ -143,6 +158,37 @@ class Journal:
         with self._mutex:
             return [s.path for s in (*self._adopted, *self._own)]
 
+    def has_room(self, nbytes: int) -> bool:
+        """Whether the shared cap leaves room for about `nbytes` more (records add a few
+        bytes of header each), as the last append or removal by any writer left it. An
+        append checks exactly."""
+        stored = os.pread(self._cap, _USED.size, 0)
+        used = _USED.unpack(stored)[0] if len(stored) == _USED.size else 0
+        return used + nbytes <= self.max_bytes
+
+    @contextlib.contextmanager
+    def _capped(self) -> Iterator[int]:
+        """The cap's lock, and what the segments take now; the block leaves in .cap what
+        they take after it (the value it sends back, else the same)."""
+        # The flock excludes other processes; threads of this one share its open file, and
+        # so its lock (a second flock on it would not wait), so they take the mutex first.
+        with self._cap_mutex:
+            fcntl.flock(self._cap, fcntl.LOCK_EX)
+            try:
+                yield _directory_bytes(self.directory)
+            finally:
+                with contextlib.suppress(OSError):
+                    os.pwrite(self._cap, _USED.pack(_directory_bytes(self.directory)), 0)
+                fcntl.flock(self._cap, fcntl.LOCK_UN)
+
+    def _removed(self, segments: Sequence[tuple[Path, int]]) -> None:
+        """Remove segments (path, locked descriptor), and say so in .cap."""
+        if not segments:
+            return
+        with self._capped():
+            for path, fd in segments:
+                _remove(path, fd)
+
     # -- writing ---------------------------------------------------------------------------
 
     def append(self, lines: Sequence[str]) -> None:
@@ -153,46 +199,64 @@ class Journal:
         if not lines:
             return
         data = b"".join(_record(p) for p in _payloads(lines))
-        with self._mutex:
-            if self._closed:
-                raise OSError(errno.EBADF, "the journal is closed")
-            used = sum(s.size for s in (*self._adopted, *self._own))
-            if used + len(data) > self.max_bytes:
-                raise JournalFull(f"journal cap of {self.max_bytes} bytes reached "
-                                  f"({used} used, {len(data)} more needed)")
-            segment = self._active
-            if segment is not None and segment.size > 0 and (
-                    segment.size + len(data) > self._segment_bytes):
-                segment.sealed = True
-                segment = self._active = None
-            if segment is not None:
-                segment.writing = True
-        try:
-            if segment is None:
-                segment = self._new_segment()
-        except OSError as exc:
-            if exc.errno in _FULL_ERRNOS:
-                raise JournalFull(f"disk full: {exc.strerror}") from exc
-            raise
-        start = segment.size
-        try:
-            _write_all(segment.fd, data, start)
-            os.fdatasync(segment.fd)
-        except OSError as exc:
-            # Cut the file back so that the next append starts on a record boundary.
-            with contextlib.suppress(OSError):
-                os.ftruncate(segment.fd, start)
+        with self._appending:
+            segment, start = self._write(data)
+            try:
+                os.fdatasync(segment.fd)
+            except OSError as exc:
+                # Cut the file back so that the next append starts on a record boundary.
+                with self._capped(), contextlib.suppress(OSError):
+                    os.ftruncate(segment.fd, start)
+                with self._mutex:
+                    segment.writing = False
+                if exc.errno in _FULL_ERRNOS:
+                    raise JournalFull(f"disk full: {exc.strerror}") from exc
+                raise
             with self._mutex:
+                segment.size = segment.end = start + len(data)
+                segment.events += len(lines)
                 segment.writing = False
-            if exc.errno in _FULL_ERRNOS:
+                self.stats.appended_records += 1
+                self.stats.appended_events += len(lines)
+
+    def _write(self, data: bytes) -> tuple[_Segment, int]:
+        """Under the cap's lock: check the directory has room for `data`, and write it at
+        the end of the active segment (a new one if it would pass its size). Returns the
+        segment, marked writing (so that no commit removes it), and where the data starts."""
+        with self._mutex:
+            if self._closed:  # and its .cap descriptor perhaps too
+                raise OSError(errno.EBADF, "the journal is closed")
+        segment: _Segment | None = None
+        try:
+            with self._capped() as used:
+                with self._mutex:
+                    segment = self._active
+                    if segment is not None and segment.size > 0 and (
+                            segment.size + len(data) > self._segment_bytes):
+                        segment.sealed = True
+                        segment = self._active = None
+                    if segment is not None:
+                        segment.writing = True
+                if used + len(data) > self.max_bytes:
+                    raise JournalFull(f"journal cap of {self.max_bytes} bytes reached "
+                                      f"({used} used, {len(data)} more needed)")
+                if segment is None:
+                    segment = self._new_segment()  # marked writing
+                start = segment.size
+                try:
+                    _write_all(segment.fd, data, start)
+                except OSError:
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(segment.fd, start)
+                    raise
+                return segment, start
+        except BaseException as exc:
+            if segment is not None:
+                with self._mutex:
+                    segment.writing = False
+            if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
                 raise JournalFull(f"disk full: {exc.strerror}") from exc
             raise
-        with self._mutex:
-            segment.size = segment.end = start + len(data)
-            segment.events += len(lines)
-            segment.writing = False
-            self.stats.appended_records += 1
-            self.stats.appended_events += len(lines)
 
     def _new_segment(self) -> _Segment:
         """A new segment, made under a temporary name and locked before anyone can see it."""
@@ -236,7 +300,7 @@ class Journal:
                 continue
             if temporary:
                 # A writer died between making a segment and naming it: it is empty.
-                _remove(path, fd)
+                self._removed([(path, fd)])
                 continue
             try:
                 segment = self._scan(path, fd)
@@ -245,7 +309,7 @@ class Journal:
                 os.close(fd)
                 continue
             if segment.events == 0:
-                _remove(path, fd)  # nothing (valid) in it
+                self._removed([(path, fd)])  # nothing (valid) in it
                 continue
             with self._mutex:
                 self._adopted.append(segment)
@@ -311,8 +375,7 @@ class Journal:
                     segment.events = max(0, segment.events - events)
                     self.stats.committed_events += events
             retired = self._take_done()
-        for segment in retired:
-            _remove(segment.path, segment.fd)
+        self._removed([(segment.path, segment.fd) for segment in retired])
 
     def seal(self) -> None:
         """The next append starts a new segment; this one (like every other) is removed as
@@ -325,8 +388,7 @@ class Journal:
                 self._active.sealed = True
                 self._active = None
             retired = self._take_done()
-        for segment in retired:
-            _remove(segment.path, segment.fd)
+        self._removed([(segment.path, segment.fd) for segment in retired])
 
     def _take_done(self) -> list[_Segment]:
         """(Under the mutex.) The segments with nothing left to give, taken out: every
@@ -374,14 +436,22 @@ class Journal:
         """Release every segment: the committed ones are removed, the rest stay on disk
         for the next start (or another worker) to replay."""
         with self._mutex:
+            if self._closed:
+                return
             self._closed = True
             segments = [*self._adopted, *self._own]
             self._adopted, self._own, self._active = [], [], None
         for segment in segments:
-            if segment.done >= segment.end:
-                _remove(segment.path, segment.fd)
-            else:
+            if segment.done < segment.end:
                 os.close(segment.fd)
+        # An append stuck in another thread (a disk that hangs) must not hold the shutdown:
+        # then the descriptors go with the process.
+        if self._appending.acquire(blocking=False):
+            try:
+                self._removed([(s.path, s.fd) for s in segments if s.done >= s.end])
+                os.close(self._cap)
+            finally:
+                self._appending.release()
 
 
 def _payloads(lines: Sequence[str]) -> list[bytes]:
@@ -442,6 +512,17 @@ def _sync_directory(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _directory_bytes(directory: Path) -> int:
+    """What every segment in the directory takes, whoever writes it: the cap's measure."""
+    total = 0
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.name.endswith((SEGMENT_SUFFIX, SEGMENT_SUFFIX + _NEW_SUFFIX)):
+                with contextlib.suppress(FileNotFoundError):  # removed meanwhile
+                    total += entry.stat().st_size
+    return total
 
 
 def _by_age(directory: Path) -> list[Path]:

@@ -135,9 +135,10 @@ class Runtime:
 
     def _open_journal(self) -> Journal:
         """This worker's journal, and whatever dead workers (or the last run) left there:
-        the writer replays it as soon as it runs. Each worker gets an equal share of the cap."""
+        the writer replays it as soon as it runs. The workers share the cap: whichever
+        needs the room gets it."""
         journal = Journal(self.settings.data_dir / "journal",
-                          max_bytes=self.settings.journal_max_bytes // self.settings.workers)
+                          max_bytes=self.settings.journal_max_bytes)
         if journal.adopt_orphans():
             log.info("replaying %d events left in the journal", journal.pending_events)
         return journal

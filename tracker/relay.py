@@ -30,7 +30,14 @@ from dataclasses import dataclass, field
 import aiosmtplib
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from tracker.client import AsyncClient, NewMessage, Registered, TrackerError
+from tracker.client import (
+    AsyncClient,
+    AuthenticationError,
+    NewMessage,
+    NotFound,
+    Registered,
+    TrackerError,
+)
 from tracker.mime_rewrite import Mail
 
 log = logging.getLogger("tracker.relay")
@@ -38,6 +45,18 @@ log = logging.getLogger("tracker.relay")
 # How long shutdown waits for messages in flight before it drops their connections (their
 # senders then retry: nothing was accepted).
 _DRAIN_S = 30.0
+# While the API has not answered since start, its key is checked again this often (doubling).
+_CHECK_FIRST_S = 1.0
+_CHECK_MAX_S = 30.0
+
+
+class ApiRefused(Exception):
+    """The tracker API refuses the relay's key, or the URL is not a tracker API: every
+    message would go out untracked. `setting` is the one to fix: "key" or "url"."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(message)
+        self.setting = setting
 
 
 def parse_address(value: str, what: str) -> tuple[str, int]:
@@ -280,10 +299,63 @@ def smtp_server(handler: RelayHandler) -> SMTP:
                 enable_SMTPUTF8=True)
 
 
+async def check_api(config: RelayConfig) -> bool:
+    """Ask the tracker API whether it takes the relay's key. True: it does. False: it did
+    not answer (down, starting, its database unreachable), which is logged. Raises
+    ApiRefused when it answers no: a wrong key, or a URL that is not a tracker API."""
+    silence = await _ask(config)
+    if silence is not None:
+        log.warning("the tracker API at %s does not answer (%s): relaying anyway, mail goes "
+                    "out untracked until it does; the API key is checked then",
+                    config.api_url, silence)
+    return silence is None
+
+
+async def _ask(config: RelayConfig) -> str | None:
+    """None when the API takes the key; why it gave no answer otherwise."""
+    async with AsyncClient(config.api_url, config.api_key, timeout=config.api_timeout) as api:
+        try:
+            await api.list_campaigns()
+        except AuthenticationError as exc:
+            raise ApiRefused("key", f"the tracker API at {config.api_url} refuses this key "
+                             f"({exc.error}); with it every message would go out "
+                             "untracked") from None
+        except NotFound:
+            raise ApiRefused("url", f"{config.api_url} is not a tracker API (404 on "
+                             "/api/campaigns)") from None
+        except TrackerError as exc:  # Unavailable, or an answer that is not the API's
+            return str(exc)
+    return None
+
+
+async def _check_until_answered(config: RelayConfig, refused: list[ApiRefused],
+                                stop: asyncio.Event) -> None:
+    """The API did not answer at start: check the key once it does. A refusal then stops
+    the relay, as it would have at start: a relay whose every message goes out untracked
+    is a mistake to fix, not a state to run in."""
+    delay = _CHECK_FIRST_S
+    while True:
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, _CHECK_MAX_S)
+        try:
+            silence = await _ask(config)
+        except ApiRefused as exc:
+            log.error("%s: stopping", exc)
+            refused.append(exc)
+            stop.set()
+            return
+        if silence is None:
+            log.info("the tracker API at %s answers and takes the key", config.api_url)
+            return
+
+
 async def serve(config: RelayConfig) -> RelayStats:
-    """Runs the relay until SIGTERM or SIGINT; returns its counts."""
+    """Runs the relay until SIGTERM or SIGINT; returns its counts. Raises ApiRefused, before
+    it takes any mail, if the tracker API refuses its key (or later, if the API was not
+    answering at start and refuses it once it does)."""
     # aiosmtpd logs each sender and recipient at INFO; the relay logs no addresses.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
+    answered = await check_api(config)
     handler = RelayHandler(config)
     loop = asyncio.get_running_loop()
     host, port = config.listen
@@ -291,12 +363,17 @@ async def serve(config: RelayConfig) -> RelayStats:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    refused: list[ApiRefused] = []
+    checking = (None if answered else asyncio.create_task(
+        _check_until_answered(config, refused, stop), name="tracker-relay-api-check"))
     up = config.upstream
     log.info("relay on %s:%d -> %s:%d%s, tracker API %s", host, port, up.host, up.port,
              " (STARTTLS)" if up.starttls else "", config.api_url)
     try:
         await stop.wait()
     finally:
+        if checking is not None:
+            checking.cancel()
         # Stop taking connections, let the messages in flight finish, then close.
         server.close()
         try:
@@ -308,4 +385,6 @@ async def serve(config: RelayConfig) -> RelayStats:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
     log.info("relay stopped: %s", handler.stats)
+    if refused:
+        raise refused[0]
     return handler.stats

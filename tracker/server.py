@@ -13,6 +13,8 @@ connections, two workers) measured one worker busy and the other idle (py-spy: 9
 
 from __future__ import annotations
 
+import errno
+import ipaddress
 import logging
 import os
 import signal
@@ -20,13 +22,67 @@ import socket
 import sys
 from typing import Any
 
-from tracker.settings import Settings
+from tracker.settings import Settings, SettingsError
 
 log = logging.getLogger("tracker.server")
 
 APP_FACTORY = "tracker.app:create_app_from_env"
 # Long enough for the writer's shutdown flush (10 s) plus the pool's close.
 _WORKER_SHUTDOWN_S = 30
+
+
+def listen_url(settings: Settings) -> str:
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    return f"http://{host}:{settings.port}"
+
+
+def _family(host: str) -> socket.AddressFamily:
+    # As uvicorn chooses it: a host with a colon is IPv6, anything else IPv4 (or a name).
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def check_listen(settings: Settings) -> None:
+    """Bind the address and let it go: a port in use or an address this machine does not
+    have stops `serve` here, in one line naming the setting, before the database starts
+    and before any worker would fail on it alone."""
+    host, port = settings.host, settings.port
+    host_name, port_name = settings.named("TRACKER_HOST"), settings.named("TRACKER_PORT")
+    with socket.socket(_family(host), socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind
+        try:
+            probe.bind((host, port))
+        except socket.gaierror as exc:
+            raise SettingsError(f"{host_name}: {host!r} is not an address or a host name "
+                                f"this machine can resolve ({exc.strerror})") from None
+        except (UnicodeError, ValueError) as exc:
+            raise SettingsError(f"{host_name}: {host!r} is not an address: {exc}") from None
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise SettingsError(f"{port_name}: port {port} on {host} is in use by another "
+                                    f"program ({exc.strerror})") from None
+            if exc.errno == errno.EACCES:
+                raise SettingsError(f"{port_name}: not allowed to listen on port {port} (below "
+                                    "1024 it takes privileges)") from None
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise SettingsError(f"{host_name}: {host} is not an address of this "
+                                    "machine") from None
+            raise SettingsError(f"{host_name}: cannot listen on {host}:{port}: "
+                                f"{exc.strerror or exc}") from None
+
+
+def warn_about_public_url(settings: Settings) -> None:
+    """Listening on every address, the default public URL is one no reader can reach."""
+    if settings.public_url:
+        return
+    try:
+        unspecified = ipaddress.ip_address(settings.host.strip("[]")).is_unspecified
+    except ValueError:
+        return
+    if unspecified:
+        log.warning("%s is %s and TRACKER_PUBLIC_URL is not set: the pixel and link URLs "
+                    "handed out will say %s, which readers cannot reach; set "
+                    "TRACKER_PUBLIC_URL to the address they use (https://t.example.com)",
+                    settings.named("TRACKER_HOST"), settings.host, settings.base_url)
 
 
 def run(settings: Settings, env: dict[str, str]) -> None:

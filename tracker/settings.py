@@ -175,10 +175,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TRACKER_WRITER_CONNECTIONS", "2", "batches each worker writes at once, each on "
             "its own connection; about the cores PostgreSQL has", _positive_int),
     Setting("TRACKER_BUFFER_MAX_EVENTS", "100000", "events held in memory; past it they "
-            "spill to the journal, and with the journal full too new ones are dropped",
+            "spill to the journal, and only with the journal full too are new ones dropped",
             _positive_int),
     Setting("TRACKER_JOURNAL_MAX_BYTES", "1G", "disk cap of the journal in the data dir "
-            "(shared equally by the workers), e.g. 512M or 1G", _byte_size),
+            "(one cap for all the workers), e.g. 512M or 1G", _byte_size),
     Setting("TRACKER_DURABILITY", "memory", "memory: a hit is answered once its event is in "
             "memory (a kill -9 loses up to one flush interval); journal: once it is fsynced "
             "to the journal (group commit; a kill -9 loses nothing)",
@@ -189,6 +189,9 @@ SETTINGS: tuple[Setting, ...] = (
             "(thresholds, patterns, Apple proxy ranges; see tracker/rules/README.md)",
             _rules_file),
 )
+
+
+_BY_ENV = {setting.env: setting for setting in SETTINGS}
 
 
 @dataclass(frozen=True)
@@ -212,6 +215,12 @@ class Settings:
     durability: str
     log_level: str
     rules: Path | None
+    # The variables given as CLI flags: messages name a setting as the user gave it.
+    flags: frozenset[str] = frozenset()
+
+    def named(self, env: str) -> str:
+        """How the user gave a setting: its flag (`--port`) or its variable (`TRACKER_PORT`)."""
+        return _BY_ENV[env].flag if env in self.flags else env
 
     @property
     def embedded(self) -> bool:
@@ -242,15 +251,16 @@ def load(environ: Mapping[str, str] | None = None,
     """Read every setting from `environ` (default os.environ); `overrides` (CLI flags,
     keyed by variable name) win. Raises SettingsError naming the first bad variable."""
     environ = os.environ if environ is None else environ
-    overrides = overrides or {}
+    flags = frozenset(env for env, raw in (overrides or {}).items() if raw is not None)
     values: dict[str, Any] = {}
     for setting in SETTINGS:
-        raw = overrides.get(setting.env)
+        raw = (overrides or {}).get(setting.env)
         if raw is None:
             raw = environ.get(setting.env, setting.default)
         try:
             values[setting.field] = setting.parse(raw)
         except ValueError as exc:
-            raise SettingsError(f"{setting.env}: {exc}") from None
-    assert {f.name for f in fields(Settings)} == set(values)
-    return Settings(**values)
+            name = setting.flag if setting.env in flags else setting.env
+            raise SettingsError(f"{name}: {exc}") from None
+    assert {f.name for f in fields(Settings)} == {*values, "flags"}
+    return Settings(**values, flags=flags)

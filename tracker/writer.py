@@ -317,7 +317,6 @@ class BatchWriter:
             done = round_.chunks.popleft()
             del round_.unwritten[id(done)]
             self._journal.commit(done)
-            self._backlog.journal_committed()
             self.stats.replayed += len(done.lines)
 
     async def close(self, timeout_s: float) -> int:
