@@ -74,6 +74,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise SettingsError(f"TRACKER_GEOIP_DB: {exc}") from None
     elif settings.geoip_fetch == "on":
         _fetch_geo_database_in_background(settings)
+    if settings.workers > 1:
+        from tracker.devices import ensure_cached
+
+        ensure_cached(settings.resolved_cache_dir)  # once here, not once per worker
     with database_url(settings, owner=True) as dsn:
         for name in asyncio.run(_migrate(dsn)):
             log.info("applied migration %s", name)
@@ -234,12 +238,14 @@ def cmd_geoip_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
+    from tracker import useragent
     from tracker.classify import Classifier
     from tracker.rules import load_rules
 
     settings = _settings(args)
     # A fresh classifier: no earlier clicks, so no burst; the rules the server would load.
     classifier = Classifier(load_rules(settings.rules, settings.data_dir))
+    useragent.prepare(settings.resolved_cache_dir)
     if args.jsonl:
         return _classify_lines(classifier)
     if args.user_agent is None:

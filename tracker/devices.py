@@ -1,0 +1,438 @@
+"""Matomo device-detector's device type of a user agent, at a cost a hot path can pay.
+
+Matomo's rules (the YAML files the `device-detector` package ships: a regex per brand,
+then per model, each naming a type such as smartphone, tablet or tv) know which of
+thousands of Android models is a tablet; user-agent tokens alone cannot. The package
+itself takes tens of milliseconds an agent, trying the regexes one after another. Here
+the same rules, in Matomo's order, are split into small pieces indexed by the words each
+needs (`regex_split`); one Aho-Corasick scan of an agent picks the few pieces worth
+trying, so an agent costs tens of microseconds. The prepared index is cached as JSON,
+keyed by the package's version and this code, so that a worker starts in a fraction of a
+second; building it takes a second or two, once.
+
+`device_type` then applies Matomo's own rules for agents no model names (DeviceDetector.php
+`parseDevice`: Chrome on Android without "Mobile" is a tablet, "Android TV" is a tv, a
+desktop system is a desktop, ...). The reference is Matomo device-detector 6.5.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tracker import regex_split
+
+log = logging.getLogger("tracker.devices")
+
+PACKAGE = "device-detector"
+# Matomo's device parsers, in the order DeviceDetector.php tries them. Shell TVs need no
+# regexes (any is a tv), so they are not read.
+_FILES = ("televisions", "notebooks", "consoles", "car_browsers", "cameras",
+          "portable_media_player", "mobiles")
+_HBBTV, _NOTEBOOKS = 0, 1
+# A hostile agent could name thousands of models; past this many regex tries it gets
+# no brand, and Matomo's rules that need none still apply.
+_MAX_TRIES = 64
+_FORMAT = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Brand:
+    name: str
+    file: int  # index into _FILES
+    type: str | None  # its `device:`
+    models: range  # its owners (see DeviceIndex) that are models, in order
+
+
+class DeviceIndex:
+    """Matomo's brand and model regexes, first match in Matomo's order."""
+
+    def __init__(self, form: dict[str, Any]) -> None:
+        import ahocorasick_rs
+
+        self.source = str(form["source"])
+        self.brands = [Brand(str(name), int(file), kind, range(int(first), int(end)))
+                       for name, file, kind, first, end in form["brands"]]
+        # An owner is a brand's regex or one of its models': (brand, the model's type).
+        owners = form["owners"]
+        self._owner_brand = [int(b) for b, _, _ in owners]
+        self._owner_is_model = [bool(m) for _, _, m in owners]
+        self._owner_type: list[str | None] = [t for _, t, _ in owners]
+        pieces = form["pieces"]
+        self._piece_owner = [int(o) for o, _, _ in pieces]
+        self._piece_pattern = [str(p) for _, p, _ in pieces]
+        self._piece_relaxed: list[str | None] = [r for _, _, r in pieces]
+        self._tests: list[Callable[[str], bool] | None] = [None] * len(pieces)
+        words = form["words"]
+        self._word_pieces = [tuple(ids) for _, ids in words]
+        self._always = tuple(form["always"])
+        self._automaton = ahocorasick_rs.AhoCorasick([w for w, _ in words])
+
+    def first(self, user_agent: str, files: Iterable[int]) -> tuple[Brand, str | None] | None:
+        """The first brand (of `files`, in Matomo's order) whose regex matches, and the
+        type its first matching model names (else the brand's); None when none matches."""
+        wanted = frozenset(files)
+        candidates = set(self._always)
+        for word, _, _ in self._automaton.find_matches_as_indexes(
+                user_agent.casefold(), overlapping=True):
+            candidates.update(self._word_pieces[word])
+        ordered = sorted(candidates)
+        tries = 0
+        for position, piece in enumerate(ordered):
+            owner = self._piece_owner[piece]
+            if self._owner_is_model[owner]:
+                continue
+            brand = self.brands[self._owner_brand[owner]]
+            if brand.file not in wanted:
+                continue
+            tries += 1
+            if tries > _MAX_TRIES:
+                return None
+            if not self._matches(piece, user_agent):
+                continue
+            for model_piece in ordered[position + 1:]:
+                model = self._piece_owner[model_piece]
+                if model >= brand.models.stop:
+                    break
+                if model in brand.models:
+                    tries += 1
+                    if tries > _MAX_TRIES:
+                        break
+                    if self._matches(model_piece, user_agent):
+                        return brand, self._owner_type[model] or brand.type
+            return brand, brand.type
+        return None
+
+    def _matches(self, piece: int, user_agent: str) -> bool:
+        test = self._tests[piece]
+        if test is None:
+            test = self._tests[piece] = _compiled(self._piece_pattern[piece],
+                                                  self._piece_relaxed[piece])
+        return test(user_agent)
+
+
+# Matomo wraps every device regex in `(?:^|[^A-Z0-9_-]|[^A-Z0-9-]_|sprd-|MZ-)(?:...)`, case
+# insensitive: a match starts a word. Searching the piece alone and checking the text before
+# each match start is the same and several times faster (the wrapper defeats the regex
+# engines' literal-prefix scans).
+_WORD_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
+
+
+def _starts_word(text: str, start: int) -> bool:
+    if start == 0:
+        return True
+    before = text[start - 1]
+    if before == "_":
+        return start >= 2 and text[start - 2] not in _WORD_CHARS
+    if before not in _WORD_CHARS:
+        return True
+    return (text[max(0, start - 5):start].lower() == "sprd-"
+            or text[max(0, start - 3):start].lower() == "mz-")
+
+
+def _compiled(pattern: str, relaxed: str | None) -> Callable[[str], bool]:
+    search: Callable[[str, int], Any]
+    try:
+        search = re.compile(pattern, re.IGNORECASE).search
+    except re.error:
+        # Look-behinds of several lengths: only the `regex` module reads them. It is slow,
+        # so the pattern without its look-arounds (it matches whenever the whole does)
+        # rules out most agents first.
+        import regex
+
+        try:
+            full = regex.compile(pattern, regex.IGNORECASE).search
+        except regex.error:
+            log.warning("device types: a pattern neither re nor regex reads: %.80s", pattern)
+            return _never
+        try:
+            first = re.compile(relaxed, re.IGNORECASE).search if relaxed else None
+        except re.error:
+            first = None
+        if first is None:
+            search = full
+        else:
+            def search(text: str, pos: int = 0) -> Any:
+                return full(text, pos) if first(text, pos) is not None else None
+
+    def matches(text: str) -> bool:
+        pos = 0
+        while pos <= len(text):
+            found = search(text, pos)
+            if found is None:
+                return False
+            if _starts_word(text, found.start()):
+                return True
+            pos = found.start() + 1
+        return False
+
+    return matches
+
+
+def _never(text: str) -> bool:
+    return False
+
+
+# --- Matomo's rules for the type (DeviceDetector.php, parseDevice) --------------------
+
+def _rule(pattern: str) -> Callable[[str], Any]:
+    """DeviceDetector::matchUserAgent: the regex, starting a word, case-insensitive."""
+    return re.compile(rf"(?:^|[^A-Z_-])(?:{pattern})", re.IGNORECASE).search
+
+
+def _part(pattern: str) -> Callable[[str], Any]:
+    """AbstractParser::matchUserAgent: the device parsers' word start."""
+    return re.compile(rf"(?:^|[^A-Z0-9_-]|[^A-Z0-9-]_|sprd-|MZ-)(?:{pattern})",
+                      re.IGNORECASE).search
+
+
+_HBBTV_FRAGMENT = _part(r"(?:HbbTV|SmartTvA)/([1-9]{1}(?:\.[0-9]{1}){1,2})")
+_SHELL_TV_FRAGMENT = _part(r"[a-z]+[ _]Shell[ _]\w{6}|tclwebkit(\d+[.\d]*)")
+_NOTEBOOK_FRAGMENT = _part("FBMD/")
+_DESKTOP_FRAGMENT = _part(r"(?:Windows (?:NT|IoT)|X11; Linux x86_64)")
+_NOT_DESKTOP_FRAGMENT = _part(
+    r"CE-HTML| Mozilla/|Andr[o0]id|Tablet|Mobile|iPhone|Windows Phone|ricoh|OculusBrowser"
+    r"|PicoBrowser|Lenovo|compatible; MSIE|Trident/|Tesla/|XBOX|FBMD/|ARM; ?([^)]+)")
+_CLIENT_HINTS_FRAGMENT = re.compile(
+    r"Android (?:1[0-6][.\d]*; K(?: Build/|[;)])|1[0-6]\)) AppleWebKit", re.IGNORECASE).search
+_VR = _rule(r"Android( [.0-9]+)?; Mobile VR;| VR ")
+_CHROME = _rule(r"Chrome/[.0-9]*")
+_MOBILE = _rule(r"(?:Mobile|eliboM)")
+_PAD = _rule("Pad/APad")
+_TABLET = _rule(r"Android( [.0-9]+)?; Tablet;|Tablet(?! PC)|.*\-tablet$|Opera Tablet")
+_ANDROID_MOBILE = _rule(r"Android( [.0-9]+)?; Mobile;|.*\-mobile$")
+_JAVA_ME = _rule(r"Java ME|J2ME|Profile/MIDP|CLDC|Java; U; MIDP|MMP/\d\.\d")
+_TOUCH = _rule("Touch")
+_PUFFIN = ((_rule(r"Puffin/(?:\d+[.\d]+)[LMW]D"), "desktop"),
+           (_rule(r"Puffin/(?:\d+[.\d]+)[AIFLW]P"), "smartphone"),
+           (_rule(r"Puffin/(?:\d+[.\d]+)[AILW]T"), "tablet"))
+_OPERA_TV = _rule(r"Opera TV Store| OMI/|Coolita OS")
+_TV = _rule(r"Andr0id|(?:Android(?: UHD)?|Google) TV|\(lite\) TV|BRAVIA|Firebolt| TV$")
+_SMART_TV = _rule(r"SmartTV|Tizen.+ TV .+$|\(TV;")
+_DESKTOP_WORD = _rule(r"Desktop(?: (x(?:32|64)|WOW64))?;")
+
+# ua-parser's names for the systems Matomo's rules single out.
+_APPLE_SYSTEMS = frozenset({"iOS", "Mac OS X", "Mac OS", "WatchOS", "tvOS", "ATV OS X"})
+_ANDROID_FAMILY = frozenset({"Android", "HarmonyOS"})
+DESKTOP_SYSTEMS = frozenset({
+    "Windows", "Mac OS X", "Mac OS", "Linux", "Ubuntu", "Kubuntu", "Lubuntu", "Fedora",
+    "Debian", "Chrome OS", "FreeBSD", "OpenBSD", "NetBSD", "BSD", "Solaris", "SUSE",
+    "openSUSE", "Red Hat", "CentOS", "Mandriva", "Mageia", "Gentoo", "Slackware",
+    "Linux Mint", "Arch Linux", "PCLinuxOS", "Puppy", "BackTrack", "SerenityOS"})
+_TOUCH_WINDOWS = frozenset({"RT", "8", "10", "11"})
+
+
+def device_type(index: DeviceIndex, user_agent: str, system: str | None,
+                version: tuple[str | None, str | None]) -> str | None:
+    """Matomo's device type (smartphone, tablet, phablet, feature phone, desktop, tv,
+    console, wearable, ...), or None when Matomo's rules say nothing. `system` and
+    `version` (major, minor) are ua-parser's reading of the OS."""
+    brand, kind = _parsed(index, user_agent)
+    if brand == "Apple" and system not in _APPLE_SYSTEMS:  # a fake: not Apple's
+        kind = None
+    android = system in _ANDROID_FAMILY
+    if kind is None and _VR(user_agent):
+        kind = "wearable"
+    if kind is None and android and _CHROME(user_agent):
+        # Chrome on Android says "Mobile" on phones and not on tablets.
+        kind = "smartphone" if _MOBILE(user_agent) else "tablet"
+    if kind == "smartphone" and _PAD(user_agent):
+        kind = "tablet"
+    if kind is None and _TABLET(user_agent):
+        kind = "tablet"
+    if kind is None and _ANDROID_MOBILE(user_agent):
+        kind = "smartphone"
+    if kind is None and system == "Android" and version[0]:
+        # Android before 2 ran on phones only, Android 3 on tablets only.
+        if _version_below(version, 2):
+            kind = "smartphone"
+        elif version[0] == "3":
+            kind = "tablet"
+    if kind == "feature phone" and android:
+        kind = "smartphone"
+    if kind is None and system is None and _JAVA_ME(user_agent):
+        kind = "feature phone"
+    if system == "KaiOS":
+        kind = "feature phone"
+    if (kind is None and system == "Windows" and version[0] in _TOUCH_WINDOWS
+            and _TOUCH(user_agent)):
+        kind = "tablet"
+    if kind is None:
+        kind = next((k for fragment, k in _PUFFIN if fragment(user_agent)), None)
+    if _OPERA_TV(user_agent):
+        kind = "tv"
+    if kind not in ("tv", "peripheral") and _TV(user_agent):
+        kind = "tv"
+    if kind is None and _SMART_TV(user_agent):
+        kind = "tv"
+    if kind != "desktop" and "Desktop" in user_agent and _DESKTOP_WORD(user_agent):
+        kind = "desktop"
+    if kind is None and system in DESKTOP_SYSTEMS:
+        kind = "desktop"
+    return kind
+
+
+def _parsed(index: DeviceIndex, user_agent: str) -> tuple[str, str | None]:
+    """What Matomo's device parsers say: (brand, type), either may be empty."""
+    if _HBBTV_FRAGMENT(user_agent):
+        found = None if _no_device_parse(user_agent) else index.first(user_agent, (_HBBTV,))
+        return (found[0].name, found[1] or "tv") if found else ("", "tv")
+    if _SHELL_TV_FRAGMENT(user_agent):
+        return "", "tv"
+    if _no_device_parse(user_agent):
+        return "", None
+    files = range(_NOTEBOOKS if _NOTEBOOK_FRAGMENT(user_agent) else _NOTEBOOKS + 1,
+                  len(_FILES))
+    found = index.first(user_agent, files)
+    return (found[0].name, found[1]) if found else ("", None)
+
+
+def _no_device_parse(user_agent: str) -> bool:
+    """Agents Matomo's device parsers leave alone: a desktop system's, and Android's
+    reduced agents (`Android 10; K`), whose model only client hints tell."""
+    if _CLIENT_HINTS_FRAGMENT(user_agent) and "telegram-android/" not in user_agent.lower():
+        return True
+    return bool(_DESKTOP_FRAGMENT(user_agent)) and not _NOT_DESKTOP_FRAGMENT(user_agent)
+
+
+def _version_below(version: tuple[str | None, str | None], major: int) -> bool:
+    try:
+        return int(version[0] or "") < major
+    except ValueError:
+        return False
+
+
+# --- the index: built from the package's YAML, cached as JSON ------------------------
+
+def load(cache_dir: Path | None, rules_dir: Path | None = None) -> DeviceIndex | None:
+    """The index, from the cache when it is there for this package version and code, else
+    built from `rules_dir` (the package's device rules) and cached. None, with a warning,
+    when the package or its rules cannot be read."""
+    found = _rules(rules_dir)
+    if found is None:
+        return None
+    source, rules_dir = found
+    cache = cache_dir / f"devices-{_cache_key(source, rules_dir)}.json" if cache_dir else None
+    if cache is not None and cache.is_file():
+        try:
+            return DeviceIndex(json.loads(cache.read_bytes()))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("device types: ignoring the unreadable cache %s (%s)", cache, exc)
+    try:
+        form = build(rules_dir, source)
+        index = DeviceIndex(form)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        log.warning("device types: cannot read %s's rules in %s (%s): classifying by tokens "
+                    "only", PACKAGE, rules_dir, exc)
+        return None
+    if cache is not None:
+        _write_cache(cache, form)
+    return index
+
+
+def ensure_cached(cache_dir: Path) -> None:
+    """Build the index into `cache_dir` unless it is there: before several workers start,
+    so that they load it rather than each build it."""
+    found = _rules(None)
+    if found is not None and not (cache_dir / f"devices-{_cache_key(*found)}.json").is_file():
+        load(cache_dir)
+
+
+def _rules(rules_dir: Path | None) -> tuple[str, Path] | None:
+    """(the package's name and version, its device rules' directory)."""
+    try:
+        return (f"{PACKAGE} {importlib.metadata.version(PACKAGE)}",
+                rules_dir or _package_rules_dir())
+    except (importlib.metadata.PackageNotFoundError, LookupError) as exc:
+        log.warning("device types: %s is not installed (%s): classifying by tokens only",
+                    PACKAGE, exc)
+        return None
+
+
+def _package_rules_dir() -> Path:
+    # Found without importing the package: its __init__ loads all of its parsers.
+    spec = importlib.util.find_spec("device_detector")
+    if spec is None or not spec.submodule_search_locations:
+        raise LookupError("device_detector has no package directory")
+    return Path(next(iter(spec.submodule_search_locations))) / "regexes" / "upstream" / "device"
+
+
+def _cache_key(source: str, rules_dir: Path) -> str:
+    digest = hashlib.sha256(f"{_FORMAT} {source} {rules_dir}".encode())
+    for module in (__file__, regex_split.__file__):
+        digest.update(Path(module).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _write_cache(cache: Path, form: dict[str, Any]) -> None:
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("wb", dir=cache.parent, prefix=".devices-",
+                                         delete=False) as out:
+            out.write(json.dumps(form, separators=(",", ":")).encode())
+        os.replace(out.name, cache)
+        for old in cache.parent.glob("devices-*.json"):
+            if old != cache:
+                old.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("device types: cannot cache the index in %s (%s): it is built again at "
+                    "the next start", cache.parent, exc)
+
+
+def build(rules_dir: Path, source: str) -> dict[str, Any]:
+    """The index's JSON form from Matomo's YAML files in `rules_dir`."""
+    import yaml_rs
+
+    brands: list[list[Any]] = []
+    owners: list[list[Any]] = []
+    pieces: list[list[Any]] = []
+
+    def add(owner: int, pattern: str) -> None:
+        try:
+            split = regex_split.split(pattern)
+        except ValueError:
+            split = [regex_split.Piece(pattern, None, False, "")]
+        for piece in split:
+            pieces.append([owner, piece.pattern, piece.without_lookarounds or None])
+            words.append(piece.words)
+
+    words: list[tuple[str, ...] | None] = []
+    for file_number, name in enumerate(_FILES):
+        entries = yaml_rs.loads((rules_dir / f"{name}.yml").read_text(encoding="utf-8"))
+        if not isinstance(entries, dict):
+            raise ValueError(f"{name}.yml: not a mapping of brands")
+        for brand, entry in entries.items():
+            kind = entry.get("device")
+            brand_number = len(brands)
+            owners.append([brand_number, None, 0])
+            add(len(owners) - 1, str(entry["regex"]))
+            # Only models that change the brand's type matter here: those after the last
+            # such model cannot change it, whether they match or not.
+            models = entry.get("models") or []
+            last = max((k for k, m in enumerate(models) if (m.get("device") or kind) != kind),
+                       default=-1)
+            first = len(owners)
+            for model in models[:last + 1]:
+                owners.append([brand_number, model.get("device"), 1])
+                add(len(owners) - 1, str(model["regex"]))
+            brands.append([str(brand), file_number, kind, first, len(owners)])
+    by_word: dict[str, list[int]] = {}
+    always = []
+    for number, needed in enumerate(words):
+        if needed is None:
+            always.append(number)
+        else:
+            for word in needed:
+                by_word.setdefault(word, []).append(number)
+    return {"format": _FORMAT, "source": source, "brands": brands, "owners": owners,
+            "pieces": pieces, "words": sorted(by_word.items()), "always": always}
