@@ -502,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="read requests as JSON lines on stdin ({\"user_agent\", \"ip\", "
                           "\"method\", \"kind\", \"seconds_after_send\"}) and print one verdict "
                           "a line, in order")
-    _add_setting_flags(classify, ("rules",))
+    _add_setting_flags(classify, ("rules", "cache_dir"))
     classify.set_defaults(run=cmd_classify)
 
     rules_cmd = commands.add_parser("rules", help="classification rules and address lists")

@@ -37,7 +37,7 @@ log = logging.getLogger("tracker.devices")
 PACKAGE = "device-detector"
 # Matomo's device parsers, in the order DeviceDetector.php tries them. Shell TVs need no
 # regexes (any is a tv), so they are not read.
-_FILES = ("televisions", "notebooks", "consoles", "car_browsers", "cameras",
+FILES = ("televisions", "notebooks", "consoles", "car_browsers", "cameras",
           "portable_media_player", "mobiles")
 _HBBTV, _NOTEBOOKS = 0, 1
 # A hostile agent could name thousands of models; past this many regex tries it gets
@@ -49,7 +49,7 @@ _FORMAT = 1
 @dataclass(frozen=True, slots=True)
 class Brand:
     name: str
-    file: int  # index into _FILES
+    file: int  # index into FILES
     type: str | None  # its `device:`
     models: range  # its owners (see DeviceIndex) that are models, in order
 
@@ -292,7 +292,7 @@ def _parsed(index: DeviceIndex, user_agent: str) -> tuple[str, str | None]:
     if _no_device_parse(user_agent):
         return "", None
     files = range(_NOTEBOOKS if _NOTEBOOK_FRAGMENT(user_agent) else _NOTEBOOKS + 1,
-                  len(_FILES))
+                  len(FILES))
     found = index.first(user_agent, files)
     return (found[0].name, found[1]) if found else ("", None)
 
@@ -352,14 +352,14 @@ def _rules(rules_dir: Path | None) -> tuple[str, Path] | None:
     """(the package's name and version, its device rules' directory)."""
     try:
         return (f"{PACKAGE} {importlib.metadata.version(PACKAGE)}",
-                rules_dir or _package_rules_dir())
+                rules_dir or package_rules_dir())
     except (importlib.metadata.PackageNotFoundError, LookupError) as exc:
         log.warning("device types: %s is not installed (%s): classifying by tokens only",
                     PACKAGE, exc)
         return None
 
 
-def _package_rules_dir() -> Path:
+def package_rules_dir() -> Path:
     # Found without importing the package: its __init__ loads all of its parsers.
     spec = importlib.util.find_spec("device_detector")
     if spec is None or not spec.submodule_search_locations:
@@ -407,7 +407,7 @@ def build(rules_dir: Path, source: str) -> dict[str, Any]:
             words.append(piece.words)
 
     words: list[tuple[str, ...] | None] = []
-    for file_number, name in enumerate(_FILES):
+    for file_number, name in enumerate(FILES):
         entries = yaml_rs.loads((rules_dir / f"{name}.yml").read_text(encoding="utf-8"))
         if not isinstance(entries, dict):
             raise ValueError(f"{name}.yml: not a mapping of brands")

@@ -16,6 +16,7 @@ there, a person's name included; such text never reaches the database.
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 from collections.abc import Iterable
@@ -31,6 +32,7 @@ from tracker.agent_names import known_names
 
 DEVICE_CLASSES = ("desktop", "mobile", "tablet", "bot", "other")
 OTHER = "other"
+_CACHE_ENV = "TRACKER_CACHE_DIR"
 # Longer strings are not user agents any mail client sends; parsing them only costs.
 _MAX_PARSED_CHARS = 1024
 _matchers = load_lazy_builtins()
@@ -108,8 +110,8 @@ def device_class(user_agent: str, system: str | None,
                  version: tuple[str | None, str | None] = (None, None)) -> str:
     """desktop, mobile, tablet or other for an agent whose OS ua-parser reads as `system`
     (family) and `version` (major, minor)."""
-    if not _DeviceRules.loaded:
-        prepare(None)
+    if not _DeviceRules.loaded:  # not prepared by a worker or command: cache where told to
+        prepare(Path(os.environ[_CACHE_ENV]) if os.environ.get(_CACHE_ENV) else None)
     if _DeviceRules.index is not None:
         kind = devices.device_type(_DeviceRules.index, user_agent, system, version)
         return _CLASS_OF_TYPE.get(kind or "", OTHER)
