@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
