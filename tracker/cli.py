@@ -245,7 +245,9 @@ def cmd_classify(args: argparse.Namespace) -> int:
     settings = _settings(args)
     # A fresh classifier: no earlier clicks, so no burst; the rules the server would load.
     classifier = Classifier(load_rules(settings.rules, settings.data_dir))
-    useragent.prepare(settings.resolved_cache_dir)
+    # A look-up creates no data dir: without one, the device index is built in memory.
+    useragent.prepare(settings.resolved_cache_dir
+                      if settings.cache_dir or settings.data_dir.is_dir() else None)
     if args.jsonl:
         return _classify_lines(classifier)
     if args.user_agent is None:
