@@ -25,7 +25,7 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,10 @@ _HBBTV, _NOTEBOOKS = 0, 1
 # A hostile agent could name thousands of models; past this many regex tries it gets
 # no brand, and Matomo's rules that need none still apply.
 _MAX_TRIES = 64
+# Matomo's fixtures' longest agent has 355 characters, and a model is named early. Past
+# this many, an agent is cut before its device is looked for: some rules backtrack, and
+# their cost grows with the square of the length a crafted agent can give them.
+_MAX_CHARS = 512
 _FORMAT = 1
 
 
@@ -72,7 +76,7 @@ class DeviceIndex:
         self._piece_owner = [int(o) for o, _, _ in pieces]
         self._piece_pattern = [str(p) for _, p, _ in pieces]
         self._piece_relaxed: list[str | None] = [r for _, _, r in pieces]
-        self._tests: list[Callable[[str], bool] | None] = [None] * len(pieces)
+        self._tests: list[_Test | None] = [None] * len(pieces)
         words = form["words"]
         self._word_pieces = [tuple(ids) for _, ids in words]
         self._always = tuple(form["always"])
@@ -82,9 +86,9 @@ class DeviceIndex:
         """The first brand (of `files`, in Matomo's order) whose regex matches, and the
         type its first matching model names (else the brand's); None when none matches."""
         wanted = frozenset(files)
+        text = user_agent.lower()  # the pieces are lower-cased: see _compiled
         candidates = set(self._always)
-        for word, _, _ in self._automaton.find_matches_as_indexes(
-                user_agent.casefold(), overlapping=True):
+        for word, _, _ in self._automaton.find_matches_as_indexes(text, overlapping=True):
             candidates.update(self._word_pieces[word])
         ordered = sorted(candidates)
         tries = 0
@@ -98,7 +102,7 @@ class DeviceIndex:
             tries += 1
             if tries > _MAX_TRIES:
                 return None
-            if not self._matches(piece, user_agent):
+            if not self._matches(piece, text):
                 continue
             for model_piece in ordered[position + 1:]:
                 model = self._piece_owner[model_piece]
@@ -108,19 +112,23 @@ class DeviceIndex:
                     tries += 1
                     if tries > _MAX_TRIES:
                         break
-                    if self._matches(model_piece, user_agent):
+                    if self._matches(model_piece, text):
                         return brand, self._owner_type[model] or brand.type
             return brand, brand.type
         return None
 
-    def _matches(self, piece: int, user_agent: str) -> bool:
+    def _matches(self, piece: int, text: str) -> bool:
         test = self._tests[piece]
-        if test is None:
+        if test is None:  # compiled on first use: most pieces never are
             test = self._tests[piece] = _compiled(self._piece_pattern[piece],
                                                   self._piece_relaxed[piece])
-        return test(user_agent)
+        return _found(test, text)
 
 
+# A compiled piece: a pattern of `re` or `regex`, or (a cheaper `re` pattern that must
+# match first, the `regex` one).
+_Test = Any
+_NEVER = re.compile(r"(?!)")
 # Matomo wraps every device regex in `(?:^|[^A-Z0-9_-]|[^A-Z0-9-]_|sprd-|MZ-)(?:...)`, case
 # insensitive: a match starts a word. Searching the piece alone and checking the text before
 # each match start is the same and several times faster (the wrapper defeats the regex
@@ -140,60 +148,91 @@ def _starts_word(text: str, start: int) -> bool:
             or text[max(0, start - 3):start].lower() == "mz-")
 
 
-def _compiled(pattern: str, relaxed: str | None) -> Callable[[str], bool]:
-    search: Callable[[str, int], Any]
+def _lower_case(pattern: str) -> str:
+    """The pattern for lower-cased text: letters lower-cased, escapes (\\d, \\W) kept."""
+    return re.sub(r"\\.|[^\\]+", lambda m: m[0] if m[0][0] == "\\" else m[0].lower(), pattern)
+
+
+def _compiled(pattern: str, relaxed: str | None) -> _Test:
+    """A test of lower-cased text: the same as the case-insensitive pattern on the text,
+    and several times faster (a case-insensitive pattern gets no literal-prefix scan)."""
+    pattern = _lower_case(pattern)
     try:
-        search = re.compile(pattern, re.IGNORECASE).search
+        return re.compile(pattern)
     except re.error:
-        # Look-behinds of several lengths: only the `regex` module reads them. It is slow,
-        # so the pattern without its look-arounds (it matches whenever the whole does)
-        # rules out most agents first.
-        import regex
+        pass
+    # Look-behinds of several lengths: only the `regex` module reads them. It is slow, so
+    # the pattern without its look-arounds (it matches whenever the whole does) rules out
+    # most agents first.
+    import regex
 
-        try:
-            full = regex.compile(pattern, regex.IGNORECASE).search
-        except regex.error:
-            log.warning("device types: a pattern neither re nor regex reads: %.80s", pattern)
-            return _never
-        try:
-            first = re.compile(relaxed, re.IGNORECASE).search if relaxed else None
-        except re.error:
-            first = None
-        if first is None:
-            search = full
-        else:
-            def search(text: str, pos: int = 0) -> Any:
-                return full(text, pos) if first(text, pos) is not None else None
+    try:
+        full = regex.compile(pattern)
+    except regex.error:
+        log.warning("device types: a pattern neither re nor regex reads: %.80s", pattern)
+        return _NEVER
+    try:
+        first = re.compile(_lower_case(relaxed)) if relaxed else None
+    except re.error:
+        first = None
+    return full if first is None else (first, full)
 
-    def matches(text: str) -> bool:
-        pos = 0
-        while pos <= len(text):
-            found = search(text, pos)
-            if found is None:
+
+def _found(test: _Test, text: str) -> bool:
+    """Whether the test matches `text` at the start of a word (Matomo's wrapper)."""
+    pos = 0
+    while pos <= len(text):
+        if isinstance(test, tuple):
+            if test[0].search(text, pos) is None:
                 return False
-            if _starts_word(text, found.start()):
-                return True
-            pos = found.start() + 1
-        return False
-
-    return matches
-
-
-def _never(text: str) -> bool:
+            found = test[1].search(text, pos)
+        else:
+            found = test.search(text, pos)
+        if found is None:
+            return False
+        if _starts_word(text, found.start()):
+            return True
+        pos = found.start() + 1
     return False
 
 
 # --- Matomo's rules for the type (DeviceDetector.php, parseDevice) --------------------
 
-def _rule(pattern: str) -> Callable[[str], Any]:
+class _Rule:
+    """One of Matomo's regexes, tried only when the agent (case-folded) holds one of the
+    words every match needs: a substring test rules most agents out, and Matomo's
+    word-start prefix makes the regex itself slow (no literal scan)."""
+
+    __slots__ = ("_search", "_words")
+
+    def __init__(self, pattern: str, start: str) -> None:
+        self._search = re.compile(f"{start}(?:{pattern})", re.IGNORECASE).search
+        self._words = _needed_words(pattern)
+
+    def __call__(self, text: str, folded: str) -> bool:
+        if self._words is not None and not any(word in folded for word in self._words):
+            return False
+        return self._search(text) is not None
+
+
+def _needed_words(pattern: str) -> tuple[str, ...] | None:
+    needed: set[str] = set()
+    for alternative in regex_split.parse(pattern):
+        words = regex_split.words(alternative, min_length=1)
+        if words is None:
+            return None
+        needed.update(words)
+    return tuple(sorted(needed))
+
+
+def _rule(pattern: str) -> _Rule:
     """DeviceDetector::matchUserAgent: the regex, starting a word, case-insensitive."""
-    return re.compile(rf"(?:^|[^A-Z_-])(?:{pattern})", re.IGNORECASE).search
+    return _Rule(pattern, "(?:^|[^A-Z_-])")
 
 
-def _part(pattern: str) -> Callable[[str], Any]:
+def _part(pattern: str) -> _Rule:
     """AbstractParser::matchUserAgent: the device parsers' word start."""
-    return re.compile(rf"(?:^|[^A-Z0-9_-]|[^A-Z0-9-]_|sprd-|MZ-)(?:{pattern})",
-                      re.IGNORECASE).search
+    return _Rule(pattern, "(?:^|[^A-Z0-9_-]|[^A-Z0-9-]_|sprd-|MZ-)")
 
 
 _HBBTV_FRAGMENT = _part(r"(?:HbbTV|SmartTvA)/([1-9]{1}(?:\.[0-9]{1}){1,2})")
@@ -203,8 +242,8 @@ _DESKTOP_FRAGMENT = _part(r"(?:Windows (?:NT|IoT)|X11; Linux x86_64)")
 _NOT_DESKTOP_FRAGMENT = _part(
     r"CE-HTML| Mozilla/|Andr[o0]id|Tablet|Mobile|iPhone|Windows Phone|ricoh|OculusBrowser"
     r"|PicoBrowser|Lenovo|compatible; MSIE|Trident/|Tesla/|XBOX|FBMD/|ARM; ?([^)]+)")
-_CLIENT_HINTS_FRAGMENT = re.compile(
-    r"Android (?:1[0-6][.\d]*; K(?: Build/|[;)])|1[0-6]\)) AppleWebKit", re.IGNORECASE).search
+_CLIENT_HINTS_FRAGMENT = _Rule(r"Android (?:1[0-6][.\d]*; K(?: Build/|[;)])|1[0-6]\)) AppleWebKit",
+                               "")
 _VR = _rule(r"Android( [.0-9]+)?; Mobile VR;| VR ")
 _CHROME = _rule(r"Chrome/[.0-9]*")
 _MOBILE = _rule(r"(?:Mobile|eliboM)")
@@ -237,20 +276,22 @@ def device_type(index: DeviceIndex, user_agent: str, system: str | None,
     """Matomo's device type (smartphone, tablet, phablet, feature phone, desktop, tv,
     console, wearable, ...), or None when Matomo's rules say nothing. `system` and
     `version` (major, minor) are ua-parser's reading of the OS."""
-    brand, kind = _parsed(index, user_agent)
+    user_agent = user_agent[:_MAX_CHARS]
+    folded = user_agent.lower()
+    brand, kind = _parsed(index, user_agent, folded)
     if brand == "Apple" and system not in _APPLE_SYSTEMS:  # a fake: not Apple's
         kind = None
     android = system in _ANDROID_FAMILY
-    if kind is None and _VR(user_agent):
+    if kind is None and _VR(user_agent, folded):
         kind = "wearable"
-    if kind is None and android and _CHROME(user_agent):
+    if kind is None and android and _CHROME(user_agent, folded):
         # Chrome on Android says "Mobile" on phones and not on tablets.
-        kind = "smartphone" if _MOBILE(user_agent) else "tablet"
-    if kind == "smartphone" and _PAD(user_agent):
+        kind = "smartphone" if _MOBILE(user_agent, folded) else "tablet"
+    if kind == "smartphone" and _PAD(user_agent, folded):
         kind = "tablet"
-    if kind is None and _TABLET(user_agent):
+    if kind is None and _TABLET(user_agent, folded):
         kind = "tablet"
-    if kind is None and _ANDROID_MOBILE(user_agent):
+    if kind is None and _ANDROID_MOBILE(user_agent, folded):
         kind = "smartphone"
     if kind is None and system == "Android" and version[0]:
         # Android before 2 ran on phones only, Android 3 on tablets only.
@@ -260,49 +301,51 @@ def device_type(index: DeviceIndex, user_agent: str, system: str | None,
             kind = "tablet"
     if kind == "feature phone" and android:
         kind = "smartphone"
-    if kind is None and system is None and _JAVA_ME(user_agent):
+    if kind is None and system is None and _JAVA_ME(user_agent, folded):
         kind = "feature phone"
     if system == "KaiOS":
         kind = "feature phone"
     if (kind is None and system == "Windows" and version[0] in _TOUCH_WINDOWS
-            and _TOUCH(user_agent)):
+            and _TOUCH(user_agent, folded)):
         kind = "tablet"
     if kind is None:
-        kind = next((k for fragment, k in _PUFFIN if fragment(user_agent)), None)
-    if _OPERA_TV(user_agent):
+        kind = next((k for fragment, k in _PUFFIN if fragment(user_agent, folded)), None)
+    if _OPERA_TV(user_agent, folded):
         kind = "tv"
-    if kind not in ("tv", "peripheral") and _TV(user_agent):
+    if kind not in ("tv", "peripheral") and _TV(user_agent, folded):
         kind = "tv"
-    if kind is None and _SMART_TV(user_agent):
+    if kind is None and _SMART_TV(user_agent, folded):
         kind = "tv"
-    if kind != "desktop" and "Desktop" in user_agent and _DESKTOP_WORD(user_agent):
+    if kind != "desktop" and "Desktop" in user_agent and _DESKTOP_WORD(user_agent, folded):
         kind = "desktop"
     if kind is None and system in DESKTOP_SYSTEMS:
         kind = "desktop"
     return kind
 
 
-def _parsed(index: DeviceIndex, user_agent: str) -> tuple[str, str | None]:
+def _parsed(index: DeviceIndex, user_agent: str, folded: str) -> tuple[str, str | None]:
     """What Matomo's device parsers say: (brand, type), either may be empty."""
-    if _HBBTV_FRAGMENT(user_agent):
-        found = None if _no_device_parse(user_agent) else index.first(user_agent, (_HBBTV,))
+    if _HBBTV_FRAGMENT(user_agent, folded):
+        found = (None if _no_device_parse(user_agent, folded)
+                 else index.first(user_agent, (_HBBTV,)))
         return (found[0].name, found[1] or "tv") if found else ("", "tv")
-    if _SHELL_TV_FRAGMENT(user_agent):
+    if _SHELL_TV_FRAGMENT(user_agent, folded):
         return "", "tv"
-    if _no_device_parse(user_agent):
+    if _no_device_parse(user_agent, folded):
         return "", None
-    files = range(_NOTEBOOKS if _NOTEBOOK_FRAGMENT(user_agent) else _NOTEBOOKS + 1,
+    files = range(_NOTEBOOKS if _NOTEBOOK_FRAGMENT(user_agent, folded) else _NOTEBOOKS + 1,
                   len(FILES))
     found = index.first(user_agent, files)
     return (found[0].name, found[1]) if found else ("", None)
 
 
-def _no_device_parse(user_agent: str) -> bool:
+def _no_device_parse(user_agent: str, folded: str) -> bool:
     """Agents Matomo's device parsers leave alone: a desktop system's, and Android's
     reduced agents (`Android 10; K`), whose model only client hints tell."""
-    if _CLIENT_HINTS_FRAGMENT(user_agent) and "telegram-android/" not in user_agent.lower():
+    if _CLIENT_HINTS_FRAGMENT(user_agent, folded) and "telegram-android/" not in folded:
         return True
-    return bool(_DESKTOP_FRAGMENT(user_agent)) and not _NOT_DESKTOP_FRAGMENT(user_agent)
+    return (_DESKTOP_FRAGMENT(user_agent, folded)
+            and not _NOT_DESKTOP_FRAGMENT(user_agent, folded))
 
 
 def _version_below(version: tuple[str | None, str | None], major: int) -> bool:

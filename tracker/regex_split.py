@@ -115,7 +115,7 @@ def _alternatives(pattern: str, pos: int) -> tuple[list[Sequence], int]:
             continue
         quantifier, pos = _quantifier(pattern, end)
         if kind == "literal" and quantifier and len(text) > 1:  # it repeats the last only
-            out[-1].append(Leaf(text[:-1], frozenset({text[:-1].casefold()})))
+            out[-1].append(Leaf(text[:-1], frozenset({text[:-1].lower()})))
             text = text[-1]
         out[-1].append(_leaf(kind, text, quantifier))
     return [tuple(a) for a in out], pos
@@ -133,12 +133,12 @@ def _leaf(kind: str | None, text: str, quantifier: str) -> Leaf:
             return Leaf(text, None, quantifier, zero_width=True)
         if symbol.isalnum():  # \d \w \s \n ...
             return Leaf(text, None, quantifier)
-        return Leaf(text, frozenset(symbol.casefold()), quantifier)
+        return Leaf(text, frozenset(symbol.lower()), quantifier)
     if kind == "cls":
         return Leaf(text, _class_chars(text), quantifier)
     if text in "^$":
         return Leaf(text, None, quantifier, zero_width=True)
-    return Leaf(text, None if text == "." else frozenset({text.casefold()}), quantifier)
+    return Leaf(text, None if text == "." else frozenset({text.lower()}), quantifier)
 
 
 def _class_chars(text: str) -> frozenset[str] | None:
@@ -163,10 +163,10 @@ def _class_chars(text: str) -> frozenset[str] | None:
             low, high = ord(symbols[k]), ord(symbols[k + 2])
             if high - low >= _EXACT_LIMIT:
                 return None
-            chars.update(chr(c).casefold() for c in range(low, high + 1))
+            chars.update(chr(c).lower() for c in range(low, high + 1))
             k += 3
         else:
-            chars.add(symbols[k].casefold())
+            chars.add(symbols[k].lower())
             k += 1
     return frozenset(chars) if len(chars) <= _EXACT_LIMIT else None
 
