@@ -83,7 +83,7 @@ figures["rss_agents_mib"] = rss_mib()
 useragent.parse_agent.cache_clear()
 figures["warm_us"] = timed(useragent.parse_agent, agents)
 index = useragent._DeviceRules.index
-words = [w for w, _ in json.loads(next(cache.glob("devices-*.json")).read_bytes())["words"]]
+words = json.loads(next(cache.glob("devices-*.json")).read_bytes())["words"]
 rng = random.Random(14)
 hostile = []
 for n in range(hostile_count):

@@ -17,6 +17,8 @@ desktop system is a desktop, ...). The reference is Matomo device-detector 6.5.
 
 from __future__ import annotations
 
+import array
+import base64
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -24,6 +26,7 @@ import json
 import logging
 import os
 import re
+import sys
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -47,7 +50,7 @@ _MAX_TRIES = 64
 # this many, an agent is cut before its device is looked for: some rules backtrack, and
 # their cost grows with the square of the length a crafted agent can give them.
 _MAX_CHARS = 512
-_FORMAT = 1
+_FORMAT = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,46 +62,51 @@ class Brand:
 
 
 class DeviceIndex:
-    """Matomo's brand and model regexes, first match in Matomo's order."""
+    """Matomo's brand and model regexes, first match in Matomo's order.
+
+    Every regex (an "owner": a brand's, or one of its models') is split into pieces;
+    pieces are numbered in Matomo's order, brand by brand, a brand's own before its
+    models'. The words a piece needs map to its number."""
 
     def __init__(self, form: dict[str, Any]) -> None:
         import ahocorasick_rs
+        import regex  # noqa: F401 -- now, rather than in the first agent that needs it
 
         self.source = str(form["source"])
         self.brands = [Brand(str(name), int(file), kind, range(int(first), int(end)))
                        for name, file, kind, first, end in form["brands"]]
-        # An owner is a brand's regex or one of its models': (brand, the model's type).
-        owners = form["owners"]
-        self._owner_brand = [int(b) for b, _, _ in owners]
-        self._owner_is_model = [bool(m) for _, _, m in owners]
-        self._owner_type: list[str | None] = [t for _, t, _ in owners]
-        pieces = form["pieces"]
-        self._piece_owner = [int(o) for o, _, _ in pieces]
-        self._piece_pattern = [str(p) for _, p, _ in pieces]
-        self._piece_relaxed: list[str | None] = [r for _, _, r in pieces]
-        self._tests: list[_Test | None] = [None] * len(pieces)
-        words = form["words"]
-        self._word_pieces = [tuple(ids) for _, ids in words]
-        self._always = tuple(form["always"])
-        self._automaton = ahocorasick_rs.AhoCorasick([w for w, _ in words])
+        types: dict[str, str] = {}  # one string object per type, not one per model
+        self._owner_brand = _numbers(form["owner_brand"])
+        self._owner_type = [types.setdefault(t, t) if t else None for t in form["owner_type"]]
+        self._patterns: list[str] = form["patterns"]
+        self._piece_owner = _numbers(form["piece_owner"])
+        self._relaxed = {int(piece): str(text) for piece, text in form["relaxed"].items()}
+        self._word_start = _numbers(form["word_start"])
+        self._word_pieces = _numbers(form["word_pieces"])
+        self._always = tuple(int(piece) for piece in form["always"])
+        self._tests: list[_Test | None] = [None] * len(self._patterns)
+        if not (len(self._piece_owner) == len(self._patterns)
+                and len(self._word_start) == len(form["words"]) + 1
+                and len(self._owner_type) == len(self._owner_brand)):
+            raise ValueError("inconsistent device index")
+        self._automaton = ahocorasick_rs.AhoCorasick(form["words"])
 
     def first(self, user_agent: str, files: Iterable[int]) -> tuple[Brand, str | None] | None:
         """The first brand (of `files`, in Matomo's order) whose regex matches, and the
         type its first matching model names (else the brand's); None when none matches."""
         wanted = frozenset(files)
         text = user_agent.lower()  # the pieces are lower-cased: see _compiled
+        start, pieces = self._word_start, self._word_pieces
         candidates = set(self._always)
         for word, _, _ in self._automaton.find_matches_as_indexes(text, overlapping=True):
-            candidates.update(self._word_pieces[word])
+            candidates.update(pieces[start[word]:start[word + 1]])
         ordered = sorted(candidates)
         tries = 0
         for position, piece in enumerate(ordered):
             owner = self._piece_owner[piece]
-            if self._owner_is_model[owner]:
-                continue
             brand = self.brands[self._owner_brand[owner]]
-            if brand.file not in wanted:
-                continue
+            if owner >= brand.models.start or brand.file not in wanted:
+                continue  # a model's piece, or a parser Matomo does not run on this agent
             tries += 1
             if tries > _MAX_TRIES:
                 return None
@@ -120,9 +128,20 @@ class DeviceIndex:
     def _matches(self, piece: int, text: str) -> bool:
         test = self._tests[piece]
         if test is None:  # compiled on first use: most pieces never are
-            test = self._tests[piece] = _compiled(self._piece_pattern[piece],
-                                                  self._piece_relaxed[piece])
+            test = self._tests[piece] = _compiled(self._patterns[piece],
+                                                  self._relaxed.get(piece))
         return _found(test, text)
+
+
+def _numbers(encoded: str) -> array.array[int]:
+    """An array of unsigned ints, from its base64 form in the JSON cache."""
+    numbers = array.array("I")
+    numbers.frombytes(base64.b64decode(encoded, validate=True))
+    return numbers
+
+
+def _encoded(numbers: Iterable[int]) -> str:
+    return base64.b64encode(array.array("I", numbers).tobytes()).decode("ascii")
 
 
 # A compiled piece: a pattern of `re` or `regex`, or (a cheaper `re` pattern that must
@@ -411,7 +430,8 @@ def package_rules_dir() -> Path:
 
 
 def _cache_key(source: str, rules_dir: Path) -> str:
-    digest = hashlib.sha256(f"{_FORMAT} {source} {rules_dir}".encode())
+    # The arrays in the cache are in this machine's byte order.
+    digest = hashlib.sha256(f"{_FORMAT} {source} {rules_dir} {sys.byteorder}".encode())
     for module in (__file__, regex_split.__file__):
         digest.update(Path(module).read_bytes())
     return digest.hexdigest()[:16]
@@ -437,45 +457,57 @@ def build(rules_dir: Path, source: str) -> dict[str, Any]:
     import yaml_rs
 
     brands: list[list[Any]] = []
-    owners: list[list[Any]] = []
-    pieces: list[list[Any]] = []
+    owner_brand: list[int] = []
+    owner_type: list[str | None] = []
+    patterns: list[str] = []
+    piece_owner: list[int] = []
+    relaxed: dict[str, str] = {}
+    by_word: dict[str, list[int]] = {}
+    always: list[int] = []
 
-    def add(owner: int, pattern: str) -> None:
+    def add(brand: int, kind: str | None, pattern: str) -> None:
+        owner = len(owner_brand)
+        owner_brand.append(brand)
+        owner_type.append(kind)
         try:
-            split = regex_split.split(pattern)
-        except ValueError:
-            split = [regex_split.Piece(pattern, None, False, "")]
-        for piece in split:
-            pieces.append([owner, piece.pattern, piece.without_lookarounds or None])
-            words.append(piece.words)
+            pieces = regex_split.split(pattern)
+        except ValueError:  # kept whole, tried on every agent
+            pieces = [regex_split.Piece(pattern, None, False, "")]
+        for piece in pieces:
+            number = len(patterns)
+            patterns.append(piece.pattern)
+            piece_owner.append(owner)
+            if piece.has_lookaround:
+                relaxed[str(number)] = piece.without_lookarounds
+            if piece.words is None:
+                always.append(number)
+            for word in piece.words or ():
+                by_word.setdefault(word, []).append(number)
 
-    words: list[tuple[str, ...] | None] = []
     for file_number, name in enumerate(FILES):
         entries = yaml_rs.loads((rules_dir / f"{name}.yml").read_text(encoding="utf-8"))
         if not isinstance(entries, dict):
             raise ValueError(f"{name}.yml: not a mapping of brands")
         for brand, entry in entries.items():
             kind = entry.get("device")
-            brand_number = len(brands)
-            owners.append([brand_number, None, 0])
-            add(len(owners) - 1, str(entry["regex"]))
+            number = len(brands)
+            add(number, None, str(entry["regex"]))
             # Only models that change the brand's type matter here: those after the last
             # such model cannot change it, whether they match or not.
             models = entry.get("models") or []
             last = max((k for k, m in enumerate(models) if (m.get("device") or kind) != kind),
                        default=-1)
-            first = len(owners)
+            first = len(owner_brand)
             for model in models[:last + 1]:
-                owners.append([brand_number, model.get("device"), 1])
-                add(len(owners) - 1, str(model["regex"]))
-            brands.append([str(brand), file_number, kind, first, len(owners)])
-    by_word: dict[str, list[int]] = {}
-    always = []
-    for number, needed in enumerate(words):
-        if needed is None:
-            always.append(number)
-        else:
-            for word in needed:
-                by_word.setdefault(word, []).append(number)
-    return {"format": _FORMAT, "source": source, "brands": brands, "owners": owners,
-            "pieces": pieces, "words": sorted(by_word.items()), "always": always}
+                add(number, model.get("device"), str(model["regex"]))
+            brands.append([str(brand), file_number, kind, first, len(owner_brand)])
+    words = sorted(by_word)
+    starts = [0]
+    for word in words:
+        starts.append(starts[-1] + len(by_word[word]))
+    return {"format": _FORMAT, "source": source, "brands": brands,
+            "owner_brand": _encoded(owner_brand), "owner_type": owner_type,
+            "patterns": patterns, "piece_owner": _encoded(piece_owner), "relaxed": relaxed,
+            "words": words, "word_start": _encoded(starts),
+            "word_pieces": _encoded(p for word in words for p in by_word[word]),
+            "always": always}
