@@ -7,8 +7,9 @@ itself takes tens of milliseconds an agent, trying the regexes one after another
 the same rules, in Matomo's order, are split into small pieces indexed by the words each
 needs (`regex_split`); one Aho-Corasick scan of an agent picks the few pieces worth
 trying, so an agent costs tens of microseconds. The prepared index is cached as JSON,
-keyed by the package's version and this code, so that a worker starts in a fraction of a
-second; building it takes a second or two, once.
+keyed by the package's version and this code, so that a worker loads it in well under a
+tenth of a second; building it takes a second or two of CPU, once, in a process of its
+own (`python -m tracker.devices`), so that no worker keeps the memory building takes.
 
 `device_type` then applies Matomo's own rules for agents no model names (DeviceDetector.php
 `parseDevice`: Chrome on Android without "Mobile" is a tablet, "Android TV" is a tv, a
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import array
 import base64
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -26,6 +28,7 @@ import json
 import logging
 import os
 import re
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterable
@@ -51,6 +54,7 @@ _MAX_TRIES = 64
 # their cost grows with the square of the length a crafted agent can give them.
 _MAX_CHARS = 512
 _FORMAT = 2
+_BUILD_TIMEOUT_S = 300
 
 
 @dataclass(frozen=True, slots=True)
@@ -378,18 +382,22 @@ def _version_below(version: tuple[str | None, str | None], major: int) -> bool:
 
 def load(cache_dir: Path | None, rules_dir: Path | None = None) -> DeviceIndex | None:
     """The index, from the cache when it is there for this package version and code, else
-    built from `rules_dir` (the package's device rules) and cached. None, with a warning,
-    when the package or its rules cannot be read."""
+    built from `rules_dir` (default: the package's device rules) and cached. None, with a
+    warning, when the package or its rules cannot be read."""
     found = _rules(rules_dir)
     if found is None:
         return None
     source, rules_dir = found
     cache = cache_dir / f"devices-{_cache_key(source, rules_dir)}.json" if cache_dir else None
-    if cache is not None and cache.is_file():
-        try:
-            return DeviceIndex(json.loads(cache.read_bytes()))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning("device types: ignoring the unreadable cache %s (%s)", cache, exc)
+    if cache is not None:
+        index = _read(cache)
+        if index is None:
+            # Built by a process of its own: building takes ~70 MiB more than the index,
+            # which a worker would keep (freed memory seldom returns to the system).
+            _build_apart(cache, rules_dir)
+            index = _read(cache)
+        if index is not None:
+            return index
     try:
         form = build(rules_dir, source)
         index = DeviceIndex(form)
@@ -406,8 +414,33 @@ def ensure_cached(cache_dir: Path) -> None:
     """Build the index into `cache_dir` unless it is there: before several workers start,
     so that they load it rather than each build it."""
     found = _rules(None)
-    if found is not None and not (cache_dir / f"devices-{_cache_key(*found)}.json").is_file():
-        load(cache_dir)
+    if found is not None:
+        cache = cache_dir / f"devices-{_cache_key(*found)}.json"
+        if not cache.is_file():
+            _build_apart(cache, found[1])
+
+
+def _read(cache: Path) -> DeviceIndex | None:
+    """The cached index; None when there is none, or (with a warning, and the file
+    removed) when it cannot be read."""
+    try:
+        return DeviceIndex(json.loads(cache.read_bytes()))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("device types: ignoring the unreadable cache %s (%s)", cache, exc)
+        with contextlib.suppress(OSError):
+            cache.unlink()
+        return None
+
+
+def _build_apart(cache: Path, rules_dir: Path) -> None:
+    """Build the index into `cache` in a child process. Whatever goes wrong there, the
+    caller finds no cache and builds in-process, saying what went wrong itself."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        subprocess.run([sys.executable, "-m", "tracker.devices", str(cache), str(rules_dir)],
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=_BUILD_TIMEOUT_S, check=False)
 
 
 def _rules(rules_dir: Path | None) -> tuple[str, Path] | None:
@@ -437,19 +470,27 @@ def _cache_key(source: str, rules_dir: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def _write_cache(cache: Path, form: dict[str, Any]) -> None:
+def _write_cache(cache: Path, form: dict[str, Any]) -> bool:
+    """Write the cache atomically (and remove older ones); False, with a warning, when
+    the directory is not writable."""
+    temporary = None
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("wb", dir=cache.parent, prefix=".devices-",
                                          delete=False) as out:
+            temporary = Path(out.name)
             out.write(json.dumps(form, separators=(",", ":")).encode())
-        os.replace(out.name, cache)
+        os.replace(temporary, cache)
         for old in cache.parent.glob("devices-*.json"):
             if old != cache:
                 old.unlink(missing_ok=True)
+        return True
     except OSError as exc:
+        if temporary is not None:
+            temporary.unlink(missing_ok=True)
         log.warning("device types: cannot cache the index in %s (%s): it is built again at "
                     "the next start", cache.parent, exc)
+        return False
 
 
 def build(rules_dir: Path, source: str) -> dict[str, Any]:
@@ -511,3 +552,21 @@ def build(rules_dir: Path, source: str) -> dict[str, Any]:
             "words": words, "word_start": _encoded(starts),
             "word_pieces": _encoded(p for word in words for p in by_word[word]),
             "always": always}
+
+
+def _main(cache: str, rules_dir: str) -> int:
+    """`python -m tracker.devices CACHE RULES_DIR`: build the index into the file CACHE
+    (`load` runs this in a process of its own)."""
+    found = _rules(Path(rules_dir))
+    if found is None:
+        return 1
+    try:
+        form = build(found[1], found[0])
+        DeviceIndex(form)  # what the workers will read must load
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return 1
+    return 0 if _write_cache(Path(cache), form) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(_main(*sys.argv[1:3]))
