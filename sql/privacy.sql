@@ -113,6 +113,57 @@ delete from rollup_message_link where account_id = $1 and message_id = any($2::b
 -- name: erase-relabel-triggers
 delete from relabel_triggers where account_id = $1 and message_id = any($2::bigint[]);
 
+-- name: destinations-like
+-- The account's destinations that may name an address ($2: an ILIKE pattern of a part of
+-- it that no encoding changes); privacy_destinations.Redactor decides which do.
+select id, campaign_id, url from urls where account_id = $1 and url ilike $2 order by id;
+
+-- name: redact-destination
+-- A destination that named an erased address gets its redacted text, unless its campaign
+-- has that destination already (then it is merged into it: merge-destination).
+update urls set url = $3
+where account_id = $1 and id = $2
+  and not exists (select 1 from urls o where o.account_id = $1 and o.campaign_id = $4
+                  and o.url = $3)
+returning id;
+
+-- name: merge-destination
+-- Everything that names destination $2 names $3 instead (the same campaign's redacted
+-- form of it); the rollups' counts are added to its rows. Then delete-destination.
+with links_moved as (
+    update links set url_id = $3 where account_id = $1 and url_id = $2
+),
+events_moved as (
+    update events set url_id = $3 where account_id = $1 and campaign_id = $4 and url_id = $2
+),
+link_rollups as (
+    insert into rollup_link as r (account_id, campaign_id, url_id, hour, clicks,
+                                  machine_clicks, clicked)
+    select account_id, campaign_id, $3, hour, clicks, machine_clicks, clicked
+    from rollup_link where account_id = $1 and campaign_id = $4 and url_id = $2
+    order by hour
+    on conflict (account_id, campaign_id, url_id, hour) do update set
+        clicks = r.clicks + excluded.clicks,
+        machine_clicks = r.machine_clicks + excluded.machine_clicks,
+        clicked = r.clicked + excluded.clicked
+),
+message_link_rollups as (
+    insert into rollup_message_link as r (account_id, message_id, url_id, campaign_id,
+                                          clicks, clicked_in)
+    select account_id, message_id, $3, campaign_id, clicks, clicked_in
+    from rollup_message_link where account_id = $1 and url_id = $2
+    order by message_id
+    on conflict (account_id, message_id, url_id) do update set
+        clicks = r.clicks + excluded.clicks,
+        clicked_in = least(r.clicked_in, excluded.clicked_in)
+)
+select 1;
+
+-- name: delete-destination
+delete from rollup_link where account_id = $1 and url_id = $2;
+delete from rollup_message_link where account_id = $1 and url_id = $2;
+delete from urls where account_id = $1 and id = $2;
+
 -- name: count-links
 select count(*) from links where account_id = $1 and message_id = any($2::bigint[]);
 
@@ -148,7 +199,7 @@ delete from erasures where erased_at <= $1;
 -- name: export-messages
 select m.id, m.campaign_id, c.name as campaign_name, c.deleted_at as campaign_deleted_at,
        c.policy_recipient, m.recipient, m.subject, m.sent_at, m.created_at,
-       r.opens as human_opens, r.clicks as human_clicks
+       r.opens as human_opens, r.clicks as human_clicks, r.opened_in, r.clicked_in
 from messages m
 join campaigns c on c.account_id = m.account_id and c.id = m.campaign_id
 left join rollup_message r on r.account_id = m.account_id and r.message_id = m.id
@@ -157,8 +208,11 @@ where m.account_id = $1
 order by m.id;
 
 -- name: export-links
-select l.message_id, l.position, u.url
+-- Each link with the per-(message, destination) rollup, which outlives the events.
+select l.message_id, l.position, u.url, r.clicks as human_clicks, r.clicked_in
 from links l join urls u on u.account_id = l.account_id and u.id = l.url_id
+left join rollup_message_link r
+    on r.account_id = l.account_id and r.message_id = l.message_id and r.url_id = l.url_id
 where l.account_id = $1 and l.message_id = any($2::bigint[])
 order by l.message_id, l.position;
 
@@ -209,6 +263,19 @@ where deleted_at is not null and purge_finished_at is null
   and (deleted_at <= $1 or purged_at is not null)
 order by id;
 
+-- name: deleted-in-grace
+-- What a purge as of a later time would take although it is still in its grace period:
+-- deleted after $1 (the grace period before the real time) and on or before $2 (the grace
+-- period before the time asked for), not claimed by a purge yet.
+select 'account' as kind, id as account_id, null::bigint as campaign_id, name, deleted_at
+from accounts
+where deleted_at > $1 and deleted_at <= $2 and purged_at is null
+union all
+select 'campaign', account_id, id, name, deleted_at
+from campaigns
+where deleted_at > $1 and deleted_at <= $2 and purged_at is null
+order by deleted_at, account_id, campaign_id nulls first;
+
 -- name: claim-account-purge
 update accounts set purged_at = coalesce(purged_at, now())
 where id = $1 and deleted_at is not null and purge_finished_at is null
@@ -247,8 +314,25 @@ where account_id = $1 and id = $2;
 
 -- name: purge-account-data
 delete from api_keys where account_id = $1;
+delete from dashboard_signed_out where account_id = $1;
 delete from recipient_suppressions where account_id = $1;
 delete from erasures where account_id = $1;
+
+-- name: session-account
+-- The account name of a dashboard session, if the session still holds: its API key is not
+-- revoked, its account not deleted, and it was not signed out.
+select a.name
+from api_keys k join accounts a on a.id = k.account_id
+where k.account_id = $1 and k.key_id = $2 and k.revoked_at is null and a.deleted_at is null
+  and not exists (select 1 from dashboard_signed_out s where s.account_id = $1 and s.nonce = $3);
+
+-- name: sign-out-session
+insert into dashboard_signed_out (account_id, nonce, expires_at)
+values ($1, $2, to_timestamp($3))
+on conflict do nothing;
+
+-- name: forget-expired-sign-outs
+delete from dashboard_signed_out where expires_at < $1;
 
 -- name: finish-account-purge
 -- A new key: pseudonyms and recipient keys made under the old one can no longer be

@@ -8,7 +8,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tracker.addresses import Networks, canonical, packed, text_of, truncated
+from tracker.addresses import (
+    Networks,
+    canonical,
+    embedded_ipv4,
+    locatable,
+    packed,
+    text_of,
+    truncated,
+)
 
 
 def reference(text: str) -> str | None:
@@ -52,13 +60,63 @@ def test_addresses_with_leading_zero_groups_agree(ip: ipaddress.IPv6Address) -> 
     assert canonical(str(ip)) == reference(str(ip))
 
 
-@given(st.ip_addresses())
+def reference_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one carries, by `ipaddress` and the prefixes' RFCs."""
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip.teredo is not None:
+        return ip.teredo[1]  # (server, client): the client
+    low = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    for prefix in ("64:ff9b::/96", "64:ff9b:1::/48", "::ffff:0:0/96", "::ffff:0:0:0/96"):
+        if ip in ipaddress.ip_network(prefix):
+            return low
+    if ip in ipaddress.ip_network("::/96") and int(ip) > 1:
+        return low  # IPv4-compatible
+    return None
+
+
+@given(st.ip_addresses() | st.ip_addresses(v=6).map(lambda ip: ipaddress.IPv6Address(
+    (int(ip) & ((1 << 112) - 1)) | (0x2002 << 112))))
 def test_truncated_is_the_24_or_48_network(ip: ipaddress._BaseAddress) -> None:
     raw = packed(str(ip))
     assert raw is not None
-    prefix = 24 if len(raw) == 4 else 48
-    address = ipaddress.ip_address(text_of(raw))
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(text_of(raw))
+    if isinstance(address, ipaddress.IPv6Address):
+        address = reference_ipv4(address) or address
+    prefix = 24 if address.version == 4 else 48
     assert truncated(raw) == str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
+
+
+# 175.16.199.1 written into each IPv6 form that carries an IPv4 address.
+CARRIERS = {
+    "6to4": "2002:af10:c701::1",
+    "6to4, other host bits": "2002:af10:c701:1234:5678:9abc:def0:1",
+    "Teredo (server 65.54.227.120, client port 40000)": "2001:0:4136:e378:8000:63bf:50ef:38fe",
+    "NAT64": "64:ff9b::af10:c701",
+    "NAT64, dotted": "64:ff9b::175.16.199.1",
+    "local-use NAT64": "64:ff9b:1:abcd:ef01:2345:af10:c701",
+    "IPv4-mapped": "::ffff:175.16.199.1",
+    "IPv4-translated": "::ffff:0:175.16.199.1",
+    "IPv4-compatible": "::175.16.199.1",
+}
+
+
+@pytest.mark.parametrize("text", CARRIERS.values(), ids=CARRIERS.keys())
+def test_an_ipv6_address_carrying_an_ipv4_one_is_truncated_to_that_ipv4_network(
+        text: str) -> None:
+    raw = packed(text)
+    assert raw is not None
+    assert (embedded_ipv4(raw) or raw) == bytes([175, 16, 199, 1])  # mapped: packed as IPv4
+    assert truncated(raw) == "175.16.199.0/24"
+    assert locatable(text) == "175.16.199.1"
+
+
+@pytest.mark.parametrize("text", ["::", "::1", "2001:db8::1", "2003:af10:c701::1",
+                                  "64:ff9b:2::af10:c701", "2001:1::af10:c701"])
+def test_other_ipv6_addresses_keep_their_48(text: str) -> None:
+    raw = packed(text)
+    assert raw is not None and embedded_ipv4(raw) is None
+    assert truncated(raw).endswith("/48") and locatable(text) == text
 
 
 def test_networks_contain_only_their_own_version() -> None:

@@ -139,7 +139,8 @@ def stored(outcome: Any) -> dict[str, str | None]:
     line, _, machine = outcome
     values = line.rstrip("\n").split("\t")
     fields = {name: None if value == "\\N" else value for name, value in zip(
-        ("machine", "reason", "country", "region", "city"), values[8:13], strict=True)}
+        ("machine", "reason", "country", "region", "city", "browser", "os", "device", "client"),
+        values[8:17], strict=True)}
     assert (fields["machine"] == "t") is machine
     return fields
 
@@ -259,6 +260,86 @@ def test_packaged_ranges_contain_apples_network_and_nothing_private() -> None:
     for outside in ("16.255.255.255", "18.0.0.0", "10.0.0.1", "127.0.0.1", "192.168.1.1",
                     FRANKFURT, "::1", "2001:db8::1", "not an address"):
         assert not classifier.is_apple_proxy(outside), outside
+
+
+# --- real third-party traffic ------------------------------------------------------------
+
+BARE_MOZILLA = "Mozilla/5.0"  # MPP's prefetch (uap-core issue 509)
+MICROSOFT_EOP = "40.107.22.9"  # Exchange Online Protection, in the packaged microsoft list
+
+
+def test_the_bare_mozilla_agent_is_mpps_prefetch_from_any_address() -> None:
+    p = pipeline()
+    for address in (FRANKFURT, APPLE_PROXY, "203.0.113.9", None):
+        assert open_(p, BARE_MOZILLA, ip=address) == (True, "apple_mpp"), address
+    assert click(p, BARE_MOZILLA) == (True, "empty_ua")  # no browser clicks with it
+    assert stored(p.open(opened(), "GET", BARE_MOZILLA, FRANKFURT, NOW_US))["client"] == (
+        "Apple Mail")
+
+
+@pytest.mark.parametrize("agent", [
+    "Mozilla/5.0 (Windows NT 10.0; rv:115.0) Gecko/20100101 Thunderbird/115.0 WebCrawler/1.0",
+    "Google-Safety", "Viber", "Amazon CloudFront", "l9explore/1.2.2",
+    "Mozilla/5.0 (Exchange check)", "Mozilla/5.0 (compatible; Detectify)",
+    "ExampleFetcher/2.0 (+https://fetcher.example/about)", "feedbot ops@fetcher.example",
+    "Mozilla/4.0", "-",
+])
+def test_self_declared_and_near_empty_agents_are_machines_whatever_client_they_name(
+        agent: str) -> None:
+    p = pipeline()
+    assert open_(p, agent)[0] is True and click(p, agent)[0] is True
+    line = stored(p.open(opened(), "GET", agent, FRANKFURT, NOW_US))
+    assert line["client"] is None  # a bot naming a mail client is not that client
+
+
+@pytest.mark.parametrize(("agent", "client"), [
+    ("Outlook-Express/7.0 (MSIE 7.0; Windows NT 6.1; WOW64; Trident/7.0; TmstmpExt)", "other"),
+    (OUTLOOK, "Outlook"), (MAC_OUTLOOK, "Outlook"), (THUNDERBIRD, "Thunderbird"),
+    (APPLE_MAIL, "Apple Mail"), (IOS_MAIL, "Apple Mail"), (CHROME, "webmail"),
+    (GMAIL_PROXY, "Gmail"), (YAHOO_PROXY, "Yahoo Mail"),
+])
+def test_mail_clients_are_readers_and_name_their_client(agent: str, client: str) -> None:
+    p = pipeline()
+    assert open_(p, agent)[0] is False
+    assert stored(p.open(opened(), "GET", agent, FRANKFURT, NOW_US))["client"] == client
+
+
+def test_an_image_proxy_lends_the_reader_no_device() -> None:
+    p = pipeline()
+    for agent, client in ((GMAIL_PROXY, "Gmail"), (YAHOO_PROXY, "Yahoo Mail")):
+        line = stored(p.open(opened(), "GET", agent, FRANKFURT, NOW_US))
+        assert (line["browser"], line["os"], line["device"], line["client"]) == (
+            None, None, None, client)
+
+
+def test_a_browser_from_a_scanner_network_is_a_scanner_on_delivery_and_a_reader_later() -> None:
+    p = pipeline()
+    sent = NOW_US // SECOND
+    for seconds in (5, 60, 299):
+        at = NOW_US + seconds * SECOND
+        assert open_(p, CHROME, ip=MICROSOFT_EOP, token=opened(sent_at=sent), at_us=at) == (
+            True, "scanner_network"), seconds
+        # Clicks within too_soon_seconds are that, whatever the address.
+        assert verdict(p.click(link(message=seconds, sent_at=sent), "GET", CHROME,
+                               MICROSOFT_EOP, at)) == (
+            True, "too_soon" if seconds <= 10 else "scanner_network"), seconds
+    later = NOW_US + 3 * 3600 * SECOND  # a reader behind a corporate gateway that afternoon
+    assert open_(p, CHROME, ip=MICROSOFT_EOP, token=opened(sent_at=sent), at_us=later) == READER
+    # A mail client's own agent from there is a reader even on delivery, as is a browser
+    # elsewhere.
+    assert open_(p, OUTLOOK, ip=MICROSOFT_EOP, token=opened(sent_at=sent),
+                 at_us=NOW_US + 5 * SECOND) == READER
+    assert open_(p, CHROME, ip=FRANKFURT, token=opened(sent_at=sent),
+                 at_us=NOW_US + 5 * SECOND) == READER
+
+
+def test_classify_explains_which_list_decided() -> None:
+    classifier = Classifier(load_rules())
+    result = classifier.explain("click", "GET", CHROME, parse_agent(CHROME), MICROSOFT_EOP, 20.0)
+    assert (result.reason, result.address_list) == ("scanner_network", "microsoft")
+    listed = classifier.rules.address_lists.get("microsoft")
+    assert listed is not None and result.address_list_date == listed.as_of
+    assert "scanner network" in (result.rule or "")
 
 
 # --- timing, HEAD and honeypot ----------------------------------------------------------

@@ -298,6 +298,34 @@ def test_sign_out_without_the_csrf_token_is_refused(browserless: httpx.Client,
     assert browserless.get("/dashboard/campaigns").status_code == 303
 
 
+def test_signing_out_ends_the_session_for_a_copied_cookie_in_every_worker(
+        module_dsn: str, tmp_path: Path) -> None:
+    """Signing out revokes the session on the server: the cookie's value, copied before,
+    gets nowhere afterwards, whichever worker a new connection lands on."""
+    srv = Server(module_dsn, tmp_path, env={"TRACKER_WORKERS": "2"}).start()
+    try:
+        key = new_account(module_dsn, "signing out")
+        with httpx.Client(base_url=srv.url, timeout=10, follow_redirects=False) as browser:
+            assert _sign_in(browser, key).status_code == 303
+            copied = browser.cookies["tracker_session"]
+            token = _csrf_token(browser.get("/dashboard/campaigns").text)
+
+            def page_with_the_copy() -> int:
+                # A connection of its own each time: the kernel spreads them over the workers.
+                return httpx.get(srv.url + "/dashboard/campaigns", timeout=10,
+                                 cookies={"tracker_session": copied}).status_code
+
+            assert [page_with_the_copy() for _ in range(8)] == [200] * 8
+            assert browser.post("/dashboard/sign-out",
+                                data={"csrf_token": token}).status_code == 303
+            assert [page_with_the_copy() for _ in range(16)] == [303] * 16
+            # Signing in again makes a new session, which works.
+            assert _sign_in(browser, key).status_code == 303
+            assert browser.get("/dashboard/campaigns").status_code == 200
+    finally:
+        srv.stop()
+
+
 def test_pages_without_a_valid_session_redirect_to_sign_in(browserless: httpx.Client,
                                                            seeded: Seeded) -> None:
     path = f"/dashboard/campaigns/{seeded.campaign_id}?tz=Europe/Berlin"

@@ -78,7 +78,7 @@ def exported(api: httpx.Client, server: Server, module_dsn: str) -> dict[str, An
             country=rng.choice(("DE", None)), region=rng.choice(AWKWARD),
             city=rng.choice(AWKWARD), browser=rng.choice(("Chrome", None)),
             os=rng.choice(("Windows", None)), device=rng.choice(("desktop", None)),
-            ip=rng.choice(ADDRESSES)))
+            client=rng.choice(("Apple Mail", "webmail", None)), ip=rng.choice(ADDRESSES)))
 
     async def write() -> None:
         writer = BatchWriter(lambda: connect(module_dsn), batch_size=1000, interval_s=3600,
@@ -100,11 +100,11 @@ def stored(module_dsn: str, cid: str) -> list[dict[str, Any]]:
              "link_position": r["link_position"], "machine": r["machine"],
              "reason": r["reason"], "country": r["country"], "region": r["region"],
              "city": r["city"], "browser": r["browser"], "os": r["os"], "device": r["device"],
-             "ip": r["ip"]}
+             "ip": r["ip"], "client": r["client"]}
             for r in db_fetch(module_dsn, """
         select e.id::text as id, e.type, e.occurred_at, e.message_id, m.recipient,
                u.url, e.link_position, e.machine, e.reason, e.country, e.region, e.city,
-               e.browser, e.os, e.device,
+               e.browser, e.os, e.device, e.client,
                case when masklen(e.ip) = case family(e.ip) when 4 then 32 else 128 end
                     then host(e.ip) else host(e.ip) || '/' || masklen(e.ip) end as ip
         from events e join messages m on m.account_id = e.account_id and m.id = e.message_id

@@ -56,7 +56,9 @@ def app_routes(tmp_path: Path, dsn: str) -> set[tuple[str, str]]:
         methods = set(route.methods or ())
         if "GET" in methods:
             methods.discard("HEAD")  # Starlette adds HEAD to every GET route
-        found |= {(method, route.path) for method in methods}
+        # As the OpenAPI writes it: "{address}", not "{address:address}".
+        path = route.path.replace("{address:address}", "{address}")
+        found |= {(method, path) for method in methods}
     return found
 
 

@@ -181,6 +181,26 @@ def test_truncated_ip_is_stored_as_a_network_with_its_prefix_length(
     assert [(r["host"], r["bits"]) for r in rows] == [("81.2.69.0", 24)] * 2
 
 
+# 81.2.69.142 (Frankfurt in the test database) written into IPv6 forms that carry it.
+_CARRYING_81_2_69_142 = {"6to4": "2002:5102:458e::1",
+                         "Teredo": "2001:0:4136:e378:8000:63bf:aefd:ba71",
+                         "NAT64": "64:ff9b::5102:458e"}
+
+
+@pytest.mark.parametrize("form", _CARRYING_81_2_69_142)
+def test_an_ipv6_client_carrying_an_ipv4_address_is_truncated_and_located_by_it(
+        api: httpx.Client, module_dsn: str, form: str) -> None:
+    """A /48 of 2002:5102:458e::1 would be 2002:5102:458e::/48, the whole of 81.2.69.142:
+    truncation and location work on the IPv4 address the IPv6 one carries."""
+    cid = campaign(api, {"ip": "truncated", "location": "city"})
+    message = register(api, cid, [DESTINATION], recipient=f"{form}@example.com")
+    address = _CARRYING_81_2_69_142[form]
+    assert fetch(message["pixel_url"], _user_agent(form), address).status_code == 200
+    (row,) = wait_for_events(module_dsn, int(message["id"]), 1)
+    assert row["ip"] == "81.2.69.0/24", row
+    assert place_of(row) == PLACE[4], row
+
+
 def _dump(dsn: str) -> bytes:
     """Every row of every table of the database, as pg_dump writes it."""
     done = subprocess.run([str(POSTGRES_BIN_PATH / "pg_dump"), "--data-only", "--no-owner",

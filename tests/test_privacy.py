@@ -18,10 +18,11 @@ import threading
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import asyncpg
 import httpx
+import orjson
 import pytest
 
 from tracker import accounts, campaigns, jobs, reports
@@ -30,6 +31,7 @@ from tracker.hits import CLICK, OPEN, Event, event_id
 from tracker.notice import describe
 from tracker.policy import Policy
 from tracker.privacy import PRIVACY_QUERIES, identify, normalize
+from tracker.privacy_destinations import Redactor
 from tracker.registration import MessageInput, Registrar
 from tracker.retention import GRACE, enforce_retention
 from tracker.suppression import SuppressionBook
@@ -98,6 +100,7 @@ def test_notice_says_what_the_policy_collects_and_nothing_else() -> None:
     assert "do not record your browser" in strict
     assert "do not store your IP address" in strict
     assert "keyed pseudonym" in strict and "store your email address" not in strict
+    assert "We store the subject of each email" in strict
     assert "after 7 days" in strict
     assert "Global Privacy Control" in strict
     assert "no cookies" in strict and "never store the content" in strict
@@ -111,7 +114,7 @@ def test_notice_says_what_the_policy_collects_and_nothing_else() -> None:
     assert "Global Privacy Control" not in full
 
     assert "shortened to its network" in describe(Policy(ip="truncated"), 1, True)
-    assert "after 1 day;" in describe(Policy(), 1, True)
+    assert "after 1 day." in describe(Policy(), 1, True)
     assert "the country and region" in describe(Policy(location="region"), None, True)
 
 
@@ -236,7 +239,7 @@ async def test_maintenance_runs_in_one_process_at_a_time(dsn: str) -> None:
     pool = await create_pool(dsn)
     holder = await asyncpg.connect(dsn)
     try:
-        runner = jobs.Jobs(pool, SuppressionBook(), first_run_s=0)
+        runner = jobs.Jobs(pool, first_run_s=0)
         await holder.execute("select pg_advisory_lock($1)", jobs._MAINTENANCE_LOCK)
         assert await runner.run_once() is None  # another process is at it: skip the round
         await holder.execute("select pg_advisory_unlock($1)", jobs._MAINTENANCE_LOCK)
@@ -531,8 +534,131 @@ def test_pseudonymous_campaign_stores_only_the_keyed_hash(server: Server,
         first = next(m for m in exported["messages"] if m["id"] == message["id"])
         assert first["recipient"] == shown["recipient"]
         assert first["recipient_stored_as"] == "pseudonym"
-        assert first["links"] == [{"position": 0, "url": LINK}]
+        assert first["links"] == [{"position": 0, "url": LINK, "human_clicks": 0,
+                                   "first_clicked_in": None}]
         assert [e["type"] for e in first["events"]] == ["open"]
+
+
+_PERSONAL = {  # destination -> what is stored for jane.doe+news@example.com
+    "https://shop.example/unsubscribe?email=jane.doe+news@example.com":
+        "https://shop.example/unsubscribe?email={recipient}",
+    "https://shop.example/unsubscribe?email=Jane.Doe%2BNews%40Example.com":
+        "https://shop.example/unsubscribe?email={recipient}",
+    "https://shop.example/u/jane.doe%2bnews%40example.com/prefs?x=1":
+        "https://shop.example/u/{recipient}/prefs?x=1",
+    "https://track.example/r?to=https%3A%2F%2Fshop.example%2F%3Fe%3Djane.doe%252Bnews%2540example.com":
+        "https://track.example/r?to=https%3A%2F%2Fshop.example%2F%3Fe%3D{recipient}",
+    "https://shop.example/sale?utm_source=mail": "https://shop.example/sale?utm_source=mail",
+}
+
+
+@pytest.mark.parametrize(("url", "stored"), [
+    ("https://x.example/?e=jane.doe%2Bnews@example.com", "https://x.example/?e={recipient}"),
+    ("https://x.example/?e=%6Aane.doe%2bnews%40EXAMPLE.com", "https://x.example/?e={recipient}"),
+    ("https://x.example/?e=jane.doe+news%40example.com&again=JANE.DOE%2BNEWS%2540example.com",
+     "https://x.example/?e={recipient}&again={recipient}"),
+    ("https://x.example/café?e=jane.doe+news@example.com", "https://x.example/café?e={recipient}"),
+    ("https://x.example/?e=jane.doe%252Bnews%25%34%30example.com", "https://x.example/{recipient}"),
+    ("https://x.example/?e=jane.doe@example.com", "https://x.example/?e=jane.doe@example.com"),
+])
+def test_a_destination_is_stored_without_its_recipients_address(url: str, stored: str) -> None:
+    assert Redactor("Jane Doe <Jane.Doe+news@Example.com>").redact(url) == stored
+
+
+def _stored_urls(dsn: str, account_key: str) -> list[str]:
+    return [r["url"] for r in db_fetch(dsn, "select url from urls where account_id = $1 "
+                                            "order by url", int(account_key.split("_")[1]))]
+
+
+def _names_jane(text: str) -> bool:
+    decoded = unquote(unquote(text)).lower()
+    return "jane" in decoded
+
+
+@pytest.mark.parametrize("mode", ["pseudonym", "address"])
+def test_destinations_that_name_the_recipient_are_stored_without_the_address(
+        server: Server, module_dsn: str, mode: str) -> None:
+    key = new_account(module_dsn, "personal links")
+    with server.client(key) as api:
+        cid = campaign(api, {"recipient": mode}, name="personal")
+        # A message per link: clicks on several links of one message within seconds would
+        # be a burst, a machine's.
+        jane = [register(api, cid, [link], recipient="Jane Doe <Jane.Doe+news@example.com>")
+                for link in _PERSONAL]
+        bob = register(api, cid, ["https://shop.example/unsubscribe?email=bob@example.com"],
+                       recipient="bob@example.com")
+        stored = _stored_urls(module_dsn, key)
+        assert not any(_names_jane(url) for url in stored), stored
+        assert set(stored) == set(_PERSONAL.values())
+        # The redirect still sends each reader to the destination as registered.
+        for message in (*jane, bob):
+            link = message["links"][0]
+            assert _hit(link["tracked_url"]).headers["location"] == link["url"]
+            _recorded(module_dsn, message, 1)
+        # The report's links: every recipient's unsubscribe link is one destination.
+        report = {row["url"]: row["clicks"] for row in _report(api, cid)["links"]}
+        assert report["https://shop.example/unsubscribe?email={recipient}"] == 3
+        assert not any(_names_jane(url) for url in report)
+        exported = api.get("/api/recipients/jane.doe+news@example.com/export").json()
+        assert len(exported["messages"]) == len(_PERSONAL)
+        assert not any(_names_jane(link["url"]) for m in exported["messages"]
+                       for link in m["links"])
+
+
+def test_erasure_redacts_stored_destinations_that_still_name_the_address(
+        server: Server, module_dsn: str) -> None:
+    """Destinations stored in clear (before registration redacted them, or another
+    recipient's link naming the address) are redacted by the erasure, merged into the
+    redacted destination where the campaign has it, their clicks kept."""
+    key = new_account(module_dsn, "legacy links")
+    account_id = int(key.split("_")[1])
+    redacted = "https://shop.example/unsubscribe?email={recipient}"
+    with server.client(key) as api:
+        cid = campaign(api, {"recipient": "pseudonym"}, name="legacy")
+        jane = register(api, cid, ["https://shop.example/unsubscribe?email=jane@example.com"],
+                        recipient="jane@example.com")
+        other = register(api, cid, ["https://shop.example/unsubscribe?email=x@example.com"],
+                         recipient="x@example.com")
+        for message in (jane, other):
+            _hit(message["links"][0]["tracked_url"])
+            _recorded(module_dsn, message, 1)
+        assert {r["url"]: r["clicks"] for r in _report(api, cid)["links"]} == {redacted: 2}
+        # As a database written before registration redacted holds it: jane's link (her
+        # link row, click and rollups) on a destination with her address in clear; and a
+        # referral link of someone else's naming her.
+        legacy = db_value(module_dsn, "insert into urls (account_id, campaign_id, url) "
+                          "values ($1, $2, $3) returning id", account_id, int(cid),
+                          "https://shop.example/unsubscribe?email=Jane%40Example.com")
+        jane_id = int(jane["id"])
+        for table in ("links", "events", "rollup_message_link"):
+            db_fetch(module_dsn, f"update {table} set url_id = $2 where message_id = $1",
+                     jane_id, legacy)
+        db_fetch(module_dsn, """
+            with moved as (
+                update rollup_link r set clicks = clicks - 1, clicked = clicked - 1
+                from events e
+                where e.message_id = $1 and r.account_id = e.account_id
+                  and r.campaign_id = e.campaign_id and r.hour = tracker_hour(e.occurred_at)
+                  and r.url_id <> $2
+                returning r.account_id, r.campaign_id, r.hour)
+            insert into rollup_link (account_id, campaign_id, url_id, hour, clicks, clicked)
+            select account_id, campaign_id, $2, hour, 1, 1 from moved""", jane_id, legacy)
+        db_fetch(module_dsn, "insert into urls (account_id, campaign_id, url) "
+                             "values ($1, $2, $3)", account_id, int(cid),
+                 "https://shop.example/refer?friend=jane@example.com")
+        assert {r["url"]: r["clicks"] for r in _report(api, cid)["links"]} == {
+            redacted: 1, "https://shop.example/unsubscribe?email=Jane%40Example.com": 1,
+            "https://shop.example/refer?friend=jane@example.com": 0}
+
+        assert api.delete("/api/recipients/jane@example.com").status_code == 200
+        stored = _stored_urls(module_dsn, key)
+        assert not any(_names_jane(url) for url in stored), stored
+        assert sorted(stored) == ["https://shop.example/refer?friend={recipient}", redacted]
+        after = {r["url"]: (r["clicks"], r["unique_clicks"]) for r in _report(api, cid)["links"]}
+        assert after == {redacted: (2, 2), "https://shop.example/refer?friend={recipient}": (0, 0)}
+        # The other recipient's link still redirects and is counted.
+        assert _hit(other["links"][0]["tracked_url"]).status_code == 302
+        _recorded(module_dsn, other, 2)
 
 
 def test_export_holds_every_stored_field(server: Server, module_dsn: str) -> None:
@@ -562,6 +688,66 @@ def test_export_holds_every_stored_field(server: Server, module_dsn: str) -> Non
                     "6p" + "%1F" * 400, "erin%40example.com%0A"):
             assert api.get(f"/api/recipients/{bad}/export").status_code == 422, bad
             assert api.delete(f"/api/recipients/{bad}").status_code == 422, bad
+
+
+# What a message keeps after retention, column by column, and how the export names it and
+# the privacy notice says it. A column not listed here fails the test below: whatever is
+# stored about a recipient must be in the export and in the notice.
+_KEPT_AFTER_RETENTION: dict[tuple[str, str], tuple[str, str]] = {
+    ("messages", "recipient"): ("recipient", "email address"),
+    ("messages", "subject"): ("subject", "its subject"),
+    ("messages", "sent_at"): ("sent_at", "when we sent it"),
+    ("messages", "created_at"): ("registered_at", "when we sent it"),
+    ("rollup_message", "opens"): ("human_opens", "how many times it was opened"),
+    ("rollup_message", "clicks"): ("human_clicks", "each of its links clicked"),
+    ("rollup_message", "opened_in"): ("first_opened_in", "the quarter-hour of its first open"),
+    ("rollup_message", "clicked_in"): ("first_clicked_in", "and of its first click"),
+    ("rollup_message_link", "clicks"): ("links.human_clicks", "each of its links clicked"),
+    ("rollup_message_link", "url_id"): ("links.url", "which links it had"),
+    ("rollup_message_link", "clicked_in"): ("links.first_clicked_in",
+                                            "the hour of the first click on each link"),
+    ("links", "position"): ("links.position", "which links it had"),
+    ("links", "url_id"): ("links.url", "which links it had"),
+}
+# Keys and the tables' own bookkeeping, which say nothing about the recipient.
+_NOT_ABOUT_THE_RECIPIENT = {"account_id", "id", "campaign_id", "message_id", "recipient_key"}
+
+
+@pytest.mark.parametrize("mode", ["address", "pseudonym"])
+def test_what_a_message_keeps_after_retention_is_in_the_export_and_the_notice(
+        server: Server, module_dsn: str, mode: str) -> None:
+    with server.client(new_account(module_dsn, f"kept {mode}")) as api:
+        cid = campaign(api, {"retention_days": 7, "recipient": mode}, name="kept")
+        address = f"kept-{mode}@example.com"
+        message = register(api, cid, [LINK], recipient=address, subject="Your invoice")
+        _hit(message["pixel_url"])
+        _hit(message["links"][0]["tracked_url"])
+        _recorded(module_dsn, message, 2)
+        _maintain(module_dsn, datetime.now(UTC) + timedelta(days=8))
+        assert _events(module_dsn, int(message["id"])) == 0  # retention took the events
+
+        kept: dict[tuple[str, str], Any] = {}
+        for table in ("messages", "rollup_message", "rollup_message_link", "links"):
+            column = "id" if table == "messages" else "message_id"
+            for row in db_fetch(module_dsn, f"select * from {table} where {column} = $1",
+                                int(message["id"])):
+                kept.update({(table, name): value for name, value in dict(row).items()
+                             if value is not None and name not in _NOT_ABOUT_THE_RECIPIENT})
+        assert set(kept) <= set(_KEPT_AFTER_RETENTION), set(kept) - set(_KEPT_AFTER_RETENTION)
+
+        exported = api.get(f"/api/recipients/{address}/export").json()
+        (item,) = exported["messages"]
+        notice = api.get(f"/api/campaigns/{cid}/privacy").json()["text"]
+        for stored, value in kept.items():
+            key, phrase = _KEPT_AFTER_RETENTION[stored]
+            shown = item["links"][0][key[6:]] if key.startswith("links.") else item[key]
+            assert shown is not None, (stored, value)
+            if isinstance(value, datetime):
+                assert datetime.fromisoformat(shown) == value, (stored, shown, value)
+            assert phrase in notice, (stored, phrase, notice)
+        assert "only counts" not in notice
+        assert item["first_opened_in"] is not None and item["first_clicked_in"] is not None
+        assert item["links"][0]["first_clicked_in"] is not None
 
 
 def _maintain(dsn: str, now: datetime) -> jobs.Maintenance:
@@ -672,10 +858,24 @@ def test_deleted_account_stops_recording_at_once_and_is_purged_after_the_grace_p
                                     int(account_id))
     secret = db_value(module_dsn, "select recipient_secret from accounts where id = $1",
                       int(account_id))
-    done = _cli(module_dsn, "retention", "run", "--json", "--now",
-                (deleted_at + GRACE + timedelta(minutes=1)).isoformat())
+    # A --now past the grace period does not purge, unasked, what can still be restored.
+    later = (deleted_at + GRACE + timedelta(minutes=1)).isoformat()
+    done = _cli(module_dsn, "retention", "run", "--json", "--now", later)
     assert done.returncode == 0, done.stderr
-    assert account_id in done.stdout
+    assert "grace period" in done.stderr and f"account {account_id} ('leaving'" in done.stderr
+    summary = orjson.loads(done.stdout)
+    assert summary["accounts_purged"] == []
+    assert [(s["account_id"], s["campaign_id"]) for s in summary["skipped_in_grace"]] == [
+        (account_id, None)]
+    assert db_value(module_dsn, "select purged_at from accounts where id = $1",
+                    int(account_id)) is None
+    assert db_value(module_dsn, "select count(*) from api_keys where account_id = $1",
+                    int(account_id)) == 1
+    done = _cli(module_dsn, "retention", "run", "--json", "--now", later, "--purge-within-grace")
+    assert done.returncode == 0, done.stderr
+    assert "purging within the grace period" in done.stderr
+    assert f"account {account_id} ('leaving'" in done.stderr
+    assert orjson.loads(done.stdout)["accounts_purged"] == [account_id]
     for table in ("api_keys", "messages", "events", "urls", "rollup_campaign"):
         assert db_value(module_dsn, f"select count(*) from {table} where account_id = $1",
                         int(account_id)) == 0, table
@@ -705,3 +905,40 @@ def test_privacy_notice_of_a_campaign_in_the_api_and_the_cli(
         assert api.get("/api/campaigns/999999999/privacy").status_code == 404
         missing = _cli(module_dsn, "policy", "describe", "--campaign", "999999999")
         assert missing.returncode == 1 and missing.stderr.startswith("tracker: error:")
+
+
+# Addresses a sender might register. Whatever registration accepts, erasure, export and
+# opt-out accept too (and name the same recipient); whatever it refuses, they refuse.
+_ADDRESS_CASES = ("plain@example.com", "Ada Lovelace <lovelace@example.com>",
+                  "  spaced@example.com  ", "tab\there@example.com", "tab@example.com\t",
+                  "unit\x1fsep@example.com", "nul\x00@example.com", "line\nbreak@example.com",
+                  "del\x7f@example.com", "c1\x85@example.com", "x" * 321, "slash/ed@example.com",
+                  "Name <>", "   ")
+
+
+@pytest.mark.parametrize("address", _ADDRESS_CASES)
+def test_a_recipient_registration_accepts_can_be_exported_opted_out_and_erased(
+        server: Server, module_dsn: str, address: str) -> None:
+    with server.client(new_account(module_dsn, "addresses")) as api:
+        cid = campaign(api, name="addresses")
+        registered = api.post(f"/api/campaigns/{cid}/messages",
+                              json={"recipient": address, "links": [LINK]})
+        path = "/api/recipients/" + quote(address, safe="")
+        if registered.status_code != 201:
+            assert registered.status_code == 422, registered.text
+            assert "recipient" in registered.json()["error"]
+            for method, suffix in (("GET", "/export"), ("POST", "/opt-out"), ("DELETE", "")):
+                refused = api.request(method, path + suffix)
+                assert refused.status_code in (404, 422), (method, refused.text)
+            return
+        message = registered.json()
+        exported = api.get(path + "/export")
+        assert exported.status_code == 200, exported.text
+        assert [m["id"] for m in exported.json()["messages"]] == [message["id"]]
+        opted = api.post(path + "/opt-out")
+        assert opted.status_code == 200 and opted.json()["opted_out"] is True, opted.text
+        erased = api.delete(path)
+        assert erased.status_code == 200, erased.text
+        assert erased.json()["messages"] == 1
+        assert db_value(module_dsn, "select count(*) from messages where id = $1",
+                        int(message["id"])) == 0

@@ -1,5 +1,8 @@
 """The audit: after a mixed workload, nothing beyond what the policies allow is anywhere.
 
+It runs with one worker and with two: a privacy change (the opt-out, the erasure) must
+hold in every worker from the moment the API answers.
+
 A real server (durable journal, debug logging, a City database) takes opens and clicks
 from known addresses (set with X-Forwarded-For, which it believes from loopback) and
 known user agents, for campaigns with four different policies, for an erased
@@ -28,6 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import asyncpg
 import httpx
@@ -41,8 +45,14 @@ from .support import Server, campaign, db_fetch, new_account, register, wait_for
 RUN = uuid.uuid4().hex[:10]
 LINK = "https://example.com/audit?utm_campaign=audit"
 BODY = f"confidential-body-{RUN}"
-HTML = (f"<html><body><p>Dear reader, {BODY}: your statement is attached.</p>"
-        f'<a href="{LINK}">Read more</a></body></html>')
+UNSUBSCRIBE = "https://example.com/unsubscribe?email="
+
+
+def _html(recipient: str) -> str:
+    """Every message's body: the same text, and a link that names its recipient (URL-encoded)."""
+    return (f"<html><body><p>Dear reader, {BODY}: your statement is attached.</p>"
+            f'<a href="{LINK}">Read more</a> '
+            f'<a href="{UNSUBSCRIBE}{quote(recipient, safe="")}">Unsubscribe</a></body></html>')
 
 
 def _chrome(marker: str) -> str:
@@ -139,12 +149,13 @@ async def _allow_connections(postgres: EmbeddedPostgres, name: str, allowed: boo
         await admin.close()
 
 
-@pytest.fixture
-def audited(dsn: str, tmp_path: Path) -> Iterator[Server]:
+@pytest.fixture(params=[1, 2], ids=["one worker", "two workers"])
+def audited(dsn: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Server]:
     city_db = build_test_city_db(tmp_path / "city.mmdb")
     server = Server(dsn, tmp_path, env={"TRACKER_GEOIP_DB": str(city_db),
                                         "TRACKER_DURABILITY": "journal",
-                                        "TRACKER_LOG_LEVEL": "debug"}).start()
+                                        "TRACKER_LOG_LEVEL": "debug",
+                                        "TRACKER_WORKERS": str(request.param)}).start()
     yield server
     server.stop()
 
@@ -157,15 +168,15 @@ def test_nothing_beyond_the_policies_is_in_the_database_the_journal_or_the_logs(
         ids = {name: campaign(api, policy, name=f"audit {name}")
                for name, policy in POLICIES.items()}
         messages = {name: register(api, ids[name], [], recipient=recipients[name],
-                                   subject=f"Statement {RUN}", html=HTML)
+                                   subject=f"Statement {RUN}", html=_html(recipients[name]))
                     for name in POLICIES}
         assert all(BODY in m["html"] for m in messages.values())  # instrumented, not stored
         erased = register(api, ids["city"], [], recipient=f"erased-{RUN}@example.com",
-                          html=HTML)
+                          html=_html(f"erased-{RUN}@example.com"))
         opted_out = register(api, ids["city"], [], recipient=f"optout-{RUN}@example.com",
-                             html=HTML)
+                             html=_html(f"optout-{RUN}@example.com"))
         signalled = register(api, ids["city"], [], recipient=f"gpc-{RUN}@example.com",
-                             html=HTML)
+                             html=_html(f"gpc-{RUN}@example.com"))
 
         # Round 1: PostgreSQL up.
         for name in POLICIES:
@@ -175,7 +186,7 @@ def test_nothing_beyond_the_policies_is_in_the_database_the_journal_or_the_logs(
         assert api.post(f"/api/recipients/optout-{RUN}@example.com/opt-out").status_code == 200
         _read_all(opted_out, OPTED_OUT)
         _read_all(signalled, SIGNALLING, **{"sec-gpc": "1"})
-        hits = 2  # the pixel and the one link of the html (the honeypot is not hit)
+        hits = 3  # the pixel and the two links of the html (the honeypot is not hit)
         expected_rows = {"strict": hits, "country": 2 * hits, "city": 2 * hits,
                          "region": hits}
 
@@ -210,7 +221,9 @@ def test_nothing_beyond_the_policies_is_in_the_database_the_journal_or_the_logs(
 
     # What must be nowhere.
     # (The opted-out and signalling readers' messages stay: only their hits leave nothing.)
-    everywhere = [recipients["strict"], f"erased-{RUN}@", BODY]
+    # (Addresses also as the links of the html name them, URL-encoded.)
+    everywhere = [recipients["strict"], quote(recipients["strict"], safe=""),
+                  f"erased-{RUN}@", f"erased-{RUN}%40", BODY]
     for client in (*CLIENTS.values(), *JOURNALED.values(), ERASED, OPTED_OUT, SIGNALLING):
         everywhere += [client.user_agent, client.marker]
     for client in (CLIENTS["strict"], CLIENTS["country"], CLIENTS["country6"],

@@ -17,6 +17,7 @@ from tracker.classify import Classifier
 from tracker.cli import main
 from tracker.rules import load_rules
 from tracker.rules.lists import (
+    LIST_NAMES,
     PACKAGED_DIR,
     AddressList,
     AddressLists,
@@ -64,6 +65,30 @@ def test_packaged_lists_load_and_the_apple_rule_reads_the_same_file() -> None:
     assert lists.lookup("8.8.8.8") is None
 
 
+def test_the_scanner_networks_are_packaged_with_their_provenance() -> None:
+    lists = load_address_lists(None)
+    assert [lst.name for lst in lists.lists] == [
+        "apple_mpp", "mail_security", "microsoft", "google_cloud", "aws"]
+    for lst in lists.lists:
+        assert lst.source and lst.published and lst.headers.get("license"), lst.name
+        assert lst.path.stat().st_size < 1 << 20, lst.path  # small enough for the package
+    for name in ("microsoft", "google_cloud", "aws"):
+        assert "@" in lists.lists[LIST_NAMES.index(name)].headers["taken-from"]
+    # Azure addresses security scanners fetched from (gophish's issues, issue 14).
+    for address in ("40.94.89.23", "40.94.16.1", "20.72.100.79"):
+        assert lists.lookup(address) == "microsoft", address
+    assert lists.lookup("104.47.1.1") == "microsoft"  # Exchange Online Protection
+    assert lists.lookup("34.1.208.9") == "google_cloud"  # cloud.json's africa-south1
+    assert lists.lookup("2600:1900:4000::1") == "google_cloud"
+    # Gmail's own servers are not Google Cloud: they are Google's mail gateway.
+    assert lists.lookup("209.85.128.5") == "mail_security"
+    assert lists.lookup("3.5.0.1") == lists.lookup("2600:1f18::1") == "aws"
+    assert lists.lookup("67.231.144.1") == "mail_security"  # Proofpoint
+    assert lists.lookup("94.100.130.1") == "mail_security"  # Hornetsecurity
+    # Avanan's published addresses lie inside AWS: the vendor's list names them first.
+    assert lists.lookup("44.211.178.100") == "mail_security"
+
+
 def test_a_newer_data_dir_copy_wins_and_a_corrupt_one_falls_back_with_one_warning(
         tmp_path: Path) -> None:
     packaged = tmp_path / "packaged"
@@ -94,9 +119,15 @@ def test_a_newer_data_dir_copy_wins_and_a_corrupt_one_falls_back_with_one_warnin
 
 # --- tracker rules update against a loopback server -----------------------------------
 
+# The publishers' files served below hold more than half the prefixes of every packaged
+# list: a new list with fewer than half the prefixes of the copy in use (the packaged
+# one, at first) is refused as a publisher's hiccup.
+SCALE = max(read_list(path).prefixes for path in PACKAGED_DIR.iterdir()) // 2 + 1
+
+
 def _v4(first: int, count: int) -> list[str]:
     """`count` distinct public /24s (non-adjacent, so that they do not collapse)."""
-    return [f"{first}.{i * 2 % 256}.{i * 2 // 256}.0/24" for i in range(count)]
+    return [f"{first}.{i // 128}.{i % 128 * 2}.0/24" for i in range(count)]
 
 
 def _publisher_files(scale: int) -> dict[str, bytes]:
@@ -187,7 +218,7 @@ def _lists_dir(data_dir: Path) -> Path:
 
 def test_update_writes_every_list_with_its_header_then_reports_unchanged(
         publisher: _Publisher, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    publisher.serve(_publisher_files(40))
+    publisher.serve(_publisher_files(SCALE))
     status, lines = _update(capsys, tmp_path, publisher.url)
     assert status == 0, lines
     assert lines["apple_mpp"].startswith("updated ")
@@ -197,17 +228,17 @@ def test_update_writes_every_list_with_its_header_then_reports_unchanged(
         written = read_list(_lists_dir(tmp_path) / f"{name}.txt", name)
         assert written.source and written.fetched and written.headers["taken-from"]
     aws = read_list(_lists_dir(tmp_path) / "aws.txt", "aws")
-    assert aws.published == "2026-11-29" and aws.prefixes == 41
+    assert aws.published == "2026-11-29" and aws.prefixes == SCALE + 1
     apple = read_list(_lists_dir(tmp_path) / "apple_mpp.txt", "apple_mpp")
     assert ipaddress.ip_network("17.0.0.0/8") in apple.networks  # Apple's own, always added
     microsoft = read_list(_lists_dir(tmp_path) / "microsoft.txt", "microsoft")
     assert ipaddress.ip_network("104.47.0.0/17") in microsoft.networks
     assert ipaddress.ip_network("13.66.60.119/32") not in microsoft.networks  # not AzureCloud
     lists = load_address_lists(tmp_path)
-    assert lists.lookup("146.2.0.9") == "apple_mpp" and lists.lookup("52.4.0.1") == "aws"
+    assert lists.lookup("146.0.2.9") == "apple_mpp" and lists.lookup("52.0.4.1") == "aws"
 
     status, lines = _update(capsys, tmp_path, publisher.url, "aws")
-    assert (status, lines) == (0, {"aws": "unchanged (41 prefixes)"})
+    assert (status, lines) == (0, {"aws": f"unchanged ({SCALE + 1} prefixes)"})
 
 
 @pytest.mark.parametrize(("broken", "answer", "why"), [
@@ -222,12 +253,12 @@ def test_update_writes_every_list_with_its_header_then_reports_unchanged(
 def test_a_failed_list_keeps_the_copy_in_use_and_the_exit_status_says_so(
         publisher: _Publisher, tmp_path: Path, capsys: pytest.CaptureFixture[str],
         broken: str, answer: tuple[int, str, bytes] | None, why: str) -> None:
-    files = _publisher_files(40)
+    files = _publisher_files(SCALE)
     publisher.serve(files)
     assert _update(capsys, tmp_path, publisher.url)[0] == 0
     before = {p.name: p.read_bytes() for p in _lists_dir(tmp_path).iterdir()}
 
-    grown = _publisher_files(60)
+    grown = _publisher_files(SCALE + 20)
     publisher.serve(grown)
     if answer is None:
         body = grown[broken]  # cut just after a comma half-way: mid-row, mid-object
@@ -246,12 +277,13 @@ def test_a_failed_list_keeps_the_copy_in_use_and_the_exit_status_says_so(
 
 def test_a_list_that_shrank_by_half_is_refused(
         publisher: _Publisher, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    publisher.serve(_publisher_files(40))
+    publisher.serve(_publisher_files(SCALE))
     assert _update(capsys, tmp_path, publisher.url, "aws")[0] == 0
     before = (_lists_dir(tmp_path) / "aws.txt").read_bytes()
-    publisher.serve(_publisher_files(15))
+    publisher.serve(_publisher_files(SCALE // 3))
     status, lines = _update(capsys, tmp_path, publisher.url, "aws")
-    assert status == 1 and "refused: 16 prefixes, fewer than half of the 41" in lines["aws"]
+    assert status == 1, lines
+    assert f"refused: {SCALE // 3 + 1} prefixes, fewer than half of the {SCALE + 1}" in lines["aws"]
     assert (_lists_dir(tmp_path) / "aws.txt").read_bytes() == before
 
 
@@ -270,7 +302,7 @@ def test_a_mirror_directory_serves_air_gapped_installs(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     mirror = tmp_path / "mirror"
     mirror.mkdir()
-    for name, body in _publisher_files(40).items():
+    for name, body in _publisher_files(SCALE).items():
         (mirror / name).write_bytes(body)
     packaged = read_list(PACKAGED_DIR / "mail_security.txt", "mail_security")
     (mirror / "mail_security.txt").write_text(

@@ -8,26 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import Server, wait_for
+from tests.support import Server, socket_inodes, wait_for, worker_pids
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc; SO_REUSEPORT")
-
-
-def _children(pid: int) -> list[int]:
-    return [int(child) for child in
-            Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-
-
-def _socket_inodes(pid: int) -> set[int]:
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = fd.readlink().name
-        except OSError:
-            continue  # closed meanwhile
-        if target.startswith("socket:["):
-            inodes.add(int(target[8:-1]))
-    return inodes
 
 
 def _tcp(port: int, state: str) -> set[int]:
@@ -49,7 +32,7 @@ def test_connections_opened_at_once_are_spread_over_the_workers(module_dsn: str,
         # Both workers listen once their start-up is done (the first may answer before).
         wait_for(lambda: len(_tcp(srv.port, "0A")) == 2, 30, message="two listening sockets")
         listening = _tcp(srv.port, "0A")
-        workers = [pid for pid in _children(srv.proc.pid) if _socket_inodes(pid) & listening]
+        workers = [pid for pid in worker_pids(srv.proc.pid) if socket_inodes(pid) & listening]
         assert len(workers) == 2
         clients = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(32)]
         try:
@@ -58,7 +41,7 @@ def test_connections_opened_at_once_are_spread_over_the_workers(module_dsn: str,
             for client in clients:
                 assert client.recv(4096).startswith(b"HTTP/1.1 200")
             established = _tcp(srv.port, "01")
-            held = {pid: len(_socket_inodes(pid) & established) for pid in workers}
+            held = {pid: len(socket_inodes(pid) & established) for pid in workers}
         finally:
             for client in clients:
                 client.close()

@@ -16,6 +16,14 @@ from ipaddress import IPv4Network, IPv6Address, IPv6Network
 
 _MAPPED_PREFIX = bytes(10) + b"\xff\xff"
 _ZEROS_10 = bytes(10)
+_ZEROS_12 = bytes(12)
+_TRANSLATED_PREFIX = bytes(8) + b"\xff\xff\x00\x00"  # ::ffff:0:0/96 (SIIT, RFC 2765)
+_6TO4_PREFIX = b"\x20\x02"  # 2002::/16 (RFC 3056): the IPv4 in bits 16-47
+_TEREDO_PREFIX = b"\x20\x01\x00\x00"  # 2001::/32 (RFC 4380): the client's IPv4, inverted,
+# in the last 32 bits (bits 32-63 are the Teredo server's, not the client's)
+_NAT64_PREFIX = b"\x00\x64\xff\x9b" + bytes(8)  # 64:ff9b::/96 (RFC 6052)
+_NAT64_LOCAL_PREFIX = b"\x00\x64\xff\x9b\x00\x01"  # 64:ff9b:1::/48 (RFC 8215)
+_NOT_COMPATIBLE = (bytes(4), b"\x00\x00\x00\x01")  # "::" and "::1" are no IPv4-compatible
 
 
 def packed(text: str) -> bytes | None:
@@ -47,11 +55,50 @@ def canonical(text: str) -> str | None:
     return None if raw is None else text_of(raw)
 
 
+def embedded_ipv4(raw: bytes) -> bytes | None:
+    """The client's IPv4 address inside an IPv6 address that carries one, else None.
+
+    Transition mechanisms write the IPv4 address of the host into the IPv6 one: 6to4,
+    Teredo (inverted), NAT64 and SIIT translators (an IPv4 client seen by an IPv6-only
+    server through one), IPv4-mapped, -translated and -compatible addresses. For such an
+    address the /48 keeps the whole IPv4 address (6to4) or the rest says where the host
+    is; the IPv4 address is what truncation and location must work on. In the local-use
+    NAT64 prefix the IPv4 address is taken from the last 32 bits, where a /96 translator
+    prefix (the usual one) puts it."""
+    if len(raw) != 16:
+        return None
+    if raw.startswith(_6TO4_PREFIX):
+        return raw[2:6]
+    if raw.startswith(_TEREDO_PREFIX):
+        return bytes(b ^ 0xFF for b in raw[12:])
+    if raw.startswith((_NAT64_PREFIX, _NAT64_LOCAL_PREFIX, _MAPPED_PREFIX,
+                       _TRANSLATED_PREFIX)):
+        return raw[12:]
+    if raw.startswith(_ZEROS_12) and raw[12:] not in _NOT_COMPATIBLE:
+        return raw[12:]  # IPv4-compatible (deprecated, RFC 4291): ::a.b.c.d
+    return None
+
+
 def truncated(raw: bytes) -> str:
-    """The network an address is kept as under `ip: "truncated"`: /24 (IPv4) or /48 (IPv6)."""
+    """The network an address is kept as under `ip: "truncated"`: /24 (IPv4) or /48 (IPv6);
+    an IPv6 address that carries an IPv4 one (`embedded_ipv4`) is kept as that IPv4
+    address's /24, never as a /48 that would hold all of it."""
+    if len(raw) == 16:
+        raw = embedded_ipv4(raw) or raw
     if len(raw) == 4:
         return text_of(raw[:3] + b"\0") + "/24"
     return text_of(raw[:6] + bytes(10)) + "/48"
+
+
+def locatable(text: str) -> str:
+    """The address to look up a place for: the IPv4 address an IPv6 one carries (a geo
+    database may not know the IPv6 form, or, for Teredo, would give the relay's place),
+    else the address as given."""
+    if ":" not in text:
+        return text
+    raw = packed(text)  # IPv4-mapped comes back as the IPv4 address's 4 bytes
+    inner = (raw if len(raw) == 4 else embedded_ipv4(raw)) if raw is not None else None
+    return text if inner is None else text_of(inner)
 
 
 class Networks:

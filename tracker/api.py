@@ -183,6 +183,9 @@ def build_api(runtime: Runtime) -> Starlette:
         name, policy = await campaign_fields(request, None, DEFAULT)
         row = await campaigns.create(runtime.pool, account_id, name, policy)
         runtime.remember_campaign(account_id, row["id"], policy, recording=True)
+        # Every worker knows its policy before its links are handed out: one that did not
+        # would store the strictest policy's fields only.
+        await runtime.privacy_changed()
         return JSON(campaigns.campaign_json(row), status_code=201)
 
     async def list_campaigns(request: Request, account_id: int) -> Response:
@@ -201,6 +204,7 @@ def build_api(runtime: Runtime) -> Starlette:
         if updated is None:
             raise ApiError(404, "campaign not found")
         runtime.remember_campaign(account_id, campaign_id, policy, recording=True)
+        await runtime.privacy_changed()
         return JSON(campaigns.campaign_json(updated))
 
     async def delete_campaign(request: Request, account_id: int) -> Response:
@@ -210,6 +214,7 @@ def build_api(runtime: Runtime) -> Starlette:
             raise ApiError(404, "campaign not found")
         runtime.remember_campaign(account_id, campaign_id, campaigns.policy_of(row),
                                   recording=False)
+        await runtime.privacy_changed()
         return Response(status_code=204)
 
     async def register_message(request: Request, account_id: int) -> Response:

@@ -165,9 +165,25 @@ def cmd_accounts_delete(args: argparse.Namespace) -> int:
     if row is None:
         raise CommandError(f"no account {args.id} (or it is already purged)")
     print(f"account {args.id} deleted at {row['deleted_at'].isoformat()}: nothing is recorded "
-          f"for it any more; its data is purged after {(row['deleted_at'] + GRACE).isoformat()} "
-          f"unless restored (tracker accounts restore {args.id})")
+          f"for it {_privacy_change_holds(args)}; its data is purged after "
+          f"{(row['deleted_at'] + GRACE).isoformat()} unless restored "
+          f"(tracker accounts restore {args.id})")
     return 0
+
+
+def _privacy_change_holds(args: argparse.Namespace) -> str:
+    """Tell the workers of a server on this data dir at once (privacy_sync.py); say when
+    the change holds."""
+    from tracker.privacy_sync import announce_from_outside
+
+    data_dir = _settings(args).data_dir
+    try:
+        if announce_from_outside(data_dir):
+            return ("at once in the server on this data dir (within a second in servers of "
+                    "other data dirs or nodes)")
+    except OSError as exc:
+        log.debug("cannot tell the workers on %s: %s", data_dir, exc)
+    return "within a second"
 
 
 def cmd_accounts_restore(args: argparse.Namespace) -> int:
@@ -178,27 +194,42 @@ def cmd_accounts_restore(args: argparse.Namespace) -> int:
     if row is None:
         raise CommandError(f"account {args.id} is not deleted, or its grace period is over "
                            "and it was purged")
-    print(f"account {args.id} restored: recording resumes within a second")
+    print(f"account {args.id} restored: recording resumes {_privacy_change_holds(args)}")
     return 0
 
 
 def cmd_retention_run(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
-    from tracker.jobs import maintain
+    from tracker.jobs import Maintenance, maintain
+    from tracker.retention import InGrace, still_in_grace
 
-    now = datetime.now(UTC)
+    real_now = datetime.now(UTC)
+    now = real_now
     if args.now is not None:
         try:
             now = datetime.fromisoformat(args.now)
         except ValueError:
             raise CommandError(f"--now: {args.now!r} is not an ISO 8601 date-time") from None
         now = now if now.tzinfo else now.replace(tzinfo=UTC)
-    result = _on_database(args, lambda conn: maintain(conn, now))
+
+    async def run(conn: asyncpg.Connection) -> tuple[Maintenance | None, list[InGrace]]:
+        # A --now in the future must not purge, unasked, what can still be restored.
+        early = await still_in_grace(conn, real_now, now)
+        if early and args.purge_within_grace:
+            _say_in_grace("purging within the grace period, as --purge-within-grace asks "
+                          "(it cannot be restored afterwards):", early)
+        elif early:
+            _say_in_grace("not purged, still in the 30-day grace period (add "
+                          "--purge-within-grace to purge it now):", early)
+        purge_at = now if args.purge_within_grace else min(now, real_now)
+        return await maintain(conn, now, purge_at), [] if args.purge_within_grace else early
+
+    result, skipped = _on_database(args, run)
     if result is None:
         raise CommandError("another tracker process is running retention right now; "
                            "try again in a minute")
-    summary = result.as_json()
+    summary = {**result.as_json(), "skipped_in_grace": [s.as_json() for s in skipped]}
     if args.json:
         sys.stdout.write(orjson.dumps(summary).decode() + "\n")
         return 0
@@ -209,6 +240,12 @@ def cmd_retention_run(args: argparse.Namespace) -> int:
           f"{summary['purged_events_deleted']} event(s) deleted")
     print(f"erasure sweep: {summary['erasure_sweep']} late row(s) removed")
     return 0
+
+
+def _say_in_grace(heading: str, items: list[Any]) -> None:
+    print(heading, file=sys.stderr)
+    for item in items:
+        print(f"  {item.describe()}", file=sys.stderr)
 
 
 def cmd_policy_describe(args: argparse.Namespace) -> int:
@@ -466,6 +503,11 @@ def build_parser() -> argparse.ArgumentParser:
                                help="the time to apply retention at (default: now)")
     retention_run.add_argument("--json", action="store_true",
                                help="print one JSON object on stdout")
+    retention_run.add_argument(
+        "--purge-within-grace", action="store_true",
+        help="with a --now in the future, also purge what was deleted less than 30 days ago "
+        "(the list is printed first); without it such campaigns and accounts are left for "
+        "their grace period and listed")
     _add_setting_flags(retention_run, ("database_url", "data_dir"))
     retention_run.set_defaults(run=cmd_retention_run)
 

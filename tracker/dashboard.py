@@ -31,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from tracker import accounts, campaigns, reports
+from tracker import accounts, campaigns, reports, sessions
 from tracker.charts import campaign_view, short_url, when
 from tracker.fastpath import ClientAddress
 from tracker.lifespan import Runtime
@@ -73,11 +73,6 @@ _UNAVAILABLE = (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.
 
 # Named-query candidates for sql/queries.sql (kept here while reports.py is being moved
 # to rollups, so the two changes do not collide in one file).
-_SESSION_ACCOUNT = """
-select a.name
-from api_keys k join accounts a on a.id = k.account_id
-where k.account_id = $1 and k.key_id = $2 and k.revoked_at is null and a.deleted_at is null
-"""
 _CAMPAIGN_MESSAGES = """
 select m.id, m.recipient, m.subject, m.sent_at,
        coalesce(a.opens, 0) as opens, coalesce(a.clicks, 0) as clicks,
@@ -217,9 +212,8 @@ class Dashboard:
         session = self._sessions.verify(token, time.time()) if token else None
         if session is None:
             return None
-        name = await self._runtime.pool.fetchval(_SESSION_ACCOUNT, session.account_id,
-                                                 session.key_id)
-        if name is None:  # the key was revoked or the account deleted
+        name = await sessions.account_name(self._runtime.pool, session)
+        if name is None:  # the key was revoked, the account deleted, or it signed out
             return None
         return _Visit(session.account_id, name, self._sessions.csrf(session), session)
 
@@ -302,6 +296,8 @@ class Dashboard:
                 visit.session, form.get("csrf_token", ""))):
             raise _PageError(403, "This form is missing its security token; reload the page "
                                   "and try again.")
+        if visit is not None:
+            await sessions.sign_out(self._runtime.pool, visit.session)
         response = RedirectResponse("/dashboard/sign-in?signed-out", status_code=303)
         self._set_cookie(request, response, "", 0)
         return response

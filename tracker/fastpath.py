@@ -159,6 +159,13 @@ class Capture:
         # The privacy screen (suppression.py): why a hit must record nothing, before the
         # pipeline looks at it; None records everything the policy allows.
         self.screen: Callable[[Any, OpenToken | ClickToken], DropReason | None] | None = None
+        # The privacy check (privacy_sync.py): true while a privacy change has been made
+        # that this worker has not applied yet. Hits are then held, not recorded, and
+        # recorded by `release_held` once it has (`wake` starts the catching up).
+        self.behind: Callable[[], bool] | None = None
+        self.wake: Callable[[], None] = lambda: None
+        self.max_held = 100_000
+        self._held: list[tuple[str, Scope, OpenToken | ClickToken, int]] = []
         self._deferred: list[tuple[Scope, int]] = []
 
     async def synced(self) -> None:
@@ -171,6 +178,9 @@ class Capture:
                 log.exception("could not wait for the journal")
 
     def open(self, scope: Scope, token: OpenToken, at_us: int | None = None) -> None:
+        if self.behind is not None and self.behind():
+            self._hold("open", scope, token, at_us)
+            return
         if self.screen is not None and (refused := self.screen(scope["headers"], token)):
             self._count_drop(refused)
             return
@@ -179,13 +189,43 @@ class Capture:
             token, scope["method"], user_agent, client_ip,
             time.time_ns() // 1000 if at_us is None else at_us))
 
-    def click(self, scope: Scope, token: ClickToken) -> None:
+    def click(self, scope: Scope, token: ClickToken, at_us: int | None = None) -> None:
+        if self.behind is not None and self.behind():
+            self._hold("click", scope, token, at_us)
+            return
         if self.screen is not None and (refused := self.screen(scope["headers"], token)):
             self._count_drop(refused)
             return
         user_agent, client_ip = self._client(scope)
-        self.record("click", self.pipeline.click(token, scope["method"], user_agent, client_ip,
-                                                 time.time_ns() // 1000))
+        self.record("click", self.pipeline.click(
+            token, scope["method"], user_agent, client_ip,
+            time.time_ns() // 1000 if at_us is None else at_us))
+
+    def _hold(self, kind: str, scope: Scope, token: OpenToken | ClickToken,
+              at_us: int | None) -> None:
+        if len(self._held) >= self.max_held:
+            self._count_drop(DropReason.BUFFER_FULL)
+            return
+        self._held.append((kind, scope, token, time.time_ns() // 1000 if at_us is None
+                           else at_us))
+        self.wake()
+
+    def release_held(self) -> None:
+        """Records the held hits, with the time of each request (a privacy change is
+        applied now; a hit held again is held for a later one)."""
+        held, self._held = self._held, []
+        for kind, scope, token, at_us in held:
+            try:
+                if isinstance(token, OpenToken):
+                    self.open(scope, token, at_us)
+                else:
+                    self.click(scope, token, at_us)
+            except Exception:
+                log.exception("could not record a held %s", kind)
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
 
     def defer_open(self, scope: Scope) -> None:
         """Records a pixel hit (its token is checked then) once the event loop has read

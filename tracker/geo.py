@@ -17,6 +17,8 @@ from typing import Any, Self, TypeAlias
 
 import maxminddb
 
+from tracker.addresses import locatable
+
 GEOIP_SUBDIR = "geoip"
 DBIP_CITY_LITE_FILENAME = "dbip-city-lite.mmdb"
 DEFAULT_CACHE_SIZE = 65536
@@ -25,7 +27,6 @@ DEFAULT_CACHE_SIZE = 65536
 # strings are rejected before the cache so it cannot be filled with large junk keys.
 # The slack leaves room for a short zone id ("fe80::1%eth0").
 _MAX_IP_TEXT = 64
-_V4_MAPPED_PREFIX = "::ffff:"
 # The C reader parses with getaddrinfo(AI_NUMERICHOST), which also takes inet_aton's
 # legacy forms ("134744072", "0x8.8.8.8", "8.8.2056") and would geolocate garbage
 # from a header as some real address. Only the dotted quad is accepted for IPv4; the
@@ -141,10 +142,11 @@ class GeoLookup:
         return self._cached(ip)
 
     def _lookup_uncached(self, ip: str) -> Location | None:
-        # Dual-stack sockets report IPv4 peers as ::ffff:a.b.c.d; MaxMind's own
-        # databases alias that range but databases built by other tools may not.
-        if ip[:7].lower() == _V4_MAPPED_PREFIX and "." in ip:
-            ip = ip[7:]
+        # An IPv6 address that carries an IPv4 one (IPv4-mapped: how dual-stack sockets
+        # report IPv4 peers; 6to4, Teredo, NAT64) is looked up by that IPv4 address:
+        # MaxMind's own databases alias some of these ranges but databases built by other
+        # tools may not, and MaxMind's Teredo alias gives the relay's place, not the host's.
+        ip = locatable(ip)
         if ":" not in ip and _DOTTED_QUAD.fullmatch(ip) is None:
             return None
         try:

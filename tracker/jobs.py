@@ -1,9 +1,8 @@
-"""A worker's background privacy work, and the maintenance run shared with the CLI.
+"""A worker's background privacy maintenance, and the run shared with the CLI.
 
-Every worker keeps its suppression book current (every second). Maintenance —
-retention, the grace-period purge and the erasure sweep (retention.py, subjects.py) —
-runs hourly in every worker, but in one process at a time across all workers and
-nodes: each run takes a PostgreSQL advisory lock with `pg_try_advisory_lock` and skips
+Maintenance — retention, the grace-period purge and the erasure sweep (retention.py,
+subjects.py) — runs hourly in every worker, but in one process at a time across all
+workers and nodes: each run takes a PostgreSQL advisory lock with `pg_try_advisory_lock` and skips
 the round when another process holds it. `tracker retention run` is the same run, on
 demand. Every entry point takes `now`, so tests drive the clock instead of waiting.
 """
@@ -20,17 +19,17 @@ from datetime import UTC, datetime
 import asyncpg
 
 from tracker import subjects
+from tracker.privacy import PRIVACY_QUERIES
 from tracker.retention import PurgeResult, RetentionResult, enforce_retention, purge_deleted
-from tracker.suppression import SuppressionBook
 
 log = logging.getLogger("tracker.jobs")
 
 MAINTENANCE_INTERVAL_S = 3600.0
 # The first run waits this long after start: start-up (and a restart loop) stays cheap.
 FIRST_RUN_S = 120.0
-_REFRESH_S = 1.0
-# An erasure's follow-up sweep: after every worker has read the suppression (1 s) and
-# flushed what it captured before (the flush interval, 200 ms by default), with margin.
+# An erasure's follow-up sweep, for what no worker of this server could write out before
+# it answered: other nodes' workers (they read changes every second, privacy_sync.py) and
+# a wedged worker, with margin for their writers' flush interval (200 ms by default).
 SWEEP_AFTER_S = 5.0
 # Any constant will do; it only has to be the same in every tracker process.
 _MAINTENANCE_LOCK = 0x7472_6163_6B70_7276
@@ -53,12 +52,17 @@ class Maintenance:
         }
 
 
-async def maintain(conn: asyncpg.Connection, now: datetime) -> Maintenance | None:
-    """One maintenance run, unless another process is running one (None)."""
+async def maintain(conn: asyncpg.Connection, now: datetime,
+                   purge_at: datetime | None = None) -> Maintenance | None:
+    """One maintenance run, unless another process is running one (None). `purge_at`: the
+    time the grace periods are measured at, when not `now` (the CLI keeps it at the real
+    time unless told to purge within the grace period)."""
     if not await conn.fetchval("select pg_try_advisory_lock($1)", _MAINTENANCE_LOCK):
         return None
     try:
-        return Maintenance(await enforce_retention(conn, now), await purge_deleted(conn, now),
+        await conn.execute(PRIVACY_QUERIES.forget_expired_sign_outs, now)
+        return Maintenance(await enforce_retention(conn, now),
+                           await purge_deleted(conn, now if purge_at is None else purge_at),
                            await subjects.sweep_recent(conn, now))
     finally:
         await conn.execute("select pg_advisory_unlock($1)", _MAINTENANCE_LOCK)
@@ -69,11 +73,10 @@ def _utc_now() -> datetime:
 
 
 class Jobs:
-    def __init__(self, pool: asyncpg.Pool, book: SuppressionBook, *,
-                 interval_s: float = MAINTENANCE_INTERVAL_S, first_run_s: float = FIRST_RUN_S,
+    def __init__(self, pool: asyncpg.Pool, *, interval_s: float = MAINTENANCE_INTERVAL_S,
+                 first_run_s: float = FIRST_RUN_S,
                  clock: Callable[[], datetime] = _utc_now) -> None:
         self._pool = pool
-        self._book = book
         self._interval_s = interval_s
         self._first_run_s = first_run_s
         self._clock = clock
@@ -81,7 +84,6 @@ class Jobs:
         self.runs = 0  # maintenance runs this process did (tests, metrics)
 
     def start(self) -> None:
-        self._spawn(self._refresh_forever(), "tracker-suppression-refresh")
         self._spawn(self._maintain_forever(), "tracker-maintenance")
 
     async def stop(self) -> None:
@@ -120,15 +122,6 @@ class Jobs:
         task = asyncio.create_task(work, name=name)
         self._tasks.add(task)
         task.add_done_callback(lambda done: self._tasks.discard(done))
-
-    async def _refresh_forever(self) -> None:
-        while True:
-            await asyncio.sleep(_REFRESH_S)
-            try:
-                await self._book.refresh(self._pool)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                # Keep what we know; the database may be down for a while.
-                log.debug("suppression refresh failed: %s", exc)
 
     async def _maintain_forever(self) -> None:
         await asyncio.sleep(self._first_run_s)

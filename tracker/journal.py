@@ -304,25 +304,46 @@ class Journal:
     def commit(self, chunk: Chunk) -> None:
         """The chunk's events are in PostgreSQL: mark them, and remove every segment that
         has nothing left to give (its own active one too, to give its space back)."""
-        retired: list[_Segment] = []
         with self._mutex:
             for segment, offset, events in chunk.marks:
                 if offset > segment.done:
                     segment.done = offset
                     segment.events = max(0, segment.events - events)
                     self.stats.committed_events += events
-            for group in (self._adopted, self._own):
-                for segment in list(group):
-                    if segment.writing or segment.done < segment.end:
-                        continue
-                    if segment is self._active:
-                        self._active = None
-                    elif not segment.sealed:
-                        continue
-                    group.remove(segment)
-                    retired.append(segment)
+            retired = self._take_done()
         for segment in retired:
             _remove(segment.path, segment.fd)
+
+    def seal(self) -> None:
+        """The next append starts a new segment; this one (like every other) is removed as
+        soon as all its events are committed, at once if they are. Committed records are
+        otherwise kept until their segment fills up and is all committed: an erasure
+        (privacy_sync.py) seals, then writes everything out, so that no record captured
+        before it is left on the disk."""
+        with self._mutex:
+            if self._active is not None:
+                self._active.sealed = True
+                self._active = None
+            retired = self._take_done()
+        for segment in retired:
+            _remove(segment.path, segment.fd)
+
+    def _take_done(self) -> list[_Segment]:
+        """(Under the mutex.) The segments with nothing left to give, taken out: every
+        sealed one whose events are all committed, and the active one when it is (to give
+        its space back)."""
+        retired: list[_Segment] = []
+        for group in (self._adopted, self._own):
+            for segment in list(group):
+                if segment.writing or segment.done < segment.end:
+                    continue
+                if segment is self._active:
+                    self._active = None
+                elif not segment.sealed:
+                    continue
+                group.remove(segment)
+                retired.append(segment)
+        return retired
 
     def _record_at(self, segment: _Segment, offset: int, end: int) -> tuple[bytes, int]:
         """The payload of the record at offset and the offset after it; an empty payload

@@ -21,6 +21,7 @@ from tracker.jobs import Jobs
 from tracker.journal import Journal
 from tracker.metrics import Metrics, MetricsCollector, SharedSnapshots, observe_flushes
 from tracker.policy import Policy, PolicyBook
+from tracker.privacy_sync import PrivacySync
 from tracker.queries import QUERIES
 from tracker.rollups import relabel_windows
 from tracker.rules import load_rules
@@ -33,7 +34,6 @@ from tracker.writer import BatchWriter
 
 log = logging.getLogger("tracker.lifespan")
 
-_POLICY_REFRESH_S = 1.0
 _GEO_WATCH_S = 5.0
 _SHUTDOWN_FLUSH_TIMEOUT_S = 10.0
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -47,17 +47,22 @@ class Runtime:
         self.policies = PolicyBook()
         # Opted-out and erased recipients, deleted accounts, GPC/DNT settings (privacy).
         self.suppressions = SuppressionBook()
+        # Makes a privacy change hold in every worker before the API answers.
+        self.privacy = PrivacySync(settings.data_dir, self._read_privacy_changes,
+                                   self._write_out)
         self.jobs: Jobs | None = None
         # Plain counters on the hot path, turned into Prometheus metrics at scrape time.
         self.metrics = Metrics()
+        # One reading of the rules serves the classifier, the writer's re-labelling and
+        # /metrics, so a TRACKER_RULES override of the honeypot or burst window applies to all.
+        self.rules = load_rules(settings.rules, settings.data_dir)
         self.collector = MetricsCollector(self.metrics, lambda: self.writer,
-                                          settings.buffer_max_events)
+                                          settings.buffer_max_events, rules=self.rules)
         self.auth_throttle = AuthThrottle()
         self._publish: asyncio.Task[None] | None = None
         self._pool: asyncpg.Pool | None = None
         self.writer: BatchWriter | None = None
         self.capture: Capture | None = None
-        self._refresh: asyncio.Task[None] | None = None
         self._geo_watch: asyncio.Task[None] | None = None
 
     @property
@@ -68,13 +73,11 @@ class Runtime:
 
     async def start(self) -> None:
         self._pool = await create_pool(self.dsn)
-        await self.refresh_policies()
-        await self.suppressions.refresh(self.pool)
+        self.privacy.open()  # before the books are read: a change made meanwhile is seen
+        await self._read_privacy_changes()
         journal = self._open_journal()
         durable = self.settings.durability == "journal"
-        # One reading of the rules serves the classifier and the writer's re-labelling, so a
-        # TRACKER_RULES override of the honeypot or burst window applies to both.
-        rules = load_rules(self.settings.rules, self.settings.data_dir)
+        rules = self.rules
         self.writer = BatchWriter(
             lambda: connect(self.dsn),
             batch_size=self.settings.batch_size,
@@ -86,8 +89,6 @@ class Runtime:
             relabel_windows=relabel_windows(rules.timing))
         observe_flushes(self.writer, self.metrics)
         self.writer.start()
-        self._refresh = asyncio.create_task(self._refresh_policies_forever(),
-                                            name="tracker-policy-refresh")
         locate = _locator(self.settings)
         prepare(self.settings.resolved_cache_dir)  # the device rules, before the first hit
         pipeline = Pipeline(self.policies, parse_agent, locate,
@@ -100,19 +101,30 @@ class Runtime:
                                self.metrics.count_hit,
                                sync=self.writer.synced if durable else None)
         self.capture.screen = self.suppressions.screen
-        self.jobs = Jobs(self.pool, self.suppressions)
+        if self.privacy.shared is not None:
+            self.capture.behind = self.privacy.behind
+        self.capture.wake = self.privacy.wake
+        self.capture.max_held = self.settings.buffer_max_events
+        self.privacy.release = self.capture.release_held
+        self.privacy.start()
+        self.jobs = Jobs(self.pool)
         self.jobs.start()
         self._share_metrics()
 
     async def stop(self) -> None:
         # The server has stopped accepting requests by now; in order: stop recording,
         # stop background work, write what is queued (bounded in time), close the pool.
-        if self.capture is not None:
-            self.capture.record_deferred()
-        self.capture = None
+        capture, self.capture = self.capture, None
+        if capture is not None:
+            capture.record_deferred()
+            if capture.held and not await self.privacy.settle(_SHUTDOWN_FLUSH_TIMEOUT_S / 2):
+                log.error("%d hits held for a privacy change this worker could not read "
+                          "are not recorded", capture.held)
+            capture.release_held()
+        await self.privacy.stop()
         if self.jobs is not None:
             await self.jobs.stop()
-        for task in (self._refresh, self._geo_watch, self._publish):
+        for task in (self._geo_watch, self._publish):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -145,14 +157,30 @@ class Runtime:
             if self.policies.loaded_until is None or row["updated_at"] > self.policies.loaded_until:
                 self.policies.loaded_until = row["updated_at"]
 
-    async def _refresh_policies_forever(self) -> None:
-        while True:
-            await asyncio.sleep(_POLICY_REFRESH_S)
-            try:
-                await self.refresh_policies()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                # Keep the policies we have; the database may be down for a while.
-                log.debug("policy refresh failed: %s", exc)
+    async def _read_privacy_changes(self) -> bool:
+        """The policies and the suppressions changed since the last read; whether they
+        hold an erasure this worker did not know of."""
+        await self.refresh_policies()
+        return await self.suppressions.refresh(self.pool)
+
+    async def _write_out(self) -> None:
+        """An erasure: write everything captured so far into PostgreSQL, and leave none of
+        it on the disk. A dead worker's journal segments are taken over to be written too;
+        this worker's active segment is sealed, so it goes once written (a segment that
+        keeps getting new records would otherwise keep the old ones until it fills up)."""
+        if self.writer is None:
+            return
+        journal = self.writer.journal
+        if journal is not None:
+            await asyncio.to_thread(journal.adopt_orphans)
+            journal.seal()
+        await self.writer.flush()
+
+    async def privacy_changed(self, erasure: bool = False) -> None:
+        """A privacy change is committed (and applied here): every worker applies it
+        before the API answers (privacy_sync.py); an erasure also has every worker write
+        out what it captured before."""
+        await self.privacy.changed(erasure)
 
     async def _adopt_fetched_geo_database(self, pipeline: Pipeline) -> None:
         """`tracker serve` may be fetching the geo database; start locating once it lands."""

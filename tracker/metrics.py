@@ -24,6 +24,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +34,13 @@ from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
+    InfoMetricFamily,
     Metric,
 )
 from prometheus_client.registry import Collector
 
 from tracker.hits import CLICK, OPEN, DropReason
+from tracker.rules import Rules, load_rules
 from tracker.writer import BatchWriter
 
 log = logging.getLogger("tracker.metrics")
@@ -262,11 +265,13 @@ class MetricsCollector(Collector):
     """Turns a worker's counters and its writer's statistics into metric families."""
 
     def __init__(self, metrics: Metrics, writer: Callable[[], BatchWriter | None],
-                 buffer_capacity: int, shared: SharedSnapshots | None = None) -> None:
+                 buffer_capacity: int, shared: SharedSnapshots | None = None,
+                 rules: Rules | None = None) -> None:
         self._metrics = metrics
         self._writer = writer
         self._capacity = buffer_capacity
         self.shared = shared
+        self._rules = rules or load_rules()
 
     def snapshot(self) -> Snapshot:
         m = self._metrics
@@ -314,6 +319,28 @@ class MetricsCollector(Collector):
                 self.shared.write(own)
             snapshots += self.shared.others()
         yield from families(merge(snapshots), workers=len(snapshots))
+        yield from rules_families(self._rules)
+
+
+def rules_families(rules: Rules) -> Iterator[Metric]:
+    """Which classification rules and address lists this server judges hits by."""
+    info = InfoMetricFamily("tracker_rules", "The classification rules in use.",
+                            labels=("version",))
+    info.add_metric([rules.version], {})
+    yield info
+    dated = GaugeMetricFamily(
+        "tracker_address_list_date_seconds", "Date of an address list's data (Unix time, "
+        "midnight UTC): how old the Apple, cloud and gateway ranges are.",
+        labels=("list", "source"))
+    prefixes = GaugeMetricFamily("tracker_address_list_prefixes",
+                                 "Networks in an address list.", labels=("list",))
+    for listed in rules.address_lists.lists:
+        if listed.as_of:
+            day = datetime.strptime(listed.as_of, "%Y-%m-%d").replace(tzinfo=UTC)
+            dated.add_metric([listed.name, listed.source or ""], day.timestamp())
+        prefixes.add_metric([listed.name], listed.prefixes)
+    yield dated
+    yield prefixes
 
 
 def _memory() -> dict[str, float]:

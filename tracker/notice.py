@@ -51,19 +51,32 @@ def describe(policy: Policy, retention_days: int | None, honours_signals: bool) 
     }[policy.ip])
     if policy.recipient == "pseudonym":
         sentences.append("Your email address is not stored with this data: it is replaced "
-                         "by a keyed pseudonym that only we can match to your address.")
+                         "by a keyed pseudonym that only we can match to your address. We "
+                         "store the subject of each email and when we sent it.")
+        yours = "its pseudonym"
     else:
-        sentences.append("We store your email address and the subject of the email with "
-                         "this data.")
-    sentences.append("We never store the content of our emails, and we set no cookies.")
+        sentences.append("We store your email address, the subject of each email and when "
+                         "we sent it with this data.")
+        yours = "your email address"
+    sentences.append("We never store the content of our emails, and we set no cookies. A "
+                     "link that contains your email address is stored with the address "
+                     "taken out.")
+    # What stays of each message once its events are gone: the messages row, its links,
+    # and the per-message rollups (sql/0002_rollups.sql). tests/test_privacy.py holds this
+    # list to the columns that are left and to the recipient's export.
+    kept = (f"for each email: {yours}, its subject and when we sent it, which links it had, "
+            "how many times it was opened and each of its links clicked, the quarter-hour of "
+            "its first open and of its first click, and the hour of the first click on each "
+            f"link; and totals for the whole campaign (opens and clicks by {_totals(policy)})")
     if retention_days is None:
-        sentences.append("Individual opens and clicks are kept until you ask us to delete "
-                         "them or we delete the campaign.")
+        sentences.append("Individual opens and clicks (their time, place and device) are "
+                         f"kept until you ask us to delete them or we delete the campaign, "
+                         f"and so is the rest: {kept}.")
     else:
         span = "1 day" if retention_days == 1 else f"{retention_days} days"
         sentences.append(f"Individual opens and clicks (their time, place and device) are "
-                         f"deleted automatically after {span}; after that we keep only counts: "
-                         "how often each email was opened and clicked, and campaign totals.")
+                         f"deleted automatically after {span}. What we keep after that, until "
+                         f"you ask us to delete it or we delete the campaign: {kept}.")
     if honours_signals:
         sentences.append("If your browser or email program sends a Global Privacy Control "
                          "(Sec-GPC) or Do Not Track signal, we record nothing about your "
@@ -72,6 +85,17 @@ def describe(policy: Policy, retention_days: int | None, honours_signals: bool) 
                      "it, or to stop recording your opens and clicks altogether; when we delete a "
                      "campaign, its data is purged 30 days later.")
     return " ".join(sentences)
+
+
+def _totals(policy: Policy) -> str:
+    """What the campaign's report totals are broken down by (rollup_dimension holds only
+    what the policy let the events store)."""
+    parts = ["time"]
+    if policy.location != "none":
+        parts.append("place")
+    if policy.device:
+        parts.append("browser, system and kind of device")
+    return " and ".join(parts) if len(parts) < 3 else f"{parts[0]}, {parts[1]} and {parts[2]}"
 
 
 def campaign_summary(row: asyncpg.Record) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """What a campaign may store about a hit, and the in-memory book of every campaign's policy.
 
 The hit pipeline asks the book for a policy; it never waits on the database. The
-book is loaded at start, refreshed when a campaign changes (here at once, in other
-processes by polling), and kept as it is while the database is down. A campaign
+book is loaded at start, refreshed when a campaign changes (here at once, in the
+server's other workers before the API answers: privacy_sync.py; on other nodes within a
+second), and kept as it is while the database is down. A campaign
 the book does not know yet gets the strictest policy: storing too little is a
 recoverable mistake, storing too much is not.
 """

@@ -33,7 +33,34 @@ from tracker.migrations import sql_dir
 from tracker.queries import load_as
 
 PSEUDONYM_PREFIX = "psn_"
+MAX_ADDRESS_CHARS = 320
 _ANGLE_ADDRESS = re.compile(r"<([^<>]*)>\s*$")
+
+
+class InvalidAddress(ValueError):
+    """A recipient address tracker refuses; the message names where and why."""
+
+
+def check_address(value: object, where: str = "address") -> str:
+    """The one check of a recipient address, wherever one comes in (registration, the
+    recipient endpoints): what registration accepts, erasure, export and opt-out accept
+    too. Returns it without the white space around it.
+
+    Checked before that white space is taken off: str.strip() also takes TAB and the
+    control characters \x1c-\x1f for white space, and an address with those in it must
+    be refused, not quietly become another one."""
+    if not isinstance(value, str):
+        raise InvalidAddress(f"{where}: must be a non-empty string")
+    if len(value) > MAX_ADDRESS_CHARS:
+        raise InvalidAddress(f"{where}: longer than {MAX_ADDRESS_CHARS} characters")
+    if any(unicodedata.category(c) == "Cc" for c in value):
+        raise InvalidAddress(f"{where}: contains a control character")
+    value = value.strip()
+    if not value:
+        raise InvalidAddress(f"{where}: must be a non-empty string")
+    if not normalize(value):
+        raise InvalidAddress(f"{where}: has no address in its angle brackets")
+    return value
 
 
 @dataclass(frozen=True)
@@ -57,6 +84,10 @@ class PrivacyQueries:
     erase_message_rollups: str
     erase_message_link_rollups: str
     erase_relabel_triggers: str
+    destinations_like: str
+    redact_destination: str
+    merge_destination: str
+    delete_destination: str
     count_links: str
     erase_messages: str
     keep_message_counts: str
@@ -73,11 +104,15 @@ class PrivacyQueries:
     campaigns_to_purge: str
     claim_campaign_purge: str
     accounts_to_purge: str
+    deleted_in_grace: str
     claim_account_purge: str
     claim_account_campaigns: str
     purge_campaign_data: str
     finish_campaign_purge: str
     purge_account_data: str
+    session_account: str
+    sign_out_session: str
+    forget_expired_sign_outs: str
     finish_account_purge: str
 
 
@@ -115,6 +150,14 @@ def is_recipient(stored: str, address: str, recipient: Recipient) -> bool:
     """Whether a message's stored recipient is this address (or its pseudonym): the
     recipient key finds candidates, this rules out the one-in-2^64 collision."""
     return stored == recipient.pseudonym or normalize(stored) == normalize(address)
+
+
+async def run_block(conn: asyncpg.Connection, block: str, *args: object) -> None:
+    """Run a named block of several statements, each with the same arguments, in order."""
+    code = "\n".join(line for line in block.splitlines() if not line.lstrip().startswith("--"))
+    for statement in code.split(";"):
+        if statement.strip():
+            await conn.execute(statement, *args)
 
 
 async def account_secret(conn: asyncpg.Connection | asyncpg.Pool, account_id: int) -> bytes:

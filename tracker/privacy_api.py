@@ -7,8 +7,10 @@
 - `DELETE /api/recipients/{address}`: erasure; `GET .../export`: everything stored;
   `GET|POST|DELETE .../opt-out`: the recipient's tracking opt-out.
 
-An address is one path segment (`ada@example.com`, or percent-encoded
-`ada%40example.com`); an address with a `/` in it cannot be named this way.
+An address is the rest of the path (`ada@example.com`, or percent-encoded
+`ada%40example.com`); one with a `/` in it is named with `%2F` or as is. Addresses are
+checked by privacy.check_address, the check registration makes: every recipient that
+could be registered can be exported, opted out and erased.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -26,7 +29,24 @@ from tracker import campaigns, notice, subjects
 from tracker.api import JSON, ApiError, _body, _object_id
 from tracker.lifespan import Runtime
 from tracker.policy import MAX_RETENTION_DAYS
-from tracker.privacy import PRIVACY_QUERIES
+from tracker.privacy import PRIVACY_QUERIES, InvalidAddress, check_address
+
+
+class _AddressConvertor(Convertor[str]):
+    """The rest of the path, whatever it holds: a "/" (an address may have one), and also
+    a line break or another control character, so that check_address refuses those with
+    a 422 rather than the router with a 404."""
+
+    regex = r"[\s\S]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("address", _AddressConvertor())
 
 Handler = Callable[[Request, int], Awaitable[Response]]
 Authenticated = Callable[[Handler], Callable[[Request], Awaitable[Response]]]
@@ -36,8 +56,8 @@ _ACCOUNT_FIELDS = {"retention_days", "honour_privacy_signals"}
 def routes(runtime: Runtime, authenticated: Authenticated) -> list[Route]:
     def address_of(request: Request) -> str:
         try:
-            return subjects.check_address(request.path_params["address"])
-        except subjects.InvalidAddress as exc:
+            return check_address(request.path_params["address"])
+        except InvalidAddress as exc:
             raise ApiError(422, str(exc)) from None
 
     async def get_account(request: Request, account_id: int) -> Response:
@@ -67,6 +87,7 @@ def routes(runtime: Runtime, authenticated: Authenticated) -> list[Route]:
             updated = await conn.fetchrow(PRIVACY_QUERIES.update_account_settings, account_id,
                                           days, honour)
         runtime.suppressions.put_account(account_id, disabled=False, honours_signals=honour)
+        await runtime.privacy_changed()
         return JSON(_account_json(updated))
 
     async def restore_campaign(request: Request, account_id: int) -> Response:
@@ -80,6 +101,7 @@ def routes(runtime: Runtime, authenticated: Authenticated) -> list[Route]:
                 raise ApiError(404, "campaign not found")
         runtime.remember_campaign(account_id, campaign_id, campaigns.policy_of(row),
                                   recording=True)
+        await runtime.privacy_changed()
         return JSON(campaigns.campaign_json(row))
 
     async def campaign_privacy(request: Request, account_id: int) -> Response:
@@ -91,9 +113,8 @@ def routes(runtime: Runtime, authenticated: Authenticated) -> list[Route]:
 
     async def erase_recipient(request: Request, account_id: int) -> Response:
         address = address_of(request)
-        writer = runtime.writer
         erased = await subjects.erase(runtime.pool, account_id, address, runtime.suppressions,
-                                      writer.flush if writer is not None else None)
+                                      lambda: runtime.privacy_changed(erasure=True))
         if runtime.jobs is not None:
             runtime.jobs.sweep_later(account_id, erased.recipient_key, erased.through,
                                      list(erased.message_ids))
@@ -113,15 +134,17 @@ def routes(runtime: Runtime, authenticated: Authenticated) -> list[Route]:
     async def opt_out(request: Request, account_id: int) -> Response:
         address = address_of(request)
         state = await subjects.opt_out(runtime.pool, account_id, address, runtime.suppressions)
+        await runtime.privacy_changed()
         return JSON({"address": address, **state})
 
     async def withdraw_opt_out(request: Request, account_id: int) -> Response:
         address = address_of(request)
         state = await subjects.withdraw_opt_out(runtime.pool, account_id, address,
                                                 runtime.suppressions)
+        await runtime.privacy_changed()
         return JSON({"address": address, **state})
 
-    recipient = "/api/recipients/{address}"
+    recipient = "/api/recipients/{address:address}"
     return [
         Route("/api/account", authenticated(get_account), methods=["GET"]),
         Route("/api/account", authenticated(patch_account), methods=["PATCH"]),

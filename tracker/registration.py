@@ -1,5 +1,9 @@
 """Register messages: validate, store recipient, subject and links (never a body), sign URLs.
 
+A link is stored without the recipient's address in it (privacy_destinations.py): the
+report and the exports show `...?email={recipient}`, and the click token carries the
+destination as registered.
+
 The recipient is stored as given, or only as its pseudonym when the campaign's policy
 says `"recipient": "pseudonym"`; either way each message stores, and each of its
 tokens carries, the recipient key (privacy.py) by which erasure, opt-out and export
@@ -26,11 +30,18 @@ import asyncpg
 
 from tracker import destinations
 from tracker.instrument import Extraction, extract, render
-from tracker.privacy import PRIVACY_QUERIES, Recipient, identify, stored_recipient
+from tracker.privacy import (
+    PRIVACY_QUERIES,
+    InvalidAddress,
+    Recipient,
+    check_address,
+    identify,
+    stored_recipient,
+)
+from tracker.privacy_destinations import Redactor
 from tracker.queries import QUERIES
 from tracker.tokens import FLAG_HONEYPOT, MAX_LINK_POSITION, Signer
 
-MAX_RECIPIENT_CHARS = 320
 MAX_SUBJECT_CHARS = 998  # the longest header line RFC 5322 allows
 MAX_LINKS = 1000
 HONEYPOT_POSITION = MAX_LINK_POSITION
@@ -80,17 +91,16 @@ def check_destination(url: object, where: str = "link") -> str:
     return url
 
 
-def _text(value: object, where: str, limit: int, *, required: bool) -> str | None:
-    if value is None and not required:
+def _subject(value: object, where: str) -> str | None:
+    if value is None:
         return None
-    if not isinstance(value, str) or (required and not value.strip()):
-        raise InvalidInput(f"{where}: must be a non-empty string" if required
-                           else f"{where}: must be a string or null")
-    if len(value) > limit:
-        raise InvalidInput(f"{where}: longer than {limit} characters")
+    if not isinstance(value, str):
+        raise InvalidInput(f"{where}: must be a string or null")
+    if len(value) > MAX_SUBJECT_CHARS:
+        raise InvalidInput(f"{where}: longer than {MAX_SUBJECT_CHARS} characters")
     if any(unicodedata.category(c) == "Cc" and c != "\t" for c in value):
         raise InvalidInput(f"{where}: contains a control character")
-    return value.strip() if required else value
+    return value
 
 
 def parse_time(value: object, where: str) -> datetime:
@@ -117,9 +127,11 @@ def parse_message(body: object, where: str = "message") -> MessageInput:
     unknown = set(body) - _FIELDS
     if unknown:
         raise InvalidInput(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
-    recipient = _text(body.get("recipient"), f"{where}.recipient", MAX_RECIPIENT_CHARS,
-                      required=True)
-    subject = _text(body.get("subject"), f"{where}.subject", MAX_SUBJECT_CHARS, required=False)
+    try:
+        recipient = check_address(body.get("recipient"), f"{where}.recipient")
+    except InvalidAddress as exc:
+        raise InvalidInput(str(exc)) from None
+    subject = _subject(body.get("subject"), f"{where}.subject")
     sent_at = (parse_time(body["sent_at"], f"{where}.sent_at")
                if body.get("sent_at") is not None else datetime.now(UTC))
     links = body.get("links")
@@ -130,7 +142,6 @@ def parse_message(body: object, where: str = "message") -> MessageInput:
     if len(links) > MAX_LINKS:
         raise InvalidInput(f"{where}.links: at most {MAX_LINKS} links per message")
     checked = tuple(check_destination(url, f"{where}.links[{i}]") for i, url in enumerate(links))
-    assert recipient is not None
     html = body.get("html")
     if html is None:
         return MessageInput(recipient, subject, sent_at, checked)
@@ -202,8 +213,10 @@ class Registrar:
             secret, mode = context["recipient_secret"], context["policy_recipient"]
             recipients = [identify(secret, m.recipient)
                           async for _, m in _cooperatively(messages)]
+            # What each link is stored as: its destination, without the recipient's address.
+            stored = [_stored_links(m) async for _, m in _cooperatively(messages)]
             ids = [r["id"] for r in await conn.fetch(QUERIES.reserve_message_ids, len(messages))]
-            destinations = sorted({url for m in messages for url in m.links})
+            destinations = sorted({url for links in stored for url in links})
             url_ids: dict[str, int] = {}
             if destinations:
                 url_ids = await _url_ids(conn, account_id, campaign_id, destinations)
@@ -216,14 +229,15 @@ class Registrar:
             await conn.copy_records_to_table(
                 "links", columns=("account_id", "message_id", "position", "url_id"),
                 records=[(account_id, mid, pos, url_ids[url])
-                         for mid, m in zip(ids, messages, strict=True)
-                         for pos, url in enumerate(m.links)])
-        return [self._urls(account_id, campaign_id, mid, m, url_ids, r)
-                async for _, (mid, m, r) in _cooperatively(
-                    list(zip(ids, messages, recipients, strict=True)))]
+                         for mid, links in zip(ids, stored, strict=True)
+                         for pos, url in enumerate(links)])
+        return [self._urls(account_id, campaign_id, mid, m,
+                           [url_ids[url] for url in links], r)
+                async for _, (mid, m, links, r) in _cooperatively(
+                    list(zip(ids, messages, stored, recipients, strict=True)))]
 
     def _urls(self, account_id: int, campaign_id: int, message_id: int, message: MessageInput,
-              url_ids: dict[str, int], recipient: Recipient) -> Registered:
+              url_ids: list[int], recipient: Recipient) -> Registered:
         sent_at = int(message.sent_at.timestamp())
         key = recipient.key
         pixel_url = (f"{self._base}/o/"
@@ -231,7 +245,7 @@ class Registrar:
                                                recipient_key=key) + ".gif")
         links = [(url, f"{self._base}/c/"
                   + self._signer.click_token(account_id, campaign_id, message_id, sent_at, pos,
-                                             url_ids[url], url, recipient_key=key))
+                                             url_ids[pos], url, recipient_key=key))
                  for pos, url in enumerate(message.links)]
         html = None
         if message.html is not None and message.extraction is not None:
@@ -244,6 +258,13 @@ class Registrar:
             html = render(message.html, message.extraction,
                           [tracked for _, tracked in links[:in_html]], pixel_url, honeypot)
         return Registered(message_id, pixel_url, links, html)
+
+
+def _stored_links(message: MessageInput) -> tuple[str, ...]:
+    """The message's links as stored: a destination that names the recipient has the
+    address replaced by a placeholder (privacy_destinations.py); its token keeps it."""
+    redactor = Redactor(message.recipient)
+    return tuple(redactor.redact(url) for url in message.links)
 
 
 async def _url_ids(conn: asyncpg.Connection, account_id: int, campaign_id: int,

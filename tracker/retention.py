@@ -34,7 +34,7 @@ from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
 
-from tracker.privacy import PRIVACY_QUERIES
+from tracker.privacy import PRIVACY_QUERIES, run_block
 
 log = logging.getLogger("tracker.retention")
 
@@ -179,6 +179,38 @@ async def _drop(conn: asyncpg.Connection, partition: Partition) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class InGrace:
+    """A deleted campaign or account that is still in its grace period."""
+
+    account_id: int
+    campaign_id: int | None  # None: the account itself
+    name: str
+    deleted_at: datetime
+
+    def describe(self) -> str:
+        what = (f"account {self.account_id}" if self.campaign_id is None
+                else f"campaign {self.campaign_id} of account {self.account_id}")
+        whole = "" if self.campaign_id is not None else ", with all its campaigns"
+        return f"{what} ({self.name!r}, deleted {self.deleted_at.isoformat()}{whole})"
+
+    def as_json(self) -> dict[str, object]:
+        return {"account_id": str(self.account_id),
+                "campaign_id": None if self.campaign_id is None else str(self.campaign_id),
+                "name": self.name, "deleted_at": self.deleted_at.isoformat()}
+
+
+async def still_in_grace(conn: asyncpg.Connection, real_now: datetime,
+                         now: datetime) -> list[InGrace]:
+    """What a purge as of `now` would take that is still in its grace period at `real_now`:
+    nothing unless `now` is later (`tracker retention run --now` in the future)."""
+    if now <= real_now:
+        return []
+    rows = await conn.fetch(PRIVACY_QUERIES.deleted_in_grace, real_now - GRACE, now - GRACE)
+    return [InGrace(r["account_id"], r["campaign_id"], r["name"], r["deleted_at"])
+            for r in rows]
+
+
 async def purge_deleted(conn: asyncpg.Connection, now: datetime) -> PurgeResult:
     """Purge the campaigns and accounts deleted more than `GRACE` before `now`."""
     result = PurgeResult()
@@ -193,7 +225,7 @@ async def purge_deleted(conn: asyncpg.Connection, now: datetime) -> PurgeResult:
         for partition in await partitions(conn):
             result.events_deleted += await delete_in_batches(conn, partition, account_id)
         async with conn.transaction():
-            await _run_all(conn, PRIVACY_QUERIES.purge_account_data, account_id)
+            await run_block(conn, PRIVACY_QUERIES.purge_account_data, account_id)
             await conn.execute(PRIVACY_QUERIES.finish_account_purge, account_id)
         result.accounts.append(account_id)
     for row in await conn.fetch(PRIVACY_QUERIES.campaigns_to_purge, cutoff):
@@ -216,17 +248,9 @@ async def _purge_campaign(conn: asyncpg.Connection, account_id: int, campaign_id
     for partition in await partitions(conn):
         deleted += await delete_in_batches(conn, partition, account_id, campaign_id)
     async with conn.transaction():
-        await _run_all(conn, PRIVACY_QUERIES.purge_campaign_data, account_id, campaign_id)
+        await run_block(conn, PRIVACY_QUERIES.purge_campaign_data, account_id, campaign_id)
         await conn.execute(PRIVACY_QUERIES.finish_campaign_purge, account_id, campaign_id)
     return deleted
-
-
-async def _run_all(conn: asyncpg.Connection, block: str, *args: object) -> None:
-    """Run a named block of several statements, each with the same arguments, in order."""
-    code = "\n".join(line for line in block.splitlines() if not line.lstrip().startswith("--"))
-    for statement in code.split(";"):
-        if statement.strip():
-            await conn.execute(statement, *args)
 
 
 def _quoted(partition: Partition) -> str:

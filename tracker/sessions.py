@@ -2,10 +2,16 @@
 
 A session token is `base64url(version | account id | expiry | 16-byte nonce | key id | mac)`:
 it names the API key it was made from (by its id, never its secret), so the dashboard can
-end every session of a revoked key. The MAC is a full HMAC-SHA256 under a key derived
-from TRACKER_SECRET_KEY for this purpose alone, so no session token can pass for a
-tracking token or the other way round. The CSRF token is an HMAC of the session's nonce:
-nothing to store, and it changes with every sign-in.
+end every session of a revoked key. Signing out ends the session on the server too: its
+nonce is kept in `dashboard_signed_out` until the token would have expired, and a session
+holds only while its key is live and its nonce is not there (`account_name`, one query per
+page, the one that checks the key). Every worker and node reads the same table, so a
+cookie copied before signing out gets nowhere afterwards, whichever one it reaches.
+
+The MAC is a full HMAC-SHA256 under a key derived from TRACKER_SECRET_KEY for this
+purpose alone, so no session token can pass for a tracking token or the other way round.
+The CSRF token is an HMAC of the session's nonce: nothing to store, and it changes with
+every sign-in.
 """
 
 from __future__ import annotations
@@ -16,6 +22,10 @@ import secrets
 import struct
 from base64 import urlsafe_b64decode, urlsafe_b64encode
 from dataclasses import dataclass
+
+import asyncpg
+
+from tracker.privacy import PRIVACY_QUERIES
 
 log = logging.getLogger("tracker.sessions")
 
@@ -119,3 +129,17 @@ class SessionKeys:
 def key_id_of(api_key: str) -> str:
     """The key id inside an API key `tk_<account>_<key id>_<secret>` (already authenticated)."""
     return api_key.split("_", 3)[2]
+
+
+async def account_name(conn: asyncpg.Connection | asyncpg.Pool, session: Session) -> str | None:
+    """The session's account name while the session holds (None: its key was revoked, its
+    account deleted, or it was signed out)."""
+    name: str | None = await conn.fetchval(PRIVACY_QUERIES.session_account, session.account_id,
+                                           session.key_id, session.nonce)
+    return name
+
+
+async def sign_out(conn: asyncpg.Connection | asyncpg.Pool, session: Session) -> None:
+    """End the session for good, in every worker: the token no longer opens a page."""
+    await conn.execute(PRIVACY_QUERIES.sign_out_session, session.account_id, session.nonce,
+                       session.expires_at)

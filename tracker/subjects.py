@@ -5,25 +5,27 @@ campaign stored the address or only its pseudonym. What each operation changes:
 
 - erasure removes the recipient's messages (and with them their links), their events,
   and the per-message markers of the rollups (`rollup_message`, `rollup_message_link`,
-  `relabel_triggers`). The campaign totals, unique counts, timeline and breakdown stay:
-  they are anonymous counts, and a report keeps its numbers, including the campaign's
-  message count. The recipient key is kept as suppressed up to the last message id
-  handed out, so hits on the old links still redirect but record nothing; mail
-  registered for the address afterwards is tracked again.
+  `relabel_triggers`), and redacts the account's stored destinations that still name
+  the address (privacy_destinations.py; registration stores none). The campaign
+  totals, unique counts, timeline and breakdown stay: they are anonymous counts, and a
+  report keeps its numbers, including the campaign's message count. The recipient key
+  is kept as suppressed up to the last message id handed out, so hits on the old links
+  still redirect but record nothing; mail registered for the address afterwards is
+  tracked again.
 - opt-out keeps nothing from being recorded for the address, in every campaign of the
   account, now and for future messages, until it is withdrawn. Nothing is deleted.
 - export returns everything stored about the address.
 
-An erasure races with hits in flight: the worker that runs it stops recording the
-recipient before it deletes anything and writes out what it captured before, and
-other workers learn of it within a second (suppression.py). What they captured in that
-second, or what a journal replays later, is swept: shortly after the erasure in the
-worker that ran it, and by the hourly job (jobs.py) for `SWEEP_DAYS`.
+An erasure races with hits in flight: before it deletes anything, every worker of the
+server stops recording the recipient and writes out what it captured before
+(privacy_sync.py), so that is deleted too. What no worker of the server could write out
+by then (a wedged one, another node's, a journal replayed after an outage) is swept:
+shortly after the erasure in the worker that ran it, and by the hourly job (jobs.py) for
+`SWEEP_DAYS`.
 """
 
 from __future__ import annotations
 
-import unicodedata
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -38,29 +40,13 @@ from tracker.privacy import (
     identify,
     is_recipient,
     normalize,
+    run_block,
 )
+from tracker.privacy_destinations import Redactor
+from tracker.queries import QUERIES
 from tracker.suppression import SuppressionBook
 
-MAX_ADDRESS_CHARS = 320
 SWEEP_DAYS = 30
-
-
-class InvalidAddress(ValueError):
-    pass
-
-
-def check_address(value: str) -> str:
-    """The address as given, without the white space around it. Checked before that is
-    taken off: str.strip() also takes control characters \x1c-\x1f for white space, and
-    an address with those at its end must be refused, not quietly become another one."""
-    if len(value) > MAX_ADDRESS_CHARS:
-        raise InvalidAddress(f"address: longer than {MAX_ADDRESS_CHARS} characters")
-    if any(unicodedata.category(c) == "Cc" for c in value):
-        raise InvalidAddress("address: contains a control character")
-    value = value.strip()
-    if not value:
-        raise InvalidAddress("address: must not be empty")
-    return value
 
 
 @dataclass(frozen=True)
@@ -80,7 +66,8 @@ async def erase(pool: asyncpg.Pool, account_id: int, address: str,
                 book: SuppressionBook | None = None,
                 flush: Callable[[], Awaitable[object]] | None = None) -> Erased:
     """Erase a recipient in an account. `book`: this process's suppression book, told
-    first; `flush`: writes out what this process captured before it was told."""
+    first; `flush`: has every worker stop recording the recipient and write out what it
+    captured before (Runtime.privacy_changed), before anything is deleted."""
     async with pool.acquire() as conn:
         recipient = identify(await account_secret(conn, account_id), address)
         state = await conn.fetchrow(PRIVACY_QUERIES.mark_erased, account_id, recipient.key)
@@ -89,10 +76,10 @@ async def erase(pool: asyncpg.Pool, account_id: int, address: str,
             # Before anything is deleted: from here on this process records nothing of it.
             book.put_recipient(account_id, recipient.key, state["opted_out"], through)
         if flush is not None:
-            await flush()  # what this process captured before is in the table now, or raises
+            await flush()  # what the workers captured before is in the table now, or raises
         return await _erase(conn, account_id, recipient.key, through,
                             lambda stored: is_recipient(stored, address, recipient),
-                            normalize(address))
+                            normalize(address), redactor=Redactor(address))
 
 
 async def sweep(conn: asyncpg.Connection, account_id: int, recipient_key: int, through: int,
@@ -120,8 +107,11 @@ async def sweep_recent(conn: asyncpg.Connection, now: datetime) -> int:
 
 async def _erase(conn: asyncpg.Connection, account_id: int, recipient_key: int, through: int,
                  match: Callable[[str], bool] | None, normalized: str,
-                 known_ids: list[int] | None = None, *, record: bool = True) -> Erased:
+                 known_ids: list[int] | None = None, *, record: bool = True,
+                 redactor: Redactor | None = None) -> Erased:
     async with conn.transaction():
+        if redactor is not None:
+            await _redact_destinations(conn, account_id, redactor)
         rows = await conn.fetch(PRIVACY_QUERIES.recipient_messages, account_id, recipient_key,
                                 normalized, through)
         found = [r for r in rows if match is None or match(r["recipient"])]
@@ -142,6 +132,30 @@ async def _erase(conn: asyncpg.Connection, account_id: int, recipient_key: int, 
             await conn.execute(PRIVACY_QUERIES.record_erasure, account_id, recipient_key,
                                through, ids)
     return Erased(len(campaigns), events, links, tuple(ids), recipient_key, through)
+
+
+async def _redact_destinations(conn: asyncpg.Connection, account_id: int,
+                               redactor: Redactor) -> int:
+    """Replace the address in every stored destination of the account that names it; a
+    destination whose redacted form its campaign has already is merged into that one (its
+    links, events and link rollups move there). Returns how many were redacted."""
+    pattern = redactor.like_pattern()
+    if pattern == "%%":
+        return 0  # an address without a letter or digit: nothing to find it by
+    redacted = 0
+    for row in await conn.fetch(PRIVACY_QUERIES.destinations_like, account_id, pattern):
+        if not redactor.names(row["url"]):
+            continue
+        url_id, campaign_id = row["id"], row["campaign_id"]
+        text = redactor.redact(row["url"])
+        if await conn.fetchval(PRIVACY_QUERIES.redact_destination, account_id, url_id, text,
+                               campaign_id) is None:
+            (target,) = await conn.fetch(QUERIES.find_urls, account_id, campaign_id, [text])
+            await conn.execute(PRIVACY_QUERIES.merge_destination, account_id, url_id,
+                               target["id"], campaign_id)
+            await run_block(conn, PRIVACY_QUERIES.delete_destination, account_id, url_id)
+        redacted += 1
+    return redacted
 
 
 def _count(status: str) -> int:
@@ -192,7 +206,10 @@ async def export(conn: asyncpg.Connection, account_id: int, address: str) -> dic
     events: dict[int, list[dict[str, Any]]] = {i: [] for i in ids}
     if ids:
         for link in await conn.fetch(PRIVACY_QUERIES.export_links, account_id, ids):
-            links[link["message_id"]].append({"position": link["position"], "url": link["url"]})
+            links[link["message_id"]].append({
+                "position": link["position"], "url": link["url"],
+                "human_clicks": link["human_clicks"] or 0,
+                "first_clicked_in": _iso(link["clicked_in"])})
         for e in await conn.fetch(PRIVACY_QUERIES.export_events, account_id, ids):
             events[e["message_id"]].append({
                 "id": str(e["id"]), "type": e["type"], "at": _iso(e["occurred_at"]),
@@ -218,6 +235,10 @@ async def export(conn: asyncpg.Connection, account_id: int, address: str) -> dic
             "events": events[r["id"]],
             "human_opens": r["human_opens"] or 0,
             "human_clicks": r["human_clicks"] or 0,
+            # Kept after retention, with the counts: the 15-minute slot of the first human
+            # open or click (a click proves the open), the hour of the first human click.
+            "first_opened_in": _iso(r["opened_in"]),
+            "first_clicked_in": _iso(r["clicked_in"]),
         } for r in rows],
         "never_stored": ["the message body", "the user agent string", "cookies",
                          "the IP address, unless the campaign's policy keeps it (see each "

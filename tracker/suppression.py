@@ -10,9 +10,10 @@ Before a hit reaches the pipeline, `SuppressionBook.screen` drops it when
   does unless it turned that off (`PRIVACY_SIGNAL`).
 
 The book holds only exceptions: the accounts that are deleted or ignore the signals,
-and the suppressed recipients. It is loaded at start, refreshed every second from the
-rows changed since the last read (as the policy book is), changed at once in the
-process whose API made the change, and kept as it is while the database is down. A
+and the suppressed recipients. It is loaded at start, changed at once in the process
+whose API made the change, read again from the rows changed since the last read by every
+other worker of the server before the API answers (privacy_sync.py) and by every worker
+each second (changes of other nodes), and kept as it is while the database is down. A
 recipient key of 0 (a version 1 token, issued before keys existed) matches nothing.
 """
 
@@ -79,19 +80,28 @@ class SuppressionBook:
             self._accounts[account_id] = state
 
     def put_recipient(self, account_id: int, recipient_key: int, opted_out: bool,
-                      erased_through: int | None) -> None:
+                      erased_through: int | None) -> bool:
+        """Record a recipient's state; True when that is an erasure the book did not know
+        (an opted-out recipient's erasure changes nothing here: nothing of it is recorded
+        either way)."""
         key = (account_id, recipient_key)
+        before = self._recipients.get(key)
         if opted_out:
             self._recipients[key] = (ALL_MESSAGES, DropReason.OPTED_OUT)
         elif erased_through is not None:
             self._recipients[key] = (erased_through, DropReason.ERASED)
         else:
             self._recipients.pop(key, None)
+        after = self._recipients.get(key)
+        return after is not None and after[1] is DropReason.ERASED and after != before
 
     def suppressed(self, account_id: int, recipient_key: int) -> bool:
         return (account_id, recipient_key) in self._recipients
 
-    async def refresh(self, conn: asyncpg.Connection | asyncpg.Pool) -> None:
+    async def refresh(self, conn: asyncpg.Connection | asyncpg.Pool) -> bool:
+        """Read the changes since the last read; True if they hold an erasure the book did
+        not know (made by another node: what this worker captured of the recipient must
+        be written out, to be swept)."""
         # Accounts: the few exceptions, read whole, so a restored account leaves the book.
         rows = await conn.fetch(PRIVACY_QUERIES.account_exceptions)
         self._accounts = {r["id"]: AccountState(r["disabled"], r["honour_privacy_signals"])
@@ -99,11 +109,13 @@ class SuppressionBook:
         # Recipients: the rows changed since the last read. The query re-reads a few
         # seconds before that, so a transaction that committed late is not missed.
         rows = await conn.fetch(PRIVACY_QUERIES.suppressions_since, self.loaded_until)
+        erased = False
         for r in rows:
-            self.put_recipient(r["account_id"], r["recipient_key"], r["opted_out"],
-                               r["erased_through"])
+            erased |= self.put_recipient(r["account_id"], r["recipient_key"], r["opted_out"],
+                                         r["erased_through"])
             if self.loaded_until is None or r["changed_at"] > self.loaded_until:
                 self.loaded_until = r["changed_at"]
+        return erased
 
     def __len__(self) -> int:
         return len(self._recipients)

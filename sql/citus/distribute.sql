@@ -90,6 +90,7 @@ select pg_temp.distribute('rollup_message_link', 'account_id', 'accounts');
 -- Privacy (sql/0003_privacy.sql): suppressed recipients and recent erasures, per account.
 select pg_temp.distribute('recipient_suppressions', 'account_id', 'accounts');
 select pg_temp.distribute('erasures', 'account_id', 'accounts');
+select pg_temp.distribute('dashboard_signed_out', 'account_id', 'accounts');
 
 -- Global: which migrations ran. A copy on every node, so `tracker serve` (which applies
 -- pending migrations first) finds the schema current whichever node it connects to.
