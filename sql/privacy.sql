@@ -199,7 +199,8 @@ delete from erasures where erased_at <= $1;
 -- name: export-messages
 select m.id, m.campaign_id, c.name as campaign_name, c.deleted_at as campaign_deleted_at,
        c.policy_recipient, m.recipient, m.subject, m.sent_at, m.created_at,
-       r.opens as human_opens, r.clicks as human_clicks, r.opened_in, r.clicked_in
+       r.opens as human_opens, r.clicks as human_clicks, r.opened_in, r.clicked_in,
+       r.mpp as mpp_prefetches
 from messages m
 join campaigns c on c.account_id = m.account_id and c.id = m.campaign_id
 left join rollup_message r on r.account_id = m.account_id and r.message_id = m.id
@@ -219,7 +220,7 @@ order by l.message_id, l.position;
 -- name: export-events
 -- Every stored field; the address with its prefix when the policy truncated it.
 select e.id, e.message_id, e.type, e.occurred_at, e.link_position, u.url, e.machine, e.reason,
-       e.country, e.region, e.city, e.browser, e.os, e.device, abbrev(e.ip) as ip
+       e.country, e.region, e.city, e.browser, e.os, e.device, e.client, abbrev(e.ip) as ip
 from events e
 left join urls u on u.account_id = e.account_id and u.id = e.url_id
 where e.account_id = $1 and e.message_id = any($2::bigint[])

@@ -700,6 +700,8 @@ _KEPT_AFTER_RETENTION: dict[tuple[str, str], tuple[str, str]] = {
     ("messages", "created_at"): ("registered_at", "when we sent it"),
     ("rollup_message", "opens"): ("human_opens", "how many times it was opened"),
     ("rollup_message", "clicks"): ("human_clicks", "each of its links clicked"),
+    ("rollup_message", "mpp"): ("mpp_prefetches",
+                                "how many times Apple Mail Privacy Protection fetched"),
     ("rollup_message", "opened_in"): ("first_opened_in", "the quarter-hour of its first open"),
     ("rollup_message", "clicked_in"): ("first_clicked_in", "and of its first click"),
     ("rollup_message_link", "clicks"): ("links.human_clicks", "each of its links clicked"),

@@ -65,7 +65,8 @@ def describe(policy: Policy, retention_days: int | None, honours_signals: bool) 
     # and the per-message rollups (sql/0002_rollups.sql). tests/test_privacy.py holds this
     # list to the columns that are left and to the recipient's export.
     kept = (f"for each email: {yours}, its subject and when we sent it, which links it had, "
-            "how many times it was opened and each of its links clicked, the quarter-hour of "
+            "how many times it was opened and each of its links clicked, how many times "
+            "Apple Mail Privacy Protection fetched its images, the quarter-hour of "
             "its first open and of its first click, and the hour of the first click on each "
             f"link; and totals for the whole campaign (opens and clicks by {_totals(policy)})")
     if retention_days is None:

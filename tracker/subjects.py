@@ -216,7 +216,7 @@ async def export(conn: asyncpg.Connection, account_id: int, address: str) -> dic
                 "url": e["url"], "link_position": e["link_position"], "machine": e["machine"],
                 "reason": e["reason"], "country": e["country"], "region": e["region"],
                 "city": e["city"], "browser": e["browser"], "os": e["os"],
-                "device": e["device"], "ip": e["ip"]})
+                "device": e["device"], "client": e["client"], "ip": e["ip"]})
     state = await conn.fetchrow(PRIVACY_QUERIES.suppression_state, account_id, recipient.key)
     return {
         "address": address,
@@ -235,6 +235,9 @@ async def export(conn: asyncpg.Connection, account_id: int, address: str) -> dic
             "events": events[r["id"]],
             "human_opens": r["human_opens"] or 0,
             "human_clicks": r["human_clicks"] or 0,
+            # Apple Mail Privacy Protection's prefetches of it (kept, for the estimate of
+            # the opens MPP hides).
+            "mpp_prefetches": r["mpp_prefetches"] or 0,
             # Kept after retention, with the counts: the 15-minute slot of the first human
             # open or click (a click proves the open), the hour of the first human click.
             "first_opened_in": _iso(r["opened_in"]),
