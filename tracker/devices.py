@@ -44,7 +44,7 @@ PACKAGE = "device-detector"
 # Matomo's device parsers, in the order DeviceDetector.php tries them. Shell TVs need no
 # regexes (any is a tv), so they are not read.
 FILES = ("televisions", "notebooks", "consoles", "car_browsers", "cameras",
-          "portable_media_player", "mobiles")
+         "portable_media_player", "mobiles")
 _HBBTV, _NOTEBOOKS = 0, 1
 # A hostile agent could name thousands of models; past this many regex tries it gets
 # no brand, and Matomo's rules that need none still apply.
