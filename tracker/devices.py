@@ -91,7 +91,9 @@ class DeviceIndex:
         self._tests: list[_Test | None] = [None] * len(self._patterns)
         if not (len(self._piece_owner) == len(self._patterns)
                 and len(self._word_start) == len(form["words"]) + 1
-                and len(self._owner_type) == len(self._owner_brand)):
+                and len(self._owner_type) == len(self._owner_brand)
+                and all(isinstance(p, str) for p in self._patterns)
+                and all(t is None or isinstance(t, str) for t in self._owner_type)):
             raise ValueError("inconsistent device index")
         self._automaton = ahocorasick_rs.AhoCorasick(form["words"])
 
