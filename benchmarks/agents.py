@@ -92,8 +92,14 @@ hostile = []
 for n in range(hostile_count):
     names = " ".join(rng.choice(words) for _ in range(rng.choice((5, 20, 60, 150))))
     hostile.append(f"Mozilla/5.0 (Linux; Android 13; {names}) Chrome/120.0 Mobile Safari/537.36")
+figures["hostile_ua_parser_us"] = timed(resolve, [h.strip()[:1024] for h in hostile])
+from tracker import devices
+figures["hostile_devices_us"] = timed(
+    lambda agent: devices.device_type(index, agent, "Android", ("13", None)), hostile)
 useragent.parse_agent.cache_clear()
 figures["hostile_us"] = timed(useragent.parse_agent, hostile)
+useragent.parse_agent.cache_clear()
+figures["hostile_warm_us"] = timed(useragent.parse_agent, hostile)
 figures["hostile_chars"] = sorted(len(h) for h in hostile)[len(hostile) // 2]
 figures["rss_hostile_mib"] = rss_mib()
 figures["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -148,6 +154,11 @@ def main() -> None:
     print(f"  parse_agent, warm                          {_quantiles(run['warm_us'])}")
     print(f"  parse_agent, hostile agents ({len(run['hostile_us'])}, median "
           f"{run['hostile_chars']} chars) {_quantiles(run['hostile_us'])}")
+    print(f"  parse_agent, the same hostile agents again {_quantiles(run['hostile_warm_us'])}")
+    print(f"  of which ua-parser                         "
+          f"{_quantiles(run['hostile_ua_parser_us'])}")
+    print(f"  of which Matomo's rules                    "
+          f"{_quantiles(run['hostile_devices_us'])}")
     print()
     print(f"memory of the parsing worker: RSS {run['rss_prepared_mib']:.1f} MiB prepared, "
           f"{run['rss_agents_mib']:.1f} after the agents, {run['rss_hostile_mib']:.1f} after the "
