@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -28,6 +29,10 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.option.basetemp is None and not hasattr(config, "workerinput"):
         config.option.basetemp = tempfile.mkdtemp(prefix="tracker-tests-")
         config.stash[_OWN_BASETEMP] = config.option.basetemp
+        # One device-type index for every server and command the run starts (each has a
+        # data dir of its own): built once, not at each start.
+        os.environ.setdefault("TRACKER_CACHE_DIR",
+                              os.path.join(config.option.basetemp, "derived-cache"))
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

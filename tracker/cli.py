@@ -84,6 +84,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 raise SettingsError(f"{settings.named('TRACKER_GEOIP_DB')}: {exc}") from None
         elif settings.geoip_fetch == "on":
             _fetch_geo_database_in_background(settings)
+        if settings.workers > 1:
+            from tracker.devices import ensure_cached
+
+            ensure_cached(settings.resolved_cache_dir)  # once here, not once per worker
         with use_database(settings) as database:
             for name in asyncio.run(_migrate(database.dsn)):
                 log.info("applied migration %s", name)
@@ -282,12 +286,16 @@ def cmd_geoip_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
+    from tracker import useragent
     from tracker.classify import Classifier
     from tracker.rules import load_rules
 
     settings = _settings(args)
     # A fresh classifier: no earlier clicks, so no burst; the rules the server would load.
     classifier = Classifier(load_rules(settings.rules, settings.data_dir))
+    # A look-up creates no data dir: without one, the device index is built in memory.
+    useragent.prepare(settings.resolved_cache_dir
+                      if settings.cache_dir or settings.data_dir.is_dir() else None)
     if args.jsonl:
         return _classify_lines(classifier)
     if args.user_agent is None:
@@ -553,7 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="read requests as JSON lines on stdin ({\"user_agent\", \"ip\", "
                           "\"method\", \"kind\", \"seconds_after_send\"}) and print one verdict "
                           "a line, in order")
-    _add_setting_flags(classify, ("rules",))
+    _add_setting_flags(classify, ("rules", "cache_dir"))
     classify.set_defaults(run=cmd_classify)
 
     rules_cmd = commands.add_parser("rules", help="classification rules and address lists")

@@ -29,7 +29,7 @@ from tracker.settings import Settings
 from tracker.suppression import SuppressionBook
 from tracker.throttle import AuthThrottle
 from tracker.tokens import Signer
-from tracker.useragent import parse_agent
+from tracker.useragent import parse_agent, prepare
 from tracker.writer import BatchWriter
 
 log = logging.getLogger("tracker.lifespan")
@@ -90,6 +90,7 @@ class Runtime:
         observe_flushes(self.writer, self.metrics)
         self.writer.start()
         locate = _locator(self.settings)
+        prepare(self.settings.resolved_cache_dir)  # the device rules, before the first hit
         pipeline = Pipeline(self.policies, parse_agent, locate,
                             Classifier(rules))
         if locate is geo.no_location and self.settings.geoip_fetch == "on":

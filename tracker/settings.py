@@ -150,6 +150,9 @@ SETTINGS: tuple[Setting, ...] = (
             _database_url),
     Setting("TRACKER_DATA_DIR", "./tracker-data",
             "embedded database, generated secret, local journal", _path),
+    Setting("TRACKER_CACHE_DIR", "", "data tracker derives from its dependencies and "
+            "rebuilds when missing (the device-type index, a few MB); default: DATA_DIR/cache",
+            _optional_path),
     Setting("TRACKER_SECRET_KEY", "",
             "comma-separated signing keys for tracking URLs (first signs, all verify); "
             "generated into the data dir when the database is embedded", _optional_text),
@@ -198,6 +201,7 @@ _BY_ENV = {setting.env: setting for setting in SETTINGS}
 class Settings:
     database_url: str | None
     data_dir: Path
+    cache_dir: Path | None
     secret_key: str | None
     public_url: str | None
     host: str
@@ -221,6 +225,11 @@ class Settings:
     def named(self, env: str) -> str:
         """How the user gave a setting: its flag (`--port`) or its variable (`TRACKER_PORT`)."""
         return _BY_ENV[env].flag if env in self.flags else env
+
+    @property
+    def resolved_cache_dir(self) -> Path:
+        """Where derived data is cached (TRACKER_CACHE_DIR, else DATA_DIR/cache)."""
+        return self.cache_dir or self.data_dir / "cache"
 
     @property
     def embedded(self) -> bool:

@@ -1,9 +1,12 @@
 """User-agent string -> browser, OS and device class, cached.
 
 Parsing uses ua-parser's current rules through its Rust resolver (ua-parser-rs, ~15 µs a
-string); the device class is worked out here from what the resolver found and the tokens
-phones and tablets put in their agents, following Matomo device-detector's conventions
-(the reference the benchmarks score it against: `benchmarks/truth.py`).
+string). The device class is Matomo device-detector's device type (`tracker.devices`:
+its brand and model rules, from the `device-detector` package, tens of µs a string),
+mapped to desktop, mobile, tablet or other; ua-parser's spiders are "bot". Should the
+package's rules be missing or unreadable, the class comes from the tokens phones and
+tablets put in their agents (a warning says so once); `benchmarks/truth.py` scores both
+against Matomo's own fixtures.
 
 Only names from a closed set are ever returned: a browser or OS family that ua-parser's
 rules spell out literally (`known_names`), else "other". Several of its rules copy a
@@ -13,18 +16,23 @@ there, a person's name included; such text never reaches the database.
 
 from __future__ import annotations
 
+import os
 import re
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 from ua_parser import Domain, load_lazy_builtins
 from ua_parser.regex import Resolver
 
+from tracker import devices
 from tracker.agent_names import known_names
 
 DEVICE_CLASSES = ("desktop", "mobile", "tablet", "bot", "other")
 OTHER = "other"
+_CACHE_ENV = "TRACKER_CACHE_DIR"
 # Longer strings are not user agents any mail client sends; parsing them only costs.
 _MAX_PARSED_CHARS = 1024
 _matchers = load_lazy_builtins()
@@ -52,13 +60,17 @@ _OTHER_DEVICE = re.compile(
     r"|\bPlayStation|\bXbox|\bNintendo"
     r"|\bOculus|\bQuest\b"
     r"|\bTesla/|\bCarPlay", re.IGNORECASE)
-_DESKTOP_SYSTEMS = frozenset({
-    "Windows", "Mac OS X", "Linux", "Ubuntu", "Fedora", "Debian", "Chrome OS", "FreeBSD",
-    "OpenBSD", "NetBSD", "Solaris", "SUSE", "Red Hat", "Mandriva", "Gentoo", "Slackware",
-    "Linux Mint", "Arch Linux", "Kubuntu", "Xubuntu", "CentOS", "Haiku", "BeOS", "OS/2",
-    "Windows NT", "Windows 95", "Windows 98", "Windows ME", "Windows 2000", "Windows XP",
-    "Windows Vista", "Windows 7", "Windows 8", "Windows 8.1", "Windows 10", "Windows RT",
-    "Windows RT 8.1", "Mac OS", "macOS"})
+# Matomo's types as tracker's classes (benchmarks/truth/SOURCES.md); any other is "other".
+_CLASS_OF_TYPE = {"smartphone": "mobile", "phablet": "mobile", "feature phone": "mobile",
+                  "tablet": "tablet", "desktop": "desktop"}
+
+
+class _DeviceRules:
+    """Matomo's device rules, loaded once per process (`prepare`)."""
+
+    lock = threading.Lock()
+    loaded = False
+    index: devices.DeviceIndex | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +78,18 @@ class Agent:
     browser: str | None
     os: str | None
     device: str  # one of DEVICE_CLASSES
+
+
+def prepare(cache_dir: Path | None) -> bool:
+    """Load the device rules now, their index cached in `cache_dir` (None: not cached), so
+    that no request waits for them: a worker calls this as it starts. Later calls do
+    nothing. False when the rules cannot be read and device classes come from tokens."""
+    with _DeviceRules.lock:
+        if not _DeviceRules.loaded:
+            _DeviceRules.index = devices.load(cache_dir)
+            _DeviceRules.loaded = True
+            parse_agent.cache_clear()
+    return _DeviceRules.index is not None
 
 
 @lru_cache(maxsize=16384)
@@ -76,12 +100,26 @@ def parse_agent(user_agent: str) -> Agent:
     result = _resolve(user_agent, Domain.ALL)
     browser = _named(result.user_agent.family if result.user_agent else None, _BROWSERS)
     system = _named(result.os.family if result.os else None, _SYSTEMS)
-    spider = result.device is not None and result.device.family == "Spider"
-    return Agent(browser, system, "bot" if spider else device_class(user_agent, system))
+    if result.device is not None and result.device.family == "Spider":
+        return Agent(browser, system, "bot")
+    version = (result.os.major, result.os.minor) if result.os else (None, None)
+    return Agent(browser, system, device_class(user_agent, system, version))
 
 
-def device_class(user_agent: str, system: str | None) -> str:
-    """desktop, mobile, tablet or other, from the agent's own tokens and its OS."""
+def device_class(user_agent: str, system: str | None,
+                 version: tuple[str | None, str | None] = (None, None)) -> str:
+    """desktop, mobile, tablet or other for an agent whose OS ua-parser reads as `system`
+    (family) and `version` (major, minor)."""
+    if not _DeviceRules.loaded:  # not prepared by a worker or command: cache where told to
+        prepare(Path(os.environ[_CACHE_ENV]) if os.environ.get(_CACHE_ENV) else None)
+    if _DeviceRules.index is not None:
+        kind = devices.device_type(_DeviceRules.index, user_agent, system, version)
+        return _CLASS_OF_TYPE.get(kind or "", OTHER)
+    return _device_class_by_tokens(user_agent, system)
+
+
+def _device_class_by_tokens(user_agent: str, system: str | None) -> str:
+    """The class from the agent's own tokens and its OS, where Matomo's rules are missing."""
     if _OTHER_DEVICE.search(user_agent):
         return OTHER
     if _TABLET.search(user_agent):
@@ -91,7 +129,7 @@ def device_class(user_agent: str, system: str | None) -> str:
         return "mobile" if _ANDROID_PHONE.search(user_agent) else "tablet"
     if _MOBILE.search(user_agent) or system in ("iOS", "Windows Phone", "BlackBerry OS"):
         return "mobile"
-    if system in _DESKTOP_SYSTEMS or (system or "").startswith(("Windows", "Mac OS")):
+    if system in devices.DESKTOP_SYSTEMS or (system or "").startswith(("Windows", "Mac OS")):
         return "desktop"
     return OTHER
 
