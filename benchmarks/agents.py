@@ -51,7 +51,7 @@ mode, cache, agents_path = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 hostile_count = int(sys.argv[4])
 figures = {"rss_python_mib": rss_mib()}
 wall, cpu = time.perf_counter(), time.process_time()
-from tracker import useragent
+from tracker.ingest import useragent
 figures["import_s"] = time.perf_counter() - wall
 figures["import_cpu_s"] = time.process_time() - cpu
 figures["rss_import_mib"] = rss_mib()
@@ -93,7 +93,7 @@ for n in range(hostile_count):
     names = " ".join(rng.choice(words) for _ in range(rng.choice((5, 20, 60, 150))))
     hostile.append(f"Mozilla/5.0 (Linux; Android 13; {names}) Chrome/120.0 Mobile Safari/537.36")
 figures["hostile_ua_parser_us"] = timed(resolve, [h.strip()[:1024] for h in hostile])
-from tracker import devices
+from tracker.ingest import devices
 figures["hostile_devices_us"] = timed(
     lambda agent: devices.device_type(index, agent, "Android", ("13", None)), hostile)
 useragent.parse_agent.cache_clear()
@@ -137,7 +137,7 @@ def main() -> None:
     print("start-up of a worker (a fresh process)       wall s    CPU s   RSS MiB after")
     print(f"  python itself                                                 "
           f"{cold['rss_python_mib']:7.1f}")
-    print(f"  import tracker.useragent (ua-parser)        {warm['import_s']:6.3f}   "
+    print(f"  import tracker.ingest.useragent (ua-parser)        {warm['import_s']:6.3f}   "
           f"{warm['import_cpu_s']:6.3f}   {warm['rss_import_mib']:7.1f}")
     print(f"  device index, cached                        {warm['prepare_s']:6.3f}   "
           f"{warm['prepare_cpu_s']:6.3f}   {warm['rss_prepared_mib']:7.1f}")

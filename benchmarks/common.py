@@ -32,10 +32,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tests.support import free_port  # noqa: E402
-from tracker import accounts  # noqa: E402
-from tracker.embedded_db import EmbeddedPostgres  # noqa: E402
-from tracker.fastpath import PIXEL_GIF  # noqa: E402
-from tracker.migrations import migrate  # noqa: E402
+from tracker.ingest.endpoints import PIXEL_GIF  # noqa: E402
+from tracker.store import accounts  # noqa: E402
+from tracker.store.embedded_db import EmbeddedPostgres  # noqa: E402
+from tracker.store.migrations import migrate  # noqa: E402
 
 __all__ = ["free_port"]
 

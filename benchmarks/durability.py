@@ -48,9 +48,9 @@ from load import (
 
 from tests.support import SECRET
 from tests.test_faults import Load, Target, kill_9, messages_stored
-from tracker import accounts
-from tracker.embedded_db import EmbeddedPostgres
-from tracker.migrations import migrate
+from tracker.store import accounts
+from tracker.store.embedded_db import EmbeddedPostgres
+from tracker.store.migrations import migrate
 
 MODES = ("memory", "journal")
 

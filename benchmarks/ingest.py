@@ -65,18 +65,18 @@ import asyncpg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tracker.database import connect  # noqa: E402
-from tracker.embedded_db import EmbeddedPostgres, Running  # noqa: E402
-from tracker.geo import Location  # noqa: E402
-from tracker.hits import EVENT_COLUMNS, EventRecord, Pipeline  # noqa: E402
-from tracker.migrations import migrate  # noqa: E402
-from tracker.policy import DEFAULT, PolicyBook  # noqa: E402
-from tracker.registration import HONEYPOT_POSITION  # noqa: E402
-from tracker.rollups import HONEYPOT_URL_ID, relabel_windows  # noqa: E402
+from tracker.ingest.geo import Location  # noqa: E402
+from tracker.ingest.pipeline import EVENT_COLUMNS, EventRecord, Pipeline  # noqa: E402
+from tracker.ingest.policy import DEFAULT, PolicyBook  # noqa: E402
+from tracker.ingest.tokens import FLAG_HONEYPOT, ClickToken, OpenToken  # noqa: E402
+from tracker.ingest.useragent import parse_agent  # noqa: E402
+from tracker.mail.registration import HONEYPOT_POSITION  # noqa: E402
 from tracker.settings import SETTINGS  # noqa: E402
-from tracker.tokens import FLAG_HONEYPOT, ClickToken, OpenToken  # noqa: E402
-from tracker.useragent import parse_agent  # noqa: E402
-from tracker.writer import DEFAULT_CONNECTIONS, BatchWriter  # noqa: E402
+from tracker.store.database import connect  # noqa: E402
+from tracker.store.embedded_db import EmbeddedPostgres, Running  # noqa: E402
+from tracker.store.migrations import migrate  # noqa: E402
+from tracker.store.rollups import HONEYPOT_URL_ID, relabel_windows  # noqa: E402
+from tracker.store.writer import DEFAULT_CONNECTIONS, BatchWriter  # noqa: E402
 
 GOAL = 100_000.0
 _DEFAULTS = {s.env: s.default for s in SETTINGS}
@@ -165,7 +165,7 @@ class Population:
                 city = f"{region} City {_zipf(rng, 12)}" if rng.random() > 0.2 else None
                 self.places[address] = Location(country, region, city)
             self.readers.append(Reader(address, _pick(rng, MAIL_CLIENTS), _pick(rng, BROWSERS)))
-        # Apple's MPP fetches from its own network (tracker/rules/lists/apple_mpp.txt).
+        # Apple's MPP fetches from its own network (tracker/ingest/rules/lists/apple_mpp.txt).
         self.apple = [f"17.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}"
                       for _ in range(2000)]
 
@@ -453,7 +453,7 @@ async def feed(writer: BatchWriter, records: list[EventRecord], batch: int,
     return writer.stats.written
 
 
-# Each event is counted once per breakdown dimension (tracker/rollups.py's grouping sets).
+# Each event is counted once per breakdown dimension (tracker/store/rollups.py's grouping sets).
 DIMENSION_ROWS = 7
 ROLLUPS = ("rollup_campaign", "rollup_link", "rollup_dimension", "rollup_message",
            "rollup_message_link", "relabel_triggers")

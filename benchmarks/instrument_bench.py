@@ -35,8 +35,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tracker import instrument
-from tracker.instrument import Extraction, LinkSpot, extract, render
+from tracker.mail import instrument
+from tracker.mail.instrument import Extraction, LinkSpot, extract, render
 
 CORPUS = Path(__file__).resolve().parent.parent / "tests" / "corpus"
 TRACKED = "https://t.example.com/c/AQIBAAAAAAAAAAEAAAAAAAAAAgAAAAAAAAADZzCCAAAAAQAAAAAAAAAB{}"

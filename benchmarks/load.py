@@ -67,7 +67,7 @@ from common import (
     tree_cpu_seconds,
 )
 
-from tracker import accounts
+from tracker.store import accounts
 
 USER_AGENTS = [
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "

@@ -19,8 +19,8 @@ from functools import partial
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client import Counter as PromCounter
 
-from tracker.hits import DropReason
-from tracker.metrics import Metrics, MetricsCollector, registry_for
+from tracker.ingest.pipeline import DropReason
+from tracker.web.metrics import Metrics, MetricsCollector, registry_for
 
 CALLS = 500_000
 ROUNDS = 5

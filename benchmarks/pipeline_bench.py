@@ -12,11 +12,11 @@ import timeit
 from collections.abc import Callable
 from dataclasses import replace
 
-from tracker.geo import Location
-from tracker.hits import Pipeline
-from tracker.policy import DEFAULT, PolicyBook
-from tracker.tokens import ClickToken, OpenToken
-from tracker.useragent import parse_agent
+from tracker.ingest.geo import Location
+from tracker.ingest.pipeline import Pipeline
+from tracker.ingest.policy import DEFAULT, PolicyBook
+from tracker.ingest.tokens import ClickToken, OpenToken
+from tracker.ingest.useragent import parse_agent
 
 CHROME = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
           "Chrome/126.0.0.0 Safari/537.36")

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import ROOT, Database, or_exit, require, start_tracker, stop
 
-from tracker.instrument import extract
+from tracker.mail.instrument import extract
 
 DOCUMENT = ROOT / "tests" / "corpus" / "receipt.html"
 GOAL = 5000

@@ -50,14 +50,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import or_exit, percentile, start_tracker, stop
 
-from tracker import accounts, campaigns
-from tracker.database import connect
-from tracker.embedded_db import EmbeddedPostgres
-from tracker.hits import DAY_MICROSECONDS, EventRecord, event_id
-from tracker.migrations import migrate
-from tracker.reports import DIMENSIONS
-from tracker.rollups import HONEYPOT_URL_ID
-from tracker.writer import BatchWriter
+from tracker.ingest.pipeline import DAY_MICROSECONDS, EventRecord, event_id
+from tracker.store import accounts, campaigns
+from tracker.store.database import connect
+from tracker.store.embedded_db import EmbeddedPostgres
+from tracker.store.migrations import migrate
+from tracker.store.reports import DIMENSIONS
+from tracker.store.rollups import HONEYPOT_URL_ID
+from tracker.store.writer import BatchWriter
 
 CHROME = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
           "Chrome/126.0.0.0 Safari/537.36")

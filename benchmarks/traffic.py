@@ -175,9 +175,9 @@ class Mix:
 
     def check_rules(self) -> list[str]:
         """Where tracker's packaged rules disagree with what this mix expects of a visitor."""
-        from tracker.classify import Classifier
-        from tracker.rules import load_rules
-        from tracker.useragent import parse_agent
+        from tracker.ingest.classify import Classifier
+        from tracker.ingest.rules import load_rules
+        from tracker.ingest.useragent import parse_agent
 
         classifier = Classifier(load_rules(None))
         problems = []

@@ -7,7 +7,7 @@
 -- added (`insert ... on conflict do nothing returning`), so a retried batch or a
 -- replay never counts twice. Re-labelling (clicks near a honeypot or burst click
 -- become machine) moves the counts of the re-labelled rows in the same transaction.
--- See tracker/rollups.py for the statements and the reasoning.
+-- See tracker/store/rollups.py for the statements and the reasoning.
 --
 -- Counts are of human events unless the column says machine. Every primary key
 -- starts with account_id, so the tables distribute by account on Citus as events do.
@@ -47,7 +47,7 @@ create table rollup_campaign (
 ) with (fillfactor = 70);
 
 -- Per destination (url id) and UTC hour: the link table. `clicked` as above, per
--- (message, url). The honeypot link has url id 0 and no row in `urls` (registration.py),
+-- (message, url). The honeypot link has url id 0 and no row in `urls` (mail/registration.py),
 -- so the report, which lists the campaign's urls, never shows it.
 create table rollup_link (
     account_id      bigint not null,

@@ -4,7 +4,7 @@
 -- period. Nothing here stores an address: recipients are found, refused and
 -- pseudonymised through a keyed hash under a random key of their account.
 
--- recipient_secret: the account's key for recipient keys and pseudonyms (privacy.py).
+-- recipient_secret: the account's key for recipient keys and pseudonyms (privacy/recipients.py).
 -- 2 x 122 random bits from gen_random_uuid (pg_strong_random), with no extension needed;
 -- the volatile default gives every existing account a key of its own.
 -- retention_days: the default for campaigns whose policy has none (null: keep).
@@ -36,7 +36,7 @@ create index messages_recipient_key on messages (account_id, recipient_key);
 -- Recipients whose hits record nothing: opted out (every message, also future ones), or
 -- erased (messages with ids up to erased_through: the links of the erased messages; mail
 -- registered after an erasure is tracked again). Every worker holds this table in memory
--- (suppression.py) and re-reads the rows changed since its last read every second.
+-- (ingest/suppression.py) and re-reads the rows changed since its last read every second.
 create table recipient_suppressions (
     account_id      bigint not null references accounts (id) on delete cascade,
     recipient_key   bigint not null,

@@ -1,7 +1,7 @@
 -- tracker schema, version 6: privacy changes that hold at once, in every worker.
 --
 -- Dashboard sessions that were signed out. A session cookie is a signed token
--- (tracker/sessions.py) that would otherwise be good until it expires; every dashboard
+-- (tracker/web/sessions.py) that would otherwise be good until it expires; every dashboard
 -- page already reads the session's API key from the database, and now also looks here,
 -- so a cookie copied before signing out gets nowhere afterwards, in every worker and
 -- node. A row is kept until the session would have expired anyway (the maintenance

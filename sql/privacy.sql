@@ -1,6 +1,6 @@
 -- Named queries of the privacy lifecycle (docs/privacy.md), loaded once at start-up by
--- tracker/privacy.py as sql/queries.sql is by tracker/queries.py. Statements that name
--- an event partition are built in tracker/retention.py (an identifier cannot be a
+-- tracker/privacy/recipients.py as sql/queries.sql is by tracker/store/queries.py. Statements that name
+-- an event partition are built in tracker/privacy/retention.py (an identifier cannot be a
 -- parameter).
 
 -- name: registration-context
@@ -238,7 +238,7 @@ where i.inhparent = 'events'::regclass
 order by c.relname;
 
 -- name: expired-relabel-triggers
--- The re-label windows (rollups.py) of a campaign's clicks stored before $3 and on or
+-- The re-label windows (store/rollups.py) of a campaign's clicks stored before $3 and on or
 -- after $4: raw per-event rows like the events they came from, so they expire with them.
 delete from relabel_triggers t
 where t.account_id = $1 and t.occurred_at < $3 and t.occurred_at >= $4
@@ -293,7 +293,7 @@ returning id;
 
 -- name: purge-campaign-data
 -- Statements run in order, in one transaction, after the campaign's events are gone
--- (retention.py): one per table, in an order the foreign keys allow. Every table with a campaign_id
+-- (privacy/retention.py): one per table, in an order the foreign keys allow. Every table with a campaign_id
 -- column is named here (tests/test_privacy.py checks it against the catalog).
 delete from relabel_triggers
 where account_id = $1 and message_id in (select id from messages

@@ -1,4 +1,4 @@
--- Named queries, loaded once at start-up by tracker/queries.py. A name the code
+-- Named queries, loaded once at start-up by tracker/store/queries.py. A name the code
 -- expects but this file lacks (or the other way round) is a start-up error.
 
 -- name: create-account
@@ -91,7 +91,7 @@ where account_id = $1 and campaign_id = $2;
 
 -- name: report-links
 -- Every destination of the campaign, clicked or not. The honeypot link is none of them:
--- it has url id 0 and no row here (registration.py), so it never appears. The rollup is
+-- it has url id 0 and no row here (mail/registration.py), so it never appears. The rollup is
 -- summed once, first (materialized): a plan that rescans it per url costs 25x as much.
 with l as materialized (
     select url_id, sum(clicks) as clicks, sum(clicked) as unique_clicks

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 import asyncpg
 import pytest
 
-from tracker.embedded_db import EmbeddedPostgres
-from tracker.migrations import migrate
+from tracker.store.embedded_db import EmbeddedPostgres
+from tracker.store.migrations import migrate
 
 from .support import Server
 

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import asyncpg
 import httpx
 
-from tracker import accounts
+from tracker.store import accounts
 
 T = TypeVar("T")
 SECRET = "test-signing-key-0123456789abcdef"

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tracker.addresses import (
+from tracker.ingest.addresses import (
     Networks,
     canonical,
     embedded_ipv4,

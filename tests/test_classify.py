@@ -18,15 +18,15 @@ from crawlerdetect import CrawlerDetect
 
 from tests.geodb import build_test_city_db
 from tracker import cli
-from tracker.classify import REASONS, Classifier, Relabel
-from tracker.geo import Location
-from tracker.hits import DropReason, Pipeline
-from tracker.policy import DEFAULT, PolicyBook
-from tracker.rules import PACKAGED, RulesError, load_rules
+from tracker.ingest.classify import REASONS, Classifier, Relabel
+from tracker.ingest.geo import Location
+from tracker.ingest.pipeline import DropReason, Pipeline
+from tracker.ingest.policy import DEFAULT, PolicyBook
+from tracker.ingest.rules import PACKAGED, RulesError, load_rules
+from tracker.ingest.tokens import FLAG_HONEYPOT, ClickToken, OpenToken, Signer
+from tracker.ingest.useragent import parse_agent
 from tracker.settings import SettingsError
 from tracker.settings import load as load_settings
-from tracker.tokens import FLAG_HONEYPOT, ClickToken, OpenToken, Signer
-from tracker.useragent import parse_agent
 
 from .support import SECRET, Server, campaign, db_fetch, new_account, register, wait_for
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tracker.embedded_db import EmbeddedPostgres
+from tracker.store.embedded_db import EmbeddedPostgres
 
 from .support import SECRET, Server, campaign, db_value, free_port, register, wait_for
 

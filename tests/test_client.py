@@ -15,7 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tracker.client import (
+from tracker.ingest.tokens import Signer
+from tracker.mail.client import (
     AsyncClient,
     AuthenticationError,
     Campaign,
@@ -31,8 +32,7 @@ from tracker.client import (
     Unavailable,
     _answer,
 )
-from tracker.instrument import extract, render
-from tracker.tokens import Signer
+from tracker.mail.instrument import extract, render
 
 from .support import SECRET, Server, db_value, free_port, new_account, wait_for
 

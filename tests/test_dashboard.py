@@ -32,13 +32,13 @@ from starlette.requests import Request
 from websockets.sync.client import ClientConnection, connect
 
 from tests.geodb import build_test_city_db
-from tracker import dashboard, sessions
-from tracker.charts import breakdown_rows, campaign_view, timeline_series
+from tracker.ingest.policy import DEFAULT, Policy
+from tracker.ingest.tokens import Signer
 from tracker.lifespan import Runtime
-from tracker.policy import DEFAULT, Policy
-from tracker.sessions import SessionKeys
 from tracker.settings import load
-from tracker.tokens import Signer
+from tracker.web import dashboard, sessions
+from tracker.web.charts import breakdown_rows, campaign_view, timeline_series
+from tracker.web.sessions import SessionKeys
 
 from .support import Server, campaign, db_fetch, new_account, register, wait_for
 

@@ -30,7 +30,7 @@ import httpx
 import pytest
 
 from tracker import server as tracker_server
-from tracker.fastpath import PIXEL_GIF
+from tracker.ingest.endpoints import PIXEL_GIF
 from tracker.settings import SETTINGS, load
 
 from .support import Server, campaign, db_fetch, free_port, new_account, register, wait_for

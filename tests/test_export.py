@@ -20,10 +20,10 @@ import httpx
 import orjson
 import pytest
 
-from tracker import export
-from tracker.database import connect
-from tracker.hits import CLICK, OPEN, Event, event_id
-from tracker.writer import BatchWriter
+from tracker.ingest.pipeline import CLICK, OPEN, Event, event_id
+from tracker.store.database import connect
+from tracker.store.writer import BatchWriter
+from tracker.web import export
 
 from .support import Server, campaign, db_fetch, db_value, new_account, register, wait_for
 

@@ -25,9 +25,9 @@ from typing import Protocol
 
 import httpx
 
-from tracker.embedded_db import EmbeddedPostgres
-from tracker.fastpath import PIXEL_GIF
-from tracker.tokens import Signer
+from tracker.ingest.endpoints import PIXEL_GIF
+from tracker.ingest.tokens import Signer
+from tracker.store.embedded_db import EmbeddedPostgres
 
 from .support import SECRET, Server, campaign, db_fetch, db_value, new_account, wait_for
 

@@ -15,14 +15,14 @@ from typing import Any
 
 import pytest
 
-from tracker.fastpath import Capture, ClientAddress
-from tracker.geo import no_location
-from tracker.hits import Pipeline
-from tracker.policy import PolicyBook
+from tracker.ingest.endpoints import Capture, ClientAddress
+from tracker.ingest.geo import no_location
+from tracker.ingest.pipeline import Pipeline
+from tracker.ingest.policy import PolicyBook
+from tracker.ingest.tokens import Signer
+from tracker.ingest.useragent import parse_agent
 from tracker.settings import IPNetwork
-from tracker.throttle import BURST, AuthThrottle
-from tracker.tokens import Signer
-from tracker.useragent import parse_agent
+from tracker.web.throttle import BURST, AuthThrottle
 
 from .geodb import build_test_city_db
 from .support import SECRET, Server, campaign, db_fetch, new_account, register, wait_for

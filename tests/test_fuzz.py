@@ -33,11 +33,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.requests import Request
 
-from tracker.api import MAX_BODY_BYTES, ApiError, _body
-from tracker.fastpath import MAX_AGENT_BYTES, PIXEL_GIF, Capture, ClientAddress
-from tracker.hits import DropReason
-from tracker.protocol import LINGER_S
-from tracker.tokens import OpenToken, Signer
+from tracker.ingest.endpoints import MAX_AGENT_BYTES, PIXEL_GIF, Capture, ClientAddress
+from tracker.ingest.pipeline import DropReason
+from tracker.ingest.protocol import LINGER_S
+from tracker.ingest.tokens import OpenToken, Signer
+from tracker.web.api import MAX_BODY_BYTES, ApiError, _body
 
 from .support import SECRET, Server, db_fetch, new_account, wait_for
 
@@ -572,5 +572,5 @@ def test_the_api_matches_its_openapi_description(server: Server, target: Target,
          "--output-truncate", "false", "--seed", str(int(time.time()))],
         capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, (
-        "the API does not match tracker/openapi.json (update the description with the API):\n"
+        "the API does not match tracker/web/openapi.json (update the description with the API):\n"
         + result.stdout[-6000:] + result.stderr[-2000:])

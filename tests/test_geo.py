@@ -10,8 +10,8 @@ import maxminddb
 import pytest
 
 from tests.geodb import EXPECTED_CITY, build_test_city_db, build_test_country_db
-from tracker import geoip_fetch
-from tracker.geo import (
+from tracker.ingest import geoip_fetch
+from tracker.ingest.geo import (
     GeoDatabaseError,
     GeoLookup,
     Locate,
@@ -19,7 +19,7 @@ from tracker.geo import (
     default_geoip_path,
     no_location,
 )
-from tracker.geoip_fetch import GeoFetchError, fetch_dbip_city_lite
+from tracker.ingest.geoip_fetch import GeoFetchError, fetch_dbip_city_lite
 
 _CITY_CASES = [(ip, expected) for ip, expected in EXPECTED_CITY.items() if expected is not None]
 

@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tracker import destinations
-from tracker.instrument import (
+from tracker.mail import destinations
+from tracker.mail.instrument import (
     PIXEL_TEMPLATE,
     Extraction,
     LinkSpot,
@@ -517,7 +517,7 @@ def test_the_fast_destination_check_agrees_with_the_per_character_one(url: str) 
 
 
 def _slow_destination_check(url: str) -> bool:
-    """The rule spelled out without destinations.py's shortcuts."""
+    """The rule spelled out without mail/destinations.py's shortcuts."""
     if not url or len(url.encode()) > 2048:
         return False
     if any(c.isspace() or unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp") for c in url):

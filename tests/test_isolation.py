@@ -22,10 +22,10 @@ import orjson
 import pytest
 from starlette.routing import Route
 
-from tracker.api import build_api
+from tracker.ingest.tokens import Signer
 from tracker.lifespan import Runtime
 from tracker.settings import load
-from tracker.tokens import Signer
+from tracker.web.api import build_api
 
 from .support import SECRET, Server, campaign, db_value, new_account, register, wait_for
 

@@ -22,11 +22,11 @@ import httpx
 import pytest
 
 from benchmarks.common import Plan, http_request, run_plans, write_plan
-from tracker.backlog import Backlog, WriterStats
-from tracker.database import connect
-from tracker.hits import DropReason, EventRecord
-from tracker.journal import HEADER_BYTES, MAGIC, Journal, JournalFull
-from tracker.writer import BatchWriter
+from tracker.ingest.pipeline import DropReason, EventRecord
+from tracker.store.backlog import Backlog, WriterStats
+from tracker.store.database import connect
+from tracker.store.journal import HEADER_BYTES, MAGIC, Journal, JournalFull
+from tracker.store.writer import BatchWriter
 
 from .support import Server, campaign, db_value, free_port, new_account, register, wait_for
 from .test_writer import row, rows
@@ -53,7 +53,8 @@ def segment_files(directory: Path) -> list[Path]:
 
 
 def records(data: bytes) -> list[tuple[int, int]]:
-    """(offset, size) of each record of an undamaged segment, parsed independently of journal.py."""
+    """(offset, size) of each record of an undamaged segment, parsed independently of
+    store/journal.py."""
     found, offset = [], 0
     while offset < len(data):
         magic, length, crc = struct.unpack_from("<4sII", data, offset)
@@ -273,7 +274,7 @@ def test_a_segment_of_a_live_writer_is_never_adopted(tmp_path: Path) -> None:
 _CHILD = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
-    from tracker.journal import Journal
+    from tracker.store.journal import Journal
     journal = Journal(Path(sys.argv[1]), max_bytes=1 << 26)
     if sys.argv[2] == "append":
         journal.append([f"line {i} of {os.getpid()}\\n" for i in range(int(sys.argv[3]))])

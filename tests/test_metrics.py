@@ -27,9 +27,10 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tracker.database import connect
-from tracker.hits import DropReason, Event, event_id
-from tracker.metrics import (
+from tracker.ingest.pipeline import DropReason, Event, event_id
+from tracker.store.database import connect
+from tracker.store.writer import BatchWriter
+from tracker.web.metrics import (
     BATCH_SIZE_BUCKETS,
     Histogram,
     Metrics,
@@ -40,8 +41,7 @@ from tracker.metrics import (
     observe_flushes,
     registry_for,
 )
-from tracker.throttle import AuthThrottle
-from tracker.writer import BatchWriter
+from tracker.web.throttle import AuthThrottle
 
 from .support import Server, campaign, db_fetch, new_account, register, wait_for
 

@@ -20,8 +20,8 @@ import asyncpg
 import httpx
 import pytest
 
-from tracker.embedded_db import EmbeddedPostgres
-from tracker.fastpath import PIXEL_GIF
+from tracker.ingest.endpoints import PIXEL_GIF
+from tracker.store.embedded_db import EmbeddedPostgres
 
 from .support import Server, campaign, db_fetch, db_value, new_account, register, wait_for
 

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tracker.embedded_db import POSTGRES_BIN_PATH
+from tracker.store.embedded_db import POSTGRES_BIN_PATH
 
 from .geodb import EXPECTED_CITY, build_test_city_db
 from .support import Server, campaign, db_fetch, new_account, register, wait_for

@@ -25,18 +25,19 @@ import httpx
 import orjson
 import pytest
 
-from tracker import accounts, campaigns, jobs, reports
-from tracker.database import connect, create_pool
-from tracker.hits import CLICK, OPEN, Event, event_id
-from tracker.notice import describe
-from tracker.policy import Policy
-from tracker.privacy import PRIVACY_QUERIES, identify, normalize
-from tracker.privacy_destinations import Redactor
-from tracker.registration import MessageInput, Registrar
-from tracker.retention import GRACE, enforce_retention
-from tracker.suppression import SuppressionBook
-from tracker.tokens import ClickToken, OpenToken, Signer
-from tracker.writer import BatchWriter
+from tracker.ingest.pipeline import CLICK, OPEN, Event, event_id
+from tracker.ingest.policy import Policy
+from tracker.ingest.suppression import SuppressionBook
+from tracker.ingest.tokens import ClickToken, OpenToken, Signer
+from tracker.mail.registration import MessageInput, Registrar
+from tracker.privacy import jobs
+from tracker.privacy.link_redaction import Redactor
+from tracker.privacy.notice import describe
+from tracker.privacy.recipients import PRIVACY_QUERIES, identify, normalize
+from tracker.privacy.retention import GRACE, enforce_retention
+from tracker.store import accounts, campaigns, reports
+from tracker.store.database import connect, create_pool
+from tracker.store.writer import BatchWriter
 
 from .support import SECRET, Server, campaign, db_fetch, db_value, new_account, register, wait_for
 
@@ -276,7 +277,8 @@ async def test_purge_and_erasure_cover_every_table_that_names_a_campaign_or_mess
     for row in rows:
         table = row["table_name"]
         if table in ("campaigns", "events") or table in cascading:
-            continue  # the tombstone itself; events go partition by partition (retention.py)
+            # The tombstone itself; events go partition by partition (privacy/retention.py).
+            continue
         assert re.search(rf"\bdelete from {table}\b", purge), f"purge misses {table}"
         if row["column_name"] == "message_id":
             assert re.search(rf"\bdelete from {table}\b", erase), f"erasure misses {table}"

@@ -37,7 +37,7 @@ import asyncpg
 import httpx
 import pytest
 
-from tracker.embedded_db import POSTGRES_BIN_PATH, EmbeddedPostgres
+from tracker.store.embedded_db import POSTGRES_BIN_PATH, EmbeddedPostgres
 
 from .geodb import build_test_city_db
 from .support import Server, campaign, db_fetch, new_account, register, wait_for

@@ -29,15 +29,15 @@ import httpx
 import orjson
 import pytest
 
-from tracker.fastpath import Capture, ClientAddress
-from tracker.geo import no_location
-from tracker.hits import DropReason, EventRecord, Pipeline
-from tracker.journal import Journal
-from tracker.policy import Policy, PolicyBook
-from tracker.privacy_sync import PrivacySync
-from tracker.suppression import SuppressionBook
-from tracker.tokens import OpenToken, Signer
-from tracker.useragent import parse_agent
+from tracker.ingest.endpoints import Capture, ClientAddress
+from tracker.ingest.geo import no_location
+from tracker.ingest.pipeline import DropReason, EventRecord, Pipeline
+from tracker.ingest.policy import Policy, PolicyBook
+from tracker.ingest.suppression import SuppressionBook
+from tracker.ingest.tokens import OpenToken, Signer
+from tracker.ingest.useragent import parse_agent
+from tracker.privacy.sync import PrivacySync
+from tracker.store.journal import Journal
 
 from .support import (
     Server,

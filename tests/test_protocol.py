@@ -1,4 +1,4 @@
-"""uvicorn's protocol with tracking requests answered in place (tracker/protocol.py).
+"""uvicorn's protocol with tracking requests answered in place (tracker/ingest/protocol.py).
 
 The same server is started twice on one database: in the default durability mode,
 where tracking requests are answered from the parser's callbacks, and with

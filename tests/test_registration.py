@@ -10,9 +10,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tracker.embedded_db import POSTGRES_BIN_PATH
-from tracker.instrument import extract
-from tracker.registration import parse_batch
+from tracker.mail.instrument import extract
+from tracker.mail.registration import parse_batch
+from tracker.store.embedded_db import POSTGRES_BIN_PATH
 
 from .support import Server, campaign, db_value, new_account, wait_for
 

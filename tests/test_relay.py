@@ -31,11 +31,11 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from tracker.client import Client
-from tracker.instrument import extract, render
-from tracker.mime_rewrite import Mail
-from tracker.relay import RelayConfig, RelayHandler, Upstream
-from tracker.tokens import Signer
+from tracker.ingest.tokens import Signer
+from tracker.mail.client import Client
+from tracker.mail.instrument import extract, render
+from tracker.mail.mime import Mail
+from tracker.mail.relay import RelayConfig, RelayHandler, Upstream
 
 from .support import SECRET, Server, free_port, new_account, wait_for
 
@@ -128,7 +128,7 @@ def relay_log() -> Iterator[list[logging.LogRecord]]:
             records.append(record)
 
     handler = Keep()
-    logger = logging.getLogger("tracker.relay")
+    logger = logging.getLogger("tracker.mail.relay")
     logger.addHandler(handler)
     try:
         yield records

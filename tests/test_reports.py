@@ -23,14 +23,14 @@ from zoneinfo import ZoneInfo
 import asyncpg
 import pytest
 
-from tracker import accounts, campaigns, reports
-from tracker.database import connect
-from tracker.embedded_db import EmbeddedPostgres
-from tracker.hits import CLICK, OPEN, Event, event_id
-from tracker.migrations import migrate, sql_dir
-from tracker.rollups import HONEYPOT_URL_ID, relabel_windows
-from tracker.rules import load_rules
-from tracker.writer import BatchWriter
+from tracker.ingest.pipeline import CLICK, OPEN, Event, event_id
+from tracker.ingest.rules import load_rules
+from tracker.store import accounts, campaigns, reports
+from tracker.store.database import connect
+from tracker.store.embedded_db import EmbeddedPostgres
+from tracker.store.migrations import migrate, sql_dir
+from tracker.store.rollups import HONEYPOT_URL_ID, relabel_windows
+from tracker.store.writer import BatchWriter
 
 ZONES = ("UTC", "Asia/Kolkata", "Asia/Kathmandu", "America/St_Johns", "Europe/Berlin")
 WINDOWS_US = {reason: span // timedelta(microseconds=1)
@@ -275,7 +275,7 @@ def workload(c: Campaign, rng: random.Random) -> list[Event]:
         if reason == "honeypot":
             events.append(event(c, message, CLICK, hit, url=HONEYPOT_URL_ID, machine=True,
                                 reason="honeypot", rng=rng, position=HONEYPOT_POSITION))
-            # What classify.py labels after a hit on the same worker: not a trigger itself.
+            # What ingest/classify.py labels after a hit on the same worker: not a trigger itself.
             events.append(event(c, message, CLICK, hit + rng.randrange(window),
                                 url=rng.choice(real_urls), machine=True, reason="honeypot",
                                 rng=rng))

@@ -13,10 +13,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tracker.classify import Classifier
 from tracker.cli import main
-from tracker.rules import load_rules
-from tracker.rules.lists import (
+from tracker.ingest.classify import Classifier
+from tracker.ingest.rules import load_rules
+from tracker.ingest.rules.lists import (
     LIST_NAMES,
     PACKAGED_DIR,
     AddressList,

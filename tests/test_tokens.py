@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tracker.tokens import (
+from tracker.ingest.tokens import (
     FLAG_HONEYPOT,
     MAX_TOKEN_CHARS,
     MAX_URL_BYTES,

@@ -21,8 +21,8 @@ import pytest
 import regex
 import yaml_rs
 
-from tracker import devices
-from tracker.useragent import DEVICE_CLASSES, parse_agent
+from tracker.ingest import devices
+from tracker.ingest.useragent import DEVICE_CLASSES, parse_agent
 
 TRUTH = Path(__file__).resolve().parent.parent / "benchmarks" / "truth" / "devices.jsonl"
 
@@ -143,7 +143,7 @@ def test_corrupt_rules_give_no_index_and_one_warning(tmp_path: Path,
     rules = tmp_path / "device"
     shutil.copytree(devices.package_rules_dir(), rules)
     (rules / "mobiles.yml").write_text("Samsung:\n  regex: 'SM-[\n  - : : :\n")
-    with caplog.at_level(logging.WARNING, logger="tracker.devices"):
+    with caplog.at_level(logging.WARNING, logger="tracker.ingest.devices"):
         assert devices.load(tmp_path / "cache", rules_dir=rules) is None
     [warning] = caplog.records
     assert "classifying by tokens only" in warning.getMessage()
@@ -154,7 +154,7 @@ def test_a_corrupt_cache_is_rebuilt_with_one_warning(cache_dir: Path, tmp_path: 
                                                      caplog: pytest.LogCaptureFixture) -> None:
     [cache] = cache_dir.glob("devices-*.json")
     (tmp_path / cache.name).write_text('{"format": 1, "brands": [')
-    with caplog.at_level(logging.WARNING, logger="tracker.devices"):
+    with caplog.at_level(logging.WARNING, logger="tracker.ingest.devices"):
         index = devices.load(tmp_path)
     assert index is not None and index.first(CASES[0][0], range(7)) is not None
     [warning] = caplog.records

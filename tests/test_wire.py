@@ -6,8 +6,8 @@ import socket
 
 import pytest
 
-from tracker.fastpath import PIXEL_GIF
-from tracker.tokens import Signer
+from tracker.ingest.endpoints import PIXEL_GIF
+from tracker.ingest.tokens import Signer
 
 from .support import SECRET, Server, campaign, db_fetch, new_account, register, wait_for
 

@@ -13,8 +13,7 @@ from typing import TypeVar
 import asyncpg
 import pytest
 
-from tracker.database import connect
-from tracker.hits import (
+from tracker.ingest.pipeline import (
     CLICK,
     EVENT_COLUMNS,
     OPEN,
@@ -24,10 +23,11 @@ from tracker.hits import (
     Pipeline,
     event_id,
 )
-from tracker.policy import DEFAULT, PolicyBook
-from tracker.tokens import ClickToken, OpenToken
-from tracker.useragent import parse_agent
-from tracker.writer import DEFAULT_CONNECTIONS, BatchWriter, Connect
+from tracker.ingest.policy import DEFAULT, PolicyBook
+from tracker.ingest.tokens import ClickToken, OpenToken
+from tracker.ingest.useragent import parse_agent
+from tracker.store.database import connect
+from tracker.store.writer import DEFAULT_CONNECTIONS, BatchWriter, Connect
 
 from .support import free_port
 
@@ -275,7 +275,7 @@ async def test_batches_of_different_lanes_are_written_at_once(
 
 async def test_a_message_is_never_in_two_batches_written_at_once(
         writers: Writers, db: asyncpg.Connection) -> None:
-    # Two transactions with the same message would queue on its rollup row (rollups.py).
+    # Two transactions with the same message would queue on its rollup row (store/rollups.py).
     # Each lane has its connection and writes a batch at a time, so one backend per
     # message is the proof.
     await db.execute("""

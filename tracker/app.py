@@ -5,11 +5,11 @@ from __future__ import annotations
 import sys
 
 from tracker import logs
-from tracker.api import build_api
-from tracker.fastpath import ASGIApp, FastPath
+from tracker.ingest.endpoints import ASGIApp, FastPath
+from tracker.ingest.tokens import Signer, SigningKeyError
 from tracker.lifespan import Runtime
 from tracker.settings import Settings, SettingsError, load
-from tracker.tokens import Signer, SigningKeyError
+from tracker.web.api import build_api
 
 
 def create_app(settings: Settings, signer: Signer, dsn: str) -> ASGIApp:

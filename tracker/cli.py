@@ -18,13 +18,15 @@ from typing import Any
 import asyncpg
 import orjson
 
-from tracker import accounts, datadir, geo, logs
-from tracker.database import connect, use_database, wait_until_reachable
-from tracker.embedded_db import EmbeddedDatabaseError
-from tracker.keys import signing_keys
-from tracker.migrations import MigrationError, migrate
-from tracker.rules.lists import LIST_NAMES
+from tracker import logs
+from tracker.ingest import geo
+from tracker.ingest.rules.lists import LIST_NAMES
+from tracker.ingest.signing_keys import signing_keys
 from tracker.settings import SETTINGS, Settings, SettingsError, load
+from tracker.store import accounts, datadir
+from tracker.store.database import connect, use_database, wait_until_reachable
+from tracker.store.embedded_db import EmbeddedDatabaseError
+from tracker.store.migrations import MigrationError, migrate
 
 log = logging.getLogger("tracker")
 
@@ -85,7 +87,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         elif settings.geoip_fetch == "on":
             _fetch_geo_database_in_background(settings)
         if settings.workers > 1:
-            from tracker.devices import ensure_cached
+            from tracker.ingest.devices import ensure_cached
 
             ensure_cached(settings.resolved_cache_dir)  # once here, not once per worker
         with use_database(settings) as database:
@@ -103,7 +105,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _fetch_geo_database_in_background(settings: Settings) -> None:
     """Give a fresh install locations without an extra step. Workers pick the database up
     when it lands; a failure is one log line."""
-    from tracker.geoip_fetch import fetch_in_background
+    from tracker.ingest.geoip_fetch import fetch_in_background
 
     log.info("no geo database: fetching DB-IP City Lite into %s in the background "
              "(TRACKER_GEOIP_FETCH=off to skip)", settings.data_dir / "geoip")
@@ -168,8 +170,8 @@ def _object_id(value: str) -> int:
 
 
 def cmd_accounts_delete(args: argparse.Namespace) -> int:
-    from tracker.privacy import PRIVACY_QUERIES
-    from tracker.retention import GRACE
+    from tracker.privacy.recipients import PRIVACY_QUERIES
+    from tracker.privacy.retention import GRACE
 
     row = _on_database(args, lambda conn: conn.fetchrow(PRIVACY_QUERIES.delete_account,
                                                         args.id))
@@ -183,9 +185,9 @@ def cmd_accounts_delete(args: argparse.Namespace) -> int:
 
 
 def _privacy_change_holds(args: argparse.Namespace) -> str:
-    """Tell the workers of a server on this data dir at once (privacy_sync.py); say when
+    """Tell the workers of a server on this data dir at once (privacy/sync.py); say when
     the change holds."""
-    from tracker.privacy_sync import announce_from_outside
+    from tracker.privacy.sync import announce_from_outside
 
     data_dir = _settings(args).data_dir
     try:
@@ -198,7 +200,7 @@ def _privacy_change_holds(args: argparse.Namespace) -> str:
 
 
 def cmd_accounts_restore(args: argparse.Namespace) -> int:
-    from tracker.privacy import PRIVACY_QUERIES
+    from tracker.privacy.recipients import PRIVACY_QUERIES
 
     row = _on_database(args, lambda conn: conn.fetchrow(PRIVACY_QUERIES.restore_account,
                                                         args.id))
@@ -212,8 +214,8 @@ def cmd_accounts_restore(args: argparse.Namespace) -> int:
 def cmd_retention_run(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
-    from tracker.jobs import Maintenance, maintain
-    from tracker.retention import InGrace, still_in_grace
+    from tracker.privacy.jobs import Maintenance, maintain
+    from tracker.privacy.retention import InGrace, still_in_grace
 
     real_now = datetime.now(UTC)
     now = real_now
@@ -260,8 +262,8 @@ def _say_in_grace(heading: str, items: list[Any]) -> None:
 
 
 def cmd_policy_describe(args: argparse.Namespace) -> int:
-    from tracker.notice import campaign_summary
-    from tracker.privacy import PRIVACY_QUERIES
+    from tracker.privacy.notice import campaign_summary
+    from tracker.privacy.recipients import PRIVACY_QUERIES
 
     row = _on_database(args, lambda conn: conn.fetchrow(PRIVACY_QUERIES.campaign_privacy,
                                                         None, args.campaign))
@@ -276,7 +278,7 @@ def cmd_policy_describe(args: argparse.Namespace) -> int:
 
 
 def cmd_geoip_fetch(args: argparse.Namespace) -> int:
-    from tracker.geoip_fetch import fetch_dbip_city_lite
+    from tracker.ingest.geoip_fetch import fetch_dbip_city_lite
 
     settings = _settings(args)
     path = fetch_dbip_city_lite(settings.data_dir / "geoip")
@@ -286,9 +288,9 @@ def cmd_geoip_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    from tracker import useragent
-    from tracker.classify import Classifier
-    from tracker.rules import load_rules
+    from tracker.ingest import useragent
+    from tracker.ingest.classify import Classifier
+    from tracker.ingest.rules import load_rules
 
     settings = _settings(args)
     # A fresh classifier: no earlier clicks, so no burst; the rules the server would load.
@@ -325,7 +327,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def cmd_rules_update(args: argparse.Namespace) -> int:
-    from tracker.rules.update import MIRROR_ENV, update_lists
+    from tracker.ingest.rules.update import MIRROR_ENV, update_lists
 
     settings = _settings(args)
     mirror = args.mirror or os.environ.get(MIRROR_ENV) or None
@@ -357,8 +359,8 @@ def _classify_lines(classifier: Any) -> int:
 def _classified(classifier: Any, request: dict[str, Any]) -> dict[str, Any]:
     """How one request would be classified, as the fields of `classify --json`; a
     ValueError names what is wrong with the request."""
-    from tracker.addresses import canonical
-    from tracker.useragent import parse_agent
+    from tracker.ingest.addresses import canonical
+    from tracker.ingest.useragent import parse_agent
 
     user_agent = request.get("user_agent")
     if not isinstance(user_agent, str):
@@ -399,7 +401,7 @@ def _api_flags(parser: argparse.ArgumentParser) -> None:
 def _api(args: argparse.Namespace) -> tuple[str, str]:
     import os
 
-    from tracker.client import DEFAULT_URL
+    from tracker.mail.client import DEFAULT_URL
 
     url = args.api_url or os.environ.get("TRACKER_API_URL") or DEFAULT_URL
     key = args.api_key or os.environ.get("TRACKER_API_KEY")
@@ -411,8 +413,8 @@ def _api(args: argparse.Namespace) -> tuple[str, str]:
 def cmd_instrument(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from tracker.charsets import html_charset, text_codec
-    from tracker.client import Client, TrackerError
+    from tracker.mail.charsets import html_charset, text_codec
+    from tracker.mail.client import Client, TrackerError
 
     url, key = _api(args)
     name = "stdin" if args.file == "-" else args.file
@@ -446,7 +448,7 @@ def cmd_instrument(args: argparse.Namespace) -> int:
 def cmd_relay(args: argparse.Namespace) -> int:
     import os
 
-    from tracker import relay
+    from tracker.mail import relay
 
     url, key = _api(args)
     user = args.upstream_user or os.environ.get("TRACKER_RELAY_UPSTREAM_USER")
@@ -570,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
         "update", help="refresh the address lists (Apple MPP, clouds) from their publishers",
         description="Downloads each address list from its publisher, checks it and writes "
         "it atomically into DATA_DIR/rules/lists/ (used from the next start). A list that "
-        "fails keeps the copy in use. See tracker/rules/README.md.")
+        "fails keeps the copy in use. See tracker/ingest/rules/README.md.")
     rules_update.add_argument("--only", action="append", metavar="NAME",
                               choices=LIST_NAMES, help="only this list (repeatable)")
     rules_update.add_argument("--mirror", metavar="URL|DIR",
@@ -619,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    from tracker.geoip_fetch import GeoFetchError
+    from tracker.ingest.geoip_fetch import GeoFetchError
 
     return (CommandError, SettingsError, EmbeddedDatabaseError, MigrationError, OSError,
             datadir.DataDirInUse,

@@ -11,26 +11,26 @@ from pathlib import Path
 
 import asyncpg
 
-from tracker import geo
-from tracker.campaigns import policy_of
-from tracker.classify import Classifier
-from tracker.database import connect, create_pool
-from tracker.fastpath import Capture, ClientAddress
-from tracker.hits import Pipeline
-from tracker.jobs import Jobs
-from tracker.journal import Journal
-from tracker.metrics import Metrics, MetricsCollector, SharedSnapshots, observe_flushes
-from tracker.policy import Policy, PolicyBook
-from tracker.privacy_sync import PrivacySync
-from tracker.queries import QUERIES
-from tracker.rollups import relabel_windows
-from tracker.rules import load_rules
+from tracker.ingest import geo
+from tracker.ingest.classify import Classifier
+from tracker.ingest.endpoints import Capture, ClientAddress
+from tracker.ingest.pipeline import Pipeline
+from tracker.ingest.policy import Policy, PolicyBook
+from tracker.ingest.rules import load_rules
+from tracker.ingest.suppression import SuppressionBook
+from tracker.ingest.tokens import Signer
+from tracker.ingest.useragent import parse_agent, prepare
+from tracker.privacy.jobs import Jobs
+from tracker.privacy.sync import PrivacySync
 from tracker.settings import Settings
-from tracker.suppression import SuppressionBook
-from tracker.throttle import AuthThrottle
-from tracker.tokens import Signer
-from tracker.useragent import parse_agent, prepare
-from tracker.writer import BatchWriter
+from tracker.store.campaigns import policy_of
+from tracker.store.database import connect, create_pool
+from tracker.store.journal import Journal
+from tracker.store.queries import QUERIES
+from tracker.store.rollups import relabel_windows
+from tracker.store.writer import BatchWriter
+from tracker.web.metrics import Metrics, MetricsCollector, SharedSnapshots, observe_flushes
+from tracker.web.throttle import AuthThrottle
 
 log = logging.getLogger("tracker.lifespan")
 
@@ -179,7 +179,7 @@ class Runtime:
 
     async def privacy_changed(self, erasure: bool = False) -> None:
         """A privacy change is committed (and applied here): every worker applies it
-        before the API answers (privacy_sync.py); an erasure also has every worker write
+        before the API answers (privacy/sync.py); an erasure also has every worker write
         out what it captured before."""
         await self.privacy.changed(erasure)
 

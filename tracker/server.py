@@ -98,7 +98,7 @@ def _run_granian(settings: Settings) -> None:
     from granian.http import HTTP1Settings
     from granian.server import Server
 
-    from tracker.wire_limits import HEAD_TIMEOUT_S, MAX_HEAD_BYTES
+    from tracker.ingest.limits import HEAD_TIMEOUT_S, MAX_HEAD_BYTES
 
     Server(
         APP_FACTORY,
@@ -110,7 +110,7 @@ def _run_granian(settings: Settings) -> None:
         runtime_mode=RuntimeModes.st,
         loop=Loops.uvloop,
         http=HTTPModes.http1,
-        # The bounds tracker's own protocol keeps (tracker/wire_limits.py), as far as granian
+        # The bounds tracker's own protocol keeps (tracker/ingest/limits.py), as far as granian
         # has them: a head must be in within HEAD_TIMEOUT_S (hyper starts the clock when it
         # waits for a request, so an idle keep-alive connection also closes then), and
         # what one connection may have read and not parsed yet is about a head's bound.
@@ -127,7 +127,7 @@ def _run_granian(settings: Settings) -> None:
 def _run_uvicorn(settings: Settings) -> None:
     import uvicorn
 
-    from tracker.protocol import TrackingHttpProtocol
+    from tracker.ingest.protocol import TrackingHttpProtocol
 
     # After a graceful shutdown uvicorn re-raises the signal that stopped it, under the
     # handler that was there before it; with this one that is a no-op, so a clean stop

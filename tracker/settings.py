@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from tracker.rules import RulesError, load_rules
+from tracker.ingest.rules import RulesError, load_rules
 
 
 class SettingsError(ValueError):
@@ -189,7 +189,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TRACKER_LOG_LEVEL", "info", "debug, info, warning or error",
             _choice("debug", "info", "warning", "error")),
     Setting("TRACKER_RULES", "", "TOML file laid over the packaged classification rules "
-            "(thresholds, patterns, Apple proxy ranges; see tracker/rules/README.md)",
+            "(thresholds, patterns, Apple proxy ranges; see tracker/ingest/rules/README.md)",
             _rules_file),
 )
 

@@ -1,0 +1,121 @@
+"""Who must not be recorded, in memory: the hot path's privacy check, no database read.
+
+Before a hit reaches the pipeline, `SuppressionBook.screen` drops it when
+
+- its account is deleted (`ACCOUNT_DISABLED`): the links keep redirecting;
+- its recipient opted out (`OPTED_OUT`), or was erased and the hit is on a message
+  of before the erasure (`ERASED`): the token's recipient key (ingest/tokens.py,
+  privacy/recipients.py) is looked up in a dict;
+- the request carries `Sec-GPC: 1` or `DNT: 1` and the account honours them, as it
+  does unless it turned that off (`PRIVACY_SIGNAL`).
+
+The book holds only exceptions: the accounts that are deleted or ignore the signals,
+and the suppressed recipients. It is loaded at start, changed at once in the process
+whose API made the change, read again from the rows changed since the last read by every
+other worker of the server before the API answers (privacy/sync.py) and by every worker
+each second (changes of other nodes), and kept as it is while the database is down. A
+recipient key of 0 (a version 1 token, issued before keys existed) matches nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from tracker.ingest.pipeline import DropReason
+from tracker.ingest.tokens import ClickToken, OpenToken
+from tracker.privacy.recipients import PRIVACY_QUERIES
+
+# Every message id: an opt-out covers the recipient's future messages as well.
+ALL_MESSAGES = 2**63 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class AccountState:
+    disabled: bool
+    honours_signals: bool
+
+
+_DEFAULT_ACCOUNT = AccountState(disabled=False, honours_signals=True)
+
+
+class SuppressionBook:
+    def __init__(self) -> None:
+        self._accounts: dict[int, AccountState] = {}
+        # (account, recipient key) -> (highest message id not to record, why)
+        self._recipients: dict[tuple[int, int], tuple[int, DropReason]] = {}
+        self.loaded_until: datetime | None = None
+
+    def screen(self, headers: Iterable[tuple[bytes, bytes]],
+               token: OpenToken | ClickToken) -> DropReason | None:
+        """Why this hit must record nothing, or None. Runs on every hit: two dict lookups
+        and a pass over the header names."""
+        account = self._accounts.get(token.account_id, _DEFAULT_ACCOUNT)
+        if account.disabled:
+            return DropReason.ACCOUNT_DISABLED
+        if self._recipients:
+            found = self._recipients.get((token.account_id, token.recipient_key))
+            if found is not None and token.message_id <= found[0]:
+                return found[1]
+        if account.honours_signals:
+            for name, value in headers:
+                # Both are defined as exactly "1" (the server has stripped the white space
+                # around it); anything else expresses no preference. The value is compared
+                # first: it is rarely "1", so most headers cost one comparison.
+                if value == b"1" and (name == b"sec-gpc" or name == b"dnt"):
+                    return DropReason.PRIVACY_SIGNAL
+        return None
+
+    def account(self, account_id: int) -> AccountState:
+        return self._accounts.get(account_id, _DEFAULT_ACCOUNT)
+
+    def put_account(self, account_id: int, disabled: bool, honours_signals: bool) -> None:
+        state = AccountState(disabled, honours_signals)
+        if state == _DEFAULT_ACCOUNT:
+            self._accounts.pop(account_id, None)
+        else:
+            self._accounts[account_id] = state
+
+    def put_recipient(self, account_id: int, recipient_key: int, opted_out: bool,
+                      erased_through: int | None) -> bool:
+        """Record a recipient's state; True when that is an erasure the book did not know
+        (an opted-out recipient's erasure changes nothing here: nothing of it is recorded
+        either way)."""
+        key = (account_id, recipient_key)
+        before = self._recipients.get(key)
+        if opted_out:
+            self._recipients[key] = (ALL_MESSAGES, DropReason.OPTED_OUT)
+        elif erased_through is not None:
+            self._recipients[key] = (erased_through, DropReason.ERASED)
+        else:
+            self._recipients.pop(key, None)
+        after = self._recipients.get(key)
+        return after is not None and after[1] is DropReason.ERASED and after != before
+
+    def suppressed(self, account_id: int, recipient_key: int) -> bool:
+        return (account_id, recipient_key) in self._recipients
+
+    async def refresh(self, conn: asyncpg.Connection | asyncpg.Pool) -> bool:
+        """Read the changes since the last read; True if they hold an erasure the book did
+        not know (made by another node: what this worker captured of the recipient must
+        be written out, to be swept)."""
+        # Accounts: the few exceptions, read whole, so a restored account leaves the book.
+        rows = await conn.fetch(PRIVACY_QUERIES.account_exceptions)
+        self._accounts = {r["id"]: AccountState(r["disabled"], r["honour_privacy_signals"])
+                          for r in rows}
+        # Recipients: the rows changed since the last read. The query re-reads a few
+        # seconds before that, so a transaction that committed late is not missed.
+        rows = await conn.fetch(PRIVACY_QUERIES.suppressions_since, self.loaded_until)
+        erased = False
+        for r in rows:
+            erased |= self.put_recipient(r["account_id"], r["recipient_key"], r["opted_out"],
+                                         r["erased_through"])
+            if self.loaded_until is None or r["changed_at"] > self.loaded_until:
+                self.loaded_until = r["changed_at"]
+        return erased
+
+    def __len__(self) -> int:
+        return len(self._recipients)

@@ -1,0 +1,258 @@
+"""What is deleted when: expired events (retention) and deleted campaigns and accounts
+after their grace period (purge). Both run from privacy/jobs.py, hourly in the server and on
+demand with `tracker retention run`; both take `now` so tests control the clock.
+
+Retention. A campaign keeps its raw events for its policy's `retention_days`, else its
+account's default, else for ever. Events live in one partition per UTC day
+(`events_YYYYMMDD`), so for each day old enough to hold something expired:
+
+- when every campaign with events in that day has expired it entirely, the partition is
+  dropped: no row is deleted, no dead tuple is left for vacuum;
+- otherwise only the expired campaigns' rows in that partition are deleted, campaign by
+  campaign, in batches of `BATCH_ROWS` (by the partition's (account, campaign, time)
+  index): never a DELETE over the whole table, never an unbounded one.
+
+The campaigns present in a partition come from a skip scan of that index (one probe per
+campaign, not a read of the partition). Reports read only the rollups (store/rollups.py),
+which retention leaves alone: a report after retention shows the totals it showed
+before. The re-label windows of expired clicks (`relabel_triggers`) go with them.
+
+Purge. Deleting a campaign or an account stops its recording at once; `GRACE` later
+its data is removed: events (partition by partition, in batches, as above), messages,
+links, urls, rollups. The purge first claims the row (`purged_at`; from then on it
+cannot be restored) and marks it finished at the end, so a purge cut short resumes at
+the next run. The campaign or account row stays as a tombstone, so its old links keep
+redirecting and recording nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+
+import asyncpg
+
+from tracker.privacy.recipients import PRIVACY_QUERIES, run_block
+
+log = logging.getLogger("tracker.privacy.retention")
+
+GRACE = timedelta(days=30)
+BATCH_ROWS = 20_000
+_DAY = timedelta(days=1)
+_PARTITION = re.compile(r"^events_(\d{4})(\d{2})(\d{2})$")
+# Dropping a partition takes a brief exclusive lock on `events`, queued behind the writer's
+# open transactions; waiting longer than this would stall the writers queued behind us.
+_DROP_LOCK_TIMEOUT = "5s"
+
+
+@dataclass
+class RetentionResult:
+    partitions_dropped: list[str] = field(default_factory=list)
+    rows_deleted: int = 0
+    # (partition, account id, campaign id) whose expired rows were deleted
+    trimmed: list[tuple[str, int, int]] = field(default_factory=list)
+
+
+@dataclass
+class PurgeResult:
+    campaigns: list[tuple[int, int]] = field(default_factory=list)  # (account id, campaign id)
+    accounts: list[int] = field(default_factory=list)
+    events_deleted: int = 0
+
+
+@dataclass(frozen=True)
+class Partition:
+    name: str
+    day: date
+
+    @property
+    def start(self) -> datetime:
+        return datetime(self.day.year, self.day.month, self.day.day, tzinfo=UTC)
+
+    @property
+    def end(self) -> datetime:
+        return self.start + _DAY
+
+
+async def partitions(conn: asyncpg.Connection) -> list[Partition]:
+    found = []
+    for row in await conn.fetch(PRIVACY_QUERIES.event_partitions):
+        match = _PARTITION.match(row["name"])
+        if match:  # anything else attached to `events` is not ours to touch
+            found.append(Partition(row["name"], date(*map(int, match.groups()))))
+    return sorted(found, key=lambda p: p.day)
+
+
+async def campaigns_in(conn: asyncpg.Connection, partition: Partition) -> list[tuple[int, int]]:
+    """The (account, campaign) pairs with events in the partition: a skip scan of its
+    (account_id, campaign_id, occurred_at) index, one probe per pair."""
+    table = _quoted(partition)
+    rows = await conn.fetch(f"""
+        with recursive pairs as (
+            (select account_id, campaign_id from {table}
+             order by account_id, campaign_id limit 1)
+            union all
+            select next.account_id, next.campaign_id
+            from pairs, lateral (
+                select account_id, campaign_id from {table} e
+                where (e.account_id, e.campaign_id) > (pairs.account_id, pairs.campaign_id)
+                order by e.account_id, e.campaign_id limit 1) next
+        )
+        select account_id, campaign_id from pairs""")
+    return [(r["account_id"], r["campaign_id"]) for r in rows]
+
+
+async def delete_in_batches(conn: asyncpg.Connection, partition: Partition, account_id: int,
+                            campaign_id: int | None = None,
+                            before: datetime | None = None) -> int:
+    """Delete an account's (or one campaign's) rows from one partition, older than `before`
+    if given, `BATCH_ROWS` at a time, each batch its own transaction. Returns rows deleted."""
+    table = _quoted(partition)
+    statement = f"""
+        delete from {table} where ctid = any(array(
+            select ctid from {table}
+            where account_id = $1 and ($2::bigint is null or campaign_id = $2)
+              and ($3::timestamptz is null or occurred_at < $3)
+            limit {BATCH_ROWS}))"""
+    total = 0
+    while True:
+        status = await conn.execute(statement, account_id, campaign_id, before)
+        deleted = int(status.split()[-1])
+        total += deleted
+        if deleted < BATCH_ROWS:
+            return total
+
+
+async def enforce_retention(conn: asyncpg.Connection, now: datetime) -> RetentionResult:
+    """Remove every event older than its campaign's retention at `now`."""
+    result = RetentionResult()
+    days = {(r["account_id"], r["id"]): r["days"]
+            for r in await conn.fetch(PRIVACY_QUERIES.campaign_retention)}
+    shortest = min((d for d in days.values() if d is not None), default=None)
+    if shortest is None:
+        return result  # nothing ever expires
+    for partition in await partitions(conn):
+        if partition.start >= now - timedelta(days=shortest):
+            break  # this day and every later one hold nothing old enough to expire
+        present = await campaigns_in(conn, partition)
+        # Per campaign: the cutoff before which its events have expired, if any has.
+        cutoffs: dict[tuple[int, int], datetime] = {}
+        whole = True
+        for pair in present:
+            keep = days.get(pair)
+            cutoff = now - timedelta(days=keep) if keep is not None else None
+            if cutoff is None or cutoff < partition.end:
+                whole = False
+            if cutoff is not None and cutoff > partition.start:
+                cutoffs[pair] = cutoff
+        if whole and await _drop(conn, partition):
+            result.partitions_dropped.append(partition.name)
+            continue
+        for (account_id, campaign_id), cutoff in cutoffs.items():
+            before = cutoff if cutoff < partition.end else None
+            deleted = await delete_in_batches(conn, partition, account_id, campaign_id, before)
+            await conn.execute(PRIVACY_QUERIES.expired_relabel_triggers, account_id,
+                               campaign_id, min(cutoff, partition.end), partition.start)
+            if deleted:
+                result.rows_deleted += deleted
+                result.trimmed.append((partition.name, account_id, campaign_id))
+    if result.partitions_dropped or result.rows_deleted:
+        log.info("retention: dropped %d partition(s), deleted %d expired event(s)",
+                 len(result.partitions_dropped), result.rows_deleted)
+    return result
+
+
+async def _drop(conn: asyncpg.Connection, partition: Partition) -> bool:
+    """Drop a partition whose every event has expired (and its re-label windows)."""
+    try:
+        async with conn.transaction():
+            await conn.execute(f"set local lock_timeout = '{_DROP_LOCK_TIMEOUT}'")
+            await conn.execute(f"drop table {_quoted(partition)}")
+            await conn.execute("delete from relabel_triggers where occurred_at >= $1 "
+                               "and occurred_at < $2", partition.start, partition.end)
+    except asyncpg.LockNotAvailableError:
+        log.warning("retention: %s is busy; deleting its rows instead of dropping it",
+                    partition.name)
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class InGrace:
+    """A deleted campaign or account that is still in its grace period."""
+
+    account_id: int
+    campaign_id: int | None  # None: the account itself
+    name: str
+    deleted_at: datetime
+
+    def describe(self) -> str:
+        what = (f"account {self.account_id}" if self.campaign_id is None
+                else f"campaign {self.campaign_id} of account {self.account_id}")
+        whole = "" if self.campaign_id is not None else ", with all its campaigns"
+        return f"{what} ({self.name!r}, deleted {self.deleted_at.isoformat()}{whole})"
+
+    def as_json(self) -> dict[str, object]:
+        return {"account_id": str(self.account_id),
+                "campaign_id": None if self.campaign_id is None else str(self.campaign_id),
+                "name": self.name, "deleted_at": self.deleted_at.isoformat()}
+
+
+async def still_in_grace(conn: asyncpg.Connection, real_now: datetime,
+                         now: datetime) -> list[InGrace]:
+    """What a purge as of `now` would take that is still in its grace period at `real_now`:
+    nothing unless `now` is later (`tracker retention run --now` in the future)."""
+    if now <= real_now:
+        return []
+    rows = await conn.fetch(PRIVACY_QUERIES.deleted_in_grace, real_now - GRACE, now - GRACE)
+    return [InGrace(r["account_id"], r["campaign_id"], r["name"], r["deleted_at"])
+            for r in rows]
+
+
+async def purge_deleted(conn: asyncpg.Connection, now: datetime) -> PurgeResult:
+    """Purge the campaigns and accounts deleted more than `GRACE` before `now`."""
+    result = PurgeResult()
+    cutoff = now - GRACE
+    for row in await conn.fetch(PRIVACY_QUERIES.accounts_to_purge, cutoff):
+        account_id = row["id"]
+        if await conn.fetchval(PRIVACY_QUERIES.claim_account_purge, account_id, cutoff) is None:
+            continue  # restored in the meantime
+        for campaign in await conn.fetch(PRIVACY_QUERIES.claim_account_campaigns, account_id):
+            result.events_deleted += await _purge_campaign(conn, account_id, campaign["id"])
+        # Events of campaigns this database has no row for (there should be none).
+        for partition in await partitions(conn):
+            result.events_deleted += await delete_in_batches(conn, partition, account_id)
+        async with conn.transaction():
+            await run_block(conn, PRIVACY_QUERIES.purge_account_data, account_id)
+            await conn.execute(PRIVACY_QUERIES.finish_account_purge, account_id)
+        result.accounts.append(account_id)
+    for row in await conn.fetch(PRIVACY_QUERIES.campaigns_to_purge, cutoff):
+        account_id, campaign_id = row["account_id"], row["id"]
+        if await conn.fetchval(PRIVACY_QUERIES.claim_campaign_purge, account_id, campaign_id,
+                               cutoff) is None:
+            continue  # restored in the meantime
+        result.events_deleted += await _purge_campaign(conn, account_id, campaign_id)
+        result.campaigns.append((account_id, campaign_id))
+    if result.campaigns or result.accounts:
+        log.info("purge: %d campaign(s) and %d account(s) past their grace period, "
+                 "%d event(s) deleted", len(result.campaigns), len(result.accounts),
+                 result.events_deleted)
+    return result
+
+
+async def _purge_campaign(conn: asyncpg.Connection, account_id: int, campaign_id: int) -> int:
+    """Everything of a claimed campaign; safe to run again after an interruption."""
+    deleted = 0
+    for partition in await partitions(conn):
+        deleted += await delete_in_batches(conn, partition, account_id, campaign_id)
+    async with conn.transaction():
+        await run_block(conn, PRIVACY_QUERIES.purge_campaign_data, account_id, campaign_id)
+        await conn.execute(PRIVACY_QUERIES.finish_campaign_purge, account_id, campaign_id)
+    return deleted
+
+
+def _quoted(partition: Partition) -> str:
+    assert _PARTITION.match(partition.name)  # only names we parsed reach SQL
+    return f'"{partition.name}"'
