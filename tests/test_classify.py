@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -526,11 +527,13 @@ def test_bad_line_in_a_ranges_file_is_named_with_its_number(tmp_path: Path) -> N
         load_rules(path)
 
 
-def test_bad_rules_file_stops_settings_naming_the_setting(tmp_path: Path) -> None:
+def test_bad_rules_file_stops_a_command_naming_the_setting(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write_rules(tmp_path, "[timing]\nburst_links = 1\n")
-    with pytest.raises(SettingsError, match=r"^TRACKER_RULES: .*rules\.toml: timing\.burst_links"):
-        load_settings({"TRACKER_RULES": str(path)})
-    with pytest.raises(SettingsError, match=r"^TRACKER_RULES: .*nowhere\.toml: cannot read"):
+    code, out, err = classify(capsys, "--user-agent", CHROME, "--rules", str(path))
+    assert (code, out) == (2, "")  # a settings error, as every bad setting
+    assert re.match(r"^tracker: error: --rules: .*rules\.toml: timing\.burst_links", err), err
+    with pytest.raises(SettingsError, match=r"^TRACKER_RULES: .*nowhere\.toml: not a file"):
         load_settings({"TRACKER_RULES": str(tmp_path / "nowhere.toml")})
     assert load_settings({}).rules is None
 

@@ -1,4 +1,4 @@
-"""ruff and mypy run with the test suite, so neither can rot."""
+"""ruff, mypy and the import contracts run with the test suite, so none can rot."""
 
 from __future__ import annotations
 
@@ -26,4 +26,11 @@ def test_mypy_strict_finds_nothing() -> None:
 
 def test_mypy_strict_finds_nothing_in_the_benchmarks_and_deploy_tools() -> None:
     result = _run("mypy", "benchmarks", "deploy")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_subpackages_import_only_in_the_allowed_directions() -> None:
+    # The contracts are in pyproject.toml ([tool.importlinter]).
+    result = subprocess.run([str(Path(sys.executable).with_name("lint-imports"))], cwd=ROOT,
+                            capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr

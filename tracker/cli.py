@@ -20,6 +20,7 @@ import orjson
 
 from tracker import logs
 from tracker.ingest import geo
+from tracker.ingest.rules import RulesError, load_rules
 from tracker.ingest.rules.lists import LIST_NAMES
 from tracker.ingest.signing_keys import signing_keys
 from tracker.settings import SETTINGS, Settings, SettingsError, load
@@ -42,6 +43,11 @@ def _settings(args: argparse.Namespace) -> Settings:
     overrides = {s.env: getattr(args, s.field, None) for s in SETTINGS}
     settings = load(overrides={k: v for k, v in overrides.items() if v is not None})
     logs.configure(settings.log_level)
+    if settings.rules is not None:
+        try:  # now, so that a bad rules file stops the command naming the setting
+            load_rules(settings.rules)
+        except RulesError as exc:
+            raise SettingsError(f"{settings.named('TRACKER_RULES')}: {exc}") from None
     return settings
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
@@ -20,13 +19,12 @@ from tracker.ingest.rules import load_rules
 from tracker.ingest.suppression import SuppressionBook
 from tracker.ingest.tokens import Signer
 from tracker.ingest.useragent import parse_agent, prepare
+from tracker.privacy.books import read_policies, read_suppressions
 from tracker.privacy.jobs import Jobs
 from tracker.privacy.sync import PrivacySync
 from tracker.settings import Settings
-from tracker.store.campaigns import policy_of
 from tracker.store.database import connect, create_pool
 from tracker.store.journal import Journal
-from tracker.store.queries import QUERIES
 from tracker.store.rollups import relabel_windows
 from tracker.store.writer import BatchWriter
 from tracker.web.metrics import Metrics, MetricsCollector, SharedSnapshots, observe_flushes
@@ -36,7 +34,6 @@ log = logging.getLogger("tracker.lifespan")
 
 _GEO_WATCH_S = 5.0
 _SHUTDOWN_FLUSH_TIMEOUT_S = 10.0
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class Runtime:
@@ -149,20 +146,11 @@ class Runtime:
         """A campaign changed in this process: the hit pipeline sees it at once."""
         self.policies.put(account_id, campaign_id, policy, recording)
 
-    async def refresh_policies(self) -> None:
-        since = self.policies.loaded_until or _EPOCH
-        rows = await self.pool.fetch(QUERIES.campaign_policies_since, since)
-        for row in rows:
-            self.policies.put(row["account_id"], row["id"], policy_of(row),
-                              row["deleted_at"] is None)
-            if self.policies.loaded_until is None or row["updated_at"] > self.policies.loaded_until:
-                self.policies.loaded_until = row["updated_at"]
-
     async def _read_privacy_changes(self) -> bool:
         """The policies and the suppressions changed since the last read; whether they
         hold an erasure this worker did not know of."""
-        await self.refresh_policies()
-        return await self.suppressions.refresh(self.pool)
+        await read_policies(self.policies, self.pool)
+        return await read_suppressions(self.suppressions, self.pool)
 
     async def _write_out(self) -> None:
         """An erasure: write everything captured so far into PostgreSQL, and leave none of

@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from tracker.ingest.rules import RulesError, load_rules
-
 
 class SettingsError(ValueError):
     """A setting has a value tracker cannot use; the message names the variable."""
@@ -77,13 +75,11 @@ def _optional_path(raw: str) -> Path | None:
 
 
 def _rules_file(raw: str) -> Path | None:
-    """A user rules file, loaded here so that a bad one stops start-up naming the setting."""
+    """A user rules file. Its contents are checked where the rules are loaded, before
+    anything starts (cli.py), so that a bad one also stops start-up naming the setting."""
     path = _optional_path(raw)
-    if path is not None:
-        try:
-            load_rules(path)
-        except RulesError as exc:
-            raise ValueError(str(exc)) from None
+    if path is not None and not path.is_file():
+        raise ValueError(f"{path}: not a file")
     return path
 
 

@@ -23,11 +23,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-import asyncpg
-
 from tracker.ingest.pipeline import DropReason
 from tracker.ingest.tokens import ClickToken, OpenToken
-from tracker.privacy.recipients import PRIVACY_QUERIES
 
 # Every message id: an opt-out covers the recipient's future messages as well.
 ALL_MESSAGES = 2**63 - 1
@@ -98,24 +95,9 @@ class SuppressionBook:
     def suppressed(self, account_id: int, recipient_key: int) -> bool:
         return (account_id, recipient_key) in self._recipients
 
-    async def refresh(self, conn: asyncpg.Connection | asyncpg.Pool) -> bool:
-        """Read the changes since the last read; True if they hold an erasure the book did
-        not know (made by another node: what this worker captured of the recipient must
-        be written out, to be swept)."""
-        # Accounts: the few exceptions, read whole, so a restored account leaves the book.
-        rows = await conn.fetch(PRIVACY_QUERIES.account_exceptions)
-        self._accounts = {r["id"]: AccountState(r["disabled"], r["honour_privacy_signals"])
-                          for r in rows}
-        # Recipients: the rows changed since the last read. The query re-reads a few
-        # seconds before that, so a transaction that committed late is not missed.
-        rows = await conn.fetch(PRIVACY_QUERIES.suppressions_since, self.loaded_until)
-        erased = False
-        for r in rows:
-            erased |= self.put_recipient(r["account_id"], r["recipient_key"], r["opted_out"],
-                                         r["erased_through"])
-            if self.loaded_until is None or r["changed_at"] > self.loaded_until:
-                self.loaded_until = r["changed_at"]
-        return erased
+    def set_accounts(self, accounts: dict[int, AccountState]) -> None:
+        """Every account that is not as the default (deleted, or ignoring the signals)."""
+        self._accounts = accounts
 
     def __len__(self) -> int:
         return len(self._recipients)
