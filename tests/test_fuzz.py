@@ -33,7 +33,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.requests import Request
 
-from tracker.ingest.endpoints import MAX_AGENT_BYTES, PIXEL_GIF, Capture, ClientAddress
+from tracker.ingest.addresses import ClientAddress
+from tracker.ingest.capture import MAX_AGENT_BYTES, Capture
+from tracker.ingest.endpoints import PIXEL_GIF
 from tracker.ingest.pipeline import DropReason
 from tracker.ingest.protocol import LINGER_S
 from tracker.ingest.tokens import OpenToken, Signer
@@ -413,10 +415,17 @@ def test_a_long_user_agent_is_cut_before_it_is_parsed_or_cached() -> None:
             seen.append(user_agent)
             return DropReason.HEAD_OPEN
 
+    class Nobody:
+        def screen(self, headers: object, token: object) -> None:
+            return None
+
+        def count_drop(self, reason: DropReason) -> None:
+            pass
+
     capture = Capture(Signer([SECRET]), Pipeline(), ClientAddress(()),  # type: ignore[arg-type]
-                      lambda row: True, lambda reason: None, lambda endpoint, machine: None)
-    capture.open({"method": "GET", "headers": [(b"user-agent", b"M" * 500_000)],
-                  "client": ("203.0.113.1", 1)}, OpenToken(1, 1, 1, 0))
+                      None, Nobody(), Nobody())  # type: ignore[arg-type]
+    capture.record("open", {"method": "GET", "headers": [(b"user-agent", b"M" * 500_000)],
+                            "client": ("203.0.113.1", 1)}, OpenToken(1, 1, 1, 0), 0)
     assert seen == ["M" * MAX_AGENT_BYTES]
 
 

@@ -19,7 +19,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Match, Route
 
-from tracker.ingest.endpoints import ClientAddress
+from tracker.ingest.addresses import ClientAddress
 from tracker.ingest.policy import DEFAULT, Policy, PolicyError
 from tracker.lifespan import Runtime
 from tracker.mail.registration import (

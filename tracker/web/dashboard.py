@@ -31,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from tracker.ingest.endpoints import ClientAddress
+from tracker.ingest.addresses import ClientAddress
 from tracker.lifespan import Runtime
 from tracker.store import accounts, campaigns, reports
 from tracker.store.queries import QUERIES
