@@ -137,6 +137,10 @@ class Runtime:
             log.info("replaying %d events left in the journal", journal.pending_events)
         return journal
 
+    async def ping_database(self) -> object:
+        """Whether PostgreSQL answers (`/readyz`): raises if it does not."""
+        return await self.pool.fetchval("select 1")
+
     def remember_campaign(self, account_id: int, campaign_id: int, policy: Policy,
                           recording: bool) -> None:
         """A campaign changed in this process: the hit pipeline sees it at once."""
