@@ -22,8 +22,8 @@ Stages:
    machine apart (wrk sends a finite plan and stops with nothing in flight; see plan.lua).
 3. memory: VmRSS and VmHWM of each server worker after the load (local; remote: the
    largest worker's, from /metrics).
-4. registration, report latency (1M and 10M events) and ingest: mail/registration.py,
-   store/reports.py and ingest.py (if present) as they are, their figures read from --json.
+4. registration, report latency (1M and 10M events) and ingest: registration.py,
+   reports.py and ingest.py (if present) as they are, their figures read from --json.
 
 Prints tables and a goals table, and writes throughput.png, latency.png and summary.json
 into --out (default benchmarks/out/). Exit status 1 if a correctness check or a stage
@@ -227,14 +227,14 @@ def other_stages(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if "registration" in args.stages:
         out["registration"] = program_stage(
-            "registration", "mail/registration.py",
+            "registration", "registration.py",
             ["--duration", "2", "--batch", "200", "--connections", "2"] if quick else [])
     if "reports" in args.stages:
         out["reports"] = []
         for events in args.report_events:
             days = ["--days", "2", "--reports", "5", "--fresh", "2"] if quick else []
             out["reports"].append((events, program_stage(
-                f"report latency, {events_label(events)} events", "store/reports.py",
+                f"report latency, {events_label(events)} events", "reports.py",
                 ["--events", str(events), "--messages", str(max(1000, events // 10)), *days])))
     if "ingest" in args.stages:
         out["ingest"] = program_stage(

@@ -39,7 +39,7 @@ from tracker.ingest.endpoints import PIXEL_GIF
 from tracker.ingest.pipeline import DropReason
 from tracker.ingest.protocol import LINGER_S
 from tracker.ingest.tokens import OpenToken, Signer
-from tracker.web.api import MAX_BODY_BYTES, ApiError, _body
+from tracker.web.http import MAX_BODY_BYTES, HttpError, json_body
 
 from .support import SECRET, Server, db_fetch, new_account, wait_for
 
@@ -499,8 +499,8 @@ async def test_a_streamed_body_past_the_limit_is_refused_without_holding_it() ->
         return {"type": "http.request", "body": chunk, "more_body": sent < 10_000}
 
     request = Request({"type": "http", "method": "POST", "path": "/", "headers": []}, receive)
-    with pytest.raises(ApiError) as refused:
-        await _body(request)
+    with pytest.raises(HttpError) as refused:
+        await json_body(request)
     assert refused.value.status == 413
     assert sent == MAX_BODY_BYTES // len(chunk) + 1  # stopped at the first chunk past it
 
