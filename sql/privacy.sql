@@ -319,14 +319,6 @@ delete from dashboard_signed_out where account_id = $1;
 delete from recipient_suppressions where account_id = $1;
 delete from erasures where account_id = $1;
 
--- name: session-account
--- The account name of a dashboard session, if the session still holds: its API key is not
--- revoked, its account not deleted, and it was not signed out.
-select a.name
-from api_keys k join accounts a on a.id = k.account_id
-where k.account_id = $1 and k.key_id = $2 and k.revoked_at is null and a.deleted_at is null
-  and not exists (select 1 from dashboard_signed_out s where s.account_id = $1 and s.nonce = $3);
-
 -- name: sign-out-session
 insert into dashboard_signed_out (account_id, nonce, expires_at)
 values ($1, $2, to_timestamp($3))

@@ -4,14 +4,6 @@
 -- name: create-account
 insert into accounts (name) values ($1) returning id, name, created_at;
 
--- name: create-api-key
-insert into api_keys (account_id, key_id, secret_hash) values ($1, $2, $3);
-
--- name: api-key-hash
-select k.secret_hash
-from api_keys k join accounts a on a.id = k.account_id
-where k.account_id = $1 and k.key_id = $2 and k.revoked_at is null and a.deleted_at is null;
-
 -- name: create-campaign
 insert into campaigns (account_id, name, policy_location, policy_device, policy_ip, retention_days,
                        policy_recipient)

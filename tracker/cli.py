@@ -151,6 +151,99 @@ def cmd_accounts_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_accounts_list(args: argparse.Namespace) -> int:
+    listed = _on_database(args, accounts.list_accounts)
+    if args.json:
+        sys.stdout.write(orjson.dumps(listed).decode() + "\n")
+        return 0
+    if not listed:
+        print("no accounts (tracker accounts create NAME makes one)")
+        return 0
+    rows = [("ID", "NAME", "STATE", "KEYS", "CAMPAIGNS", "CREATED", "LAST USED")] + [
+        (a["id"], a["name"], a["state"], str(a["keys"]), str(a["campaigns"]),
+         a["created_at"][:19].replace("T", " "),
+         (a["last_used_at"] or "never")[:19].replace("T", " ")) for a in listed]
+    _print_table(rows)
+    return 0
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+              .rstrip())
+
+
+async def _check_account(conn: asyncpg.Connection, account_id: int) -> None:
+    """The account exists and is not deleted: checked before its keys are touched."""
+    from tracker.privacy.recipients import PRIVACY_QUERIES
+
+    if await conn.fetchrow(PRIVACY_QUERIES.account_settings, account_id) is None:
+        raise CommandError(f"no account {account_id} (or it is deleted)")
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    async def work(conn: asyncpg.Connection) -> accounts.NewKey:
+        await _check_account(conn, args.account)
+        return await accounts.create_key(conn, args.account, args.name, args.scope)
+
+    try:
+        key = _on_database(args, work)
+    except accounts.KeyRequestError as exc:
+        raise CommandError(str(exc)) from None
+    _print_new_key(args, key, "created")
+    return 0
+
+
+def _print_new_key(args: argparse.Namespace, key: accounts.NewKey, what: str) -> None:
+    if args.json:
+        sys.stdout.write(orjson.dumps(key.as_json()).decode() + "\n")
+        return
+    print(f"key {key.id} ({key.name}, scope {key.scope}) {what} for account {args.account}")
+    print(f"API key (shown once, keep it secret): {key.api_key}")
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    async def work(conn: asyncpg.Connection) -> list[dict[str, Any]]:
+        await _check_account(conn, args.account)
+        return await accounts.list_keys(conn, args.account)
+
+    keys = _on_database(args, work)
+    if args.json:
+        sys.stdout.write(orjson.dumps(keys).decode() + "\n")
+        return 0
+    _print_table([("ID", "NAME", "SCOPE", "CREATED", "LAST USED")] + [
+        (k["id"], k["name"], k["scope"], k["created_at"][:19].replace("T", " "),
+         (k["last_used_at"] or "never")[:19].replace("T", " ")) for k in keys])
+    return 0
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    async def work(conn: asyncpg.Connection) -> accounts.NewKey | None:
+        await _check_account(conn, args.account)
+        return await accounts.rotate_key(conn, args.account, args.key)
+
+    key = _on_database(args, work)
+    if key is None:
+        raise CommandError(f"account {args.account} has no live key {args.key}")
+    _print_new_key(args, key, f"replaces key {args.key} (revoked now)")
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    async def work(conn: asyncpg.Connection) -> dict[str, Any] | None:
+        await _check_account(conn, args.account)
+        # The operator may revoke the last full key (the CLI can always make another).
+        return await accounts.revoke_key(conn, args.account, args.key, keep_a_full_key=False)
+
+    revoked = _on_database(args, work)
+    if revoked is None:
+        raise CommandError(f"account {args.account} has no live key {args.key}")
+    print(f"key {args.key} ({revoked['name']}) revoked: refused from now on, its dashboard "
+          "sessions ended")
+    return 0
+
+
 def _on_database(args: argparse.Namespace,
                  work: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
     """Run `work` on a connection to the configured (migrated) database, which must exist:
@@ -505,6 +598,11 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     _add_setting_flags(create, ("database_url", "data_dir"))
     create.set_defaults(run=cmd_accounts_create)
+    listing = account_sub.add_parser("list", help="list the accounts, with their state, keys "
+                                     "and campaigns")
+    listing.add_argument("--json", action="store_true", help="print one JSON array on stdout")
+    _add_setting_flags(listing, ("database_url", "data_dir"))
+    listing.set_defaults(run=cmd_accounts_list)
     for name, run, text in (
             ("delete", cmd_accounts_delete, "stop recording for an account now and purge its "
              "data after the 30-day grace period"),
@@ -512,6 +610,30 @@ def build_parser() -> argparse.ArgumentParser:
              "period")):
         action = account_sub.add_parser(name, help=text)
         action.add_argument("id", type=_object_id, metavar="ID")
+        _add_setting_flags(action, ("database_url", "data_dir"))
+        action.set_defaults(run=run)
+
+    keys_cmd = commands.add_parser(
+        "keys", help="an account's API keys (read, register or full)",
+        description="Named API keys with a scope: read (reports, lists, exports, the "
+        "dashboard), register (that, and registering messages), full (everything). A key is "
+        "shown once; revoking or rotating one refuses it at once, everywhere.")
+    keys_sub = keys_cmd.add_subparsers(dest="action", required=True, metavar="ACTION")
+    key_create = keys_sub.add_parser("create", help="create a key and print it (shown once)")
+    key_create.add_argument("name", metavar="NAME")
+    key_create.add_argument("--scope", required=True, choices=accounts.SCOPES)
+    key_list = keys_sub.add_parser("list", help="list the live keys (never their secrets)")
+    key_rotate = keys_sub.add_parser("rotate", help="replace a key by a new one with its name "
+                                     "and scope; the old one is refused at once")
+    key_revoke = keys_sub.add_parser("revoke", help="refuse a key from now on")
+    for action, run in ((key_create, cmd_keys_create), (key_list, cmd_keys_list),
+                        (key_rotate, cmd_keys_rotate), (key_revoke, cmd_keys_revoke)):
+        if action in (key_rotate, key_revoke):
+            action.add_argument("key", metavar="KEY_ID", help="the key's id (keys list)")
+        action.add_argument("--account", required=True, type=_object_id, metavar="ID")
+        if action is not key_revoke:
+            action.add_argument("--json", action="store_true",
+                                help="print JSON on stdout")
         _add_setting_flags(action, ("database_url", "data_dir"))
         action.set_defaults(run=run)
 

@@ -110,7 +110,6 @@ class PrivacyQueries:
     purge_campaign_data: str
     finish_campaign_purge: str
     purge_account_data: str
-    session_account: str
     sign_out_session: str
     forget_expired_sign_outs: str
     finish_account_purge: str

@@ -24,8 +24,6 @@ class QueryFileError(RuntimeError):
 @dataclass(frozen=True)
 class Queries:
     create_account: str
-    create_api_key: str
-    api_key_hash: str
     create_campaign: str
     list_campaigns: str
     get_campaign: str

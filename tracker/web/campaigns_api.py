@@ -111,7 +111,7 @@ async def delete_campaign(request: Request, account_id: int) -> Response:
     return Response(status_code=204)
 
 
-@authenticated
+@authenticated(scope="register")
 async def register_message(request: Request, account_id: int) -> Response:
     runtime = runtime_of(request)
     campaign_id = object_id(request)
@@ -126,7 +126,7 @@ async def register_message(request: Request, account_id: int) -> Response:
     return JSON(registered_json(registered), status_code=201)
 
 
-@authenticated
+@authenticated(scope="register")
 async def register_batch(request: Request, account_id: int) -> Response:
     runtime = runtime_of(request)
     campaign_id = object_id(request)
@@ -145,7 +145,7 @@ async def register_batch(request: Request, account_id: int) -> Response:
     return JSON({"messages": [registered_json(r) for r in registered]}, status_code=201)
 
 
-@authenticated
+@authenticated(params={"tz"})
 async def campaign_report(request: Request, account_id: int) -> Response:
     campaign_id = object_id(request)
     tz = request.query_params.get("tz", "UTC")
@@ -158,7 +158,7 @@ async def campaign_report(request: Request, account_id: int) -> Response:
     return JSON(report)
 
 
-@authenticated
+@authenticated(params={"format"})
 async def export_events(request: Request, account_id: int) -> Response:
     pool = runtime_of(request).pool
     campaign_id = object_id(request)

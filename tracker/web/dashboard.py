@@ -38,7 +38,7 @@ from tracker.store.queries import QUERIES
 from tracker.web import sessions
 from tracker.web.charts import campaign_view, short_url, when
 from tracker.web.http import UNAVAILABLE, HttpError
-from tracker.web.sessions import SESSION_LIFETIME_S, Session, SessionKeys, key_id_of
+from tracker.web.sessions import SESSION_LIFETIME_S, Session, SessionKeys
 from tracker.web.throttle import client_of
 
 log = logging.getLogger("tracker.web.dashboard")
@@ -106,6 +106,8 @@ class _Visit:
     account_name: str
     csrf: str
     session: Session
+    key_name: str
+    scope: str  # of the key it signed in with: "read", "register" or "full"
 
 
 _LOCAL_NEXT = re.compile(r"/dashboard/[A-Za-z0-9/_\-.?=&%+]*")
@@ -202,10 +204,11 @@ class Dashboard:
         session = self._sessions.verify(token, time.time()) if token else None
         if session is None:
             return None
-        name = await sessions.account_name(self._runtime.pool, session)
-        if name is None:  # the key was revoked, the account deleted, or it signed out
+        key = await sessions.session_key(self._runtime.pool, session)
+        if key is None:  # the key was revoked, the account deleted, or it signed out
             return None
-        return _Visit(session.account_id, name, self._sessions.csrf(session), session)
+        return _Visit(session.account_id, key.account_name, self._sessions.csrf(session),
+                      session, key.key_name, key.scope)
 
     async def _signed_in(self, request: Request) -> _Visit:
         visit = await self._visit(request)
@@ -268,13 +271,14 @@ class Dashboard:
             return await self._sign_in_form(
                 request, "The sign-in form expired or came from another site; try again.", 403)
         api_key = form.get("api_key", "").strip()
-        account_id = await accounts.authenticate(self._runtime.pool, api_key) if api_key else None
-        if account_id is None:
+        key = await accounts.authenticate(self._runtime.pool, api_key) if api_key else None
+        if key is None:
             self._runtime.auth_throttle.failed(client)
             self._runtime.metrics.auth_failures += 1
             return await self._sign_in_form(request, "That API key is not valid.", 401)
-        log.info("dashboard sign-in for account %d", account_id)
-        token = self._sessions.issue(account_id, key_id_of(api_key), time.time())
+        log.info("dashboard sign-in for account %d with a %s key", key.account_id, key.scope)
+        await accounts.note_use(self._runtime.pool, key)
+        token = self._sessions.issue(key.account_id, key.key_id, time.time())
         response = RedirectResponse(_local_next(form.get("next")), status_code=303)
         self._set_cookie(request, response, token, SESSION_LIFETIME_S)
         return response
