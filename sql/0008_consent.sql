@@ -60,3 +60,10 @@ create index consent_history_recipient on consent_history (account_id, recipient
 alter table recipient_suppressions
     add column consent_refused_opens boolean not null default false,
     add column consent_refused_clicks boolean not null default false;
+
+-- Whether a message was registered with its pixel and with tracked links: not when its
+-- recipient's consent was required and absent, refused, or the recipient opted out. A
+-- message without a pixel is neither opened nor "not opened" to anyone: it is untracked.
+alter table messages
+    add column opens_tracked boolean not null default true,
+    add column clicks_tracked boolean not null default true;

@@ -38,3 +38,16 @@ select account_id, message_id, campaign_id, machine_opens, machine_clicks from c
 on conflict (account_id, message_id) do update set
     machine_opens = excluded.machine_opens, machine_clicks = excluded.machine_clicks;
 update rollup_message set machine_opens = mpp where machine_opens < mpp;
+
+-- The messages of a campaign a filtered report covers (store/results.py): with the tag
+-- (null: any), sent in [since, until) (null: open). Plain SQL, so the planner inlines it.
+create function tracker_selected_messages(account bigint, campaign bigint, tag text,
+                                          since timestamptz, until timestamptz)
+returns table (id bigint)
+language sql stable as $$
+    select m.id from messages m
+    where m.account_id = account and m.campaign_id = campaign
+      and (tag is null or m.tags @> array[tag])
+      and (since is null or m.sent_at >= since)
+      and (until is null or m.sent_at < until)
+$$;

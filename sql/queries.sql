@@ -6,12 +6,18 @@ insert into accounts (name) values ($1) returning id, name, created_at;
 
 -- name: create-campaign
 insert into campaigns (account_id, name, policy_location, policy_device, policy_ip, retention_days,
-                       policy_recipient)
-values ($1, $2, $3, $4, $5, $6, $7)
+                       policy_recipient, policy_consent_opens, policy_consent_clicks, tags,
+                       metadata, options)
+values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb, $12::jsonb)
 returning *;
 
 -- name: list-campaigns
-select * from campaigns where account_id = $1 and deleted_at is null order by id;
+-- $2: a tag the campaign must have; $3, $4: created at or after / before (each null: any).
+select * from campaigns
+where account_id = $1 and deleted_at is null
+  and ($2::text is null or tags @> array[$2::text])
+  and ($3::timestamptz is null or created_at >= $3) and ($4::timestamptz is null or created_at < $4)
+order by id;
 
 -- name: get-campaign
 select * from campaigns where account_id = $1 and id = $2 and deleted_at is null;
@@ -19,7 +25,8 @@ select * from campaigns where account_id = $1 and id = $2 and deleted_at is null
 -- name: update-campaign
 update campaigns
 set name = $3, policy_location = $4, policy_device = $5, policy_ip = $6, retention_days = $7,
-    policy_recipient = $8, updated_at = now()
+    policy_recipient = $8, policy_consent_opens = $9, policy_consent_clicks = $10, tags = $11,
+    metadata = $12::jsonb, options = $13::jsonb, updated_at = now()
 where account_id = $1 and id = $2 and deleted_at is null
 returning *;
 
@@ -31,7 +38,7 @@ returning *;
 -- name: campaign-policies-since
 -- The overlap re-reads a few rows so a transaction that committed late is not missed.
 select account_id, id, policy_location, policy_device, policy_ip, retention_days,
-       policy_recipient, updated_at, deleted_at
+       policy_recipient, policy_consent_opens, policy_consent_clicks, updated_at, deleted_at
 from campaigns
 where updated_at > $1::timestamptz - interval '5 seconds';
 

@@ -298,7 +298,7 @@ class Dashboard:
 
     async def _campaigns(self, request: Request) -> Response:
         visit = await self._signed_in(request)
-        rows = await self._runtime.pool.fetch(QUERIES.list_campaigns, visit.account_id)
+        rows = await campaigns.find(self._runtime.pool, visit.account_id)
         return self._render("campaigns.html", visit, campaigns=[
             {"id": r["id"], "name": r["name"], "created_at": r["created_at"],
              "policy": campaigns.policy_of(r)} for r in rows])
