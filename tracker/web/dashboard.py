@@ -34,7 +34,6 @@ from starlette.routing import Route
 from tracker.ingest.addresses import ClientAddress
 from tracker.lifespan import Runtime
 from tracker.store import accounts, campaigns, reports
-from tracker.store.queries import QUERIES
 from tracker.web import sessions
 from tracker.web.charts import campaign_view, short_url, when
 from tracker.web.http import UNAVAILABLE, HttpError
