@@ -22,8 +22,8 @@ Stages:
    machine apart (wrk sends a finite plan and stops with nothing in flight; see plan.lua).
 3. memory: VmRSS and VmHWM of each server worker after the load (local; remote: the
    largest worker's, from /metrics).
-4. registration, report latency (1M and 10M events) and ingest: mail/registration.py,
-   store/reports.py and ingest.py (if present) as they are, their figures read from --json.
+4. registration, report latency (1M and 10M events) and ingest: registration.py,
+   reports.py and ingest.py (if present) as they are, their figures read from --json.
 
 Prints tables and a goals table, and writes throughput.png, latency.png and summary.json
 into --out (default benchmarks/out/). Exit status 1 if a correctness check or a stage
@@ -130,11 +130,9 @@ def load_stage(args: argparse.Namespace) -> LoadResult:
             nginx = start_nginx(workdir / "nginx", nginx_port, any_path=True)
             extra = {"TRACKER_TRUSTED_PROXIES": "127.0.0.1/32", "TRACKER_RULES": "",
                      "TRACKER_WORKERS": str(args.workers)}
-            if args.server:
-                extra["TRACKER_SERVER"] = args.server
-            args.server_used = _server_name(extra)
+            args.server_used = "uvicorn"
             tracker, url = start_tracker(db.dsn, workdir, **extra)
-            print(f"tracker serve ({args.server_used}, {args.workers} worker(s)) pinned to core "
+            print(f"tracker serve ({args.workers} worker(s)) pinned to core "
                   f"0; wrk and PostgreSQL on core {LOAD_CORE}", flush=True)
             deployment = Deployment(url, key)
         deployment.create_campaign(f"benchmark suite {datetime.now(UTC):%Y-%m-%d %H:%M:%S}")
@@ -180,14 +178,6 @@ def load_stage(args: argparse.Namespace) -> LoadResult:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _server_name(extra: dict[str, str]) -> str:
-    """The HTTP server `tracker serve` will use with these variables."""
-    from tracker.settings import SETTINGS
-
-    default = next(s.default for s in SETTINGS if s.env == "TRACKER_SERVER")
-    return extra.get("TRACKER_SERVER") or os.environ.get("TRACKER_SERVER") or default
-
-
 @dataclass
 class Program:
     title: str
@@ -227,14 +217,14 @@ def other_stages(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if "registration" in args.stages:
         out["registration"] = program_stage(
-            "registration", "mail/registration.py",
+            "registration", "registration.py",
             ["--duration", "2", "--batch", "200", "--connections", "2"] if quick else [])
     if "reports" in args.stages:
         out["reports"] = []
         for events in args.report_events:
             days = ["--days", "2", "--reports", "5", "--fresh", "2"] if quick else []
             out["reports"].append((events, program_stage(
-                f"report latency, {events_label(events)} events", "store/reports.py",
+                f"report latency, {events_label(events)} events", "reports.py",
                 ["--events", str(events), "--messages", str(max(1000, events // 10)), *days])))
     if "ingest" in args.stages:
         out["ingest"] = program_stage(
@@ -273,8 +263,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--probe-connections", type=int, default=16)
     parser.add_argument("--messages", type=int, help="messages in the load's campaign "
                         "(default 20000; quick 1000)")
-    parser.add_argument("--server", choices=("granian", "uvicorn"),
-                        help="tracker's HTTP server (local mode; default: tracker's default)")
     parser.add_argument("--workers", type=int, default=1, help="server workers (local mode)")
     parser.add_argument("--report-events", help="comma-separated campaign sizes for the report "
                         "stage (default 1000000,10000000; quick 20000)")
@@ -291,8 +279,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error("--url needs --api-key (or TRACKER_API_KEY)")
         if urlsplit(args.url).scheme not in ("http", "https"):
             parser.error("--url: must start with http:// or https://")
-        if args.server:
-            parser.error("--server is for local mode")
         # The other programs start their own server and database.
         args.stages &= {"load"}
     if min(args.connections, args.threads, args.probe_connections) < 1 or \

@@ -71,7 +71,7 @@ _WIRE_REDIRECT_END = b"\r\ncache-control: no-store\r\ncontent-length: 0\r\n\r\n"
 _MAX_FORWARDED_CHARS = 2048
 # The user agent is cut here before it is parsed, classified or used as a cache key: the
 # parsers look at no more than this anyway, and the caches hold 16,384 entries each, so
-# uncut half-megabyte agents (granian accepts them) would pin gigabytes per worker.
+# uncut agents of up to a head's bound (limits.py: 256 KiB) would pin gigabytes per worker.
 MAX_AGENT_BYTES = 1024
 
 
@@ -298,8 +298,8 @@ class FastPath:
                 # (or comes broken, and is refused by the server) is neither answered nor
                 # recorded.
                 if not await _read_to_the_end(receive):
-                    # Under uvicorn the protocol has answered (or the client left, and this
-                    # goes nowhere); granian leaves it to the app.
+                    # The protocol has answered (or the client left): this goes nowhere,
+                    # and is here for an ASGI server that leaves the answer to the app.
                     await send(_MALFORMED_START)
                     await send(_MALFORMED_BODY)
                     return

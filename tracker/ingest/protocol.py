@@ -2,8 +2,8 @@
 
 Through ASGI a hit costs a task, a scope, two `send` awaits and the server's
 response assembly: measured here, a bare ASGI app that only returns the GIF does
-~44,000 req/s on granian and ~29,000 on uvicorn, while the same answer written from
-httptools' callbacks on uvloop does ~110,000 (nginx: ~75,000). So a plain
+~29,000 req/s on uvicorn, while the same answer written from httptools' callbacks on
+uvloop does ~110,000 (nginx: ~75,000). So a plain
 `GET|HEAD /o/...` or `/c/...` is answered from inside the parser's
 `on_message_complete`: `FastPath.answer` records the hit and returns the whole
 response, which is written at once. Everything else, and any request this path is

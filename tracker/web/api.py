@@ -80,9 +80,9 @@ async def _body(request: Request) -> Any:
                 raise ApiError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
             chunks.append(chunk)
     except ClientDisconnect:
-        # The body ended early: the client went away, or its chunked encoding was broken
-        # (then granian still delivers this answer). Not a server error, and not worth a
-        # traceback in the log each time a client wants one.
+        # The body ended early: the client went away, or its chunked encoding was broken.
+        # Not a server error, and not worth a traceback in the log each time a client
+        # wants one.
         raise ApiError(400, "the request body was cut short or malformed") from None
     if not chunks:
         raise ApiError(400, "a JSON body is required")
