@@ -445,7 +445,7 @@ async def feed(writer: BatchWriter, records: list[EventRecord], batch: int,
             while writer.buffered >= queued:  # noqa: ASYNC110 -- the writer has no event for it
                 await asyncio.sleep(0.001)
             for record in records[i:i + 1000]:
-                if not writer.add(record):
+                if writer.add(record) is not None:
                     raise SystemExit("the writer dropped an event")
             await asyncio.sleep(0)
         await writer.flush()

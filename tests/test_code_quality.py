@@ -34,3 +34,25 @@ def test_the_subpackages_import_only_in_the_allowed_directions() -> None:
     result = subprocess.run([str(Path(sys.executable).with_name("lint-imports"))], cwd=ROOT,
                             capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_readmes_module_map_names_every_module() -> None:
+    """The map under "How it works" is a tree: a folder line ends in "/", a module line
+    starts with its file name; every module of tracker/ is on it, and nothing else."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## How it works", 1)[1].split("```", 2)[1]
+    mapped: set[str] = set()
+    folders: list[str] = []
+    for line in block.splitlines():
+        name = line.strip().split(" ", 1)[0]
+        if not name:
+            continue
+        depth = (len(line) - len(line.lstrip())) // 2
+        del folders[depth:]
+        if name.endswith("/"):
+            folders.append(name)
+        elif name.endswith(".py"):
+            mapped.add("".join(folders) + name)
+    modules = {str(p.relative_to(ROOT)) for p in (ROOT / "tracker").rglob("*.py")
+               if p.name != "__init__.py"}
+    assert mapped == modules, (sorted(modules - mapped), sorted(mapped - modules))

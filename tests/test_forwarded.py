@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from tracker.ingest.endpoints import Capture, ClientAddress
+from tracker.ingest.addresses import ClientAddress
+from tracker.ingest.capture import Capture
 from tracker.ingest.geo import no_location
 from tracker.ingest.pipeline import Pipeline
 from tracker.ingest.policy import PolicyBook

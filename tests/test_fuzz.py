@@ -33,11 +33,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.requests import Request
 
-from tracker.ingest.endpoints import MAX_AGENT_BYTES, PIXEL_GIF, Capture, ClientAddress
+from tracker.ingest.addresses import ClientAddress
+from tracker.ingest.capture import MAX_AGENT_BYTES, Capture
+from tracker.ingest.endpoints import PIXEL_GIF
 from tracker.ingest.pipeline import DropReason
 from tracker.ingest.protocol import LINGER_S
 from tracker.ingest.tokens import OpenToken, Signer
-from tracker.web.api import MAX_BODY_BYTES, ApiError, _body
+from tracker.web.http import MAX_BODY_BYTES, HttpError, json_body
 
 from .support import SECRET, Server, db_fetch, new_account, wait_for
 
@@ -413,10 +415,17 @@ def test_a_long_user_agent_is_cut_before_it_is_parsed_or_cached() -> None:
             seen.append(user_agent)
             return DropReason.HEAD_OPEN
 
+    class Nobody:
+        def screen(self, headers: object, token: object) -> None:
+            return None
+
+        def count_drop(self, reason: DropReason) -> None:
+            pass
+
     capture = Capture(Signer([SECRET]), Pipeline(), ClientAddress(()),  # type: ignore[arg-type]
-                      lambda row: True, lambda reason: None, lambda endpoint, machine: None)
-    capture.open({"method": "GET", "headers": [(b"user-agent", b"M" * 500_000)],
-                  "client": ("203.0.113.1", 1)}, OpenToken(1, 1, 1, 0))
+                      None, Nobody(), Nobody())  # type: ignore[arg-type]
+    capture.record("open", {"method": "GET", "headers": [(b"user-agent", b"M" * 500_000)],
+                            "client": ("203.0.113.1", 1)}, OpenToken(1, 1, 1, 0), 0)
     assert seen == ["M" * MAX_AGENT_BYTES]
 
 
@@ -490,8 +499,8 @@ async def test_a_streamed_body_past_the_limit_is_refused_without_holding_it() ->
         return {"type": "http.request", "body": chunk, "more_body": sent < 10_000}
 
     request = Request({"type": "http", "method": "POST", "path": "/", "headers": []}, receive)
-    with pytest.raises(ApiError) as refused:
-        await _body(request)
+    with pytest.raises(HttpError) as refused:
+        await json_body(request)
     assert refused.value.status == 413
     assert sent == MAX_BODY_BYTES // len(chunk) + 1  # stopped at the first chunk past it
 

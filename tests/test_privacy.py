@@ -194,7 +194,7 @@ async def test_retention_drops_expired_days_trims_shared_ones_and_reports_keep_t
                          max_buffered=1000)
     try:
         for item in plan:
-            assert writer.add(item.record())
+            assert writer.add(item.record()) is None
         assert await writer.flush() == len(plan)
         before = {name: await reports.campaign_report(db, a, c) for name, (a, c, _, _)
                   in ids.items()}

@@ -29,7 +29,8 @@ import httpx
 import orjson
 import pytest
 
-from tracker.ingest.endpoints import Capture, ClientAddress
+from tracker.ingest.addresses import ClientAddress
+from tracker.ingest.capture import Capture
 from tracker.ingest.geo import no_location
 from tracker.ingest.pipeline import DropReason, EventRecord, Pipeline
 from tracker.ingest.policy import Policy, PolicyBook
@@ -312,32 +313,39 @@ async def test_hits_wait_while_a_change_cannot_be_read_and_are_then_recorded_und
     policies = PolicyBook()
     policies.put(1, 1, Policy(), recording=True)
 
-    def add(row: EventRecord) -> bool:
-        recorded.append(row)
-        return True
+    class Writer:
+        def add(self, row: EventRecord) -> None:
+            recorded.append(row)
+
+        def synced(self) -> None:
+            return None
+
+    class Counter:
+        def count_hit(self, endpoint: str, machine: bool) -> None:
+            pass
+
+        def count_drop(self, reason: DropReason) -> None:
+            dropped.append(reason)
 
     capture = Capture(Signer(["k" * 32]), Pipeline(policies, parse_agent, no_location),
-                      ClientAddress(()), add, dropped.append, lambda endpoint, machine: None)
-    capture.screen = book.screen
-    capture.behind, capture.wake = sync.behind, sync.wake
+                      ClientAddress(()), Writer(), Counter(), book, sync)
     released = asyncio.Event()
 
     def release() -> None:
         capture.release_held()
         released.set()
 
-    sync.release = release
-    sync.start()
+    sync.start(release)
     try:
         scope = {"method": "GET", "headers": [(b"user-agent", CHROME.encode())],
                  "client": ("203.0.113.1", 1)}
-        capture.open(scope, OpenToken(1, 1, 10, 0, 6), at_us=1_000)
+        capture.record("open", scope, OpenToken(1, 1, 10, 0, 6), 1_000)
         assert recorded and not sync.behind()  # current: recorded at once
         assert sync.shared is not None
         sync.shared.change(erasure=False)  # another worker opts recipient 5 out
         assert sync.behind()
-        capture.open(scope, OpenToken(1, 1, 11, 0, 5), at_us=2_000)
-        capture.open(scope, OpenToken(1, 1, 12, 0, 6), at_us=3_000)
+        capture.record("open", scope, OpenToken(1, 1, 11, 0, 5), 2_000)
+        capture.record("open", scope, OpenToken(1, 1, 12, 0, 6), 3_000)
         assert len(recorded) == 1 and capture.held == 2 and not dropped
         await asyncio.wait_for(released.wait(), 10)
         assert capture.held == 0 and not sync.behind()

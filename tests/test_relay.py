@@ -607,7 +607,8 @@ def test_a_relay_started_while_the_api_is_down_relays_and_checks_the_key_once_it
     finally:
         later.stop()
     assert process.returncode == 1, stderr
-    assert re.search(r"WARNING tracker\.relay: the tracker API at \S+ does not answer", stderr)
+    assert re.search(r"WARNING tracker\.mail\.relay: the tracker API at \S+ does not answer",
+                     stderr)
     assert stderr.strip().splitlines()[-1].startswith(
         "tracker: error: TRACKER_API_KEY: the tracker API at "), stderr
     assert "Traceback" not in stderr

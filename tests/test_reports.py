@@ -212,7 +212,7 @@ async def writers(dsn: str) -> AsyncIterator[list[BatchWriter]]:
 
 async def write(writer: BatchWriter, events: Iterable[Event]) -> int:
     for e in events:
-        assert writer.add(e.record())
+        assert writer.add(e.record()) is None
     return await writer.flush()
 
 

@@ -152,7 +152,7 @@ async def test_flush_writes_buffered_rows_exactly_as_given(
     writer = writers()
     batch = [*rows(3), row(kind=CLICK)]
     for item in batch:
-        assert writer.add(item)
+        assert writer.add(item) is None
     assert writer.buffered == 4
     assert await writer.flush() == 4
     assert writer.buffered == 0
@@ -415,16 +415,16 @@ async def test_buffer_bound_drops_new_rows_with_reason_buffer_full(
     reasons: list[DropReason] = []
     writer = writers(max_buffered=3, on_drop=reasons.append)
     batch = rows(5)
-    accepted = [writer.add(item) for item in batch]
-    assert accepted == [True, True, True, False, False]
+    refused = [writer.add(item) for item in batch]
+    assert refused == [None, None, None, DropReason.BUFFER_FULL, DropReason.BUFFER_FULL]
     assert writer.buffered == 3
     assert writer.stats.dropped == {DropReason.BUFFER_FULL: 2}
     assert writer.stats.dropped.get("buffer_full") == 2
-    assert reasons == [DropReason.BUFFER_FULL] * 2
+    assert reasons == []  # refused at once: the caller counts them (ingest/capture.py)
     await writer.flush()
     # The oldest rows were kept; the ones past the bound were dropped.
     assert sorted(as_tuple(r) for r in await stored(db)) == sorted(expected(b) for b in batch[:3])
-    assert writer.add(row())
+    assert writer.add(row()) is None
 
 
 async def test_close_flushes_what_is_left(writers: Writers, db: asyncpg.Connection) -> None:
@@ -496,7 +496,7 @@ async def test_close_during_a_background_write_still_writes_everything_once(
     writer = writers(batch_size=500, interval_s=3600)
     writer.start()
     for item in rows(1500):
-        assert writer.add(item)
+        assert writer.add(item) is None
 
     async def inserting() -> bool:
         return bool(await db.fetchval(
@@ -537,7 +537,7 @@ async def test_close_that_cancels_a_write_just_after_begin_loses_nothing(
     writer = writers(connect_fn=connect_pausing, batch_size=100, interval_s=3600)
     writer.start()
     for item in rows(300):
-        assert writer.add(item)
+        assert writer.add(item) is None
     await asyncio.wait_for(paused.wait(), 10)
     left = await writer.close(5.0)
     stored_rows = await db.fetchval("select count(*) from events")

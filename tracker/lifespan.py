@@ -11,8 +11,9 @@ from pathlib import Path
 import asyncpg
 
 from tracker.ingest import geo
+from tracker.ingest.addresses import ClientAddress
+from tracker.ingest.capture import Capture
 from tracker.ingest.classify import Classifier
-from tracker.ingest.endpoints import Capture, ClientAddress
 from tracker.ingest.pipeline import Pipeline
 from tracker.ingest.policy import Policy, PolicyBook
 from tracker.ingest.rules import load_rules
@@ -93,17 +94,12 @@ class Runtime:
         if locate is geo.no_location and self.settings.geoip_fetch == "on":
             self._geo_watch = asyncio.create_task(self._adopt_fetched_geo_database(pipeline),
                                                   name="tracker-geo-watch")
-        self.capture = Capture(self.signer, pipeline, ClientAddress(self.settings.trusted_proxies),
-                               self.writer.add, self.metrics.count_drop,
-                               self.metrics.count_hit,
-                               sync=self.writer.synced if durable else None)
-        self.capture.screen = self.suppressions.screen
-        if self.privacy.shared is not None:
-            self.capture.behind = self.privacy.behind
-        self.capture.wake = self.privacy.wake
-        self.capture.max_held = self.settings.buffer_max_events
-        self.privacy.release = self.capture.release_held
-        self.privacy.start()
+        self.capture = Capture(
+            self.signer, pipeline, ClientAddress(self.settings.trusted_proxies), self.writer,
+            self.metrics, self.suppressions,
+            self.privacy if self.privacy.shared is not None else None,
+            durable=durable, max_held=self.settings.buffer_max_events)
+        self.privacy.start(release=self.capture.release_held)
         self.jobs = Jobs(self.pool)
         self.jobs.start()
         self._share_metrics()
@@ -140,6 +136,10 @@ class Runtime:
         if journal.adopt_orphans():
             log.info("replaying %d events left in the journal", journal.pending_events)
         return journal
+
+    async def ping_database(self) -> object:
+        """Whether PostgreSQL answers (`/readyz`): raises if it does not."""
+        return await self.pool.fetchval("select 1")
 
     def remember_campaign(self, account_id: int, campaign_id: int, policy: Policy,
                           recording: bool) -> None:

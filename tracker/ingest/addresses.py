@@ -1,4 +1,5 @@
-"""IP addresses from text, parsed by the C library rather than `ipaddress`.
+"""IP addresses from text, parsed by the C library rather than `ipaddress`, and the
+client's address from the peer and X-Forwarded-For (`ClientAddress`).
 
 Every reader opens and clicks from an address of their own, so the hit path's caches
 keyed by address (trusted proxy, stored form, Apple's ranges) miss on much real
@@ -114,3 +115,79 @@ class Networks:
     def __contains__(self, raw: bytes) -> bool:
         value = int.from_bytes(raw)
         return any(value & mask == network for network, mask in self._masks.get(len(raw), ()))
+
+
+_MAX_FORWARDED_CHARS = 2048
+
+
+class ClientAddress:
+    """The client's address: the peer, or from X-Forwarded-For when the peer is a trusted proxy.
+
+    The right-most address not in a trusted network is the client: everything to its
+    left was written by parties we cannot vouch for, and is not read. When what our own
+    proxies wrote (the elements from the right up to the client's) is malformed, or the
+    header is longer than any real chain writes and the client is not within its last
+    _MAX_FORWARDED_CHARS, the client is unknown (None): never the proxy, whose address
+    would be located, stored and, on loopback, exempt from the sign-in throttle. Addresses
+    come out canonical, IPv4-mapped IPv6 (what a dual-stack listener reports for IPv4
+    peers) as plain IPv4, so geolocation and truncation see IPv4.
+    """
+
+    def __init__(self, trusted: Iterable[IPv4Network | IPv6Network]) -> None:
+        self._trusted = Networks(trusted)
+        self._known: dict[str, tuple[str | None, bool]] = {}
+
+    def _lookup(self, text: str) -> tuple[str | None, bool]:
+        """(canonical address or None if not one, whether it is a trusted proxy); cached."""
+        known = self._known.get(text)
+        if known is None:
+            raw = packed(text)
+            address, trusted = (None, False) if raw is None else (text_of(raw),
+                                                                   raw in self._trusted)
+            if len(self._known) >= 4096:
+                self._known.clear()  # junk headers must not grow memory without bound
+            known = self._known[text] = (address, trusted)
+        return known
+
+    def is_trusted(self, address: str) -> bool:
+        return self._lookup(address)[1]
+
+    def resolve(self, peer: str | None, forwarded: bytes | None) -> str | None:
+        if peer is None:
+            return None
+        client, trusted = self._lookup(peer)
+        if forwarded is None or not trusted:
+            return client
+        cut = len(forwarded) > _MAX_FORWARDED_CHARS
+        hops = forwarded[-_MAX_FORWARDED_CHARS:].decode("latin-1").split(",")
+        if cut:
+            del hops[0]  # cut short, perhaps in the middle of an address
+        address = None
+        for part in reversed(hops):
+            host = _host(part.strip())
+            address, hop_trusted = self._lookup(host) if host is not None else (None, False)
+            if address is None or not hop_trusted:
+                return address
+        # Every address a trusted proxy: the left-most, unless the header went on further.
+        return None if cut else address
+
+
+def _host(hop: str) -> str | None:
+    """The address in an X-Forwarded-For element, with an optional port; None if malformed."""
+    if hop.startswith("["):  # "[2001:db8::1]" or "[2001:db8::1]:443"
+        end = hop.find("]")
+        if end < 0 or not _is_port_suffix(hop[end + 1:]):
+            return None
+        return hop[1:end]
+    if hop.count(":") == 1:  # "203.0.113.9:443"
+        host, _, port = hop.partition(":")
+        return host if _is_port_suffix(":" + port) else None
+    return hop
+
+
+def _is_port_suffix(rest: str) -> bool:
+    if not rest:
+        return True
+    port = rest[1:]
+    return (rest[0] == ":" and port.isascii() and port.isdigit() and len(port) <= 5
+            and 1 <= int(port) <= 65535)

@@ -21,9 +21,7 @@ request through this module for support questions.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 from crawlerdetect import CrawlerDetect
 
@@ -80,23 +78,6 @@ class AgentClass:
     client_click: str | None = None  # ... a click (a browser says nothing of the mail client)
 
 
-class Relabel(NamedTuple):
-    """Clicks already recorded as human that a later hit shows were a machine's.
-
-    Emitted when a burst becomes evident (by the click that completes it) and on every
-    honeypot hit. Whoever owns the stored events re-labels the message's human clicks
-    with `since_us <= at_us <= until_us` as machine with `reason`; the same worker
-    labels the clicks that come after the signal itself. Idempotent: applying it twice
-    changes nothing."""
-
-    account_id: int
-    campaign_id: int
-    message_id: int
-    since_us: int
-    until_us: int
-    reason: str
-
-
 class _Recent:
     """One message's recent clicks, for the burst and honeypot rules."""
 
@@ -127,9 +108,11 @@ class Explanation:
 class Classifier:
     """The rules, compiled, with the caches and the per-message memory they need.
 
-    One per worker. `on_relabel` receives the re-labelling signals (see `Relabel`)."""
+    One per worker. The clicks stored as a reader's before a burst or a honeypot hit
+    showed them to be a machine's are re-labelled where the events are written, from the
+    stored rows (store/rollups.py)."""
 
-    def __init__(self, rules: Rules, on_relabel: Callable[[Relabel], None] | None = None) -> None:
+    def __init__(self, rules: Rules) -> None:
         self.rules = rules
         timing = rules.timing
         self._too_soon_us = timing.too_soon_seconds * _US
@@ -143,7 +126,6 @@ class Classifier:
         self._agents: dict[str, AgentClass] = {}
         self._networks: dict[str, tuple[bool, bool, str | None]] = {}
         self._scanner_us = timing.scanner_network_seconds * _US
-        self._on_relabel = on_relabel
         self._crawlers: CrawlerDetect | None = None
         if rules.crawlerdetect:
             self._crawlers = CrawlerDetect()
@@ -268,7 +250,6 @@ class Classifier:
                 del clicks[position]
             if len(clicks) >= self._burst_links:
                 recent.burst_until = at_us + window
-                self._signal(token, min(clicks.values()), at_us, BURST)
                 clicks.clear()
                 return BURST
         return verdict
@@ -313,16 +294,6 @@ class Classifier:
 
     def _honeypot_hit(self, token: ClickToken, at_us: int) -> None:
         self._remembered(token).honeypot_until = at_us + self._honeypot_us
-        self._signal(token, at_us - self._honeypot_us, at_us, HONEYPOT)
-
-    def _signal(self, token: ClickToken, since_us: int, until_us: int, verdict: Verdict) -> None:
-        assert verdict.reason is not None
-        relabel = Relabel(token.account_id, token.campaign_id, token.message_id, since_us,
-                          until_us, verdict.reason)
-        if self._on_relabel is None:
-            log.debug("re-label not wired: %s", relabel)
-        else:
-            self._on_relabel(relabel)
 
     # --- for support questions ------------------------------------------------------
 

@@ -92,9 +92,6 @@ class SuppressionBook:
         after = self._recipients.get(key)
         return after is not None and after[1] is DropReason.ERASED and after != before
 
-    def suppressed(self, account_id: int, recipient_key: int) -> bool:
-        return (account_id, recipient_key) in self._recipients
-
     def set_accounts(self, accounts: dict[int, AccountState]) -> None:
         """Every account that is not as the default (deleted, or ignoring the signals)."""
         self._accounts = accounts

@@ -181,8 +181,8 @@ class PrivacySync:
     `refresh` reads the policies and suppressions changed since the last read into this
     worker's books, and says whether they hold an erasure it did not know of; `flush`
     writes out what the worker captured so far, leaving none of it in the journal (both
-    raise on a database error); `release` records the held hits (called once a change is
-    applied).
+    raise on a database error); `release`, given to `start`, records the held hits
+    (called once a change is applied).
     """
 
     def __init__(self, data_dir: Path, refresh: Callable[[], Awaitable[bool]],
@@ -190,7 +190,7 @@ class PrivacySync:
         self._data_dir = data_dir
         self._refresh = refresh
         self._flush = flush
-        self.release: Callable[[], None] = lambda: None
+        self._release: Callable[[], None] = lambda: None
         self.shared: SharedGeneration | None = None
         self._slot: int | None = None
         self._doorbell: socket.socket | None = None
@@ -219,8 +219,10 @@ class PrivacySync:
             log.warning("no free slot in %s: this worker's confirmations are not waited for",
                         self.shared.path)
 
-    def start(self) -> None:
-        """After the books are loaded and hits can be recorded: ready to confirm changes."""
+    def start(self, release: Callable[[], None]) -> None:
+        """After the books are loaded and hits can be recorded (`release` records the hits
+        held for a change): ready to confirm changes."""
+        self._release = release
         if self.shared is not None:
             self._open_doorbell(self.shared)
             if self._slot is not None:
@@ -315,7 +317,7 @@ class PrivacySync:
                     async with self._refreshing:
                         await self._refresh()
                     self.applied = generation
-                    self.release()  # the held hits, under the rules read just now
+                    self._release()  # the held hits, under the rules read just now
                     self._confirm()
                 if erasure != self._erasure:
                     await self._flush()

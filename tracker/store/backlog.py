@@ -11,9 +11,10 @@ per interval. In durable mode (TRACKER_DURABILITY=journal) every event goes to t
 journal before its hit is answered: the events added while one append and fsync run go
 together in the next (group commit), and they too are held back only by the journal's room.
 
-The batch writer (store/writer.py) takes events from the front of `rows`, puts back in front
-what it could not write, and reads the journal back into PostgreSQL; this module only
-decides what stays in memory, what goes to disk, and what is lost.
+The batch writer (store/writer.py) takes events from the front (`take`, `front` and
+`discard`), puts back in front what it could not write (`put_back`), and reads the
+journal back into PostgreSQL; this module only decides what stays in memory, what goes
+to disk, and what is lost.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class Backlog:
                  on_drop: Callable[[DropReason], None] | None = None) -> None:
         if durable and journal is None:
             raise ValueError("a durable writer needs a journal")
-        self.rows: list[EventRecord] = []  # oldest first
+        self._rows: list[EventRecord] = []  # oldest first
         self.journal = journal
         self._batch_size = batch_size
         self._max_rows = max_rows
@@ -84,29 +85,57 @@ class Backlog:
         self._reported_at = 0.0
 
     @property
+    def waiting(self) -> int:
+        """Events in memory that no write has taken yet."""
+        return len(self._rows)
+
+    def take(self, count: int) -> list[EventRecord]:
+        """The oldest `count` events, taken out."""
+        taken = self._rows[:count]
+        del self._rows[:count]
+        return taken
+
+    def front(self, count: int) -> list[EventRecord]:
+        """The oldest `count` events, left in place (`discard` them once taken)."""
+        return self._rows[:count]
+
+    def discard(self, count: int) -> None:
+        del self._rows[:count]
+
+    def put_back(self, rows: list[EventRecord]) -> None:
+        """Events a write took and did not write (or is in doubt about), in front of
+        anything newer; nothing is dropped (`restore` keeps memory's bound)."""
+        self._rows[:0] = rows
+
+    async def journal_the_rest(self) -> int:
+        """At shutdown: what memory holds into the journal; returns how many are left."""
+        kept = await self.to_journal(self._rows)
+        del self._rows[:kept]
+        return len(self._rows)
+
+    @property
     def in_memory(self) -> int:
         """Events here in memory only: waiting, being spilled, or waiting for their group
         commit."""
-        return len(self.rows) + self._spilling + len(self._pending)
+        return len(self._rows) + self._spilling + len(self._pending)
 
     @property
     def unwritten(self) -> bool:
         """Whether anything here, in memory or in the journal, waits for PostgreSQL."""
-        return bool(self.rows or self._spilling or self._pending
+        return bool(self._rows or self._spilling or self._pending
                     or (self.journal is not None and self.journal.pending_events))
 
-    def add(self, row: EventRecord) -> bool:
-        """Queue an event; never blocks. False if it had to be dropped (memory full, and
-        the journal full, failing or absent)."""
+    def add(self, row: EventRecord) -> DropReason | None:
+        """Queue an event; never blocks. The reason it cannot be taken (memory full, and
+        the journal full, failing or absent), for the caller to count; else None."""
         if self._durable:
             return self._add_pending(row)
-        if len(self.rows) >= self._max_rows and not self.spill_rows():
-            self.drop(self._full_reason())
-            return False
-        self.rows.append(row)
-        if len(self.rows) >= self._batch_size:
+        if len(self._rows) >= self._max_rows and not self.spill_rows():
+            return self._refused(self._full_reason())
+        self._rows.append(row)
+        if len(self._rows) >= self._batch_size:
             self._on_batch()
-        return True
+        return None
 
     def synced(self) -> Awaitable[bool] | None:
         """Durable: what a hit awaits before it is answered. Done once every event added so
@@ -139,19 +168,25 @@ class Backlog:
 
     def restore(self, rows: list[EventRecord]) -> None:
         """Put rows back in front of anything newer; memory's bound decides what is kept."""
-        self.rows[:0] = rows
-        excess = len(self.rows) - self._max_rows
+        self._rows[:0] = rows
+        excess = len(self._rows) - self._max_rows
         if excess > 0:
-            del self.rows[-excess:]
+            del self._rows[-excess:]
             reason = self._full_reason()
             for _ in range(excess):
                 self.drop(reason)
 
     def drop(self, reason: DropReason) -> None:
-        self._stats.dropped[reason] = self._stats.dropped.get(reason, 0) + 1
-        self._unreported[reason] += 1
+        """An event taken before is lost (counted here: its hit was counted as recorded)."""
+        self._refused(reason)
         if self._on_drop is not None:
             self._on_drop(reason)
+
+    def _refused(self, reason: DropReason) -> DropReason:
+        """Noted for the writer's statistics and the log (the caller counts it)."""
+        self._stats.dropped[reason] = self._stats.dropped.get(reason, 0) + 1
+        self._unreported[reason] += 1
+        return reason
 
     def report_drops(self, force: bool = False) -> None:
         """One log line per interval for the drops of that interval, never one per event."""
@@ -192,11 +227,11 @@ class Backlog:
         takes them all."""
         if self.journal is None:
             return False
-        if self.rows:
-            size = _size(self.rows)
+        if self._rows:
+            size = _size(self._rows)
             if not self._journal_takes(size):
                 return False
-            batch, self.rows = self.rows, []
+            batch, self._rows = self._rows, []
             self._spills.append((batch, size))
             self._spilling += len(batch)
             self._spilling_bytes += size
@@ -267,17 +302,16 @@ class Backlog:
 
     # -- group commit (durable) -------------------------------------------------------------
 
-    def _add_pending(self, row: EventRecord) -> bool:
+    def _add_pending(self, row: EventRecord) -> DropReason | None:
         # Past memory's bound (the disk is not keeping up), only while the journal has room.
         size = len(row[0])
-        if (len(self._pending) + len(self.rows) >= self._max_rows
+        if (len(self._pending) + len(self._rows) >= self._max_rows
                 and not self._journal_takes(size)):
-            self.drop(self._full_reason())
-            return False
+            return self._refused(self._full_reason())
         self._pending.append(row)
         self._pending_bytes += size
         self._commit_wake.set()
-        return True
+        return None
 
     async def _commit_forever(self) -> None:
         """Group commit: the events that arrived during one append + fsync go in the next."""

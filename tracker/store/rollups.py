@@ -21,12 +21,12 @@ transaction, one statement per step, in this order:
 
 Unique counts are kept as per-message human counts (`rollup_message`,
 `rollup_message_link`): a message is opened while it has a human open or click.
-Re-labelling works from stored rows, not from ingest/classify.py's in-memory `Relabel`
-signals: a click before the trigger is found whichever worker stored it, and so is one
-after it; a replay or a restart loses nothing. The window is symmetric, and covers the
-signal's (a honeypot: `honeypot_seconds` before the hit; a burst: its clicks, all within
-`burst_seconds`). The triggers: a hit on the honeypot link itself, and every click
-labelled burst (so a burst that goes on extends its window, as ingest/classify.py's rule does).
+Re-labelling works from stored rows: a click before the trigger is found whichever
+worker stored it, and so is one after it; a replay or a restart loses nothing. The
+window is symmetric, and covers the signal's (a honeypot: `honeypot_seconds` before the
+hit; a burst: its clicks, all within `burst_seconds`). The triggers: a hit on the
+honeypot link itself, and every click labelled burst (so a burst that goes on extends
+its window, as ingest/classify.py's rule does).
 
 Nothing here reads raw events back except the re-label's look at one message's clicks
 within seconds of a trigger, so retention can drop old event partitions and every total

@@ -106,9 +106,9 @@ class BatchWriter:
     def healthy(self) -> bool:
         return self._failing_since is None
 
-    def add(self, row: EventRecord) -> bool:
-        """Queue an event; never blocks. False if it had to be dropped (memory full, and
-        the journal full or absent)."""
+    def add(self, row: EventRecord) -> DropReason | None:
+        """Queue an event; never blocks. Why it cannot be taken (memory full, and the
+        journal full or absent), for the caller to count; else None."""
         return self._backlog.add(row)
 
     def synced(self) -> Awaitable[bool] | None:
@@ -179,10 +179,10 @@ class BatchWriter:
                     # Not written (or in doubt), or sorted into lanes and not taken yet: back
                     # in front of anything newer. (Even if cancelled again while the writes
                     # wind down: one that commits after all is written twice, counted once.)
-                    self._backlog.rows[:0] = [
+                    self._backlog.put_back([
                         *(row for taken in sorted(self._inflight)
                           for row in self._inflight[taken]),
-                        *(row for queue in self._lanes for row in queue)]
+                        *(row for queue in self._lanes for row in queue)])
                     self._inflight.clear()
                     for queue in self._lanes:
                         queue.clear()
@@ -269,21 +269,18 @@ class BatchWriter:
         what one has moved)."""
         queue = self._lanes[lane]
         if self._connections == 1:
-            need = self._batch_size - len(queue)
-            queue += self._backlog.rows[:need]
-            del self._backlog.rows[:need]
+            queue += self._backlog.take(self._batch_size - len(queue))
             return
         lanes = self._lanes
         while True:
-            # Read anew each slice: a spill in between replaces the list.
-            rows = self._backlog.rows
+            # Read anew each slice: a spill in between changes what is waiting.
             need = self._batch_size - len(queue)
             room = min(self._connections * self._batch_size - sum(len(q) for q in lanes),
                        _SORT_SLICE)
-            if need <= 0 or room <= 0 or not rows:
+            if need <= 0 or room <= 0 or not self._backlog.waiting:
                 return
             moved = 0
-            for record in rows[:room]:
+            for record in self._backlog.front(room):
                 moved += 1
                 target = lanes[self._lane_of(record[0])]
                 target.append(record)
@@ -291,7 +288,7 @@ class BatchWriter:
                     need -= 1
                     if not need:
                         break
-            del rows[:moved]
+            self._backlog.discard(moved)
             await asyncio.sleep(0)
 
     def _lane_of(self, line: str) -> int:
@@ -349,11 +346,9 @@ class BatchWriter:
                     break  # no need to wait out the timeout: the journal keeps the rest
                 await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
         await backlog.settle()
-        left = len(backlog.rows)
+        left = backlog.waiting
         if left and self._journal is not None:
-            kept = await backlog.to_journal(backlog.rows)
-            del backlog.rows[:kept]
-            left -= kept
+            left = await backlog.journal_the_rest()
         if left:
             log.error("%d events could not be written before shutdown and are lost", left)
         if self._journal is not None:
@@ -402,7 +397,7 @@ class BatchWriter:
                 continue
             if self._failing_since is not None:
                 log.warning("writing events again after %.1f s; %d queued",
-                            time.monotonic() - self._failing_since, len(self._backlog.rows))
+                            time.monotonic() - self._failing_since, self._backlog.waiting)
                 self._failing_since = None
             delay = _RETRY_FIRST_S
             await self._adopt_now_and_then()

@@ -31,12 +31,13 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from tracker.ingest.endpoints import ClientAddress
+from tracker.ingest.addresses import ClientAddress
 from tracker.lifespan import Runtime
 from tracker.store import accounts, campaigns, reports
 from tracker.store.queries import QUERIES
 from tracker.web import sessions
 from tracker.web.charts import campaign_view, short_url, when
+from tracker.web.http import UNAVAILABLE, HttpError
 from tracker.web.sessions import SESSION_LIFETIME_S, Session, SessionKeys, key_id_of
 from tracker.web.throttle import client_of
 
@@ -67,11 +68,6 @@ SECURITY_HEADERS = {
     "cross-origin-resource-policy": "same-origin",
 }
 
-# What a request meets while PostgreSQL is down (the same set web/api.py answers 503 for).
-_UNAVAILABLE = (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-                asyncpg.CannotConnectNowError, asyncpg.OperatorInterventionError,
-                asyncpg.InternalClientError)
-
 # Named-query candidates for sql/queries.sql (kept here while store/reports.py is being moved
 # to rollups, so the two changes do not collide in one file).
 _CAMPAIGN_MESSAGES = """
@@ -90,13 +86,6 @@ where m.account_id = $1 and m.campaign_id = $2 and ($3::bigint is null or m.id <
 order by m.id desc
 limit $4
 """
-
-
-class _PageError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 class _Redirect(Exception):
@@ -169,10 +158,10 @@ class Dashboard:
                 response = self._render("continue.html", None, location=exc.location)
             except _Redirect as exc:
                 response = RedirectResponse(exc.location, status_code=303)
-            except _PageError as exc:
+            except HttpError as exc:  # the API's error, as a page
                 response = self._render("error.html", None, status=exc.status,
-                                        message=exc.message)
-            except _UNAVAILABLE as exc:
+                                        headers=exc.headers, message=exc.message)
+            except UNAVAILABLE as exc:
                 log.warning("database unavailable for %s %s: %s", request.method,
                             request.url.path, type(exc).__name__)
                 response = self._render("error.html", None, status=503, headers={
@@ -295,7 +284,7 @@ class Dashboard:
         visit = await self._visit(request)
         if visit is not None and not (_same_origin(request) and self._sessions.check_csrf(
                 visit.session, form.get("csrf_token", ""))):
-            raise _PageError(403, "This form is missing its security token; reload the page "
+            raise HttpError(403, "This form is missing its security token; reload the page "
                                   "and try again.")
         if visit is not None:
             await sessions.sign_out(self._runtime.pool, visit.session)
@@ -344,7 +333,7 @@ class Dashboard:
         activity = await reports.message_activity(self._runtime.pool, visit.account_id,
                                                   _object_id(request))
         if activity is None:
-            raise _PageError(404, "There is no such message.")
+            raise HttpError(404, "There is no such message.")
         events = [{**e, "at": datetime.fromisoformat(e["at"])} for e in activity["events"]]
         human = [e["type"] for e in events if not e["machine"]]
         return self._render("message.html", visit, message=activity, events=events,
@@ -379,20 +368,20 @@ async def _form(request: Request) -> dict[str, str]:
     async for chunk in request.stream():
         body += chunk
         if len(body) > _MAX_FORM_BYTES:
-            raise _PageError(413, "That form is too large.")
+            raise HttpError(413, "That form is too large.")
     if media_type != "application/x-www-form-urlencoded":
         return {}
     try:
         fields = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True,
                           max_num_fields=16)
     except ValueError:
-        raise _PageError(400, "That form has too many fields.") from None
+        raise HttpError(400, "That form has too many fields.") from None
     return {name: values[0] for name, values in fields.items()}
 
 
 def _parse_id(raw: str) -> int:
     if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or int(raw) > _MAX_ID:
-        raise _PageError(404, "There is no such page.")
+        raise HttpError(404, "There is no such page.")
     return int(raw)
 
 
@@ -405,14 +394,14 @@ def _zone(request: Request) -> tuple[str, ZoneInfo]:
     try:
         return tz, reports.zone(tz)
     except reports.UnknownTimeZone:
-        raise _PageError(400, f"Unknown time zone {tz!r}.") from None
+        raise HttpError(400, f"Unknown time zone {tz!r}.") from None
 
 
 async def _own_campaign(conn: asyncpg.Connection, account_id: int,
                         campaign_id: int) -> asyncpg.Record:
     row = await campaigns.get(conn, account_id, campaign_id)
     if row is None:  # someone else's or deleted: the same answer, so nothing is revealed
-        raise _PageError(404, "There is no such campaign.")
+        raise HttpError(404, "There is no such campaign.")
     return row
 
 

@@ -27,7 +27,7 @@ BACKLOG_BATCHES = 10
 
 
 @dataclass(frozen=True)
-class Verdict:
+class ReadinessState:
     ready: bool
     checks: dict[str, str]  # check -> "ok" or what is wrong
 
@@ -55,9 +55,9 @@ class Readiness:
         self._checked_at: float | None = None
         self._database = "not checked"
 
-    async def check(self) -> Verdict:
+    async def check(self) -> ReadinessState:
         checks = {"database": await self._database_state(), "writer": self._writer_state()}
-        return Verdict(all(state == "ok" for state in checks.values()), checks)
+        return ReadinessState(all(state == "ok" for state in checks.values()), checks)
 
     async def _database_state(self) -> str:
         async with self._lock:  # one probe at a time; the others read its answer

@@ -1,4 +1,4 @@
-"""The privacy lifecycle's endpoints (docs/privacy.md), mounted by api.build_api.
+"""The privacy lifecycle's endpoints (docs/privacy.md).
 
 - `GET|PATCH /api/account`: the account's default retention, and whether Sec-GPC / DNT
   are honoured. (Deleting an account is the operator's: `tracker accounts delete`.)
@@ -9,13 +9,12 @@
 
 An address is the rest of the path (`ada@example.com`, or percent-encoded
 `ada%40example.com`); one with a `/` in it is named with `%2F` or as is. Addresses are
-checked by privacy.check_address, the check registration makes: every recipient that
-could be registered can be exported, opted out and erased.
+checked by `check_address` (privacy/recipients.py), the check registration makes: every
+recipient that could be registered can be exported, opted out and erased.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -26,11 +25,11 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from tracker.ingest.policy import MAX_RETENTION_DAYS
-from tracker.lifespan import Runtime
 from tracker.privacy import data_subjects, notice
 from tracker.privacy.recipients import PRIVACY_QUERIES, InvalidAddress, check_address
 from tracker.store import campaigns
-from tracker.web.api import JSON, ApiError, _body, _object_id
+from tracker.web.campaigns_api import own_campaign
+from tracker.web.http import JSON, HttpError, authenticated, json_object, object_id, runtime_of
 
 
 class _AddressConvertor(Convertor[str]):
@@ -49,114 +48,111 @@ class _AddressConvertor(Convertor[str]):
 
 register_url_convertor("address", _AddressConvertor())
 
-Handler = Callable[[Request, int], Awaitable[Response]]
-Authenticated = Callable[[Handler], Callable[[Request], Awaitable[Response]]]
 _ACCOUNT_FIELDS = {"retention_days", "honour_privacy_signals"}
 
 
-def routes(runtime: Runtime, authenticated: Authenticated) -> list[Route]:
-    def address_of(request: Request) -> str:
-        try:
-            return check_address(request.path_params["address"])
-        except InvalidAddress as exc:
-            raise ApiError(422, str(exc)) from None
+def _address(request: Request) -> str:
+    try:
+        return check_address(request.path_params["address"])
+    except InvalidAddress as exc:
+        raise HttpError(422, str(exc)) from None
 
-    async def get_account(request: Request, account_id: int) -> Response:
-        row = await runtime.pool.fetchrow(PRIVACY_QUERIES.account_settings, account_id)
+
+@authenticated
+async def get_account(request: Request, account_id: int) -> Response:
+    row = await runtime_of(request).pool.fetchrow(PRIVACY_QUERIES.account_settings, account_id)
+    if row is None:
+        raise HttpError(404, "account not found")
+    return JSON(_account_json(row))
+
+
+@authenticated
+async def patch_account(request: Request, account_id: int) -> Response:
+    runtime = runtime_of(request)
+    body = await json_object(request, _ACCOUNT_FIELDS)
+    async with runtime.pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(PRIVACY_QUERIES.account_settings, account_id)
         if row is None:
-            raise ApiError(404, "account not found")
-        return JSON(_account_json(row))
+            raise HttpError(404, "account not found")
+        days = body.get("retention_days", row["retention_days"])
+        if days is not None and (isinstance(days, bool) or not isinstance(days, int)
+                                 or not 1 <= days <= MAX_RETENTION_DAYS):
+            raise HttpError(422, f"retention_days: must be null or 1 to {MAX_RETENTION_DAYS}")
+        honour = body.get("honour_privacy_signals", row["honour_privacy_signals"])
+        if not isinstance(honour, bool):
+            raise HttpError(422, "honour_privacy_signals: must be true or false")
+        updated = await conn.fetchrow(PRIVACY_QUERIES.update_account_settings, account_id,
+                                      days, honour)
+    runtime.suppressions.put_account(account_id, disabled=False, honours_signals=honour)
+    await runtime.privacy_changed()
+    return JSON(_account_json(updated))
 
-    async def patch_account(request: Request, account_id: int) -> Response:
-        body = await _body(request)
-        if not isinstance(body, dict):
-            raise ApiError(422, "the body must be a JSON object")
-        unknown = set(body) - _ACCOUNT_FIELDS
-        if unknown:
-            raise ApiError(422, f"unknown field(s): {', '.join(sorted(unknown))}")
-        async with runtime.pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(PRIVACY_QUERIES.account_settings, account_id)
-            if row is None:
-                raise ApiError(404, "account not found")
-            days = body.get("retention_days", row["retention_days"])
-            if days is not None and (isinstance(days, bool) or not isinstance(days, int)
-                                     or not 1 <= days <= MAX_RETENTION_DAYS):
-                raise ApiError(422, f"retention_days: must be null or 1 to {MAX_RETENTION_DAYS}")
-            honour = body.get("honour_privacy_signals", row["honour_privacy_signals"])
-            if not isinstance(honour, bool):
-                raise ApiError(422, "honour_privacy_signals: must be true or false")
-            updated = await conn.fetchrow(PRIVACY_QUERIES.update_account_settings, account_id,
-                                          days, honour)
-        runtime.suppressions.put_account(account_id, disabled=False, honours_signals=honour)
-        await runtime.privacy_changed()
-        return JSON(_account_json(updated))
 
-    async def restore_campaign(request: Request, account_id: int) -> Response:
-        campaign_id = _object_id(request, "id")
-        row = await runtime.pool.fetchrow(PRIVACY_QUERIES.restore_campaign, account_id,
-                                          campaign_id)
-        if row is None:
-            # Restoring a campaign that is not deleted changes nothing.
-            row = await campaigns.get(runtime.pool, account_id, campaign_id)
-            if row is None:
-                raise ApiError(404, "campaign not found")
-        runtime.remember_campaign(account_id, campaign_id, campaigns.policy_of(row),
-                                  recording=True)
-        await runtime.privacy_changed()
-        return JSON(campaigns.campaign_json(row))
+@authenticated
+async def restore_campaign(request: Request, account_id: int) -> Response:
+    runtime = runtime_of(request)
+    campaign_id = object_id(request)
+    row = await runtime.pool.fetchrow(PRIVACY_QUERIES.restore_campaign, account_id, campaign_id)
+    if row is None:  # restoring a campaign that is not deleted changes nothing
+        row = await own_campaign(runtime.pool, account_id, campaign_id)
+    runtime.remember_campaign(account_id, campaign_id, campaigns.policy_of(row), recording=True)
+    await runtime.privacy_changed()
+    return JSON(campaigns.campaign_json(row))
 
-    async def campaign_privacy(request: Request, account_id: int) -> Response:
-        row = await runtime.pool.fetchrow(PRIVACY_QUERIES.campaign_privacy, account_id,
-                                          _object_id(request, "id"))
-        if row is None:
-            raise ApiError(404, "campaign not found")
-        return JSON(notice.campaign_summary(row))
 
-    async def erase_recipient(request: Request, account_id: int) -> Response:
-        address = address_of(request)
-        erased = await data_subjects.erase(runtime.pool, account_id, address, runtime.suppressions,
-                                      lambda: runtime.privacy_changed(erasure=True))
-        if runtime.jobs is not None:
-            runtime.jobs.sweep_later(account_id, erased.recipient_key, erased.through,
-                                     list(erased.message_ids))
-        return JSON(erased.as_json())
+@authenticated
+async def campaign_privacy(request: Request, account_id: int) -> Response:
+    row = await runtime_of(request).pool.fetchrow(PRIVACY_QUERIES.campaign_privacy, account_id,
+                                                  object_id(request))
+    if row is None:
+        raise HttpError(404, "campaign not found")
+    return JSON(notice.campaign_summary(row))
 
-    async def export_recipient(request: Request, account_id: int) -> Response:
-        address = address_of(request)
-        async with runtime.pool.acquire() as conn, conn.transaction(
-                isolation="repeatable_read", readonly=True):
-            return JSON(await data_subjects.export(conn, account_id, address))
 
-    async def get_opt_out(request: Request, account_id: int) -> Response:
-        address = address_of(request)
-        state = await data_subjects.tracking_state(runtime.pool, account_id, address)
-        return JSON({"address": address, **state})
+@authenticated
+async def erase_recipient(request: Request, account_id: int) -> Response:
+    runtime = runtime_of(request)
+    erased = await data_subjects.erase(runtime.pool, account_id, _address(request),
+                                       runtime.suppressions,
+                                       lambda: runtime.privacy_changed(erasure=True))
+    if runtime.jobs is not None:
+        runtime.jobs.sweep_later(account_id, erased.recipient_key, erased.through,
+                                 list(erased.message_ids))
+    return JSON(erased.as_json())
 
-    async def opt_out(request: Request, account_id: int) -> Response:
-        address = address_of(request)
-        state = await data_subjects.opt_out(runtime.pool, account_id, address, runtime.suppressions)
-        await runtime.privacy_changed()
-        return JSON({"address": address, **state})
 
-    async def withdraw_opt_out(request: Request, account_id: int) -> Response:
-        address = address_of(request)
-        state = await data_subjects.withdraw_opt_out(runtime.pool, account_id, address,
-                                                runtime.suppressions)
-        await runtime.privacy_changed()
-        return JSON({"address": address, **state})
+@authenticated
+async def export_recipient(request: Request, account_id: int) -> Response:
+    address = _address(request)
+    async with runtime_of(request).pool.acquire() as conn, conn.transaction(
+            isolation="repeatable_read", readonly=True):
+        return JSON(await data_subjects.export(conn, account_id, address))
 
-    recipient = "/api/recipients/{address:address}"
-    return [
-        Route("/api/account", authenticated(get_account), methods=["GET"]),
-        Route("/api/account", authenticated(patch_account), methods=["PATCH"]),
-        Route("/api/campaigns/{id}/restore", authenticated(restore_campaign), methods=["POST"]),
-        Route("/api/campaigns/{id}/privacy", authenticated(campaign_privacy), methods=["GET"]),
-        Route(recipient + "/export", authenticated(export_recipient), methods=["GET"]),
-        Route(recipient + "/opt-out", authenticated(get_opt_out), methods=["GET"]),
-        Route(recipient + "/opt-out", authenticated(opt_out), methods=["POST"]),
-        Route(recipient + "/opt-out", authenticated(withdraw_opt_out), methods=["DELETE"]),
-        Route(recipient, authenticated(erase_recipient), methods=["DELETE"]),
-    ]
+
+@authenticated
+async def get_opt_out(request: Request, account_id: int) -> Response:
+    address = _address(request)
+    state = await data_subjects.tracking_state(runtime_of(request).pool, account_id, address)
+    return JSON({"address": address, **state})
+
+
+@authenticated
+async def opt_out(request: Request, account_id: int) -> Response:
+    runtime = runtime_of(request)
+    address = _address(request)
+    state = await data_subjects.opt_out(runtime.pool, account_id, address, runtime.suppressions)
+    await runtime.privacy_changed()
+    return JSON({"address": address, **state})
+
+
+@authenticated
+async def withdraw_opt_out(request: Request, account_id: int) -> Response:
+    runtime = runtime_of(request)
+    address = _address(request)
+    state = await data_subjects.withdraw_opt_out(runtime.pool, account_id, address,
+                                                 runtime.suppressions)
+    await runtime.privacy_changed()
+    return JSON({"address": address, **state})
 
 
 def _account_json(row: asyncpg.Record) -> dict[str, Any]:
@@ -167,3 +163,17 @@ def _account_json(row: asyncpg.Record) -> dict[str, Any]:
 
 def _iso(value: datetime) -> str:
     return value.isoformat()
+
+
+_RECIPIENT = "/api/recipients/{address:address}"
+ROUTES = [
+    Route("/api/account", get_account, methods=["GET"]),
+    Route("/api/account", patch_account, methods=["PATCH"]),
+    Route("/api/campaigns/{id}/restore", restore_campaign, methods=["POST"]),
+    Route("/api/campaigns/{id}/privacy", campaign_privacy, methods=["GET"]),
+    Route(_RECIPIENT + "/export", export_recipient, methods=["GET"]),
+    Route(_RECIPIENT + "/opt-out", get_opt_out, methods=["GET"]),
+    Route(_RECIPIENT + "/opt-out", opt_out, methods=["POST"]),
+    Route(_RECIPIENT + "/opt-out", withdraw_opt_out, methods=["DELETE"]),
+    Route(_RECIPIENT, erase_recipient, methods=["DELETE"]),
+]

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 from starlette.requests import Request
 
 if TYPE_CHECKING:
-    from tracker.ingest.endpoints import ClientAddress
+    from tracker.ingest.addresses import ClientAddress
 
 BURST = 10  # failures allowed at once
 REFILL_PER_S = 1 / 6  # then one more every 6 s: 10 a minute
