@@ -10,8 +10,8 @@ None of that is uvicorn's public API, so pyproject.toml holds uvicorn and httpto
 versions this file was reviewed against (REVIEWED), and an upgrade that changes any of it
 fails here, naming what changed.
 
-To move to a newer uvicorn: raise the bound in pyproject.toml, refresh the lock
-(requirements/refresh.sh), install it, and run this file. For each failure, read uvicorn's
+To move to a newer uvicorn: raise the bounds in pyproject.toml and REVIEWED here, refresh
+the lock (requirements/refresh.sh), install it, and run this file. For each failure, read uvicorn's
 change to what it names, bring protocol.py in line, and update the table here (the message
 gives the new value); then run tests/test_protocol.py and tests/test_wire.py.
 """
