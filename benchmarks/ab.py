@@ -1,7 +1,7 @@
 """A/B: tracker's CPU per hit for two checkouts (or two settings), side by side in one run.
 
     python benchmarks/ab.py --a /path/to/checkout-a --b /path/to/checkout-b [--rounds 3]
-    python benchmarks/ab.py --a . --b . --b-env TRACKER_SERVER=granian
+    python benchmarks/ab.py --a . --b . --b-env TRACKER_DURABILITY=journal
 
 Both servers run at once on one PostgreSQL, pinned to the same core (0); wrk (core 1)
 loads them in turn, pixel then click, for `--rounds` rounds, so a change in the

@@ -1,6 +1,6 @@
 """Load benchmark: wrk against tracker's pixel and click endpoints, nginx as the reference.
 
-    python benchmarks/load.py [--duration 10] [--connections 64] [--server granian|uvicorn]
+    python benchmarks/load.py [--duration 10] [--connections 64]
 
 In one run, on this machine: nginx serving a static GIF, then tracker's pixel and
 click endpoints, each with the same wrk settings. The HTTP server under test (nginx
@@ -274,8 +274,6 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3,
                         help="interleaved rounds of every endpoint; medians are reported")
     parser.add_argument("--connections", type=int, default=64)
-    parser.add_argument("--servers", default="granian,uvicorn",
-                        help="comma-separated HTTP servers to measure tracker on")
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--links", type=int, default=5)
     args = parser.parse_args()
@@ -284,7 +282,7 @@ def main() -> None:
 
 def measure(args: argparse.Namespace) -> None:
     require("wrk", "nginx", "taskset")
-    servers = [name.strip() for name in args.servers.split(",") if name.strip()]
+    servers = ["uvicorn"]
 
     workdir = Path(tempfile.mkdtemp(prefix="tracker-bench-"))
     db = Database(workdir / "pg")
@@ -303,8 +301,7 @@ def measure(args: argparse.Namespace) -> None:
         procs.append(nginx)
         trackers = {}
         for server_name in servers:
-            server, url = start_tracker(dsn, workdir, name=server_name,
-                                        TRACKER_SERVER=server_name)
+            server, url = start_tracker(dsn, workdir, name=server_name)
             procs.append(server)
             pixels, clicks = asyncio.run(_prepare(dsn, url, args.messages, args.links))
             (workdir / f"{server_name}-pixels.txt").write_text("\n".join(pixels) + "\n")

@@ -130,11 +130,9 @@ def load_stage(args: argparse.Namespace) -> LoadResult:
             nginx = start_nginx(workdir / "nginx", nginx_port, any_path=True)
             extra = {"TRACKER_TRUSTED_PROXIES": "127.0.0.1/32", "TRACKER_RULES": "",
                      "TRACKER_WORKERS": str(args.workers)}
-            if args.server:
-                extra["TRACKER_SERVER"] = args.server
-            args.server_used = _server_name(extra)
+            args.server_used = "uvicorn"
             tracker, url = start_tracker(db.dsn, workdir, **extra)
-            print(f"tracker serve ({args.server_used}, {args.workers} worker(s)) pinned to core "
+            print(f"tracker serve ({args.workers} worker(s)) pinned to core "
                   f"0; wrk and PostgreSQL on core {LOAD_CORE}", flush=True)
             deployment = Deployment(url, key)
         deployment.create_campaign(f"benchmark suite {datetime.now(UTC):%Y-%m-%d %H:%M:%S}")
@@ -178,14 +176,6 @@ def load_stage(args: argparse.Namespace) -> LoadResult:
         if db is not None:
             db.stop()
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _server_name(extra: dict[str, str]) -> str:
-    """The HTTP server `tracker serve` will use with these variables."""
-    from tracker.settings import SETTINGS
-
-    default = next(s.default for s in SETTINGS if s.env == "TRACKER_SERVER")
-    return extra.get("TRACKER_SERVER") or os.environ.get("TRACKER_SERVER") or default
 
 
 @dataclass
@@ -273,8 +263,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--probe-connections", type=int, default=16)
     parser.add_argument("--messages", type=int, help="messages in the load's campaign "
                         "(default 20000; quick 1000)")
-    parser.add_argument("--server", choices=("granian", "uvicorn"),
-                        help="tracker's HTTP server (local mode; default: tracker's default)")
     parser.add_argument("--workers", type=int, default=1, help="server workers (local mode)")
     parser.add_argument("--report-events", help="comma-separated campaign sizes for the report "
                         "stage (default 1000000,10000000; quick 20000)")
@@ -291,8 +279,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error("--url needs --api-key (or TRACKER_API_KEY)")
         if urlsplit(args.url).scheme not in ("http", "https"):
             parser.error("--url: must start with http:// or https://")
-        if args.server:
-            parser.error("--server is for local mode")
         # The other programs start their own server and database.
         args.stages &= {"load"}
     if min(args.connections, args.threads, args.probe_connections) < 1 or \

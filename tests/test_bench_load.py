@@ -25,7 +25,7 @@ def test_a_short_load_run_lands_every_request_as_one_human_event() -> None:
         pytest.skip(f"load.py needs {', '.join(MISSING)}: apt-get install wrk nginx-light")
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "load.py"), "--duration", "1",
-         "--rounds", "1", "--servers", "uvicorn", "--messages", "200"],
+         "--rounds", "1", "--messages", "200"],
         capture_output=True, text=True, timeout=300, check=False)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]

@@ -23,7 +23,7 @@ from tracker.ingest import geo
 from tracker.ingest.rules import RulesError, load_rules
 from tracker.ingest.rules.lists import LIST_NAMES
 from tracker.ingest.signing_keys import signing_keys
-from tracker.settings import SETTINGS, Settings, SettingsError, load
+from tracker.settings import SETTINGS, Settings, SettingsError, load, retired_settings
 from tracker.store import accounts, datadir
 from tracker.store.database import connect, use_database, wait_until_reachable
 from tracker.store.embedded_db import EmbeddedDatabaseError
@@ -43,6 +43,8 @@ def _settings(args: argparse.Namespace) -> Settings:
     overrides = {s.env: getattr(args, s.field, None) for s in SETTINGS}
     settings = load(overrides={k: v for k, v in overrides.items() if v is not None})
     logs.configure(settings.log_level)
+    for warning in retired_settings():
+        log.warning("%s", warning)
     if settings.rules is not None:
         try:  # now, so that a bad rules file stops the command naming the setting
             load_rules(settings.rules)
@@ -101,8 +103,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 log.info("applied migration %s", name)
             env = {**settings.as_env(), "TRACKER_DATABASE_URL": database.dsn,
                    "TRACKER_SECRET_KEY": keys}
-            log.info("tracker on %s (%s, %d worker%s, %s database)", settings.base_url,
-                     settings.server, settings.workers, "" if settings.workers == 1 else "s",
+            log.info("tracker on %s (uvicorn, %d worker%s, %s database)", settings.base_url,
+                     settings.workers, "" if settings.workers == 1 else "s",
                      "embedded" if settings.embedded else "external")
             server.run(settings, env)
     return 0
