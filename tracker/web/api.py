@@ -118,7 +118,7 @@ def build_api(runtime: Runtime) -> Starlette:
     registrar = Registrar(runtime.signer, runtime.settings.base_url)
     addresses = ClientAddress(runtime.settings.trusted_proxies)
     registry = registry_for(runtime.collector)
-    readiness = Readiness(lambda: runtime.pool.fetchval("select 1"), lambda: runtime.writer,
+    readiness = Readiness(lambda: runtime.pool.fetchval(QUERIES.ping), lambda: runtime.writer,
                           batch_size=runtime.settings.batch_size,
                           max_buffered=runtime.settings.buffer_max_events,
                           on_database_error=lambda: runtime.metrics.count_db_error("readiness"))

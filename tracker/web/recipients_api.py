@@ -28,8 +28,9 @@ from starlette.routing import Route
 from tracker.ingest.policy import MAX_RETENTION_DAYS
 from tracker.lifespan import Runtime
 from tracker.privacy import data_subjects, notice
-from tracker.privacy.recipients import PRIVACY_QUERIES, InvalidAddress, check_address
+from tracker.privacy.recipients import InvalidAddress, check_address
 from tracker.store import campaigns
+from tracker.store.queries import QUERIES
 from tracker.web.api import JSON, ApiError, _body, _object_id
 
 
@@ -62,7 +63,7 @@ def routes(runtime: Runtime, authenticated: Authenticated) -> list[Route]:
             raise ApiError(422, str(exc)) from None
 
     async def get_account(request: Request, account_id: int) -> Response:
-        row = await runtime.pool.fetchrow(PRIVACY_QUERIES.account_settings, account_id)
+        row = await runtime.pool.fetchrow(QUERIES.account_settings, account_id)
         if row is None:
             raise ApiError(404, "account not found")
         return JSON(_account_json(row))
@@ -75,7 +76,7 @@ def routes(runtime: Runtime, authenticated: Authenticated) -> list[Route]:
         if unknown:
             raise ApiError(422, f"unknown field(s): {', '.join(sorted(unknown))}")
         async with runtime.pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(PRIVACY_QUERIES.account_settings, account_id)
+            row = await conn.fetchrow(QUERIES.account_settings, account_id)
             if row is None:
                 raise ApiError(404, "account not found")
             days = body.get("retention_days", row["retention_days"])
@@ -85,7 +86,7 @@ def routes(runtime: Runtime, authenticated: Authenticated) -> list[Route]:
             honour = body.get("honour_privacy_signals", row["honour_privacy_signals"])
             if not isinstance(honour, bool):
                 raise ApiError(422, "honour_privacy_signals: must be true or false")
-            updated = await conn.fetchrow(PRIVACY_QUERIES.update_account_settings, account_id,
+            updated = await conn.fetchrow(QUERIES.update_account_settings, account_id,
                                           days, honour)
         runtime.suppressions.put_account(account_id, disabled=False, honours_signals=honour)
         await runtime.privacy_changed()
@@ -93,7 +94,7 @@ def routes(runtime: Runtime, authenticated: Authenticated) -> list[Route]:
 
     async def restore_campaign(request: Request, account_id: int) -> Response:
         campaign_id = _object_id(request, "id")
-        row = await runtime.pool.fetchrow(PRIVACY_QUERIES.restore_campaign, account_id,
+        row = await runtime.pool.fetchrow(QUERIES.restore_campaign, account_id,
                                           campaign_id)
         if row is None:
             # Restoring a campaign that is not deleted changes nothing.
@@ -106,7 +107,7 @@ def routes(runtime: Runtime, authenticated: Authenticated) -> list[Route]:
         return JSON(campaigns.campaign_json(row))
 
     async def campaign_privacy(request: Request, account_id: int) -> Response:
-        row = await runtime.pool.fetchrow(PRIVACY_QUERIES.campaign_privacy, account_id,
+        row = await runtime.pool.fetchrow(QUERIES.campaign_privacy, account_id,
                                           _object_id(request, "id"))
         if row is None:
             raise ApiError(404, "campaign not found")
