@@ -28,6 +28,7 @@ from tracker.store import accounts, datadir
 from tracker.store.database import connect, use_database, wait_until_reachable
 from tracker.store.embedded_db import EmbeddedDatabaseError
 from tracker.store.migrations import MigrationError, migrate
+from tracker.store.queries import QUERIES
 
 log = logging.getLogger("tracker")
 
@@ -178,10 +179,9 @@ def _object_id(value: str) -> int:
 
 
 def cmd_accounts_delete(args: argparse.Namespace) -> int:
-    from tracker.privacy.recipients import PRIVACY_QUERIES
     from tracker.privacy.retention import GRACE
 
-    row = _on_database(args, lambda conn: conn.fetchrow(PRIVACY_QUERIES.delete_account,
+    row = _on_database(args, lambda conn: conn.fetchrow(QUERIES.delete_account,
                                                         args.id))
     if row is None:
         raise CommandError(f"no account {args.id} (or it is already purged)")
@@ -208,9 +208,8 @@ def _privacy_change_holds(args: argparse.Namespace) -> str:
 
 
 def cmd_accounts_restore(args: argparse.Namespace) -> int:
-    from tracker.privacy.recipients import PRIVACY_QUERIES
 
-    row = _on_database(args, lambda conn: conn.fetchrow(PRIVACY_QUERIES.restore_account,
+    row = _on_database(args, lambda conn: conn.fetchrow(QUERIES.restore_account,
                                                         args.id))
     if row is None:
         raise CommandError(f"account {args.id} is not deleted, or its grace period is over "
@@ -271,9 +270,8 @@ def _say_in_grace(heading: str, items: list[Any]) -> None:
 
 def cmd_policy_describe(args: argparse.Namespace) -> int:
     from tracker.privacy.notice import campaign_summary
-    from tracker.privacy.recipients import PRIVACY_QUERIES
 
-    row = _on_database(args, lambda conn: conn.fetchrow(PRIVACY_QUERIES.campaign_privacy,
+    row = _on_database(args, lambda conn: conn.fetchrow(QUERIES.campaign_privacy,
                                                         None, args.campaign))
     if row is None:
         raise CommandError(f"no campaign {args.campaign} (or it is deleted)")

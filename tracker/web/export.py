@@ -89,7 +89,7 @@ async def open_export(pool: asyncpg.Pool, account_id: int, campaign_id: int,
     transaction = conn.transaction(isolation="repeatable_read", readonly=True)
     try:
         await transaction.start()
-        cursor = await conn.cursor(QUERIES.export_events, account_id, campaign_id)
+        cursor = await conn.cursor(QUERIES.export_campaign_events, account_id, campaign_id)
         first = await cursor.fetch(CHUNK_ROWS)
     except BaseException:
         await _give_back(pool, conn, transaction)

@@ -26,8 +26,9 @@ from starlette.routing import Route
 
 from tracker.ingest.policy import MAX_RETENTION_DAYS
 from tracker.privacy import data_subjects, notice
-from tracker.privacy.recipients import PRIVACY_QUERIES, InvalidAddress, check_address
+from tracker.privacy.recipients import InvalidAddress, check_address
 from tracker.store import campaigns
+from tracker.store.queries import QUERIES
 from tracker.web.campaigns_api import own_campaign
 from tracker.web.http import JSON, HttpError, authenticated, json_object, object_id, runtime_of
 
@@ -60,7 +61,7 @@ def _address(request: Request) -> str:
 
 @authenticated
 async def get_account(request: Request, account_id: int) -> Response:
-    row = await runtime_of(request).pool.fetchrow(PRIVACY_QUERIES.account_settings, account_id)
+    row = await runtime_of(request).pool.fetchrow(QUERIES.account_settings, account_id)
     if row is None:
         raise HttpError(404, "account not found")
     return JSON(_account_json(row))
@@ -71,7 +72,7 @@ async def patch_account(request: Request, account_id: int) -> Response:
     runtime = runtime_of(request)
     body = await json_object(request, _ACCOUNT_FIELDS)
     async with runtime.pool.acquire() as conn, conn.transaction():
-        row = await conn.fetchrow(PRIVACY_QUERIES.account_settings, account_id)
+        row = await conn.fetchrow(QUERIES.account_settings, account_id)
         if row is None:
             raise HttpError(404, "account not found")
         days = body.get("retention_days", row["retention_days"])
@@ -81,7 +82,7 @@ async def patch_account(request: Request, account_id: int) -> Response:
         honour = body.get("honour_privacy_signals", row["honour_privacy_signals"])
         if not isinstance(honour, bool):
             raise HttpError(422, "honour_privacy_signals: must be true or false")
-        updated = await conn.fetchrow(PRIVACY_QUERIES.update_account_settings, account_id,
+        updated = await conn.fetchrow(QUERIES.update_account_settings, account_id,
                                       days, honour)
     runtime.suppressions.put_account(account_id, disabled=False, honours_signals=honour)
     await runtime.privacy_changed()
@@ -92,7 +93,7 @@ async def patch_account(request: Request, account_id: int) -> Response:
 async def restore_campaign(request: Request, account_id: int) -> Response:
     runtime = runtime_of(request)
     campaign_id = object_id(request)
-    row = await runtime.pool.fetchrow(PRIVACY_QUERIES.restore_campaign, account_id, campaign_id)
+    row = await runtime.pool.fetchrow(QUERIES.restore_campaign, account_id, campaign_id)
     if row is None:  # restoring a campaign that is not deleted changes nothing
         row = await own_campaign(runtime.pool, account_id, campaign_id)
     runtime.remember_campaign(account_id, campaign_id, campaigns.policy_of(row), recording=True)
@@ -102,7 +103,7 @@ async def restore_campaign(request: Request, account_id: int) -> Response:
 
 @authenticated
 async def campaign_privacy(request: Request, account_id: int) -> Response:
-    row = await runtime_of(request).pool.fetchrow(PRIVACY_QUERIES.campaign_privacy, account_id,
+    row = await runtime_of(request).pool.fetchrow(QUERIES.campaign_privacy, account_id,
                                                   object_id(request))
     if row is None:
         raise HttpError(404, "campaign not found")

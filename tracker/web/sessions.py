@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from tracker.privacy.recipients import PRIVACY_QUERIES
+from tracker.store.queries import QUERIES
 
 log = logging.getLogger("tracker.web.sessions")
 
@@ -134,12 +134,12 @@ def key_id_of(api_key: str) -> str:
 async def account_name(conn: asyncpg.Connection | asyncpg.Pool, session: Session) -> str | None:
     """The session's account name while the session holds (None: its key was revoked, its
     account deleted, or it was signed out)."""
-    name: str | None = await conn.fetchval(PRIVACY_QUERIES.session_account, session.account_id,
+    name: str | None = await conn.fetchval(QUERIES.session_account, session.account_id,
                                            session.key_id, session.nonce)
     return name
 
 
 async def sign_out(conn: asyncpg.Connection | asyncpg.Pool, session: Session) -> None:
     """End the session for good, in every worker: the token no longer opens a page."""
-    await conn.execute(PRIVACY_QUERIES.sign_out_session, session.account_id, session.nonce,
+    await conn.execute(QUERIES.sign_out_session, session.account_id, session.nonce,
                        session.expires_at)
