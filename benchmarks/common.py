@@ -12,7 +12,6 @@ import contextlib
 import functools
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -57,14 +56,6 @@ def require(*tools: str, hint: str = "apt-get install wrk nginx-light util-linux
     missing = [tool for tool in tools if shutil.which(tool) is None]
     if missing:
         raise BenchError(f"{', '.join(missing)} not found; install with: {hint}")
-
-
-def ms(value: str) -> float:
-    """wrk's '1.23ms' / '850.00us' / '1.02s' in milliseconds."""
-    found = re.fullmatch(r"([\d.]+)(us|ms|s)", value)
-    if found is None:
-        raise ValueError(f"not a wrk duration: {value!r}")
-    return float(found[1]) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[found[2]]
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -344,15 +335,11 @@ class Database:
         postmaster, *children = self.pids() or [0]
         return cpu_seconds(postmaster, reaped=True) + sum(map(cpu_seconds, children))
 
-    def pin(self, core: str) -> None:
-        """Moves PostgreSQL to a core; the backends it forks later inherit it."""
-        pin(self.pids(), core)
-
     def yield_to_load(self, core: str) -> None:
         """Moves PostgreSQL to the load generator's core, at idle priority (SCHED_IDLE), so
         that wrk, which sends the load and times the answers, should not queue behind it
-        (on this VM it still waits up to a few ms after a wake-up unless it runs at
-        real-time priority: load_generator).
+        (on a kernel without preemption it still waits up to a few ms after a wake-up
+        unless it runs at real-time priority: load_generator).
         The writer catches up with what PostgreSQL did not take at once (the hot path
         never waits for it), and every event is still counted afterwards. Backends
         forked later inherit both."""
