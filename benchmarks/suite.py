@@ -80,6 +80,7 @@ from tracker.settings import SETTINGS
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"
 SERVER_SETTING = next(s for s in SETTINGS if s.env == "TRACKER_SERVER")
 
+
 def server_memory(pid: int) -> list[dict[str, Any]]:
     """VmRSS and VmHWM (peak) of each worker process of a `tracker serve`, in MB."""
     workers = [p for p in descendants(pid) if "resource_tracker" not in command_line(p)] or [pid]
