@@ -7,9 +7,7 @@ from the environment; `tracker serve` has put the resolved settings there.
 Several uvicorn workers each listen on a socket of their own (SO_REUSEPORT), so the
 kernel spreads new connections over them. On one shared socket every worker wakes for a
 connection and the first one accepts all that are waiting: a client opening a few
-connections at once had them all on one worker, and `benchmarks/registration.py` (four
-connections, two workers) measured one worker busy and the other idle (py-spy: 94 % and
-4 % of the samples).
+connections at once had them all on one worker, the others idle.
 """
 
 from __future__ import annotations

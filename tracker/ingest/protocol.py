@@ -1,9 +1,9 @@
 """uvicorn's httptools protocol, answering tracking requests without an ASGI task each.
 
 Through ASGI a hit costs a task, a scope, two `send` awaits and the server's
-response assembly: measured here, a bare ASGI app that only returns the GIF does
-~29,000 req/s on uvicorn, while the same answer written from httptools' callbacks on
-uvloop does ~110,000 (nginx: ~75,000). So a plain
+response assembly: a bare ASGI app that only returns the GIF answers a quarter as many
+requests as the same answer written from httptools' callbacks (benchmarks/README.md,
+"Decided"). So a plain
 `GET|HEAD /o/...` or `/c/...` is answered from inside the parser's
 `on_message_complete`: `FastPath.answer` records the hit and returns the whole
 response, which is written at once. Everything else, and any request this path is

@@ -221,8 +221,8 @@ class BatchWriter:
     async def _read_journal(self, round_: _Round, alone: bool) -> None:
         """The journal's next chunk (a batch for every lane), split into the lanes' parts.
 
-        Read and split in a thread: ~1 µs of Python per event, 10–20 ms for a chunk,
-        which in the event loop held every hit's answer that long (a replay after an
+        Read and split in a thread: some microseconds of Python per event, milliseconds
+        for a chunk, which in the event loop held every hit's answer that long (a replay after an
         outage, and every event in `journal` durability); in a thread the loop gets the
         interpreter back within the switch interval (1 ms in the server: tracker.app)."""
         assert self._journal is not None
