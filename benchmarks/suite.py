@@ -1,37 +1,42 @@
 """The benchmark suite: tracker's figures beside its goals, in one command.
 
-    python benchmarks/suite.py                      # local: starts everything it measures
-    python benchmarks/suite.py --quick              # the same in about a minute (CI)
-    python benchmarks/suite.py --url https://track.example --api-key KEY   # your deployment
+    python -m benchmarks suite                      # local: starts everything it measures
+    python -m benchmarks suite --quick              # the same in about a minute (CI)
+    python -m benchmarks suite --url https://track.example --api-key KEY   # your deployment
 
 Local mode starts the embedded PostgreSQL, nginx serving a static 43-byte GIF (the
-reference) and `tracker serve` (pinned to core 0; wrk and PostgreSQL get core 1). Remote
-mode uses your deployment through its API only: it creates a campaign and messages with
-your key, loads the tracking URLs they were given, and checks the result through the
-report (no database access; the campaign is deleted at the end unless --keep-campaign).
+reference, in the same run) and `tracker serve`, pinned to core 0; wrk and PostgreSQL
+get core 1, wrk at real-time priority where permitted and PostgreSQL at idle priority.
+Remote mode uses your deployment through its API only: it creates a campaign and
+messages with your key, loads the tracking URLs they were given, and checks the result
+through the report (no database access; the campaign is deleted at the end unless
+--keep-campaign).
 
 Stages:
-1. load: wrk (benchmarks/plan.lua) sends a realistic mix to the pixel and to the redirect:
-   many distinct tokens; Gmail's and Yahoo's image proxies, Apple Mail, Outlook, webmail
-   and mobile browsers; Apple Mail Privacy Protection from Apple's addresses (local only:
-   through X-Forwarded-For), security scanners, bots, requests without a user agent, HEAD
-   link checks; a few percent tampered tokens. Each endpoint runs at full speed, then
+1. load: wrk (benchmarks/plan.lua) sends a mix (--mix) to the pixel and to the redirect,
+   over many distinct tokens: `realistic` (the default) has Gmail's and Yahoo's image
+   proxies, Apple Mail, Outlook, webmail and mobile browsers, Apple Mail Privacy
+   Protection from Apple's addresses (local only: through X-Forwarded-For), security
+   scanners, bots, requests without a user agent, HEAD link checks and a few percent
+   tampered tokens; `readers` has people only. Each endpoint runs at full speed, then
    paced at half that rate. Requests/s and latency percentiles per time window, wrk's own
-   CPU, the server's CPU (local), and nginx with the same plan as the reference.
+   CPU, the server's and PostgreSQL's CPU (local), and nginx with the same plan as the
+   reference.
 2. correctness: the campaign's report must count exactly what the plan sent, human and
-   machine apart (wrk sends a finite plan and stops with nothing in flight; see plan.lua).
+   machine apart (wrk sends a finite plan and stops with nothing in flight; see plan.lua);
+   locally, every request that records an event is one row in PostgreSQL, once.
 3. memory: VmRSS and VmHWM of each server worker after the load (local; remote: the
    largest worker's, from /metrics).
-4. registration, report latency (1M and 10M events) and ingest: registration.py,
-   reports.py and ingest.py (if present) as they are, their figures read from --json.
+4. registration, report latency (1M and 10M events) and ingest: those programs as they
+   are (`python -m benchmarks registration`, ...), their figures read from --json.
 
 Prints tables and a goals table, and writes throughput.png, latency.png and summary.json
 into --out (default benchmarks/out/). Exit status 1 if a correctness check or a stage
 failed, 2 if the suite could not run (the line says why).
 
-The parts: traffic.py (the mix and what it must record), phases.py (the deployment over
-HTTP and the load phases), plan.lua (wrk's side), common.py (processes, /proc, wrk runs),
-figures.py (tables, charts, goals); this file runs the stages.
+The parts: traffic.py (the mixes and what they must record), phases.py (the deployment
+over HTTP and the load phases), wrk.py and plan.lua (wrk over a finite plan), common.py
+(processes, /proc), figures.py (tables, charts, goals); this file runs the stages.
 """
 
 from __future__ import annotations
@@ -52,10 +57,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (
+from benchmarks.common import (
     LOAD_CORE,
+    ROOT,
     BenchError,
     Database,
     command_line,
@@ -68,12 +72,12 @@ from common import (
     start_tracker,
     stop,
 )
-from figures import charts, events_label, goals, print_goals, print_load
-from phases import Check, Deployment, Load, Phase, Target, correctness
-from traffic import LINKS, Mix
+from benchmarks.figures import charts, events_label, goals, print_goals, print_load
+from benchmarks.phases import Check, Deployment, Load, LoadSettings, Phase, Target, correctness
+from benchmarks.traffic import LINKS, LOCAL_SERVER_ENV, MIXES, Mix, Tally
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_OUT = HERE / "out"
+DEFAULT_OUT = Path(__file__).resolve().parent / "out"
+
 
 def server_memory(pid: int) -> list[dict[str, Any]]:
     """VmRSS and VmHWM (peak) of each worker process of a `tracker serve`, in MB."""
@@ -128,26 +132,23 @@ def load_stage(args: argparse.Namespace) -> LoadResult:
             key = db.account("benchmark-suite")
             nginx_port = free_port()
             nginx = start_nginx(workdir / "nginx", nginx_port, any_path=True)
-            extra = {"TRACKER_TRUSTED_PROXIES": "127.0.0.1/32", "TRACKER_RULES": "",
-                     "TRACKER_WORKERS": str(args.workers)}
-            if args.server:
-                extra["TRACKER_SERVER"] = args.server
-            args.server_used = _server_name(extra)
+            extra = {**LOCAL_SERVER_ENV, "TRACKER_WORKERS": str(args.workers)}
+            args.server_used = "uvicorn"
             tracker, url = start_tracker(db.dsn, workdir, **extra)
-            print(f"tracker serve ({args.server_used}, {args.workers} worker(s)) pinned to core "
+            print(f"tracker serve ({args.workers} worker(s)) pinned to core "
                   f"0; wrk and PostgreSQL on core {LOAD_CORE}", flush=True)
             deployment = Deployment(url, key)
         deployment.create_campaign(f"benchmark suite {datetime.now(UTC):%Y-%m-%d %H:%M:%S}")
         messages, registration_s, origin = deployment.register(args.messages)
         print(f"registered {len(messages):,} messages with {len(LINKS)} links each in "
               f"{registration_s:.1f} s; tracking URLs at {origin}", flush=True)
-        mix = Mix(messages, remote=bool(args.url), seed=args.seed)
+        mix = Mix(messages, remote=bool(args.url), seed=args.seed, name=args.mix)
         problems = mix.check_rules()
         if problems:
             raise BenchError("the traffic mix expects other verdicts than tracker's rules "
-                             "give; update benchmarks/suite.py:\n  " + "\n  ".join(problems))
-        target = Target(origin, [tracker.pid] if tracker else [])
-        load = Load(args, deployment, mix, workdir)
+                             "give; update benchmarks/traffic.py:\n  " + "\n  ".join(problems))
+        target = Target(origin, [tracker.pid] if tracker else [], db)
+        load = Load(load_settings(args), deployment, mix, workdir)
         phases = []
         print(f"load: {args.connections} connections, about {args.seconds:g} s per phase",
               flush=True)
@@ -163,6 +164,8 @@ def load_stage(args: argparse.Namespace) -> LoadResult:
         phases.append(load.phase("tracker click, half rate", "click", target,
                                  paced=click.rate / 2))
         checks = correctness(load, 60 if args.quick else 300)
+        if db is not None:
+            checks.append(events_landed(db, deployment.campaign, load.tally))
         report_ms = [t * 1000 for t in deployment.report_latency(10 if args.quick else 30)]
         events = sum(load.tally.counters().values())
         return LoadResult(phases, checks, load.problems, memory, len(messages), registration_s,
@@ -180,12 +183,20 @@ def load_stage(args: argparse.Namespace) -> LoadResult:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _server_name(extra: dict[str, str]) -> str:
-    """The HTTP server `tracker serve` will use with these variables."""
-    from tracker.settings import SETTINGS
+def load_settings(args: argparse.Namespace) -> LoadSettings:
+    return LoadSettings(seconds=args.seconds, connections=args.connections, threads=args.threads,
+                        probe_rate=args.probe_rate, probe_connections=args.probe_connections,
+                        window=args.window, warmup=args.warmup,
+                        settle_s=60 if args.quick else 180, local=not args.url)
 
-    default = next(s.default for s in SETTINGS if s.env == "TRACKER_SERVER")
-    return extra.get("TRACKER_SERVER") or os.environ.get("TRACKER_SERVER") or default
+
+def events_landed(db: Database, campaign: str, tally: Tally) -> Check:
+    """Every request that records an event is one row in PostgreSQL, and no row twice:
+    the rows and their distinct ids, against what the plans sent."""
+    counted = db.value("select array[count(*), count(distinct id)] from events "
+                       "where campaign_id = $1", int(campaign))
+    recorded = sum(tally.counters().values())
+    return Check("events in PostgreSQL (rows, ids)", [recorded, recorded], list(counted))
 
 
 @dataclass
@@ -193,19 +204,15 @@ class Program:
     title: str
     figures: dict[str, Any] | None
     ok: bool
-    available: bool = True
 
 
-def program_stage(title: str, script: str, arguments: Sequence[str]) -> Program:
+def program_stage(title: str, name: str, arguments: Sequence[str]) -> Program:
     """One of the other benchmark programs, its output shown indented, its figures read
     from the JSON object it prints last with --json."""
-    path = HERE / script
-    if not path.exists():
-        print(f"\n{title}: not available (no benchmarks/{script})", flush=True)
-        return Program(title, None, True, available=False)
-    print(f"\n{title}: python benchmarks/{script} {' '.join(arguments)}", flush=True)
-    proc = subprocess.Popen([sys.executable, str(path), *arguments, "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    print(f"\n{title}: python -m benchmarks {name} {' '.join(arguments)}", flush=True)
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks", name, *arguments, "--json"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     lines = []
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -218,7 +225,7 @@ def program_stage(title: str, script: str, arguments: Sequence[str]) -> Program:
     except ValueError:
         figures = None
     if code != 0 or figures is None:
-        print(f"  {script} failed (exit {code})", flush=True)
+        print(f"  {name} failed (exit {code})", flush=True)
     return Program(title, figures, code == 0 and figures is not None)
 
 
@@ -227,18 +234,18 @@ def other_stages(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if "registration" in args.stages:
         out["registration"] = program_stage(
-            "registration", "registration.py",
+            "registration", "registration",
             ["--duration", "2", "--batch", "200", "--connections", "2"] if quick else [])
     if "reports" in args.stages:
         out["reports"] = []
         for events in args.report_events:
             days = ["--days", "2", "--reports", "5", "--fresh", "2"] if quick else []
             out["reports"].append((events, program_stage(
-                f"report latency, {events_label(events)} events", "reports.py",
+                f"report latency, {events_label(events)} events", "reports",
                 ["--events", str(events), "--messages", str(max(1000, events // 10)), *days])))
     if "ingest" in args.stages:
         out["ingest"] = program_stage(
-            "ingest", "ingest.py",
+            "ingest", "ingest",
             ["--events", "30000", "--accounts", "1", "--campaigns", "2", "--messages", "2000",
              "--readers", "5000"] if quick else [])
     return out
@@ -249,7 +256,7 @@ def other_stages(args: argparse.Namespace) -> dict[str, Any]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__, epilog="See benchmarks/README.md.",
+        prog="python -m benchmarks suite", description=__doc__, epilog="See benchmarks/README.md.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="a deployment to measure (remote mode); default: start "
                         "everything locally")
@@ -273,8 +280,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--probe-connections", type=int, default=16)
     parser.add_argument("--messages", type=int, help="messages in the load's campaign "
                         "(default 20000; quick 1000)")
-    parser.add_argument("--server", choices=("granian", "uvicorn"),
-                        help="tracker's HTTP server (local mode; default: tracker's default)")
+    parser.add_argument("--mix", choices=sorted(MIXES), default="realistic",
+                        help="what the load sends (default %(default)s; readers: people only)")
     parser.add_argument("--workers", type=int, default=1, help="server workers (local mode)")
     parser.add_argument("--report-events", help="comma-separated campaign sizes for the report "
                         "stage (default 1000000,10000000; quick 20000)")
@@ -291,10 +298,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error("--url needs --api-key (or TRACKER_API_KEY)")
         if urlsplit(args.url).scheme not in ("http", "https"):
             parser.error("--url: must start with http:// or https://")
-        if args.server:
-            parser.error("--server is for local mode")
-        # The other programs start their own server and database.
-        args.stages &= {"load"}
     if min(args.connections, args.threads, args.probe_connections) < 1 or \
             args.connections % args.threads:
         parser.error("--connections, --threads, --probe-connections: at least 1, and the "
@@ -356,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "phases": [p.as_json() for p in load.phases],
             "checks": [{"name": c.name, "expected": c.expected, "got": c.got, "ok": c.ok}
                        for c in load.checks]},
-        "programs": {p.title: {"ok": p.ok, "available": p.available, "figures": p.figures}
+        "programs": {p.title: {"ok": p.ok, "figures": p.figures}
                      for p in _programs(others)},
         "goals": [{**r.__dict__, "verdict": r.verdict} for r in rows],
         "charts": [str(p) for p in written],
@@ -377,7 +380,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _programs(others: dict[str, Any]) -> list[Program]:
     found = [others[k] for k in ("registration", "ingest") if k in others]
     return found + [program for _, program in others.get("reports", [])]
-
-
-if __name__ == "__main__":
-    sys.exit(main())

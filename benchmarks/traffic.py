@@ -1,9 +1,12 @@
-"""What the benchmark suite sends, and what the report must then say.
+"""What the load benchmark sends, and what the report must then say.
 
-The mix is many distinct tokens (every registered message's pixel and links), with the
+A mix is many distinct tokens (every registered message's pixel and links), with the
 user agents and addresses real mail traffic has, each kind of request weighted by how
 common it is, and each with the verdict tracker's rules give it (`Mix.check_rules` asks
 the packaged rules, so a change there shows here as an error, not as a wrong count).
+Two mixes (MIXES): `realistic`, what a campaign's tracking URLs receive, machines and
+tampered tokens included; and `readers`, people only, the common mail clients and
+browsers (every request a human event that goes through the whole pipeline).
 `Tally` adds up what a list of requests must have recorded, by the report's definitions
 (CONTRACT: `total` and `unique` count human events; `opens.unique` is messages with a
 human open or a human click; rates are rounded to 6 places).
@@ -99,6 +102,19 @@ CLICKS = (
     Visitor("no user agent", 1, NO_AGENT, True, addresses="scanner"),
     Visitor("tampered token", 4, BROWSERS, None, addresses="reader"),
 )
+READER_OPENS = (
+    Visitor("Apple Mail, a reader", 30, APPLE_MAIL, False, addresses="reader"),
+    Visitor("Gmail image proxy", 25, GMAIL, False),
+    Visitor("Outlook", 20, OUTLOOK, False, addresses="reader"),
+    Visitor("webmail and mobile browsers", 25, BROWSERS, False, addresses="reader"),
+)
+READER_CLICKS = (
+    Visitor("desktop and mobile browsers", 100, BROWSERS, False, addresses="reader"),
+)
+MIXES = {"realistic": (OPENS, CLICKS), "readers": (READER_OPENS, READER_CLICKS)}
+# What a local `tracker serve` is given so that the mixes' X-Forwarded-For addresses are
+# believed (wrk connects from loopback) and only the packaged rules classify.
+LOCAL_SERVER_ENV = {"TRACKER_TRUSTED_PROXIES": "127.0.0.1/32", "TRACKER_RULES": ""}
 LINKS = tuple(f"https://shop.example.com/{path}?utm_source=newsletter&utm_campaign=bench"
               for path in ("", "sale", "new/arrivals", "account/orders", "unsubscribe"))
 # Addresses drawn from a visitor's pool when the rules are checked.
@@ -129,12 +145,15 @@ class Request:
 class Mix:
     """Requests drawn from the visitors' weights over the registered messages."""
 
-    def __init__(self, messages: Sequence[Message], remote: bool, seed: int) -> None:
+    def __init__(self, messages: Sequence[Message], remote: bool, seed: int,
+                 name: str = "realistic") -> None:
         self.messages = messages
         self.remote = remote
+        self.name = name
         self._rng = random.Random(seed)
-        self.opens = [v for v in OPENS if not (remote and v.local_only)]
-        self.clicks = [v for v in CLICKS if not (remote and v.local_only)]
+        opens, clicks = MIXES[name]
+        self.opens = [v for v in opens if not (remote and v.local_only)]
+        self.clicks = [v for v in clicks if not (remote and v.local_only)]
 
     def address(self, pool: str) -> str:
         rng = self._rng

@@ -1,10 +1,10 @@
-"""Score the classifier against a labelled corpus of third-party traffic (issue 14).
+"""Score the classifier against a labelled corpus of third-party traffic.
 
-    python benchmarks/truth.py [--rules FILE] [--misses N] [--json]
+    python -m benchmarks truth [--rules FILE] [--misses N] [--json]
 
 Runs benchmarks/truth/corpus.jsonl and devices.jsonl through `tracker classify --jsonl`
 (a subprocess: the contract's interface, so any build of tracker can be scored) and
-prints a confusion matrix per category, the issue's goals beside the figures, the
+prints a confusion matrix per category, the goals beside the figures, the
 device-class agreement with Matomo device-detector's fixtures, and the mail-client
 agreement where the corpus names one. It always exits 0: it is a benchmark, not a test.
 See benchmarks/truth/SOURCES.md for how the corpus was built.
@@ -158,7 +158,7 @@ def render(result: dict[str, Any]) -> str:
                    f"| {m.get('human->machine', 0):>14} | {m.get('machine->machine', 0):>16} "
                    f"| {m.get('machine->human', 0):>14} | {reasons or '-'}"
                    + (f" (errors: {errors})" if errors else "") + " |")
-    out += ["", "goals (issue 14)", "", "| slice | now | count | goal | met |",
+    out += ["", "goals", "", "| slice | now | count | goal | met |",
             "|---|---:|---:|---:|:---:|"]
     for goal in result["goals"]:
         out.append(f"| {goal['slice']} | {_pct(goal['value'])} | {goal['count']} "
@@ -185,7 +185,8 @@ def render(result: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks truth",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--rules", help="a rules file laid over the packaged rules "
                         "(passed to tracker classify)")
     parser.add_argument("--corpus", type=Path, default=CORPUS)
@@ -207,7 +208,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = score(corpus, verdicts, devices, device_verdicts, args.misses)
     print(json.dumps(result, indent=1) if args.json else render(result))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

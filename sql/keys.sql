@@ -1,5 +1,5 @@
 -- Named queries of accounts and their API keys (tracker/store/accounts.py), loaded once at
--- start-up as sql/queries.sql is. Keys are "tk_<account>_<key id>_<secret>"; only SHA-256
+-- start-up by the one loader (tracker/store/queries.py). Keys are "tk_<account>_<key id>_<secret>"; only SHA-256
 -- of the secret is stored (sql/0001_initial.sql, sql/0007_api_keys.sql).
 
 -- name: create-key

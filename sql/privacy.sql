@@ -1,7 +1,7 @@
--- Named queries of the privacy lifecycle (docs/privacy.md), loaded once at start-up by
--- tracker/privacy/recipients.py as sql/queries.sql is by tracker/store/queries.py. Statements that name
--- an event partition are built in tracker/privacy/retention.py (an identifier cannot be a
--- parameter).
+-- Named queries of the privacy lifecycle (docs/privacy.md), loaded once at start-up with
+-- every other query file in sql/ by tracker/store/queries.py. A block that works on one
+-- event partition names it `{table}`: an identifier cannot be a parameter, so
+-- tracker.store.queries.for_table puts the partition's quoted name there.
 
 -- name: registration-context
 -- What registration needs beside the messages: the account's key for recipient keys and
@@ -200,7 +200,7 @@ from erasures where erased_at > $1 order by account_id, id;
 -- name: forget-old-erasures
 delete from erasures where erased_at <= $1;
 
--- name: export-messages
+-- name: export-recipient-messages
 select m.id, m.campaign_id, c.name as campaign_name, c.deleted_at as campaign_deleted_at,
        c.policy_recipient, m.recipient, m.subject, m.tags, m.metadata, m.sent_at, m.created_at,
        m.opens_tracked, m.clicks_tracked,
@@ -213,7 +213,7 @@ where m.account_id = $1
   and (m.recipient_key = $2 or (m.recipient_key is null and lower(m.recipient) = $3))
 order by m.id;
 
--- name: export-links
+-- name: export-recipient-links
 -- Each link with the per-(message, destination) rollup, which outlives the events.
 select l.message_id, l.position, u.url, r.clicks as human_clicks, r.clicked_in
 from links l join urls u on u.account_id = l.account_id and u.id = l.url_id
@@ -222,7 +222,7 @@ left join rollup_message_link r
 where l.account_id = $1 and l.message_id = any($2::bigint[])
 order by l.message_id, l.position;
 
--- name: export-events
+-- name: export-recipient-events
 -- Every stored field; the address with its prefix when the policy truncated it.
 select e.id, e.message_id, e.type, e.occurred_at, e.link_position, u.url, e.machine, e.reason,
        e.country, e.region, e.city, e.browser, e.os, e.device, e.client, abbrev(e.ip) as ip
@@ -241,6 +241,43 @@ select c.relname as name
 from pg_inherits i join pg_class c on c.oid = i.inhrelid
 where i.inhparent = 'events'::regclass
 order by c.relname;
+
+-- name: partition-campaigns
+-- The (account, campaign) pairs with events in one partition: a skip scan of its
+-- (account_id, campaign_id, occurred_at) index, one probe per pair, not a read of the
+-- partition.
+with recursive pairs as (
+    (select account_id, campaign_id from {table}
+     order by account_id, campaign_id limit 1)
+    union all
+    select next.account_id, next.campaign_id
+    from pairs, lateral (
+        select account_id, campaign_id from {table} e
+        where (e.account_id, e.campaign_id) > (pairs.account_id, pairs.campaign_id)
+        order by e.account_id, e.campaign_id limit 1) next
+)
+select account_id, campaign_id from pairs;
+
+-- name: delete-partition-batch
+-- At most $4 of an account's rows (of campaign $2 if not null, older than $3 if not null)
+-- from one partition: a batch of its own transaction, never an unbounded delete.
+delete from {table} where ctid = any(array(
+    select ctid from {table}
+    where account_id = $1 and ($2::bigint is null or campaign_id = $2)
+      and ($3::timestamptz is null or occurred_at < $3)
+    limit $4));
+
+-- name: drop-event-partition
+-- Dropping a partition takes a brief exclusive lock on `events`, queued behind the
+-- writers' open transactions; waiting longer than 5 s would stall the writers queued
+-- behind it, so the lock is given up instead (and the rows deleted in batches). Run in a
+-- transaction, with forget-partition-relabel-triggers.
+set local lock_timeout = '5s';
+drop table {table};
+
+-- name: forget-partition-relabel-triggers
+-- The re-label windows of a dropped day partition's clicks ($1 to $2).
+delete from relabel_triggers where occurred_at >= $1 and occurred_at < $2;
 
 -- name: expired-relabel-triggers
 -- The re-label windows (store/rollups.py) of a campaign's clicks stored before $3 and on or

@@ -1,5 +1,7 @@
--- Named queries, loaded once at start-up by tracker/store/queries.py. A name the code
--- expects but this file lacks (or the other way round) is a start-up error.
+-- Named queries of accounts, campaigns, registration, reports and exports, loaded once at
+-- start-up with every other query file in sql/ by tracker/store/queries.py. A name the code
+-- expects but no file defines, a name the code does not know, or one defined twice, is a
+-- start-up error.
 
 -- name: create-account
 insert into accounts (name) values ($1) returning id, name, created_at;
@@ -45,7 +47,7 @@ where updated_at > $1::timestamptz - interval '5 seconds';
 -- name: reserve-message-ids
 select nextval('messages_id_seq') as id from generate_series(1, $1);
 
--- name: insert-urls
+-- name: add-urls
 -- Returns only the rows it inserted. A URL another transaction inserted concurrently is
 -- skipped here and not visible to this statement's snapshot: find-urls, a statement of
 -- its own, reads it once that transaction has committed.
@@ -127,7 +129,7 @@ where account_id = $1 and campaign_id = $2
   and case when dimension = 'reason' then machines else humans end > 0
 order by type, dimension, n desc, key;
 
--- name: export-events
+-- name: export-campaign-events
 -- Streamed through a cursor in the order stored; only what is stored (there is no
 -- user-agent column to leak). The address keeps its prefix when it was truncated.
 select e.id, e.type, e.occurred_at, e.message_id, m.recipient, e.link_position, u.url,
@@ -138,3 +140,38 @@ left join messages m on m.account_id = e.account_id and m.id = e.message_id
 left join urls u on u.account_id = e.account_id and u.id = e.url_id
 where e.account_id = $1 and e.campaign_id = $2
 order by e.occurred_at, e.id;
+
+-- name: campaign-messages
+-- The dashboard's list of a campaign's messages, newest first, with each one's human opens
+-- and clicks, machine hits and last hit from its events; $3: only ids below it (the next
+-- page), $4: how many.
+select m.id, m.recipient, m.subject, m.sent_at,
+       coalesce(a.opens, 0) as opens, coalesce(a.clicks, 0) as clicks,
+       coalesce(a.machine, 0) as machine, a.last_at
+from messages m
+left join lateral (
+    select count(*) filter (where e.type = 'open' and not e.machine) as opens,
+           count(*) filter (where e.type = 'click' and not e.machine) as clicks,
+           count(*) filter (where e.machine) as machine,
+           max(e.occurred_at) as last_at
+    from events e where e.account_id = m.account_id and e.message_id = m.id
+) a on true
+where m.account_id = $1 and m.campaign_id = $2 and ($3::bigint is null or m.id < $3)
+order by m.id desc
+limit $4;
+
+-- name: ping
+-- Readiness (web/health.py): PostgreSQL answers.
+select 1;
+
+-- Advisory locks, session-level: $1 is a constant of the code that takes it (migrations,
+-- privacy maintenance), the same in every tracker process.
+
+-- name: advisory-lock
+select pg_advisory_lock($1);
+
+-- name: try-advisory-lock
+select pg_try_advisory_lock($1);
+
+-- name: advisory-unlock
+select pg_advisory_unlock($1);

@@ -1,10 +1,15 @@
-"""The benchmark suite (benchmarks/suite.py): in quick local mode it runs every stage, writes
-its charts and summary, and the campaign's report counts exactly what the load sent; and
-what it expects of a request agrees with the report's definitions and tracker's rules."""
+"""The benchmark suite (`python -m benchmarks suite`): in quick local mode it runs every
+stage, writes its charts and summary, and every request it sent landed: the campaign's
+report counts exactly what the load sent, and each recorded request is one row in
+PostgreSQL. No timing is asserted (the figures are the benchmark's business). What it
+expects of a request agrees with the report's definitions and tracker's rules; the entry
+point lists and runs the programs; the load generator runs on its core, at real-time
+priority where permitted."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -13,16 +18,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from .support import Server, new_account
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.append(str(ROOT / "benchmarks"))
-
-from phases import Deployment  # noqa: E402
-from traffic import (  # noqa: E402
+from benchmarks.__main__ import PROGRAMS
+from benchmarks.common import LOAD_CORE, PROBE_PRIORITY, load_generator, real_time_permitted
+from benchmarks.phases import Deployment
+from benchmarks.traffic import (
     APPLE_MAIL,
     CLICKS,
     LINKS,
+    MIXES,
     OPENS,
     Message,
     Mix,
@@ -30,6 +33,10 @@ from traffic import (  # noqa: E402
     Tally,
     Visitor,
 )
+
+from .support import Server, new_account
+
+ROOT = Path(__file__).resolve().parent.parent
 
 MISSING = [tool for tool in ("wrk", "nginx", "taskset") if shutil.which(tool) is None]
 PHASES = {"nginx static GIF", "tracker pixel", "tracker click", "tracker pixel, half rate",
@@ -42,8 +49,9 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Comp
     if MISSING:
         pytest.skip(f"the suite needs {', '.join(MISSING)}: apt-get install wrk nginx-light")
     out = tmp_path_factory.mktemp("suite-out")
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "suite.py"), "--quick",
-                             "--out", str(out)], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "benchmarks", "suite", "--quick",
+                             "--out", str(out)], capture_output=True, text=True, cwd=ROOT,
+                            timeout=300)
     return result, out
 
 
@@ -62,6 +70,11 @@ def test_quick_suite_finishes_and_the_report_counts_what_was_sent(
         assert checks[figure]["got"] > 1000, (figure, checks[figure])
     assert checks["messages"]["got"] == 1000
     assert checks["opens.unique"]["got"] > 900
+    # Every request that records an event is one row in PostgreSQL, once.
+    rows, ids = checks["events in PostgreSQL (rows, ids)"]["got"]
+    recorded = sum(checks[f]["got"] for f in ("opens.total", "opens.machine", "clicks.total",
+                                              "clicks.machine"))
+    assert rows == ids == recorded
     assert "PASS" in result.stdout and "FAIL" not in result.stdout
 
 
@@ -120,9 +133,8 @@ def test_quick_suite_writes_charts_and_the_goals_table(
         "messages_per_s"] > 0
     assert any(title.startswith("report latency") and p["ok"] and p["figures"]["equal"]
                for title, p in programs.items())
-    if (ROOT / "benchmarks" / "ingest.py").exists():
-        assert programs["ingest"]["ok"], programs["ingest"]
-        assert programs["ingest"]["figures"]["events_per_s"] > 0
+    assert programs["ingest"]["ok"], programs["ingest"]
+    assert programs["ingest"]["figures"]["events_per_s"] > 0
 
 
 def test_tally_follows_the_report_definitions() -> None:
@@ -183,3 +195,48 @@ def test_a_remote_run_reads_the_largest_workers_memory_from_metrics(
     finally:
         server.stop()
     assert 20 < memory["rss_mb"] <= memory["peak_mb"] < 2048
+
+
+def test_the_readers_mix_is_people_only_and_agrees_with_trackers_rules() -> None:
+    messages = [Message(f"/o/AAAAAAAAAAAAAAAAAAAA{n}.gif",
+                        tuple(f"/c/BBBBBBBBBBBBBBBBBBBBBBBB{n}x{k}" for k in range(len(LINKS))))
+                for n in range(10)]
+    readers = Mix(messages, remote=False, seed=1, name="readers")
+    assert readers.check_rules() == []
+    requests = readers.requests("open", 500) + readers.requests("click", 500)
+    assert all(r.machine is False for r in requests)
+    assert set(MIXES) == {"realistic", "readers"}
+
+
+def test_the_entry_point_lists_every_program_and_runs_one(tmp_path: Path) -> None:
+    listed = subprocess.run([sys.executable, "-m", "benchmarks"], capture_output=True,
+                            text=True, cwd=ROOT, timeout=60, check=True).stdout
+    for name in PROGRAMS:
+        assert re.search(rf"^  {name} ", listed, re.MULTILINE), listed
+    unknown = subprocess.run([sys.executable, "-m", "benchmarks", "load"], capture_output=True,
+                             text=True, cwd=ROOT, timeout=60, check=False)
+    assert unknown.returncode == 2 and "no program 'load'" in unknown.stderr
+    for name in PROGRAMS:  # every program answers --help through the entry point
+        shown = subprocess.run([sys.executable, "-m", "benchmarks", name, "--help"],
+                               capture_output=True, text=True, cwd=ROOT, timeout=60,
+                               check=False)
+        assert shown.returncode == 0, (name, shown.stderr)
+        assert shown.stdout.startswith(f"usage: python -m benchmarks {name}"), shown.stdout
+
+
+def test_the_load_generator_runs_on_its_core_at_real_time_priority_where_permitted() -> None:
+    if shutil.which("taskset") is None or shutil.which("chrt") is None:
+        pytest.skip("needs taskset and chrt (util-linux)")
+    # What a program started with the prefix gets: its scheduling policy and its cores.
+    shown = subprocess.run([*load_generator(LOAD_CORE, PROBE_PRIORITY), "sh", "-c",
+                            "chrt -p $$; taskset -cp $$"],
+                           capture_output=True, text=True, timeout=30, check=True).stdout
+    policy = re.search(r"scheduling policy: (\S+)", shown)
+    priority = re.search(r"scheduling priority: (\d+)", shown)
+    cores = re.search(r"affinity list: (\S+)", shown)
+    assert policy is not None and priority is not None and cores is not None, shown
+    if real_time_permitted():
+        assert (policy.group(1), int(priority.group(1))) == ("SCHED_FIFO", PROBE_PRIORITY), shown
+    else:
+        assert policy.group(1) == "SCHED_OTHER", shown
+    assert cores.group(1) == LOAD_CORE, shown

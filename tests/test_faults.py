@@ -3,36 +3,27 @@ load, a shutdown during an outage, and `kill -9` under load in both durability m
 
 Every hit is a distinct pixel open (its own message id, in a token the test signs), so
 the events in PostgreSQL can be matched one for one with the requests that were
-answered. The load is a bounded loop over keep-alive connections (a thread running
-asyncio streams: several thousand requests a second, far more than httpx), and every
-wait polls with a deadline.
+answered. The load (benchmarks/faults.py, which the durability benchmark shares) is a
+bounded loop over keep-alive connections (a thread running asyncio streams: several
+thousand requests a second, far more than httpx), and every wait polls with a deadline.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import itertools
-import os
 import re
 import signal
 import subprocess
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import httpx
 
-from tracker.ingest.endpoints import PIXEL_GIF
-from tracker.ingest.tokens import Signer
+from benchmarks.common import descendants
+from benchmarks.faults import Load, Target, kill_9, messages_stored
 from tracker.store.embedded_db import EmbeddedPostgres
 
 from .support import SECRET, Server, campaign, db_fetch, db_value, new_account, wait_for
 
-CHROME = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
-          "Chrome/126.0.0.0 Safari/537.36")
 SETTLE_S = 40.0  # the writer's backoff tops out at 5 s; the rest is slack for a busy machine
 EXIT_S = 30.0
 # The documented bound for the default mode: a kill -9 loses the events answered in the
@@ -59,31 +50,13 @@ def start_postgres(pg: EmbeddedPostgres, dsn: str) -> None:
     assert running.dsn() == dsn
 
 
-@dataclass
-class Target:
-    """An account and campaign, and pixel paths for distinct messages of it."""
-
-    account_id: int
-    campaign_id: int
-    first_message: int = 1_000_000
-    _signer: Signer = field(default_factory=lambda: Signer.from_setting(SECRET))
-
-    def path(self, i: int) -> str:
-        token = self._signer.open_token(self.account_id, self.campaign_id,
-                                        self.first_message + i, int(time.time()) - 3600)
-        return f"/o/{token}.gif"
-
-    def message(self, i: int) -> int:
-        return self.first_message + i
-
-
 def target(server: Server, dsn: str) -> Target:
     name = f"faults-{time.monotonic_ns()}"
     api_key = new_account(dsn, name)
     with server.client(api_key) as client:
         campaign_id = int(campaign(client))
     account_id = int(db_value(dsn, "select id from accounts where name = $1", name))
-    return Target(account_id, campaign_id)
+    return Target(account_id, campaign_id, SECRET)
 
 
 def event_counts(dsn: str, where: Target) -> tuple[int, int, int]:
@@ -94,52 +67,11 @@ def event_counts(dsn: str, where: Target) -> tuple[int, int, int]:
     return int(row[0]), int(row[1]), int(row[2])
 
 
-def messages_stored(dsn: str, where: Target) -> set[int]:
-    return {int(r[0]) for r in db_fetch(
-        dsn, "select message_id from events where account_id = $1 and campaign_id = $2",
-        where.account_id, where.campaign_id)}
-
-
-def process_tree(pid: int) -> list[int]:
-    """pid and all its descendants, parents first."""
-    found, pending = [], [pid]
-    while pending:
-        current = pending.pop(0)
-        found.append(current)
-        try:
-            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        pending.extend(int(c) for c in children)
-    return found
-
-
-class _Started(Protocol):
-    proc: subprocess.Popen[bytes] | None
-
-
-def kill_9(server: _Started) -> None:
-    """SIGKILL the server and its workers (all started by this test), the parent first so
-    that it cannot start a new worker."""
-    assert server.proc is not None
-    tree = process_tree(server.proc.pid)
-    for pid in tree:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    server.proc.wait(10)
-    for pid in tree[1:]:
-        wait_for(lambda p=pid: not Path(f"/proc/{p}").exists()  # type: ignore[misc]
-                 or "Z" in Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1][:3],
-                 10, message=f"worker {pid} to die")
-
-
 def all_workers_started(server: Server, workers: int) -> None:
     """Server.start() returns once one worker answers; a worker still starting when
     PostgreSQL goes away fails its start-up (it loads the campaigns' policies)."""
     def started() -> int:
-        log = server.log()  # granian names its workers; uvicorn's each say they are up
-        return max(len(set(re.findall(r"Started (worker-\d+) runtime", log))),
-                   log.count("Application startup complete."))
+        return server.log().count("Application startup complete.")
 
     wait_for(lambda: started() >= workers, 60, interval=0.1,
              message=f"{workers} workers to start")
@@ -147,95 +79,6 @@ def all_workers_started(server: Server, workers: int) -> None:
 
 def journal_segments(server_tmp: Path) -> list[Path]:
     return sorted((server_tmp / "data" / "journal").glob("*.seg"))
-
-
-# -- the load ------------------------------------------------------------------------------
-
-
-class Load:
-    """A bounded loop of distinct pixel hits over keep-alive connections, in a thread.
-
-    It runs until `stop()` or until `limit` requests, at `rate` requests a second (None:
-    as fast as the server answers); for each request answered it notes when (monotonic)
-    and how long it took. A request whose connection broke is not answered; it is noted
-    in `broken` and the connection is made again."""
-
-    def __init__(self, port: int, where: Target, connections: int = 6,
-                 limit: int = 200_000, rate: float | None = None) -> None:
-        self.port = port
-        self.where = where
-        self.connections = connections
-        self.limit = limit
-        self.rate = rate
-        self._started = 0.0
-        self.answered: dict[int, tuple[float, float]] = {}  # index -> (answered at, latency)
-        self.broken: list[int] = []
-        self.wrong: list[tuple[int, bytes]] = []
-        self._next = itertools.count()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
-
-    def __enter__(self) -> Load:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def sent(self) -> int:
-        return len(self.answered)
-
-    def wait_answered(self, n: int, timeout: float = 60.0) -> None:
-        wait_for(lambda: len(self.answered) >= n or not self._thread.is_alive(), timeout,
-                 interval=0.01, message=f"{n} answered hits")
-        assert len(self.answered) >= n, f"the load ended after {len(self.answered)} hits"
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(30)
-        assert not self._thread.is_alive(), "the load did not stop"
-
-    async def _main(self) -> None:
-        self._started = time.monotonic()
-        await asyncio.gather(*(self._connection() for _ in range(self.connections)))
-
-    async def _connection(self) -> None:
-        streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
-        while not self._stop.is_set():
-            i = next(self._next)
-            if i >= self.limit:
-                return
-            request = (f"GET {self.where.path(i)} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                       f"User-Agent: {CHROME}\r\n\r\n").encode()
-            if self.rate is not None:
-                # Pacing, not waiting for a condition: request i is due at i / rate.
-                await asyncio.sleep(max(0.0, self._started + i / self.rate - time.monotonic()))
-            started = time.monotonic()
-            try:
-                if streams is None:
-                    streams = await asyncio.wait_for(
-                        asyncio.open_connection("127.0.0.1", self.port), 5)
-                reader, writer = streams
-                writer.write(request)
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 15)
-                length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
-                body = await reader.readexactly(int(length.group(1)) if length else 0)
-            except (OSError, asyncio.IncompleteReadError, TimeoutError):
-                self.broken.append(i)
-                if streams is not None:
-                    streams[1].close()
-                streams = None
-                if self._stop.is_set():
-                    return
-                await asyncio.sleep(0.05)  # the server is gone or restarting: back off
-                continue
-            answered = time.monotonic()
-            if not head.startswith(b"HTTP/1.1 200 ") or body != PIXEL_GIF:
-                self.wrong.append((i, head))
-            self.answered[i] = (answered, answered - started)
-        if streams is not None:
-            streams[1].close()
 
 
 def p99_ms(latencies: list[float]) -> float:
@@ -297,7 +140,7 @@ def test_sigterm_during_an_outage_spills_to_the_journal_and_a_restart_stores_eve
                 load.wait_answered(600)
             assert load.broken == [] and load.wrong == []
             assert first.proc is not None
-            worker_pids = {str(pid) for pid in process_tree(first.proc.pid)[1:]}
+            worker_pids = {str(pid) for pid in descendants(first.proc.pid)}
             first.signal(signal.SIGTERM)
             try:
                 code = first.wait(EXIT_S)
@@ -343,7 +186,7 @@ def _kill_under_load(dsn: str, tmp_path: Path,
                      message="a first write")
             slowest_write = _slowest_write(server)
             killed_at = time.monotonic()
-            kill_9(server)
+            kill_9(server.proc)
         assert load.wrong == []
     finally:
         server.stop()

@@ -369,10 +369,11 @@ def test_server_locates_and_truncates_an_ipv4_mapped_client_as_ipv4(
 def test_server_on_an_ipv4_mapped_loopback_address_believes_its_loopback_proxy(
         module_dsn: str, city_db: Path, tmp_path: Path) -> None:
     # Bound to ::ffff:127.0.0.1, the server sees the loopback proxy as ::ffff:127.0.0.1,
-    # as it does every IPv4 peer when it listens on "::". Only granian can bind such an
-    # address (uvicorn's socket refuses it), and listening on "::" would leave loopback.
+    # as it does every IPv4 peer when it listens on "::" (which would leave loopback).
+    # Two workers: their sockets are tracker's own (server.py), which can bind such an
+    # address; asyncio's, which uvicorn opens for a single worker, are IPv6-only.
     server = _start(module_dsn, tmp_path, city_db, TRACKER_HOST="::ffff:127.0.0.1",
-                    TRACKER_SERVER="granian")
+                    TRACKER_WORKERS="2")
     try:
         row = _open_from(server, module_dsn, [("X-Forwarded-For", CLIENT)])
     finally:

@@ -21,7 +21,7 @@ import asyncpg
 import httpx
 import pytest
 
-from benchmarks.common import Plan, http_request, run_plans, write_plan
+from benchmarks.wrk import Plan, http_request, run_plans, write_plan
 from tracker.ingest.pipeline import DropReason, EventRecord
 from tracker.store.backlog import Backlog, WriterStats
 from tracker.store.database import connect

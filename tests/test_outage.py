@@ -212,18 +212,14 @@ def _flushed_only_at_shutdown(dsn: str, tmp_path: Path, sig: signal.Signals,
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-@pytest.mark.parametrize("server_kind", ["granian", "uvicorn"])
 def test_shutdown_signal_flushes_every_buffered_event_and_exits_0(
-        dsn: str, tmp_path: Path, server_kind: str, sig: signal.Signals) -> None:
-    _flushed_only_at_shutdown(dsn, tmp_path, sig, {"TRACKER_SERVER": server_kind})
+        dsn: str, tmp_path: Path, sig: signal.Signals) -> None:
+    _flushed_only_at_shutdown(dsn, tmp_path, sig, {})
 
 
-@pytest.mark.parametrize("server_kind", ["granian", "uvicorn"])
-def test_sigterm_flushes_the_buffers_of_every_worker(
-        dsn: str, tmp_path: Path, server_kind: str) -> None:
+def test_sigterm_flushes_the_buffers_of_every_worker(dsn: str, tmp_path: Path) -> None:
     # Each worker holds its own buffer; hits spread over both must all be written.
-    _flushed_only_at_shutdown(dsn, tmp_path, signal.SIGTERM,
-                              {"TRACKER_SERVER": server_kind, "TRACKER_WORKERS": "2"})
+    _flushed_only_at_shutdown(dsn, tmp_path, signal.SIGTERM, {"TRACKER_WORKERS": "2"})
 
 
 def test_shutdown_while_postgres_is_down_ends_within_a_bound(

@@ -33,10 +33,11 @@ from tracker.mail.registration import MessageInput, Registrar
 from tracker.privacy import jobs
 from tracker.privacy.link_redaction import Redactor
 from tracker.privacy.notice import describe
-from tracker.privacy.recipients import PRIVACY_QUERIES, identify, normalize
+from tracker.privacy.recipients import identify, normalize
 from tracker.privacy.retention import GRACE, enforce_retention
 from tracker.store import accounts, campaigns, reports
 from tracker.store.database import connect, create_pool
+from tracker.store.queries import QUERIES
 from tracker.store.writer import BatchWriter
 
 from .support import SECRET, Server, campaign, db_fetch, db_value, new_account, register, wait_for
@@ -136,7 +137,7 @@ async def db(dsn: str) -> AsyncIterator[asyncpg.Connection]:
 
 
 async def _partition_names(db: asyncpg.Connection) -> set[str]:
-    return {r["name"] for r in await db.fetch(PRIVACY_QUERIES.event_partitions)}
+    return {r["name"] for r in await db.fetch(QUERIES.event_partitions)}
 
 
 async def _counts(db: asyncpg.Connection) -> dict[tuple[str, int], int]:
@@ -270,10 +271,10 @@ async def test_purge_and_erasure_cover_every_table_that_names_a_campaign_or_mess
     cascading = {r["t"] for r in await db.fetch("""
         select conrelid::regclass::text as t from pg_constraint
         where contype = 'f' and confrelid = 'messages'::regclass and confdeltype = 'c'""")}
-    purge = PRIVACY_QUERIES.purge_campaign_data
-    erase = " ".join((PRIVACY_QUERIES.erase_events, PRIVACY_QUERIES.erase_message_rollups,
-                      PRIVACY_QUERIES.erase_message_link_rollups,
-                      PRIVACY_QUERIES.erase_relabel_triggers, PRIVACY_QUERIES.erase_messages))
+    purge = QUERIES.purge_campaign_data
+    erase = " ".join((QUERIES.erase_events, QUERIES.erase_message_rollups,
+                      QUERIES.erase_message_link_rollups,
+                      QUERIES.erase_relabel_triggers, QUERIES.erase_messages))
     for row in rows:
         table = row["table_name"]
         if table in ("campaigns", "events") or table in cascading:

@@ -28,10 +28,9 @@ DESTINATION = "https://example.com/p?q=1&r=%20x#frag"
 @pytest.fixture(scope="module")
 def servers(module_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         tuple[Server, Server]]:
-    env = {"TRACKER_SERVER": "uvicorn"}
-    fast = Server(module_dsn, tmp_path_factory.mktemp("fast"), env).start()
+    fast = Server(module_dsn, tmp_path_factory.mktemp("fast")).start()
     asgi = Server(module_dsn, tmp_path_factory.mktemp("asgi"),
-                  {**env, "TRACKER_DURABILITY": "journal"}).start()
+                  {"TRACKER_DURABILITY": "journal"}).start()
     yield fast, asgi
     fast.stop()
     asgi.stop()
@@ -447,29 +446,3 @@ def test_a_request_head_that_does_not_arrive_in_time_is_refused_with_408(
             assert received.startswith(b"HTTP/1.1 408 "), received
         else:
             assert received == b""
-
-
-def test_granian_answers_and_records_tracking_requests_only_when_whole(
-        module_dsn: str, tmp_path: Path, tokens: dict[str, str]) -> None:
-    # Under granian the ASGI way is the only way: a body it finds broken reaches the app
-    # as a disconnect, which records nothing and answers 400; Expect gets its 100.
-    server = Server(module_dsn, tmp_path, {"TRACKER_SERVER": "granian"}).start()
-    try:
-        message = _message_with_two_links(server, tokens["key"])
-        answer = exchange(server.port, f"GET {message['pixel']} HTTP/1.1\r\nHost: x\r\n"
-                                       "Transfer-Encoding: chunked\r\n\r\nzz\r\n".encode())
-        assert answer.startswith(b"HTTP/1.1 400 ")
-        assert answer.endswith(b'{"error":"malformed HTTP request"}')
-        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-            sock.sendall(f"GET {message['pixel']} HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
-                         "Expect: 100-continue\r\nConnection: close\r\n\r\n".encode())
-            assert sock.recv(25) == b"HTTP/1.1 100 Continue\r\n\r\n"
-            sock.sendall(b"hello")
-            answer = b""
-            while chunk := sock.recv(65536):
-                answer += chunk
-        assert answer.startswith(b"HTTP/1.1 200 ")
-        assert sorted(_events_after_marker(module_dsn, server, message)) == [
-            ("click", 1), ("open", None)]
-    finally:
-        server.stop()

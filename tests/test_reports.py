@@ -28,7 +28,8 @@ from tracker.ingest.rules import load_rules
 from tracker.store import accounts, campaigns, reports
 from tracker.store.database import connect
 from tracker.store.embedded_db import EmbeddedPostgres
-from tracker.store.migrations import migrate, sql_dir
+from tracker.store.migrations import migrate
+from tracker.store.queries import sql_dir
 from tracker.store.rollups import HONEYPOT_URL_ID, relabel_windows
 from tracker.store.writer import BatchWriter
 

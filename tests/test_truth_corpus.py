@@ -1,4 +1,4 @@
-"""The truth corpus (benchmarks/truth) is well-formed, and benchmarks/truth.py scores a
+"""The truth corpus (benchmarks/truth) is well-formed, and `python -m benchmarks truth` scores a
 slice of it through `tracker classify --jsonl` (no assertion on the figures: they are
 the benchmark's business)."""
 
@@ -57,7 +57,7 @@ def test_truth_scores_a_slice_and_prints_the_goals(tmp_path: Path) -> None:
     # Every n-th line: all categories in 50 lines.
     (tmp_path / "corpus.jsonl").write_text("\n".join(corpus[:: len(corpus) // 50][:50]) + "\n")
     (tmp_path / "devices.jsonl").write_text("\n".join(devices[:50]) + "\n")
-    command = [sys.executable, str(ROOT / "benchmarks" / "truth.py"),
+    command = [sys.executable, "-m", "benchmarks", "truth",
                "--corpus", str(tmp_path / "corpus.jsonl"),
                "--devices", str(tmp_path / "devices.jsonl")]
     shown = subprocess.run([*command, "--misses", "2"], capture_output=True, text=True,

@@ -23,11 +23,12 @@ from tracker.ingest import geo
 from tracker.ingest.rules import RulesError, load_rules
 from tracker.ingest.rules.lists import LIST_NAMES
 from tracker.ingest.signing_keys import signing_keys
-from tracker.settings import SETTINGS, Settings, SettingsError, load
+from tracker.settings import SETTINGS, Settings, SettingsError, load, retired_settings
 from tracker.store import accounts, datadir
 from tracker.store.database import connect, use_database, wait_until_reachable
 from tracker.store.embedded_db import EmbeddedDatabaseError
 from tracker.store.migrations import MigrationError, migrate
+from tracker.store.queries import QUERIES
 
 log = logging.getLogger("tracker")
 
@@ -43,6 +44,8 @@ def _settings(args: argparse.Namespace) -> Settings:
     overrides = {s.env: getattr(args, s.field, None) for s in SETTINGS}
     settings = load(overrides={k: v for k, v in overrides.items() if v is not None})
     logs.configure(settings.log_level)
+    for warning in retired_settings():
+        log.warning("%s", warning)
     if settings.rules is not None:
         try:  # now, so that a bad rules file stops the command naming the setting
             load_rules(settings.rules)
@@ -101,8 +104,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 log.info("applied migration %s", name)
             env = {**settings.as_env(), "TRACKER_DATABASE_URL": database.dsn,
                    "TRACKER_SECRET_KEY": keys}
-            log.info("tracker on %s (%s, %d worker%s, %s database)", settings.base_url,
-                     settings.server, settings.workers, "" if settings.workers == 1 else "s",
+            log.info("tracker on %s (uvicorn, %d worker%s, %s database)", settings.base_url,
+                     settings.workers, "" if settings.workers == 1 else "s",
                      "embedded" if settings.embedded else "external")
             server.run(settings, env)
     return 0
@@ -176,9 +179,9 @@ def _print_table(rows: Sequence[tuple[str, ...]]) -> None:
 
 async def _check_account(conn: asyncpg.Connection, account_id: int) -> None:
     """The account exists and is not deleted: checked before its keys are touched."""
-    from tracker.privacy.recipients import PRIVACY_QUERIES
+    from tracker.store.queries import QUERIES
 
-    if await conn.fetchrow(PRIVACY_QUERIES.account_settings, account_id) is None:
+    if await conn.fetchrow(QUERIES.account_settings, account_id) is None:
         raise CommandError(f"no account {account_id} (or it is deleted)")
 
 
@@ -269,10 +272,9 @@ def _object_id(value: str) -> int:
 
 
 def cmd_accounts_delete(args: argparse.Namespace) -> int:
-    from tracker.privacy.recipients import PRIVACY_QUERIES
     from tracker.privacy.retention import GRACE
 
-    row = _on_database(args, lambda conn: conn.fetchrow(PRIVACY_QUERIES.delete_account,
+    row = _on_database(args, lambda conn: conn.fetchrow(QUERIES.delete_account,
                                                         args.id))
     if row is None:
         raise CommandError(f"no account {args.id} (or it is already purged)")
@@ -299,9 +301,8 @@ def _privacy_change_holds(args: argparse.Namespace) -> str:
 
 
 def cmd_accounts_restore(args: argparse.Namespace) -> int:
-    from tracker.privacy.recipients import PRIVACY_QUERIES
 
-    row = _on_database(args, lambda conn: conn.fetchrow(PRIVACY_QUERIES.restore_account,
+    row = _on_database(args, lambda conn: conn.fetchrow(QUERIES.restore_account,
                                                         args.id))
     if row is None:
         raise CommandError(f"account {args.id} is not deleted, or its grace period is over "
@@ -362,9 +363,8 @@ def _say_in_grace(heading: str, items: list[Any]) -> None:
 
 def cmd_policy_describe(args: argparse.Namespace) -> int:
     from tracker.privacy.notice import campaign_summary
-    from tracker.privacy.recipients import PRIVACY_QUERIES
 
-    row = _on_database(args, lambda conn: conn.fetchrow(PRIVACY_QUERIES.campaign_privacy,
+    row = _on_database(args, lambda conn: conn.fetchrow(QUERIES.campaign_privacy,
                                                         None, args.campaign))
     if row is None:
         raise CommandError(f"no campaign {args.campaign} (or it is deleted)")

@@ -26,6 +26,7 @@ from tracker.privacy.sync import PrivacySync
 from tracker.settings import Settings
 from tracker.store.database import connect, create_pool
 from tracker.store.journal import Journal
+from tracker.store.queries import QUERIES
 from tracker.store.rollups import relabel_windows
 from tracker.store.writer import BatchWriter
 from tracker.web.metrics import Metrics, MetricsCollector, SharedSnapshots, observe_flushes
@@ -139,7 +140,7 @@ class Runtime:
 
     async def ping_database(self) -> object:
         """Whether PostgreSQL answers (`/readyz`): raises if it does not."""
-        return await self.pool.fetchval("select 1")
+        return await self.pool.fetchval(QUERIES.ping)
 
     def remember_campaign(self, account_id: int, campaign_id: int, policy: Policy,
                           recording: bool) -> None:

@@ -1,4 +1,5 @@
-"""Runs the ASGI app under uvicorn (the default, with tracker.protocol: fastest here) or granian.
+"""Runs the ASGI app under uvicorn, with tracker's own protocol (tracker/ingest/protocol.py)
+answering the tracking paths.
 
 Each worker process builds its own app (and so its own pool, writer and caches)
 from the environment; `tracker serve` has put the resolved settings there.
@@ -6,9 +7,7 @@ from the environment; `tracker serve` has put the resolved settings there.
 Several uvicorn workers each listen on a socket of their own (SO_REUSEPORT), so the
 kernel spreads new connections over them. On one shared socket every worker wakes for a
 connection and the first one accepts all that are waiting: a client opening a few
-connections at once had them all on one worker, and `benchmarks/registration.py` (four
-connections, two workers) measured one worker busy and the other idle (py-spy: 94 % and
-4 % of the samples).
+connections at once had them all on one worker, the others idle.
 """
 
 from __future__ import annotations
@@ -86,45 +85,8 @@ def warn_about_public_url(settings: Settings) -> None:
 
 
 def run(settings: Settings, env: dict[str, str]) -> None:
+    """Serve until stopped; the workers build their app from `env` (the resolved settings)."""
     os.environ.update(env)
-    if settings.server == "uvicorn":
-        _run_uvicorn(settings)
-    else:
-        _run_granian(settings)
-
-
-def _run_granian(settings: Settings) -> None:
-    from granian.constants import HTTPModes, Interfaces, Loops, RuntimeModes
-    from granian.http import HTTP1Settings
-    from granian.server import Server
-
-    from tracker.ingest.limits import HEAD_TIMEOUT_S, MAX_HEAD_BYTES
-
-    Server(
-        APP_FACTORY,
-        address=settings.host,
-        port=settings.port,
-        interface=Interfaces.ASGI,
-        factory=True,
-        workers=settings.workers,
-        runtime_mode=RuntimeModes.st,
-        loop=Loops.uvloop,
-        http=HTTPModes.http1,
-        # The bounds tracker's own protocol keeps (tracker/ingest/limits.py), as far as granian
-        # has them: a head must be in within HEAD_TIMEOUT_S (hyper starts the clock when it
-        # waits for a request, so an idle keep-alive connection also closes then), and
-        # what one connection may have read and not parsed yet is about a head's bound.
-        http1_settings=HTTP1Settings(header_read_timeout=int(HEAD_TIMEOUT_S * 1000),
-                                     max_buffer_size=MAX_HEAD_BYTES),
-        websockets=False,
-        backlog=2048,
-        log_access=False,  # an access log would hold addresses the policy may forbid
-        log_level=settings.log_level,  # type: ignore[arg-type]
-        workers_kill_timeout=_WORKER_SHUTDOWN_S,
-    ).serve()
-
-
-def _run_uvicorn(settings: Settings) -> None:
     import uvicorn
 
     from tracker.ingest.protocol import TrackingHttpProtocol

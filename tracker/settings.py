@@ -157,9 +157,6 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TRACKER_HOST", "127.0.0.1", "bind address", _text),
     Setting("TRACKER_PORT", "8000", "bind port", _port),
     Setting("TRACKER_WORKERS", "1", "worker processes", _positive_int),
-    Setting("TRACKER_SERVER", "uvicorn", "HTTP server: uvicorn (with tracker's own "
-            "protocol for the tracking paths; the faster here) or granian",
-            _choice("granian", "uvicorn")),
     Setting("TRACKER_GEOIP_DB", "", "MaxMind-format City or Country database "
             "(default: the DB-IP City Lite fetched by `tracker geoip fetch`, if any)",
             _optional_path),
@@ -192,6 +189,29 @@ SETTINGS: tuple[Setting, ...] = (
 
 _BY_ENV = {setting.env: setting for setting in SETTINGS}
 
+# Variables tracker does not read that an older deployment may still set, each with the one
+# value that asks for what tracker does anyway, and what it does. That value is accepted with
+# a warning (`retired_settings`); any other stops start-up, since it asked for something else.
+_RETIRED: dict[str, tuple[str, str]] = {
+    "TRACKER_SERVER": ("uvicorn", "tracker serves on uvicorn only"),
+}
+
+
+def retired_settings(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One warning per retired variable that is set to its accepted value."""
+    environ = os.environ if environ is None else environ
+    return [f"{env}={environ[env].strip()} is ignored ({what}): remove it from the environment"
+            for env, (accepted, what) in _RETIRED.items()
+            if environ.get(env, "").strip().lower() == accepted]
+
+
+def _check_retired(environ: Mapping[str, str]) -> None:
+    for env, (accepted, what) in _RETIRED.items():
+        value = environ.get(env, "").strip()
+        if value and value.lower() != accepted:
+            raise SettingsError(f"{env}: {value!r} is not available ({what}): remove it from "
+                                "the environment")
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -203,7 +223,6 @@ class Settings:
     host: str
     port: int
     workers: int
-    server: str
     geoip_db: Path | None
     geoip_fetch: str
     trusted_proxies: tuple[IPNetwork, ...]
@@ -256,6 +275,7 @@ def load(environ: Mapping[str, str] | None = None,
     """Read every setting from `environ` (default os.environ); `overrides` (CLI flags,
     keyed by variable name) win. Raises SettingsError naming the first bad variable."""
     environ = os.environ if environ is None else environ
+    _check_retired(environ)
     flags = frozenset(env for env, raw in (overrides or {}).items() if raw is not None)
     values: dict[str, Any] = {}
     for setting in SETTINGS:

@@ -88,8 +88,8 @@ class FastPath:
                 # (or comes broken, and is refused by the server) is neither answered nor
                 # recorded.
                 if not await _read_to_the_end(receive):
-                    # Under uvicorn the protocol has answered (or the client left, and this
-                    # goes nowhere); granian leaves it to the app.
+                    # The protocol has answered (or the client left): this goes nowhere,
+                    # and is here for an ASGI server that leaves the answer to the app.
                     await send(_MALFORMED_START)
                     await send(_MALFORMED_BODY)
                     return

@@ -29,8 +29,8 @@ DEFAULT_CACHE_SIZE = 65536
 _MAX_IP_TEXT = 64
 # The C reader parses with getaddrinfo(AI_NUMERICHOST), which also takes inet_aton's
 # legacy forms ("134744072", "0x8.8.8.8", "8.8.2056") and would geolocate garbage
-# from a header as some real address. Only the dotted quad is accepted for IPv4; the
-# regex costs ~0.4 µs against ~2 µs for ipaddress.IPv4Address. IPv6 text is left to
+# from a header as some real address. Only the dotted quad is accepted for IPv4, by a
+# regex (a fifth of what ipaddress.IPv4Address costs). IPv6 text is left to
 # the C parser, which is strict (inet_pton).
 _DOTTED_QUAD = re.compile(r"(?:0|[1-9][0-9]{0,2})(?:\.(?:0|[1-9][0-9]{0,2})){3}", re.ASCII)
 
@@ -97,17 +97,15 @@ def _location_from_record(record: Any) -> Location | None:
 class GeoLookup:
     """IP address → ``Location``, with a bounded LRU cache in front of the database.
 
-    The raw ``maxminddb`` C reader is used rather than ``geoip2.database.Reader``.
-    Measured with timeit on DB-IP City Lite (20,000 random global IPv4 and IPv6
-    addresses, MODE_MMAP_EXT): an uncached ``lookup`` costs 9-13 µs, most of it
-    ``reader.get`` decoding the record (7-9 µs); the same through geoip2's ``city()``
-    model costs 18-25 µs, as it builds objects for every field and locale. A cache
-    hit costs 0.2-0.4 µs. geoip2 would also have to know in advance whether to call
-    ``city()`` or ``country()``; the raw record reads the same for both.
+    The raw ``maxminddb`` C reader is used rather than ``geoip2.database.Reader``,
+    whose ``city()`` model costs about twice as much as decoding the record, building
+    objects for every field and locale (benchmarks/README.md, "Decided"). geoip2 would
+    also have to know in advance whether to call ``city()`` or ``country()``; the raw
+    record reads the same for both.
 
     Private, reserved and unknown addresses are left to the database, which holds no
     record for them (MaxMind's and DB-IP's do not): an explicit ``ipaddress``
-    ``is_global`` check measured 5-7 µs, close to the lookup itself.
+    ``is_global`` check costs about as much as the lookup itself.
     """
 
     def __init__(self, path: str | os.PathLike[str], cache_size: int = DEFAULT_CACHE_SIZE) -> None:

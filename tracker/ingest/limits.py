@@ -1,8 +1,7 @@
 """What one client connection may make the server hold, and how long it may keep it waiting.
 
-Kept by tracker's own HTTP protocol (ingest/protocol.py) and, as far as granian has the same
-settings, handed to granian (server.py). A module of its own so that granian's main
-process, which serves nothing, need not import the protocol and everything behind it.
+Kept by tracker's own HTTP protocol (ingest/protocol.py); apart from it, so that the bounds
+an operator may ask about are read without the parser's mechanics around them.
 """
 
 MAX_TARGET_BYTES = 8 * 1024  # a longer request target: 414

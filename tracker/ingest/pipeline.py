@@ -10,8 +10,9 @@ the writer, the journal or the database.
 An event leaves the pipeline already encoded as a line of PostgreSQL's COPY text
 format. That is the hot path's largest saving: the user-agent, location and address
 parts of a line are cached per (value, policy setting), so a hit costs one f-string
-instead of building a 17-field row that asyncpg would then encode field by field
-(measured: ~2.5 µs to build a row plus ~2.3 µs to encode it, against ~1 µs here).
+instead of building a row that asyncpg would then encode field by field (about a
+fifth of the cost; binary COPY was ten times dearer in Python than it saved: see
+benchmarks/README.md, "Decided").
 `Event` is the same thing as a structure, for tests and tools; `Event.line()` and
 the pipeline produce identical lines (tested).
 """
@@ -257,5 +258,5 @@ def event_id(at_us: int) -> int:
 
     The 74 random bits only need to be unique, not unpredictable, so they come from
     the process's Mersenne Twister (seeded from os.urandom, and reseeded by Python in
-    every forked worker; ~0.1 µs) rather than a syscall per event."""
+    every forked worker) rather than a syscall per event."""
     return ((at_us // 1000) << 80) | (getrandbits(80) & _RANDOM_MASK) | _VERSION_7 | _VARIANT

@@ -1,9 +1,9 @@
 """uvicorn's httptools protocol, answering tracking requests without an ASGI task each.
 
 Through ASGI a hit costs a task, a scope, two `send` awaits and the server's
-response assembly: measured here, a bare ASGI app that only returns the GIF does
-~44,000 req/s on granian and ~29,000 on uvicorn, while the same answer written from
-httptools' callbacks on uvloop does ~110,000 (nginx: ~75,000). So a plain
+response assembly: a bare ASGI app that only returns the GIF answers a quarter as many
+requests as the same answer written from httptools' callbacks (benchmarks/README.md,
+"Decided"). So a plain
 `GET|HEAD /o/...` or `/c/...` is answered from inside the parser's
 `on_message_complete`: `FastPath.answer` records the hit and returns the whole
 response, which is written at once. Everything else, and any request this path is
@@ -37,6 +37,16 @@ one that is still being answered the ASGI way, nothing more is read or parsed (w
 read already is held, unparsed: `_held`). uvicorn pauses for the second only until the
 next answer, then reads a whole buffer of requests again (a client pipelining /healthz
 without reading made one connection hold ~2 GB of waiting requests).
+
+Supported versions. `HttpToolsProtocol` is not uvicorn's public API: this module overrides
+its methods, calls others, and uses its attributes, its request cycles', its flow
+control's and httptools' parser callbacks. So pyproject.toml holds uvicorn and httptools to
+the series this module was reviewed against, uvicorn 0.55.0, httptools 0.9.0 (any 0.55.x
+and 0.9.x), and tests/test_protocol_internals.py checks every one of those internals
+against the installed versions, naming what changed. To move to a newer uvicorn: raise the
+bounds in pyproject.toml and REVIEWED in that test, refresh the lock
+(requirements/refresh.sh) and install it, run that test and follow what it names, then
+run tests/test_protocol.py and tests/test_wire.py.
 """
 
 from __future__ import annotations
@@ -335,7 +345,10 @@ class TrackingHttpProtocol(HttpToolsProtocol):
             raise _Refused
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        name = name.lower()  # uvicorn's, inlined: a call less per header
+        # uvicorn's, inlined (a call less per header), with the bound added. llhttp keeps
+        # a value's trailing whitespace, which is not part of it (RFC 9110, 5.5).
+        name = name.lower()
+        value = value.rstrip(b" \t")
         if name == b"expect" and value.lower() == b"100-continue":
             self.expect_100_continue = True
         self.headers.append((name, value))

@@ -1,11 +1,12 @@
 """User-agent string -> browser, OS and device class, cached.
 
-Parsing uses ua-parser's current rules through its Rust resolver (ua-parser-rs, ~15 µs a
-string). The device class is Matomo device-detector's device type (`tracker.devices`:
-its brand and model rules, from the `device-detector` package, tens of µs a string),
+Parsing uses ua-parser's current rules through its Rust resolver (ua-parser-rs). The
+device class is Matomo device-detector's device type (ingest/devices.py: its brand and
+model rules, from the `device-detector` package, word-indexed so that a new agent costs
+tens of µs rather than the package's own milliseconds; `python -m benchmarks agents`),
 mapped to desktop, mobile, tablet or other; ua-parser's spiders are "bot". Should the
 package's rules be missing or unreadable, the class comes from the tokens phones and
-tablets put in their agents (a warning says so once); `benchmarks/truth.py` scores both
+tablets put in their agents (a warning says so once); `python -m benchmarks truth` scores both
 against Matomo's own fixtures.
 
 Only names from a closed set are ever returned: a browser or OS family that ua-parser's

@@ -49,17 +49,10 @@ Tokens that cannot hold a link (text, other tags, ordinary comments, raw text) a
 consumed inside one compiled pattern, so Python code runs only for the few tokens
 that matter: link elements, `<base>`, `</body>`, conditional comments.
 
-Why this engine: measured (benchmarks/instrument_bench.py, µs of CPU per document on
-the shared 2-core machine, extract with the message's links not seen before / seen in
-an earlier message, + render):
-
-                           receipt (16 KB, 5 links)   newsletter (18 KB, 24 links)
-    this tokenizer         91 / 80 + 3                156 / 123 + 12
-    tree-sitter-html       1,230 (the C parse: 750)   2,420
-    stdlib html.parser     1,190                      1,470
-
-The tokenizer's floor is sre itself, about 4 ns per character for one pass (65 µs of the
-receipt's 80). tree-sitter builds a whole tree and is no HTML tokenizer: an unquoted
+Why this engine: it is an order of magnitude faster than tree-sitter-html and the
+standard library's html.parser on real mail (benchmarks/README.md, "Decided"; `python -m
+benchmarks instrument` measures it), and its floor is sre itself, one pass over the
+text. tree-sitter builds a whole tree and is no HTML tokenizer: an unquoted
 `href=https://x/?a=1&b=2` is an error node to it, `<textarea>` content is markup, a
 `</body>` in a textarea ends the body (5 of the 13 corpus documents come out wrong).
 html.parser calls back into Python for every token and reads `<!-->` as an unfinished

@@ -43,7 +43,6 @@ from tracker.mail.options import LinkOptions, from_stored
 from tracker.privacy import consent
 from tracker.privacy.link_redaction import Redactor
 from tracker.privacy.recipients import (
-    PRIVACY_QUERIES,
     InvalidAddress,
     Recipient,
     check_address,
@@ -264,7 +263,7 @@ class Registrar:
                        messages: list[MessageInput]) -> list[Registered]:
         """Store the messages and their links in one transaction; all or nothing."""
         async with conn.transaction():
-            context = await conn.fetchrow(PRIVACY_QUERIES.registration_context, account_id,
+            context = await conn.fetchrow(QUERIES.registration_context, account_id,
                                           campaign_id)
             if context is None:
                 raise LookupError(f"campaign {campaign_id} of account {account_id} not found")
@@ -370,10 +369,10 @@ async def _url_ids(conn: asyncpg.Connection, account_id: int, campaign_id: int,
                                                          campaign_id, urls)}
     missing = [url for url in urls if url not in found]
     if missing:
-        inserted = await conn.fetch(QUERIES.insert_urls, account_id, campaign_id, missing)
-        found.update((r["url"], r["id"]) for r in inserted)
+        added = await conn.fetch(QUERIES.add_urls, account_id, campaign_id, missing)
+        found.update((r["url"], r["id"]) for r in added)
         still = [url for url in missing if url not in found]
-        if still:  # inserted meanwhile by a concurrent registration, committed by now
+        if still:  # added meanwhile by a concurrent registration, committed by now
             found.update((r["url"], r["id"]) for r in await conn.fetch(
                 QUERIES.find_urls, account_id, campaign_id, still))
     return found

@@ -14,7 +14,6 @@ import asyncpg
 
 from tracker.ingest.policy import PolicyBook
 from tracker.ingest.suppression import AccountState, SuppressionBook
-from tracker.privacy.recipients import PRIVACY_QUERIES
 from tracker.store.campaigns import policy_of
 from tracker.store.queries import QUERIES
 
@@ -35,10 +34,10 @@ async def read_suppressions(book: SuppressionBook, conn: asyncpg.Connection | as
     they hold an erasure the book did not know (made by another node: what this worker
     captured of the recipient must be written out, to be swept)."""
     # Accounts: the few exceptions, read whole, so a restored account leaves the book.
-    rows = await conn.fetch(PRIVACY_QUERIES.account_exceptions)
+    rows = await conn.fetch(QUERIES.account_exceptions)
     book.set_accounts({r["id"]: AccountState(r["disabled"], r["honour_privacy_signals"])
                        for r in rows})
-    rows = await conn.fetch(PRIVACY_QUERIES.suppressions_since, book.loaded_until)
+    rows = await conn.fetch(QUERIES.suppressions_since, book.loaded_until)
     erased = False
     for r in rows:
         erased |= book.put_recipient(r["account_id"], r["recipient_key"], r["opted_out"],

@@ -34,8 +34,7 @@ import asyncpg
 
 from tracker.ingest.suppression import SuppressionBook
 from tracker.privacy.recipients import account_secret, identify, run_block
-from tracker.store.migrations import sql_dir
-from tracker.store.queries import load_as
+from tracker.store.queries import QUERIES
 
 MAX_METHOD_CHARS = 100
 MAX_WORDING_CHARS = 10_000
@@ -43,25 +42,6 @@ HISTORY_SHOWN = 100
 # A consent given "in the future" is a clock problem at the caller's; a little skew is not.
 _CLOCK_SKEW = timedelta(minutes=5)
 _FIELDS = {"opens", "clicks", "method", "wording", "at"}
-
-
-@dataclass(frozen=True)
-class ConsentQueries:
-    save_wording: str
-    save_consent: str
-    record_consent_history: str
-    refuse_consent: str
-    clear_consent_refusal: str
-    consent_record: str
-    consent_history: str
-    consent_refusals: str
-    registration_consents: str
-    erase_consent: str
-    account_consent_default: str
-    set_account_consent_default: str
-
-
-CONSENT_QUERIES = load_as(sql_dir() / "consent.sql", ConsentQueries)
 
 
 class InvalidConsent(ValueError):
@@ -152,19 +132,19 @@ async def record(pool: asyncpg.Pool, account_id: int, address: str, consent: Con
         digest = None
         if consent.wording is not None:
             digest = hashlib.sha256(consent.wording.encode()).digest()
-            await conn.execute(CONSENT_QUERIES.save_wording, account_id, digest,
+            await conn.execute(QUERIES.save_wording, account_id, digest,
                                consent.wording)
         given_at = consent.at or datetime.now(UTC)
-        row = await conn.fetchrow(CONSENT_QUERIES.save_consent, account_id, key, consent.opens,
+        row = await conn.fetchrow(QUERIES.save_consent, account_id, key, consent.opens,
                                   consent.clicks, consent.method, digest, given_at)
-        await conn.execute(CONSENT_QUERIES.record_consent_history, account_id, key,
+        await conn.execute(QUERIES.record_consent_history, account_id, key,
                            consent.opens, consent.clicks, consent.method, digest, given_at)
         refused = (not consent.opens, not consent.clicks)
         if any(refused):
-            state = await conn.fetchrow(CONSENT_QUERIES.refuse_consent, account_id, key,
+            state = await conn.fetchrow(QUERIES.refuse_consent, account_id, key,
                                         *refused)
         else:
-            state = await conn.fetchrow(CONSENT_QUERIES.clear_consent_refusal, account_id, key)
+            state = await conn.fetchrow(QUERIES.clear_consent_refusal, account_id, key)
     if book is not None and (state is not None or any(refused)):
         book.put_recipient(account_id, key, state["opted_out"] if state else False,
                            state["erased_through"] if state else None, refused)
@@ -176,10 +156,10 @@ async def current(conn: asyncpg.Connection | asyncpg.Pool, account_id: int, addr
     """The recipient's consent as it stands and its latest changes (newest first), or None
     when none was ever recorded (or it was erased)."""
     key = identify(await account_secret(conn, account_id), address).key
-    row = await conn.fetchrow(CONSENT_QUERIES.consent_record, account_id, key)
+    row = await conn.fetchrow(QUERIES.consent_record, account_id, key)
     if row is None:
         return None
-    changes = await conn.fetch(CONSENT_QUERIES.consent_history, account_id, key, history)
+    changes = await conn.fetch(QUERIES.consent_history, account_id, key, history)
     return {**_record_json(address, row, row["wording"]),
             "history": [_change_json(change) for change in changes]}
 
@@ -187,7 +167,7 @@ async def current(conn: asyncpg.Connection | asyncpg.Pool, account_id: int, addr
 async def refusals(conn: asyncpg.Connection | asyncpg.Pool, account_id: int,
                    recipient_key: int) -> dict[str, bool]:
     """Which kinds of tracking the recipient's refusal stops (also after an erasure)."""
-    row = await conn.fetchrow(CONSENT_QUERIES.consent_refusals, account_id, recipient_key)
+    row = await conn.fetchrow(QUERIES.consent_refusals, account_id, recipient_key)
     return {"opens": bool(row and row["consent_refused_opens"]),
             "clicks": bool(row and row["consent_refused_clicks"])}
 
@@ -195,22 +175,22 @@ async def refusals(conn: asyncpg.Connection | asyncpg.Pool, account_id: int,
 async def export(conn: asyncpg.Connection, account_id: int,
                  recipient_key: int) -> dict[str, Any] | None:
     """The record and its whole history, for the recipient's data export."""
-    row = await conn.fetchrow(CONSENT_QUERIES.consent_record, account_id, recipient_key)
+    row = await conn.fetchrow(QUERIES.consent_record, account_id, recipient_key)
     if row is None:
         return None
-    changes = await conn.fetch(CONSENT_QUERIES.consent_history, account_id, recipient_key,
+    changes = await conn.fetch(QUERIES.consent_history, account_id, recipient_key,
                                None)
     return {**_change_json(row), "history": [_change_json(change) for change in changes]}
 
 
 async def erase(conn: asyncpg.Connection, account_id: int, recipient_key: int) -> None:
-    await run_block(conn, CONSENT_QUERIES.erase_consent, account_id, recipient_key)
+    await run_block(conn, QUERIES.erase_consent, account_id, recipient_key)
 
 
 async def for_registration(conn: asyncpg.Connection, account_id: int,
                            recipient_keys: list[int]) -> dict[int, RecipientState]:
     """Each recipient's opt-out and consent, for those with something on record."""
-    rows = await conn.fetch(CONSENT_QUERIES.registration_consents, account_id,
+    rows = await conn.fetch(QUERIES.registration_consents, account_id,
                             sorted(set(recipient_keys)))
     return {r["recipient_key"]: RecipientState(r["opted_out"], r["refused_opens"],
                                                r["refused_clicks"], r["consented_opens"],
@@ -220,14 +200,14 @@ async def for_registration(conn: asyncpg.Connection, account_id: int,
 async def account_default(conn: asyncpg.Connection | asyncpg.Pool,
                           account_id: int) -> dict[str, bool]:
     """The consent requirement new campaigns of the account take."""
-    row = await conn.fetchrow(CONSENT_QUERIES.account_consent_default, account_id)
+    row = await conn.fetchrow(QUERIES.account_consent_default, account_id)
     return {"opens": bool(row and row["consent_opens"]),
             "clicks": bool(row and row["consent_clicks"])}
 
 
 async def set_account_default(conn: asyncpg.Connection | asyncpg.Pool, account_id: int,
                               opens: bool, clicks: bool) -> None:
-    await conn.execute(CONSENT_QUERIES.set_account_consent_default, account_id, opens, clicks)
+    await conn.execute(QUERIES.set_account_consent_default, account_id, opens, clicks)
 
 
 def _record_json(address: str, row: asyncpg.Record, wording: str | None) -> dict[str, Any]:

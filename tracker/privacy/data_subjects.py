@@ -38,7 +38,6 @@ from tracker.ingest.suppression import SuppressionBook
 from tracker.privacy import consent
 from tracker.privacy.link_redaction import Redactor
 from tracker.privacy.recipients import (
-    PRIVACY_QUERIES,
     Recipient,
     account_secret,
     identify,
@@ -73,7 +72,7 @@ async def erase(pool: asyncpg.Pool, account_id: int, address: str,
     captured before (Runtime.privacy_changed), before anything is deleted."""
     async with pool.acquire() as conn:
         recipient = identify(await account_secret(conn, account_id), address)
-        state = await conn.fetchrow(PRIVACY_QUERIES.mark_erased, account_id, recipient.key)
+        state = await conn.fetchrow(QUERIES.mark_erased, account_id, recipient.key)
         through: int = state["erased_through"]
         if book is not None:
             # Before anything is deleted: from here on this process records nothing of it.
@@ -92,7 +91,7 @@ async def sweep(conn: asyncpg.Connection, account_id: int, recipient_key: int, t
     messages of the recipient whose registration committed after it."""
     erased = await _erase(conn, account_id, recipient_key, through, None, "", message_ids,
                           record=False)
-    await conn.execute(PRIVACY_QUERIES.mark_swept, account_id, recipient_key, through)
+    await conn.execute(QUERIES.mark_swept, account_id, recipient_key, through)
     return erased
 
 
@@ -101,11 +100,11 @@ async def sweep_recent(conn: asyncpg.Connection, now: datetime) -> int:
     number of events and messages swept."""
     since = now - timedelta(days=SWEEP_DAYS)
     swept = 0
-    for row in await conn.fetch(PRIVACY_QUERIES.recent_erasures, since):
+    for row in await conn.fetch(QUERIES.recent_erasures, since):
         erased = await sweep(conn, row["account_id"], row["recipient_key"],
                              row["erased_through"], list(row["message_ids"]))
         swept += erased.events + erased.messages
-    await conn.execute(PRIVACY_QUERIES.forget_old_erasures, since)
+    await conn.execute(QUERIES.forget_old_erasures, since)
     return swept
 
 
@@ -116,24 +115,24 @@ async def _erase(conn: asyncpg.Connection, account_id: int, recipient_key: int, 
     async with conn.transaction():
         if redactor is not None:
             await _redact_destinations(conn, account_id, redactor)
-        rows = await conn.fetch(PRIVACY_QUERIES.recipient_messages, account_id, recipient_key,
+        rows = await conn.fetch(QUERIES.recipient_messages, account_id, recipient_key,
                                 normalized, through)
         found = [r for r in rows if match is None or match(r["recipient"])]
         ids = sorted({r["id"] for r in found} | set(known_ids or ()))
         if not ids:
             return Erased(0, 0, 0, (), recipient_key, through)
-        events = _count(await conn.execute(PRIVACY_QUERIES.erase_events, account_id, ids))
-        for statement in (PRIVACY_QUERIES.erase_message_rollups,
-                          PRIVACY_QUERIES.erase_message_link_rollups,
-                          PRIVACY_QUERIES.erase_relabel_triggers):
+        events = _count(await conn.execute(QUERIES.erase_events, account_id, ids))
+        for statement in (QUERIES.erase_message_rollups,
+                          QUERIES.erase_message_link_rollups,
+                          QUERIES.erase_relabel_triggers):
             await conn.execute(statement, account_id, ids)
-        links = await conn.fetchval(PRIVACY_QUERIES.count_links, account_id, ids)
-        campaigns = [r["campaign_id"] for r in await conn.fetch(PRIVACY_QUERIES.erase_messages,
+        links = await conn.fetchval(QUERIES.count_links, account_id, ids)
+        campaigns = [r["campaign_id"] for r in await conn.fetch(QUERIES.erase_messages,
                                                                  account_id, ids)]
         if campaigns:
-            await conn.execute(PRIVACY_QUERIES.keep_message_counts, account_id, campaigns)
+            await conn.execute(QUERIES.keep_message_counts, account_id, campaigns)
         if record:
-            await conn.execute(PRIVACY_QUERIES.record_erasure, account_id, recipient_key,
+            await conn.execute(QUERIES.record_erasure, account_id, recipient_key,
                                through, ids)
     return Erased(len(campaigns), events, links, tuple(ids), recipient_key, through)
 
@@ -147,17 +146,17 @@ async def _redact_destinations(conn: asyncpg.Connection, account_id: int,
     if pattern == "%%":
         return 0  # an address without a letter or digit: nothing to find it by
     redacted = 0
-    for row in await conn.fetch(PRIVACY_QUERIES.destinations_like, account_id, pattern):
+    for row in await conn.fetch(QUERIES.destinations_like, account_id, pattern):
         if not redactor.names(row["url"]):
             continue
         url_id, campaign_id = row["id"], row["campaign_id"]
         text = redactor.redact(row["url"])
-        if await conn.fetchval(PRIVACY_QUERIES.redact_destination, account_id, url_id, text,
+        if await conn.fetchval(QUERIES.redact_destination, account_id, url_id, text,
                                campaign_id) is None:
             (target,) = await conn.fetch(QUERIES.find_urls, account_id, campaign_id, [text])
-            await conn.execute(PRIVACY_QUERIES.merge_destination, account_id, url_id,
+            await conn.execute(QUERIES.merge_destination, account_id, url_id,
                                target["id"], campaign_id)
-            await run_block(conn, PRIVACY_QUERIES.delete_destination, account_id, url_id)
+            await run_block(conn, QUERIES.delete_destination, account_id, url_id)
         redacted += 1
     return redacted
 
@@ -168,12 +167,12 @@ def _count(status: str) -> int:
 
 async def opt_out(pool: asyncpg.Pool, account_id: int, address: str,
                   book: SuppressionBook | None = None) -> dict[str, Any]:
-    return await _set_opt_out(pool, account_id, address, book, PRIVACY_QUERIES.opt_out)
+    return await _set_opt_out(pool, account_id, address, book, QUERIES.opt_out)
 
 
 async def withdraw_opt_out(pool: asyncpg.Pool, account_id: int, address: str,
                            book: SuppressionBook | None = None) -> dict[str, Any]:
-    return await _set_opt_out(pool, account_id, address, book, PRIVACY_QUERIES.opt_in)
+    return await _set_opt_out(pool, account_id, address, book, QUERIES.opt_in)
 
 
 async def _set_opt_out(pool: asyncpg.Pool, account_id: int, address: str,
@@ -189,7 +188,7 @@ async def _set_opt_out(pool: asyncpg.Pool, account_id: int, address: str,
 async def tracking_state(conn: asyncpg.Connection | asyncpg.Pool, account_id: int,
                          address: str) -> dict[str, Any]:
     recipient = identify(await account_secret(conn, account_id), address)
-    return _tracking(await conn.fetchrow(PRIVACY_QUERIES.suppression_state, account_id,
+    return _tracking(await conn.fetchrow(QUERIES.suppression_state, account_id,
                                          recipient.key))
 
 
@@ -202,26 +201,26 @@ def _tracking(state: asyncpg.Record | None) -> dict[str, Any]:
 async def export(conn: asyncpg.Connection, account_id: int, address: str) -> dict[str, Any]:
     """Everything stored about the address in the account, as a JSON-ready dict."""
     recipient = identify(await account_secret(conn, account_id), address)
-    rows = [r for r in await conn.fetch(PRIVACY_QUERIES.export_messages, account_id,
+    rows = [r for r in await conn.fetch(QUERIES.export_recipient_messages, account_id,
                                         recipient.key, normalize(address))
             if is_recipient(r["recipient"], address, recipient)]
     ids = [r["id"] for r in rows]
     links: dict[int, list[dict[str, Any]]] = {i: [] for i in ids}
     events: dict[int, list[dict[str, Any]]] = {i: [] for i in ids}
     if ids:
-        for link in await conn.fetch(PRIVACY_QUERIES.export_links, account_id, ids):
+        for link in await conn.fetch(QUERIES.export_recipient_links, account_id, ids):
             links[link["message_id"]].append({
                 "position": link["position"], "url": link["url"],
                 "human_clicks": link["human_clicks"] or 0,
                 "first_clicked_in": _iso(link["clicked_in"])})
-        for e in await conn.fetch(PRIVACY_QUERIES.export_events, account_id, ids):
+        for e in await conn.fetch(QUERIES.export_recipient_events, account_id, ids):
             events[e["message_id"]].append({
                 "id": str(e["id"]), "type": e["type"], "at": _iso(e["occurred_at"]),
                 "url": e["url"], "link_position": e["link_position"], "machine": e["machine"],
                 "reason": e["reason"], "country": e["country"], "region": e["region"],
                 "city": e["city"], "browser": e["browser"], "os": e["os"],
                 "device": e["device"], "client": e["client"], "ip": e["ip"]})
-    state = await conn.fetchrow(PRIVACY_QUERIES.suppression_state, account_id, recipient.key)
+    state = await conn.fetchrow(QUERIES.suppression_state, account_id, recipient.key)
     return {
         "address": address,
         "generated_at": _iso(datetime.now(UTC)),

@@ -19,8 +19,8 @@ from datetime import UTC, datetime
 import asyncpg
 
 from tracker.privacy import data_subjects
-from tracker.privacy.recipients import PRIVACY_QUERIES
 from tracker.privacy.retention import PurgeResult, RetentionResult, enforce_retention, purge_deleted
+from tracker.store.queries import QUERIES
 
 log = logging.getLogger("tracker.privacy.jobs")
 
@@ -57,15 +57,15 @@ async def maintain(conn: asyncpg.Connection, now: datetime,
     """One maintenance run, unless another process is running one (None). `purge_at`: the
     time the grace periods are measured at, when not `now` (the CLI keeps it at the real
     time unless told to purge within the grace period)."""
-    if not await conn.fetchval("select pg_try_advisory_lock($1)", _MAINTENANCE_LOCK):
+    if not await conn.fetchval(QUERIES.try_advisory_lock, _MAINTENANCE_LOCK):
         return None
     try:
-        await conn.execute(PRIVACY_QUERIES.forget_expired_sign_outs, now)
+        await conn.execute(QUERIES.forget_expired_sign_outs, now)
         return Maintenance(await enforce_retention(conn, now),
                            await purge_deleted(conn, now if purge_at is None else purge_at),
                            await data_subjects.sweep_recent(conn, now))
     finally:
-        await conn.execute("select pg_advisory_unlock($1)", _MAINTENANCE_LOCK)
+        await conn.execute(QUERIES.advisory_unlock, _MAINTENANCE_LOCK)
 
 
 def _utc_now() -> datetime:

@@ -48,7 +48,7 @@ class Redactor:
         if not self.address or not self.names(url):
             return url
         if url.isascii():
-            # The usual spellings first, without a pattern to build (~50 µs).
+            # The usual spellings first, without a pattern to build.
             lowered = url.lower()
             if self._spellings is None:
                 self._spellings = _spellings(self.address)

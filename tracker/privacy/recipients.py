@@ -15,8 +15,6 @@ Neither can be turned back into the address without the account's key; with the 
 a guessed address can be confirmed (that is what lets erasure and export work from the
 address), which is why the key never leaves the database and is replaced when the
 account is purged.
-
-Also the named queries of the privacy lifecycle (sql/privacy.sql).
 """
 
 from __future__ import annotations
@@ -29,8 +27,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from tracker.store.migrations import sql_dir
-from tracker.store.queries import load_as
+from tracker.store.queries import QUERIES
 
 PSEUDONYM_PREFIX = "psn_"
 MAX_ADDRESS_CHARS = 320
@@ -61,61 +58,6 @@ def check_address(value: object, where: str = "address") -> str:
     if not normalize(value):
         raise InvalidAddress(f"{where}: has no address in its angle brackets")
     return value
-
-
-@dataclass(frozen=True)
-class PrivacyQueries:
-    registration_context: str
-    account_secret: str
-    account_settings: str
-    update_account_settings: str
-    delete_account: str
-    restore_account: str
-    restore_campaign: str
-    campaign_privacy: str
-    account_exceptions: str
-    suppressions_since: str
-    opt_out: str
-    opt_in: str
-    mark_erased: str
-    suppression_state: str
-    recipient_messages: str
-    erase_events: str
-    erase_message_rollups: str
-    erase_message_link_rollups: str
-    erase_relabel_triggers: str
-    destinations_like: str
-    redact_destination: str
-    merge_destination: str
-    delete_destination: str
-    count_links: str
-    erase_messages: str
-    keep_message_counts: str
-    record_erasure: str
-    mark_swept: str
-    recent_erasures: str
-    forget_old_erasures: str
-    export_messages: str
-    export_links: str
-    export_events: str
-    campaign_retention: str
-    event_partitions: str
-    expired_relabel_triggers: str
-    campaigns_to_purge: str
-    claim_campaign_purge: str
-    accounts_to_purge: str
-    deleted_in_grace: str
-    claim_account_purge: str
-    claim_account_campaigns: str
-    purge_campaign_data: str
-    finish_campaign_purge: str
-    purge_account_data: str
-    sign_out_session: str
-    forget_expired_sign_outs: str
-    finish_account_purge: str
-
-
-PRIVACY_QUERIES = load_as(sql_dir() / "privacy.sql", PrivacyQueries)
 
 
 def normalize(address: str) -> str:
@@ -160,7 +102,7 @@ async def run_block(conn: asyncpg.Connection, block: str, *args: object) -> None
 
 
 async def account_secret(conn: asyncpg.Connection | asyncpg.Pool, account_id: int) -> bytes:
-    secret: bytes | None = await conn.fetchval(PRIVACY_QUERIES.account_secret, account_id)
+    secret: bytes | None = await conn.fetchval(QUERIES.account_secret, account_id)
     if secret is None:
         raise LookupError(f"account {account_id} does not exist")
     return secret

@@ -10,7 +10,7 @@ account's default, else for ever. Events live in one partition per UTC day
   dropped: no row is deleted, no dead tuple is left for vacuum;
 - otherwise only the expired campaigns' rows in that partition are deleted, campaign by
   campaign, in batches of `BATCH_ROWS` (by the partition's (account, campaign, time)
-  index): never a DELETE over the whole table, never an unbounded one.
+  index): never a delete over the whole table, never an unbounded one.
 
 The campaigns present in a partition come from a skip scan of that index (one probe per
 campaign, not a read of the partition). Reports read only the rollups (store/rollups.py),
@@ -34,7 +34,8 @@ from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
 
-from tracker.privacy.recipients import PRIVACY_QUERIES, run_block
+from tracker.privacy.recipients import run_block
+from tracker.store.queries import QUERIES, for_table
 
 log = logging.getLogger("tracker.privacy.retention")
 
@@ -42,9 +43,6 @@ GRACE = timedelta(days=30)
 BATCH_ROWS = 20_000
 _DAY = timedelta(days=1)
 _PARTITION = re.compile(r"^events_(\d{4})(\d{2})(\d{2})$")
-# Dropping a partition takes a brief exclusive lock on `events`, queued behind the writer's
-# open transactions; waiting longer than this would stall the writers queued behind us.
-_DROP_LOCK_TIMEOUT = "5s"
 
 
 @dataclass
@@ -78,7 +76,7 @@ class Partition:
 
 async def partitions(conn: asyncpg.Connection) -> list[Partition]:
     found = []
-    for row in await conn.fetch(PRIVACY_QUERIES.event_partitions):
+    for row in await conn.fetch(QUERIES.event_partitions):
         match = _PARTITION.match(row["name"])
         if match:  # anything else attached to `events` is not ours to touch
             found.append(Partition(row["name"], date(*map(int, match.groups()))))
@@ -88,19 +86,7 @@ async def partitions(conn: asyncpg.Connection) -> list[Partition]:
 async def campaigns_in(conn: asyncpg.Connection, partition: Partition) -> list[tuple[int, int]]:
     """The (account, campaign) pairs with events in the partition: a skip scan of its
     (account_id, campaign_id, occurred_at) index, one probe per pair."""
-    table = _quoted(partition)
-    rows = await conn.fetch(f"""
-        with recursive pairs as (
-            (select account_id, campaign_id from {table}
-             order by account_id, campaign_id limit 1)
-            union all
-            select next.account_id, next.campaign_id
-            from pairs, lateral (
-                select account_id, campaign_id from {table} e
-                where (e.account_id, e.campaign_id) > (pairs.account_id, pairs.campaign_id)
-                order by e.account_id, e.campaign_id limit 1) next
-        )
-        select account_id, campaign_id from pairs""")
+    rows = await conn.fetch(for_table(QUERIES.partition_campaigns, partition.name))
     return [(r["account_id"], r["campaign_id"]) for r in rows]
 
 
@@ -109,16 +95,10 @@ async def delete_in_batches(conn: asyncpg.Connection, partition: Partition, acco
                             before: datetime | None = None) -> int:
     """Delete an account's (or one campaign's) rows from one partition, older than `before`
     if given, `BATCH_ROWS` at a time, each batch its own transaction. Returns rows deleted."""
-    table = _quoted(partition)
-    statement = f"""
-        delete from {table} where ctid = any(array(
-            select ctid from {table}
-            where account_id = $1 and ($2::bigint is null or campaign_id = $2)
-              and ($3::timestamptz is null or occurred_at < $3)
-            limit {BATCH_ROWS}))"""
+    statement = for_table(QUERIES.delete_partition_batch, partition.name)
     total = 0
     while True:
-        status = await conn.execute(statement, account_id, campaign_id, before)
+        status = await conn.execute(statement, account_id, campaign_id, before, BATCH_ROWS)
         deleted = int(status.split()[-1])
         total += deleted
         if deleted < BATCH_ROWS:
@@ -129,7 +109,7 @@ async def enforce_retention(conn: asyncpg.Connection, now: datetime) -> Retentio
     """Remove every event older than its campaign's retention at `now`."""
     result = RetentionResult()
     days = {(r["account_id"], r["id"]): r["days"]
-            for r in await conn.fetch(PRIVACY_QUERIES.campaign_retention)}
+            for r in await conn.fetch(QUERIES.campaign_retention)}
     shortest = min((d for d in days.values() if d is not None), default=None)
     if shortest is None:
         return result  # nothing ever expires
@@ -153,7 +133,7 @@ async def enforce_retention(conn: asyncpg.Connection, now: datetime) -> Retentio
         for (account_id, campaign_id), cutoff in cutoffs.items():
             before = cutoff if cutoff < partition.end else None
             deleted = await delete_in_batches(conn, partition, account_id, campaign_id, before)
-            await conn.execute(PRIVACY_QUERIES.expired_relabel_triggers, account_id,
+            await conn.execute(QUERIES.expired_relabel_triggers, account_id,
                                campaign_id, min(cutoff, partition.end), partition.start)
             if deleted:
                 result.rows_deleted += deleted
@@ -168,10 +148,9 @@ async def _drop(conn: asyncpg.Connection, partition: Partition) -> bool:
     """Drop a partition whose every event has expired (and its re-label windows)."""
     try:
         async with conn.transaction():
-            await conn.execute(f"set local lock_timeout = '{_DROP_LOCK_TIMEOUT}'")
-            await conn.execute(f"drop table {_quoted(partition)}")
-            await conn.execute("delete from relabel_triggers where occurred_at >= $1 "
-                               "and occurred_at < $2", partition.start, partition.end)
+            await conn.execute(for_table(QUERIES.drop_event_partition, partition.name))
+            await conn.execute(QUERIES.forget_partition_relabel_triggers, partition.start,
+                               partition.end)
     except asyncpg.LockNotAvailableError:
         log.warning("retention: %s is busy; deleting its rows instead of dropping it",
                     partition.name)
@@ -206,7 +185,7 @@ async def still_in_grace(conn: asyncpg.Connection, real_now: datetime,
     nothing unless `now` is later (`tracker retention run --now` in the future)."""
     if now <= real_now:
         return []
-    rows = await conn.fetch(PRIVACY_QUERIES.deleted_in_grace, real_now - GRACE, now - GRACE)
+    rows = await conn.fetch(QUERIES.deleted_in_grace, real_now - GRACE, now - GRACE)
     return [InGrace(r["account_id"], r["campaign_id"], r["name"], r["deleted_at"])
             for r in rows]
 
@@ -215,22 +194,22 @@ async def purge_deleted(conn: asyncpg.Connection, now: datetime) -> PurgeResult:
     """Purge the campaigns and accounts deleted more than `GRACE` before `now`."""
     result = PurgeResult()
     cutoff = now - GRACE
-    for row in await conn.fetch(PRIVACY_QUERIES.accounts_to_purge, cutoff):
+    for row in await conn.fetch(QUERIES.accounts_to_purge, cutoff):
         account_id = row["id"]
-        if await conn.fetchval(PRIVACY_QUERIES.claim_account_purge, account_id, cutoff) is None:
+        if await conn.fetchval(QUERIES.claim_account_purge, account_id, cutoff) is None:
             continue  # restored in the meantime
-        for campaign in await conn.fetch(PRIVACY_QUERIES.claim_account_campaigns, account_id):
+        for campaign in await conn.fetch(QUERIES.claim_account_campaigns, account_id):
             result.events_deleted += await _purge_campaign(conn, account_id, campaign["id"])
         # Events of campaigns this database has no row for (there should be none).
         for partition in await partitions(conn):
             result.events_deleted += await delete_in_batches(conn, partition, account_id)
         async with conn.transaction():
-            await run_block(conn, PRIVACY_QUERIES.purge_account_data, account_id)
-            await conn.execute(PRIVACY_QUERIES.finish_account_purge, account_id)
+            await run_block(conn, QUERIES.purge_account_data, account_id)
+            await conn.execute(QUERIES.finish_account_purge, account_id)
         result.accounts.append(account_id)
-    for row in await conn.fetch(PRIVACY_QUERIES.campaigns_to_purge, cutoff):
+    for row in await conn.fetch(QUERIES.campaigns_to_purge, cutoff):
         account_id, campaign_id = row["account_id"], row["id"]
-        if await conn.fetchval(PRIVACY_QUERIES.claim_campaign_purge, account_id, campaign_id,
+        if await conn.fetchval(QUERIES.claim_campaign_purge, account_id, campaign_id,
                                cutoff) is None:
             continue  # restored in the meantime
         result.events_deleted += await _purge_campaign(conn, account_id, campaign_id)
@@ -248,11 +227,6 @@ async def _purge_campaign(conn: asyncpg.Connection, account_id: int, campaign_id
     for partition in await partitions(conn):
         deleted += await delete_in_batches(conn, partition, account_id, campaign_id)
     async with conn.transaction():
-        await run_block(conn, PRIVACY_QUERIES.purge_campaign_data, account_id, campaign_id)
-        await conn.execute(PRIVACY_QUERIES.finish_campaign_purge, account_id, campaign_id)
+        await run_block(conn, QUERIES.purge_campaign_data, account_id, campaign_id)
+        await conn.execute(QUERIES.finish_campaign_purge, account_id, campaign_id)
     return deleted
-
-
-def _quoted(partition: Partition) -> str:
-    assert _PARTITION.match(partition.name)  # only names we parsed reach SQL
-    return f'"{partition.name}"'

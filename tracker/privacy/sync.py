@@ -13,7 +13,7 @@ recorded under the old rules. They learn of it like this:
   to another's) and rings every worker's **doorbell**, a datagram socket in Linux's
   abstract namespace named after the file and the worker's pid.
 - The **check on every hit**: a worker compares the shared generation with the one it
-  has applied (one read of shared memory, ~0.05 µs). While they differ, the hit is
+  has applied (one read of shared memory). While they differ, the hit is
   answered as always but not recorded yet: it is held in memory, and the worker reads
   the changes from PostgreSQL (the policies and the suppressions changed since its last
   read); then it records the held hits under the new rules. Nothing the new rules

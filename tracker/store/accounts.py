@@ -29,31 +29,13 @@ from typing import Any
 
 import asyncpg
 
-from tracker.store.migrations import sql_dir
-from tracker.store.queries import QUERIES, load_as
+from tracker.store.queries import QUERIES
 
 _PREFIX = "tk"
 MAX_NAME_CHARS = 200
 MAX_KEY_NAME_CHARS = 100
 SCOPES = ("read", "register", "full")
 DEFAULT_KEY_NAME = "default"
-
-
-@dataclass(frozen=True)
-class KeyQueries:
-    create_key: str
-    key_to_check: str
-    note_key_use: str
-    list_keys: str
-    get_key: str
-    revoke_key: str
-    other_full_keys: str
-    lock_account_keys: str
-    session_key: str
-    list_accounts: str
-
-
-KEY_QUERIES = load_as(sql_dir() / "keys.sql", KeyQueries)
 
 
 class KeyRequestError(ValueError):
@@ -137,7 +119,7 @@ async def create_key(conn: asyncpg.Connection | asyncpg.Pool, account_id: int, n
     key_id = secrets.token_hex(4)
     secret = secrets.token_urlsafe(32)
     try:
-        row = await conn.fetchrow(KEY_QUERIES.create_key, account_id, key_id, _hash(secret),
+        row = await conn.fetchrow(QUERIES.create_key, account_id, key_id, _hash(secret),
                                   name, scope)
     except asyncpg.UniqueViolationError as exc:
         if exc.constraint_name == "api_keys_live_name":
@@ -151,7 +133,7 @@ async def create_key(conn: asyncpg.Connection | asyncpg.Pool, account_id: int, n
 
 async def list_keys(conn: asyncpg.Connection | asyncpg.Pool,
                     account_id: int) -> list[dict[str, Any]]:
-    return [key_json(r) for r in await conn.fetch(KEY_QUERIES.list_keys, account_id)]
+    return [key_json(r) for r in await conn.fetch(QUERIES.list_keys, account_id)]
 
 
 async def revoke_key(conn: asyncpg.Connection, account_id: int, key_id: str, *,
@@ -159,15 +141,15 @@ async def revoke_key(conn: asyncpg.Connection, account_id: int, key_id: str, *,
     """Revoke a live key (None: no such key). With `keep_a_full_key`, the account's last
     full key is refused (LastFullKey): nothing could manage the account through the API."""
     async with conn.transaction():
-        await conn.execute(KEY_QUERIES.lock_account_keys, account_id)
-        row = await conn.fetchrow(KEY_QUERIES.get_key, account_id, key_id)
+        await conn.execute(QUERIES.lock_account_keys, account_id)
+        row = await conn.fetchrow(QUERIES.get_key, account_id, key_id)
         if row is None:
             return None
         if (keep_a_full_key and row["scope"] == "full"
-                and not await conn.fetchval(KEY_QUERIES.other_full_keys, account_id, key_id)):
+                and not await conn.fetchval(QUERIES.other_full_keys, account_id, key_id)):
             raise LastFullKey("this is the account's only full key: create another full key "
                               "before revoking it (or rotate it)")
-        revoked = await conn.fetchrow(KEY_QUERIES.revoke_key, account_id, key_id)
+        revoked = await conn.fetchrow(QUERIES.revoke_key, account_id, key_id)
     return key_json(revoked) if revoked is not None else None
 
 
@@ -175,8 +157,8 @@ async def rotate_key(conn: asyncpg.Connection, account_id: int, key_id: str) -> 
     """A new key (id and secret) with the old one's name and scope; the old one is revoked
     in the same transaction, so it is refused from the moment the new one exists."""
     async with conn.transaction():
-        await conn.execute(KEY_QUERIES.lock_account_keys, account_id)
-        old = await conn.fetchrow(KEY_QUERIES.revoke_key, account_id, key_id)
+        await conn.execute(QUERIES.lock_account_keys, account_id)
+        old = await conn.fetchrow(QUERIES.revoke_key, account_id, key_id)
         if old is None:
             return None
         return await create_key(conn, account_id, old["name"], old["scope"])
@@ -203,7 +185,7 @@ async def authenticate(pool: asyncpg.Pool, api_key: str) -> Key | None:
     if parts is None:
         return None
     account_id, key_id, secret = parts
-    row = await pool.fetchrow(KEY_QUERIES.key_to_check, account_id, key_id)
+    row = await pool.fetchrow(QUERIES.key_to_check, account_id, key_id)
     # Compare against something even when the key id is unknown, so timing tells nothing.
     expected = row["secret_hash"] if row is not None else b"\0" * 32
     if hmac.compare_digest(expected, _hash(secret)) and row is not None:
@@ -214,7 +196,7 @@ async def authenticate(pool: asyncpg.Pool, api_key: str) -> Key | None:
 async def note_use(pool: asyncpg.Pool, key: Key) -> None:
     """Write the key's last use, if it is older than a minute (`key.stale`)."""
     if key.stale:
-        await pool.execute(KEY_QUERIES.note_key_use, key.account_id, key.key_id)
+        await pool.execute(QUERIES.note_key_use, key.account_id, key.key_id)
 
 
 async def list_accounts(conn: asyncpg.Connection) -> list[dict[str, Any]]:
@@ -230,4 +212,4 @@ async def list_accounts(conn: asyncpg.Connection) -> list[dict[str, Any]]:
              "created_at": r["created_at"].isoformat(), "deleted_at": iso(r["deleted_at"]),
              "keys": r["keys"], "campaigns": r["campaigns"],
              "last_used_at": iso(r["last_used_at"])}
-            for r in await conn.fetch(KEY_QUERIES.list_accounts)]
+            for r in await conn.fetch(QUERIES.list_accounts)]

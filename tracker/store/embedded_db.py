@@ -25,6 +25,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from tracker.store.queries import QUERIES
+
 log = logging.getLogger("tracker.store.embedded_db")
 
 def _bin_path() -> Path:
@@ -194,10 +196,11 @@ class EmbeddedPostgres:
 
     def _create_database(self, running: Running) -> None:
         psql = str(POSTGRES_BIN_PATH / "psql")
+        # On stdin, not with -c: psql fills in its variables only in what it reads.
         exists = subprocess.run(
-            [psql, running.dsn("postgres"), "-tAc",
-             f"select 1 from pg_database where datname = '{DATABASE}'"],
-            capture_output=True, text=True, check=False)
+            [psql, running.dsn("postgres"), "-X", "-tA", "-v", "ON_ERROR_STOP=1",
+             "-v", f"database={DATABASE}"],
+            input=QUERIES.database_exists, capture_output=True, text=True, check=False)
         if exists.returncode != 0:
             raise EmbeddedDatabaseError(
                 f"cannot reach embedded PostgreSQL: {exists.stderr.strip()}")

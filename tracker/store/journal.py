@@ -4,8 +4,8 @@ The writer spills batches here while PostgreSQL is unreachable or its memory buf
 is past its bound, and (with `TRACKER_DURABILITY=journal`) writes every event here
 before the hit is answered. It reads them back, in order, when it can write again;
 a segment file is removed only once every event in it is committed, and a replay
-never double counts because events carry their id from capture (the writer's move is
-ON CONFLICT DO NOTHING).
+never double counts because events carry their id from capture (the writer's move skips
+an event whose id is stored already: `move-staged` in sql/writer.sql).
 
 Format. A journal is a set of segment files `{pid}-{instance}-{seq}.seg` in
 `TRACKER_DATA_DIR/journal/`. A segment is a sequence of records:

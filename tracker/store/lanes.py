@@ -2,8 +2,9 @@
 
 A batch of COPY text lines is COPYed into a session-local staging table and moved into
 `events` and the report rollups in one transaction (store/rollups.py), after making sure the
-day partitions it needs exist. Each lane keeps its connection between batches; a write
-that fails or is interrupted throws that connection away, since the session is in doubt.
+day partitions it needs exist; the statements are sql/writer.sql's. Each lane keeps its
+connection between batches; a write that fails or is interrupted throws that connection
+away, since the session is in doubt.
 """
 
 from __future__ import annotations
@@ -17,19 +18,14 @@ from operator import itemgetter
 import asyncpg
 
 from tracker.ingest.pipeline import EVENT_COLUMNS, EventRecord
+from tracker.store.queries import QUERIES
 from tracker.store.rollups import Mover
 
 Connect = Callable[[], Awaitable[asyncpg.Connection]]
 
 _EPOCH_DAY = date(1970, 1, 1)
-_STAGING = "events_staging"
-_CREATE_STAGING = f"""
-    create temp table if not exists {_STAGING} (
-        account_id bigint, at_us bigint, id uuid, campaign_id bigint, message_id bigint,
-        type text, link_position integer, url_id bigint, machine boolean, reason text,
-        country text, region text, city text, browser text, os text, device text,
-        client text, ip inet
-    ) on commit delete rows"""
+# What sql/writer.sql's `create-writer-tables` names the staging table.
+STAGING_TABLE = "events_staging"
 # Per event, on a batch of thousands: map() over these is twice as fast as a comprehension.
 LINE, DAY = itemgetter(0), itemgetter(1)
 
@@ -40,7 +36,7 @@ class Lanes:
         self._connect = connect
         # Moves a staged batch into events and the report rollups, re-labelling human clicks
         # near a honeypot or burst click (rollups.relabel_windows: the rules' timing).
-        self._mover = Mover(_STAGING, relabel_windows)
+        self._mover = Mover(relabel_windows)
         self._conns: list[asyncpg.Connection | None] = [None] * lanes
         self._known_days: set[int] = set()
 
@@ -52,7 +48,7 @@ class Lanes:
             await self._ensure_partitions(conn, batch)
             data = io.BytesIO("".join(map(LINE, batch)).encode())
             async with conn.transaction():
-                await conn.copy_to_table(_STAGING, source=data, columns=EVENT_COLUMNS)
+                await conn.copy_to_table(STAGING_TABLE, source=data, columns=EVENT_COLUMNS)
                 return await self._mover.move_staged(conn)
         except BaseException:
             # A write that failed or was interrupted leaves the session in doubt (asyncpg can
@@ -78,8 +74,7 @@ class Lanes:
     async def _ensure_partitions(self, conn: asyncpg.Connection, batch: list[EventRecord]) -> None:
         days = set(map(DAY, batch)) - self._known_days
         for day in sorted(days):
-            await conn.execute("select tracker_ensure_event_partition($1)",
-                               _EPOCH_DAY + timedelta(days=day))
+            await conn.execute(QUERIES.ensure_event_partition, _EPOCH_DAY + timedelta(days=day))
             self._known_days.add(day)
 
     async def _connection(self, lane: int) -> asyncpg.Connection:
@@ -88,8 +83,7 @@ class Lanes:
             return conn
         conn = await self._connect()
         try:
-            await conn.execute(_CREATE_STAGING)
-            await conn.execute(self._mover.tables)
+            await conn.execute(QUERIES.create_writer_tables)
         except BaseException:
             conn.terminate()
             raise

@@ -1,15 +1,19 @@
-"""Numbered plain-SQL migrations from sql/, applied in order, each in its own transaction."""
+"""Numbered plain-SQL migrations from sql/, applied in order, each in its own transaction.
+
+The bookkeeping (`schema_migrations`, the advisory lock that lets several processes start
+at once) is in sql/setup.sql and sql/queries.sql, read through store/queries.py.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
 
-_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+from tracker.store.queries import MIGRATION_FILE, QUERIES, sql_dir
+
 # Any constant will do; it only has to be the same in every tracker process.
 _LOCK_ID = 0x7472_6163_6B65_72
 
@@ -29,18 +33,11 @@ class Migration:
         return hashlib.sha256(self.sql.encode()).hexdigest()
 
 
-def sql_dir() -> Path:
-    """sql/ inside the installed package (wheel), else the repository's sql/ (editable)."""
-    package = Path(__file__).resolve().parent.parent
-    packaged = package / "sql"
-    return packaged if packaged.is_dir() else package.parent / "sql"
-
-
 def available(directory: Path | None = None) -> list[Migration]:
     directory = directory or sql_dir()
     found = []
     for path in sorted(directory.glob("*.sql")):
-        match = _FILE.match(path.name)
+        match = MIGRATION_FILE.match(path.name)
         if match:
             found.append(Migration(int(match[1]), match[2], path.read_text()))
     versions = [m.version for m in found]
@@ -51,17 +48,11 @@ def available(directory: Path | None = None) -> list[Migration]:
 
 async def migrate(conn: asyncpg.Connection, directory: Path | None = None) -> list[Migration]:
     """Apply pending migrations; returns those applied. Safe to run from several processes."""
-    await conn.execute("select pg_advisory_lock($1)", _LOCK_ID)
+    await conn.execute(QUERIES.advisory_lock, _LOCK_ID)
     try:
-        await conn.execute("""
-            create table if not exists schema_migrations (
-                version     integer primary key,
-                name        text not null,
-                checksum    text not null,
-                applied_at  timestamptz not null default now()
-            )""")
+        await conn.execute(QUERIES.create_schema_migrations)
         done = {r["version"]: r["checksum"]
-                for r in await conn.fetch("select version, checksum from schema_migrations")}
+                for r in await conn.fetch(QUERIES.applied_migrations)}
         applied = []
         for migration in available(directory):
             if migration.version in done:
@@ -72,10 +63,9 @@ async def migrate(conn: asyncpg.Connection, directory: Path | None = None) -> li
                 continue
             async with conn.transaction():
                 await conn.execute(migration.sql)
-                await conn.execute(
-                    "insert into schema_migrations (version, name, checksum) values ($1, $2, $3)",
-                    migration.version, migration.name, migration.checksum)
+                await conn.execute(QUERIES.record_migration, migration.version, migration.name,
+                                   migration.checksum)
             applied.append(migration)
         return applied
     finally:
-        await conn.execute("select pg_advisory_unlock($1)", _LOCK_ID)
+        await conn.execute(QUERIES.advisory_unlock, _LOCK_ID)

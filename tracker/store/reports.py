@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import asyncpg
 
 from tracker.store.queries import QUERIES
-from tracker.store.results import RESULT_QUERIES, Selection
+from tracker.store.results import Selection
 
 DIMENSIONS = ("country", "region", "browser", "os", "device", "client")
 ESTIMATE_METHOD = (
@@ -97,10 +97,10 @@ async def _selection_parts(conn: asyncpg.Connection, account_id: int, campaign_i
     breakdown and the machine counts by reason come from the stored events, and what
     retention has deleted of them is "unknown" (each dimension still sums to its total)."""
     args = (account_id, campaign_id, *selection.args())
-    totals = await conn.fetchrow(RESULT_QUERIES.selection_totals, *args)
-    links = await conn.fetch(RESULT_QUERIES.selection_links, *args)
-    timeline = await conn.fetch(RESULT_QUERIES.selection_timeline, *args, tz)
-    for row in await conn.fetch(RESULT_QUERIES.selection_breakdown, *args):
+    totals = await conn.fetchrow(QUERIES.selection_totals, *args)
+    links = await conn.fetch(QUERIES.selection_links, *args)
+    timeline = await conn.fetch(QUERIES.selection_timeline, *args, tz)
+    for row in await conn.fetch(QUERIES.selection_breakdown, *args):
         kind = "opens" if row["type"] == "open" else "clicks"
         if row["dimension"] == "reason":
             if row["machines"]:

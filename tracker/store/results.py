@@ -21,23 +21,10 @@ from typing import Any
 
 import asyncpg
 
-from tracker.store.migrations import sql_dir
-from tracker.store.queries import load_as
+from tracker.store.queries import QUERIES
 
 STATUSES = ("opened", "clicked", "not_opened", "machine_only", "untracked")
 COLUMNS = ("id", "recipient", "subject", "sent_at", "opens", "clicks", "machine")
-
-
-@dataclass(frozen=True)
-class ResultQueries:
-    list_messages: str
-    selection_totals: str
-    selection_links: str
-    selection_timeline: str
-    selection_breakdown: str
-
-
-RESULT_QUERIES = load_as(sql_dir() / "results.sql", ResultQueries)
 
 
 @dataclass(frozen=True)
@@ -77,7 +64,7 @@ async def list_messages(conn: asyncpg.Connection | asyncpg.Pool, account_id: int
                         campaign_id: int, found: MessageFilter, after: int | None,
                         limit: int) -> tuple[list[dict[str, Any]], int | None]:
     """A page of messages, and the last id on it when more may follow (None: the end)."""
-    rows = await conn.fetch(RESULT_QUERIES.list_messages,
+    rows = await conn.fetch(QUERIES.list_messages,
                             *found.args(account_id, campaign_id, after, limit + 1))
     more = len(rows) > limit
     rows = rows[:limit]

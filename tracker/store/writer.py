@@ -3,11 +3,11 @@
 It flushes when a batch is full, on a timer (every flush interval), on an explicit
 `flush()` (which is what makes tests deterministic) and on shutdown. Events arrive
 already encoded as COPY text lines (see ingest/pipeline.py); a batch is COPYed
-(store/lanes.py) into a session-local staging table and moved into `events` with ON
-CONFLICT DO NOTHING: event ids are made at capture, so writing a batch twice after an
-unclear failure counts it once. The same transaction keeps the report rollups
-(store/rollups.py), from the rows that were new, and re-labels clicks around a honeypot
-or burst click.
+(store/lanes.py) into a session-local staging table and moved into `events`, skipping
+an event whose id is stored already (sql/writer.sql): event ids are made at capture, so
+writing a batch twice after an unclear failure counts it once. The same transaction
+keeps the report rollups (store/rollups.py), from the rows that were new, and re-labels
+clicks around a honeypot or burst click.
 
 Several batches are written at once (`connections`, one transaction each on a
 connection of its own), so PostgreSQL works on more than one core: each connection is a
@@ -221,8 +221,8 @@ class BatchWriter:
     async def _read_journal(self, round_: _Round, alone: bool) -> None:
         """The journal's next chunk (a batch for every lane), split into the lanes' parts.
 
-        Read and split in a thread: ~1 µs of Python per event, 10–20 ms for a chunk,
-        which in the event loop held every hit's answer that long (a replay after an
+        Read and split in a thread: some microseconds of Python per event, milliseconds
+        for a chunk, which in the event loop held every hit's answer that long (a replay after an
         outage, and every event in `journal` durability); in a thread the loop gets the
         interpreter back within the switch interval (1 ms in the server: tracker.app)."""
         assert self._journal is not None
@@ -297,8 +297,8 @@ class BatchWriter:
     async def _write_work(self, work: _Work, round_: _Round) -> None:
         try:
             # Not `+= await`: that would read the total before the write.
-            inserted = await self._write(work.lane, work.records)
-            round_.written += inserted
+            written = await self._write(work.lane, work.records)
+            round_.written += written
             if work.chunk is not None:
                 self._chunk_part_written(round_, work.chunk)
             else:
@@ -410,16 +410,16 @@ class BatchWriter:
 
     async def _write(self, lane: int, batch: list[EventRecord]) -> int:
         started = time.perf_counter()
-        inserted, relabelled = await self._db.write(lane, batch)
-        self.stats.written += inserted
+        new, relabelled = await self._db.write(lane, batch)
+        self.stats.written += new
         self.stats.relabelled += relabelled
-        self.stats.duplicates += len(batch) - inserted
+        self.stats.duplicates += len(batch) - new
         self.stats.batches += 1
         self.stats.last_batch_size = len(batch)
         self.stats.last_flush_seconds = time.perf_counter() - started
         if self.on_flush is not None:
             self.on_flush(len(batch), self.stats.last_flush_seconds)
-        return inserted
+        return new
 
     async def _adopt_now_and_then(self) -> None:
         """A sibling worker that died left its segments behind: take them over."""

@@ -215,7 +215,7 @@ async def list_messages(request: Request, account_id: int) -> Response:
     if fmt is None:
         raise HttpError(422, f"format: must be one of json, {', '.join(export.MESSAGE_FORMATS)}")
     return await export.open_rows(
-        runtime.pool, fmt, f"campaign-{campaign_id}-messages", results.RESULT_QUERIES.list_messages,
+        runtime.pool, fmt, f"campaign-{campaign_id}-messages", QUERIES.list_messages,
         *found.args(account_id, campaign_id, after, filters.limit(params, None)))
 
 

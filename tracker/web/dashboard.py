@@ -34,6 +34,7 @@ from starlette.routing import Route
 from tracker.ingest.addresses import ClientAddress
 from tracker.lifespan import Runtime
 from tracker.store import accounts, campaigns, reports
+from tracker.store.queries import QUERIES
 from tracker.web import sessions
 from tracker.web.charts import campaign_view, short_url, when
 from tracker.web.http import UNAVAILABLE, HttpError
@@ -67,24 +68,6 @@ SECURITY_HEADERS = {
     "cross-origin-resource-policy": "same-origin",
 }
 
-# Named-query candidates for sql/queries.sql (kept here while store/reports.py is being moved
-# to rollups, so the two changes do not collide in one file).
-_CAMPAIGN_MESSAGES = """
-select m.id, m.recipient, m.subject, m.sent_at,
-       coalesce(a.opens, 0) as opens, coalesce(a.clicks, 0) as clicks,
-       coalesce(a.machine, 0) as machine, a.last_at
-from messages m
-left join lateral (
-    select count(*) filter (where e.type = 'open' and not e.machine) as opens,
-           count(*) filter (where e.type = 'click' and not e.machine) as clicks,
-           count(*) filter (where e.machine) as machine,
-           max(e.occurred_at) as last_at
-    from events e where e.account_id = m.account_id and e.message_id = m.id
-) a on true
-where m.account_id = $1 and m.campaign_id = $2 and ($3::bigint is null or m.id < $3)
-order by m.id desc
-limit $4
-"""
 
 
 class _Redirect(Exception):
@@ -309,8 +292,8 @@ class Dashboard:
         async with self._runtime.pool.acquire() as conn:
             row = await _own_campaign(conn, visit.account_id, campaign_id)
             report = await reports.campaign_report(conn, visit.account_id, campaign_id, tz)
-            recent = await conn.fetch(_CAMPAIGN_MESSAGES, visit.account_id, campaign_id, None,
-                                      RECENT_MESSAGES)
+            recent = await conn.fetch(QUERIES.campaign_messages, visit.account_id, campaign_id,
+                                      None, RECENT_MESSAGES)
         policy = campaigns.policy_of(row)
         return self._render("campaign.html", visit, campaign=row, policy=policy, report=report,
                             view=campaign_view(report, policy, zone), messages=recent,
@@ -324,8 +307,8 @@ class Dashboard:
         before = _parse_id(raw_before) if raw_before else None
         async with self._runtime.pool.acquire() as conn:
             row = await _own_campaign(conn, visit.account_id, campaign_id)
-            rows = await conn.fetch(_CAMPAIGN_MESSAGES, visit.account_id, campaign_id, before,
-                                    MESSAGES_PER_PAGE + 1)
+            rows = await conn.fetch(QUERIES.campaign_messages, visit.account_id, campaign_id,
+                                    before, MESSAGES_PER_PAGE + 1)
         return self._render("messages.html", visit, campaign=row, messages=rows[:MESSAGES_PER_PAGE],
                             older=rows[MESSAGES_PER_PAGE - 1]["id"]
                             if len(rows) > MESSAGES_PER_PAGE else None, tz=tz, zone=zone)

@@ -95,7 +95,7 @@ async def open_export(pool: asyncpg.Pool, account_id: int, campaign_id: int,
                       fmt: Format) -> ExportResponse:
     """A campaign's stored events."""
     return await open_rows(pool, fmt, f"campaign-{campaign_id}-events",
-                           QUERIES.export_events, account_id, campaign_id)
+                           QUERIES.export_campaign_events, account_id, campaign_id)
 
 
 async def open_rows(pool: asyncpg.Pool, fmt: Format, filename: str, query: str,

@@ -1,9 +1,9 @@
 """Readiness: is this worker's database reachable, and is its writer keeping up?
 
-`/healthz` only says the process answers. `/readyz` asks PostgreSQL a `select 1`
-(bounded by a short timeout, and cached for a second so a busy prober costs one
-query a second, however many ask) and looks at the batch writer: its last write
-must have succeeded and its buffer must be below a threshold.
+`/healthz` only says the process answers. `/readyz` asks PostgreSQL the trivial `ping`
+query of sql/queries.sql (bounded by a short timeout, and cached for a second so a busy
+prober costs one query a second, however many ask) and looks at the batch writer: its
+last write must have succeeded and its buffer must be below a threshold.
 
 The tracking endpoints answer without the database, so an unready worker still
 serves pixels and redirects correctly: /readyz is for alerts and deploys, not for

@@ -1,8 +1,8 @@
 """What a worker counts, and `/metrics` in Prometheus text format.
 
 The hot path only increments plain integers (`Metrics.count_hit`, `count_drop`): a
-prometheus-client `Counter.labels(...).inc()` costs 1.4-2.5 µs, a tenth to a sixth of a
-whole hit, where a list slot costs 0.1-0.2 µs (benchmarks/metrics_bench.py). The numbers become
+prometheus-client `Counter.labels(...).inc()` costs ten times as much, a sizeable share
+of a whole hit (benchmarks/README.md, "Decided"). The numbers become
 metric families at scrape time, in `MetricsCollector`, which also reads the writer's
 own statistics there rather than mirroring them.
 

@@ -28,8 +28,9 @@ from starlette.routing import Route
 
 from tracker.ingest.policy import MAX_RETENTION_DAYS, PolicyError, consent_fields
 from tracker.privacy import consent, data_subjects, notice
-from tracker.privacy.recipients import PRIVACY_QUERIES, InvalidAddress, check_address
+from tracker.privacy.recipients import InvalidAddress, check_address
 from tracker.store import campaigns
+from tracker.store.queries import QUERIES
 from tracker.web.campaigns_api import own_campaign
 from tracker.web.http import (
     JSON,
@@ -71,7 +72,7 @@ def _address(request: Request) -> str:
 @authenticated
 async def get_account(request: Request, account_id: int) -> Response:
     pool = runtime_of(request).pool
-    row = await pool.fetchrow(PRIVACY_QUERIES.account_settings, account_id)
+    row = await pool.fetchrow(QUERIES.account_settings, account_id)
     if row is None:
         raise HttpError(404, "account not found")
     return JSON({**_account_json(row), "consent": await consent.account_default(pool,
@@ -83,7 +84,7 @@ async def patch_account(request: Request, account_id: int) -> Response:
     runtime = runtime_of(request)
     body = await json_object(request, _ACCOUNT_FIELDS)
     async with runtime.pool.acquire() as conn, conn.transaction():
-        row = await conn.fetchrow(PRIVACY_QUERIES.account_settings, account_id)
+        row = await conn.fetchrow(QUERIES.account_settings, account_id)
         if row is None:
             raise HttpError(404, "account not found")
         days = body.get("retention_days", row["retention_days"])
@@ -103,7 +104,7 @@ async def patch_account(request: Request, account_id: int) -> Response:
                         for kind in ("opens", "clicks")}
             await consent.set_account_default(conn, account_id, required["opens"],
                                               required["clicks"])
-        updated = await conn.fetchrow(PRIVACY_QUERIES.update_account_settings, account_id,
+        updated = await conn.fetchrow(QUERIES.update_account_settings, account_id,
                                       days, honour)
     runtime.suppressions.put_account(account_id, disabled=False, honours_signals=honour)
     await runtime.privacy_changed()
@@ -114,7 +115,7 @@ async def patch_account(request: Request, account_id: int) -> Response:
 async def restore_campaign(request: Request, account_id: int) -> Response:
     runtime = runtime_of(request)
     campaign_id = object_id(request)
-    row = await runtime.pool.fetchrow(PRIVACY_QUERIES.restore_campaign, account_id, campaign_id)
+    row = await runtime.pool.fetchrow(QUERIES.restore_campaign, account_id, campaign_id)
     if row is None:  # restoring a campaign that is not deleted changes nothing
         row = await own_campaign(runtime.pool, account_id, campaign_id)
     runtime.remember_campaign(account_id, campaign_id, campaigns.policy_of(row), recording=True)
@@ -124,7 +125,7 @@ async def restore_campaign(request: Request, account_id: int) -> Response:
 
 @authenticated
 async def campaign_privacy(request: Request, account_id: int) -> Response:
-    row = await runtime_of(request).pool.fetchrow(PRIVACY_QUERIES.campaign_privacy, account_id,
+    row = await runtime_of(request).pool.fetchrow(QUERIES.campaign_privacy, account_id,
                                                   object_id(request))
     if row is None:
         raise HttpError(404, "campaign not found")

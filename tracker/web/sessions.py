@@ -25,8 +25,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from tracker.privacy.recipients import PRIVACY_QUERIES
-from tracker.store.accounts import KEY_QUERIES
+from tracker.store.queries import QUERIES
 
 log = logging.getLogger("tracker.web.sessions")
 
@@ -139,12 +138,12 @@ async def session_key(conn: asyncpg.Connection | asyncpg.Pool,
                       session: Session) -> SessionKey | None:
     """The session's account and key while the session holds (None: its key was revoked or
     rotated, its account deleted, or it was signed out)."""
-    row = await conn.fetchrow(KEY_QUERIES.session_key, session.account_id, session.key_id,
+    row = await conn.fetchrow(QUERIES.session_key, session.account_id, session.key_id,
                               session.nonce)
     return SessionKey(row["account_name"], row["key_name"], row["scope"]) if row else None
 
 
 async def sign_out(conn: asyncpg.Connection | asyncpg.Pool, session: Session) -> None:
     """End the session for good, in every worker: the token no longer opens a page."""
-    await conn.execute(PRIVACY_QUERIES.sign_out_session, session.account_id, session.nonce,
+    await conn.execute(QUERIES.sign_out_session, session.account_id, session.nonce,
                        session.expires_at)

@@ -1,15 +1,18 @@
-"""Micro-benchmark of the hit pipeline: µs per `Pipeline.open` / `Pipeline.click` call.
+"""The hit pipeline: µs per `Pipeline.open` / `Pipeline.click` call, in process.
+
+    python -m benchmarks pipeline
 
 Every case is on the cache-hit path (the user agent, location and address parts are
 warm), which is what nearly every real hit takes: mail clients send few distinct user
-agents. Run: `python benchmarks/pipeline_bench.py`. Prints a table; best of 7 rounds.
+agents. Prints a table; best of 7 rounds.
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 import timeit
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from tracker.ingest.geo import Location
@@ -43,7 +46,9 @@ def _per_call(fn: Callable[[], object]) -> float:
     return min(timeit.repeat(fn, number=NUMBER, repeat=ROUNDS)) / NUMBER * 1e6
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> int:
+    argparse.ArgumentParser(prog="python -m benchmarks pipeline",
+                            description=__doc__.splitlines()[0]).parse_args(argv)
     now_us = time.time_ns() // 1000
     sent = now_us // 1_000_000 - 3600  # an hour ago: no timing rule applies
     pipeline = _pipeline()
@@ -77,10 +82,8 @@ def main() -> None:
     ]
     for _, fn in cases:  # warm every cache
         fn()
-    print(f"{'case':42s} {'µs/call':>8s}")
+    print(f"| {'case':42s} | {'µs/call':>8s} |")
+    print("|---|---:|")
     for name, fn in cases:
-        print(f"{name:42s} {_per_call(fn):8.2f}")
-
-
-if __name__ == "__main__":
-    main()
+        print(f"| {name:42s} | {_per_call(fn):8.2f} |")
+    return 0
