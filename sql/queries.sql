@@ -142,20 +142,14 @@ where e.account_id = $1 and e.campaign_id = $2
 order by e.occurred_at, e.id;
 
 -- name: campaign-messages
--- The dashboard's list of a campaign's messages, newest first, with each one's human opens
--- and clicks, machine hits and last hit from its events; $3: only ids below it (the next
--- page), $4: how many.
+-- The campaign page's latest messages, newest first, with each one's human opens and clicks
+-- and machine hits from the per-message rollup (kept after retention); $3: only ids below
+-- it, $4: how many.
 select m.id, m.recipient, m.subject, m.sent_at,
-       coalesce(a.opens, 0) as opens, coalesce(a.clicks, 0) as clicks,
-       coalesce(a.machine, 0) as machine, a.last_at
+       coalesce(r.opens, 0) as opens, coalesce(r.clicks, 0) as clicks,
+       coalesce(r.machine_opens + r.machine_clicks, 0) as machine
 from messages m
-left join lateral (
-    select count(*) filter (where e.type = 'open' and not e.machine) as opens,
-           count(*) filter (where e.type = 'click' and not e.machine) as clicks,
-           count(*) filter (where e.machine) as machine,
-           max(e.occurred_at) as last_at
-    from events e where e.account_id = m.account_id and e.message_id = m.id
-) a on true
+left join rollup_message r on r.account_id = m.account_id and r.message_id = m.id
 where m.account_id = $1 and m.campaign_id = $2 and ($3::bigint is null or m.id < $3)
 order by m.id desc
 limit $4;
