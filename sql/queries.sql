@@ -60,7 +60,7 @@ returning id, url;
 select id, url from urls where account_id = $1 and campaign_id = $2 and url = any($3::text[]);
 
 -- name: get-message
-select id, campaign_id, recipient, subject, sent_at
+select id, campaign_id, recipient, subject, sent_at, tags, metadata
 from messages m
 where m.account_id = $1 and m.id = $2
   and exists (select 1 from campaigns c

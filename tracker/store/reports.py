@@ -18,6 +18,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import asyncpg
 
+from tracker.store.labels import decode_metadata
 from tracker.store.queries import QUERIES
 from tracker.store.results import Selection
 
@@ -191,6 +192,8 @@ async def message_activity(conn: asyncpg.Connection | asyncpg.Pool, account_id: 
         "recipient": message["recipient"],
         "subject": message["subject"],
         "sent_at": message["sent_at"].isoformat(),
+        "tags": list(message["tags"]),
+        "metadata": decode_metadata(message["metadata"]),
         "events": [{
             "type": e["type"], "at": e["occurred_at"].isoformat(), "url": e["url"],
             "country": e["country"], "region": e["region"], "city": e["city"],
