@@ -313,3 +313,25 @@ def test_the_dashboard_says_which_key_signed_in(server: Server, module_dsn: str,
                 assert api.post(f"/api/keys/{key['id']}/rotate").status_code == 201
             assert browser.get("/dashboard/campaigns", follow_redirects=False
                                ).status_code == 303
+
+
+def test_keys_through_the_python_client(server: Server, module_dsn: str) -> None:
+    from tracker.mail.client import Client, TrackerError
+
+    full = new_account(module_dsn, "client keys")
+    with Client(server.url, full) as client:
+        made = client.create_key("reports", "read")
+        assert (made.key.name, made.key.scope, made.key.last_used_at) == ("reports", "read", None)
+        assert {k.name for k in client.list_keys()} == {"default", "reports"}
+        rotated = client.rotate_key(made.key.id)
+        assert rotated.key.name == "reports" and rotated.api_key != made.api_key
+        with Client(server.url, rotated.api_key) as reader:
+            assert reader.list_campaigns() == []
+            with pytest.raises(TrackerError) as refused:
+                reader.create_campaign("not allowed")
+            assert refused.value.status == 403
+        client.revoke_key(rotated.key.id)
+        assert {k.name for k in client.list_keys()} == {"default"}
+        with Client(server.url, made.api_key) as old, pytest.raises(TrackerError) as gone:
+            old.list_campaigns()
+        assert gone.value.status == 401

@@ -35,6 +35,7 @@ THUNDERBIRD = ("Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Thunder
 MPP = "Mozilla/5.0"  # Apple Mail Privacy Protection's prefetch
 FRANKFURT, BOXFORD = "81.2.69.142", "2.125.160.216"
 LINKS = ["https://example.com/sale", "https://example.com/blog"]
+SALE = LINKS[0]
 
 
 @pytest.fixture(scope="module")
@@ -344,3 +345,21 @@ def test_recipient_results_through_the_client_and_the_cli(
         capture_output=True, text=True, timeout=60, check=False)
     assert table.returncode == 0, table.stderr
     assert "r0@example.com" in table.stdout and "r3@example.com" not in table.stdout
+
+
+def test_tags_options_and_untracked_links_through_the_client(server: Server,
+                                                             module_dsn: str) -> None:
+    with Client(server.url, new_account(module_dsn, "client labels")) as client:
+        made = client.create_campaign("labelled", {"consent": {"opens": True, "clicks": False}},
+                                      tags=["q4"], metadata={"team": "growth"},
+                                      options={"utm": {"source": "mail"}, "pixel": "top"})
+        assert (made.tags, made.metadata) == (("q4",), {"team": "growth"})
+        assert made.options is not None and made.options["pixel"] == "top"
+        assert [c.id for c in client.list_campaigns(tag="q4")] == [made.id]
+        message = client.register_message(made.id, "ida@example.com", links=[SALE],
+                                          tags=["vip"], metadata={"order": 7})
+        assert message.pixel_url is None  # no consent to opens on record
+        (link,) = message.links
+        assert link.tracked_url is not None and link.destination == SALE + "?utm_source=mail"
+        assert [m.id for m in client.iter_messages(made.id, tag="vip")] == [message.id]
+        assert [m.id for m in client.iter_messages(made.id, status="untracked")] == [message.id]
