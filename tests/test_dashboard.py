@@ -56,6 +56,7 @@ CAMPAIGN_NAME = 'Spring <b>sale</b> & "friends"'
 SCREENSHOT = Path("/tmp/tracker-dashboard-campaign.png")
 PHONE_SCREENSHOT = Path("/tmp/tracker-dashboard-campaign-phone.png")
 MESSAGE_SCREENSHOT = Path("/tmp/tracker-dashboard-message.png")
+MESSAGES_SCREENSHOT = Path("/tmp/tracker-dashboard-messages.png")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -946,6 +947,7 @@ def test_browser_message_list_filters_searches_and_exports_as_the_api_does(
     assert _listed(tab) == seeded.message_ids
 
     tab.submit(form, {"search": "", "status": "not_opened"})
+    tab.screenshot(MESSAGES_SCREENSHOT)
     href = tab.evaluate("document.getElementById('export-csv').getAttribute('href')")
     downloaded = tab.evaluate(f"fetch({href!r}).then(async r => [r.status, "
                               "r.headers.get('content-type'), "

@@ -52,7 +52,7 @@ MESSAGES_PER_PAGE = 100
 # The message list's filters, as the API names them (GET /api/campaigns/{id}/messages).
 FILTERS = ("search", "status", "link", "tag", "from", "to", "client", "country")
 STATUS_LABELS = {"opened": "Opened", "clicked": "Clicked",
-                 "not_opened": "Not opened (Apple's prefetches are no opens)",
+                 "not_opened": "Not opened",
                  "machine_only": "Machine activity only", "untracked": "Sent without a pixel"}
 MAIL_CLIENTS = ("Apple Mail", "Gmail", "Outlook", "Yahoo Mail", "Thunderbird", "webmail",
                 "other")
