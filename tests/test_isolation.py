@@ -441,6 +441,8 @@ CASES: dict[tuple[str, str], Callable[[World], None]] = {
     ("GET", "/dashboard/campaigns/{id}"): dashboard_page("/dashboard/campaigns/{c}"),
     ("GET", "/dashboard/campaigns/{id}/messages"): dashboard_page(
         "/dashboard/campaigns/{c}/messages"),
+    ("GET", "/dashboard/campaigns/{id}/messages/export"): dashboard_page(
+        "/dashboard/campaigns/{c}/messages/export?format=csv"),
     ("GET", "/dashboard/messages/{id}"): dashboard_page("/dashboard/messages/{m}"),
 }
 

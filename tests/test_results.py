@@ -7,7 +7,6 @@ pixel's place; the Python client and `tracker messages`."""
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
 import os
@@ -17,17 +16,16 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import asyncpg
 import httpx
 import orjson
 import pytest
 
 from tests.geodb import build_test_city_db
 from tracker.mail.client import Client
-from tracker.privacy import jobs
 from tracker.store.results import COLUMNS
 
 from .support import Server, campaign, db_value, new_account, register, wait_for
+from .test_privacy import _maintain
 
 CHROME = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
           "Chrome/126.0.0.0 Safari/537.36")
@@ -173,16 +171,6 @@ def test_csv_and_json_lines_hold_the_rows_of_the_json(server: Server,
         capped = api.get(f"/api/campaigns/{cid}/messages", params={"format": "jsonl",
                                                                     "limit": "2"})
         assert len(capped.text.splitlines()) == 2
-
-
-def _maintain(dsn: str, now: datetime) -> None:
-    async def run() -> jobs.Maintenance | None:
-        conn = await asyncpg.connect(dsn)
-        try:
-            return await jobs.maintain(conn, now)
-        finally:
-            await conn.close()
-    wait_for(lambda: asyncio.run(run()), message="the maintenance lock")
 
 
 def test_counts_and_statuses_survive_retention(server: Server, module_dsn: str) -> None:
