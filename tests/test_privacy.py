@@ -10,12 +10,10 @@ the refused hits would be there too, had they been recorded; the drop counters o
 
 from __future__ import annotations
 
-import asyncio
 import re
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote, unquote
@@ -40,7 +38,19 @@ from tracker.store.database import connect, create_pool
 from tracker.store.queries import QUERIES
 from tracker.store.writer import BatchWriter
 
-from .support import SECRET, Server, campaign, db_fetch, db_value, new_account, register, wait_for
+from .support import (
+    SECRET,
+    Server,
+    campaign,
+    connected,
+    db_call,
+    db_fetch,
+    db_value,
+    new_account,
+    register,
+    wait_for,
+    wait_for_async,
+)
 
 LINK = "https://example.com/offer?utm_source=mail"
 CHROME = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
@@ -127,13 +137,6 @@ NOW = datetime(2024, 6, 30, 12, tzinfo=UTC)
 
 def _at(month: int, day: int, hour: int) -> datetime:
     return datetime(2024, month, day, hour, tzinfo=UTC)
-
-
-@pytest.fixture
-async def db(dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(dsn)
-    yield conn
-    await conn.close()
 
 
 async def _partition_names(db: asyncpg.Connection) -> set[str]:
@@ -239,22 +242,19 @@ async def test_no_retention_anywhere_touches_nothing(db: asyncpg.Connection) -> 
 
 async def test_maintenance_runs_in_one_process_at_a_time(dsn: str) -> None:
     pool = await create_pool(dsn)
-    holder = await asyncpg.connect(dsn)
     try:
-        runner = jobs.Jobs(pool, first_run_s=0)
-        await holder.execute("select pg_advisory_lock($1)", jobs._MAINTENANCE_LOCK)
-        assert await runner.run_once() is None  # another process is at it: skip the round
-        await holder.execute("select pg_advisory_unlock($1)", jobs._MAINTENANCE_LOCK)
-        assert await runner.run_once() is not None
+        async with connected(dsn) as holder:
+            runner = jobs.Jobs(pool, first_run_s=0)
+            await holder.execute("select pg_advisory_lock($1)", jobs._MAINTENANCE_LOCK)
+            assert await runner.run_once() is None  # another process is at it: skip the round
+            await holder.execute("select pg_advisory_unlock($1)", jobs._MAINTENANCE_LOCK)
+            assert await runner.run_once() is not None
 
-        runner.start()  # the loop's first run comes `first_run_s` after start
-        deadline = asyncio.get_running_loop().time() + 10
-        while runner.runs < 2:
-            assert asyncio.get_running_loop().time() < deadline, "maintenance never ran"
-            await asyncio.sleep(0.02)
-        await runner.stop()
+            runner.start()  # the loop's first run comes `first_run_s` after start
+            await wait_for_async(lambda: runner.runs >= 2, 10,
+                                 message="the maintenance loop's first run")
+            await runner.stop()
     finally:
-        await holder.close()
         await pool.close()
 
 
@@ -757,13 +757,9 @@ def test_what_a_message_keeps_after_retention_is_in_the_export_and_the_notice(
 
 def _maintain(dsn: str, now: datetime) -> jobs.Maintenance:
     """One maintenance run at `now` (waiting out the server's own, should it be running)."""
-    async def run() -> jobs.Maintenance | None:
-        conn = await asyncpg.connect(dsn)
-        try:
-            return await jobs.maintain(conn, now)
-        finally:
-            await conn.close()
-    result: jobs.Maintenance = wait_for(lambda: asyncio.run(run()), message="the lock")
+    result = wait_for(lambda: db_call(dsn, lambda conn: jobs.maintain(conn, now)),
+                      message="the lock")
+    assert result is not None
     return result
 
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
 
 import asyncpg
 import pytest
@@ -29,9 +28,8 @@ from tracker.ingest.useragent import parse_agent
 from tracker.store.database import connect
 from tracker.store.writer import DEFAULT_CONNECTIONS, BatchWriter, Connect
 
-from .support import free_port
+from .support import free_port, wait_for_async
 
-T = TypeVar("T")
 ACCOUNT = 7
 CAMPAIGN = 70
 CHROME = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
@@ -79,25 +77,6 @@ def expected(record: EventRecord) -> tuple[object, ...]:
         else:
             converted.append(value)
     return tuple(converted)
-
-
-async def wait_until(predicate: Callable[[], Awaitable[T]], within: float = 30.0,
-                     message: str = "condition") -> T:
-    deadline = time.monotonic() + within
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {message}")
-        await asyncio.sleep(0.02)
-
-
-@pytest.fixture
-async def db(dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(dsn)
-    yield conn
-    await conn.close()
 
 
 class Writers:
@@ -267,7 +246,7 @@ async def test_batches_of_different_lanes_are_written_at_once(
             "select count(*) from pg_stat_activity where application_name = 'tracker' "
             "and state = 'active' and query like '%insert into events%'")) == 2
 
-    await wait_until(two_inserting, message="two batches to be written at once")
+    await wait_for_async(two_inserting, message="two batches to be written at once")
     assert await flushing == 400
     assert sorted(map(as_tuple, await stored(db))) == sorted(expected(r) for r in batch)
     assert writer.stats.duplicates == 0
@@ -340,7 +319,7 @@ async def test_a_full_batch_wakes_the_writer_without_flush(
         return (int(await db.fetchval("select count(*) from events")) == 3
                 and writer.buffered == 0)
 
-    assert await wait_until(written, message="the full batch to be written")
+    assert await wait_for_async(written, message="the full batch to be written")
 
 
 async def test_the_interval_flushes_without_flush(
@@ -354,7 +333,7 @@ async def test_the_interval_flushes_without_flush(
         count = int(await db.fetchval("select count(*) from events"))
         return count if writer.buffered == 0 else 0
 
-    assert await wait_until(lambda: written(), message="the timer to flush") == 1
+    assert await wait_for_async(lambda: written(), message="the timer to flush") == 1
     assert writer.stats.batches >= 1
 
 
@@ -391,7 +370,7 @@ async def test_rows_stay_buffered_while_connect_fails_and_are_written_after(
     async def failed_twice() -> bool:
         return attempts["failed"] >= 2 and writer.stats.failures >= 2
 
-    await wait_until(failed_twice, message="the writer to retry against a closed port")
+    await wait_for_async(failed_twice, message="the writer to retry against a closed port")
     assert writer.buffered == 3
     assert not writer.healthy
     for item in later:
@@ -405,7 +384,7 @@ async def test_rows_stay_buffered_while_connect_fails_and_are_written_after(
         return bool(await db.fetchval("select count(*) from events") == 5
                     and writer.buffered == 0 and writer.healthy)
 
-    await wait_until(all_written, message="the buffered rows to be written once connect works")
+    await wait_for_async(all_written, message="the buffered rows to be written once connect works")
     assert (sorted(as_tuple(r) for r in await stored(db))
             == sorted(expected(b) for b in first + later))
 
@@ -503,7 +482,7 @@ async def test_close_during_a_background_write_still_writes_everything_once(
             "select count(*) from pg_stat_activity where application_name = 'tracker' "
             "and state = 'active' and query like '%insert into events%'"))
 
-    await wait_until(inserting, message="the background write to be under way")
+    await wait_for_async(inserting, message="the background write to be under way")
     assert await writer.close(10.0) == 0
     assert await db.fetchval("select count(*) from events") == 1500
 
