@@ -81,12 +81,12 @@ def template_dsn(postgres: EmbeddedPostgres, admin_dsn: str) -> str:
     return in_database(admin_dsn, TEMPLATE)
 
 
-def new_database(admin_dsn: str) -> str:
+def new_database(admin_dsn: str, template: str = TEMPLATE) -> str:
     name = f"test_{next(_names)}"
 
     async def clone() -> None:
         async with connected(admin_dsn) as admin:
-            await admin.execute(f"create database {name} template {TEMPLATE} strategy file_copy")
+            await admin.execute(f"create database {name} template {template} strategy file_copy")
 
     asyncio.run(clone())
     return in_database(admin_dsn, name)
@@ -96,6 +96,12 @@ def new_database(admin_dsn: str) -> str:
 def dsn(template_dsn: str, admin_dsn: str) -> str:
     """A fresh, migrated database for this test."""
     return new_database(admin_dsn)
+
+
+@pytest.fixture
+def empty_dsn(admin_dsn: str) -> str:
+    """A fresh database with no schema at all: for tests of the migrations themselves."""
+    return new_database(admin_dsn, template="template1")
 
 
 @pytest.fixture(scope="module")

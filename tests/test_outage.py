@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -23,7 +22,16 @@ import pytest
 from tracker.ingest.endpoints import PIXEL_GIF
 from tracker.store.embedded_db import EmbeddedPostgres
 
-from .support import Server, campaign, db_fetch, db_value, new_account, register, wait_for
+from .support import (
+    Server,
+    campaign,
+    db_fetch,
+    db_value,
+    new_account,
+    register,
+    wait_for,
+    wait_for_async,
+)
 
 # Durability is not under test, recovery is: the same fast settings as the session database.
 MESSAGES = 10
@@ -163,6 +171,7 @@ def test_api_requests_in_flight_when_postgres_stops_answer_503(
     in_flight = 6  # under the pool's 10 connections: every one is mid-query
 
     async def scenario() -> list[httpx.Response]:
+        # Not `connected`: the connection dies with PostgreSQL and is ended, not closed.
         blocker = await asyncpg.connect(own_dsn)
         try:
             await blocker.execute("begin; lock table campaigns in access exclusive mode")
@@ -170,12 +179,13 @@ def test_api_requests_in_flight_when_postgres_stops_answer_503(
                                          headers={"authorization": f"Bearer {api_key}"}) as client:
                 requests = [asyncio.create_task(client.get(f"/api/campaigns/{campaign_id}"))
                             for _ in range(in_flight)]
-                deadline = time.monotonic() + 10
-                while await blocker.fetchval(
+
+                async def all_waiting() -> bool:
+                    return bool(await blocker.fetchval(
                         "select count(*) from pg_locks where not granted "
-                        "and relation = 'campaigns'::regclass") < in_flight:
-                    assert time.monotonic() < deadline, "the API requests never reached the lock"
-                    await asyncio.sleep(0.02)
+                        "and relation = 'campaigns'::regclass") >= in_flight)
+
+                await wait_for_async(all_waiting, 10, message="the API requests to reach the lock")
                 await asyncio.to_thread(own_postgres.stop, "fast")
                 return list(await asyncio.gather(*requests))
         finally:

@@ -148,15 +148,15 @@ def test_every_pipelined_hit_is_recorded_once(
 
 def steady(count: Callable[[], int]) -> int:
     """The value of a counter once it stops moving for half a second (within 30 s)."""
-    last = count()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        time.sleep(0.5)  # the poll interval
+    last = [count()]
+
+    def settled() -> bool:
         now = count()
-        if now == last:
-            return now
-        last = now
-    raise AssertionError("the count kept moving for 30 s")
+        unchanged, last[0] = now == last[0], now
+        return unchanged
+
+    wait_for(settled, timeout=30, interval=0.5, message="the count to stop moving")
+    return last[0]
 
 
 def test_an_idle_keep_alive_connection_is_closed_after_the_timeout(
@@ -209,7 +209,7 @@ def send_until_answered(port: int, head: bytes, filler: bytes, limit: int) -> tu
     deadline = time.monotonic() + 60
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.setblocking(False)
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline:  # not a wait: select blocks on the socket
             want_write = sent < limit and not received
             readable, writable, _ = select.select([sock], [sock] if want_write else [], [], 10)
             if readable:
@@ -294,11 +294,11 @@ def test_pipelined_requests_of_a_client_that_never_reads_are_not_read_on_every_p
 
 
 def poll(seconds: float) -> Iterator[None]:
-    """Yields every 50 ms for `seconds`."""
+    """Yields every 50 ms for `seconds`: samples over a span of time, not a wait."""
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline:  # not a wait: a sampling window
         yield
-        time.sleep(0.05)
+        time.sleep(0.05)  # not a wait: the sampling rate
 
 
 def test_many_pipelined_requests_on_both_ways_are_all_answered_in_order(
@@ -418,7 +418,7 @@ def test_a_request_head_that_does_not_arrive_in_time_is_refused_with_408(
     outcomes: dict[int, tuple[float, bytes]] = {}
     try:
         deadline = started + 40
-        while len(outcomes) < len(clients) and time.monotonic() < deadline:
+        while len(outcomes) < len(clients) and time.monotonic() < deadline:  # not a wait: paced
             for index, (sock, head) in enumerate(clients):
                 if index in outcomes:
                     continue
@@ -435,7 +435,7 @@ def test_a_request_head_that_does_not_arrive_in_time_is_refused_with_408(
                 except ConnectionResetError:
                     received = b""
                 outcomes[index] = (time.monotonic() - started, received)
-            time.sleep(0.5)  # the dripping's pace
+            time.sleep(0.5)  # not a wait: the dripping's pace, the behaviour under test
     finally:
         for sock, _ in clients:
             sock.close()

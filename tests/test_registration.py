@@ -199,7 +199,7 @@ async def test_a_big_batch_hands_the_event_loop_back_while_it_is_parsed() -> Non
     async def other_work() -> None:
         while not parsed:
             turns.append(1)
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # not a wait: one turn of the loop, what is counted
 
     async def parse() -> None:
         parsed.append(await parse_batch(body))

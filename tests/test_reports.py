@@ -27,11 +27,12 @@ from tracker.ingest.pipeline import CLICK, OPEN, Event, event_id
 from tracker.ingest.rules import load_rules
 from tracker.store import accounts, campaigns, reports
 from tracker.store.database import connect
-from tracker.store.embedded_db import EmbeddedPostgres
 from tracker.store.migrations import migrate
 from tracker.store.queries import sql_dir
 from tracker.store.rollups import HONEYPOT_URL_ID, relabel_windows
 from tracker.store.writer import BatchWriter
+
+from .support import connected
 
 ZONES = ("UTC", "Asia/Kolkata", "Asia/Kathmandu", "America/St_Johns", "Europe/Berlin")
 WINDOWS_US = {reason: span // timedelta(microseconds=1)
@@ -192,13 +193,6 @@ def expected_labels(stored: Iterable[Event]) -> dict[int, tuple[bool, set[str | 
 
 
 # --- fixtures and helpers --------------------------------------------------------------
-
-
-@pytest.fixture
-async def db(dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await connect(dsn)
-    yield conn
-    await conn.close()
 
 
 @pytest.fixture
@@ -570,18 +564,12 @@ async def test_messages_are_counted_as_they_are_registered_and_deleted(
 
 
 async def test_the_migration_rolls_up_events_written_before_it(
-        postgres: EmbeddedPostgres, template_dsn: str, tmp_path: Path) -> None:
+        empty_dsn: str, tmp_path: Path) -> None:
     """An installation that has events from before the rollups gets the same report."""
-    running = postgres.running()
-    assert running is not None
     first = tmp_path / "sql"
     first.mkdir()
     (first / "0001_initial.sql").write_text((sql_dir() / "0001_initial.sql").read_text())
-    admin = await asyncpg.connect(running.dsn("postgres"))
-    await admin.execute("create database before_rollups")
-    await admin.close()
-    conn = await connect(running.dsn("before_rollups"))
-    try:
+    async with connected(empty_dsn) as conn:
         await migrate(conn, first)
         # Plain SQL on the version 1 schema: the code's queries follow the newest one.
         account = await conn.fetchval("insert into accounts (name) values ('old') returning id")
@@ -610,5 +598,3 @@ async def test_the_migration_rolls_up_events_written_before_it(
         applied = [m.version for m in await migrate(conn)]
         assert applied[0] == 2
         await assert_report_is_recomputation(conn, c, ZONES)
-    finally:
-        await conn.close()
