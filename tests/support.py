@@ -16,8 +16,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar, overload
@@ -27,6 +27,7 @@ import asyncpg
 import httpx
 
 from tracker.store import accounts
+from tracker.store.embedded_db import EmbeddedPostgres
 
 T = TypeVar("T")
 SECRET = "test-signing-key-0123456789abcdef"
@@ -120,6 +121,22 @@ async def connected(dsn: str) -> AsyncIterator[asyncpg.Connection]:
 def in_database(dsn: str, name: str) -> str:
     """`dsn`, for another database of the same PostgreSQL."""
     return urlsplit(dsn)._replace(path=f"/{name}").geturl()
+
+
+@contextmanager
+def database_down(pg: EmbeddedPostgres) -> Iterator[None]:
+    """PostgreSQL stopped (fast) for the block, then started again where it was."""
+    before = pg.running()
+    assert before is not None
+    pg.stop("fast")
+    assert pg.running() is None
+    try:
+        yield
+    finally:
+        after, started = pg.start()
+        assert started
+        # The server's DSN names the socket dir and port; they must not move.
+        assert after == before
 
 
 def db_call(dsn: str, use: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:

@@ -11,7 +11,6 @@ import asyncio
 import signal
 import subprocess
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from tracker.store.embedded_db import EmbeddedPostgres
 from .support import (
     Server,
     campaign,
+    database_down,
     db_fetch,
     db_value,
     new_account,
@@ -47,21 +47,6 @@ def outage_server(own_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
     srv = Server(own_dsn, tmp_path_factory.mktemp("outage-server")).start()
     yield srv
     srv.stop()
-
-
-@contextmanager
-def database_down(pg: EmbeddedPostgres) -> Iterator[None]:
-    before = pg.running()
-    assert before is not None
-    pg.stop("fast")
-    assert pg.running() is None
-    try:
-        yield
-    finally:
-        after, started = pg.start()
-        assert started
-        # The server's DSN names the socket dir and port; they must not move.
-        assert after == before
 
 
 def _destination(message: int, link: int) -> str:
