@@ -118,6 +118,11 @@ async def connected(dsn: str) -> AsyncIterator[asyncpg.Connection]:
         await conn.close()
 
 
+def unreachable_dsn() -> str:
+    """A PostgreSQL address where nothing listens: connecting fails at once."""
+    return f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+
+
 def in_database(dsn: str, name: str) -> str:
     """`dsn`, for another database of the same PostgreSQL."""
     return urlsplit(dsn)._replace(path=f"/{name}").geturl()

@@ -32,9 +32,9 @@ from .support import (
     Server,
     campaign,
     db_value,
-    free_port,
     new_account,
     register,
+    unreachable_dsn,
     wait_for,
     wait_for_async,
 )
@@ -368,7 +368,7 @@ class Switch:
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
         self.up = False
-        self._closed = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+        self._closed = unreachable_dsn()
 
     async def __call__(self) -> asyncpg.Connection:
         return await connect(self.dsn if self.up else self._closed)

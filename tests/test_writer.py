@@ -28,7 +28,7 @@ from tracker.ingest.useragent import parse_agent
 from tracker.store.database import connect
 from tracker.store.writer import DEFAULT_CONNECTIONS, BatchWriter, Connect
 
-from .support import free_port, wait_for_async
+from .support import unreachable_dsn, wait_for_async
 
 ACCOUNT = 7
 CAMPAIGN = 70
@@ -339,7 +339,7 @@ async def test_the_interval_flushes_without_flush(
 
 async def test_flush_raises_and_keeps_rows_when_the_database_is_unreachable(
         writers: Writers) -> None:
-    closed = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    closed = unreachable_dsn()
     writer = writers(connect_fn=lambda: connect(closed))
     batch = rows(3)
     for item in batch:
@@ -351,7 +351,7 @@ async def test_flush_raises_and_keeps_rows_when_the_database_is_unreachable(
 
 async def test_rows_stay_buffered_while_connect_fails_and_are_written_after(
         writers: Writers, dsn: str, db: asyncpg.Connection) -> None:
-    closed = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    closed = unreachable_dsn()
     attempts = {"failed": 0}
     up = asyncio.Event()
 
@@ -425,7 +425,7 @@ async def test_close_without_start_flushes_too(writers: Writers, db: asyncpg.Con
 
 
 async def test_close_reports_rows_it_could_not_write(writers: Writers) -> None:
-    closed = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    closed = unreachable_dsn()
     writer = writers(connect_fn=lambda: connect(closed))
     for item in rows(2):
         writer.add(item)
