@@ -614,6 +614,7 @@ def test_classify_command_refuses_a_bad_address(capsys: pytest.CaptureFixture[st
     assert err.strip() == "tracker: error: --ip: '17.0.0' is not an IP address"
 
 
+@pytest.mark.slow
 def test_classify_runs_as_a_command_without_a_database(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "tracker", "classify", "--user-agent", IOS_MAIL, "--ip",
@@ -625,6 +626,7 @@ def test_classify_runs_as_a_command_without_a_database(tmp_path: Path) -> None:
     assert not (tmp_path / "data").exists()
 
 
+@pytest.mark.slow
 def test_classify_jsonl_answers_every_line_in_order_and_flags_bad_ones(tmp_path: Path) -> None:
     lines = [
         {"user_agent": IOS_MAIL, "ip": "2620:149::1", "method": "GET", "kind": "open",

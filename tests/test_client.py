@@ -133,6 +133,7 @@ def test_the_report_reads_the_timeline_in_the_zone_asked_for(client: Client) -> 
         client.report(campaign.id, tz="Mars/Olympus_Mons")
 
 
+@pytest.mark.slow
 def test_a_batch_beyond_the_servers_limit_is_split_and_comes_back_in_order(
         client: Client, module_dsn: str) -> None:
     campaign = client.create_campaign("Big batch")
@@ -201,6 +202,7 @@ def test_another_accounts_objects_are_not_found(server: Server, client: Client,
             other.get_campaign("../campaigns")
 
 
+@pytest.mark.slow
 def test_a_stopped_server_is_unavailable(module_dsn: str, key: str, tmp_path: Path) -> None:
     server = Server(module_dsn, tmp_path).start()
     with Client(server.url, key) as tracker:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from benchmarks.common import descendants
 from benchmarks.faults import Load, Target, kill_9, messages_stored
@@ -32,6 +33,8 @@ from .support import (
     new_account,
     wait_for,
 )
+
+pytestmark = pytest.mark.slow
 
 SETTLE_S = 40.0  # the writer's backoff tops out at 5 s; the rest is slack for a busy machine
 EXIT_S = 30.0

@@ -144,6 +144,7 @@ def mutated(draw: st.DrawFn, token: str) -> str:
     return "".join(chars)
 
 
+@pytest.mark.slow
 def test_clicks_redirect_only_for_tokens_we_signed(server: Server, target: Target) -> None:
     signed = _decoded(target.click_token)
     foreign = Signer(["a key that is not the server's 0123"]).click_token(
@@ -446,6 +447,7 @@ def test_a_client_still_sending_when_refused_reads_the_answer(server: Server) ->
             assert answer is not None and answer.status == 414, prefix
 
 
+@pytest.mark.slow
 def test_a_refused_connection_is_closed_once_the_linger_time_is_up(server: Server) -> None:
     """The lingering is bounded: a client that keeps its end open is cut off."""
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
@@ -564,6 +566,7 @@ def schemathesis_cli() -> Iterator[str]:
     yield cli
 
 
+@pytest.mark.slow
 def test_the_api_matches_its_openapi_description(server: Server, target: Target,
                                                  schemathesis_cli: str, tmp_path: Path) -> None:
     description = httpx.get(server.url + "/api/openapi.json")

@@ -638,6 +638,7 @@ def _destinations(links: list[int], has_base: bool) -> list[str | None]:
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(documents())
+@pytest.mark.slow
 def test_generated_documents_have_exactly_their_links(doc: tuple[str, list[int], bool]) -> None:
     html, links, has_base = doc
     assert urls(html) == [url for url in _destinations(links, has_base) if url is not None]
@@ -645,6 +646,7 @@ def test_generated_documents_have_exactly_their_links(doc: tuple[str, list[int],
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(documents())
+@pytest.mark.slow
 def test_generated_documents_round_trip_and_the_independent_reader_sees_only_tracked_links(
         doc: tuple[str, list[int], bool]) -> None:
     html = doc[0]
@@ -668,6 +670,7 @@ def test_generated_documents_round_trip_and_the_independent_reader_sees_only_tra
                      "&amp;", "&#", "&#x26;", "/", " ", "\r\n", "<v:rect", "data-track=off",
                      "{{", "}}"]),
 ), max_size=40).map("".join))
+@pytest.mark.slow
 def test_extract_never_raises_and_render_round_trips_any_text(html: str) -> None:
     extraction = extract(html)
     assert 0 <= extraction.pixel_at <= len(html)

@@ -414,6 +414,7 @@ async def test_while_postgres_is_unreachable_events_spill_and_are_replayed_once_
     assert segment_files(tmp_path) == []
 
 
+@pytest.mark.slow
 async def test_past_the_memory_bound_events_spill_instead_of_being_dropped(
         writers: Callable[..., BatchWriter], dsn: str, db: asyncpg.Connection,
         tmp_path: Path) -> None:
@@ -660,6 +661,7 @@ async def test_a_durable_backlog_stopped_with_events_pending_puts_them_in_the_jo
 # -- a real server under load -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_workers_with_a_bound_of_one_event_drop_nothing_while_the_journal_has_room(
         dsn: str, tmp_path: Path) -> None:
     # Every event past the first of each worker goes through the journal, and wrk sends

@@ -33,6 +33,8 @@ from .support import (
     wait_for_async,
 )
 
+pytestmark = pytest.mark.slow
+
 # Durability is not under test, recovery is: the same fast settings as the session database.
 MESSAGES = 10
 LINKS = 10

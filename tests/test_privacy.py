@@ -330,6 +330,7 @@ def _report(api: httpx.Client, campaign_id: str) -> dict[str, Any]:
     return result
 
 
+@pytest.mark.slow
 def test_erasure_removes_messages_and_events_keeps_totals_and_stops_recording(
         server: Server, module_dsn: str) -> None:
     with server.client(new_account(module_dsn, "erasure")) as api:
@@ -387,6 +388,7 @@ def test_erasure_removes_messages_and_events_keeps_totals_and_stops_recording(
             "messages": 0, "events": 0, "links": 0}
 
 
+@pytest.mark.slow
 def test_erasure_racing_with_incoming_hits_leaves_nothing_behind(
         server: Server, module_dsn: str) -> None:
     with server.client(new_account(module_dsn, "race")) as api:
@@ -424,6 +426,7 @@ def _hammer(messages: list[dict[str, Any]], sent: list[int], stop: threading.Eve
                 sent[0] += 2
 
 
+@pytest.mark.slow
 def test_erasure_with_two_workers_sweeps_what_the_other_one_recorded_meanwhile(
         dsn: str, tmp_path: Any) -> None:
     """The worker that erases stops recording at once; the other learns of it within a
@@ -491,6 +494,7 @@ def test_opt_out_records_nothing_in_any_campaign_until_withdrawn(
         _recorded(module_dsn, first, 1)
 
 
+@pytest.mark.slow
 def test_gpc_and_dnt_are_honoured_unless_the_account_turns_that_off(
         server: Server, module_dsn: str) -> None:
     with server.client(new_account(module_dsn, "signals")) as api:
@@ -579,6 +583,7 @@ def _names_jane(text: str) -> bool:
 
 
 @pytest.mark.parametrize("mode", ["pseudonym", "address"])
+@pytest.mark.slow
 def test_destinations_that_name_the_recipient_are_stored_without_the_address(
         server: Server, module_dsn: str, mode: str) -> None:
     key = new_account(module_dsn, "personal links")
@@ -608,6 +613,7 @@ def test_destinations_that_name_the_recipient_are_stored_without_the_address(
                        for link in m["links"])
 
 
+@pytest.mark.slow
 def test_erasure_redacts_stored_destinations_that_still_name_the_address(
         server: Server, module_dsn: str) -> None:
     """Destinations stored in clear (before registration redacted them, or another
@@ -769,6 +775,7 @@ def _deleted_at(dsn: str, campaign_id: str) -> datetime:
     return value
 
 
+@pytest.mark.slow
 def test_deleted_campaign_is_restored_within_its_grace_period_and_purged_after(
         server: Server, module_dsn: str) -> None:
     with server.client(new_account(module_dsn, "grace")) as api:
@@ -819,6 +826,7 @@ def _cli(dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=60, check=False)
 
 
+@pytest.mark.slow
 def test_deleted_account_stops_recording_at_once_and_is_purged_after_the_grace_period(
         server: Server, module_dsn: str) -> None:
     key = new_account(module_dsn, "leaving")

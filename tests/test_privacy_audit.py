@@ -154,6 +154,7 @@ def audited(dsn: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterato
     server.stop()
 
 
+@pytest.mark.slow
 def test_nothing_beyond_the_policies_is_in_the_database_the_journal_or_the_logs(
         audited: Server, dsn: str, admin_dsn: str, tmp_path: Path) -> None:
     server = audited

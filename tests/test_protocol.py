@@ -128,6 +128,7 @@ def test_a_malformed_request_is_refused_after_the_answers_before_it(
     assert answer.endswith(b'{"error":"malformed HTTP request"}')
 
 
+@pytest.mark.slow
 def test_every_pipelined_hit_is_recorded_once(
         servers: tuple[Server, Server], tokens: dict[str, str], module_dsn: str) -> None:
     fast, _ = servers
@@ -159,6 +160,7 @@ def steady(count: Callable[[], int]) -> int:
     return last[0]
 
 
+@pytest.mark.slow
 def test_an_idle_keep_alive_connection_is_closed_after_the_timeout(
         servers: tuple[Server, Server], tokens: dict[str, str]) -> None:
     fast, _ = servers
@@ -281,6 +283,7 @@ def pipeline_unread(port: int, request: bytes, limit: int) -> int:
     return sent
 
 
+@pytest.mark.slow
 def test_pipelined_requests_of_a_client_that_never_reads_are_not_read_on_every_path(
         servers: tuple[Server, Server]) -> None:
     # Each request waiting to be answered the ASGI way costs the server a few KB; read
@@ -368,6 +371,7 @@ def test_a_pixel_whose_body_is_refused_is_not_recorded(
         assert _events_after_marker(module_dsn, server, message) == [("click", 1)]
 
 
+@pytest.mark.slow
 def test_a_click_whose_body_never_comes_is_not_recorded(
         servers: tuple[Server, Server], tokens: dict[str, str], module_dsn: str) -> None:
     for server in servers:
@@ -399,6 +403,7 @@ def test_expect_100_continue_on_a_tracking_path_is_answered_then_the_request(
         assert answer.startswith(b"HTTP/1.1 302 " if kind == "click" else b"HTTP/1.1 200 ")
 
 
+@pytest.mark.slow
 def test_a_request_head_that_does_not_arrive_in_time_is_refused_with_408(
         servers: tuple[Server, Server], tokens: dict[str, str]) -> None:
     # Slowloris: heads dripped a byte at a time, to both ways; connections that say

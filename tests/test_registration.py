@@ -77,6 +77,7 @@ def _batch(n: int, html: str | None = None) -> dict[str, Any]:
                          for i in range(n)]}
 
 
+@pytest.mark.slow
 def test_a_batch_of_a_thousand_messages_is_registered_in_one_call(
         api: httpx.Client, module_dsn: str) -> None:
     campaign_id = campaign(api)

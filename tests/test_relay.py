@@ -267,6 +267,7 @@ def assert_redirects_to_originals(original: str, instrumented: str, server: Serv
 
 # --- tests --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_each_recipient_gets_an_instrumented_copy_of_their_own(
         server: Server, key: str, api: Client, campaign: str,
         sink: tuple[Sink, int]) -> None:
@@ -375,6 +376,7 @@ def test_a_message_without_the_header_arrives_byte_for_byte(
     assert handler.stats.passed_through == 1
 
 
+@pytest.mark.slow
 def test_with_the_tracker_stopped_mail_goes_on_uninstrumented_and_is_logged_once(
         module_dsn: str, key: str, campaign: str, sink: tuple[Sink, int],
         tmp_path: Path) -> None:
@@ -508,6 +510,7 @@ def test_only_the_x_tracker_fields_leave_the_header() -> None:
     assert Mail.parse(b"Subject: no campaign\r\n\r\nbody\r\n").campaign is None
 
 
+@pytest.mark.slow
 def test_the_relay_command_serves_until_sigterm(server: Server, key: str, campaign: str,
                                                 sink: tuple[Sink, int]) -> None:
     upstream_sink, upstream_port = sink
@@ -592,6 +595,7 @@ def test_a_relay_pointed_at_something_else_than_the_api_names_the_url(
                            "tracker API"), line
 
 
+@pytest.mark.slow
 def test_a_relay_started_while_the_api_is_down_relays_and_checks_the_key_once_it_answers(
         module_dsn: str, tmp_path: Path, sink: tuple[Sink, int]) -> None:
     # Down at start (the relay and the server started together, say): mail must not wait

@@ -250,6 +250,7 @@ def test_update_writes_every_list_with_its_header_then_reports_unchanged(
     ("endpoints-worldwide.json", (200, "application/json", b'[{"ips": ["10.0.0.0/8"]}]'),
      "not a public network"),
 ])
+@pytest.mark.slow
 def test_a_failed_list_keeps_the_copy_in_use_and_the_exit_status_says_so(
         publisher: _Publisher, tmp_path: Path, capsys: pytest.CaptureFixture[str],
         broken: str, answer: tuple[int, str, bytes] | None, why: str) -> None:
@@ -298,6 +299,7 @@ def test_an_unreachable_publisher_fails_every_list_without_a_traceback(
     assert not _lists_dir(tmp_path).exists() or not any(_lists_dir(tmp_path).iterdir())
 
 
+@pytest.mark.slow
 def test_a_mirror_directory_serves_air_gapped_installs(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     mirror = tmp_path / "mirror"

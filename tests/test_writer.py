@@ -501,6 +501,7 @@ class _PausesAfterFirstBegin(asyncpg.Connection):  # type: ignore[misc]
         return result
 
 
+@pytest.mark.slow
 async def test_close_that_cancels_a_write_just_after_begin_loses_nothing(
         writers: Writers, dsn: str, db: asyncpg.Connection) -> None:
     paused = asyncio.Event()
