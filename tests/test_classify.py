@@ -687,6 +687,7 @@ def stored_events(dsn: str, message_ids: list[int], count: int) -> list[dict[str
     return wait_for(enough, 20, message=f"{count} events in PostgreSQL")
 
 
+@pytest.mark.slow
 def test_a_real_server_stores_each_hits_verdict(
         rules_server: Server, module_dsn: str) -> None:
     key = new_account(module_dsn, "classify")

@@ -197,6 +197,7 @@ def test_a_command_on_an_external_database_names_it_without_its_password(
     assert line.endswith("(TRACKER_DATABASE_URL)") and "hunter2" not in line
 
 
+@pytest.mark.slow
 def test_accounts_create_rejects_an_empty_name_in_one_line(tmp_path: Path) -> None:
     result = tracker("accounts", "create", "  ", "--json",
                      env={"TRACKER_DATA_DIR": str(tmp_path)})
@@ -237,6 +238,7 @@ def _external(tmp_path: Path, dsn: str, **extra: str) -> dict[str, str]:
             "TRACKER_GEOIP_FETCH": "off", **extra}
 
 
+@pytest.mark.slow
 def test_serve_with_an_external_database_and_no_secret_key_fails_in_one_line(
         tmp_path: Path, module_dsn: str) -> None:
     env = _external(tmp_path, module_dsn)
@@ -259,6 +261,7 @@ def test_serve_with_an_external_database_and_no_secret_key_fails_in_one_line(
     ("TRACKER_GEOIP_FETCH", "sometimes"),
     ("TRACKER_GEOIP_DB", "/nonexistent/GeoLite2-City.mmdb"),
 ])
+@pytest.mark.slow
 def test_a_bad_setting_stops_serve_with_one_line_naming_it(
         tmp_path: Path, module_dsn: str, variable: str, value: str) -> None:
     result = tracker("serve", env=_external(tmp_path, module_dsn, **{variable: value}),
@@ -292,6 +295,7 @@ def test_a_bad_flag_value_names_the_flag_the_user_typed_in_one_line(
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.slow
 def test_a_port_in_use_stops_serve_in_one_line_before_any_database_work(
         tmp_path: Path, workers: str) -> None:
     data_dir = tmp_path / "data"

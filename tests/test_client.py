@@ -313,6 +313,7 @@ def _tracked(output: str, server: Server) -> tuple[list[str], str, str]:
     return links, pixel.group(), honeypot.group(1)
 
 
+@pytest.mark.slow
 def test_instrument_prints_the_document_in_its_declared_charset(
         server: Server, client: Client, key: str) -> None:
     campaign = client.create_campaign("CLI")
@@ -334,6 +335,7 @@ def test_instrument_prints_the_document_in_its_declared_charset(
     assert "crème-brûlée" in extraction.links[0].url
 
 
+@pytest.mark.slow
 def test_instrument_reads_stdin_as_utf8(server: Server, client: Client, key: str) -> None:
     campaign = client.create_campaign("CLI stdin")
     html = '<p>Grüße — <a href="https://example.com/ü">hier</a></p>\n'
@@ -367,6 +369,7 @@ def test_instrument_errors_are_one_line(server: Server, key: str, args: list[str
     assert expected in lines[0]
 
 
+@pytest.mark.slow
 def test_instrument_refuses_a_document_that_is_not_in_its_charset(
         server: Server, key: str, tmp_path: Path) -> None:
     path = tmp_path / "latin.html"

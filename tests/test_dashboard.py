@@ -718,6 +718,7 @@ def _api_value(report: dict[str, Any], dotted: str) -> float:
     return float(value)
 
 
+@pytest.mark.slow
 def test_browser_wrong_key_shows_an_error_and_sets_no_cookie(tab: Tab, seeded: Seeded) -> None:
     _browser_sign_in(tab, seeded.key[:-4] + "oops")
     assert tab.path() == "/dashboard/sign-in"
@@ -821,6 +822,7 @@ def test_browser_campaign_page_shows_the_api_numbers_and_draws_the_charts(
     assert tab.problems() == [] and tab.violations() == []
 
 
+@pytest.mark.slow
 def test_browser_csp_is_enforced_and_the_page_breaks_none_of_it(tab: Tab,
                                                                 seeded: Seeded) -> None:
     _browser_sign_in(tab, seeded.key)
@@ -857,6 +859,7 @@ def test_browser_post_without_csrf_token_is_refused_and_sign_out_works(
     assert tab.path().startswith("/dashboard/sign-in?next=")
 
 
+@pytest.mark.slow
 def test_browser_link_from_another_site_opens_the_page_when_signed_in(
         tab: Tab, server: Server, seeded: Seeded) -> None:
     _browser_sign_in(tab, seeded.key)

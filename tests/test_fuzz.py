@@ -272,6 +272,7 @@ def forwarded_headers(draw: st.DrawFn) -> tuple[bytes, str | None]:
     return separator.join(spelt).encode("utf-8"), expected
 
 
+@pytest.mark.slow
 def test_x_forwarded_for_is_believed_up_to_the_hop_our_proxy_wrote_and_never_invented(
         server: Server, target: Target, module_dsn: str) -> None:
     with server.client(target.key) as api:  # a message of its own: its rows are this test's
@@ -328,6 +329,7 @@ def _api_answer_is_sound(response: httpx.Response) -> None:
         assert isinstance(body.get("error"), str) and body["error"], body
 
 
+@pytest.mark.slow
 def test_fuzzed_api_bodies_are_accepted_or_refused_never_a_server_error(
         server: Server, target: Target) -> None:
     with server.client(target.key) as api:

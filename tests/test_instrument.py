@@ -512,6 +512,7 @@ _URL_PARTS = st.one_of(
 @given(st.lists(_URL_PARTS, max_size=6).map("".join))
 @example("https://example.com/" + "x" * 2028)
 @example("https://example.com/" + "é" * 1015)
+@pytest.mark.slow
 def test_the_fast_destination_check_agrees_with_the_per_character_one(url: str) -> None:
     assert (destinations.problem(url) is None) is _slow_destination_check(url)
 
@@ -739,5 +740,6 @@ def _html5lib_links(html: str, fragment: bool = False) -> set[str]:
 @pytest.mark.skipif(html5lib is None, reason="needs html5lib (the test extra)")
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.sampled_from(SOUP), min_size=1, max_size=25).map("".join))
+@pytest.mark.slow
 def test_the_same_links_as_html5lib_on_tag_soup(html: str) -> None:
     assert {spot.url for spot in extract(html).links} == _html5lib_links(html)

@@ -150,6 +150,7 @@ async def _counts(db: asyncpg.Connection) -> dict[tuple[str, int], int]:
     return {(r["p"], r["campaign_id"]): r["n"] for r in rows}
 
 
+@pytest.mark.slow
 async def test_retention_drops_expired_days_trims_shared_ones_and_reports_keep_totals(
         db: asyncpg.Connection, dsn: str) -> None:
     one = await accounts.create_account(db, "retention")
@@ -467,6 +468,7 @@ def test_erasure_with_two_workers_sweeps_what_the_other_one_recorded_meanwhile(
         server.stop()
 
 
+@pytest.mark.slow
 def test_opt_out_records_nothing_in_any_campaign_until_withdrawn(
         server: Server, module_dsn: str) -> None:
     with server.client(new_account(module_dsn, "opt-out")) as api:
@@ -725,6 +727,7 @@ _NOT_ABOUT_THE_RECIPIENT = {"account_id", "id", "campaign_id", "message_id", "re
 
 
 @pytest.mark.parametrize("mode", ["address", "pseudonym"])
+@pytest.mark.slow
 def test_what_a_message_keeps_after_retention_is_in_the_export_and_the_notice(
         server: Server, module_dsn: str, mode: str) -> None:
     with server.client(new_account(module_dsn, f"kept {mode}")) as api:
@@ -895,6 +898,7 @@ def test_deleted_account_stops_recording_at_once_and_is_purged_after_the_grace_p
     assert restore.returncode == 1 and "purged" in restore.stderr
 
 
+@pytest.mark.slow
 def test_privacy_notice_of_a_campaign_in_the_api_and_the_cli(
         server: Server, module_dsn: str) -> None:
     with server.client(new_account(module_dsn, "notice")) as api:

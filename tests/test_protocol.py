@@ -361,6 +361,7 @@ def _events_after_marker(dsn: str, server: Server, message: dict[str, Any]) -> l
     return [tuple(row) for row in wait_for(events, timeout=15, message="the marker click")]
 
 
+@pytest.mark.slow
 def test_a_pixel_whose_body_is_refused_is_not_recorded(
         servers: tuple[Server, Server], tokens: dict[str, str], module_dsn: str) -> None:
     for server in servers:

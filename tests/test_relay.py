@@ -442,6 +442,7 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return cert, key
 
 
+@pytest.mark.slow
 def test_starttls_and_auth_to_the_upstream(server: Server, key: str, campaign: str,
                                            certificate: tuple[Path, Path]) -> None:
     cert, cert_key = certificate
@@ -566,6 +567,7 @@ def _ended(process: subprocess.Popen[bytes], timeout: float = 30) -> str:
 
 
 @pytest.mark.parametrize("given", ["variable", "flag"])
+@pytest.mark.slow
 def test_a_relay_whose_key_the_api_refuses_stops_at_start_in_one_line(
         server: Server, sink: tuple[Sink, int], given: str) -> None:
     wrong = "tk_1_deadbeef_" + "x" * 43
@@ -584,6 +586,7 @@ def test_a_relay_whose_key_the_api_refuses_stops_at_start_in_one_line(
         assert probe.connect_ex(("127.0.0.1", port)) != 0, "it listened for mail"
 
 
+@pytest.mark.slow
 def test_a_relay_pointed_at_something_else_than_the_api_names_the_url(
         server: Server, key: str, sink: tuple[Sink, int]) -> None:
     process = _relay_command(free_port(), server.url + "/elsewhere", sink[1],

@@ -312,6 +312,7 @@ def deliveries(events: list[Event], rng: random.Random) -> list[list[Event]]:
 
 
 @pytest.mark.parametrize("seed", range(12))
+@pytest.mark.slow
 async def test_rollup_report_equals_recomputation_for_random_workloads(
         db: asyncpg.Connection, writers: list[BatchWriter], seed: int) -> None:
     rng = random.Random(seed)
@@ -339,6 +340,7 @@ async def test_rollup_report_equals_recomputation_for_random_workloads(
 
 
 @pytest.mark.parametrize("seed", range(6))
+@pytest.mark.slow
 async def test_rollups_stay_exact_with_many_writers_writing_at_once(
         dsn: str, db: asyncpg.Connection, seed: int) -> None:
     """Four workers' writers, two connections each, all writing at the same time: up to
@@ -479,6 +481,7 @@ async def test_clicks_labelled_honeypot_after_a_hit_do_not_extend_its_window(
     await assert_report_is_recomputation(db, c)
 
 
+@pytest.mark.slow
 async def test_concurrent_writers_relabel_a_click_and_its_trigger_written_at_once(
         dsn: str, db: asyncpg.Connection, writers: list[BatchWriter]) -> None:
     """A reader's click and a burst click of the same message, flushed at the same moment

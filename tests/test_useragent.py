@@ -139,6 +139,7 @@ def test_cache_is_read_back_not_rebuilt(cache_dir: Path, tmp_path: Path) -> None
 
 # --- degraded ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_corrupt_rules_give_no_index_and_one_warning(tmp_path: Path,
                                                      caplog: pytest.LogCaptureFixture) -> None:
     rules = tmp_path / "device"

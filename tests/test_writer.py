@@ -232,6 +232,7 @@ async def test_flush_splits_into_batches_of_batch_size(
     assert len(await stored(db)) == 8
 
 
+@pytest.mark.slow
 async def test_batches_of_different_lanes_are_written_at_once(
         writers: Writers, db: asyncpg.Connection) -> None:
     await slow_inserts(db, 0.3)
@@ -468,6 +469,7 @@ def test_event_ids_are_unique_uuid7() -> None:
     assert {i.int >> 80 for i in made} == {at_us // 1000}
 
 
+@pytest.mark.slow
 async def test_close_during_a_background_write_still_writes_everything_once(
         writers: Writers, db: asyncpg.Connection) -> None:
     # Every insert into events takes a moment, so close() lands inside a write for certain.
