@@ -3,8 +3,9 @@ a migrated template database, and a fresh database cloned from it where a test n
 (`dsn`, or `module_dsn` shared by a module; `db`: an open connection to `dsn`).
 
 `python -m pytest` runs everything. `python -m pytest -m "not slow"` leaves out the tests
-marked slow (load, faults, browsers, fuzzing, several workers, the benchmark suite): the
-fast set, for the edit-test loop.
+marked slow (half a second or more of their own: servers and PostgreSQLs of their own,
+several workers, load, faults, browsers, fuzzing, the benchmark suite): the fast set, for
+the edit-test loop.
 """
 
 from __future__ import annotations

@@ -149,15 +149,14 @@ def test_every_pipelined_hit_is_recorded_once(
 
 def steady(count: Callable[[], int]) -> int:
     """The value of a counter once it stops moving for half a second (within 30 s)."""
-    last = [count()]
+    seen: list[int] = []  # one reading per try, half a second apart
 
     def settled() -> bool:
-        now = count()
-        unchanged, last[0] = now == last[0], now
-        return unchanged
+        seen.append(count())
+        return len(seen) >= 2 and seen[-1] == seen[-2]
 
     wait_for(settled, timeout=30, interval=0.5, message="the count to stop moving")
-    return last[0]
+    return seen[-1]
 
 
 @pytest.mark.slow
