@@ -549,6 +549,7 @@ def test_env_example_values_are_accepted_and_need_no_quoting() -> None:
     load(environ=values)
 
 
+@pytest.mark.slow
 def test_site_config_keeps_metrics_and_readiness_off_the_internet(
         nginx_program: str, certificate: Path, server: Server, tmp_path: Path) -> None:
     # docs/metrics.md: traffic volumes are nobody else's business. nginx matches locations

@@ -443,6 +443,7 @@ def relayed_server(relay: tuple[DatabaseRelay, str],
     srv.stop()
 
 
+@pytest.mark.slow
 def test_readyz_is_503_with_a_reason_while_the_database_is_unreachable_and_200_after(
         relayed_server: Server, relay: tuple[DatabaseRelay, str], module_dsn: str) -> None:
     url = relayed_server.url
@@ -504,6 +505,7 @@ def test_a_throttled_address_is_refused_without_a_database_query(
 # --- several workers --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_with_several_workers_any_worker_answers_with_everyones_counts(
         module_dsn: str, tmp_path: Path) -> None:
     srv = Server(module_dsn, tmp_path, env={"TRACKER_WORKERS": "2"}).start()
