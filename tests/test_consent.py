@@ -55,6 +55,7 @@ def _events(dsn: str, *messages: dict[str, Any]) -> int:
                         [int(m["id"]) for m in messages]))
 
 
+@pytest.mark.slow
 def test_without_required_consent_no_pixel_and_the_original_links(
         server: Server, module_dsn: str) -> None:
     key = new_account(module_dsn, "consent required")
@@ -86,6 +87,7 @@ def test_without_required_consent_no_pixel_and_the_original_links(
         assert [m["id"] for m in untracked.json()["messages"]] == [made["id"]]
 
 
+@pytest.mark.slow
 def test_a_withdrawal_holds_in_every_worker_from_the_moment_the_api_answers(
         dsn: str, tmp_path: Path) -> None:
     """Two workers. For each recipient: consent given, a message registered (its tokens carry
@@ -225,6 +227,7 @@ def _cli(server: Server, key: str, *args: str) -> subprocess.CompletedProcess[st
                           text=True, timeout=60, check=False)
 
 
+@pytest.mark.slow
 def test_consent_through_the_client_and_the_cli(server: Server, module_dsn: str,
                                                 tmp_path: Path) -> None:
     key = new_account(module_dsn, "tools")

@@ -906,6 +906,7 @@ def _api_list(api: httpx.Client, campaign_id: str, **params: str) -> list[dict[s
     return rows
 
 
+@pytest.mark.slow
 def test_browser_message_list_filters_searches_and_exports_as_the_api_does(
         tab: Tab, server: Server, seeded: Seeded) -> None:
     """Signed in with a read-only key (the page says so): the list's rows and counts are the
@@ -973,6 +974,7 @@ def test_browser_message_list_filters_searches_and_exports_as_the_api_does(
     assert tab.problems() == [] and tab.violations() == []
 
 
+@pytest.mark.slow
 def test_browser_message_list_pages_and_a_full_key_says_so(
         tab: Tab, server: Server, seeded: Seeded) -> None:
     count = dashboard.MESSAGES_PER_PAGE + 5

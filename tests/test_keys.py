@@ -153,6 +153,7 @@ def test_the_last_full_key_is_not_revoked_through_the_api(server: Server,
         assert api.delete("/api/keys/not-a-key").status_code == 404
 
 
+@pytest.mark.slow
 def test_revoked_and_rotated_keys_are_refused_at_once_in_every_worker(
         dsn: str, tmp_path: Path) -> None:
     """Two workers, a keep-alive connection to each: a key revoked (or rotated) through one
@@ -229,6 +230,7 @@ def _cli(dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=60, check=False)
 
 
+@pytest.mark.slow
 def test_keys_and_accounts_through_the_cli(server: Server, module_dsn: str) -> None:
     made = _cli(module_dsn, "accounts", "create", "cli keys", "--json")
     assert made.returncode == 0, made.stderr

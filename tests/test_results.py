@@ -173,6 +173,7 @@ def test_csv_and_json_lines_hold_the_rows_of_the_json(server: Server,
         assert len(capped.text.splitlines()) == 2
 
 
+@pytest.mark.slow
 def test_counts_and_statuses_survive_retention(server: Server, module_dsn: str) -> None:
     with server.client(new_account(module_dsn, "retained")) as api:
         cid = campaign(api, {"retention_days": 7}, name="short-lived events")
@@ -195,6 +196,7 @@ def test_counts_and_statuses_survive_retention(server: Server, module_dsn: str) 
         assert api.get(f"/api/campaigns/{cid}/report").json()["opens"] == report["opens"]
 
 
+@pytest.mark.slow
 def test_tags_metadata_and_time_ranges(server: Server, module_dsn: str) -> None:
     with server.client(new_account(module_dsn, "labels")) as api:
         made = api.post("/api/campaigns", json={"name": "tagged", "tags": ["spring", "de"],
@@ -309,6 +311,7 @@ def test_link_options_utm_url_text_and_the_pixel_on_top(server: Server,
             assert response.status_code == 422, (bad, response.text)
 
 
+@pytest.mark.slow
 def test_recipient_results_through_the_client_and_the_cli(
         server: Server, readers: tuple[str, str, list[Any]]) -> None:
     key, cid, made = readers
