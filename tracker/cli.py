@@ -18,7 +18,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from tracker import logs
+from tracker import __version__, logs
 from tracker.ingest import geo
 from tracker.ingest.rules import RulesError, load_rules
 from tracker.ingest.rules.lists import LIST_NAMES
@@ -43,7 +43,7 @@ class CommandError(Exception):
 def _settings(args: argparse.Namespace) -> Settings:
     overrides = {s.env: getattr(args, s.field, None) for s in SETTINGS}
     settings = load(overrides={k: v for k, v in overrides.items() if v is not None})
-    logs.configure(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
     for warning in retired_settings():
         log.warning("%s", warning)
     if settings.rules is not None:
@@ -488,6 +488,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tracker", description="Email open and click analytics.")
+    parser.add_argument("--version", action="version", version=f"tracker {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the server (embedded PostgreSQL by default)")

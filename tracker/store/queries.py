@@ -117,6 +117,9 @@ class Queries:
     roll_up_message_links: str
     relabel_near_triggers: str
     roll_up_campaigns: str
+    # sql/replication.sql: the read replica's lag
+    wal_position: str
+    replayed_position: str
     # sql/setup.sql: the migrator's bookkeeping, the embedded server's database check
     create_schema_migrations: str
     applied_migrations: str

@@ -1,0 +1,12 @@
+-- Named queries of the read replica (tracker/store/replica.py): how far a streaming replica
+-- has replayed the primary's write-ahead log. Positions are byte offsets in the WAL.
+
+-- name: wal-position
+-- On the primary: where its WAL ends now.
+select pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint;
+
+-- name: replayed-position
+-- On the replica: how much of the primary's WAL it has replayed. A server that is not a
+-- standby (TRACKER_READ_DATABASE_URL naming the primary itself) has replayed all of its own.
+select pg_wal_lsn_diff(case when pg_is_in_recovery() then pg_last_wal_replay_lsn()
+                            else pg_current_wal_lsn() end, '0/0')::bigint;
