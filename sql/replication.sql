@@ -2,8 +2,9 @@
 -- has replayed the primary's write-ahead log. Positions are byte offsets in the WAL.
 
 -- name: wal-position
--- On the primary: where its WAL ends now.
-select pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint;
+-- On the primary: where its WAL ends now, including what is not yet written out (with
+-- synchronous_commit off a commit returns before its WAL is written).
+select pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint;
 
 -- name: replayed-position
 -- On the replica: how much of the primary's WAL it has replayed. A server that is not a

@@ -192,6 +192,11 @@ class Runtime:
         before the API answers (privacy/sync.py); an erasure also has every worker write
         out what it captured before."""
         await self.privacy.changed(erasure)
+        await self.readers_caught_up()
+
+    async def readers_caught_up(self) -> None:
+        """Before the API answers a privacy change: the read replica has replayed it, or
+        is not read until it has."""
         if self.replica is not None:
             await self.replica.caught_up(_REPLICA_CATCH_UP_S)
 
