@@ -598,7 +598,7 @@ def test_with_several_workers_any_worker_answers_with_everyones_counts(
 def _stub_writer() -> Any:
     """What the collector reads from a writer, with a journal: the full set of metrics."""
     journal = SimpleNamespace(
-        disk_bytes=0, pending_events=0, oldest_age_s=lambda: 0.0,
+        disk_bytes=0, pending_events=0, max_bytes=2**30, oldest_age_s=lambda: 0.0,
         stats=SimpleNamespace(appended_events=0, committed_events=0, corrupt_records=0,
                               torn_tails=0, skipped_bytes=0))
     return SimpleNamespace(

@@ -180,7 +180,7 @@ class Snapshot:
 _GAUGE_MERGE: dict[str, Callable[[float, float], float]] = {
     "writer_healthy": min, "journal_oldest_at": min, "resident_bytes": max,
     "resident_peak_bytes": max, "replica_lag_s": max, "replica_lag_bytes": max,
-    "replica_in_use": min}
+    "replica_in_use": min, "journal_capacity": max}
 
 
 def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
@@ -402,7 +402,8 @@ def _memory() -> dict[str, float]:
 
 
 def _read_journal(journal: Any, snap: Snapshot) -> None:
-    for gauge, name in (("journal_bytes", "disk_bytes"), ("journal_pending", "pending_events")):
+    for gauge, name in (("journal_bytes", "disk_bytes"), ("journal_pending", "pending_events"),
+                        ("journal_capacity", "max_bytes")):
         value = getattr(journal, name, None)
         if isinstance(value, int | float):
             snap.gauges[gauge] = value
@@ -456,6 +457,9 @@ def families(snap: Snapshot, workers: int = 1) -> Iterator[Metric]:
                       "succeeded (in every worker), else 0.", g, "writer_healthy")
     yield from _gauge("tracker_journal_bytes", "Bytes of segment files in the disk journal.",
                       g, "journal_bytes")
+    yield from _gauge("tracker_journal_capacity_bytes", "The journal's cap on disk "
+                      "(TRACKER_JOURNAL_MAX_BYTES, one for all the workers): past it, events "
+                      "that memory cannot hold are dropped.", g, "journal_capacity")
     yield from _gauge("tracker_journal_pending_events", "Events in the disk journal not yet "
                       "in PostgreSQL.", g, "journal_pending")
     if "journal_oldest_at" in g:
