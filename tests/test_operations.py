@@ -218,7 +218,7 @@ def test_the_dashboard_is_a_grafana_model_with_unique_panels_on_a_chosen_datasou
     assert variables["datasource"]["type"] == "datasource"
     for panel in panels:
         grid = panel["gridPos"]
-        assert 0 <= grid["x"] and grid["x"] + grid["w"] <= 24, panel["title"]
+        assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24, panel["title"]
         for target in panel.get("targets", []):
             assert target["datasource"]["uid"] == "${datasource}", panel["title"]
     # No two panels overlap.
