@@ -478,7 +478,7 @@ def test_every_image_is_pinned_to_an_exact_version() -> None:
     for name, image in [*images.items(), ("Dockerfile", python.group(1))]:
         # PostgreSQL's releases are MAJOR.MINOR (17.6); the others' MAJOR.MINOR.PATCH.
         version = r"\d+\.\d+" if image.startswith("postgres:") else r"\d+\.\d+\.\d+"
-        assert re.fullmatch(rf"[a-z0-9./-]+:{version}(-[a-z0-9.]+)?", image), (name, image)
+        assert re.fullmatch(rf"[a-z0-9./-]+:{version}(-[a-z0-9.]+)*", image), (name, image)
     assert images["tracker"] == f"tracker:{__version__}"
 
 
