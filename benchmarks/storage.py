@@ -73,7 +73,8 @@ class _StepTimed(asyncpg.Connection):  # type: ignore[misc]
 
     steps: dict[str, float] = {}  # noqa: RUF012 -- one tally for the process, on purpose
 
-    async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
+    async def execute(self, query: str, *args: Any,
+                      timeout: float | None = None) -> str:  # noqa: ASYNC109 -- asyncpg's own
         pid = self.get_server_pid()
         started = _on_cpu_s(pid)
         try:
@@ -237,7 +238,8 @@ def _table(runs: dict[str, dict[str, Any]]) -> None:
     row("messages, links: bytes per message (5 links)", [each[n]["message_bytes"] for n in names])
     for key in sorted({k for r in runs.values() for k in r["registered"]} - {"links"}):
         row(f"  {key}", [runs[n]["registered"].get(key, 0) / runs[n]["messages"] for n in names])
-    row("PostgreSQL CPU µs per event, rollups in", [each[n]["postgres_us"] for n in names], "{:.2f}")
+    row("PostgreSQL CPU µs per event, rollups in", [each[n]["postgres_us"] for n in names],
+        "{:.2f}")
     for step in sorted({s for r in runs.values() for s in r["steps"]},
                        key=lambda s: -max(r["steps"].get(s, 0) for r in runs.values())):
         row(f"  {step}", [runs[n]["steps"].get(step, 0) / runs[n]["landed"] * 1e6

@@ -26,8 +26,8 @@ from tracker.privacy import retention
 from tracker.store import reports
 from tracker.store.database import connect
 from tracker.store.embedded_db import EmbeddedPostgres
-from tracker.store.migrations import MIGRATION_FILE, migrate
-from tracker.store.queries import QUERIES, for_table, sql_dir
+from tracker.store.migrations import migrate
+from tracker.store.queries import MIGRATION_FILE, QUERIES, for_table, sql_dir
 from tracker.store.writer import BatchWriter
 
 STORAGE = 17
