@@ -128,6 +128,22 @@ async def _relation_bytes(conn: asyncpg.Connection, tables: Sequence[str]) -> di
     return {r["what"]: r["bytes"] for r in rows}
 
 
+async def _row_writes(conn: asyncpg.Connection, events: int) -> dict[str, int]:
+    """Rows inserted or updated per table (a partition's under its parent): what each event
+    costs in row operations. A backend reports its counts as it exits, so they are polled
+    for until the events' are all in, for a few seconds at most."""
+    deadline = time.monotonic() + 5
+    while True:
+        rows = {r["relname"]: r["n"] for r in await conn.fetch("""
+            select coalesce(i.inhparent::regclass::text, s.relname) as relname,
+                   sum(s.n_tup_ins + s.n_tup_upd)::bigint as n
+            from pg_stat_user_tables s left join pg_inherits i on i.inhrelid = s.relid
+            group by 1 having sum(s.n_tup_ins + s.n_tup_upd) > 0""")}
+        if rows.get("events", 0) >= events or time.monotonic() > deadline:
+            return rows
+        await asyncio.sleep(0.1)
+
+
 async def _register(dsn: str, messages: int) -> dict[str, int]:
     """Messages with the receipt's five links through the registration code, 1,000 at a time."""
     from tracker.ingest.tokens import Signer
@@ -171,6 +187,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             conn = await connect(dsn)
             try:
                 landed = await conn.fetchval("select count(*) from events")
+                rows = await _row_writes(conn, landed)
                 await conn.execute("vacuum analyze")  # the maps a table has once vacuum ran
                 stored = await _relation_bytes(conn, (
                     "events", "rollup_campaign", "rollup_link", "rollup_dimension",
@@ -181,7 +198,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                                          args.messages)
             return {"events": len(records), "written": written, "landed": landed,
                     "postgres_cpu_s": clock.pg, "python_cpu_s": clock.py, "wall_s": clock.wall,
-                    "queued": clock.queued, "steps": dict(_StepTimed.steps),
+                    "queued": clock.queued, "steps": dict(_StepTimed.steps), "rows": rows,
                     "stored": stored, "messages": args.messages, "registered": registered}
 
         return asyncio.run(run())
@@ -244,6 +261,10 @@ def _table(runs: dict[str, dict[str, Any]]) -> None:
                        key=lambda s: -max(r["steps"].get(s, 0) for r in runs.values())):
         row(f"  {step}", [runs[n]["steps"].get(step, 0) / runs[n]["landed"] * 1e6
                           for n in names], "{:.2f}")
+    print("rows written (inserted or updated) per event:")
+    for table in sorted({t for r in runs.values() for t in r.get("rows", {})}):
+        row(f"  {table}", [runs[n].get("rows", {}).get(table, 0) / runs[n]["landed"]
+                           for n in names], "{:.2f}")
     row("writer's Python CPU µs per event", [each[n]["python_us"] for n in names], "{:.2f}")
     row("queued (waited for a core)", [each[n]["queued"] * 100 for n in names], "{:.0f} %")
 
