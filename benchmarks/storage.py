@@ -234,7 +234,7 @@ def figures(run: dict[str, Any]) -> dict[str, float]:
     registered = run["registered"]
     per_message = sum(v for k, v in registered.items()
                       if k.startswith(("messages ", "links ")))
-    return {"event_bytes": in_events / events, "rollup_bytes": beside / events,
+    return {"event_bytes": in_events / events, "beside_bytes": beside / events,
             "message_bytes": per_message / run["messages"],
             "postgres_us": run["postgres_cpu_s"] / events * 1e6,
             "python_us": run["python_cpu_s"] / events * 1e6, "queued": run["queued"]}

@@ -14,7 +14,7 @@
 -- - messages_recipient (account_id, recipient) goes: no query finds messages by the stored
 --   address as it is (a recipient's messages are found by recipient_key, or by
 --   lower(recipient) for messages registered before keys existed, which this index never
---   served), and it was a sixth of a registered message's bytes.
+--   served), and it was an eighth of a registered message's bytes.
 --
 -- Each index is built again over the events already stored, partition by partition.
 
