@@ -23,7 +23,7 @@ import pytest
 from tracker.store.embedded_db import EmbeddedPostgres
 from tracker.store.migrations import migrate
 
-from .support import Server, connected, in_database
+from .support import Replication, Server, connected, in_database
 
 TEMPLATE = "tracker_template"
 
@@ -131,6 +131,22 @@ def own_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedP
     asyncio.run(build())
     yield pg
     pg.stop("immediate")
+
+
+@pytest.fixture(scope="module")
+def replication(own_postgres: EmbeddedPostgres,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replication]:
+    """The module's own PostgreSQL as a primary, and a streaming standby made from it
+    with `pg_basebackup -R`."""
+    primary = own_postgres.running()
+    assert primary is not None
+    standby = EmbeddedPostgres(tmp_path_factory.mktemp("standby"), extra_options=_FAST)
+    standby.make_standby_of(primary)
+    try:
+        standby_running, _ = standby.start()
+        yield Replication(own_postgres, standby, primary.dsn(), standby_running.dsn())
+    finally:
+        standby.stop("immediate")
 
 
 @pytest.fixture(scope="module")

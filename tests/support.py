@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar, overload
@@ -31,6 +32,15 @@ from tracker.store.embedded_db import EmbeddedPostgres
 
 T = TypeVar("T")
 SECRET = "test-signing-key-0123456789abcdef"
+
+
+@dataclass
+class Replication:
+    """A primary and a streaming standby made from it."""
+    primary: EmbeddedPostgres
+    standby: EmbeddedPostgres
+    primary_dsn: str
+    standby_dsn: str
 
 
 def free_port() -> int:

@@ -100,13 +100,13 @@ async def create_campaign(request: Request, account_id: int) -> Response:
 async def list_campaigns(request: Request, account_id: int) -> Response:
     """The account's campaigns, with a tag, created in a time range."""
     selection = filters.selection(request.query_params)
-    rows = await campaigns.find(runtime_of(request).pool, account_id, *selection.args())
+    rows = await campaigns.find(runtime_of(request).read_pool, account_id, *selection.args())
     return JSON([campaigns.campaign_json(r) for r in rows])
 
 
 @authenticated
 async def get_campaign(request: Request, account_id: int) -> Response:
-    row = await own_campaign(runtime_of(request).pool, account_id, object_id(request))
+    row = await own_campaign(runtime_of(request).read_pool, account_id, object_id(request))
     return JSON(campaigns.campaign_json(row))
 
 
@@ -180,7 +180,7 @@ async def campaign_report(request: Request, account_id: int) -> Response:
     in that time (store/reports.py)."""
     campaign_id = object_id(request)
     tz = request.query_params.get("tz", "UTC")
-    async with runtime_of(request).pool.acquire() as conn:
+    async with runtime_of(request).read_pool.acquire() as conn:
         await own_campaign(conn, account_id, campaign_id)
         selection = filters.selection(request.query_params)
         try:
@@ -199,7 +199,7 @@ async def list_messages(request: Request, account_id: int) -> Response:
     runtime = runtime_of(request)
     campaign_id = object_id(request)
     params = request.query_params
-    async with runtime.pool.acquire() as conn:
+    async with runtime.read_pool.acquire() as conn:
         campaign = await own_campaign(conn, account_id, campaign_id)
         found = await message_filter(conn, account_id, campaign, params)
     after = filters.read_cursor(params, found)
@@ -207,7 +207,7 @@ async def list_messages(request: Request, account_id: int) -> Response:
     if fmt_name == "json":
         limit = filters.limit(params)
         assert limit is not None
-        page, last = await results.list_messages(runtime.pool, account_id, campaign_id, found,
+        page, last = await results.list_messages(runtime.read_pool, account_id, campaign_id, found,
                                                  after, limit)
         return JSON({"messages": page,
                      "next": filters.make_cursor(last, found) if last is not None else None})
@@ -215,7 +215,7 @@ async def list_messages(request: Request, account_id: int) -> Response:
     if fmt is None:
         raise HttpError(422, f"format: must be one of json, {', '.join(export.MESSAGE_FORMATS)}")
     return await export.open_rows(
-        runtime.pool, fmt, f"campaign-{campaign_id}-messages", QUERIES.list_messages,
+        runtime.read_pool, fmt, f"campaign-{campaign_id}-messages", QUERIES.list_messages,
         *found.args(account_id, campaign_id, after, filters.limit(params, None)))
 
 
@@ -248,7 +248,7 @@ async def message_filter(conn: asyncpg.Connection, account_id: int, campaign: as
 
 @authenticated(params={"format"})
 async def export_events(request: Request, account_id: int) -> Response:
-    pool = runtime_of(request).pool
+    pool = runtime_of(request).read_pool
     campaign_id = object_id(request)
     # The campaign first: another account's campaign is a 404 whatever the format, so a
     # bad format cannot tell whether it exists.
@@ -261,7 +261,7 @@ async def export_events(request: Request, account_id: int) -> Response:
 
 @authenticated
 async def get_message(request: Request, account_id: int) -> Response:
-    activity = await reports.message_activity(runtime_of(request).pool, account_id,
+    activity = await reports.message_activity(runtime_of(request).read_pool, account_id,
                                               object_id(request))
     if activity is None:
         raise HttpError(404, "message not found")

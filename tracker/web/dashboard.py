@@ -291,7 +291,7 @@ class Dashboard:
 
     async def _campaigns(self, request: Request) -> Response:
         visit = await self._signed_in(request)
-        rows = await campaigns.find(self._runtime.pool, visit.account_id)
+        rows = await campaigns.find(self._runtime.read_pool, visit.account_id)
         return self._render("campaigns.html", visit, campaigns=[
             {"id": r["id"], "name": r["name"], "created_at": r["created_at"],
              "policy": campaigns.policy_of(r)} for r in rows])
@@ -300,7 +300,7 @@ class Dashboard:
         visit = await self._signed_in(request)
         campaign_id = _object_id(request)
         tz, zone = _zone(request)
-        async with self._runtime.pool.acquire() as conn:
+        async with self._runtime.read_pool.acquire() as conn:
             row = await _own_campaign(conn, visit.account_id, campaign_id)
             report = await reports.campaign_report(conn, visit.account_id, campaign_id, tz)
             recent = await conn.fetch(QUERIES.campaign_messages, visit.account_id, campaign_id,
@@ -318,7 +318,7 @@ class Dashboard:
         tz, zone = _zone(request)
         chosen = _chosen_filters(request, zone)
         error, rows, next_cursor = None, [], None
-        async with self._runtime.pool.acquire() as conn:
+        async with self._runtime.read_pool.acquire() as conn:
             row = await _own_campaign(conn, visit.account_id, campaign_id)
             links = [r["url"] for r in await conn.fetch(QUERIES.report_links, visit.account_id,
                                                         campaign_id)]
@@ -353,18 +353,18 @@ class Dashboard:
         fmt = export.MESSAGE_FORMATS.get(request.query_params.get("format", "csv"))
         if fmt is None:
             raise HttpError(404, "There is no such export.")
-        async with self._runtime.pool.acquire() as conn:
+        async with self._runtime.read_pool.acquire() as conn:
             row = await _own_campaign(conn, visit.account_id, campaign_id)
             found = await message_filter(conn, visit.account_id, row,
                                          QueryParams(_chosen_filters(request, zone)))
         return await export.open_rows(
-            self._runtime.pool, fmt, f"campaign-{campaign_id}-messages", QUERIES.list_messages,
+            self._runtime.read_pool, fmt, f"campaign-{campaign_id}-messages", QUERIES.list_messages,
             *found.args(visit.account_id, campaign_id, None, None))
 
     async def _message(self, request: Request) -> Response:
         visit = await self._signed_in(request)
         tz, zone = _zone(request)
-        activity = await reports.message_activity(self._runtime.pool, visit.account_id,
+        activity = await reports.message_activity(self._runtime.read_pool, visit.account_id,
                                                   _object_id(request))
         if activity is None:
             raise HttpError(404, "There is no such message.")
