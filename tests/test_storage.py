@@ -25,23 +25,11 @@ from tracker.ingest.pipeline import OPEN
 from tracker.privacy import retention
 from tracker.store import reports
 from tracker.store.database import connect
-from tracker.store.embedded_db import EmbeddedPostgres
 from tracker.store.migrations import migrate
 from tracker.store.queries import MIGRATION_FILE, QUERIES, for_table, sql_dir
 from tracker.store.writer import BatchWriter
 
 STORAGE = 17
-
-
-async def _database(postgres: EmbeddedPostgres, name: str) -> str:
-    running = postgres.running()
-    assert running is not None
-    admin = await asyncpg.connect(running.dsn("postgres"))
-    try:
-        await admin.execute(f"create database {name}")
-    finally:
-        await admin.close()
-    return running.dsn(name)
 
 
 def _migrations_before(version: int, into: Path) -> Path:
@@ -63,8 +51,8 @@ async def _index_keys(conn: asyncpg.Connection, table: str, index: str) -> list[
 
 
 async def test_an_old_database_with_events_upgrades_in_place_with_the_same_reports(
-        postgres: EmbeddedPostgres, tmp_path: Path) -> None:
-    dsn = await _database(postgres, "before_storage")
+        empty_dsn: str, tmp_path: Path) -> None:
+    dsn = empty_dsn
     conn = await connect(dsn)
     writer = BatchWriter(lambda: connect(dsn), batch_size=500, interval_s=3600,
                          max_buffered=100_000)
