@@ -343,6 +343,9 @@ delete from rollup_dimension where account_id = $1 and campaign_id = $2;
 delete from rollup_message where account_id = $1 and campaign_id = $2;
 delete from rollup_message_link where account_id = $1 and campaign_id = $2;
 delete from campaign_messages where account_id = $1 and campaign_id = $2;
+delete from event_log where account_id = $1 and campaign_id = $2;
+-- An endpoint that took this campaign's events only has nothing left to send.
+delete from webhook_endpoints where account_id = $1 and campaign_id = $2;
 
 -- name: finish-campaign-purge
 -- The row stays as a tombstone with its policy and deleted_at: its links keep
@@ -355,6 +358,8 @@ delete from api_keys where account_id = $1;
 delete from dashboard_signed_out where account_id = $1;
 delete from recipient_suppressions where account_id = $1;
 delete from erasures where account_id = $1;
+delete from event_log where account_id = $1;
+delete from webhook_endpoints where account_id = $1;
 
 -- name: session-account
 -- The account name of a dashboard session, if the session still holds: its API key is not

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import asyncpg
 
+from tracker.delivery.loop import Delivery, DeliverySettings
 from tracker.ingest import geo
 from tracker.ingest.addresses import ClientAddress
 from tracker.ingest.capture import Capture
@@ -62,6 +63,7 @@ class Runtime:
         self._pool: asyncpg.Pool | None = None
         self.writer: BatchWriter | None = None
         self.capture: Capture | None = None
+        self.delivery: Delivery | None = None
         self._geo_watch: asyncio.Task[None] | None = None
 
     @property
@@ -103,6 +105,8 @@ class Runtime:
         self.privacy.start(release=self.capture.release_held)
         self.jobs = Jobs(self.pool)
         self.jobs.start()
+        self.delivery = Delivery(self.pool, _delivery_settings(self.settings))
+        self.delivery.start()
         self._share_metrics()
 
     async def stop(self) -> None:
@@ -116,6 +120,8 @@ class Runtime:
                           "are not recorded", capture.held)
             capture.release_held()
         await self.privacy.stop()
+        if self.delivery is not None:
+            await self.delivery.stop()
         if self.jobs is not None:
             await self.jobs.stop()
         for task in (self._geo_watch, self._publish):
@@ -200,6 +206,14 @@ class Runtime:
         self.collector.shared = shared
         self._publish = asyncio.create_task(self.collector.publish_forever(),
                                             name="tracker-metrics-publish")
+
+
+def _delivery_settings(settings: Settings) -> DeliverySettings:
+    return DeliverySettings(
+        timeout_s=settings.webhook_timeout_ms / 1000, retry_s=settings.webhook_retry_ms / 1000,
+        retry_max_s=settings.webhook_retry_max_ms / 1000,
+        disable_after_s=float(settings.webhook_disable_after_s), batch=settings.webhook_batch,
+        poll_s=settings.webhook_poll_ms / 1000, sends=settings.webhook_sends)
 
 
 def _locator(settings: Settings) -> geo.Locate:

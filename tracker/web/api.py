@@ -14,7 +14,7 @@ from starlette.routing import Match, Route
 
 from tracker.ingest.addresses import ClientAddress
 from tracker.mail.registration import Registrar
-from tracker.web import campaigns_api, dashboard, recipients_api, service
+from tracker.web import campaigns_api, dashboard, recipients_api, service, webhooks_api
 from tracker.web.health import Readiness
 from tracker.web.http import json_error
 from tracker.web.metrics import registry_for
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 def build_api(runtime: Runtime) -> Starlette:
     routes: list[Route] = [*service.ROUTES, *campaigns_api.ROUTES, *recipients_api.ROUTES,
+                           *webhooks_api.ROUTES,
                            *dashboard.routes(runtime)]
 
     async def http_error(request: Request, exc: Exception) -> Response:
