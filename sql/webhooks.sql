@@ -108,7 +108,8 @@ returning q.account_id, q.endpoint_id, q.id, q.lane, q.replay, q.after_xid, q.af
 -- name: stream-events
 -- The next $4 rows of an account's event log after (xid $2, id $3), in commit order, with
 -- each event's stored fields. `send`: the row is in the lane ($6 of $5 lanes: by message)
--- and passes the filter (types $7, campaign $8 or any, machine events $9), and its event
+-- and passes the filter (types $7, campaign $8 or any, machine events $9; a re-label goes
+-- to endpoints of human events too: it takes back what they were sent), and its event
 -- is still there: not erased, not expired, its recipient not opted out. Rows not sent
 -- still move the cursor.
 with scanned as (
@@ -122,7 +123,8 @@ select s.xid, s.id, s.type, s.occurred_at, s.message_id, s.campaign_id, s.relabe
        coalesce(e.machine, s.machine) as machine, coalesce(e.reason, s.reason) as reason,
        u.url, e.country, e.region, e.city, e.browser, e.os, e.device, e.client,
        (s.message_id % $5 = $6 and s.type = any($7::text[])
-        and ($8::bigint is null or s.campaign_id = $8) and ($9 or not s.machine)
+        and ($8::bigint is null or s.campaign_id = $8)
+        and ($9 or not s.machine or s.type = 'relabel')
         and m.id is not null and not coalesce(r.opted_out, false)
         and (s.type = 'relabel' or e.id is not null)) as send
 from scanned s

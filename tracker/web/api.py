@@ -17,7 +17,7 @@ from tracker.mail.registration import Registrar
 from tracker.web import campaigns_api, dashboard, recipients_api, service, webhooks_api
 from tracker.web.health import Readiness
 from tracker.web.http import json_error
-from tracker.web.metrics import registry_for
+from tracker.web.metrics import WebhookCollector, registry_for
 
 if TYPE_CHECKING:
     from tracker.lifespan import Runtime
@@ -46,6 +46,8 @@ def build_api(runtime: Runtime) -> Starlette:
     app.state.addresses = ClientAddress(runtime.settings.trusted_proxies)
     app.state.registrar = Registrar(runtime.signer, runtime.settings.base_url)
     app.state.registry = registry_for(runtime.collector)
+    app.state.registry.register(WebhookCollector(
+        lambda: runtime.delivery.stats if runtime.delivery is not None else []))
     app.state.readiness = Readiness(
         runtime.ping_database, lambda: runtime.writer,
         batch_size=runtime.settings.batch_size, max_buffered=runtime.settings.buffer_max_events,
