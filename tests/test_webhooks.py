@@ -75,6 +75,11 @@ def _all_delivered(receiver: Receiver, ids: set[str]) -> None:
     assert receiver.bad_signatures == 0
 
 
+def _stats(api: httpx.Client, hook: dict[str, Any]) -> dict[str, Any]:
+    stats: dict[str, Any] = api.get(f"/api/webhooks/{hook['id']}").json()["stats"]
+    return stats
+
+
 def test_every_event_arrives_once_across_errors_timeouts_slowness_and_downtime(
         hook_server: Server, module_dsn: str, receiver: Receiver) -> None:
     key = new_account(module_dsn, "failing receiver")
@@ -97,14 +102,13 @@ def test_every_event_arrives_once_across_errors_timeouts_slowness_and_downtime(
                 wait_for(lambda m=mode: receiver.requests[m] >= 2, DELIVERED_S,
                          message=f"deliveries to a receiver in mode {mode}")
             if mode == "down":
-                failed = lambda: api.get(f"/api/webhooks/{hook['id']}").json()["stats"]  # noqa: E731
-                wait_for(lambda: failed()["retrying"] > 0, DELIVERED_S,
+                wait_for(lambda: _stats(api, hook)["retrying"] > 0, DELIVERED_S,
                          message="a retry against the receiver that is down")
                 receiver.start()
         _all_delivered(receiver, ids)
         assert receiver.requests["slow"] >= 1
         assert not receiver.events.keys() - ids  # nothing that was not stored
-        stats = api.get(f"/api/webhooks/{hook['id']}").json()["stats"]
+        stats = _stats(api, hook)
         assert stats["failed"] >= 4 and stats["delivered"] == len(ids)
         log = api.get(f"/api/webhooks/{hook['id']}/deliveries").json()["deliveries"]
         assert {d["status"] for d in log} >= {500, 204, None}
@@ -204,8 +208,8 @@ def test_erasure_and_opt_out_stop_queued_deliveries(
         assert api.post("/api/recipients/opted@example.com/opt-out").status_code == 200
         receiver.mode = "ok"
         _all_delivered(receiver, kept_ids)
-        wait_for(lambda: api.get(f"/api/webhooks/{hook['id']}").json()["stats"]["retrying"]
-                 == 0, DELIVERED_S, message="the queue to drain")
+        wait_for(lambda: _stats(api, hook)["retrying"] == 0, DELIVERED_S,
+                 message="the queue to drain")
         assert receiver.ids() == kept_ids
         assert {e["message_id"] for e in receiver.events.values()} == {kept["id"]}
 
