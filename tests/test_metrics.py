@@ -39,6 +39,7 @@ from tracker.web.metrics import (
     Snapshot,
     merge,
     observe_flushes,
+    WebhookCollector,
     registry_for,
 )
 from tracker.web.throttle import AuthThrottle
@@ -88,6 +89,7 @@ def test_every_exported_metric_is_documented_and_every_documented_one_exported()
     writer = _stub_writer()
     text = registry_for(MetricsCollector(metrics, lambda: writer, 100)).collect()
     exported = {family.name for family in text}
+    exported |= {family.name for family in WebhookCollector(lambda: []).collect()}
     documented = set(re.findall(r"^\| `(tracker_[a-z_]+)`",
                                 (ROOT / "docs" / "metrics.md").read_text(), re.MULTILINE))
     # prometheus-client names a counter family without its _total suffix, an info family
