@@ -37,9 +37,9 @@ from tracker.web.metrics import (
     MetricsCollector,
     SharedSnapshots,
     Snapshot,
+    WebhookCollector,
     merge,
     observe_flushes,
-    WebhookCollector,
     registry_for,
 )
 from tracker.web.throttle import AuthThrottle

@@ -3,7 +3,11 @@ restarts and a PostgreSQL outage, signatures, re-labels, erasure, replay and the
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,6 +18,7 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 
 from tracker.ingest.tokens import FLAG_HONEYPOT, Signer
+from tracker.mail.client import Client, InvalidRequest
 
 from .support import SECRET, Server, campaign, db_fetch, new_account, register, wait_for
 from .test_outage import database_down
@@ -361,3 +366,42 @@ def test_pull_stream_pages_through_stored_events_in_order_and_forgets_erased_one
         after = {e["id"] for e in pull_all()}
         assert len(after) == 8 and after < ids
         assert api.get("/api/events").json()["events"][0]["message_id"] != messages[0]["id"]
+
+
+def test_the_python_client_and_the_cli_manage_endpoints_and_pull_events(
+        hook_server: Server, module_dsn: str, receiver: Receiver) -> None:
+    key = new_account(module_dsn, "client")
+    with Client(hook_server.url, key) as client:
+        hook = client.create_webhook(receiver.url, events=["open"], machine=False)
+        assert hook.secret is not None and hook.events == ("open",) and not hook.machine
+        assert [h.id for h in client.list_webhooks()] == [hook.id]
+        assert client.get_webhook(hook.id).secret is None
+        assert client.update_webhook(hook.id, enabled=False).enabled is False
+        assert client.rotate_webhook_secret(hook.id).secret not in (None, hook.secret)
+        with pytest.raises(InvalidRequest):
+            client.create_webhook("http://example.com/")
+        cid = client.create_campaign("pulled").id
+        message = client.register_message(cid, "p@example.com", links=["https://example.com/"])
+        _hit(hook_server, {"pixel_url": message.pixel_url, "links": [
+            {"tracked_url": link.tracked_url} for link in message.links]})
+        ids = _stored_ids(module_dsn, [int(message.id)], 2)
+        page = wait_for(lambda: (lambda p: p if len(p.events) == 2 else None)(
+            client.pull_events(limit=10)), DELIVERED_S, message="the pulled events")
+        assert {e["id"] for e in page.events} == ids and page.next is not None
+        assert client.pull_events(after=page.next).events == []
+    env = {**os.environ, "TRACKER_API_URL": hook_server.url, "TRACKER_API_KEY": key}
+    cli = [sys.executable, "-m", "tracker", "webhooks"]
+    made = subprocess.run([*cli, "create", receiver.url, "--events", "click", "--json"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    created = json.loads(made.stdout)
+    assert created["events"] == ["click"] and created["secret"].startswith("whsec_")
+    listed = subprocess.run([*cli, "list"], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert created["id"] in listed.stdout and "secret" not in listed.stdout
+    refused = subprocess.run([*cli, "create", "ftp://x"], env=env, capture_output=True,
+                             text=True, timeout=60)
+    assert refused.returncode == 1 and refused.stderr.startswith("tracker: error: url:")
+    gone = subprocess.run([*cli, "delete", created["id"]], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert gone.returncode == 0 and gone.stdout == ""
