@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -405,3 +406,37 @@ def test_the_python_client_and_the_cli_manage_endpoints_and_pull_events(
     gone = subprocess.run([*cli, "delete", created["id"]], env=env, capture_output=True,
                           text=True, timeout=60)
     assert gone.returncode == 0 and gone.stdout == ""
+
+
+def test_the_dashboard_adds_shows_and_disables_endpoints_with_their_deliveries(
+        hook_server: Server, module_dsn: str, receiver: Receiver) -> None:
+    from .test_dashboard import _csrf_token, _sign_in
+    key = new_account(module_dsn, "dashboard")
+    with httpx.Client(base_url=hook_server.url, timeout=10) as browser:
+        assert _sign_in(browser, key).status_code in (200, 303)
+        page = browser.get("/dashboard/webhooks")
+        assert page.status_code == 200 and "No webhook endpoints yet" in page.text
+        csrf = _csrf_token(page.text)
+        refused = browser.post("/dashboard/webhooks", data={"url": receiver.url})
+        assert refused.status_code == 403
+        bad = browser.post("/dashboard/webhooks", data={"csrf_token": csrf, "url": "http://x.org",
+                                                        "event_open": "on"})
+        assert bad.status_code == 422 and "url: must be https" in bad.text
+        added = browser.post("/dashboard/webhooks", data={
+            "csrf_token": csrf, "url": receiver.url, "event_open": "on", "event_click": "on"})
+        assert added.status_code == 200
+        match = re.search(r"<pre><code>(whsec_[^<]+)</code></pre>", added.text)
+        assert match is not None
+        receiver.secret = match.group(1)
+        (hook,) = httpx.get(f"{hook_server.url}/api/webhooks",
+                            headers={"authorization": f"Bearer {key}"}).json()
+        with hook_server.client(key) as api:
+            message = register(api, campaign(api), ["https://example.com/dash"])
+        _hit(hook_server, message)
+        wait_for(lambda: len(receiver.ids()) == 2, DELIVERED_S, message="the deliveries")
+        shown = wait_for(lambda: (lambda t: t if 'data-stat="delivered">2<' in t else None)(
+            browser.get("/dashboard/webhooks").text), DELIVERED_S, message="the stats")
+        assert "whsec_" not in shown and "<td>204</td>" in shown
+        assert browser.post(f"/dashboard/webhooks/{hook['id']}", data={
+            "csrf_token": csrf, "action": "disable"}).status_code == 303
+        assert "Disabled" in browser.get("/dashboard/webhooks").text
