@@ -18,6 +18,8 @@ PROGRAMS = {
                 "how soon a hit shows"),
     "ingest": ("benchmarks.ingest", "events/s into PostgreSQL through the writer, exactly "
                "once, against plain COPY"),
+    "webhooks": ("benchmarks.webhooks", "webhook delivery events/s, and the tracking req/s "
+                 "with delivery running against without"),
     "hostile": ("benchmarks.hostile", "the server's memory and a bystander's latency under "
                 "hostile clients"),
     "truth": ("benchmarks.truth", "the classifier and the device class against labelled "

@@ -198,7 +198,7 @@ class Delivery:
                     error = f"HTTP {status}: {await _start_of(response)}"
         except httpx.TimeoutException:
             error = f"no answer within {self._settings.timeout_s:g} s"
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             error = f"{type(exc).__name__}: {exc}"[:_ERROR_CHARS]
         outcome = _Outcome(error is None, status, error,
                            int((time.perf_counter() - started) * 1000))

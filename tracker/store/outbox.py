@@ -24,7 +24,7 @@ import asyncpg
 from tracker.store.queries import QUERIES
 
 _ZERO = uuid.UUID(int=0)
-_CURSOR = re.compile(r"^(\d{1,20})\.([0-9a-f]{32})$")
+_CURSOR = re.compile(r"^(\d{1,19})\.([0-9a-f]{32})$")
 ALL_TYPES = ["open", "click", "relabel"]
 
 
@@ -45,7 +45,7 @@ class Position:
     @classmethod
     def decode(cls, text: str) -> Position:
         match = _CURSOR.match(text)
-        if match is None or int(match[1]) >= 2**64:
+        if match is None or int(match[1]) >= 2**63:
             raise BadCursor("not a cursor this server gave")
         return cls(int(match[1]), uuid.UUID(match[2]))
 

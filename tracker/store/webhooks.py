@@ -66,6 +66,9 @@ def check_url(value: object) -> str:
     url = value.strip()
     if len(url) > MAX_URL_CHARS:
         raise InvalidWebhook(f"url: longer than {MAX_URL_CHARS} characters")
+    if not url.isascii() or any(c.isspace() or not c.isprintable() for c in url):
+        raise InvalidWebhook("url: must be ASCII without white space or control characters "
+                             "(percent-encode the rest; an IDN host in its xn-- form)")
     try:
         parts = urlsplit(url)
         host = parts.hostname or ""

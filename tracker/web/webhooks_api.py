@@ -138,8 +138,9 @@ def _time(body: dict[str, Any], name: str) -> datetime:
         at = datetime.fromisoformat(value) if isinstance(value, str) else None
     except ValueError:
         at = None
-    if at is None or at.tzinfo is None:
-        raise HttpError(422, f"{name}: must be an ISO 8601 time with a time zone")
+    if at is None or at.tzinfo is None or not 1970 <= at.year <= 9000:
+        raise HttpError(422, f"{name}: must be an ISO 8601 time with a time zone, "
+                        "from 1970 to 9000")
     return at
 
 
