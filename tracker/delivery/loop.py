@@ -165,7 +165,7 @@ class Delivery:
     async def _rounds(self, lease: Lease) -> None:
         settings = self._settings
         deadline = time.monotonic() + settings.lease_s - settings.timeout_s - 5.0
-        for _ in range(_ROUNDS_PER_LEASE):
+        for round_ in range(1, _ROUNDS_PER_LEASE + 1):
             page = await lease.read(self._pool, settings.batch)
             full = page.scanned >= settings.batch
             if page.events:
@@ -175,7 +175,9 @@ class Delivery:
                     return
             if page.last is not None:
                 lease.move_past(page.last)
-            more = full and time.monotonic() < deadline
+            # Kept for another round while there is more and time; else given back (due
+            # at once when there is more), so that no lease waits out its expiry.
+            more = full and round_ < _ROUNDS_PER_LEASE and time.monotonic() < deadline
             kept = await outbox.advance(
                 self._pool, lease, keep=more, next_in_s=0.0 if full else settings.poll_s,
                 delivered=len(page.events), waiting=full)
