@@ -10,7 +10,7 @@ from pathlib import Path
 
 import asyncpg
 
-from tracker.delivery.loop import Delivery, DeliverySettings
+from tracker.delivery.loop import EndpointStats
 from tracker.ingest import geo
 from tracker.ingest.addresses import ClientAddress
 from tracker.ingest.capture import Capture
@@ -63,7 +63,8 @@ class Runtime:
         self._pool: asyncpg.Pool | None = None
         self.writer: BatchWriter | None = None
         self.capture: Capture | None = None
-        self.delivery: Delivery | None = None
+        # Per webhook endpoint, for /metrics (the delivery process delivers: server.py).
+        self.webhook_stats: EndpointStats | None = None
         self._geo_watch: asyncio.Task[None] | None = None
 
     @property
@@ -105,8 +106,8 @@ class Runtime:
         self.privacy.start(release=self.capture.release_held)
         self.jobs = Jobs(self.pool)
         self.jobs.start()
-        self.delivery = Delivery(self.pool, _delivery_settings(self.settings))
-        self.delivery.start()
+        self.webhook_stats = EndpointStats(self.pool)
+        self.webhook_stats.start()
         self._share_metrics()
 
     async def stop(self) -> None:
@@ -120,8 +121,8 @@ class Runtime:
                           "are not recorded", capture.held)
             capture.release_held()
         await self.privacy.stop()
-        if self.delivery is not None:
-            await self.delivery.stop()
+        if self.webhook_stats is not None:
+            await self.webhook_stats.stop()
         if self.jobs is not None:
             await self.jobs.stop()
         for task in (self._geo_watch, self._publish):
@@ -206,14 +207,6 @@ class Runtime:
         self.collector.shared = shared
         self._publish = asyncio.create_task(self.collector.publish_forever(),
                                             name="tracker-metrics-publish")
-
-
-def _delivery_settings(settings: Settings) -> DeliverySettings:
-    return DeliverySettings(
-        timeout_s=settings.webhook_timeout_ms / 1000, retry_s=settings.webhook_retry_ms / 1000,
-        retry_max_s=settings.webhook_retry_max_ms / 1000,
-        disable_after_s=float(settings.webhook_disable_after_s), batch=settings.webhook_batch,
-        poll_s=settings.webhook_poll_ms / 1000, sends=settings.webhook_sends)
 
 
 def _locator(settings: Settings) -> geo.Locate:

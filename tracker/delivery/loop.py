@@ -14,8 +14,8 @@ a queue failing for `disable_after_s` disables its endpoint, with the reason sho
 API and the dashboard. An endpoint's events go through `concurrency` queues (by message),
 so that is how many requests it gets at once.
 
-The loop shares the event loop with the tracking endpoints, but does little in it: a
-lease, a read and a request per batch; the JSON of a batch is the one piece of CPU work.
+It runs in a process of its own at the lowest CPU priority (delivery/process.py), never
+in the workers that answer tracking requests.
 """
 
 from __future__ import annotations
@@ -93,8 +93,6 @@ class Delivery:
         self._wake = asyncio.Event()
         self._db_failing = False
         self._housekept_at = 0.0
-        self._stats_at = 0.0
-        self.stats: list[asyncpg.Record] = []  # per endpoint (sql/webhooks.sql webhook-stats)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="tracker-delivery")
@@ -225,13 +223,35 @@ class Delivery:
 
     async def _now_and_then(self) -> None:
         now = time.monotonic()
-        if now - self._stats_at >= _STATS_S:
-            self._stats_at = now
-            self.stats = await self._pool.fetch(QUERIES.webhook_stats, None)
         if now - self._housekept_at >= _HOUSEKEEPING_S:
             self._housekept_at = now
             await self._pool.execute(QUERIES.forget_old_webhook_attempts,
                                      datetime.now(UTC) - ATTEMPTS_KEPT)
+
+
+class EndpointStats:
+    """(In each worker.) Every endpoint's delivery stats, read every few seconds for
+    /metrics, whichever process or node delivers."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self._task: asyncio.Task[None] | None = None
+        self.rows: list[asyncpg.Record] = []  # sql/webhooks.sql webhook-stats
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._read_forever(), name="tracker-webhook-stats")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _read_forever(self) -> None:
+        while True:
+            with contextlib.suppress(*_DB_ERRORS):
+                self.rows = await self._pool.fetch(QUERIES.webhook_stats, None)
+            await asyncio.sleep(_STATS_S)
 
 
 async def _start_of(response: httpx.Response) -> str:

@@ -47,7 +47,7 @@ def build_api(runtime: Runtime) -> Starlette:
     app.state.registrar = Registrar(runtime.signer, runtime.settings.base_url)
     app.state.registry = registry_for(runtime.collector)
     app.state.registry.register(WebhookCollector(
-        lambda: runtime.delivery.stats if runtime.delivery is not None else []))
+        lambda: runtime.webhook_stats.rows if runtime.webhook_stats is not None else []))
     app.state.readiness = Readiness(
         runtime.ping_database, lambda: runtime.writer,
         batch_size=runtime.settings.batch_size, max_buffered=runtime.settings.buffer_max_events,

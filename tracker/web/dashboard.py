@@ -380,8 +380,6 @@ class Dashboard:
                                                              rotated["secret"]))
         else:
             raise HttpError(400, "Unknown action.")
-        if self._runtime.delivery is not None:
-            self._runtime.delivery.wake()
         raise _Redirect("/dashboard/webhooks")
 
 

@@ -94,7 +94,6 @@ async def patch_webhook(request: Request, account_id: int) -> Response:
     updated = await webhooks.update(runtime_of(request).pool, account_id, endpoint_id, fields)
     if updated is None:
         raise HttpError(404, "webhook not found")
-    _wake(request)
     return JSON(webhooks.webhook_json(updated))
 
 
@@ -127,7 +126,6 @@ async def replay(request: Request, account_id: int) -> Response:
                                                    endpoint_id, since, until)
     if row is None:
         raise HttpError(404, "webhook not found")
-    _wake(request)
     return JSON({"replay": str(row["id"]), "from": row["since"].isoformat(),
                  "to": row["until"].isoformat()}, status_code=202)
 
@@ -167,12 +165,6 @@ async def pull_events(request: Request, account_id: int) -> Response:
     after_last = None if last is None else outbox.Position(int(last["xid"]), last["id"])
     return JSON({"events": page.events,
                  "next": None if after_last is None else after_last.encode()})
-
-
-def _wake(request: Request) -> None:
-    delivery = runtime_of(request).delivery
-    if delivery is not None:
-        delivery.wake()
 
 
 ROUTES = [
