@@ -148,13 +148,18 @@ def run(args: argparse.Namespace) -> int:
           f"{settings.probe_connections} connections; {args.rounds} interleaved rounds "
           f"(medians); the server on core 0, wrk, PostgreSQL and the receiver on core "
           f"{LOAD_CORE}, {priority_note()}\n")
-    print(f"{'delivery':<9} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'× without':>9}")
+    # µs/req: the server's CPU (its workers and the delivery process) per request, which
+    # the neighbours' load moves far less than req/s.
+    print(f"{'delivery':<9} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'× without':>9} "
+          f"{'µs/req':>7} {'rounds req/s':>24}")
     for name, runs in phases.items():
         rate = statistics.median(p.rate for p in runs)
+        per_cpu = statistics.median(p.per_cpu_second for p in runs)
         print(f"{name:<9} {rate:>8,.0f} "
               f"{statistics.median(p.latency_ms(0.5) for p in runs):>7.2f} "
               f"{statistics.median(p.latency_ms(0.99) for p in runs):>7.2f} "
-              f"{rate / base if base else 0:>9.3f}")
+              f"{rate / base if base else 0:>9.3f} {1e6 / per_cpu if per_cpu else 0:>7.1f} "
+              f"{' '.join(f'{p.rate:,.0f}' for p in runs):>24}")
     print(f"\ndelivery of a backlog of {backlog:,} events, concurrency {args.concurrency}, "
           f"batches of 100: {backlog / drain_s if drain_s else 0:,.0f} events/s "
           f"({drain_s:.1f} s)")
