@@ -109,8 +109,7 @@ def main() -> int:
                   "tracker serve")
         return 2
     try:
-        import uvloop
-        uvloop.run(deliver_until_stopped(settings.database_url, settings))
+        asyncio.run(deliver_until_stopped(settings.database_url, settings))
     except KeyboardInterrupt:
         pass
     return 0
