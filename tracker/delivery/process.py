@@ -108,10 +108,8 @@ def main() -> int:
         log.error("TRACKER_DATABASE_URL: not set; the delivery process is started by "
                   "tracker serve")
         return 2
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(deliver_until_stopped(settings.database_url, settings))
-    except KeyboardInterrupt:
-        pass
     return 0
 
 
