@@ -154,7 +154,7 @@ async def deliveries(request: Request, account_id: int) -> Response:
 async def pull_events(request: Request, account_id: int) -> Response:
     params = request.query_params
     try:
-        after = outbox.Position.decode(params["after"]) if params.get("after") else outbox.START
+        after = outbox.Position.decode(params["after"]) if "after" in params else outbox.START
     except outbox.BadCursor as exc:
         raise HttpError(400, f"after: {exc}") from None
     raw = params.get("limit", str(DEFAULT_PAGE))
