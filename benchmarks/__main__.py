@@ -10,6 +10,8 @@ from collections.abc import Sequence
 PROGRAMS = {
     "suite": ("benchmarks.suite", "the tracking load against nginx, exact counts, memory, "
               "and the goals of all"),
+    "cluster": ("benchmarks.cluster", "three nodes behind HAProxy on loopback, one killed and "
+                "restarted: exactly once, failover"),
     "durability": ("benchmarks.durability", "what TRACKER_DURABILITY=journal costs, and what "
                    "a kill -9 loses in each mode"),
     "registration": ("benchmarks.registration", "messages/s registered through the batch API, "
@@ -20,6 +22,8 @@ PROGRAMS = {
                "once, against plain COPY"),
     "webhooks": ("benchmarks.webhooks", "webhook delivery events/s, and the tracking req/s "
                  "with delivery running against without"),
+    "storage": ("benchmarks.storage", "bytes per event and per registered message, PostgreSQL "
+                "CPU per event, before and after"),
     "hostile": ("benchmarks.hostile", "the server's memory and a bystander's latency under "
                 "hostile clients"),
     "truth": ("benchmarks.truth", "the classifier and the device class against labelled "

@@ -36,6 +36,8 @@ from benchmarks.traffic import (
 
 from .support import Server, new_account
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 
 MISSING = [tool for tool in ("wrk", "nginx", "taskset") if shutil.which(tool) is None]

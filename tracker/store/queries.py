@@ -139,6 +139,10 @@ class Queries:
     forget_old_webhook_attempts: str
     erase_event_log: str
     forget_event_log: str
+    # sql/operations.sql: the read replica's lag, backup and restore
+    wal_position: str
+    replayed_position: str
+    tables_in_database: str
     # sql/setup.sql: the migrator's bookkeeping, the embedded server's database check
     create_schema_migrations: str
     applied_migrations: str
