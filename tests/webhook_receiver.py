@@ -10,7 +10,6 @@ events of those it accepted (answered 2xx) by id. Its `mode` says how it answers
 from __future__ import annotations
 
 import threading
-import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -36,6 +35,9 @@ class Receiver:
         self.bad_signatures = 0
         self.webhook_ids: list[str] = []
         self._server: ThreadingHTTPServer | None = None
+        # What a slow or hanging answer waits on: set when the receiver stops, so no
+        # handler outlives it.
+        self._stopped = threading.Event()
 
     def start(self) -> Receiver:
         receiver = self
@@ -48,6 +50,7 @@ class Receiver:
             def log_message(self, *args: Any) -> None:
                 pass
 
+        self._stopped.clear()
         ThreadingHTTPServer.allow_reuse_address = True
         self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self._server.daemon_threads = True
@@ -55,6 +58,7 @@ class Receiver:
         return self
 
     def stop(self) -> None:
+        self._stopped.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -68,11 +72,11 @@ class Receiver:
             self._reply(handler, 500, b"receiver error")
             return
         if mode == "hang":
-            time.sleep(self.hang_s)
+            self._stopped.wait(self.hang_s)  # the answer comes after the sender gave up
             self._reply(handler, 503, b"too late")
             return
         if mode == "slow":
-            time.sleep(self.slow_s)
+            self._stopped.wait(self.slow_s)  # late, within the sender's timeout
         headers = {k: v for k, v in handler.headers.items()}
         if self.secret is not None:
             try:
