@@ -22,6 +22,8 @@ PROGRAMS = {
                  "filter, CSV and JSON Lines export rate"),
     "ingest": ("benchmarks.ingest", "events/s into PostgreSQL through the writer, exactly "
                "once, against plain COPY"),
+    "webhooks": ("benchmarks.webhooks", "webhook delivery events/s, and the tracking req/s "
+                 "with delivery running against without"),
     "storage": ("benchmarks.storage", "bytes per event and per registered message, PostgreSQL "
                 "CPU per event, before and after"),
     "hostile": ("benchmarks.hostile", "the server's memory and a bystander's latency under "

@@ -347,6 +347,9 @@ delete from rollup_dimension where account_id = $1 and campaign_id = $2;
 delete from rollup_message where account_id = $1 and campaign_id = $2;
 delete from rollup_message_link where account_id = $1 and campaign_id = $2;
 delete from campaign_messages where account_id = $1 and campaign_id = $2;
+delete from event_log where account_id = $1 and campaign_id = $2;
+-- An endpoint that took this campaign's events only has nothing left to send.
+delete from webhook_endpoints where account_id = $1 and campaign_id = $2;
 
 -- name: finish-campaign-purge
 -- The row stays as a tombstone with its policy and deleted_at: its links keep
@@ -362,6 +365,8 @@ delete from consent_wordings where account_id = $1;
 delete from dashboard_signed_out where account_id = $1;
 delete from recipient_suppressions where account_id = $1;
 delete from erasures where account_id = $1;
+delete from event_log where account_id = $1;
+delete from webhook_endpoints where account_id = $1;
 
 -- name: sign-out-session
 insert into dashboard_signed_out (account_id, nonce, expires_at)

@@ -62,6 +62,11 @@ triggers as (
     from new n join unnest($1::text[], $2::interval[]) w (reason, span) on w.reason = n.reason
     where n.is_trigger
     on conflict do nothing
+),
+-- The outbox (sql/0011_webhooks.sql): what webhooks and the pull stream send.
+logged as (
+    insert into event_log (account_id, id, occurred_at, message_id, campaign_id, type, machine)
+    select account_id, id, occurred_at, message_id, campaign_id, type, machine from new
 )
 insert into events_staging_delta (account_id, campaign_id, message_id, occurred_at, type,
                                   url_id, country, region, browser, os, device, client, reason,
@@ -186,7 +191,15 @@ moved as (
     where e.account_id = near.account_id and e.occurred_at = near.occurred_at
       and e.id = near.id and not e.machine
     returning e.account_id, e.campaign_id, e.message_id, e.occurred_at, e.type, e.url_id,
-              e.country, e.region, e.browser, e.os, e.device, e.client, e.reason
+              e.country, e.region, e.browser, e.os, e.device, e.client, e.reason, e.id
+),
+-- The outbox: one re-label event per message and reason, naming the events it changed.
+logged as (
+    insert into event_log (account_id, id, occurred_at, message_id, campaign_id, type, machine,
+                           relabelled, reason)
+    select account_id, gen_random_uuid(), now(), message_id, min(campaign_id), 'relabel', true,
+           array_agg(id order by occurred_at, id), reason
+    from moved group by account_id, message_id, reason
 )
 insert into events_staging_delta (account_id, campaign_id, message_id, occurred_at, type,
                                   url_id, country, region, browser, os, device, client, reason,

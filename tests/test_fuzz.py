@@ -575,6 +575,20 @@ checks.positive_data_acceptance.enabled = false
 include-operation-id = "createKey"
 checks.positive_data_acceptance.enabled = false
 
+# A webhook's URL must be https (or http to loopback), its campaign one of yours, a replay's
+# `to` after its `from`: more than a schema says.
+[[operations]]
+include-operation-id = "createWebhook"
+checks.positive_data_acceptance.enabled = false
+
+[[operations]]
+include-operation-id = "updateWebhook"
+checks.positive_data_acceptance.enabled = false
+
+[[operations]]
+include-operation-id = "replayWebhook"
+checks.positive_data_acceptance.enabled = false
+
 # `/api/recipients/{address:path}` also matches ".../export" and ".../opt-out" (an address
 # may hold a "/"), so a DELETE there is the erasure of the address "<address>/export" (which
 # erases nothing real, and says so) and Allow truthfully lists it; the description cannot

@@ -410,6 +410,108 @@ def dashboard_campaigns(w: World) -> None:
         assert "a.example" not in page.text
 
 
+# A's webhook endpoint (made once per world): a loopback port nothing listens on.
+_HOOKS: dict[int, str] = {}
+A_HOOK = "http://127.0.0.1:9/a-hook"
+
+
+def _a_hook(w: World) -> str:
+    if id(w) not in _HOOKS:
+        made = w.a.api.post("/api/webhooks", json={"url": A_HOOK})
+        assert made.status_code == 201, made.text
+        _HOOKS[id(w)] = made.json()["id"]
+    return _HOOKS[id(w)]
+
+
+def _a_hook_unchanged(w: World, check: Callable[[], None]) -> None:
+    hook = _a_hook(w)
+    before = w.a.api.get(f"/api/webhooks/{hook}").json()
+    before.pop("stats", None)
+    check()
+    after = w.a.api.get(f"/api/webhooks/{hook}").json()
+    after.pop("stats", None)
+    assert after == before
+
+
+def list_webhooks(w: World) -> None:
+    hook = _a_hook(w)
+    assert hook in {h["id"] for h in w.a.api.get("/api/webhooks").json()}
+    assert hook not in {h["id"] for h in w.b.api.get("/api/webhooks").json()}
+
+
+def create_webhook(w: World) -> None:
+    # A's campaign as B's filter: refused as a campaign nobody has would be.
+    _as_if_never(w.b.api, "POST", "/api/webhooks", {}, status=422,
+                 json={"url": "http://127.0.0.1:9/b", "campaign_id": w.a.campaign})
+    never = w.b.api.post("/api/webhooks", json={"url": "http://127.0.0.1:9/b",
+                                                "campaign_id": NEVER})
+    mine = w.b.api.post("/api/webhooks", json={"url": "http://127.0.0.1:9/b"})
+    assert never.status_code == 422 and mine.status_code == 201
+    assert w.a.api.get(f"/api/webhooks/{mine.json()['id']}").status_code == 404
+    assert w.b.api.delete(f"/api/webhooks/{mine.json()['id']}").status_code == 204
+
+
+def webhook_route(method: str, tail: str = "", **kwargs: Any) -> Callable[[World], None]:
+    def case(w: World) -> None:
+        _a_hook_unchanged(w, lambda: _as_if_never(
+            w.b.api, method, "/api/webhooks/{h}" + tail, {"h": _a_hook(w)}, **kwargs))
+    return case
+
+
+def _stream(tenant: Tenant) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = tenant.api.get("/api/events",
+                                                  params={"limit": 1000}).json()["events"]
+    return events
+
+
+def pull_events(w: World) -> None:
+    for tenant in (w.a, w.b):
+        other = w.b if tenant is w.a else w.a
+        events = wait_for(lambda t=tenant: (
+            _stream(t) if len(_stream(t)) >= t.opens + t.clicks else None),
+            message="the tenant's events in its stream")
+        shown = {e["message_id"] for e in events}
+        assert tenant.message["id"] in shown and other.message["id"] not in shown
+    assert not {e["id"] for e in _stream(w.a)} & {e["id"] for e in _stream(w.b)}
+
+
+def dashboard_webhooks(w: World) -> None:
+    _a_hook(w)
+    with _signed_in(w, w.b_key) as browser:
+        page = browser.get("/dashboard/webhooks")
+        assert page.status_code == 200 and A_HOOK not in page.text
+
+
+def dashboard_add_webhook(w: World) -> None:
+    def attempt() -> None:
+        with _signed_in(w, w.b_key) as browser:
+            csrf = re.search(r'name="csrf_token" value="([^"]+)"',
+                             browser.get("/dashboard/webhooks").text)
+            assert csrf
+            added = browser.post("/dashboard/webhooks", data={
+                "csrf_token": csrf.group(1), "url": "http://127.0.0.1:9/b-dash",
+                "event_open": "on"})
+            assert added.status_code == 200
+    _a_hook_unchanged(w, attempt)
+    assert "b-dash" not in str(w.a.api.get("/api/webhooks").json())
+
+
+def dashboard_change_webhook(w: World) -> None:
+    def attempt() -> None:
+        with _signed_in(w, w.b_key) as browser:
+            csrf = re.search(r'name="csrf_token" value="([^"]+)"',
+                             browser.get("/dashboard/webhooks").text)
+            assert csrf
+            for action in ("disable", "rotate", "delete"):
+                theirs = browser.post(f"/dashboard/webhooks/{_a_hook(w)}",
+                                      data={"csrf_token": csrf.group(1), "action": action})
+                never = browser.post(f"/dashboard/webhooks/{NEVER}",
+                                     data={"csrf_token": csrf.group(1), "action": action})
+                assert theirs.status_code == never.status_code == 404
+                assert A_HOOK not in theirs.text
+    _a_hook_unchanged(w, attempt)
+
+
 CASES: dict[tuple[str, str], Callable[[World], None]] = {
     ("GET", "/api/campaigns"): list_campaigns,
     ("POST", "/api/campaigns"): create_campaign,
@@ -444,6 +546,19 @@ CASES: dict[tuple[str, str], Callable[[World], None]] = {
     ("GET", "/dashboard/campaigns/{id}/messages/export"): dashboard_page(
         "/dashboard/campaigns/{c}/messages/export?format=csv"),
     ("GET", "/dashboard/messages/{id}"): dashboard_page("/dashboard/messages/{m}"),
+    ("GET", "/api/webhooks"): list_webhooks,
+    ("POST", "/api/webhooks"): create_webhook,
+    ("GET", "/api/webhooks/{id}"): webhook_route("GET"),
+    ("PATCH", "/api/webhooks/{id}"): webhook_route("PATCH", json={"enabled": False}),
+    ("DELETE", "/api/webhooks/{id}"): webhook_route("DELETE"),
+    ("POST", "/api/webhooks/{id}/rotate-secret"): webhook_route("POST", "/rotate-secret"),
+    ("POST", "/api/webhooks/{id}/replay"): webhook_route("POST", "/replay", json={
+        "from": "2026-01-01T00:00:00+00:00", "to": "2026-01-02T00:00:00+00:00"}),
+    ("GET", "/api/webhooks/{id}/deliveries"): webhook_route("GET", "/deliveries"),
+    ("GET", "/api/events"): pull_events,
+    ("GET", "/dashboard/webhooks"): dashboard_webhooks,
+    ("POST", "/dashboard/webhooks"): dashboard_add_webhook,
+    ("POST", "/dashboard/webhooks/{id}"): dashboard_change_webhook,
 }
 
 

@@ -37,6 +37,7 @@ from tracker.web.metrics import (
     MetricsCollector,
     SharedSnapshots,
     Snapshot,
+    WebhookCollector,
     merge,
     observe_flushes,
     registry_for,
@@ -91,6 +92,7 @@ def test_every_exported_metric_is_documented_and_every_documented_one_exported()
     collector.replica = lambda: replica  # type: ignore[assignment,return-value]
     text = registry_for(collector).collect()
     exported = {family.name for family in text}
+    exported |= {family.name for family in WebhookCollector(lambda: []).collect()}
     documented = set(re.findall(r"^\| `(tracker_[a-z_]+)`",
                                 (ROOT / "docs" / "metrics.md").read_text(), re.MULTILINE))
     # prometheus-client names a counter family without its _total suffix, an info family

@@ -275,7 +275,8 @@ async def test_purge_and_erasure_cover_every_table_that_names_a_campaign_or_mess
     purge = QUERIES.purge_campaign_data
     erase = " ".join((QUERIES.erase_events, QUERIES.erase_message_rollups,
                       QUERIES.erase_message_link_rollups,
-                      QUERIES.erase_relabel_triggers, QUERIES.erase_messages))
+                      QUERIES.erase_relabel_triggers, QUERIES.erase_event_log,
+                      QUERIES.erase_messages))
     for row in rows:
         table = row["table_name"]
         if table in ("campaigns", "events") or table in cascading:

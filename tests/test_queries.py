@@ -48,7 +48,7 @@ def test_every_block_of_every_query_file_is_a_field_and_nothing_else_is_read() -
              for m in re.findall(r"^-- name: (\S+)$", path.read_text(), re.M)]
     assert {p.name for p in query_files(sql_dir())} == {
         "queries.sql", "privacy.sql", "writer.sql", "setup.sql", "keys.sql", "consent.sql",
-        "results.sql", "operations.sql"}
+        "results.sql", "operations.sql", "webhooks.sql"}
     assert sorted(n.replace("-", "_") for n in names) == sorted(f.name for f in fields(Queries))
     assert load(sql_dir()) == QUERIES
     assert QUERIES.ping == "-- Readiness (web/health.py): PostgreSQL answers.\nselect 1;"
@@ -62,7 +62,7 @@ def test_a_name_no_file_defines_is_an_error_naming_it_and_the_files(sql_copy: Pa
         f"{sql_copy / 'privacy.sql'}: unknown query 'opt-inn' (the code has no "
         "QUERIES.opt_inn)",
         f"{sql_copy}: missing 'opt-in' (looked in consent.sql, keys.sql, operations.sql, "
-        "privacy.sql, queries.sql, results.sql, setup.sql, writer.sql)"]
+        "privacy.sql, queries.sql, results.sql, setup.sql, webhooks.sql, writer.sql)"]
 
 
 def test_a_name_defined_in_two_files_is_an_error_naming_both(sql_copy: Path) -> None:

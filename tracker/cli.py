@@ -1,4 +1,4 @@
-"""The `tracker` command: serve, migrate, accounts, geoip.
+"""The `tracker` command: serve, migrate, accounts, geoip, webhooks and the rest.
 
 Every failure a user can cause or meet (bad setting, database unreachable, port
 taken) ends in one line on stderr and a non-zero exit, never a traceback.
@@ -672,6 +672,58 @@ def cmd_messages(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_webhooks(args: argparse.Namespace) -> int:
+    """`tracker webhooks ACTION`: an account's webhook endpoints, through the API."""
+    from datetime import datetime
+
+    from tracker.mail.client import Client, TrackerError
+
+    url, key = _api(args)
+    try:
+        with Client(url, key) as client:
+            if args.action == "list":
+                hooks = client.list_webhooks()
+            elif args.action == "create":
+                hooks = [client.create_webhook(
+                    args.url, events=args.events and args.events.split(","),
+                    campaign_id=args.campaign, machine=False if args.humans_only else None,
+                    concurrency=args.concurrency)]
+            elif args.action in ("enable", "disable"):
+                hooks = [client.update_webhook(args.id, enabled=args.action == "enable")]
+            elif args.action == "rotate-secret":
+                hooks = [client.rotate_webhook_secret(args.id)]
+            elif args.action == "delete":
+                client.delete_webhook(args.id)
+                return 0
+            else:  # replay
+                try:
+                    since, until = (datetime.fromisoformat(args.since),
+                                    datetime.fromisoformat(args.until))
+                except ValueError as exc:
+                    raise CommandError(f"--from/--to: {exc}") from None
+                answer = client.replay_webhook(args.id, since, until)
+                print(orjson.dumps(answer).decode() if args.json else
+                      f"replaying {answer['from']} to {answer['to']}")
+                return 0
+    except TrackerError as exc:
+        raise CommandError(str(exc)) from None
+    for hook in hooks:
+        fields = {"id": hook.id, "url": hook.url, "events": list(hook.events),
+                  "campaign_id": hook.campaign_id, "machine": hook.machine,
+                  "concurrency": hook.concurrency, "enabled": hook.enabled,
+                  "disabled_reason": hook.disabled_reason, "stats": hook.stats}
+        if hook.secret is not None:
+            fields["secret"] = hook.secret
+        if args.json:
+            print(orjson.dumps(fields).decode())
+            continue
+        state = "enabled" if hook.enabled else f"disabled: {hook.disabled_reason}"
+        print(f"{hook.id}\t{hook.url}\t{','.join(hook.events)}\t{state}")
+        if hook.secret is not None:
+            print(f"secret (shown once): {hook.secret}")
+    return 0
+
+
 def cmd_relay(args: argparse.Namespace) -> int:
     import os
 
@@ -916,6 +968,38 @@ def build_parser() -> argparse.ArgumentParser:
     messages_cmd.add_argument("--format", choices=("table", "csv", "jsonl"), default="table")
     _api_flags(messages_cmd)
     messages_cmd.set_defaults(run=cmd_messages)
+
+    webhooks_cmd = commands.add_parser(
+        "webhooks", help="webhook endpoints: where events are sent as they are stored",
+        description="Manage the account's webhook endpoints through the API (README: Events "
+        "out).")
+    webhooks_sub = webhooks_cmd.add_subparsers(dest="action", required=True, metavar="ACTION")
+    hook_actions = {
+        "list": "list the endpoints with their delivery stats",
+        "create": "add an endpoint and print its signing secret (shown once)",
+        "enable": "resume deliveries where they stopped", "disable": "pause deliveries",
+        "rotate-secret": "a new signing secret (the old one signs too for 24 h)",
+        "delete": "remove an endpoint and its queue",
+        "replay": "send an endpoint's events of a time range again"}
+    for name, text in hook_actions.items():
+        action = webhooks_sub.add_parser(name, help=text)
+        if name == "create":
+            action.add_argument("url", metavar="URL")
+            action.add_argument("--events", metavar="TYPES",
+                                help="comma-separated: open,click,relabel [all]")
+            action.add_argument("--campaign", metavar="ID", help="this campaign's events only")
+            action.add_argument("--humans-only", action="store_true",
+                                help="leave out events a rule judged machine")
+            action.add_argument("--concurrency", type=int, metavar="N",
+                                help="deliveries to it at once [1]")
+        elif name != "list":
+            action.add_argument("id", metavar="ID")
+        if name == "replay":
+            action.add_argument("--from", dest="since", required=True, metavar="ISO8601")
+            action.add_argument("--to", dest="until", required=True, metavar="ISO8601")
+        action.add_argument("--json", action="store_true", help="print JSON lines on stdout")
+        _api_flags(action)
+        action.set_defaults(run=cmd_webhooks)
 
     relay_cmd = commands.add_parser(
         "relay", help="run an SMTP relay that instruments mail with an X-Tracker-Campaign header",

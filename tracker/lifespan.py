@@ -10,6 +10,7 @@ from pathlib import Path
 
 import asyncpg
 
+from tracker.delivery.loop import EndpointStats
 from tracker.ingest import geo
 from tracker.ingest.addresses import ClientAddress
 from tracker.ingest.capture import Capture
@@ -68,6 +69,8 @@ class Runtime:
         self.collector.replica = lambda: self.replica
         self.writer: BatchWriter | None = None
         self.capture: Capture | None = None
+        # Per webhook endpoint, for /metrics (the delivery process delivers: server.py).
+        self.webhook_stats: EndpointStats | None = None
         self._geo_watch: asyncio.Task[None] | None = None
 
     @property
@@ -122,6 +125,8 @@ class Runtime:
         self.privacy.start(release=self.capture.release_held)
         self.jobs = Jobs(self.pool)
         self.jobs.start()
+        self.webhook_stats = EndpointStats(self.pool)
+        self.webhook_stats.start()
         self._share_metrics()
 
     async def stop(self) -> None:
@@ -135,6 +140,8 @@ class Runtime:
                           "are not recorded", capture.held)
             capture.release_held()
         await self.privacy.stop()
+        if self.webhook_stats is not None:
+            await self.webhook_stats.stop()
         if self.jobs is not None:
             await self.jobs.stop()
         for task in (self._geo_watch, self._publish):

@@ -22,6 +22,7 @@ import sys
 from typing import Any
 
 from tracker import logs
+from tracker.delivery.process import Supervisor
 from tracker.settings import Settings, SettingsError
 
 log = logging.getLogger("tracker.server")
@@ -88,7 +89,6 @@ def warn_about_public_url(settings: Settings) -> None:
 def run(settings: Settings, env: dict[str, str]) -> None:
     """Serve until stopped; the workers build their app from `env` (the resolved settings)."""
     os.environ.update(env)
-    import uvicorn
 
     from tracker.ingest.protocol import TrackingHttpProtocol
 
@@ -119,7 +119,19 @@ def run(settings: Settings, env: dict[str, str]) -> None:
     log_config = logs.uvicorn_config(settings.log_format)
     if log_config is not None:  # else uvicorn's own
         options["log_config"] = log_config
-    if settings.workers == 1 or not _SHARES_PORTS:
+    # Webhook deliveries go out from a process of their own at the lowest CPU priority.
+    delivery = Supervisor(dict(os.environ))
+    delivery.start()
+    try:
+        _serve(options)
+    finally:
+        delivery.stop()
+
+
+def _serve(options: dict[str, Any]) -> None:
+    import uvicorn
+
+    if options["workers"] == 1 or not _SHARES_PORTS:
         uvicorn.run(APP_FACTORY, **options)
         return
     from uvicorn.supervisors import Multiprocess

@@ -187,6 +187,19 @@ SETTINGS: tuple[Setting, ...] = (
             _choice("memory", "journal")),
     Setting("TRACKER_LOG_LEVEL", "info", "debug, info, warning or error",
             _choice("debug", "info", "warning", "error")),
+    Setting("TRACKER_WEBHOOK_TIMEOUT_MS", "10000", "how long a webhook receiver has to "
+            "answer a delivery before it counts as failed", _positive_int),
+    Setting("TRACKER_WEBHOOK_RETRY_MS", "5000", "wait before the first retry of a failed "
+            "delivery; each further retry waits twice as long (with jitter)", _positive_int),
+    Setting("TRACKER_WEBHOOK_RETRY_MAX_MS", "3600000", "longest wait between two retries",
+            _positive_int),
+    Setting("TRACKER_WEBHOOK_DISABLE_AFTER_S", "86400", "an endpoint whose deliveries have "
+            "failed for this long is disabled, with the reason shown", _positive_int),
+    Setting("TRACKER_WEBHOOK_BATCH", "100", "most events in one delivery", _positive_int),
+    Setting("TRACKER_WEBHOOK_POLL_MS", "1000", "how often each worker looks for events to "
+            "deliver", _positive_int),
+    Setting("TRACKER_WEBHOOK_SENDS", "8", "deliveries each worker has in flight at most "
+            "(what bounds its memory for them)", _positive_int),
     Setting("TRACKER_LOG_FORMAT", "text", "text: a line a person reads; json: one JSON object "
             "per line (time, level, logger, message), for a log shipper", _choice("text", "json")),
     Setting("TRACKER_RULES", "", "TOML file laid over the packaged classification rules "
@@ -243,6 +256,13 @@ class Settings:
     journal_max_bytes: int
     durability: str
     log_level: str
+    webhook_timeout_ms: int
+    webhook_retry_ms: int
+    webhook_retry_max_ms: int
+    webhook_disable_after_s: int
+    webhook_batch: int
+    webhook_poll_ms: int
+    webhook_sends: int
     log_format: str
     rules: Path | None
     # The variables given as CLI flags: messages name a setting as the user gave it.

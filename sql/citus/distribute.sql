@@ -96,6 +96,14 @@ select pg_temp.distribute('dashboard_signed_out', 'account_id', 'accounts');
 select pg_temp.distribute('consent_wordings', 'account_id', 'accounts');
 select pg_temp.distribute('recipient_consents', 'account_id', 'accounts');
 select pg_temp.distribute('consent_history', 'account_id', 'accounts');
+-- Events out (sql/0011_webhooks.sql): the outbox the writer fills beside the events it
+-- stores, and each account's webhook endpoints, their delivery queues and log. A reader
+-- of the outbox orders it by the writing transaction's id, which is the id on the worker
+-- that holds the account: every query on it names one account, so it runs there.
+select pg_temp.distribute('event_log', 'account_id', 'accounts');
+select pg_temp.distribute('webhook_endpoints', 'account_id', 'accounts');
+select pg_temp.distribute('webhook_queues', 'account_id', 'accounts');
+select pg_temp.distribute('webhook_attempts', 'account_id', 'accounts');
 
 -- Global: which migrations ran. A copy on every node, so `tracker serve` (which applies
 -- pending migrations first) finds the schema current whichever node it connects to.

@@ -40,9 +40,9 @@ from tracker.ingest.policy import Policy
 
 __all__ = [
     "ApiKey", "AsyncClient", "AuthenticationError", "Campaign", "Client", "Consent", "Event",
-    "Forbidden", "InvalidRequest", "ItemError", "Link", "Message", "MessagePage",
+    "EventPage", "Forbidden", "InvalidRequest", "ItemError", "Link", "Message", "MessagePage",
     "MessageResult", "NewApiKey", "NewMessage", "NotFound", "Policy", "Registered", "Report",
-    "TrackerError", "Unavailable",
+    "TrackerError", "Unavailable", "Webhook",
 ]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -216,6 +216,26 @@ class Message:
     subject: str | None
     sent_at: datetime
     events: tuple[Event, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Webhook:
+    id: str
+    url: str
+    events: tuple[str, ...]  # of "open", "click", "relabel"
+    campaign_id: str | None  # only this campaign's events; None: all
+    machine: bool  # whether events a rule judged machine are sent
+    concurrency: int
+    enabled: bool
+    disabled_reason: str | None
+    secret: str | None = None  # in the answer to create_webhook and rotate_webhook_secret only
+    stats: Mapping[str, Any] | None = None  # delivered, failed, retrying, oldest_pending_seconds
+
+
+@dataclass(frozen=True, slots=True)
+class EventPage:
+    events: list[dict[str, Any]]  # README: Events out
+    next: str | None  # pass as `after` for the events after these; None: nothing more yet
 
 
 class Counts(TypedDict):
@@ -524,6 +544,57 @@ def _revoke_key(key_id: str) -> _Op[None]:
     yield _Call("DELETE", f"/api/keys/{_path_id(key_id)}")
 
 
+def _webhook(data: Mapping[str, Any]) -> Webhook:
+    return Webhook(str(data["id"]), data["url"], tuple(data["events"]), data["campaign_id"],
+                   data["machine"], data["concurrency"], data["enabled"],
+                   data["disabled_reason"], data.get("secret"), data.get("stats"))
+
+
+def _create_webhook(url: str, fields: Mapping[str, Any]) -> _Op[Webhook]:
+    return _webhook((yield _Call("POST", "/api/webhooks", {"url": url, **fields})))
+
+
+def _list_webhooks() -> _Op[list[Webhook]]:
+    return [_webhook(item) for item in (yield _Call("GET", "/api/webhooks"))]
+
+
+def _webhook_call(method: str, webhook_id: Id, tail: str = "", body: Any = None) -> _Call:
+    return _Call(method, f"/api/webhooks/{_path_id(webhook_id)}{tail}", body)
+
+
+def _get_webhook(webhook_id: Id) -> _Op[Webhook]:
+    return _webhook((yield _webhook_call("GET", webhook_id)))
+
+
+def _update_webhook(webhook_id: Id, fields: Mapping[str, Any]) -> _Op[Webhook]:
+    return _webhook((yield _webhook_call("PATCH", webhook_id, body=dict(fields))))
+
+
+def _delete_webhook(webhook_id: Id) -> _Op[None]:
+    yield _webhook_call("DELETE", webhook_id)
+
+
+def _rotate_webhook_secret(webhook_id: Id) -> _Op[Webhook]:
+    return _webhook((yield _webhook_call("POST", webhook_id, "/rotate-secret")))
+
+
+def _replay_webhook(webhook_id: Id, since: datetime, until: datetime) -> _Op[dict[str, Any]]:
+    answer: dict[str, Any] = yield _webhook_call(
+        "POST", webhook_id, "/replay", {"from": since.isoformat(), "to": until.isoformat()})
+    return answer
+
+
+def _pull_events(after: str | None, limit: int) -> _Op[EventPage]:
+    params = {"limit": str(limit), **({"after": after} if after else {})}
+    answer = yield _Call("GET", "/api/events", params=params)
+    return EventPage(answer["events"], answer["next"])
+
+
+def _given(**fields: Any) -> dict[str, Any]:
+    """The keyword arguments that were given (not None), for a POST or PATCH body."""
+    return {name: value for name, value in fields.items() if value is not None}
+
+
 def _request(call: _Call) -> dict[str, Any]:
     """httpx.request keyword arguments for `call`."""
     try:
@@ -762,6 +833,39 @@ class Client(_Base):
     def revoke_key(self, key_id: str) -> None:
         self._run(_revoke_key(key_id))
 
+    def create_webhook(self, url: str, *, events: Sequence[str] | None = None,
+                       campaign_id: Id | None = None, machine: bool | None = None,
+                       concurrency: int | None = None) -> Webhook:
+        """A webhook endpoint; its `secret` (to verify deliveries) is shown this once."""
+        return self._run(_create_webhook(url, _given(
+            events=None if events is None else list(events),
+            campaign_id=None if campaign_id is None else str(campaign_id),
+            machine=machine, concurrency=concurrency)))
+
+    def list_webhooks(self) -> list[Webhook]:
+        return self._run(_list_webhooks())
+
+    def get_webhook(self, webhook_id: Id) -> Webhook:
+        return self._run(_get_webhook(webhook_id))
+
+    def update_webhook(self, webhook_id: Id, **fields: Any) -> Webhook:
+        """Change `url`, `events`, `campaign_id`, `machine` or `enabled`."""
+        return self._run(_update_webhook(webhook_id, fields))
+
+    def delete_webhook(self, webhook_id: Id) -> None:
+        self._run(_delete_webhook(webhook_id))
+
+    def rotate_webhook_secret(self, webhook_id: Id) -> Webhook:
+        return self._run(_rotate_webhook_secret(webhook_id))
+
+    def replay_webhook(self, webhook_id: Id, since: datetime, until: datetime) -> dict[str, Any]:
+        """Send the endpoint's events stored for times in [since, until) again."""
+        return self._run(_replay_webhook(webhook_id, since, until))
+
+    def pull_events(self, after: str | None = None, limit: int = 100) -> EventPage:
+        """The events stored after the cursor `after` (from the oldest if None)."""
+        return self._run(_pull_events(after, limit))
+
     def close(self) -> None:
         self._http.close()
 
@@ -883,6 +987,36 @@ class AsyncClient(_Base):
 
     async def revoke_key(self, key_id: str) -> None:
         await self._run(_revoke_key(key_id))
+
+    async def create_webhook(self, url: str, *, events: Sequence[str] | None = None,
+                             campaign_id: Id | None = None, machine: bool | None = None,
+                             concurrency: int | None = None) -> Webhook:
+        return await self._run(_create_webhook(url, _given(
+            events=None if events is None else list(events),
+            campaign_id=None if campaign_id is None else str(campaign_id),
+            machine=machine, concurrency=concurrency)))
+
+    async def list_webhooks(self) -> list[Webhook]:
+        return await self._run(_list_webhooks())
+
+    async def get_webhook(self, webhook_id: Id) -> Webhook:
+        return await self._run(_get_webhook(webhook_id))
+
+    async def update_webhook(self, webhook_id: Id, **fields: Any) -> Webhook:
+        return await self._run(_update_webhook(webhook_id, fields))
+
+    async def delete_webhook(self, webhook_id: Id) -> None:
+        await self._run(_delete_webhook(webhook_id))
+
+    async def rotate_webhook_secret(self, webhook_id: Id) -> Webhook:
+        return await self._run(_rotate_webhook_secret(webhook_id))
+
+    async def replay_webhook(self, webhook_id: Id, since: datetime,
+                             until: datetime) -> dict[str, Any]:
+        return await self._run(_replay_webhook(webhook_id, since, until))
+
+    async def pull_events(self, after: str | None = None, limit: int = 100) -> EventPage:
+        return await self._run(_pull_events(after, limit))
 
     async def aclose(self) -> None:
         await self._http.aclose()

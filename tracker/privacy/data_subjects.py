@@ -124,7 +124,8 @@ async def _erase(conn: asyncpg.Connection, account_id: int, recipient_key: int, 
         events = _count(await conn.execute(QUERIES.erase_events, account_id, ids))
         for statement in (QUERIES.erase_message_rollups,
                           QUERIES.erase_message_link_rollups,
-                          QUERIES.erase_relabel_triggers):
+                          QUERIES.erase_relabel_triggers,
+                          QUERIES.erase_event_log):
             await conn.execute(statement, account_id, ids)
         links = await conn.fetchval(QUERIES.count_links, account_id, ids)
         campaigns = [r["campaign_id"] for r in await conn.fetch(QUERIES.erase_messages,

@@ -151,6 +151,7 @@ async def _drop(conn: asyncpg.Connection, partition: Partition) -> bool:
             await conn.execute(for_table(QUERIES.drop_event_partition, partition.name))
             await conn.execute(QUERIES.forget_partition_relabel_triggers, partition.start,
                                partition.end)
+            await conn.execute(QUERIES.forget_event_log, partition.start, partition.end)
     except asyncpg.LockNotAvailableError:
         log.warning("retention: %s is busy; deleting its rows instead of dropping it",
                     partition.name)

@@ -144,6 +144,28 @@ class Queries:
     roll_up_message_links: str
     relabel_near_triggers: str
     roll_up_campaigns: str
+    # sql/webhooks.sql: events out (webhooks, their delivery, the pull stream)
+    create_webhook: str
+    list_webhooks: str
+    get_webhook: str
+    update_webhook: str
+    rotate_webhook_secret: str
+    delete_webhook: str
+    replay_webhook: str
+    webhook_stats: str
+    webhook_attempts: str
+    lease_webhook_queues: str
+    stream_events: str
+    replay_events: str
+    advance_webhook_queue: str
+    fail_webhook_queue: str
+    release_webhook_queue: str
+    finish_webhook_replay: str
+    disable_webhook: str
+    record_webhook_attempt: str
+    forget_old_webhook_attempts: str
+    erase_event_log: str
+    forget_event_log: str
     # sql/operations.sql: the read replica's lag, backup and restore
     wal_position: str
     replayed_position: str

@@ -14,10 +14,17 @@ from starlette.routing import Match, Route
 
 from tracker.ingest.addresses import ClientAddress
 from tracker.mail.registration import Registrar
-from tracker.web import campaigns_api, dashboard, keys_api, recipients_api, service
+from tracker.web import (
+    campaigns_api,
+    dashboard,
+    keys_api,
+    recipients_api,
+    service,
+    webhooks_api,
+)
 from tracker.web.health import Readiness
 from tracker.web.http import json_error
-from tracker.web.metrics import registry_for
+from tracker.web.metrics import WebhookCollector, registry_for
 
 if TYPE_CHECKING:
     from tracker.lifespan import Runtime
@@ -25,7 +32,8 @@ if TYPE_CHECKING:
 
 def build_api(runtime: Runtime) -> Starlette:
     routes: list[Route] = [*service.ROUTES, *campaigns_api.ROUTES, *recipients_api.ROUTES,
-                           *keys_api.ROUTES, *dashboard.routes(runtime)]
+                           *keys_api.ROUTES, *webhooks_api.ROUTES,
+                           *dashboard.routes(runtime)]
 
     async def http_error(request: Request, exc: Exception) -> Response:
         """What Starlette itself refuses (no route, a method not allowed), as the API's
@@ -45,6 +53,8 @@ def build_api(runtime: Runtime) -> Starlette:
     app.state.addresses = ClientAddress(runtime.settings.trusted_proxies)
     app.state.registrar = Registrar(runtime.signer, runtime.settings.base_url)
     app.state.registry = registry_for(runtime.collector)
+    app.state.registry.register(WebhookCollector(
+        lambda: runtime.webhook_stats.rows if runtime.webhook_stats is not None else []))
     app.state.readiness = Readiness(
         runtime.ping_database, lambda: runtime.writer,
         batch_size=runtime.settings.batch_size, max_buffered=runtime.settings.buffer_max_events,

@@ -547,3 +547,36 @@ def exposition(registry: CollectorRegistry, accept: str | None) -> tuple[bytes, 
     """The scrape body and its content type (OpenMetrics when the scraper asks for it)."""
     encoder, content_type = choose_encoder(accept or "")
     return encoder(registry), content_type
+
+
+class WebhookCollector(Collector):
+    """Per webhook endpoint: events delivered, attempts failed, queues retrying, the age of
+    the oldest waiting event. Read from the delivery loop's last look at the database
+    (every few seconds), so every worker shows the same numbers for every endpoint."""
+
+    def __init__(self, stats: Callable[[], Sequence[Any]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ("account", "endpoint")
+        delivered = CounterMetricFamily("tracker_webhook_delivered_events",
+                                        "Events delivered to a webhook endpoint.", labels=labels)
+        failed = CounterMetricFamily("tracker_webhook_failed_attempts",
+                                     "Webhook delivery attempts that failed.", labels=labels)
+        retrying = GaugeMetricFamily("tracker_webhook_retrying_queues",
+                                     "Delivery queues of an endpoint waiting to retry.",
+                                     labels=labels)
+        oldest = GaugeMetricFamily("tracker_webhook_oldest_pending_seconds",
+                                   "How long the endpoint's oldest queue has had events "
+                                   "waiting (0: none wait).", labels=labels)
+        enabled = GaugeMetricFamily("tracker_webhook_enabled",
+                                    "1 while the endpoint is enabled; 0 once disabled.",
+                                    labels=labels)
+        for row in self._stats():
+            values = [str(row["account_id"]), str(row["id"])]
+            delivered.add_metric(values, row["delivered"])
+            failed.add_metric(values, row["failed"])
+            retrying.add_metric(values, row["retrying"])
+            oldest.add_metric(values, row["oldest_pending_s"])
+            enabled.add_metric(values, int(row["enabled"]))
+        yield from (delivered, failed, retrying, oldest, enabled)

@@ -1,0 +1,1 @@
+"""Events out: signed webhook deliveries from the outbox (store/outbox.py)."""
