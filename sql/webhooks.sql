@@ -110,7 +110,8 @@ returning q.account_id, q.endpoint_id, q.id, q.lane, q.replay, q.after_xid, q.af
 -- each event's stored fields. `send`: the row is in the lane ($6 of $5 lanes: by message)
 -- and passes the filter (types $7, campaign $8 or any, machine events $9; a re-label goes
 -- to endpoints of human events too: it takes back what they were sent), and its event
--- is still there: not erased, not expired, its recipient not opted out. Rows not sent
+-- is still there: not erased, not expired, its recipient not opted out and not refusing
+-- consent to that kind of event (a refusal holds for mail already sent). Rows not sent
 -- still move the cursor.
 with scanned as (
     select * from event_log l
@@ -126,6 +127,8 @@ select s.xid, s.id, s.type, s.occurred_at, s.message_id, s.campaign_id, s.relabe
         and ($8::bigint is null or s.campaign_id = $8)
         and ($9 or not s.machine or s.type = 'relabel')
         and m.id is not null and not coalesce(r.opted_out, false)
+        and not (s.type = 'open' and c.opens is false)
+        and not (s.type = 'click' and c.clicks is false)
         and (s.type = 'relabel' or e.id is not null)) as send
 from scanned s
 left join events e on s.type <> 'relabel' and e.account_id = s.account_id
@@ -134,6 +137,8 @@ left join urls u on u.account_id = e.account_id and u.id = e.url_id
 left join messages m on m.account_id = s.account_id and m.id = s.message_id
 left join recipient_suppressions r on r.account_id = m.account_id
                                   and r.recipient_key = m.recipient_key
+left join recipient_consents c on c.account_id = m.account_id
+                              and c.recipient_key = m.recipient_key
 order by s.xid, s.id;
 
 -- name: replay-events
@@ -151,12 +156,16 @@ select null::xid8 as xid, s.id, s.type, s.occurred_at, s.message_id, s.campaign_
        s.browser, s.os, s.device, s.client,
        (s.type = any($6::text[]) and ($7::bigint is null or s.campaign_id = $7)
         and ($8 or not s.machine) and m.id is not null
-        and not coalesce(r.opted_out, false)) as send
+        and not coalesce(r.opted_out, false)
+        and not (s.type = 'open' and c.opens is false)
+        and not (s.type = 'click' and c.clicks is false)) as send
 from scanned s
 left join urls u on u.account_id = s.account_id and u.id = s.url_id
 left join messages m on m.account_id = s.account_id and m.id = s.message_id
 left join recipient_suppressions r on r.account_id = m.account_id
                                   and r.recipient_key = m.recipient_key
+left join recipient_consents c on c.account_id = m.account_id
+                              and c.recipient_key = m.recipient_key
 order by s.occurred_at, s.id;
 
 -- name: advance-webhook-queue

@@ -194,7 +194,7 @@ def test_a_relabel_follows_the_clicks_a_honeypot_hit_makes_machine(
         assert len(receiver.events) == 2
 
 
-def test_erasure_and_opt_out_stop_queued_deliveries(
+def test_erasure_opt_out_and_withdrawn_consent_stop_queued_deliveries(
         hook_server: Server, module_dsn: str, receiver: Receiver) -> None:
     key = new_account(module_dsn, "erasure")
     with hook_server.client(key) as api:
@@ -203,15 +203,18 @@ def test_erasure_and_opt_out_stop_queued_deliveries(
         cid = campaign(api)
         erased = register(api, cid, ["https://example.com/e"], "erased@example.com")
         opted = register(api, cid, ["https://example.com/o"], "opted@example.com")
+        withdrawn = register(api, cid, ["https://example.com/w"], "withdrawn@example.com")
         kept = register(api, cid, ["https://example.com/k"], "kept@example.com")
-        for message in (erased, opted, kept):
+        for message in (erased, opted, withdrawn, kept):
             _hit(hook_server, message)
         kept_ids = _stored_ids(module_dsn, [int(kept["id"])], 2)
-        _stored_ids(module_dsn, [int(erased["id"]), int(opted["id"])], 4)
+        _stored_ids(module_dsn, [int(m["id"]) for m in (erased, opted, withdrawn)], 6)
         wait_for(lambda: receiver.requests["error"] >= 1, DELIVERED_S,
                  message="a failed delivery")
         assert api.delete("/api/recipients/erased@example.com").status_code == 200
         assert api.post("/api/recipients/opted@example.com/opt-out").status_code == 200
+        assert api.put("/api/recipients/withdrawn@example.com/consent", json={
+            "opens": False, "clicks": False, "method": "preference centre"}).status_code == 200
         receiver.mode = "ok"
         _all_delivered(receiver, kept_ids)
         wait_for(lambda: _stats(api, hook)["retrying"] == 0, DELIVERED_S,

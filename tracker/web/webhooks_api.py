@@ -150,7 +150,7 @@ async def deliveries(request: Request, account_id: int) -> Response:
     return JSON({"deliveries": [webhooks.attempt_json(r) for r in rows]})
 
 
-@authenticated
+@authenticated(params={"after", "limit"})
 async def pull_events(request: Request, account_id: int) -> Response:
     params = request.query_params
     try:
