@@ -133,6 +133,9 @@ def load_stage(args: argparse.Namespace) -> LoadResult:
             nginx_port = free_port()
             nginx = start_nginx(workdir / "nginx", nginx_port, any_path=True)
             extra = {**LOCAL_SERVER_ENV, "TRACKER_WORKERS": str(args.workers)}
+            args.geoip_used = geo_database(args.geoip_db, args.out)
+            if args.geoip_used is not None:
+                extra["TRACKER_GEOIP_DB"] = str(args.geoip_used)
             args.server_used = "uvicorn"
             tracker, url = start_tracker(db.dsn, workdir, **extra)
             print(f"tracker serve ({args.workers} worker(s)) pinned to core "
@@ -181,6 +184,34 @@ def load_stage(args: argparse.Namespace) -> LoadResult:
         if db is not None:
             db.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def geo_database(wanted: Path | None, out: Path) -> Path | None:
+    """The geo database the local server locates readers with, as a default install does
+    (`tracker serve` fetches DB-IP City Lite): --geoip-db, else TRACKER_GEOIP_DB, else the
+    default data dir's (./tracker-data/geoip), else one fetched into --out once. Without
+    one every lookup is skipped and a hit costs less than it does for a user."""
+    from tracker.ingest.geo import DBIP_CITY_LITE_FILENAME, GEOIP_SUBDIR
+    from tracker.ingest.geoip_fetch import GeoFetchError, fetch_dbip_city_lite
+
+    if wanted is not None:
+        if not wanted.is_file():
+            raise BenchError(f"--geoip-db: {wanted} is not a file")
+        return wanted
+    configured = os.environ.get("TRACKER_GEOIP_DB")
+    if configured:
+        return Path(configured)
+    for directory in (Path("tracker-data") / GEOIP_SUBDIR, out / GEOIP_SUBDIR):
+        if (directory / DBIP_CITY_LITE_FILENAME).is_file():
+            return directory / DBIP_CITY_LITE_FILENAME
+    print(f"fetching DB-IP City Lite into {out / GEOIP_SUBDIR} (once; ~100 MB) ...",
+          flush=True)
+    try:
+        return fetch_dbip_city_lite(out / GEOIP_SUBDIR)
+    except GeoFetchError as exc:
+        print(f"no geo database ({exc}): the server locates nothing, and its figures "
+              "flatter it (--geoip-db PATH)", flush=True)
+        return None
 
 
 def load_settings(args: argparse.Namespace) -> LoadSettings:
@@ -283,6 +314,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mix", choices=sorted(MIXES), default="realistic",
                         help="what the load sends (default %(default)s; readers: people only)")
     parser.add_argument("--workers", type=int, default=1, help="server workers (local mode)")
+    parser.add_argument("--geoip-db", type=Path, help="local mode: the server's geo database "
+                        "(default: TRACKER_GEOIP_DB, ./tracker-data/geoip, or DB-IP City Lite "
+                        "fetched into --out once)")
     parser.add_argument("--report-events", help="comma-separated campaign sizes for the report "
                         "stage (default 1000000,10000000; quick 20000)")
     parser.add_argument("--keep-campaign", action="store_true",
@@ -325,6 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     load_before = os.getloadavg()
     args.server_used = None
+    args.geoip_used = None
     load: LoadResult | None = None
     others: dict[str, Any] = {}
     try:

@@ -18,6 +18,7 @@ import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from ipaddress import ip_network
 from typing import Any
 
 BROWSERS = (
@@ -117,6 +118,19 @@ MIXES = {"realistic": (OPENS, CLICKS), "readers": (READER_OPENS, READER_CLICKS)}
 LOCAL_SERVER_ENV = {"TRACKER_TRUSTED_PROXIES": "127.0.0.1/32", "TRACKER_RULES": ""}
 LINKS = tuple(f"https://shop.example.com/{path}?utm_source=newsletter&utm_campaign=bench"
               for path in ("", "sale", "new/arrivals", "account/orders", "unsubscribe"))
+# Where readers' opens and clicks come from (local only, through X-Forwarded-For): public
+# addresses of residential broadband networks in the US and Germany (Comcast's and
+# Deutsche Telekom's allocations as RIPE and ARIN list them), which the geo database
+# locates and no address list of the rules holds. READER_ADDRESSES of them, drawn once per
+# seed; a tenth of the hits from IPv6 addresses in the same providers' ranges.
+READER_NETWORKS = (
+    "24.0.0.0/12", "50.128.0.0/9", "67.160.0.0/11", "68.32.0.0/11", "69.240.0.0/12",
+    "71.192.0.0/12", "73.0.0.0/8", "76.96.0.0/11", "96.64.0.0/11", "98.192.0.0/10",
+    "174.48.0.0/12", "2.160.0.0/12", "31.224.0.0/11", "79.192.0.0/10", "84.128.0.0/10",
+    "87.128.0.0/10", "91.0.0.0/10", "93.192.0.0/10", "217.80.0.0/12",
+)
+READER_NETWORKS_V6 = ("2601::/20", "2003::/19")
+READER_ADDRESSES = 2000
 # Addresses drawn from a visitor's pool when the rules are checked.
 _ADDRESS_SAMPLES = 24
 # A reader clicks at most two distinct links of a message: three within 2 s would be a
@@ -154,6 +168,7 @@ class Mix:
         opens, clicks = MIXES[name]
         self.opens = [v for v in opens if not (remote and v.local_only)]
         self.clicks = [v for v in clicks if not (remote and v.local_only)]
+        self.readers = reader_addresses(READER_ADDRESSES, random.Random(seed))
 
     def address(self, pool: str) -> str:
         rng = self._rng
@@ -163,9 +178,7 @@ class Mix:
             return f"17.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}"
         if pool == "scanner":
             return f"192.0.2.{rng.randrange(1, 255)}"
-        if rng.random() < 0.1:
-            return f"2001:db8:{rng.randrange(65536):x}::{rng.randrange(1, 65536):x}"
-        return f"{rng.choice(('198.51.100', '203.0.113'))}.{rng.randrange(1, 255)}"
+        return rng.choice(self.readers)
 
     def requests(self, kind: str, count: int) -> list[Request]:
         rng = self._rng
@@ -217,7 +230,23 @@ class Mix:
                                 f"say {'machine' if verdict.machine else 'human'} "
                                 f"({verdict.reason})")
                             break
+        listed = [a for a in self.readers
+                  if classifier.is_apple_proxy(a) or classifier.is_scanner_network(a)]
+        if listed and not self.remote:
+            problems.append(f"{len(listed)} of the readers' addresses are in the rules' "
+                            f"address lists ({listed[0]}, ...): change READER_NETWORKS")
         return problems
+
+
+def reader_addresses(count: int, rng: random.Random) -> list[str]:
+    """`count` distinct addresses in READER_NETWORKS, a tenth of them IPv6."""
+    networks = [ip_network(n) for n in READER_NETWORKS]
+    networks_v6 = [ip_network(n) for n in READER_NETWORKS_V6]
+    found: set[str] = set()
+    while len(found) < count:
+        network = rng.choice(networks_v6 if rng.random() < 0.1 else networks)
+        found.add(str(network[rng.randrange(1, network.num_addresses - 1)]))
+    return sorted(found)
 
 
 def _tampered(path: str, rng: random.Random) -> str:
