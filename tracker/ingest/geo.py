@@ -173,7 +173,10 @@ class GeoLookup:
             return _location_from_record(record)
         if _DOTTED_QUAD.fullmatch(ip) is None:
             return None
-        value = int.from_bytes(inet_aton(ip))
+        try:
+            value = int.from_bytes(inet_aton(ip))
+        except OSError:  # a part above 255
+            return None
         for length, networks in self._networks.items():
             known = networks.get(value >> (32 - length))
             if known is not None:
