@@ -133,7 +133,7 @@ def load_stage(args: argparse.Namespace) -> LoadResult:
             nginx_port = free_port()
             nginx = start_nginx(workdir / "nginx", nginx_port, any_path=True)
             extra = {**LOCAL_SERVER_ENV, "TRACKER_WORKERS": str(args.workers)}
-            args.geoip_used = geo_database(args.geoip_db, args.out)
+            args.geoip_used = geo_database(args.geoip_db, args.out, fetch=not args.quick)
             if args.geoip_used is not None:
                 extra["TRACKER_GEOIP_DB"] = str(args.geoip_used)
             args.server_used = "uvicorn"
@@ -186,15 +186,18 @@ def load_stage(args: argparse.Namespace) -> LoadResult:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def geo_database(wanted: Path | None, out: Path) -> Path | None:
+def geo_database(wanted: Path | None, out: Path, fetch: bool = True) -> Path | None:
     """The geo database the local server locates readers with, as a default install does
-    (`tracker serve` fetches DB-IP City Lite): --geoip-db, else TRACKER_GEOIP_DB, else the
-    default data dir's (./tracker-data/geoip), else one fetched into --out once. Without
-    one every lookup is skipped and a hit costs less than it does for a user."""
+    (`tracker serve` fetches DB-IP City Lite): --geoip-db (`none`: none), else
+    TRACKER_GEOIP_DB, else the default data dir's (./tracker-data/geoip), else one fetched
+    into --out once (not with --quick). Without one every lookup is skipped and a hit costs
+    less than it does for a user."""
     from tracker.ingest.geo import DBIP_CITY_LITE_FILENAME, GEOIP_SUBDIR
     from tracker.ingest.geoip_fetch import GeoFetchError, fetch_dbip_city_lite
 
     if wanted is not None:
+        if str(wanted) == "none":
+            return None
         if not wanted.is_file():
             raise BenchError(f"--geoip-db: {wanted} is not a file")
         return wanted
@@ -204,6 +207,8 @@ def geo_database(wanted: Path | None, out: Path) -> Path | None:
     for directory in (Path("tracker-data") / GEOIP_SUBDIR, out / GEOIP_SUBDIR):
         if (directory / DBIP_CITY_LITE_FILENAME).is_file():
             return directory / DBIP_CITY_LITE_FILENAME
+    if not fetch:
+        return None
     print(f"fetching DB-IP City Lite into {out / GEOIP_SUBDIR} (once; ~100 MB) ...",
           flush=True)
     try:
@@ -316,7 +321,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=1, help="server workers (local mode)")
     parser.add_argument("--geoip-db", type=Path, help="local mode: the server's geo database "
                         "(default: TRACKER_GEOIP_DB, ./tracker-data/geoip, or DB-IP City Lite "
-                        "fetched into --out once)")
+                        "fetched into --out once, not with --quick; none: no database)")
     parser.add_argument("--report-events", help="comma-separated campaign sizes for the report "
                         "stage (default 1000000,10000000; quick 20000)")
     parser.add_argument("--keep-campaign", action="store_true",
