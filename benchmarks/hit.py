@@ -220,9 +220,10 @@ async def _measure(args: argparse.Namespace) -> dict[str, float]:
     ]
     now_us = time.time_ns() // 1000
     pipeline, classifier = bench.pipeline, bench.pipeline.classifier
-    for agent in AGENTS:
-        steps.append((f"pipeline open ({agent[:36]}...)",
-                      lambda a=agent: pipeline.open(open_token, "GET", a, readers[1], now_us)))
+    def open_with(agent: str) -> Callable[[], object]:
+        return lambda: pipeline.open(open_token, "GET", agent, readers[1], now_us)
+
+    steps += [(f"pipeline open ({agent[:36]}...)", open_with(agent)) for agent in AGENTS]
     agent_class = pipeline._agent_parts(AGENTS[0], True)[2]
     steps += [
         ("pipeline click (desktop Chrome)",
