@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from benchmarks.common import LOAD_CORE, percentile, priority_note
-from benchmarks.traffic import LINKS
 from benchmarks.wrk import series
 
 if TYPE_CHECKING:
@@ -117,7 +116,7 @@ def print_load(load: LoadResult, args: argparse.Namespace) -> None:
     print(f"\nLoad: the {args.mix} mix; wrk with a finite plan per run, {args.connections} "
           f"connections on {args.threads} thread(s), and a probe of {args.probe_connections} "
           f"paced connections ({args.probe_rate:,.0f} requests/s) that times every answer; "
-          f"{load.messages:,} messages, {len(LINKS)} links each; {where}\n")
+          f"{load.messages:,} messages, {args.links} links each; {where}\n")
     print(f"{'phase':<26} {'requests':>9} {'req/s':>8} {'p50 ms':>7} {'p90 ms':>7} "
           f"{'p99 ms':>7} {'p99.9':>7} {'errors':>6} {'404 want/got':>12} {'wrk cpu':>7} "
           f"{'wrk wait':>8} {'PG cpu':>6} {'spilled':>7} "

@@ -74,7 +74,7 @@ from benchmarks.common import (
 )
 from benchmarks.figures import charts, events_label, goals, print_goals, print_load
 from benchmarks.phases import Check, Deployment, Load, LoadSettings, Phase, Target, correctness
-from benchmarks.traffic import LINKS, LOCAL_SERVER_ENV, MIXES, Mix, Tally
+from benchmarks.traffic import CAMPAIGNS, LINKS, LOCAL_SERVER_ENV, MIXES, Mix, Tally
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"
 
@@ -142,8 +142,8 @@ def load_stage(args: argparse.Namespace) -> LoadResult:
                   f"0; wrk and PostgreSQL on core {LOAD_CORE}", flush=True)
             deployment = Deployment(url, key)
         deployment.create_campaign(f"benchmark suite {datetime.now(UTC):%Y-%m-%d %H:%M:%S}")
-        messages, registration_s, origin = deployment.register(args.messages)
-        print(f"registered {len(messages):,} messages with {len(LINKS)} links each in "
+        messages, registration_s, origin = deployment.register(args.messages, args.links)
+        print(f"registered {len(messages):,} messages with {args.links} links each in "
               f"{registration_s:.1f} s; tracking URLs at {origin}", flush=True)
         mix = Mix(messages, remote=bool(args.url), seed=args.seed, name=args.mix)
         problems = mix.check_rules()
@@ -315,9 +315,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="requests/s of the probe that times answers (default %(default)s)")
     parser.add_argument("--probe-connections", type=int, default=16)
     parser.add_argument("--messages", type=int, help="messages in the load's campaign "
-                        "(default 20000; quick 1000)")
-    parser.add_argument("--mix", choices=sorted(MIXES), default="realistic",
-                        help="what the load sends (default %(default)s; readers: people only)")
+                        "(default: readers 300, realistic 20000, quick 1000)")
+    parser.add_argument("--links", type=int, choices=range(1, len(LINKS) + 1),
+                        metavar=f"1-{len(LINKS)}", help="links in each message (default: "
+                        "readers 3, realistic 5)")
+    parser.add_argument("--mix", choices=sorted(MIXES), default="readers",
+                        help="what the load sends (default %(default)s: five common agents, "
+                        "people only; realistic: machines, MPP, scanners, tampered tokens too)")
     parser.add_argument("--workers", type=int, default=1, help="server workers (local mode)")
     parser.add_argument("--geoip-db", type=Path, help="local mode: the server's geo database "
                         "(default: TRACKER_GEOIP_DB, ./tracker-data/geoip, or DB-IP City Lite "
@@ -345,7 +349,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--probe-rate: above 0")
     args.seconds = args.seconds or (2.0 if args.quick else 15.0)
     args.window = args.window or (0.25 if args.quick else 1.0)
-    args.messages = args.messages or (1000 if args.quick else 20_000)
+    messages, links, quick_messages = CAMPAIGNS[args.mix]
+    args.messages = args.messages or (quick_messages if args.quick else messages)
+    args.links = args.links or links
     args.warmup = 10 if args.quick else 40
     sizes = args.report_events or ("20000" if args.quick else "1000000,10000000")
     try:

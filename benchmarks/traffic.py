@@ -103,16 +103,24 @@ CLICKS = (
     Visitor("no user agent", 1, NO_AGENT, True, addresses="scanner"),
     Visitor("tampered token", 4, BROWSERS, None, addresses="reader"),
 )
+# The readers' mix: five common agents, every request a person's.
+IPHONE_MAIL = APPLE_MAIL[1]
 READER_OPENS = (
-    Visitor("Apple Mail, a reader", 30, APPLE_MAIL, False, addresses="reader"),
-    Visitor("Gmail image proxy", 25, GMAIL, False),
-    Visitor("Outlook", 20, OUTLOOK, False, addresses="reader"),
-    Visitor("webmail and mobile browsers", 25, BROWSERS, False, addresses="reader"),
+    Visitor("desktop Chrome", 20, BROWSERS[:1], False, addresses="reader"),
+    Visitor("iPhone Mail", 20, (IPHONE_MAIL,), False, addresses="reader"),
+    Visitor("Outlook", 20, OUTLOOK[:1], False, addresses="reader"),
+    Visitor("Firefox", 20, BROWSERS[2:3], False, addresses="reader"),
+    Visitor("Gmail image proxy", 20, GMAIL, False, addresses="reader"),
 )
 READER_CLICKS = (
-    Visitor("desktop and mobile browsers", 100, BROWSERS, False, addresses="reader"),
+    Visitor("desktop Chrome", 40, BROWSERS[:1], False, addresses="reader"),
+    Visitor("Firefox", 30, BROWSERS[2:3], False, addresses="reader"),
+    Visitor("iPhone Safari", 30, BROWSERS[4:5], False, addresses="reader"),
 )
 MIXES = {"realistic": (OPENS, CLICKS), "readers": (READER_OPENS, READER_CLICKS)}
+# Each mix's campaign unless told otherwise: (messages, links each; --quick's messages).
+# readers: a newsletter of 300 messages with 3 links; realistic: 20,000 with 5.
+CAMPAIGNS = {"readers": (300, 3, 300), "realistic": (20_000, 5, 1000)}
 # What a local `tracker serve` is given so that the mixes' X-Forwarded-For addresses are
 # believed (wrk connects from loopback) and only the packaged rules classify.
 LOCAL_SERVER_ENV = {"TRACKER_TRUSTED_PROXIES": "127.0.0.1/32", "TRACKER_RULES": ""}
@@ -195,8 +203,9 @@ class Mix:
             if kind == "open":
                 path = self.messages[message].pixel
             else:
-                link = ((message + rng.randrange(READER_LINKS)) % len(LINKS)
-                        if visitor.machine is False else rng.randrange(len(LINKS)))
+                links = len(self.messages[message].links)
+                link = ((message + rng.randrange(READER_LINKS)) % links
+                        if visitor.machine is False else rng.randrange(links))
                 path = self.messages[message].links[link]
             if visitor.machine is None:
                 path = _tampered(path, rng)
@@ -264,6 +273,7 @@ class Tally:
     """What the requests sent so far must have recorded, by the report's definitions."""
 
     messages: int
+    links: int = len(LINKS)  # each message's, the first of LINKS
     opens: Counter[bool] = field(default_factory=Counter)  # machine -> count
     clicks: Counter[bool] = field(default_factory=Counter)
     opened: set[int] = field(default_factory=set)  # messages with a human open
@@ -307,7 +317,7 @@ class Tally:
             "click_rate": rate(unique_clicks, self.messages),
             "click_to_open_rate": rate(unique_clicks, unique_opens),
             "links": {LINKS[i]: [self.link_clicks[i], len(self.link_clickers.get(i, ()))]
-                      for i in range(len(LINKS))},
+                      for i in range(self.links)},
             "timeline opens": self.opens[False], "timeline clicks": self.clicks[False],
             "breakdown opens (device)": self.opens[False],
             "breakdown clicks (device)": self.clicks[False],

@@ -53,8 +53,9 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Comp
     out = tmp_path_factory.mktemp("suite-out")
     # A geo database as a user's server has one (every reader's address is looked up).
     geodb = build_test_city_db(tmp_path_factory.mktemp("geo") / "city.mmdb")
+    # The realistic mix: machines, MPP, scanners and tampered tokens besides people.
     result = subprocess.run([sys.executable, "-m", "benchmarks", "suite", "--quick",
-                             "--out", str(out), "--geoip-db", str(geodb)],
+                             "--mix", "realistic", "--out", str(out), "--geoip-db", str(geodb)],
                             capture_output=True, text=True, cwd=ROOT, timeout=300)
     return result, out
 
