@@ -10,6 +10,8 @@ from collections.abc import Sequence
 PROGRAMS = {
     "suite": ("benchmarks.suite", "the tracking load against nginx, exact counts, memory, "
               "and the goals of all"),
+    "cluster": ("benchmarks.cluster", "three nodes behind HAProxy on loopback, one killed and "
+                "restarted: exactly once, failover"),
     "durability": ("benchmarks.durability", "what TRACKER_DURABILITY=journal costs, and what "
                    "a kill -9 loses in each mode"),
     "registration": ("benchmarks.registration", "messages/s registered through the batch API, "

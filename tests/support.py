@@ -1,30 +1,46 @@
 """Test helpers: a real tracker server in a subprocess, API calls, database reads.
 
 Nothing here is a mock: the server is `python -m tracker serve` on a loopback
-port, the database a real PostgreSQL. Waiting is polling with a deadline.
+port, the database a real PostgreSQL. Waiting is polling with a deadline: `wait_for`,
+and `wait_for_async` in async tests. Every test reaches PostgreSQL through `connected`
+(or the `db` fixture, conftest.py), `db_call`, `db_fetch` or `db_value`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
 
 from tracker.store import accounts
+from tracker.store.embedded_db import EmbeddedPostgres
 
 T = TypeVar("T")
 SECRET = "test-signing-key-0123456789abcdef"
+
+
+@dataclass
+class Replication:
+    """A primary and a streaming standby made from it."""
+    primary: EmbeddedPostgres
+    standby: EmbeddedPostgres
+    primary_dsn: str
+    standby_dsn: str
 
 
 def free_port() -> int:
@@ -43,8 +59,39 @@ def wait_for(predicate: Callable[[], T], timeout: float = 30.0, interval: float 
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+            raise _timed_out(timeout, message)
         time.sleep(interval)
+
+
+# The twin of wait_for, called the same way (ASYNC109 would have the caller wrap it in
+# asyncio.timeout, whose error could not say what was awaited).
+@overload
+async def wait_for_async(predicate: Callable[[], Awaitable[T]], timeout: float = ...,  # noqa: ASYNC109
+                         interval: float = ..., message: str = ...) -> T: ...
+@overload
+async def wait_for_async(predicate: Callable[[], T], timeout: float = ...,  # noqa: ASYNC109
+                         interval: float = ..., message: str = ...) -> T: ...
+async def wait_for_async(predicate: Callable[[], Any],
+                         timeout: float = 30.0,  # noqa: ASYNC109
+                         interval: float = 0.02, message: str = "condition") -> Any:
+    """`wait_for` in an async test: the predicate may be a coroutine function, and the
+    event loop (the writer, the journal, their tasks) runs between tries. What it polls
+    is mostly in this process, cheap to ask, and some tests wait once per event: hence
+    the shorter interval."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise _timed_out(timeout, message)
+        await asyncio.sleep(interval)
+
+
+def _timed_out(timeout: float, message: str) -> AssertionError:
+    return AssertionError(f"timed out after {timeout}s waiting for {message}")
 
 
 def worker_pids(pid: int) -> list[int]:
@@ -66,14 +113,57 @@ def socket_inodes(pid: int) -> set[int]:
     return inodes
 
 
-def db_fetch(dsn: str, sql: str, *args: Any) -> list[asyncpg.Record]:
-    async def run() -> list[asyncpg.Record]:
-        conn = await asyncpg.connect(dsn)
-        try:
-            return list(await conn.fetch(sql, *args))
-        finally:
-            await conn.close()
+# Set apart from the server's own connections (application_name "tracker"), which tests
+# count in pg_stat_activity; in the server's time zone.
+_TEST_SESSION = {"timezone": "UTC", "application_name": "tracker-tests"}
+
+
+@asynccontextmanager
+async def connected(dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection of the test's own to PostgreSQL, closed on the way out."""
+    conn = await asyncpg.connect(dsn, server_settings=_TEST_SESSION)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+def unreachable_dsn() -> str:
+    """A PostgreSQL address where nothing listens: connecting fails at once."""
+    return f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+
+
+def in_database(dsn: str, name: str) -> str:
+    """`dsn`, for another database of the same PostgreSQL."""
+    return urlsplit(dsn)._replace(path=f"/{name}").geturl()
+
+
+@contextmanager
+def database_down(pg: EmbeddedPostgres) -> Iterator[None]:
+    """PostgreSQL stopped (fast) for the block, then started again where it was."""
+    before = pg.running()
+    assert before is not None
+    pg.stop("fast")
+    assert pg.running() is None
+    try:
+        yield
+    finally:
+        after, started = pg.start()
+        assert started
+        # The server's DSN names the socket dir and port; they must not move.
+        assert after == before
+
+
+def db_call(dsn: str, use: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    """Runs `use` on a connection of its own, from a synchronous test."""
+    async def run() -> T:
+        async with connected(dsn) as conn:
+            return await use(conn)
     return asyncio.run(run())
+
+
+def db_fetch(dsn: str, sql: str, *args: Any) -> list[asyncpg.Record]:
+    return list(db_call(dsn, lambda conn: conn.fetch(sql, *args)))
 
 
 def db_value(dsn: str, sql: str, *args: Any) -> Any:
@@ -83,13 +173,7 @@ def db_value(dsn: str, sql: str, *args: Any) -> Any:
 
 def new_account(dsn: str, name: str = "test") -> str:
     """Creates an account straight in the database; returns its API key."""
-    async def run() -> str:
-        conn = await asyncpg.connect(dsn)
-        try:
-            return (await accounts.create_account(conn, name)).api_key
-        finally:
-            await conn.close()
-    return asyncio.run(run())
+    return db_call(dsn, lambda conn: accounts.create_account(conn, name)).api_key
 
 
 class Server:

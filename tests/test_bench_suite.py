@@ -38,6 +38,8 @@ from benchmarks.traffic import (
 from .geodb import build_test_city_db
 from .support import Server, new_account
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 
 MISSING = [tool for tool in ("wrk", "nginx", "taskset") if shutil.which(tool) is None]

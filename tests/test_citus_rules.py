@@ -21,6 +21,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from .support import connected
+
 DISTRIBUTE_SQL = Path(__file__).resolve().parent.parent / "sql" / "citus" / "distribute.sql"
 TENANT = "account_id"
 
@@ -178,11 +180,8 @@ def _report(problems: Iterable[str]) -> str:
 
 
 async def test_trackers_schema_keeps_citus_rules(dsn: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connected(dsn) as conn:
         tables = await read_schema(conn)
-    finally:
-        await conn.close()
     problems = violations(tables, read_plan(DISTRIBUTE_SQL.read_text()))
     assert not problems, _report(problems)
 
@@ -238,8 +237,7 @@ async def test_distribute_sql_runs_in_order_and_again_without_effect(dsn: str) -
     search_path): it calls them as planned, referenced tables first, and a second run
     changes nothing."""
     sql = DISTRIBUTE_SQL.read_text()
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connected(dsn) as conn:
         await conn.execute(_CITUS_STAND_INS)
         await conn.execute("set search_path = citus_stand_in, pg_catalog, public")
         await conn.execute(sql)
@@ -251,8 +249,6 @@ async def test_distribute_sql_runs_in_order_and_again_without_effect(dsn: str) -
         partitions = await conn.fetch(
             "select c.relname from pg_inherits i join pg_class c on c.oid = i.inhrelid "
             "where i.inhparent = 'public.events'::regclass")
-    finally:
-        await conn.close()
     plan = read_plan(sql)
     assert {r["name"]: (r["distributed_by"], r["colocation"]) for r in done
             if r["partmethod"] == "h"} == plan.distributed
@@ -343,13 +339,10 @@ MISTAKES = {
 
 
 async def _violations_in(dsn: str, sql: str, plan: Plan) -> list[str]:
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connected(dsn) as conn:
         await conn.execute("create schema scratch; set search_path = scratch")
         await conn.execute(_CLEAN + sql)
         return violations(await read_schema(conn, "scratch"), plan)
-    finally:
-        await conn.close()
 
 
 async def test_checker_passes_a_clean_schema(dsn: str) -> None:

@@ -614,6 +614,7 @@ def test_classify_command_refuses_a_bad_address(capsys: pytest.CaptureFixture[st
     assert err.strip() == "tracker: error: --ip: '17.0.0' is not an IP address"
 
 
+@pytest.mark.slow
 def test_classify_runs_as_a_command_without_a_database(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "tracker", "classify", "--user-agent", IOS_MAIL, "--ip",
@@ -625,6 +626,7 @@ def test_classify_runs_as_a_command_without_a_database(tmp_path: Path) -> None:
     assert not (tmp_path / "data").exists()
 
 
+@pytest.mark.slow
 def test_classify_jsonl_answers_every_line_in_order_and_flags_bad_ones(tmp_path: Path) -> None:
     lines = [
         {"user_agent": IOS_MAIL, "ip": "2620:149::1", "method": "GET", "kind": "open",
@@ -685,6 +687,7 @@ def stored_events(dsn: str, message_ids: list[int], count: int) -> list[dict[str
     return wait_for(enough, 20, message=f"{count} events in PostgreSQL")
 
 
+@pytest.mark.slow
 def test_a_real_server_stores_each_hits_verdict(
         rules_server: Server, module_dsn: str) -> None:
     key = new_account(module_dsn, "classify")

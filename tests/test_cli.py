@@ -98,6 +98,7 @@ def _clean_up(srv: Server, data_dir: Path) -> None:
     EmbeddedPostgres(data_dir).stop("immediate")
 
 
+@pytest.mark.slow
 def test_serve_without_database_url_runs_embedded_postgres_and_keeps_state_across_restarts(
         tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
@@ -148,6 +149,7 @@ def test_serve_without_database_url_runs_embedded_postgres_and_keeps_state_acros
         _clean_up(second, data_dir)
 
 
+@pytest.mark.slow
 def test_accounts_create_without_json_prints_the_key_for_a_person(tmp_path: Path) -> None:
     env = {"TRACKER_DATA_DIR": str(tmp_path)}
     assert tracker("migrate", env=env).returncode == 0
@@ -161,6 +163,7 @@ def test_accounts_create_without_json_prints_the_key_for_a_person(tmp_path: Path
                              "(started for this command)\n")
 
 
+@pytest.mark.slow
 def test_a_command_in_a_directory_without_a_database_creates_none_and_says_where_it_looked(
         tmp_path: Path) -> None:
     # An operator in the wrong directory: the command must not make a new, empty database
@@ -194,6 +197,7 @@ def test_a_command_on_an_external_database_names_it_without_its_password(
     assert line.endswith("(TRACKER_DATABASE_URL)") and "hunter2" not in line
 
 
+@pytest.mark.slow
 def test_accounts_create_rejects_an_empty_name_in_one_line(tmp_path: Path) -> None:
     result = tracker("accounts", "create", "  ", "--json",
                      env={"TRACKER_DATA_DIR": str(tmp_path)})
@@ -207,6 +211,7 @@ def test_accounts_create_rejects_an_empty_name_in_one_line(tmp_path: Path) -> No
 # -- migrate -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_migrate_on_a_fresh_embedded_data_dir_applies_0001_then_is_up_to_date(
         tmp_path: Path) -> None:
     env = {"TRACKER_DATA_DIR": str(tmp_path / "data")}
@@ -233,6 +238,7 @@ def _external(tmp_path: Path, dsn: str, **extra: str) -> dict[str, str]:
             "TRACKER_GEOIP_FETCH": "off", **extra}
 
 
+@pytest.mark.slow
 def test_serve_with_an_external_database_and_no_secret_key_fails_in_one_line(
         tmp_path: Path, module_dsn: str) -> None:
     env = _external(tmp_path, module_dsn)
@@ -255,6 +261,7 @@ def test_serve_with_an_external_database_and_no_secret_key_fails_in_one_line(
     ("TRACKER_GEOIP_FETCH", "sometimes"),
     ("TRACKER_GEOIP_DB", "/nonexistent/GeoLite2-City.mmdb"),
 ])
+@pytest.mark.slow
 def test_a_bad_setting_stops_serve_with_one_line_naming_it(
         tmp_path: Path, module_dsn: str, variable: str, value: str) -> None:
     result = tracker("serve", env=_external(tmp_path, module_dsn, **{variable: value}),
@@ -288,6 +295,7 @@ def test_a_bad_flag_value_names_the_flag_the_user_typed_in_one_line(
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.slow
 def test_a_port_in_use_stops_serve_in_one_line_before_any_database_work(
         tmp_path: Path, workers: str) -> None:
     data_dir = tmp_path / "data"
@@ -316,6 +324,7 @@ def test_an_address_this_machine_cannot_listen_on_stops_serve_in_one_line(
     assert not (data_dir / "postgres").exists(), "the embedded database was started"
 
 
+@pytest.mark.slow
 def test_listening_on_every_address_without_a_public_url_warns_what_urls_will_say(
         tmp_path: Path, module_dsn: str) -> None:
     srv = Server(module_dsn, tmp_path, env={"TRACKER_HOST": "0.0.0.0"}).start()
@@ -334,6 +343,7 @@ def test_listening_on_every_address_without_a_public_url_warns_what_urls_will_sa
         assert public.stop() == 0
 
 
+@pytest.mark.slow
 def test_a_flag_wins_over_the_environment(tmp_path: Path, module_dsn: str) -> None:
     flag_port = free_port()
     # The environment's port stays bound here (not listening): no other process takes it,
@@ -387,6 +397,7 @@ def _children(pid: int) -> list[tuple[int, str]]:
     return found
 
 
+@pytest.mark.slow
 def test_a_background_geo_fetch_that_fails_is_one_warning_and_leaves_no_zombie(
         tmp_path: Path, module_dsn: str) -> None:
     nothing = tmp_path / "no-packages"
@@ -449,6 +460,7 @@ def _kill_tree(pid: int) -> None:
             os.kill(target, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_a_second_serve_on_the_same_data_dir_stops_at_once_naming_the_first(
         tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
@@ -478,6 +490,7 @@ def test_a_second_serve_on_the_same_data_dir_stops_at_once_naming_the_first(
         _clean_up(first, data_dir)
 
 
+@pytest.mark.slow
 def test_a_data_dir_given_as_a_flag_is_named_as_the_flag_when_in_use(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     first = Server(None, tmp_path).start(START_S)
@@ -491,6 +504,7 @@ def test_a_data_dir_given_as_a_flag_is_named_as_the_flag_when_in_use(tmp_path: P
         _clean_up(first, data_dir)
 
 
+@pytest.mark.slow
 def test_with_an_external_database_two_servers_may_share_a_data_dir(
         tmp_path: Path, module_dsn: str) -> None:
     # Nothing in the data dir is one server's own then: a new release can start beside
@@ -503,6 +517,7 @@ def test_with_an_external_database_two_servers_may_share_a_data_dir(
         assert old.stop() == 0
 
 
+@pytest.mark.slow
 def test_a_crashed_servers_data_dir_is_taken_over_with_its_database(tmp_path: Path) -> None:
     # kill -9 leaves the lock file and PostgreSQL behind, but the lock itself goes with the
     # process: the next serve starts, adopts the database and stops it when it is done.
@@ -524,6 +539,7 @@ def test_a_crashed_servers_data_dir_is_taken_over_with_its_database(tmp_path: Pa
         _clean_up(first, data_dir)
 
 
+@pytest.mark.slow
 def test_the_embedded_database_runs_until_its_last_user_is_done(tmp_path: Path) -> None:
     # A command that started PostgreSQL ends while another process still uses it (a serve
     # that came up meanwhile, say): it must not stop it under the other. The last one out

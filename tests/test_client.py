@@ -133,6 +133,7 @@ def test_the_report_reads_the_timeline_in_the_zone_asked_for(client: Client) -> 
         client.report(campaign.id, tz="Mars/Olympus_Mons")
 
 
+@pytest.mark.slow
 def test_a_batch_beyond_the_servers_limit_is_split_and_comes_back_in_order(
         client: Client, module_dsn: str) -> None:
     campaign = client.create_campaign("Big batch")
@@ -201,6 +202,7 @@ def test_another_accounts_objects_are_not_found(server: Server, client: Client,
             other.get_campaign("../campaigns")
 
 
+@pytest.mark.slow
 def test_a_stopped_server_is_unavailable(module_dsn: str, key: str, tmp_path: Path) -> None:
     server = Server(module_dsn, tmp_path).start()
     with Client(server.url, key) as tracker:
@@ -311,6 +313,7 @@ def _tracked(output: str, server: Server) -> tuple[list[str], str, str]:
     return links, pixel.group(), honeypot.group(1)
 
 
+@pytest.mark.slow
 def test_instrument_prints_the_document_in_its_declared_charset(
         server: Server, client: Client, key: str) -> None:
     campaign = client.create_campaign("CLI")
@@ -332,6 +335,7 @@ def test_instrument_prints_the_document_in_its_declared_charset(
     assert "crème-brûlée" in extraction.links[0].url
 
 
+@pytest.mark.slow
 def test_instrument_reads_stdin_as_utf8(server: Server, client: Client, key: str) -> None:
     campaign = client.create_campaign("CLI stdin")
     html = '<p>Grüße — <a href="https://example.com/ü">hier</a></p>\n'
@@ -365,6 +369,7 @@ def test_instrument_errors_are_one_line(server: Server, key: str, args: list[str
     assert expected in lines[0]
 
 
+@pytest.mark.slow
 def test_instrument_refuses_a_document_that_is_not_in_its_charset(
         server: Server, key: str, tmp_path: Path) -> None:
     path = tmp_path / "latin.html"

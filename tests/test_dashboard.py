@@ -298,6 +298,7 @@ def test_sign_out_without_the_csrf_token_is_refused(browserless: httpx.Client,
     assert browserless.get("/dashboard/campaigns").status_code == 303
 
 
+@pytest.mark.slow
 def test_signing_out_ends_the_session_for_a_copied_cookie_in_every_worker(
         module_dsn: str, tmp_path: Path) -> None:
     """Signing out revokes the session on the server: the cookie's value, copied before,
@@ -717,6 +718,7 @@ def _api_value(report: dict[str, Any], dotted: str) -> float:
     return float(value)
 
 
+@pytest.mark.slow
 def test_browser_wrong_key_shows_an_error_and_sets_no_cookie(tab: Tab, seeded: Seeded) -> None:
     _browser_sign_in(tab, seeded.key[:-4] + "oops")
     assert tab.path() == "/dashboard/sign-in"
@@ -728,6 +730,7 @@ def test_browser_wrong_key_shows_an_error_and_sets_no_cookie(tab: Tab, seeded: S
     assert tab.problems() == [] and tab.violations() == []
 
 
+@pytest.mark.slow
 def test_browser_campaign_page_shows_the_api_numbers_and_draws_the_charts(
         tab: Tab, server: Server, seeded: Seeded) -> None:
     _browser_sign_in(tab, seeded.key)
@@ -819,6 +822,7 @@ def test_browser_campaign_page_shows_the_api_numbers_and_draws_the_charts(
     assert tab.problems() == [] and tab.violations() == []
 
 
+@pytest.mark.slow
 def test_browser_csp_is_enforced_and_the_page_breaks_none_of_it(tab: Tab,
                                                                 seeded: Seeded) -> None:
     _browser_sign_in(tab, seeded.key)
@@ -835,6 +839,7 @@ def test_browser_csp_is_enforced_and_the_page_breaks_none_of_it(tab: Tab,
     assert any(v.startswith("script-src") for v in seen), seen
 
 
+@pytest.mark.slow
 def test_browser_post_without_csrf_token_is_refused_and_sign_out_works(
         tab: Tab, seeded: Seeded) -> None:
     _browser_sign_in(tab, seeded.key)
@@ -854,6 +859,7 @@ def test_browser_post_without_csrf_token_is_refused_and_sign_out_works(
     assert tab.path().startswith("/dashboard/sign-in?next=")
 
 
+@pytest.mark.slow
 def test_browser_link_from_another_site_opens_the_page_when_signed_in(
         tab: Tab, server: Server, seeded: Seeded) -> None:
     _browser_sign_in(tab, seeded.key)
@@ -866,6 +872,7 @@ def test_browser_link_from_another_site_opens_the_page_when_signed_in(
     assert tab.evaluate("document.querySelector('h1').textContent") == CAMPAIGN_NAME
 
 
+@pytest.mark.slow
 def test_browser_campaign_page_fits_a_phone(browser: Browser, server: Server,
                                             seeded: Seeded) -> None:
     tab = Tab(browser, server.url, width=390, height=844, mobile=True)

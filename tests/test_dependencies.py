@@ -11,6 +11,7 @@ import tomllib
 from importlib.metadata import PackageNotFoundError, packages_distributions, requires
 from pathlib import Path
 
+import pytest
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -71,6 +72,7 @@ def _pins(lock: Path) -> dict[str, tuple[Version, int]]:
     return pins
 
 
+@pytest.mark.slow
 def test_every_module_the_server_imports_comes_from_a_declared_dependency() -> None:
     declared = _declared()
     distributions = packages_distributions()
@@ -80,6 +82,7 @@ def test_every_module_the_server_imports_comes_from_a_declared_dependency() -> N
     assert not undeclared, f"imported, but not in pyproject.toml's dependencies: {undeclared}"
 
 
+@pytest.mark.slow
 def test_every_declared_dependency_is_one_the_server_loads() -> None:
     distributions = packages_distributions()
     imported = {canonicalize_name(d) for module in _server_imports()

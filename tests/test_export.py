@@ -210,6 +210,7 @@ def test_export_needs_a_key_and_a_live_campaign(
     assert api.get("/api/campaigns/abc/export").status_code == 404
 
 
+@pytest.mark.slow
 def test_a_client_that_leaves_mid_export_gives_the_connection_back(
         server: Server, api: httpx.Client, module_dsn: str, exported: dict[str, Any]) -> None:
     in_export = ("select count(*) from pg_stat_activity where application_name = 'tracker' "
@@ -238,6 +239,7 @@ def test_a_client_that_leaves_mid_export_gives_the_connection_back(
     assert api.get(f"/api/campaigns/{exported['campaign']}/report").status_code == 200
 
 
+@pytest.mark.slow
 def test_an_export_ends_its_transaction_itself_and_logs_nothing(
         server: Server, api: httpx.Client, module_dsn: str, exported: dict[str, Any]) -> None:
     # The pool resets a connection handed back inside a transaction, and says so in the

@@ -17,12 +17,24 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from benchmarks.common import descendants
 from benchmarks.faults import Load, Target, kill_9, messages_stored
 from tracker.store.embedded_db import EmbeddedPostgres
 
-from .support import SECRET, Server, campaign, db_fetch, db_value, new_account, wait_for
+from .support import (
+    SECRET,
+    Server,
+    campaign,
+    database_down,
+    db_fetch,
+    db_value,
+    new_account,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slow
 
 SETTLE_S = 40.0  # the writer's backoff tops out at 5 s; the rest is slack for a busy machine
 EXIT_S = 30.0
@@ -36,18 +48,6 @@ OUTAGE_RATE = 1500.0  # hits a second during the outage test
 
 
 # -- the database and the server -----------------------------------------------------------
-
-
-def stop_postgres(pg: EmbeddedPostgres) -> None:
-    pg.stop("fast")
-    assert pg.running() is None
-
-
-def start_postgres(pg: EmbeddedPostgres, dsn: str) -> None:
-    running, started = pg.start()
-    assert started
-    # The server's DSN names the socket dir and port: they must not move.
-    assert running.dsn() == dsn
 
 
 def target(server: Server, dsn: str) -> Target:
@@ -96,17 +96,16 @@ def test_postgres_outage_under_load_every_hit_answered_and_stored_exactly_once(
         where = target(server, own_dsn)
         with Load(server.port, where, rate=OUTAGE_RATE) as load:
             load.wait_answered(500)
-            stop_postgres(own_postgres)
-            down_at, answered_before = time.monotonic(), load.sent
-            try:
-                wait_for(lambda: time.monotonic() - down_at >= OUTAGE_S
-                         and load.sent >= answered_before + 1500, 30, interval=0.05,
-                         message=f"{OUTAGE_S} s of outage under load")
-                wait_for(lambda: journal_segments(tmp_path), 10,
-                         message="events to spill to the journal")
-            finally:
-                up_at = time.monotonic()
-                start_postgres(own_postgres, own_dsn)
+            with database_down(own_postgres):
+                down_at, answered_before = time.monotonic(), load.sent
+                try:
+                    wait_for(lambda: time.monotonic() - down_at >= OUTAGE_S
+                             and load.sent >= answered_before + 1500, 30, interval=0.05,
+                             message=f"{OUTAGE_S} s of outage under load")
+                    wait_for(lambda: journal_segments(tmp_path), 10,
+                             message="events to spill to the journal")
+                finally:
+                    up_at = time.monotonic()
             load.wait_answered(load.sent + 500)
         during = [latency for at, latency in load.answered.values() if down_at <= at <= up_at]
         sent = load.sent
@@ -134,8 +133,7 @@ def test_sigterm_during_an_outage_spills_to_the_journal_and_a_restart_stores_eve
     try:
         where = target(first, own_dsn)
         all_workers_started(first, 2)
-        stop_postgres(own_postgres)
-        try:
+        with database_down(own_postgres):
             with Load(first.port, where, limit=600) as load:
                 load.wait_answered(600)
             assert load.broken == [] and load.wrong == []
@@ -153,8 +151,6 @@ def test_sigterm_during_an_outage_spills_to_the_journal_and_a_restart_stores_eve
             assert spilled, "the events wait in the journal"
             # Each worker kept its own segments, named by its process id.
             assert {p.name.split("-")[0] for p in spilled} <= worker_pids
-        finally:
-            start_postgres(own_postgres, own_dsn)
     finally:
         first.stop()
     assert event_counts(own_dsn, where)[0] == 0

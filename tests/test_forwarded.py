@@ -366,6 +366,7 @@ def test_server_locates_and_truncates_an_ipv4_mapped_client_as_ipv4(
                    "city": "Frankfurt am Main"}
 
 
+@pytest.mark.slow
 def test_server_on_an_ipv4_mapped_loopback_address_believes_its_loopback_proxy(
         module_dsn: str, city_db: Path, tmp_path: Path) -> None:
     # Bound to ::ffff:127.0.0.1, the server sees the loopback proxy as ::ffff:127.0.0.1,

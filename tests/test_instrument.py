@@ -512,6 +512,7 @@ _URL_PARTS = st.one_of(
 @given(st.lists(_URL_PARTS, max_size=6).map("".join))
 @example("https://example.com/" + "x" * 2028)
 @example("https://example.com/" + "é" * 1015)
+@pytest.mark.slow
 def test_the_fast_destination_check_agrees_with_the_per_character_one(url: str) -> None:
     assert (destinations.problem(url) is None) is _slow_destination_check(url)
 
@@ -638,6 +639,7 @@ def _destinations(links: list[int], has_base: bool) -> list[str | None]:
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(documents())
+@pytest.mark.slow
 def test_generated_documents_have_exactly_their_links(doc: tuple[str, list[int], bool]) -> None:
     html, links, has_base = doc
     assert urls(html) == [url for url in _destinations(links, has_base) if url is not None]
@@ -645,6 +647,7 @@ def test_generated_documents_have_exactly_their_links(doc: tuple[str, list[int],
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(documents())
+@pytest.mark.slow
 def test_generated_documents_round_trip_and_the_independent_reader_sees_only_tracked_links(
         doc: tuple[str, list[int], bool]) -> None:
     html = doc[0]
@@ -668,6 +671,7 @@ def test_generated_documents_round_trip_and_the_independent_reader_sees_only_tra
                      "&amp;", "&#", "&#x26;", "/", " ", "\r\n", "<v:rect", "data-track=off",
                      "{{", "}}"]),
 ), max_size=40).map("".join))
+@pytest.mark.slow
 def test_extract_never_raises_and_render_round_trips_any_text(html: str) -> None:
     extraction = extract(html)
     assert 0 <= extraction.pixel_at <= len(html)
@@ -736,5 +740,6 @@ def _html5lib_links(html: str, fragment: bool = False) -> set[str]:
 @pytest.mark.skipif(html5lib is None, reason="needs html5lib (the test extra)")
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.sampled_from(SOUP), min_size=1, max_size=25).map("".join))
+@pytest.mark.slow
 def test_the_same_links_as_html5lib_on_tag_soup(html: str) -> None:
     assert {spot.url for spot in extract(html).links} == _html5lib_links(html)

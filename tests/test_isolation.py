@@ -362,6 +362,7 @@ CASES: dict[tuple[str, str], Callable[[World], None]] = {
 }
 
 
+@pytest.mark.slow
 def test_every_route_has_a_tenant_case(tmp_path: Path, module_dsn: str) -> None:
     routes = app_routes(tmp_path, module_dsn)
     missing = routes - PUBLIC - set(CASES)

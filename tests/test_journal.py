@@ -28,7 +28,16 @@ from tracker.store.database import connect
 from tracker.store.journal import HEADER_BYTES, MAGIC, Journal, JournalFull
 from tracker.store.writer import BatchWriter
 
-from .support import Server, campaign, db_value, free_port, new_account, register, wait_for
+from .support import (
+    Server,
+    campaign,
+    db_value,
+    new_account,
+    register,
+    unreachable_dsn,
+    wait_for,
+    wait_for_async,
+)
 from .test_writer import row, rows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -346,24 +355,6 @@ def test_two_workers_adopting_at_once_never_share_a_segment(tmp_path: Path) -> N
 # -- the writer with a journal, against PostgreSQL ------------------------------------------
 
 
-@pytest.fixture
-async def db(dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(dsn)
-    yield conn
-    await conn.close()
-
-
-async def until(predicate: Callable[[], Awaitable[bool] | bool], within: float = 20.0,
-                message: str = "condition") -> None:
-    deadline = asyncio.get_running_loop().time() + within
-    while True:
-        value = predicate()
-        if await value if isinstance(value, Awaitable) else value:
-            return
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {message}"
-        await asyncio.sleep(0.02)
-
-
 async def exactly_once(db: asyncpg.Connection, expected: list[EventRecord]) -> None:
     total, distinct = await db.fetchrow("select count(*), count(distinct id) from events")
     assert (total, distinct) == (len(expected), len(expected))
@@ -377,7 +368,7 @@ class Switch:
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
         self.up = False
-        self._closed = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+        self._closed = unreachable_dsn()
 
     async def __call__(self) -> asyncpg.Connection:
         return await connect(self.dsn if self.up else self._closed)
@@ -411,18 +402,19 @@ async def test_while_postgres_is_unreachable_events_spill_and_are_replayed_once_
     batch = rows(250)
     for item in batch:
         assert writer.add(item) is None
-    await until(lambda: writer.buffered == 0 and journal.pending_events == 250,
-                message="the buffer to spill to the journal")
+    await wait_for_async(lambda: writer.buffered == 0 and journal.pending_events == 250,
+                         message="the buffer to spill to the journal")
     assert not writer.healthy
     assert segment_files(tmp_path)
     switch.up = True
-    await until(lambda: journal.pending_events == 0 and writer.buffered == 0,
-                message="the journal to be replayed")
+    await wait_for_async(lambda: journal.pending_events == 0 and writer.buffered == 0,
+                         message="the journal to be replayed")
     await exactly_once(db, batch)
     assert writer.stats.replayed == 250
     assert segment_files(tmp_path) == []
 
 
+@pytest.mark.slow
 async def test_past_the_memory_bound_events_spill_instead_of_being_dropped(
         writers: Callable[..., BatchWriter], dsn: str, db: asyncpg.Connection,
         tmp_path: Path) -> None:
@@ -432,7 +424,7 @@ async def test_past_the_memory_bound_events_spill_instead_of_being_dropped(
     for item in batch:
         assert writer.add(item) is None
         # A disk that keeps up: each spill is on disk before memory fills again.
-        await until(lambda: writer.buffered <= 10, message="the spill to be written")
+        await wait_for_async(lambda: writer.buffered <= 10, message="the spill to be written")
     assert writer.stats.dropped == {}
     assert journal.stats.appended_events >= 290
     assert await writer.flush() == 300
@@ -473,15 +465,15 @@ async def test_with_memory_and_journal_full_drops_are_counted_by_reason_and_logg
         else:  # refused now: the caller counts it, as the hit path does
             reasons.append(refused)
         # Each spill reaches the disk before memory fills again, until the journal is full.
-        await until(lambda: writer.buffered <= 20, message="the spill to be written")
+        await wait_for_async(lambda: writer.buffered <= 20, message="the spill to be written")
     assert DropReason.JOURNAL_FULL in writer.stats.dropped
     assert journal.disk_bytes <= 8 * 1024
     assert writer.buffered <= 2 * 20 + 10  # memory, a spill under way, a batch in flight
     assert set(writer.stats.dropped) <= {DropReason.JOURNAL_FULL, DropReason.BUFFER_FULL}
     assert accepted < len(batch)
     switch.up = True
-    await until(lambda: writer.healthy and writer.buffered == 0
-                and journal.pending_events == 0, message="the writer to catch up")
+    await wait_for_async(lambda: writer.healthy and writer.buffered == 0
+                         and journal.pending_events == 0, message="the writer to catch up")
     dropped = sum(writer.stats.dropped.values())
     assert len(reasons) == dropped
     # Every event is either in PostgreSQL once or was dropped and counted, never both.
@@ -669,6 +661,7 @@ async def test_a_durable_backlog_stopped_with_events_pending_puts_them_in_the_jo
 # -- a real server under load -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_workers_with_a_bound_of_one_event_drop_nothing_while_the_journal_has_room(
         dsn: str, tmp_path: Path) -> None:
     # Every event past the first of each worker goes through the journal, and wrk sends

@@ -86,7 +86,10 @@ def test_histogram_counts_a_value_on_a_bound_in_that_bucket() -> None:
 def test_every_exported_metric_is_documented_and_every_documented_one_exported() -> None:
     metrics = Metrics()
     writer = _stub_writer()
-    text = registry_for(MetricsCollector(metrics, lambda: writer, 100)).collect()
+    collector = MetricsCollector(metrics, lambda: writer, 100)
+    replica = SimpleNamespace(lag_s=0.0, lag_bytes=0, in_use=True)
+    collector.replica = lambda: replica  # type: ignore[assignment,return-value]
+    text = registry_for(collector).collect()
     exported = {family.name for family in text}
     documented = set(re.findall(r"^\| `(tracker_[a-z_]+)`",
                                 (ROOT / "docs" / "metrics.md").read_text(), re.MULTILINE))
@@ -284,6 +287,10 @@ def test_metrics_count_hits_by_endpoint_and_verdict_and_drops_by_reason(
     assert delta('tracker_hits_total{endpoint="click",verdict="machine"}') == 1
     assert delta('tracker_drops_total{reason="head_open"}') == 1
     assert delta('tracker_drops_total{reason="invalid_token"}') == 2
+    # Every answer of the tracking endpoints, by status.
+    assert delta('tracker_http_requests_total{code="200",group="open"}') == 5
+    assert delta('tracker_http_requests_total{code="302",group="click"}') == 2
+    assert delta('tracker_http_requests_total{code="404",group="click"}') == 1
     after = wait_for(lambda: (s := scrape(server.url))
                      and s["tracker_events_written_total"] - before.get(
                          "tracker_events_written_total", 0) >= 5 and s,
@@ -298,6 +305,52 @@ def test_metrics_count_hits_by_endpoint_and_verdict_and_drops_by_reason(
     assert after["tracker_workers"] == 1
     resident = after["tracker_worker_resident_memory_bytes"]
     assert 20 * 2**20 < resident <= after["tracker_worker_resident_memory_peak_bytes"] < 2**31
+
+
+def test_web_requests_are_counted_by_group_and_status_and_timed(
+        server: Server, api_key: str) -> None:
+    before = scrape(server.url)
+    with server.client(api_key) as api:
+        assert api.get("/api/campaigns").status_code == 200
+        assert api.get("/api/campaigns/999999999").status_code == 404
+    with httpx.Client(base_url=server.url, timeout=10) as anonymous:
+        assert anonymous.get("/api/campaigns").status_code == 401
+        assert anonymous.get("/healthz").status_code == 200
+        assert anonymous.get("/dashboard/sign-in").status_code == 200
+    after = scrape(server.url)
+
+    def delta(name: str) -> float:
+        return after.get(name, 0) - before.get(name, 0)
+
+    assert delta('tracker_http_requests_total{code="200",group="api"}') == 1
+    assert delta('tracker_http_requests_total{code="404",group="api"}') == 1
+    assert delta('tracker_http_requests_total{code="401",group="api"}') == 1
+    assert delta('tracker_http_requests_total{code="200",group="health"}') == 1
+    assert delta('tracker_http_requests_total{code="200",group="dashboard"}') == 1
+    # The scrape before this one is counted, and timed, once it has been answered.
+    assert delta('tracker_http_requests_total{code="200",group="metrics"}') == 1
+    assert delta('tracker_http_request_duration_seconds_count{group="api"}') == 3
+    assert delta('tracker_http_request_duration_seconds_bucket{group="api",le="+Inf"}') == 3
+    assert 0 < delta('tracker_http_request_duration_seconds_sum{group="api"}') < 30
+    assert after['tracker_http_request_duration_seconds_bucket{group="api",le="30"}'] == (
+        after['tracker_http_request_duration_seconds_count{group="api"}'])
+
+
+def test_build_info_names_the_version_tracker_version_prints(server: Server) -> None:
+    import platform
+    import subprocess
+    import sys
+
+    from tracker import __version__
+
+    printed = subprocess.run([sys.executable, "-m", "tracker", "--version"],
+                             capture_output=True, text=True, check=True).stdout
+    assert printed == f"tracker {__version__}\n"
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert f'\nversion = "{__version__}"\n' in pyproject
+    info = scrape(server.url)
+    assert info[f'tracker_build_info{{python="{platform.python_version()}",'
+                f'version="{__version__}"}}'] == 1
 
 
 def test_metrics_speak_openmetrics_to_a_scraper_that_asks(server: Server) -> None:
@@ -443,6 +496,7 @@ def relayed_server(relay: tuple[DatabaseRelay, str],
     srv.stop()
 
 
+@pytest.mark.slow
 def test_readyz_is_503_with_a_reason_while_the_database_is_unreachable_and_200_after(
         relayed_server: Server, relay: tuple[DatabaseRelay, str], module_dsn: str) -> None:
     url = relayed_server.url
@@ -504,6 +558,7 @@ def test_a_throttled_address_is_refused_without_a_database_query(
 # --- several workers --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_with_several_workers_any_worker_answers_with_everyones_counts(
         module_dsn: str, tmp_path: Path) -> None:
     srv = Server(module_dsn, tmp_path, env={"TRACKER_WORKERS": "2"}).start()
@@ -545,7 +600,7 @@ def test_with_several_workers_any_worker_answers_with_everyones_counts(
 def _stub_writer() -> Any:
     """What the collector reads from a writer, with a journal: the full set of metrics."""
     journal = SimpleNamespace(
-        disk_bytes=0, pending_events=0, oldest_age_s=lambda: 0.0,
+        disk_bytes=0, pending_events=0, max_bytes=2**30, oldest_age_s=lambda: 0.0,
         stats=SimpleNamespace(appended_events=0, committed_events=0, corrupt_records=0,
                               torn_tails=0, skipped_bytes=0))
     return SimpleNamespace(

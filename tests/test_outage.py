@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -23,7 +21,19 @@ import pytest
 from tracker.ingest.endpoints import PIXEL_GIF
 from tracker.store.embedded_db import EmbeddedPostgres
 
-from .support import Server, campaign, db_fetch, db_value, new_account, register, wait_for
+from .support import (
+    Server,
+    campaign,
+    database_down,
+    db_fetch,
+    db_value,
+    new_account,
+    register,
+    wait_for,
+    wait_for_async,
+)
+
+pytestmark = pytest.mark.slow
 
 # Durability is not under test, recovery is: the same fast settings as the session database.
 MESSAGES = 10
@@ -39,21 +49,6 @@ def outage_server(own_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
     srv = Server(own_dsn, tmp_path_factory.mktemp("outage-server")).start()
     yield srv
     srv.stop()
-
-
-@contextmanager
-def database_down(pg: EmbeddedPostgres) -> Iterator[None]:
-    before = pg.running()
-    assert before is not None
-    pg.stop("fast")
-    assert pg.running() is None
-    try:
-        yield
-    finally:
-        after, started = pg.start()
-        assert started
-        # The server's DSN names the socket dir and port; they must not move.
-        assert after == before
 
 
 def _destination(message: int, link: int) -> str:
@@ -163,6 +158,7 @@ def test_api_requests_in_flight_when_postgres_stops_answer_503(
     in_flight = 6  # under the pool's 10 connections: every one is mid-query
 
     async def scenario() -> list[httpx.Response]:
+        # Not `connected`: the connection dies with PostgreSQL and is ended, not closed.
         blocker = await asyncpg.connect(own_dsn)
         try:
             await blocker.execute("begin; lock table campaigns in access exclusive mode")
@@ -170,12 +166,13 @@ def test_api_requests_in_flight_when_postgres_stops_answer_503(
                                          headers={"authorization": f"Bearer {api_key}"}) as client:
                 requests = [asyncio.create_task(client.get(f"/api/campaigns/{campaign_id}"))
                             for _ in range(in_flight)]
-                deadline = time.monotonic() + 10
-                while await blocker.fetchval(
+
+                async def all_waiting() -> bool:
+                    return bool(await blocker.fetchval(
                         "select count(*) from pg_locks where not granted "
-                        "and relation = 'campaigns'::regclass") < in_flight:
-                    assert time.monotonic() < deadline, "the API requests never reached the lock"
-                    await asyncio.sleep(0.02)
+                        "and relation = 'campaigns'::regclass") >= in_flight)
+
+                await wait_for_async(all_waiting, 10, message="the API requests to reach the lock")
                 await asyncio.to_thread(own_postgres.stop, "fast")
                 return list(await asyncio.gather(*requests))
         finally:

@@ -165,6 +165,7 @@ def test_device_policy_stores_browser_os_and_device_only_when_true(
 
 @pytest.mark.parametrize(("ip", "family"), [
     ("none", 4), ("none", 6), ("truncated", 4), ("truncated", 6), ("full", 4), ("full", 6)])
+@pytest.mark.slow
 def test_ip_policy_stores_no_address_a_truncated_network_or_the_address(
         api: httpx.Client, module_dsn: str, ip: str, family: int) -> None:
     recorded = record(api, module_dsn, {"ip": ip}, family)
@@ -229,6 +230,7 @@ def _address_forms(address: str) -> list[str]:
     ({"location": "region", "device": False, "ip": "full"}, 4),
     ({"location": "region", "device": False, "ip": "full"}, 6),
 ])
+@pytest.mark.slow
 def test_raw_user_agent_and_forbidden_address_are_in_no_table_file_or_log(
         api: httpx.Client, geo_server: Server, module_dsn: str, policy: dict[str, Any],
         family: int) -> None:
@@ -279,6 +281,7 @@ def test_message_activity_shows_null_for_fields_the_policy_did_not_allow(
 
 
 @pytest.mark.parametrize("policy", POLICIES_SHOWN, ids=lambda p: f"{p['location']}-{p['device']}")
+@pytest.mark.slow
 def test_report_breakdown_counts_disallowed_fields_as_unknown(
         api: httpx.Client, module_dsn: str, policy: dict[str, Any]) -> None:
     recorded = record(api, module_dsn, policy)

@@ -10,12 +10,10 @@ the refused hits would be there too, had they been recorded; the drop counters o
 
 from __future__ import annotations
 
-import asyncio
 import re
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote, unquote
@@ -40,7 +38,19 @@ from tracker.store.database import connect, create_pool
 from tracker.store.queries import QUERIES
 from tracker.store.writer import BatchWriter
 
-from .support import SECRET, Server, campaign, db_fetch, db_value, new_account, register, wait_for
+from .support import (
+    SECRET,
+    Server,
+    campaign,
+    connected,
+    db_call,
+    db_fetch,
+    db_value,
+    new_account,
+    register,
+    wait_for,
+    wait_for_async,
+)
 
 LINK = "https://example.com/offer?utm_source=mail"
 CHROME = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
@@ -129,13 +139,6 @@ def _at(month: int, day: int, hour: int) -> datetime:
     return datetime(2024, month, day, hour, tzinfo=UTC)
 
 
-@pytest.fixture
-async def db(dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(dsn)
-    yield conn
-    await conn.close()
-
-
 async def _partition_names(db: asyncpg.Connection) -> set[str]:
     return {r["name"] for r in await db.fetch(QUERIES.event_partitions)}
 
@@ -147,6 +150,7 @@ async def _counts(db: asyncpg.Connection) -> dict[tuple[str, int], int]:
     return {(r["p"], r["campaign_id"]): r["n"] for r in rows}
 
 
+@pytest.mark.slow
 async def test_retention_drops_expired_days_trims_shared_ones_and_reports_keep_totals(
         db: asyncpg.Connection, dsn: str) -> None:
     one = await accounts.create_account(db, "retention")
@@ -239,22 +243,19 @@ async def test_no_retention_anywhere_touches_nothing(db: asyncpg.Connection) -> 
 
 async def test_maintenance_runs_in_one_process_at_a_time(dsn: str) -> None:
     pool = await create_pool(dsn)
-    holder = await asyncpg.connect(dsn)
     try:
-        runner = jobs.Jobs(pool, first_run_s=0)
-        await holder.execute("select pg_advisory_lock($1)", jobs._MAINTENANCE_LOCK)
-        assert await runner.run_once() is None  # another process is at it: skip the round
-        await holder.execute("select pg_advisory_unlock($1)", jobs._MAINTENANCE_LOCK)
-        assert await runner.run_once() is not None
+        async with connected(dsn) as holder:
+            runner = jobs.Jobs(pool, first_run_s=0)
+            await holder.execute("select pg_advisory_lock($1)", jobs._MAINTENANCE_LOCK)
+            assert await runner.run_once() is None  # another process is at it: skip the round
+            await holder.execute("select pg_advisory_unlock($1)", jobs._MAINTENANCE_LOCK)
+            assert await runner.run_once() is not None
 
-        runner.start()  # the loop's first run comes `first_run_s` after start
-        deadline = asyncio.get_running_loop().time() + 10
-        while runner.runs < 2:
-            assert asyncio.get_running_loop().time() < deadline, "maintenance never ran"
-            await asyncio.sleep(0.02)
-        await runner.stop()
+            runner.start()  # the loop's first run comes `first_run_s` after start
+            await wait_for_async(lambda: runner.runs >= 2, 10,
+                                 message="the maintenance loop's first run")
+            await runner.stop()
     finally:
-        await holder.close()
         await pool.close()
 
 
@@ -330,6 +331,7 @@ def _report(api: httpx.Client, campaign_id: str) -> dict[str, Any]:
     return result
 
 
+@pytest.mark.slow
 def test_erasure_removes_messages_and_events_keeps_totals_and_stops_recording(
         server: Server, module_dsn: str) -> None:
     with server.client(new_account(module_dsn, "erasure")) as api:
@@ -387,6 +389,7 @@ def test_erasure_removes_messages_and_events_keeps_totals_and_stops_recording(
             "messages": 0, "events": 0, "links": 0}
 
 
+@pytest.mark.slow
 def test_erasure_racing_with_incoming_hits_leaves_nothing_behind(
         server: Server, module_dsn: str) -> None:
     with server.client(new_account(module_dsn, "race")) as api:
@@ -424,6 +427,7 @@ def _hammer(messages: list[dict[str, Any]], sent: list[int], stop: threading.Eve
                 sent[0] += 2
 
 
+@pytest.mark.slow
 def test_erasure_with_two_workers_sweeps_what_the_other_one_recorded_meanwhile(
         dsn: str, tmp_path: Any) -> None:
     """The worker that erases stops recording at once; the other learns of it within a
@@ -464,6 +468,7 @@ def test_erasure_with_two_workers_sweeps_what_the_other_one_recorded_meanwhile(
         server.stop()
 
 
+@pytest.mark.slow
 def test_opt_out_records_nothing_in_any_campaign_until_withdrawn(
         server: Server, module_dsn: str) -> None:
     with server.client(new_account(module_dsn, "opt-out")) as api:
@@ -491,6 +496,7 @@ def test_opt_out_records_nothing_in_any_campaign_until_withdrawn(
         _recorded(module_dsn, first, 1)
 
 
+@pytest.mark.slow
 def test_gpc_and_dnt_are_honoured_unless_the_account_turns_that_off(
         server: Server, module_dsn: str) -> None:
     with server.client(new_account(module_dsn, "signals")) as api:
@@ -579,6 +585,7 @@ def _names_jane(text: str) -> bool:
 
 
 @pytest.mark.parametrize("mode", ["pseudonym", "address"])
+@pytest.mark.slow
 def test_destinations_that_name_the_recipient_are_stored_without_the_address(
         server: Server, module_dsn: str, mode: str) -> None:
     key = new_account(module_dsn, "personal links")
@@ -608,6 +615,7 @@ def test_destinations_that_name_the_recipient_are_stored_without_the_address(
                        for link in m["links"])
 
 
+@pytest.mark.slow
 def test_erasure_redacts_stored_destinations_that_still_name_the_address(
         server: Server, module_dsn: str) -> None:
     """Destinations stored in clear (before registration redacted them, or another
@@ -719,6 +727,7 @@ _NOT_ABOUT_THE_RECIPIENT = {"account_id", "id", "campaign_id", "message_id", "re
 
 
 @pytest.mark.parametrize("mode", ["address", "pseudonym"])
+@pytest.mark.slow
 def test_what_a_message_keeps_after_retention_is_in_the_export_and_the_notice(
         server: Server, module_dsn: str, mode: str) -> None:
     with server.client(new_account(module_dsn, f"kept {mode}")) as api:
@@ -757,13 +766,9 @@ def test_what_a_message_keeps_after_retention_is_in_the_export_and_the_notice(
 
 def _maintain(dsn: str, now: datetime) -> jobs.Maintenance:
     """One maintenance run at `now` (waiting out the server's own, should it be running)."""
-    async def run() -> jobs.Maintenance | None:
-        conn = await asyncpg.connect(dsn)
-        try:
-            return await jobs.maintain(conn, now)
-        finally:
-            await conn.close()
-    result: jobs.Maintenance = wait_for(lambda: asyncio.run(run()), message="the lock")
+    result = wait_for(lambda: db_call(dsn, lambda conn: jobs.maintain(conn, now)),
+                      message="the lock")
+    assert result is not None
     return result
 
 
@@ -773,6 +778,7 @@ def _deleted_at(dsn: str, campaign_id: str) -> datetime:
     return value
 
 
+@pytest.mark.slow
 def test_deleted_campaign_is_restored_within_its_grace_period_and_purged_after(
         server: Server, module_dsn: str) -> None:
     with server.client(new_account(module_dsn, "grace")) as api:
@@ -823,6 +829,7 @@ def _cli(dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=60, check=False)
 
 
+@pytest.mark.slow
 def test_deleted_account_stops_recording_at_once_and_is_purged_after_the_grace_period(
         server: Server, module_dsn: str) -> None:
     key = new_account(module_dsn, "leaving")
@@ -891,6 +898,7 @@ def test_deleted_account_stops_recording_at_once_and_is_purged_after_the_grace_p
     assert restore.returncode == 1 and "purged" in restore.stderr
 
 
+@pytest.mark.slow
 def test_privacy_notice_of_a_campaign_in_the_api_and_the_cli(
         server: Server, module_dsn: str) -> None:
     with server.client(new_account(module_dsn, "notice")) as api:

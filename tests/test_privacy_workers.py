@@ -52,7 +52,8 @@ from .support import (
     worker_pids,
 )
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc; SO_REUSEPORT")
+pytestmark = [pytest.mark.skipif(sys.platform != "linux", reason="reads /proc; SO_REUSEPORT"),
+              pytest.mark.slow]
 
 ROUNDS = 15
 LINK = "https://example.com/offer?utm_source=mail"

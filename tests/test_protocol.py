@@ -128,6 +128,7 @@ def test_a_malformed_request_is_refused_after_the_answers_before_it(
     assert answer.endswith(b'{"error":"malformed HTTP request"}')
 
 
+@pytest.mark.slow
 def test_every_pipelined_hit_is_recorded_once(
         servers: tuple[Server, Server], tokens: dict[str, str], module_dsn: str) -> None:
     fast, _ = servers
@@ -148,17 +149,17 @@ def test_every_pipelined_hit_is_recorded_once(
 
 def steady(count: Callable[[], int]) -> int:
     """The value of a counter once it stops moving for half a second (within 30 s)."""
-    last = count()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        time.sleep(0.5)  # the poll interval
-        now = count()
-        if now == last:
-            return now
-        last = now
-    raise AssertionError("the count kept moving for 30 s")
+    seen: list[int] = []  # one reading per try, half a second apart
+
+    def settled() -> bool:
+        seen.append(count())
+        return len(seen) >= 2 and seen[-1] == seen[-2]
+
+    wait_for(settled, timeout=30, interval=0.5, message="the count to stop moving")
+    return seen[-1]
 
 
+@pytest.mark.slow
 def test_an_idle_keep_alive_connection_is_closed_after_the_timeout(
         servers: tuple[Server, Server], tokens: dict[str, str]) -> None:
     fast, _ = servers
@@ -209,7 +210,7 @@ def send_until_answered(port: int, head: bytes, filler: bytes, limit: int) -> tu
     deadline = time.monotonic() + 60
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.setblocking(False)
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline:  # not a wait: select blocks on the socket
             want_write = sent < limit and not received
             readable, writable, _ = select.select([sock], [sock] if want_write else [], [], 10)
             if readable:
@@ -281,6 +282,7 @@ def pipeline_unread(port: int, request: bytes, limit: int) -> int:
     return sent
 
 
+@pytest.mark.slow
 def test_pipelined_requests_of_a_client_that_never_reads_are_not_read_on_every_path(
         servers: tuple[Server, Server]) -> None:
     # Each request waiting to be answered the ASGI way costs the server a few KB; read
@@ -294,11 +296,11 @@ def test_pipelined_requests_of_a_client_that_never_reads_are_not_read_on_every_p
 
 
 def poll(seconds: float) -> Iterator[None]:
-    """Yields every 50 ms for `seconds`."""
+    """Yields every 50 ms for `seconds`: samples over a span of time, not a wait."""
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline:  # not a wait: a sampling window
         yield
-        time.sleep(0.05)
+        time.sleep(0.05)  # not a wait: the sampling rate
 
 
 def test_many_pipelined_requests_on_both_ways_are_all_answered_in_order(
@@ -358,6 +360,7 @@ def _events_after_marker(dsn: str, server: Server, message: dict[str, Any]) -> l
     return [tuple(row) for row in wait_for(events, timeout=15, message="the marker click")]
 
 
+@pytest.mark.slow
 def test_a_pixel_whose_body_is_refused_is_not_recorded(
         servers: tuple[Server, Server], tokens: dict[str, str], module_dsn: str) -> None:
     for server in servers:
@@ -368,6 +371,7 @@ def test_a_pixel_whose_body_is_refused_is_not_recorded(
         assert _events_after_marker(module_dsn, server, message) == [("click", 1)]
 
 
+@pytest.mark.slow
 def test_a_click_whose_body_never_comes_is_not_recorded(
         servers: tuple[Server, Server], tokens: dict[str, str], module_dsn: str) -> None:
     for server in servers:
@@ -399,6 +403,7 @@ def test_expect_100_continue_on_a_tracking_path_is_answered_then_the_request(
         assert answer.startswith(b"HTTP/1.1 302 " if kind == "click" else b"HTTP/1.1 200 ")
 
 
+@pytest.mark.slow
 def test_a_request_head_that_does_not_arrive_in_time_is_refused_with_408(
         servers: tuple[Server, Server], tokens: dict[str, str]) -> None:
     # Slowloris: heads dripped a byte at a time, to both ways; connections that say
@@ -418,7 +423,7 @@ def test_a_request_head_that_does_not_arrive_in_time_is_refused_with_408(
     outcomes: dict[int, tuple[float, bytes]] = {}
     try:
         deadline = started + 40
-        while len(outcomes) < len(clients) and time.monotonic() < deadline:
+        while len(outcomes) < len(clients) and time.monotonic() < deadline:  # not a wait: paced
             for index, (sock, head) in enumerate(clients):
                 if index in outcomes:
                     continue
@@ -435,7 +440,7 @@ def test_a_request_head_that_does_not_arrive_in_time_is_refused_with_408(
                 except ConnectionResetError:
                     received = b""
                 outcomes[index] = (time.monotonic() - started, received)
-            time.sleep(0.5)  # the dripping's pace
+            time.sleep(0.5)  # not a wait: the dripping's pace, the behaviour under test
     finally:
         for sock, _ in clients:
             sock.close()

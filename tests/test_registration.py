@@ -77,6 +77,7 @@ def _batch(n: int, html: str | None = None) -> dict[str, Any]:
                          for i in range(n)]}
 
 
+@pytest.mark.slow
 def test_a_batch_of_a_thousand_messages_is_registered_in_one_call(
         api: httpx.Client, module_dsn: str) -> None:
     campaign_id = campaign(api)
@@ -199,7 +200,7 @@ async def test_a_big_batch_hands_the_event_loop_back_while_it_is_parsed() -> Non
     async def other_work() -> None:
         while not parsed:
             turns.append(1)
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # not a wait: one turn of the loop, what is counted
 
     async def parse() -> None:
         parsed.append(await parse_batch(body))

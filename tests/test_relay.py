@@ -267,6 +267,7 @@ def assert_redirects_to_originals(original: str, instrumented: str, server: Serv
 
 # --- tests --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_each_recipient_gets_an_instrumented_copy_of_their_own(
         server: Server, key: str, api: Client, campaign: str,
         sink: tuple[Sink, int]) -> None:
@@ -375,6 +376,7 @@ def test_a_message_without_the_header_arrives_byte_for_byte(
     assert handler.stats.passed_through == 1
 
 
+@pytest.mark.slow
 def test_with_the_tracker_stopped_mail_goes_on_uninstrumented_and_is_logged_once(
         module_dsn: str, key: str, campaign: str, sink: tuple[Sink, int],
         tmp_path: Path) -> None:
@@ -440,6 +442,7 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return cert, key
 
 
+@pytest.mark.slow
 def test_starttls_and_auth_to_the_upstream(server: Server, key: str, campaign: str,
                                            certificate: tuple[Path, Path]) -> None:
     cert, cert_key = certificate
@@ -508,6 +511,7 @@ def test_only_the_x_tracker_fields_leave_the_header() -> None:
     assert Mail.parse(b"Subject: no campaign\r\n\r\nbody\r\n").campaign is None
 
 
+@pytest.mark.slow
 def test_the_relay_command_serves_until_sigterm(server: Server, key: str, campaign: str,
                                                 sink: tuple[Sink, int]) -> None:
     upstream_sink, upstream_port = sink
@@ -563,6 +567,7 @@ def _ended(process: subprocess.Popen[bytes], timeout: float = 30) -> str:
 
 
 @pytest.mark.parametrize("given", ["variable", "flag"])
+@pytest.mark.slow
 def test_a_relay_whose_key_the_api_refuses_stops_at_start_in_one_line(
         server: Server, sink: tuple[Sink, int], given: str) -> None:
     wrong = "tk_1_deadbeef_" + "x" * 43
@@ -581,6 +586,7 @@ def test_a_relay_whose_key_the_api_refuses_stops_at_start_in_one_line(
         assert probe.connect_ex(("127.0.0.1", port)) != 0, "it listened for mail"
 
 
+@pytest.mark.slow
 def test_a_relay_pointed_at_something_else_than_the_api_names_the_url(
         server: Server, key: str, sink: tuple[Sink, int]) -> None:
     process = _relay_command(free_port(), server.url + "/elsewhere", sink[1],
@@ -592,6 +598,7 @@ def test_a_relay_pointed_at_something_else_than_the_api_names_the_url(
                            "tracker API"), line
 
 
+@pytest.mark.slow
 def test_a_relay_started_while_the_api_is_down_relays_and_checks_the_key_once_it_answers(
         module_dsn: str, tmp_path: Path, sink: tuple[Sink, int]) -> None:
     # Down at start (the relay and the server started together, say): mail must not wait

@@ -27,11 +27,12 @@ from tracker.ingest.pipeline import CLICK, OPEN, Event, event_id
 from tracker.ingest.rules import load_rules
 from tracker.store import accounts, campaigns, reports
 from tracker.store.database import connect
-from tracker.store.embedded_db import EmbeddedPostgres
 from tracker.store.migrations import migrate
 from tracker.store.queries import sql_dir
 from tracker.store.rollups import HONEYPOT_URL_ID, relabel_windows
 from tracker.store.writer import BatchWriter
+
+from .support import connected
 
 ZONES = ("UTC", "Asia/Kolkata", "Asia/Kathmandu", "America/St_Johns", "Europe/Berlin")
 WINDOWS_US = {reason: span // timedelta(microseconds=1)
@@ -195,13 +196,6 @@ def expected_labels(stored: Iterable[Event]) -> dict[int, tuple[bool, set[str | 
 
 
 @pytest.fixture
-async def db(dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await connect(dsn)
-    yield conn
-    await conn.close()
-
-
-@pytest.fixture
 async def writers(dsn: str) -> AsyncIterator[list[BatchWriter]]:
     """Two writers, as two server workers would have, each with its own connection."""
     made = [BatchWriter(lambda: connect(dsn), batch_size=1000, interval_s=3600,
@@ -318,6 +312,7 @@ def deliveries(events: list[Event], rng: random.Random) -> list[list[Event]]:
 
 
 @pytest.mark.parametrize("seed", range(12))
+@pytest.mark.slow
 async def test_rollup_report_equals_recomputation_for_random_workloads(
         db: asyncpg.Connection, writers: list[BatchWriter], seed: int) -> None:
     rng = random.Random(seed)
@@ -345,6 +340,7 @@ async def test_rollup_report_equals_recomputation_for_random_workloads(
 
 
 @pytest.mark.parametrize("seed", range(6))
+@pytest.mark.slow
 async def test_rollups_stay_exact_with_many_writers_writing_at_once(
         dsn: str, db: asyncpg.Connection, seed: int) -> None:
     """Four workers' writers, two connections each, all writing at the same time: up to
@@ -485,6 +481,7 @@ async def test_clicks_labelled_honeypot_after_a_hit_do_not_extend_its_window(
     await assert_report_is_recomputation(db, c)
 
 
+@pytest.mark.slow
 async def test_concurrent_writers_relabel_a_click_and_its_trigger_written_at_once(
         dsn: str, db: asyncpg.Connection, writers: list[BatchWriter]) -> None:
     """A reader's click and a burst click of the same message, flushed at the same moment
@@ -570,18 +567,12 @@ async def test_messages_are_counted_as_they_are_registered_and_deleted(
 
 
 async def test_the_migration_rolls_up_events_written_before_it(
-        postgres: EmbeddedPostgres, template_dsn: str, tmp_path: Path) -> None:
+        empty_dsn: str, tmp_path: Path) -> None:
     """An installation that has events from before the rollups gets the same report."""
-    running = postgres.running()
-    assert running is not None
     first = tmp_path / "sql"
     first.mkdir()
     (first / "0001_initial.sql").write_text((sql_dir() / "0001_initial.sql").read_text())
-    admin = await asyncpg.connect(running.dsn("postgres"))
-    await admin.execute("create database before_rollups")
-    await admin.close()
-    conn = await connect(running.dsn("before_rollups"))
-    try:
+    async with connected(empty_dsn) as conn:
         await migrate(conn, first)
         # Plain SQL on the version 1 schema: the code's queries follow the newest one.
         account = await conn.fetchval("insert into accounts (name) values ('old') returning id")
@@ -610,5 +601,3 @@ async def test_the_migration_rolls_up_events_written_before_it(
         applied = [m.version for m in await migrate(conn)]
         assert applied[0] == 2
         await assert_report_is_recomputation(conn, c, ZONES)
-    finally:
-        await conn.close()

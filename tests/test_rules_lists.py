@@ -216,6 +216,7 @@ def _lists_dir(data_dir: Path) -> Path:
     return data_dir / "rules" / "lists"
 
 
+@pytest.mark.slow
 def test_update_writes_every_list_with_its_header_then_reports_unchanged(
         publisher: _Publisher, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     publisher.serve(_publisher_files(SCALE))
@@ -250,6 +251,7 @@ def test_update_writes_every_list_with_its_header_then_reports_unchanged(
     ("endpoints-worldwide.json", (200, "application/json", b'[{"ips": ["10.0.0.0/8"]}]'),
      "not a public network"),
 ])
+@pytest.mark.slow
 def test_a_failed_list_keeps_the_copy_in_use_and_the_exit_status_says_so(
         publisher: _Publisher, tmp_path: Path, capsys: pytest.CaptureFixture[str],
         broken: str, answer: tuple[int, str, bytes] | None, why: str) -> None:
@@ -275,6 +277,7 @@ def test_a_failed_list_keeps_the_copy_in_use_and_the_exit_status_says_so(
     assert len(changed) == 3  # the other lists were updated; the failed one is as it was
 
 
+@pytest.mark.slow
 def test_a_list_that_shrank_by_half_is_refused(
         publisher: _Publisher, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     publisher.serve(_publisher_files(SCALE))
@@ -287,6 +290,7 @@ def test_a_list_that_shrank_by_half_is_refused(
     assert (_lists_dir(tmp_path) / "aws.txt").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_an_unreachable_publisher_fails_every_list_without_a_traceback(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     server = _Publisher()
@@ -298,6 +302,7 @@ def test_an_unreachable_publisher_fails_every_list_without_a_traceback(
     assert not _lists_dir(tmp_path).exists() or not any(_lists_dir(tmp_path).iterdir())
 
 
+@pytest.mark.slow
 def test_a_mirror_directory_serves_air_gapped_installs(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     mirror = tmp_path / "mirror"

@@ -116,6 +116,7 @@ def test_open_round_trip_over_arbitrary_ids(account: int, campaign: int, message
 @given(account=ids, campaign=ids, message=ids, position=positions, url_id=ids, url=urls,
        sent_at=times, flags=st.integers(0, 255))
 @settings(max_examples=300)
+@pytest.mark.slow
 def test_click_round_trip_over_arbitrary_ids_positions_and_urls(
         account: int, campaign: int, message: int, position: int, url_id: int, url: str,
         sent_at: int, flags: int) -> None:

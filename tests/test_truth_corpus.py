@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 TRUTH = ROOT / "benchmarks" / "truth"
 LABELS = {"apple_mpp": "machine", "scanner": "machine", "bot": "machine",
@@ -51,6 +53,7 @@ def test_every_device_line_names_a_class_and_its_source_once() -> None:
         assert isinstance(line["matomo_type"], str) and line["source"], raw
 
 
+@pytest.mark.slow
 def test_truth_scores_a_slice_and_prints_the_goals(tmp_path: Path) -> None:
     corpus = [raw for raw, _ in _lines("corpus.jsonl")]
     devices = [raw for raw, _ in _lines("devices.jsonl")]

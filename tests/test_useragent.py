@@ -108,6 +108,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_index_finds_what_matomos_loop_finds(cache_dir: Path) -> None:
     index = devices.load(cache_dir)
     assert index is not None
@@ -138,6 +139,7 @@ def test_cache_is_read_back_not_rebuilt(cache_dir: Path, tmp_path: Path) -> None
 
 # --- degraded ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_corrupt_rules_give_no_index_and_one_warning(tmp_path: Path,
                                                      caplog: pytest.LogCaptureFixture) -> None:
     rules = tmp_path / "device"
@@ -150,6 +152,7 @@ def test_corrupt_rules_give_no_index_and_one_warning(tmp_path: Path,
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.slow
 def test_a_corrupt_cache_is_rebuilt_with_one_warning(cache_dir: Path, tmp_path: Path,
                                                      caplog: pytest.LogCaptureFixture) -> None:
     [cache] = cache_dir.glob("devices-*.json")
@@ -162,6 +165,7 @@ def test_a_corrupt_cache_is_rebuilt_with_one_warning(cache_dir: Path, tmp_path: 
     assert (tmp_path / cache.name).read_bytes() == cache.read_bytes()  # rebuilt, whole
 
 
+@pytest.mark.slow
 def test_without_the_packages_rules_classes_come_from_tokens(tmp_path: Path) -> None:
     """A `device_detector` package with no rules in it, found first on the path: tracker
     classify still answers, from tokens (a tablet that says Mobile passes for a phone, an

@@ -10,7 +10,8 @@ import pytest
 
 from tests.support import Server, socket_inodes, wait_for, worker_pids
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc; SO_REUSEPORT")
+pytestmark = [pytest.mark.skipif(sys.platform != "linux", reason="reads /proc; SO_REUSEPORT"),
+              pytest.mark.slow]
 
 
 def _tcp(port: int, state: str) -> set[int]:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
 
 import asyncpg
 import pytest
@@ -29,9 +28,8 @@ from tracker.ingest.useragent import parse_agent
 from tracker.store.database import connect
 from tracker.store.writer import DEFAULT_CONNECTIONS, BatchWriter, Connect
 
-from .support import free_port
+from .support import unreachable_dsn, wait_for_async
 
-T = TypeVar("T")
 ACCOUNT = 7
 CAMPAIGN = 70
 CHROME = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
@@ -79,25 +77,6 @@ def expected(record: EventRecord) -> tuple[object, ...]:
         else:
             converted.append(value)
     return tuple(converted)
-
-
-async def wait_until(predicate: Callable[[], Awaitable[T]], within: float = 30.0,
-                     message: str = "condition") -> T:
-    deadline = time.monotonic() + within
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {message}")
-        await asyncio.sleep(0.02)
-
-
-@pytest.fixture
-async def db(dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(dsn)
-    yield conn
-    await conn.close()
 
 
 class Writers:
@@ -253,6 +232,7 @@ async def test_flush_splits_into_batches_of_batch_size(
     assert len(await stored(db)) == 8
 
 
+@pytest.mark.slow
 async def test_batches_of_different_lanes_are_written_at_once(
         writers: Writers, db: asyncpg.Connection) -> None:
     await slow_inserts(db, 0.3)
@@ -267,7 +247,7 @@ async def test_batches_of_different_lanes_are_written_at_once(
             "select count(*) from pg_stat_activity where application_name = 'tracker' "
             "and state = 'active' and query like '%insert into events%'")) == 2
 
-    await wait_until(two_inserting, message="two batches to be written at once")
+    await wait_for_async(two_inserting, message="two batches to be written at once")
     assert await flushing == 400
     assert sorted(map(as_tuple, await stored(db))) == sorted(expected(r) for r in batch)
     assert writer.stats.duplicates == 0
@@ -340,7 +320,7 @@ async def test_a_full_batch_wakes_the_writer_without_flush(
         return (int(await db.fetchval("select count(*) from events")) == 3
                 and writer.buffered == 0)
 
-    assert await wait_until(written, message="the full batch to be written")
+    assert await wait_for_async(written, message="the full batch to be written")
 
 
 async def test_the_interval_flushes_without_flush(
@@ -354,13 +334,13 @@ async def test_the_interval_flushes_without_flush(
         count = int(await db.fetchval("select count(*) from events"))
         return count if writer.buffered == 0 else 0
 
-    assert await wait_until(lambda: written(), message="the timer to flush") == 1
+    assert await wait_for_async(lambda: written(), message="the timer to flush") == 1
     assert writer.stats.batches >= 1
 
 
 async def test_flush_raises_and_keeps_rows_when_the_database_is_unreachable(
         writers: Writers) -> None:
-    closed = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    closed = unreachable_dsn()
     writer = writers(connect_fn=lambda: connect(closed))
     batch = rows(3)
     for item in batch:
@@ -372,7 +352,7 @@ async def test_flush_raises_and_keeps_rows_when_the_database_is_unreachable(
 
 async def test_rows_stay_buffered_while_connect_fails_and_are_written_after(
         writers: Writers, dsn: str, db: asyncpg.Connection) -> None:
-    closed = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    closed = unreachable_dsn()
     attempts = {"failed": 0}
     up = asyncio.Event()
 
@@ -391,7 +371,7 @@ async def test_rows_stay_buffered_while_connect_fails_and_are_written_after(
     async def failed_twice() -> bool:
         return attempts["failed"] >= 2 and writer.stats.failures >= 2
 
-    await wait_until(failed_twice, message="the writer to retry against a closed port")
+    await wait_for_async(failed_twice, message="the writer to retry against a closed port")
     assert writer.buffered == 3
     assert not writer.healthy
     for item in later:
@@ -405,7 +385,7 @@ async def test_rows_stay_buffered_while_connect_fails_and_are_written_after(
         return bool(await db.fetchval("select count(*) from events") == 5
                     and writer.buffered == 0 and writer.healthy)
 
-    await wait_until(all_written, message="the buffered rows to be written once connect works")
+    await wait_for_async(all_written, message="the buffered rows to be written once connect works")
     assert (sorted(as_tuple(r) for r in await stored(db))
             == sorted(expected(b) for b in first + later))
 
@@ -446,7 +426,7 @@ async def test_close_without_start_flushes_too(writers: Writers, db: asyncpg.Con
 
 
 async def test_close_reports_rows_it_could_not_write(writers: Writers) -> None:
-    closed = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    closed = unreachable_dsn()
     writer = writers(connect_fn=lambda: connect(closed))
     for item in rows(2):
         writer.add(item)
@@ -489,6 +469,7 @@ def test_event_ids_are_unique_uuid7() -> None:
     assert {i.int >> 80 for i in made} == {at_us // 1000}
 
 
+@pytest.mark.slow
 async def test_close_during_a_background_write_still_writes_everything_once(
         writers: Writers, db: asyncpg.Connection) -> None:
     # Every insert into events takes a moment, so close() lands inside a write for certain.
@@ -503,7 +484,7 @@ async def test_close_during_a_background_write_still_writes_everything_once(
             "select count(*) from pg_stat_activity where application_name = 'tracker' "
             "and state = 'active' and query like '%insert into events%'"))
 
-    await wait_until(inserting, message="the background write to be under way")
+    await wait_for_async(inserting, message="the background write to be under way")
     assert await writer.close(10.0) == 0
     assert await db.fetchval("select count(*) from events") == 1500
 
@@ -522,6 +503,7 @@ class _PausesAfterFirstBegin(asyncpg.Connection):  # type: ignore[misc]
         return result
 
 
+@pytest.mark.slow
 async def test_close_that_cancels_a_write_just_after_begin_loses_nothing(
         writers: Writers, dsn: str, db: asyncpg.Connection) -> None:
     paused = asyncio.Event()

@@ -10,18 +10,21 @@ from tracker.ingest.tokens import Signer, SigningKeyError
 from tracker.lifespan import Runtime
 from tracker.settings import Settings, SettingsError, load
 from tracker.web.api import build_api
+from tracker.web.request_metrics import RequestMetrics
 
 
 def create_app(settings: Settings, signer: Signer, dsn: str) -> ASGIApp:
     runtime = Runtime(settings, signer, dsn)
-    return FastPath(build_api(runtime), runtime)
+    app = FastPath(RequestMetrics(build_api(runtime), runtime.metrics), runtime)
+    runtime.collector.tracking_answers = lambda: app.answered
+    return app
 
 
 def create_app_from_env() -> ASGIApp:
     """The factory each worker process calls. `tracker serve` has resolved the database
     and the signing keys and handed them down as TRACKER_DATABASE_URL and TRACKER_SECRET_KEY."""
     settings = load()
-    logs.configure(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
     # The event loop answers hits; CPU-bound work that would hold it (a registration
     # batch, journal reads and spills) runs in threads. A thread holding the interpreter
     # gives it back when the loop asks after this long (Python's default is 5 ms, most

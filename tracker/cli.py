@@ -13,16 +13,17 @@ import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import orjson
 
-from tracker import logs
+from tracker import __version__, logs
 from tracker.ingest import geo
 from tracker.ingest.rules import RulesError, load_rules
 from tracker.ingest.rules.lists import LIST_NAMES
-from tracker.ingest.signing_keys import signing_keys
+from tracker.ingest.signing_keys import KEY_FILE, signing_keys
 from tracker.settings import SETTINGS, Settings, SettingsError, load, retired_settings
 from tracker.store import accounts, datadir
 from tracker.store.database import connect, use_database, wait_until_reachable
@@ -43,7 +44,7 @@ class CommandError(Exception):
 def _settings(args: argparse.Namespace) -> Settings:
     overrides = {s.env: getattr(args, s.field, None) for s in SETTINGS}
     settings = load(overrides={k: v for k, v in overrides.items() if v is not None})
-    logs.configure(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
     for warning in retired_settings():
         log.warning("%s", warning)
     if settings.rules is not None:
@@ -283,6 +284,40 @@ def cmd_policy_describe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backup(args: argparse.Namespace) -> int:
+    from tracker.store.backup import dump
+
+    settings = _settings(args)
+    archive = Path(args.file).resolve()
+    with _database(settings) as dsn:
+        dump(dsn, archive)
+    print(f"backed up the database to {archive} ({archive.stat().st_size:,} bytes)")
+    print(f"the signing keys are not in it: keep {_keys_named(settings)} with it; without "
+          "them every pixel and link already sent stops working", file=sys.stderr)
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from tracker.store.backup import restore
+
+    settings = _settings(args)
+    with _database(settings, create=True) as dsn:
+        restore(dsn, Path(args.file))
+        applied = asyncio.run(_migrate(dsn))
+    print(f"restored {args.file}" + (f"; applied {', '.join(applied)}" if applied else ""))
+    if not settings.secret_key and not (settings.data_dir / KEY_FILE).exists():
+        print(f"tracker: put the backed-up signing keys in place before serving: "
+              f"{_keys_named(settings)}; a new key would leave every pixel and link already "
+              "sent dead", file=sys.stderr)
+    return 0
+
+
+def _keys_named(settings: Settings) -> str:
+    if settings.secret_key or settings.database_url:
+        return "TRACKER_SECRET_KEY"
+    return str(settings.data_dir.resolve() / KEY_FILE)
+
+
 def cmd_geoip_fetch(args: argparse.Namespace) -> int:
     from tracker.ingest.geoip_fetch import fetch_dbip_city_lite
 
@@ -488,6 +523,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tracker", description="Email open and click analytics.")
+    parser.add_argument("--version", action="version", version=f"tracker {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the server (embedded PostgreSQL by default)")
@@ -497,6 +533,19 @@ def build_parser() -> argparse.ArgumentParser:
     migrate_cmd = commands.add_parser("migrate", help="apply pending database migrations")
     _add_setting_flags(migrate_cmd, ("database_url", "data_dir"))
     migrate_cmd.set_defaults(run=cmd_migrate)
+
+    backup_cmd = commands.add_parser(
+        "backup", help="dump the database into one archive (pg_dump's custom format); the "
+        "signing keys are not in it: keep them with it (docs/operations.md)")
+    backup_cmd.add_argument("file", help="the archive to write")
+    _add_setting_flags(backup_cmd, ("database_url", "data_dir"))
+    backup_cmd.set_defaults(run=cmd_backup)
+    restore_cmd = commands.add_parser(
+        "restore", help="restore an archive of tracker backup into an empty database (a new "
+        "data dir, or a new external database), then migrate it")
+    restore_cmd.add_argument("file", help="the archive to read")
+    _add_setting_flags(restore_cmd, ("database_url", "data_dir"))
+    restore_cmd.set_defaults(run=cmd_restore)
 
     account_cmd = commands.add_parser("accounts", help="manage accounts")
     account_sub = account_cmd.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -628,11 +677,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     from tracker.ingest.geoip_fetch import GeoFetchError
+    from tracker.store.backup import BackupError
 
     return (CommandError, SettingsError, EmbeddedDatabaseError, MigrationError, OSError,
             datadir.DataDirInUse,
             asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError, geo.GeoDatabaseError,
-            GeoFetchError)
+            GeoFetchError, BackupError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

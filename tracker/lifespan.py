@@ -27,6 +27,7 @@ from tracker.settings import Settings
 from tracker.store.database import connect, create_pool
 from tracker.store.journal import Journal
 from tracker.store.queries import QUERIES
+from tracker.store.replica import ReadReplica
 from tracker.store.rollups import relabel_windows
 from tracker.store.writer import BatchWriter
 from tracker.web.metrics import Metrics, MetricsCollector, SharedSnapshots, observe_flushes
@@ -36,6 +37,9 @@ log = logging.getLogger("tracker.lifespan")
 
 _GEO_WATCH_S = 5.0
 _SHUTDOWN_FLUSH_TIMEOUT_S = 10.0
+# How long the API waits, after a privacy change, for the read replica to replay it
+# before answering; a replica that takes longer is not read until it has.
+_REPLICA_CATCH_UP_S = 5.0
 
 
 class Runtime:
@@ -60,6 +64,8 @@ class Runtime:
         self.auth_throttle = AuthThrottle()
         self._publish: asyncio.Task[None] | None = None
         self._pool: asyncpg.Pool | None = None
+        self.replica: ReadReplica | None = None
+        self.collector.replica = lambda: self.replica
         self.writer: BatchWriter | None = None
         self.capture: Capture | None = None
         self._geo_watch: asyncio.Task[None] | None = None
@@ -70,8 +76,21 @@ class Runtime:
             raise RuntimeError("the runtime is not started")
         return self._pool
 
+    @property
+    def read_pool(self) -> asyncpg.Pool:
+        """Where reports, the dashboard, lists and exports read: the replica
+        (TRACKER_READ_DATABASE_URL) while it is close enough to the primary, else the
+        primary. Writes, authentication and privacy changes always use `pool`."""
+        if self.replica is not None:
+            return self.replica.pool_for_reading()
+        return self.pool
+
     async def start(self) -> None:
         self._pool = await create_pool(self.dsn)
+        if self.settings.read_database_url:
+            self.replica = ReadReplica(self._pool, self.settings.read_database_url,
+                                       max_lag_s=self.settings.read_max_lag_s)
+            await self.replica.start()
         self.privacy.open()  # before the books are read: a change made meanwhile is seen
         await self._read_privacy_changes()
         journal = self._open_journal()
@@ -125,6 +144,8 @@ class Runtime:
                     await task
         if self.writer is not None:
             await self.writer.close(_SHUTDOWN_FLUSH_TIMEOUT_S)
+        if self.replica is not None:
+            await self.replica.stop()
         if self._pool is not None:
             await self._pool.close()
 
@@ -171,6 +192,13 @@ class Runtime:
         before the API answers (privacy/sync.py); an erasure also has every worker write
         out what it captured before."""
         await self.privacy.changed(erasure)
+        await self.readers_caught_up()
+
+    async def readers_caught_up(self) -> None:
+        """Before the API answers a privacy change: the read replica has replayed it, or
+        is not read until it has."""
+        if self.replica is not None:
+            await self.replica.caught_up(_REPLICA_CATCH_UP_S)
 
     async def _adopt_fetched_geo_database(self, pipeline: Pipeline) -> None:
         """`tracker serve` may be fetching the geo database; start locating once it lands."""

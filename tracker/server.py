@@ -21,6 +21,7 @@ import socket
 import sys
 from typing import Any
 
+from tracker import logs
 from tracker.settings import Settings, SettingsError
 
 log = logging.getLogger("tracker.server")
@@ -115,6 +116,9 @@ def run(settings: Settings, env: dict[str, str]) -> None:
         date_header=False,
         timeout_graceful_shutdown=_WORKER_SHUTDOWN_S,
     )
+    log_config = logs.uvicorn_config(settings.log_format)
+    if log_config is not None:  # else uvicorn's own
+        options["log_config"] = log_config
     if settings.workers == 1 or not _SHARES_PORTS:
         uvicorn.run(APP_FACTORY, **options)
         return

@@ -144,6 +144,12 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("TRACKER_DATABASE_URL", "", "external PostgreSQL DSN; unset: embedded PostgreSQL",
             _database_url),
+    Setting("TRACKER_READ_DATABASE_URL", "", "a streaming replica of the database for reading: "
+            "reports, the dashboard, lists and exports; unset: everything reads the primary",
+            _database_url),
+    Setting("TRACKER_READ_MAX_LAG_S", "10", "seconds a replica may be behind the primary and "
+            "still be read; past it reads go to the primary until it catches up",
+            _positive_int),
     Setting("TRACKER_DATA_DIR", "./tracker-data",
             "embedded database, generated secret, local journal", _path),
     Setting("TRACKER_CACHE_DIR", "", "data tracker derives from its dependencies and "
@@ -181,6 +187,8 @@ SETTINGS: tuple[Setting, ...] = (
             _choice("memory", "journal")),
     Setting("TRACKER_LOG_LEVEL", "info", "debug, info, warning or error",
             _choice("debug", "info", "warning", "error")),
+    Setting("TRACKER_LOG_FORMAT", "text", "text: a line a person reads; json: one JSON object "
+            "per line (time, level, logger, message), for a log shipper", _choice("text", "json")),
     Setting("TRACKER_RULES", "", "TOML file laid over the packaged classification rules "
             "(thresholds, patterns, Apple proxy ranges; see tracker/ingest/rules/README.md)",
             _rules_file),
@@ -216,6 +224,8 @@ def _check_retired(environ: Mapping[str, str]) -> None:
 @dataclass(frozen=True)
 class Settings:
     database_url: str | None
+    read_database_url: str | None
+    read_max_lag_s: int
     data_dir: Path
     cache_dir: Path | None
     secret_key: str | None
@@ -233,6 +243,7 @@ class Settings:
     journal_max_bytes: int
     durability: str
     log_level: str
+    log_format: str
     rules: Path | None
     # The variables given as CLI flags: messages name a setting as the user gave it.
     flags: frozenset[str] = frozenset()

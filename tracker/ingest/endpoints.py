@@ -64,6 +64,11 @@ _WIRE_NOT_FOUND_HEAD = wire_response(_NOT_FOUND_START, _EMPTY_BODY)
 _WIRE_NOT_ALLOWED = wire_response(_NOT_ALLOWED_START, _NOT_ALLOWED_BODY)
 _WIRE_REDIRECT_START = b"HTTP/1.1 302 Found\r\nlocation: "
 _WIRE_REDIRECT_END = b"\r\ncache-control: no-store\r\ncontent-length: 0\r\n\r\n"
+
+# The tracking answers by endpoint and status, counted in `FastPath.answered` as plain
+# integers (an index each): /metrics reads them at scrape time (web/metrics.py).
+ANSWERS = (("open", 200), ("open", 405), ("click", 302), ("click", 404), ("click", 405))
+_OPEN_200, _OPEN_405, _CLICK_302, _CLICK_404, _CLICK_405 = range(len(ANSWERS))
 class Lifecycle(Protocol):
     capture: Capture | None
 
@@ -78,6 +83,7 @@ class FastPath:
     def __init__(self, fallback: ASGIApp, runtime: Lifecycle) -> None:
         self._fallback = fallback
         self._runtime = runtime
+        self.answered = [0] * len(ANSWERS)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -120,18 +126,22 @@ class FastPath:
         `defer_click`)."""
         capture = self._runtime.capture
         method = scope["method"]
-        if method != "GET" and method != "HEAD":
-            return _WIRE_NOT_ALLOWED
         path: str = scope["path"]
+        if method != "GET" and method != "HEAD":
+            self.answered[_OPEN_405 if path[1] == "o" else _CLICK_405] += 1
+            return _WIRE_NOT_ALLOWED
         if path.startswith("/o/"):
             if capture is not None:
                 capture.defer_open(scope)
+            self.answered[_OPEN_200] += 1
             return _WIRE_PIXEL if method == "GET" else _WIRE_PIXEL_HEAD
         token = capture.signer.verify_click(path[3:]) if capture else None
         if capture is not None:
             capture.defer_click(scope, token)
         if token is None:
+            self.answered[_CLICK_404] += 1
             return _WIRE_NOT_FOUND if method == "GET" else _WIRE_NOT_FOUND_HEAD
+        self.answered[_CLICK_302] += 1
         return _WIRE_REDIRECT_START + token.destination + _WIRE_REDIRECT_END
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -157,9 +167,11 @@ class FastPath:
         """Whatever happens, render the image: a broken image in a reader's mail is our fault."""
         method = scope["method"]
         if method != "GET" and method != "HEAD":
+            self.answered[_OPEN_405] += 1
             await send(_NOT_ALLOWED_START)
             await send(_NOT_ALLOWED_BODY)
             return
+        self.answered[_OPEN_200] += 1
         capture = self._capture()
         if capture is not None and capture.durable:
             capture.open(scope)  # recorded and on disk before the answer
@@ -173,17 +185,20 @@ class FastPath:
     async def _click(self, scope: Scope, send: Send) -> None:
         method = scope["method"]
         if method != "GET" and method != "HEAD":
+            self.answered[_CLICK_405] += 1
             await send(_NOT_ALLOWED_START)
             await send(_NOT_ALLOWED_BODY)
             return
         capture = self._capture()
         token = capture.signer.verify_click(scope["path"][3:]) if capture else None
         if token is None or capture is None:
+            self.answered[_CLICK_404] += 1
             if capture is not None:
                 capture.record(CLICK, scope, None, 0)
             await send(_NOT_FOUND_START)
             await send(_NOT_FOUND_BODY if method == "GET" else _EMPTY_BODY)
             return
+        self.answered[_CLICK_302] += 1
         if capture.durable:
             capture.click(scope, token)  # recorded and on disk before the answer
             await capture.synced()

@@ -200,7 +200,8 @@ def _main(argv: Sequence[str]) -> int:
     """`python -m tracker.geoip_fetch DATA_DIR`: what fetch_in_background runs."""
     from tracker import logs
 
-    logs.configure(os.environ.get("TRACKER_LOG_LEVEL", "info"))
+    logs.configure(os.environ.get("TRACKER_LOG_LEVEL", "info"),
+                   os.environ.get("TRACKER_LOG_FORMAT", "text"))
     dest_dir = Path(argv[0]) / "geoip"
     try:
         path = fetch_dbip_city_lite(dest_dir)

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from tracker.ingest.tokens import Signer, SigningKeyError, generate_key
 from tracker.settings import Settings, SettingsError
 
+log = logging.getLogger("tracker.signing_keys")
+
 KEY_FILE = "secret_key"
+# Every pixel and link already sent carries a signature made with this key: without it they
+# all become unverifiable (pixels record nothing, links answer 404) and nothing can bring
+# them back. Said when the key is made and at every start that uses it.
+_BACK_IT_UP = ("back it up with the database (docs/operations.md): if it is lost, every "
+               "pixel and link already sent stops working")
 
 
 def signing_keys(settings: Settings) -> str:
@@ -31,9 +39,12 @@ def signing_keys(settings: Settings) -> str:
 def _stored_key(data_dir: Path) -> str:
     path = data_dir / KEY_FILE
     try:
-        return path.read_text().strip()
+        key = path.read_text().strip()
     except FileNotFoundError:
         pass
+    else:
+        log.info("signing key: %s; %s", path, _BACK_IT_UP)
+        return key
     data_dir.mkdir(parents=True, exist_ok=True)
     key = generate_key()
     # O_EXCL: if two processes race here, the loser reads the winner's key.
@@ -45,4 +56,5 @@ def _stored_key(data_dir: Path) -> str:
         handle.write(key + "\n")
         handle.flush()
         os.fsync(handle.fileno())
+    log.warning("signing key generated into %s; %s", path, _BACK_IT_UP)
     return key

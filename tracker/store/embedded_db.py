@@ -172,6 +172,21 @@ class EmbeddedPostgres:
             os.close(fd)
         return True
 
+    def make_standby_of(self, primary: Running) -> None:
+        """Make this data dir a streaming standby of `primary` (`pg_basebackup -R`), to be
+        started with `start()`: a read replica from the same binaries, for the tests and
+        the benchmarks."""
+        with self._locked():
+            if self.initialised:
+                raise EmbeddedDatabaseError(f"{self.pgdata} already holds a database")
+            self.pgdata.mkdir(parents=True, exist_ok=True)
+            if self._user:
+                _prepare_for_system_user(self.pgdata, self._user)
+            self.pgdata.chmod(0o700)
+            self._run("pg_basebackup", "-D", str(self.pgdata), "-R", "-X", "stream",
+                      "-c", "fast", "-h", str(primary.socket_dir), "-p", str(primary.port),
+                      "-U", "postgres")
+
     def _initdb_once(self) -> None:
         if (self.pgdata / "PG_VERSION").exists():
             return

@@ -117,6 +117,10 @@ class Queries:
     roll_up_message_links: str
     relabel_near_triggers: str
     roll_up_campaigns: str
+    # sql/operations.sql: the read replica's lag, backup and restore
+    wal_position: str
+    replayed_position: str
+    tables_in_database: str
     # sql/setup.sql: the migrator's bookkeeping, the embedded server's database check
     create_schema_migrations: str
     applied_migrations: str

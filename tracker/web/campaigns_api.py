@@ -74,13 +74,13 @@ async def create_campaign(request: Request, account_id: int) -> Response:
 
 @authenticated
 async def list_campaigns(request: Request, account_id: int) -> Response:
-    rows = await runtime_of(request).pool.fetch(QUERIES.list_campaigns, account_id)
+    rows = await runtime_of(request).read_pool.fetch(QUERIES.list_campaigns, account_id)
     return JSON([campaigns.campaign_json(r) for r in rows])
 
 
 @authenticated
 async def get_campaign(request: Request, account_id: int) -> Response:
-    row = await own_campaign(runtime_of(request).pool, account_id, object_id(request))
+    row = await own_campaign(runtime_of(request).read_pool, account_id, object_id(request))
     return JSON(campaigns.campaign_json(row))
 
 
@@ -149,7 +149,7 @@ async def register_batch(request: Request, account_id: int) -> Response:
 async def campaign_report(request: Request, account_id: int) -> Response:
     campaign_id = object_id(request)
     tz = request.query_params.get("tz", "UTC")
-    async with runtime_of(request).pool.acquire() as conn:
+    async with runtime_of(request).read_pool.acquire() as conn:
         await own_campaign(conn, account_id, campaign_id)
         try:
             report = await reports.campaign_report(conn, account_id, campaign_id, tz)
@@ -160,7 +160,7 @@ async def campaign_report(request: Request, account_id: int) -> Response:
 
 @authenticated
 async def export_events(request: Request, account_id: int) -> Response:
-    pool = runtime_of(request).pool
+    pool = runtime_of(request).read_pool
     campaign_id = object_id(request)
     # The campaign first: another account's campaign is a 404 whatever the format, so a
     # bad format cannot tell whether it exists.
@@ -173,7 +173,7 @@ async def export_events(request: Request, account_id: int) -> Response:
 
 @authenticated
 async def get_message(request: Request, account_id: int) -> Response:
-    activity = await reports.message_activity(runtime_of(request).pool, account_id,
+    activity = await reports.message_activity(runtime_of(request).read_pool, account_id,
                                               object_id(request))
     if activity is None:
         raise HttpError(404, "message not found")

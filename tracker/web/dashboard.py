@@ -276,7 +276,7 @@ class Dashboard:
 
     async def _campaigns(self, request: Request) -> Response:
         visit = await self._signed_in(request)
-        rows = await self._runtime.pool.fetch(QUERIES.list_campaigns, visit.account_id)
+        rows = await self._runtime.read_pool.fetch(QUERIES.list_campaigns, visit.account_id)
         return self._render("campaigns.html", visit, campaigns=[
             {"id": r["id"], "name": r["name"], "created_at": r["created_at"],
              "policy": campaigns.policy_of(r)} for r in rows])
@@ -285,7 +285,7 @@ class Dashboard:
         visit = await self._signed_in(request)
         campaign_id = _object_id(request)
         tz, zone = _zone(request)
-        async with self._runtime.pool.acquire() as conn:
+        async with self._runtime.read_pool.acquire() as conn:
             row = await _own_campaign(conn, visit.account_id, campaign_id)
             report = await reports.campaign_report(conn, visit.account_id, campaign_id, tz)
             recent = await conn.fetch(QUERIES.campaign_messages, visit.account_id, campaign_id,
@@ -301,7 +301,7 @@ class Dashboard:
         tz, zone = _zone(request)
         raw_before = request.query_params.get("before")
         before = _parse_id(raw_before) if raw_before else None
-        async with self._runtime.pool.acquire() as conn:
+        async with self._runtime.read_pool.acquire() as conn:
             row = await _own_campaign(conn, visit.account_id, campaign_id)
             rows = await conn.fetch(QUERIES.campaign_messages, visit.account_id, campaign_id,
                                     before, MESSAGES_PER_PAGE + 1)
@@ -312,7 +312,7 @@ class Dashboard:
     async def _message(self, request: Request) -> Response:
         visit = await self._signed_in(request)
         tz, zone = _zone(request)
-        activity = await reports.message_activity(self._runtime.pool, visit.account_id,
+        activity = await reports.message_activity(self._runtime.read_pool, visit.account_id,
                                                   _object_id(request))
         if activity is None:
             raise HttpError(404, "There is no such message.")

@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import platform
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -39,8 +40,11 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
+from tracker import __version__
+from tracker.ingest.endpoints import ANSWERS
 from tracker.ingest.pipeline import CLICK, OPEN, DropReason
 from tracker.ingest.rules import Rules, load_rules
+from tracker.store.replica import ReadReplica
 from tracker.store.writer import BatchWriter
 
 log = logging.getLogger("tracker.web.metrics")
@@ -51,6 +55,9 @@ BATCH_SIZE_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000)
 # A healthy COPY batch takes milliseconds; seconds mean a slow or locked database.
 FLUSH_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                          5.0, 10.0)
+# An API call takes milliseconds; a report over a large campaign or an export, seconds.
+REQUEST_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                           2.5, 5.0, 10.0, 30.0)
 ENDPOINTS = (OPEN, CLICK)
 # Where a database error was met: the batch writer, an API request, the readiness probe.
 DB_ERROR_SOURCES = ("writer", "api", "readiness")
@@ -79,11 +86,15 @@ class Histogram:
         self.sum += other.sum
 
     def family(self, name: str, documentation: str) -> HistogramMetricFamily:
-        cumulative, buckets = 0, []
+        return HistogramMetricFamily(name, documentation, buckets=self.cumulative(),
+                                     sum_value=self.sum)
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        total, buckets = 0, list[tuple[str, float]]()
         for bound, count in zip((*self.buckets, float("inf")), self.counts, strict=True):
-            cumulative += count
-            buckets.append(("+Inf" if bound == float("inf") else _number(bound), cumulative))
-        return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=self.sum)
+            total += count
+            buckets.append(("+Inf" if bound == float("inf") else _number(bound), total))
+        return buckets
 
     def as_json(self) -> dict[str, Any]:
         return {"buckets": list(self.buckets), "counts": self.counts, "sum": self.sum}
@@ -109,6 +120,9 @@ class Metrics:
         self.db_errors: dict[str, int] = dict.fromkeys(DB_ERROR_SOURCES, 0)
         self.auth_failures = 0
         self.auth_throttled = 0
+        # "group code" -> answers, and group -> latency (web/request_metrics.py).
+        self.requests: dict[str, int] = {}
+        self.request_seconds: dict[str, Histogram] = {}
 
     def count_hit(self, endpoint: str, machine: bool) -> None:
         self.hits[endpoint][machine] += 1
@@ -122,6 +136,14 @@ class Metrics:
     def observe_flush(self, size: int, seconds: float) -> None:
         self.batch_sizes.observe(size)
         self.flush_seconds.observe(seconds)
+
+    def observe_request(self, group: str, status: int, seconds: float) -> None:
+        key = f"{group} {status}"
+        self.requests[key] = self.requests.get(key, 0) + 1
+        histogram = self.request_seconds.get(group)
+        if histogram is None:
+            histogram = self.request_seconds[group] = Histogram(REQUEST_SECONDS_BUCKETS)
+        histogram.observe(seconds)
 
 
 def observe_flushes(writer: BatchWriter, metrics: Metrics) -> None:
@@ -157,7 +179,8 @@ class Snapshot:
 # How gauges of several workers combine; anything not named here is summed.
 _GAUGE_MERGE: dict[str, Callable[[float, float], float]] = {
     "writer_healthy": min, "journal_oldest_at": min, "resident_bytes": max,
-    "resident_peak_bytes": max}
+    "resident_peak_bytes": max, "replica_lag_s": max, "replica_lag_bytes": max,
+    "replica_in_use": min, "journal_capacity": max}
 
 
 def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
@@ -272,6 +295,9 @@ class MetricsCollector(Collector):
         self._capacity = buffer_capacity
         self.shared = shared
         self._rules = rules or load_rules()
+        # Set by whoever owns them: the fast path's answer counts, the read replica.
+        self.tracking_answers: Callable[[], Sequence[int]] | None = None
+        self.replica: Callable[[], ReadReplica | None] | None = None
 
     def snapshot(self) -> Snapshot:
         m = self._metrics
@@ -281,7 +307,16 @@ class MetricsCollector(Collector):
             counters={"auth_failures": m.auth_failures, "auth_throttled": m.auth_throttled,
                       **{f"db_errors_{source}": n for source, n in m.db_errors.items()}},
             gauges={"buffer_capacity": self._capacity, **_memory()},
-            histograms={"batch_size": m.batch_sizes, "flush_seconds": m.flush_seconds})
+            histograms={"batch_size": m.batch_sizes, "flush_seconds": m.flush_seconds,
+                        **{f"{_HTTP} {group}": h for group, h in m.request_seconds.items()}})
+        snap.counters.update({f"{_HTTP} {key}": n for key, n in m.requests.items()})
+        if self.tracking_answers is not None:
+            for (endpoint, status), n in zip(ANSWERS, self.tracking_answers(), strict=True):
+                snap.counters[f"{_HTTP} {endpoint} {status}"] = n
+        replica = self.replica() if self.replica is not None else None
+        if replica is not None:
+            snap.gauges.update(replica_lag_s=replica.lag_s, replica_lag_bytes=replica.lag_bytes,
+                               replica_in_use=int(replica.in_use))
         writer = self._writer()
         if writer is not None:
             stats = writer.stats
@@ -320,6 +355,14 @@ class MetricsCollector(Collector):
             snapshots += self.shared.others()
         yield from families(merge(snapshots), workers=len(snapshots))
         yield from rules_families(self._rules)
+        yield build_info()
+
+
+def build_info() -> Metric:
+    info = InfoMetricFamily("tracker_build", "The running version of tracker (also "
+                            "`tracker --version`) and of Python.", labels=("version", "python"))
+    info.add_metric([__version__, platform.python_version()], {})
+    return info
 
 
 def rules_families(rules: Rules) -> Iterator[Metric]:
@@ -359,7 +402,8 @@ def _memory() -> dict[str, float]:
 
 
 def _read_journal(journal: Any, snap: Snapshot) -> None:
-    for gauge, name in (("journal_bytes", "disk_bytes"), ("journal_pending", "pending_events")):
+    for gauge, name in (("journal_bytes", "disk_bytes"), ("journal_pending", "pending_events"),
+                        ("journal_capacity", "max_bytes")):
         value = getattr(journal, name, None)
         if isinstance(value, int | float):
             snap.gauges[gauge] = value
@@ -413,6 +457,9 @@ def families(snap: Snapshot, workers: int = 1) -> Iterator[Metric]:
                       "succeeded (in every worker), else 0.", g, "writer_healthy")
     yield from _gauge("tracker_journal_bytes", "Bytes of segment files in the disk journal.",
                       g, "journal_bytes")
+    yield from _gauge("tracker_journal_capacity_bytes", "The journal's cap on disk "
+                      "(TRACKER_JOURNAL_MAX_BYTES, one for all the workers): past it, events "
+                      "that memory cannot hold are dropped.", g, "journal_capacity")
     yield from _gauge("tracker_journal_pending_events", "Events in the disk journal not yet "
                       "in PostgreSQL.", g, "journal_pending")
     if "journal_oldest_at" in g:
@@ -436,6 +483,41 @@ def families(snap: Snapshot, workers: int = 1) -> Iterator[Metric]:
                       "memory of any worker since it started.", g, "resident_peak_bytes")
     yield GaugeMetricFamily("tracker_workers", "Worker processes whose numbers this answer "
                             "adds up.", value=workers)
+    yield from _http_families(snap)
+    yield from _gauge("tracker_read_replica_lag_seconds", "How long ago the primary wrote the "
+                      "oldest change the read replica has not replayed (0: caught up); the "
+                      "largest of any worker.", g, "replica_lag_s")
+    yield from _gauge("tracker_read_replica_lag_bytes", "WAL bytes the read replica has not "
+                      "replayed yet.", g, "replica_lag_bytes")
+    yield from _gauge("tracker_read_replica_in_use", "1 while reads go to the replica, 0 while "
+                      "they go to the primary (the replica too far behind or unreachable).",
+                      g, "replica_in_use")
+
+
+_HTTP = "http"
+
+
+def _http_families(snap: Snapshot) -> Iterator[Metric]:
+    """Answers by endpoint group and status, and the latency of the web app's groups."""
+    requests = CounterMetricFamily(
+        "tracker_http_requests", "Requests answered, by endpoint group (open and click are "
+        "the tracking endpoints) and status code.", labels=["group", "code"])
+    for key, n in sorted(snap.counters.items()):
+        kind, _, rest = key.partition(" ")
+        if kind == _HTTP:
+            group, _, code = rest.partition(" ")
+            requests.add_metric([group, code], n)
+    yield requests
+    latency = HistogramMetricFamily(
+        "tracker_http_request_duration_seconds", "Time from a request's arrival in the web "
+        "app to its answer's last byte, by endpoint group (the tracking endpoints are "
+        "answered from memory in microseconds: their latency is the load balancer's to "
+        "measure).", labels=["group"])
+    for key, histogram in sorted(snap.histograms.items()):
+        kind, _, group = key.partition(" ")
+        if kind == _HTTP:
+            latency.add_metric([group], histogram.cumulative(), histogram.sum)
+    yield latency
 
 
 def _counter(name: str, documentation: str, values: dict[str, float],

@@ -116,6 +116,7 @@ async def erase_recipient(request: Request, account_id: int) -> Response:
     erased = await data_subjects.erase(runtime.pool, account_id, _address(request),
                                        runtime.suppressions,
                                        lambda: runtime.privacy_changed(erasure=True))
+    await runtime.readers_caught_up()  # what was deleted is gone from the replica too
     if runtime.jobs is not None:
         runtime.jobs.sweep_later(account_id, erased.recipient_key, erased.through,
                                  list(erased.message_ids))
