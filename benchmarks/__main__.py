@@ -20,6 +20,8 @@ PROGRAMS = {
                 "how soon a hit shows"),
     "ingest": ("benchmarks.ingest", "events/s into PostgreSQL through the writer, exactly "
                "once, against plain COPY"),
+    "storage": ("benchmarks.storage", "bytes per event and per registered message, PostgreSQL "
+                "CPU per event, before and after"),
     "hostile": ("benchmarks.hostile", "the server's memory and a bystander's latency under "
                 "hostile clients"),
     "truth": ("benchmarks.truth", "the classifier and the device class against labelled "

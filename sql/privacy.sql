@@ -239,8 +239,7 @@ order by c.relname;
 
 -- name: partition-campaigns
 -- The (account, campaign) pairs with events in one partition: a skip scan of its
--- (account_id, campaign_id, occurred_at) index, one probe per pair, not a read of the
--- partition.
+-- (account_id, campaign_id) index, one probe per pair, not a read of the partition.
 with recursive pairs as (
     (select account_id, campaign_id from {table}
      order by account_id, campaign_id limit 1)

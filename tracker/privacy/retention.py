@@ -85,7 +85,7 @@ async def partitions(conn: asyncpg.Connection) -> list[Partition]:
 
 async def campaigns_in(conn: asyncpg.Connection, partition: Partition) -> list[tuple[int, int]]:
     """The (account, campaign) pairs with events in the partition: a skip scan of its
-    (account_id, campaign_id, occurred_at) index, one probe per pair."""
+    (account_id, campaign_id) index, one probe per pair."""
     rows = await conn.fetch(for_table(QUERIES.partition_campaigns, partition.name))
     return [(r["account_id"], r["campaign_id"]) for r in rows]
 

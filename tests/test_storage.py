@@ -1,0 +1,131 @@
+"""The storage migration (sql/0017_storage.sql) on a real PostgreSQL: a database holding events
+from the schema before it is upgraded in place with every report figure unchanged, and the
+queries that find a campaign's events still go through an index, not a read of the table.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from datetime import timedelta
+from pathlib import Path
+
+import asyncpg
+
+from tests.test_reports import (
+    ZONES,
+    assert_report_is_recomputation,
+    deliveries,
+    event,
+    make_campaign,
+    workload,
+    write,
+)
+from tracker.ingest.pipeline import OPEN
+from tracker.privacy import retention
+from tracker.store import reports
+from tracker.store.database import connect
+from tracker.store.migrations import migrate
+from tracker.store.queries import MIGRATION_FILE, QUERIES, for_table, sql_dir
+from tracker.store.writer import BatchWriter
+
+STORAGE = 17
+
+
+def _migrations_before(version: int, into: Path) -> Path:
+    into.mkdir()
+    for path in sql_dir().glob("*.sql"):
+        match = MIGRATION_FILE.match(path.name)
+        if match and int(match[1]) < version:
+            shutil.copy(path, into / path.name)
+    return into
+
+
+async def _index_keys(conn: asyncpg.Connection, table: str, index: str) -> list[str]:
+    return [r["attname"] for r in await conn.fetch("""
+        select a.attname from pg_index x
+        join pg_class i on i.oid = x.indexrelid
+        join lateral unnest(x.indkey) with ordinality k (attnum, n) on true
+        join pg_attribute a on a.attrelid = x.indrelid and a.attnum = k.attnum
+        where i.relname = $2 and x.indrelid = $1::regclass order by k.n""", table, index)]
+
+
+async def test_an_old_database_with_events_upgrades_in_place_with_the_same_reports(
+        empty_dsn: str, tmp_path: Path) -> None:
+    dsn = empty_dsn
+    conn = await connect(dsn)
+    writer = BatchWriter(lambda: connect(dsn), batch_size=500, interval_s=3600,
+                         max_buffered=100_000)
+    try:
+        await migrate(conn, _migrations_before(STORAGE, tmp_path / "sql"))
+        assert await _index_keys(conn, "events", "events_campaign") == [
+            "account_id", "campaign_id", "occurred_at"]
+        rng = random.Random(17)
+        mixed = [await make_campaign(conn, messages=rng.randint(5, 20), urls=3)
+                 for _ in range(3)]
+        for c in mixed:  # readers, machines, honeypot hits, bursts, re-labels, replays
+            for batch in deliveries(workload(c, rng), rng):
+                await write(writer, batch)
+        before = {c.campaign_id: await reports.campaign_report(conn, c.account_id,
+                                                               c.campaign_id, "UTC")
+                  for c in mixed}
+        stored = await conn.fetchval("select md5(string_agg(e::text, ',' order by e.id)) "
+                                     "from events e")
+
+        applied = [m.version for m in await migrate(conn)]
+        assert applied[0] == STORAGE
+
+        assert await _index_keys(conn, "events", "events_campaign") == [
+            "account_id", "campaign_id"]
+        assert await conn.fetchval("select to_regclass('messages_recipient')") is None
+        assert await conn.fetchval("select md5(string_agg(e::text, ',' order by e.id)) "
+                                   "from events e") == stored
+        for c in mixed:
+            after = await assert_report_is_recomputation(conn, c, ZONES)
+            assert await reports.campaign_report(conn, c.account_id, c.campaign_id,
+                                                 "UTC") == before[c.campaign_id]
+            assert after  # the last zone's; UTC is compared just above
+        # And the upgraded database goes on counting: more of the same, through the writer.
+        c = mixed[0]
+        more = [event(c, m, OPEN, e.at_us + 3_600_000_000, rng=rng)
+                for m, e in zip(c.messages, workload(c, rng), strict=False)]
+        await write(writer, more)
+        await assert_report_is_recomputation(conn, c, ZONES)
+    finally:
+        await writer.close(1.0)
+        await conn.close()
+
+
+async def test_the_queries_that_find_a_campaigns_events_use_its_index(dsn: str) -> None:
+    """EXPLAIN, on a table of some size with statistics: the campaign export, retention's
+    (account, campaign) pairs of a partition and its batched delete read events_campaign."""
+    conn = await connect(dsn)
+    try:
+        day = (await conn.fetchval("select current_date - 1"))
+        await conn.execute("select tracker_ensure_event_partition($1)", day)
+        await conn.execute("""
+            insert into events (account_id, occurred_at, id, campaign_id, message_id, type,
+                                machine)
+            select 1 + n % 7, $1::date + (n % 86400) * interval '1 second', gen_random_uuid(),
+                   100 + n % 60, n % 5000, 'open', false
+            from generate_series(1, 60000) n""", day)
+        await conn.execute("analyze events")
+        partition = (await retention.partitions(conn))[0]
+        plans = {
+            "export-campaign-events": await conn.fetch(
+                "explain " + QUERIES.export_campaign_events, 3, 103),
+            "partition-campaigns": await conn.fetch(
+                "explain " + for_table(QUERIES.partition_campaigns, partition.name)),
+            "delete-partition-batch": await conn.fetch(
+                "explain " + for_table(QUERIES.delete_partition_batch, partition.name),
+                3, 103, None, 1000),
+        }
+        for name, rows in plans.items():
+            plan = "\n".join(r[0] for r in rows)
+            assert "account_id_campaign_id_idx" in plan, (name, plan)
+            assert "Seq Scan on events_" not in plan, (name, plan)
+        pairs = await retention.campaigns_in(conn, partition)
+        assert len(pairs) == 7 * 60
+        assert partition.end - partition.start == timedelta(days=1)
+    finally:
+        await conn.close()
