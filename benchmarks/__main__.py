@@ -18,6 +18,8 @@ PROGRAMS = {
                      "HTML instrumentation included"),
     "reports": ("benchmarks.reports", "report latency on a big campaign, the write rate, and "
                 "how soon a hit shows"),
+    "messages": ("benchmarks.messages", "listing 100k messages: time to the first page by "
+                 "filter, CSV and JSON Lines export rate"),
     "ingest": ("benchmarks.ingest", "events/s into PostgreSQL through the writer, exactly "
                "once, against plain COPY"),
     "storage": ("benchmarks.storage", "bytes per event and per registered message, PostgreSQL "

@@ -5,8 +5,10 @@
 
 -- name: registration-context
 -- What registration needs beside the messages: the account's key for recipient keys and
--- pseudonyms, and whether the campaign stores the address or the pseudonym.
-select a.recipient_secret, c.policy_recipient
+-- pseudonyms, whether the campaign stores the address or the pseudonym, whether it requires
+-- consent, and its link options.
+select a.recipient_secret, c.policy_recipient, c.policy_consent_opens, c.policy_consent_clicks,
+       c.options
 from campaigns c join accounts a on a.id = c.account_id
 where c.account_id = $1 and c.id = $2;
 
@@ -41,7 +43,8 @@ returning *;
 -- name: campaign-privacy
 -- $1: the account, or null for any (the CLI, run by the operator).
 select c.account_id, c.id, c.name, c.policy_location, c.policy_device, c.policy_ip,
-       c.retention_days, c.policy_recipient, a.retention_days as account_retention_days,
+       c.retention_days, c.policy_recipient, c.policy_consent_opens, c.policy_consent_clicks,
+       a.retention_days as account_retention_days,
        a.honour_privacy_signals
 from campaigns c join accounts a on a.id = c.account_id
 where ($1::bigint is null or c.account_id = $1) and c.id = $2 and c.deleted_at is null;
@@ -55,7 +58,8 @@ where deleted_at is not null or not honour_privacy_signals;
 
 -- name: suppressions-since
 -- The overlap re-reads a few rows so a transaction that committed late is not missed.
-select account_id, recipient_key, opted_out, erased_through, changed_at
+select account_id, recipient_key, opted_out, erased_through, consent_refused_opens,
+       consent_refused_clicks, changed_at
 from recipient_suppressions
 where $1::timestamptz is null or changed_at > $1::timestamptz - interval '5 seconds';
 
@@ -198,9 +202,10 @@ delete from erasures where erased_at <= $1;
 
 -- name: export-recipient-messages
 select m.id, m.campaign_id, c.name as campaign_name, c.deleted_at as campaign_deleted_at,
-       c.policy_recipient, m.recipient, m.subject, m.sent_at, m.created_at,
+       c.policy_recipient, m.recipient, m.subject, m.tags, m.metadata, m.sent_at, m.created_at,
+       m.opens_tracked, m.clicks_tracked,
        r.opens as human_opens, r.clicks as human_clicks, r.opened_in, r.clicked_in,
-       r.mpp as mpp_prefetches
+       r.mpp as mpp_prefetches, r.machine_opens, r.machine_clicks
 from messages m
 join campaigns c on c.account_id = m.account_id and c.id = m.campaign_id
 left join rollup_message r on r.account_id = m.account_id and r.message_id = m.id
@@ -351,17 +356,12 @@ where account_id = $1 and id = $2;
 
 -- name: purge-account-data
 delete from api_keys where account_id = $1;
+delete from consent_history where account_id = $1;
+delete from recipient_consents where account_id = $1;
+delete from consent_wordings where account_id = $1;
 delete from dashboard_signed_out where account_id = $1;
 delete from recipient_suppressions where account_id = $1;
 delete from erasures where account_id = $1;
-
--- name: session-account
--- The account name of a dashboard session, if the session still holds: its API key is not
--- revoked, its account not deleted, and it was not signed out.
-select a.name
-from api_keys k join accounts a on a.id = k.account_id
-where k.account_id = $1 and k.key_id = $2 and k.revoked_at is null and a.deleted_at is null
-  and not exists (select 1 from dashboard_signed_out s where s.account_id = $1 and s.nonce = $3);
 
 -- name: sign-out-session
 insert into dashboard_signed_out (account_id, nonce, expires_at)

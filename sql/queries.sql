@@ -6,22 +6,20 @@
 -- name: create-account
 insert into accounts (name) values ($1) returning id, name, created_at;
 
--- name: create-api-key
-insert into api_keys (account_id, key_id, secret_hash) values ($1, $2, $3);
-
--- name: api-key-hash
-select k.secret_hash
-from api_keys k join accounts a on a.id = k.account_id
-where k.account_id = $1 and k.key_id = $2 and k.revoked_at is null and a.deleted_at is null;
-
 -- name: create-campaign
 insert into campaigns (account_id, name, policy_location, policy_device, policy_ip, retention_days,
-                       policy_recipient)
-values ($1, $2, $3, $4, $5, $6, $7)
+                       policy_recipient, policy_consent_opens, policy_consent_clicks, tags,
+                       metadata, options)
+values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb, $12::jsonb)
 returning *;
 
 -- name: list-campaigns
-select * from campaigns where account_id = $1 and deleted_at is null order by id;
+-- $2: a tag the campaign must have; $3, $4: created at or after / before (each null: any).
+select * from campaigns
+where account_id = $1 and deleted_at is null
+  and ($2::text is null or tags @> array[$2::text])
+  and ($3::timestamptz is null or created_at >= $3) and ($4::timestamptz is null or created_at < $4)
+order by id;
 
 -- name: get-campaign
 select * from campaigns where account_id = $1 and id = $2 and deleted_at is null;
@@ -29,7 +27,8 @@ select * from campaigns where account_id = $1 and id = $2 and deleted_at is null
 -- name: update-campaign
 update campaigns
 set name = $3, policy_location = $4, policy_device = $5, policy_ip = $6, retention_days = $7,
-    policy_recipient = $8, updated_at = now()
+    policy_recipient = $8, policy_consent_opens = $9, policy_consent_clicks = $10, tags = $11,
+    metadata = $12::jsonb, options = $13::jsonb, updated_at = now()
 where account_id = $1 and id = $2 and deleted_at is null
 returning *;
 
@@ -41,7 +40,7 @@ returning *;
 -- name: campaign-policies-since
 -- The overlap re-reads a few rows so a transaction that committed late is not missed.
 select account_id, id, policy_location, policy_device, policy_ip, retention_days,
-       policy_recipient, updated_at, deleted_at
+       policy_recipient, policy_consent_opens, policy_consent_clicks, updated_at, deleted_at
 from campaigns
 where updated_at > $1::timestamptz - interval '5 seconds';
 
@@ -61,7 +60,7 @@ returning id, url;
 select id, url from urls where account_id = $1 and campaign_id = $2 and url = any($3::text[]);
 
 -- name: get-message
-select id, campaign_id, recipient, subject, sent_at
+select id, campaign_id, recipient, subject, sent_at, tags, metadata
 from messages m
 where m.account_id = $1 and m.id = $2
   and exists (select 1 from campaigns c
@@ -143,20 +142,14 @@ where e.account_id = $1 and e.campaign_id = $2
 order by e.occurred_at, e.id;
 
 -- name: campaign-messages
--- The dashboard's list of a campaign's messages, newest first, with each one's human opens
--- and clicks, machine hits and last hit from its events; $3: only ids below it (the next
--- page), $4: how many.
+-- The campaign page's latest messages, newest first, with each one's human opens and clicks
+-- and machine hits from the per-message rollup (kept after retention); $3: only ids below
+-- it, $4: how many.
 select m.id, m.recipient, m.subject, m.sent_at,
-       coalesce(a.opens, 0) as opens, coalesce(a.clicks, 0) as clicks,
-       coalesce(a.machine, 0) as machine, a.last_at
+       coalesce(r.opens, 0) as opens, coalesce(r.clicks, 0) as clicks,
+       coalesce(r.machine_opens + r.machine_clicks, 0) as machine
 from messages m
-left join lateral (
-    select count(*) filter (where e.type = 'open' and not e.machine) as opens,
-           count(*) filter (where e.type = 'click' and not e.machine) as clicks,
-           count(*) filter (where e.machine) as machine,
-           max(e.occurred_at) as last_at
-    from events e where e.account_id = m.account_id and e.message_id = m.id
-) a on true
+left join rollup_message r on r.account_id = m.account_id and r.message_id = m.id
 where m.account_id = $1 and m.campaign_id = $2 and ($3::bigint is null or m.id < $3)
 order by m.id desc
 limit $4;

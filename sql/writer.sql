@@ -72,8 +72,9 @@ from new;
 
 -- name: roll-up-messages
 -- Step 2 (and again after step 3). $1: the delta rows of step 1 (false) or of step 3
--- (true). Trigger messages are upserted with +0: that row lock is what orders re-labels
--- (see Concurrency in store/rollups.py).
+-- (true). Every message of the batch is upserted, a machine's hit too (its machine
+-- counts): so is a trigger's message, and that row lock is what orders re-labels (see
+-- Concurrency in store/rollups.py).
 with md as (
     select account_id, message_id, min(campaign_id) as campaign_id,
            coalesce(sum(n) filter (where type = 'open' and not machine), 0) as opens,
@@ -82,22 +83,28 @@ with md as (
            tracker_quarter(min(occurred_at) filter (where type = 'click' and not machine))
                as clicked_in,
            coalesce(sum(n) filter (where type = 'open' and reason = 'apple_mpp'), 0) as mpp,
-           tracker_quarter(min(occurred_at) filter (where reason = 'apple_mpp')) as mpp_in
+           tracker_quarter(min(occurred_at) filter (where reason = 'apple_mpp')) as mpp_in,
+           coalesce(sum(n) filter (where type = 'open' and machine), 0) as machine_opens,
+           coalesce(sum(n) filter (where type = 'click' and machine), 0) as machine_clicks
     from events_staging_delta
-    where relabel = $1 and (not machine or is_trigger or reason = 'apple_mpp')
+    where relabel = $1
     group by account_id, message_id
 ),
 m as (
     insert into rollup_message as r (account_id, message_id, campaign_id, opens, clicks,
-                                     opened_in, clicked_in, mpp)
-    select account_id, message_id, campaign_id, opens, clicks, opened_in, clicked_in, mpp
+                                     opened_in, clicked_in, mpp, machine_opens,
+                                     machine_clicks)
+    select account_id, message_id, campaign_id, opens, clicks, opened_in, clicked_in, mpp,
+           machine_opens, machine_clicks
     from md order by account_id, message_id
     on conflict (account_id, message_id) do update set
         opens = r.opens + excluded.opens,
         clicks = r.clicks + excluded.clicks,
         opened_in = case when r.opens + r.clicks > 0 then r.opened_in else excluded.opened_in end,
         clicked_in = case when r.clicks > 0 then r.clicked_in else excluded.clicked_in end,
-        mpp = r.mpp + excluded.mpp
+        mpp = r.mpp + excluded.mpp,
+        machine_opens = r.machine_opens + excluded.machine_opens,
+        machine_clicks = r.machine_clicks + excluded.machine_clicks
     returning account_id, message_id, campaign_id, opens, clicks, opened_in, clicked_in, mpp
 ),
 -- +1 where a message became opened (clicked, MPP-prefetched, both prefetched and opened),

@@ -140,17 +140,20 @@ def test_create_campaign_is_201_with_the_default_policy(api: httpx.Client) -> No
     response = api.post("/api/campaigns", json={"name": "Spring sale"})
     assert response.status_code == 201
     body = response.json()
-    assert set(body) == {"id", "name", "policy", "created_at"}
+    assert set(body) == {"id", "name", "policy", "created_at", "tags", "metadata", "options"}
+    assert (body["tags"], body["metadata"]) == ([], {})
+    assert body["options"] == {"utm": None, "track_url_text": False, "pixel": "bottom"}
     assert isinstance(body["id"], str) and body["id"]
     assert body["name"] == "Spring sale"
     assert body["policy"] == {"location": "region", "device": True, "ip": "none",
-                              "retention_days": None, "recipient": "address"}
+                              "retention_days": None, "recipient": "address",
+                              "consent": {"opens": False, "clicks": False}}
     assert before <= parse_time(body["created_at"]) <= datetime.now(UTC) + timedelta(seconds=5)
 
 
 def test_create_campaign_with_a_full_policy(api: httpx.Client) -> None:
     policy = {"location": "city", "device": False, "ip": "truncated", "retention_days": 30,
-              "recipient": "pseudonym"}
+              "recipient": "pseudonym", "consent": {"opens": True, "clicks": False}}
     response = api.post("/api/campaigns", json={"name": "x", "policy": policy})
     assert response.status_code == 201
     assert response.json()["policy"] == policy
@@ -160,7 +163,8 @@ def test_create_campaign_with_a_partial_policy_fills_in_defaults(api: httpx.Clie
     response = api.post("/api/campaigns", json={"name": "x", "policy": {"ip": "full"}})
     assert response.status_code == 201
     assert response.json()["policy"] == {"location": "region", "device": True, "ip": "full",
-                                         "retention_days": None, "recipient": "address"}
+                                         "retention_days": None, "recipient": "address",
+                                         "consent": {"opens": False, "clicks": False}}
 
 
 def test_create_campaign_with_null_policy_gets_defaults(api: httpx.Client) -> None:
@@ -183,12 +187,13 @@ def test_list_shows_the_accounts_campaigns(api: httpx.Client) -> None:
     listed = {c["id"]: c for c in response.json()}
     for item in made:
         assert listed[item["id"]] == item
-    assert all(set(c) == {"id", "name", "policy", "created_at"} for c in listed.values())
+    assert all(set(c) == {"id", "name", "policy", "created_at", "tags", "metadata", "options"}
+               for c in listed.values())
 
 
 def test_patch_with_a_partial_policy_changes_only_those_fields(api: httpx.Client) -> None:
     policy = {"location": "city", "device": True, "ip": "full", "retention_days": 30,
-              "recipient": "address"}
+              "recipient": "address", "consent": {"opens": False, "clicks": False}}
     created = api.post("/api/campaigns", json={"name": "patch me", "policy": policy}).json()
     response = api.patch(f"/api/campaigns/{created['id']}", json={"policy": {"device": False}})
     assert response.status_code == 200
@@ -201,7 +206,7 @@ def test_patch_with_a_partial_policy_changes_only_those_fields(api: httpx.Client
 
 def test_patch_name_only_keeps_the_policy(api: httpx.Client) -> None:
     policy = {"location": "country", "device": False, "ip": "truncated", "retention_days": 7,
-              "recipient": "address"}
+              "recipient": "address", "consent": {"opens": False, "clicks": False}}
     created = api.post("/api/campaigns", json={"name": "old", "policy": policy}).json()
     body = api.patch(f"/api/campaigns/{created['id']}", json={"name": "new"}).json()
     assert (body["name"], body["policy"]) == ("new", policy)
@@ -340,7 +345,8 @@ def test_registration_answers_201_with_signed_urls_under_the_public_url(
     assert body["pixel_url"].endswith(".gif")
     assert [link["url"] for link in body["links"]] == links
     tracked = [link["tracked_url"] for link in body["links"]]
-    assert all(set(link) == {"url", "tracked_url"} for link in body["links"])
+    assert all(set(link) == {"url", "destination", "tracked_url"} for link in body["links"])
+    assert all(link["destination"] == link["url"] for link in body["links"])
     assert all(url.startswith(PUBLIC_URL + "/c/") for url in tracked)
     # The same destination twice is two links (two positions), each with its own URL.
     assert len(set(tracked)) == 3
@@ -399,7 +405,8 @@ BAD_DESTINATIONS = [
     "https://example.com/" + "a" * 2048,
     "https:///no-host", "https://", "http://:80/", "http://user@/x",
     "https://example.com:99999/", "https://example.com:abc/", "https://example.com:-1/",
-    "http://[::1/", "", 1, None, ["https://example.com/"], {"url": "https://example.com/"},
+    "http://[::1/", "", 1, None, ["https://example.com/"], {"href": "https://example.com/"},
+    {"url": "https://example.com/", "text": 1}, {"url": "ftp://example.com/"},
 ]
 
 
@@ -762,7 +769,8 @@ def test_report_breakdown_counts_human_events_by_stored_value(
 def test_message_activity_lists_each_event_with_its_fields(
         api: httpx.Client, scenario: dict[str, Any]) -> None:
     got = activity(api, scenario["messages"][1]["id"])
-    assert set(got) - {"campaign_id"} == {"id", "recipient", "subject", "sent_at", "events"}
+    assert set(got) - {"campaign_id", "tags", "metadata"} == {"id", "recipient", "subject",
+                                                             "sent_at", "events"}
     assert (got["id"], got["recipient"], got["subject"]) == (
         scenario["messages"][1]["id"], "m1@example.com", "Subject 1")
     events = got["events"]

@@ -56,6 +56,7 @@ CAMPAIGN_NAME = 'Spring <b>sale</b> & "friends"'
 SCREENSHOT = Path("/tmp/tracker-dashboard-campaign.png")
 PHONE_SCREENSHOT = Path("/tmp/tracker-dashboard-campaign-phone.png")
 MESSAGE_SCREENSHOT = Path("/tmp/tracker-dashboard-message.png")
+MESSAGES_SCREENSHOT = Path("/tmp/tracker-dashboard-messages.png")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -889,3 +890,111 @@ def test_browser_campaign_page_fits_a_phone(browser: Browser, server: Server,
         assert tab.problems() == [] and tab.violations() == []
     finally:
         tab.close()
+
+
+# --- the message list: filters, search, export, pages ----------------------------------------
+
+def _listed(tab: Tab) -> list[str]:
+    return list(tab.evaluate("[...document.querySelectorAll('#messages-table tbody tr')]"
+                             ".map(r => r.dataset.messageId)"))
+
+
+def _api_list(api: httpx.Client, campaign_id: str, **params: str) -> list[dict[str, Any]]:
+    response = api.get(f"/api/campaigns/{campaign_id}/messages", params=params)
+    assert response.status_code == 200, response.text
+    rows: list[dict[str, Any]] = response.json()["messages"]
+    return rows
+
+
+@pytest.mark.slow
+def test_browser_message_list_filters_searches_and_exports_as_the_api_does(
+        tab: Tab, server: Server, seeded: Seeded) -> None:
+    """Signed in with a read-only key (the page says so): the list's rows and counts are the
+    API's, for every status, a clicked link, a country and a search; its export button
+    downloads the API's CSV of the same filter; a bad filter says what is wrong."""
+    with server.client(seeded.key) as api:
+        reader = api.post("/api/keys", json={"name": "dashboard", "scope": "read"}).json()
+        everything = _api_list(api, seeded.campaign_id)
+        links = [link["url"] for link in _report(api, seeded.campaign_id)["links"]]
+        blog = "https://example.com/blog/spring"  # the second message's reader clicked it
+        assert blog in links
+        expected = {status: [m["id"] for m in _api_list(api, seeded.campaign_id,
+                                                        status=status)]
+                    for status in ("opened", "clicked", "not_opened", "machine_only")}
+        by_link = [m["id"] for m in _api_list(api, seeded.campaign_id, link=blog)]
+        in_germany = [m["id"] for m in _api_list(api, seeded.campaign_id, country="DE")]
+        csv_not_opened = api.get(f"/api/campaigns/{seeded.campaign_id}/messages",
+                                 params={"status": "not_opened", "format": "csv"}).text
+    first, second, third, fourth = seeded.message_ids
+    # What the seeded hits make of the four messages (MPP's prefetch is no open).
+    assert expected == {"opened": [first, second, third], "clicked": [first, second],
+                        "not_opened": [fourth], "machine_only": [fourth]}
+    assert (by_link, in_germany) == ([second], [first])
+
+    _browser_sign_in(tab, reader["api_key"])
+    assert tab.evaluate("document.getElementById('key-scope').textContent") == "read-only key"
+    tab.goto(f"/dashboard/campaigns/{seeded.campaign_id}/messages")
+    assert _listed(tab) == [m["id"] for m in everything]
+    cells = tab.evaluate("[...document.querySelectorAll('#messages-table tbody tr')].map(r => "
+                         "[r.querySelector('a').textContent, ...[...r.querySelectorAll('td.num')]"
+                         ".map(td => Number(td.textContent))])")
+    assert cells == [[m["recipient"], m["opens"], m["clicks"], m["machine"]] for m in everything]
+
+    form = "#message-filters"
+    for status, ids in expected.items():
+        tab.submit(form, {"status": status})
+        assert _listed(tab) == ids, status
+        assert f"status={status}" in tab.path()
+    tab.submit(form, {"status": "", "link": blog})
+    assert _listed(tab) == by_link
+    tab.submit(form, {"link": "", "country": "DE"})
+    assert _listed(tab) == in_germany
+    tab.submit(form, {"country": "", "search": "READER2@example.com"})
+    assert _listed(tab) == [third]
+    tab.submit(form, {"search": "reader"})  # a part of the address
+    assert _listed(tab) == seeded.message_ids
+
+    tab.submit(form, {"search": "", "status": "not_opened"})
+    tab.screenshot(MESSAGES_SCREENSHOT)
+    href = tab.evaluate("document.getElementById('export-csv').getAttribute('href')")
+    downloaded = tab.evaluate(f"fetch({href!r}).then(async r => [r.status, "
+                              "r.headers.get('content-type'), "
+                              "r.headers.get('content-disposition'), await r.text()])")
+    assert downloaded[:3] == [200, "text/csv; charset=utf-8",
+                              f'attachment; filename="campaign-{seeded.campaign_id}-messages.csv"']
+    assert downloaded[3] == csv_not_opened
+    assert downloaded[3].count("\r\n") == 2  # the header and the one message
+
+    tab.submit(form, {"status": "", "country": "D1"})
+    assert tab.evaluate("document.getElementById('filter-error').textContent") == (
+        "country: an ISO 3166-1 alpha-2 code, such as DE")
+    assert _listed(tab) == []
+    tab.click("#clear-filters")
+    assert _listed(tab) == seeded.message_ids
+    assert tab.problems() == [] and tab.violations() == []
+
+
+@pytest.mark.slow
+def test_browser_message_list_pages_and_a_full_key_says_so(
+        tab: Tab, server: Server, seeded: Seeded) -> None:
+    count = dashboard.MESSAGES_PER_PAGE + 5
+    with server.client(seeded.key) as api:
+        cid = campaign(api, name="many")
+        made = api.post(f"/api/campaigns/{cid}/messages/batch", json={"messages": [
+            {"recipient": f"many{i}@example.com", "tags": ["spring" if i % 2 else "autumn"]}
+            for i in range(count)]})
+        assert made.status_code == 201, made.text
+        ids = [m["id"] for m in made.json()["messages"]]
+    _browser_sign_in(tab, seeded.key)
+    assert tab.evaluate("document.getElementById('key-scope').textContent") == "full key"
+    tab.goto(f"/dashboard/campaigns/{cid}/messages")
+    assert _listed(tab) == ids[:dashboard.MESSAGES_PER_PAGE]
+    tab.click("#next-page")
+    assert _listed(tab) == ids[dashboard.MESSAGES_PER_PAGE:]
+    assert tab.evaluate("document.getElementById('next-page')") is None
+    # A filter carries over to the next page; the tag's half of the messages.
+    tab.goto(f"/dashboard/campaigns/{cid}/messages")
+    tab.submit("#message-filters", {"tag": "spring", "status": "not_opened"})
+    assert _listed(tab) == ids[1::2]
+    assert tab.evaluate("document.getElementById('next-page')") is None
+    assert tab.problems() == [] and tab.violations() == []

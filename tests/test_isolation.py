@@ -303,6 +303,82 @@ def withdraw_opt_out(w: World) -> None:
         w.a.api.delete(f"/api/recipients/{w.b.recipient}/opt-out")
 
 
+def list_messages(w: World) -> None:
+    for params in ({}, {"status": "opened"}, {"format": "csv"}, {"status": "bogus"},
+                   {"link": A_LINK}, {"search": w.a.recipient}):
+        _as_if_never(w.b.api, "GET", "/api/campaigns/{c}/messages", {"c": w.a.campaign},
+                     params=params)
+    for tenant in (w.a, w.b):
+        listed = tenant.api.get(f"/api/campaigns/{tenant.campaign}/messages").json()
+        assert [(m["id"], m["opens"], m["clicks"]) for m in listed["messages"]] == [
+            (tenant.message["id"], tenant.opens, tenant.clicks)]
+
+
+def put_consent(w: World) -> None:
+    # B's record for the address is B's: A's campaign that requires consent still has it.
+    probe = campaign(w.a.api, {"consent": {"opens": True, "clicks": True}},
+                     name="consent probe")
+    given = {"opens": True, "clicks": True, "method": "signup form"}
+    assert w.a.api.put(f"/api/recipients/{w.b.recipient}/consent", json=given
+                       ).status_code == 200
+    try:
+        message = register(w.a.api, probe, [A_LINK], recipient=w.b.recipient)
+        refused = w.b.api.put(f"/api/recipients/{w.b.recipient}/consent",
+                              json={**given, "opens": False, "clicks": False})
+        assert refused.status_code == 200, refused.text
+        assert w.a.api.get(f"/api/recipients/{w.b.recipient}/consent").json()["opens"] is True
+        with httpx.Client(timeout=10) as public:
+            assert public.get(message["pixel_url"], headers={"user-agent": CHROME}
+                              ).status_code == 200
+        wait_for(lambda: _report(w.a.api, probe)["opens"]["total"] == 1,
+                 message="A's hit to be recorded despite B's refusal for the address")
+    finally:
+        w.b.api.put(f"/api/recipients/{w.b.recipient}/consent", json=given)
+
+
+def get_consent(w: World) -> None:
+    given = {"opens": True, "clicks": False, "method": "A's form", "wording": "A's words"}
+    assert w.a.api.put(f"/api/recipients/{w.a.recipient}/consent", json=given
+                       ).status_code == 200
+    theirs = w.b.api.get(f"/api/recipients/{w.a.recipient}/consent")
+    never = w.b.api.get("/api/recipients/nobody-ever@example.com/consent")
+    assert theirs.status_code == never.status_code == 404, theirs.text
+    assert theirs.json() == {"error": "no consent is on record for this recipient"}
+    assert w.a.api.get(f"/api/recipients/{w.a.recipient}/consent").json()["wording"] == (
+        "A's words")
+
+
+def _key_ids(tenant: Tenant) -> set[str]:
+    return {key["id"] for key in tenant.api.get("/api/keys").json()}
+
+
+def list_keys(w: World) -> None:
+    assert _key_ids(w.a) and _key_ids(w.b) and not _key_ids(w.a) & _key_ids(w.b)
+
+
+def create_key(w: World) -> None:
+    made = w.b.api.post("/api/keys", json={"name": "made by B", "scope": "read"})
+    assert made.status_code == 201, made.text
+    assert made.json()["id"] in _key_ids(w.b) and made.json()["id"] not in _key_ids(w.a)
+    with w.server.client(made.json()["api_key"]) as reader:
+        assert reader.get(f"/api/campaigns/{w.a.campaign}").status_code == 404
+
+
+def revoke_key(w: World) -> None:
+    before = _key_ids(w.a)
+    for key_id in before:
+        _as_if_never(w.b.api, "DELETE", "/api/keys/{k}", {"k": key_id})
+        _as_if_never(w.b.api, "DELETE", "/api/keys/{k}", {"k": "0" * 8})
+    assert _key_ids(w.a) == before
+
+
+def rotate_key(w: World) -> None:
+    before = _key_ids(w.a)
+    for key_id in before:
+        _as_if_never(w.b.api, "POST", "/api/keys/{k}/rotate", {"k": key_id})
+    assert _key_ids(w.a) == before
+
+
 @contextmanager
 def _signed_in(w: World, key: str) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=w.server.url, timeout=10) as browser:
@@ -354,10 +430,19 @@ CASES: dict[tuple[str, str], Callable[[World], None]] = {
     ("GET", "/api/recipients/{address}/opt-out"): opt_out_state,
     ("POST", "/api/recipients/{address}/opt-out"): opt_out,
     ("DELETE", "/api/recipients/{address}/opt-out"): withdraw_opt_out,
+    ("GET", "/api/campaigns/{id}/messages"): list_messages,
+    ("PUT", "/api/recipients/{address}/consent"): put_consent,
+    ("GET", "/api/recipients/{address}/consent"): get_consent,
+    ("GET", "/api/keys"): list_keys,
+    ("POST", "/api/keys"): create_key,
+    ("DELETE", "/api/keys/{id}"): revoke_key,
+    ("POST", "/api/keys/{id}/rotate"): rotate_key,
     ("GET", "/dashboard/campaigns"): dashboard_campaigns,
     ("GET", "/dashboard/campaigns/{id}"): dashboard_page("/dashboard/campaigns/{c}"),
     ("GET", "/dashboard/campaigns/{id}/messages"): dashboard_page(
         "/dashboard/campaigns/{c}/messages"),
+    ("GET", "/dashboard/campaigns/{id}/messages/export"): dashboard_page(
+        "/dashboard/campaigns/{c}/messages/export?format=csv"),
     ("GET", "/dashboard/messages/{id}"): dashboard_page("/dashboard/messages/{m}"),
 }
 

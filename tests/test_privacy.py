@@ -478,12 +478,14 @@ def test_opt_out_records_nothing_in_any_campaign_until_withdrawn(
         response = api.post(path)
         assert response.status_code == 200, response.text
         assert response.json()["opted_out"] is True and response.json()["opted_out_at"]
-        # A message registered after the opt-out, in another campaign, is covered too.
+        # A message registered after the opt-out, in another campaign, goes out with no
+        # pixel and its links as they are.
         second = register(api, campaign(api, name="second"), [LINK],
                           recipient="Carol <CAROL@example.com>")
-        for message in (first, second):
-            assert _hit(message["links"][0]["tracked_url"]).headers["location"] == LINK
-            _hit(message["pixel_url"])
+        assert second["pixel_url"] is None
+        assert second["links"] == [{"url": LINK, "destination": LINK, "tracked_url": None}]
+        assert _hit(first["links"][0]["tracked_url"]).headers["location"] == LINK
+        _hit(first["pixel_url"])
         _control(api, module_dsn)
         assert _events(module_dsn, int(first["id"]), int(second["id"])) == 0
         assert api.get(path).json()["opted_out"] is True
@@ -682,7 +684,9 @@ def test_export_holds_every_stored_field(server: Server, module_dsn: str) -> Non
         exported = api.get("/api/recipients/erin%40example.com/export").json()
         assert exported["address"] == "erin@example.com"
         assert exported["tracking"] == {"opted_out": False, "opted_out_at": None,
-                                        "erased_at": None}
+                                        "erased_at": None,
+                                        "consent_refused": {"opens": False, "clicks": False}}
+        assert exported["consent"] is None
         (item,) = exported["messages"]
         assert (item["id"], item["subject"], item["recipient"]) == (
             message["id"], "News", "erin@example.com")
@@ -709,6 +713,14 @@ _KEPT_AFTER_RETENTION: dict[tuple[str, str], tuple[str, str]] = {
     ("messages", "subject"): ("subject", "its subject"),
     ("messages", "sent_at"): ("sent_at", "when we sent it"),
     ("messages", "created_at"): ("registered_at", "when we sent it"),
+    ("messages", "tags"): ("tags", "the labels and reference data we attached to it"),
+    ("messages", "metadata"): ("metadata", "the labels and reference data we attached to it"),
+    ("messages", "opens_tracked"): ("opens_tracked", "whether it carried a tracking image"),
+    ("messages", "clicks_tracked"): ("clicks_tracked", "and tracked links"),
+    ("rollup_message", "machine_opens"): ("machine_opens", "machines (such as link scanners) "
+                                                           "opened or clicked it"),
+    ("rollup_message", "machine_clicks"): ("machine_clicks", "machines (such as link "
+                                                             "scanners) opened or clicked it"),
     ("rollup_message", "opens"): ("human_opens", "how many times it was opened"),
     ("rollup_message", "clicks"): ("human_clicks", "each of its links clicked"),
     ("rollup_message", "mpp"): ("mpp_prefetches",

@@ -47,7 +47,8 @@ def test_every_block_of_every_query_file_is_a_field_and_nothing_else_is_read() -
     names = [m for path in query_files(sql_dir())
              for m in re.findall(r"^-- name: (\S+)$", path.read_text(), re.M)]
     assert {p.name for p in query_files(sql_dir())} == {
-        "queries.sql", "privacy.sql", "writer.sql", "setup.sql", "operations.sql"}
+        "queries.sql", "privacy.sql", "writer.sql", "setup.sql", "keys.sql", "consent.sql",
+        "results.sql", "operations.sql"}
     assert sorted(n.replace("-", "_") for n in names) == sorted(f.name for f in fields(Queries))
     assert load(sql_dir()) == QUERIES
     assert QUERIES.ping == "-- Readiness (web/health.py): PostgreSQL answers.\nselect 1;"
@@ -60,8 +61,8 @@ def test_a_name_no_file_defines_is_an_error_naming_it_and_the_files(sql_copy: Pa
     assert str(caught.value).splitlines() == [
         f"{sql_copy / 'privacy.sql'}: unknown query 'opt-inn' (the code has no "
         "QUERIES.opt_inn)",
-        f"{sql_copy}: missing 'opt-in' (looked in operations.sql, privacy.sql, queries.sql, "
-        "setup.sql, writer.sql)"]
+        f"{sql_copy}: missing 'opt-in' (looked in consent.sql, keys.sql, operations.sql, "
+        "privacy.sql, queries.sql, results.sql, setup.sql, writer.sql)"]
 
 
 def test_a_name_defined_in_two_files_is_an_error_naming_both(sql_copy: Path) -> None:

@@ -155,6 +155,99 @@ def cmd_accounts_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_accounts_list(args: argparse.Namespace) -> int:
+    listed = _on_database(args, accounts.list_accounts)
+    if args.json:
+        sys.stdout.write(orjson.dumps(listed).decode() + "\n")
+        return 0
+    if not listed:
+        print("no accounts (tracker accounts create NAME makes one)")
+        return 0
+    rows = [("ID", "NAME", "STATE", "KEYS", "CAMPAIGNS", "CREATED", "LAST USED")] + [
+        (a["id"], a["name"], a["state"], str(a["keys"]), str(a["campaigns"]),
+         a["created_at"][:19].replace("T", " "),
+         (a["last_used_at"] or "never")[:19].replace("T", " ")) for a in listed]
+    _print_table(rows)
+    return 0
+
+
+def _print_table(rows: Sequence[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+              .rstrip())
+
+
+async def _check_account(conn: asyncpg.Connection, account_id: int) -> None:
+    """The account exists and is not deleted: checked before its keys are touched."""
+    from tracker.store.queries import QUERIES
+
+    if await conn.fetchrow(QUERIES.account_settings, account_id) is None:
+        raise CommandError(f"no account {account_id} (or it is deleted)")
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    async def work(conn: asyncpg.Connection) -> accounts.NewKey:
+        await _check_account(conn, args.account)
+        return await accounts.create_key(conn, args.account, args.name, args.scope)
+
+    try:
+        key = _on_database(args, work)
+    except accounts.KeyRequestError as exc:
+        raise CommandError(str(exc)) from None
+    _print_new_key(args, key, "created")
+    return 0
+
+
+def _print_new_key(args: argparse.Namespace, key: accounts.NewKey, what: str) -> None:
+    if args.json:
+        sys.stdout.write(orjson.dumps(key.as_json()).decode() + "\n")
+        return
+    print(f"key {key.id} ({key.name}, scope {key.scope}) {what} for account {args.account}")
+    print(f"API key (shown once, keep it secret): {key.api_key}")
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    async def work(conn: asyncpg.Connection) -> list[dict[str, Any]]:
+        await _check_account(conn, args.account)
+        return await accounts.list_keys(conn, args.account)
+
+    keys = _on_database(args, work)
+    if args.json:
+        sys.stdout.write(orjson.dumps(keys).decode() + "\n")
+        return 0
+    _print_table([("ID", "NAME", "SCOPE", "CREATED", "LAST USED")] + [
+        (k["id"], k["name"], k["scope"], k["created_at"][:19].replace("T", " "),
+         (k["last_used_at"] or "never")[:19].replace("T", " ")) for k in keys])
+    return 0
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    async def work(conn: asyncpg.Connection) -> accounts.NewKey | None:
+        await _check_account(conn, args.account)
+        return await accounts.rotate_key(conn, args.account, args.key)
+
+    key = _on_database(args, work)
+    if key is None:
+        raise CommandError(f"account {args.account} has no live key {args.key}")
+    _print_new_key(args, key, f"replaces key {args.key} (revoked now)")
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    async def work(conn: asyncpg.Connection) -> dict[str, Any] | None:
+        await _check_account(conn, args.account)
+        # The operator may revoke the last full key (the CLI can always make another).
+        return await accounts.revoke_key(conn, args.account, args.key, keep_a_full_key=False)
+
+    revoked = _on_database(args, work)
+    if revoked is None:
+        raise CommandError(f"account {args.account} has no live key {args.key}")
+    print(f"key {args.key} ({revoked['name']}) revoked: refused from now on, its dashboard "
+          "sessions ended")
+    return 0
+
+
 def _on_database(args: argparse.Namespace,
                  work: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
     """Run `work` on a connection to the configured (migrated) database, which must exist:
@@ -486,6 +579,99 @@ def cmd_instrument(args: argparse.Namespace) -> int:
     return 0
 
 
+def _yes_no(value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("yes", "true", "given", "1"):
+        return True
+    if lowered in ("no", "false", "refused", "withdrawn", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"{value!r}: say yes or no")
+
+
+def _iso_time(value: str) -> Any:
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an ISO 8601 date-time") from None
+
+
+def _print_consent(args: argparse.Namespace, record: Any) -> None:
+    if args.json:
+        sys.stdout.write(orjson.dumps({
+            "address": record.address, "opens": record.opens, "clicks": record.clicks,
+            "method": record.method, "wording": record.wording, "at": record.at.isoformat(),
+            "recorded_at": record.recorded_at.isoformat(),
+            "history": list(record.history)}).decode() + "\n")
+        return
+    def word(given: bool) -> str:
+        return "given" if given else "refused"
+    print(f"{record.address}: opens {word(record.opens)}, clicks {word(record.clicks)} "
+          f"({record.method}, {record.at.isoformat()})")
+
+
+def cmd_consent(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tracker.mail.client import Client, TrackerError
+
+    url, key = _api(args)
+    try:
+        with Client(url, key) as client:
+            if args.action == "show":
+                record = client.get_consent(args.address)
+                if record is None:
+                    raise CommandError(f"no consent is on record for {args.address}")
+            else:
+                opens, clicks = (args.opens, args.clicks) if args.action == "set" else (
+                    _withdrawn(client, args))
+                wording = args.wording
+                if args.wording_file is not None:
+                    try:
+                        wording = Path(args.wording_file).read_text(encoding="utf-8")
+                    except (OSError, UnicodeDecodeError) as exc:
+                        raise CommandError(f"cannot read {args.wording_file}: {exc}") from None
+                record = client.set_consent(args.address, opens=opens, clicks=clicks,
+                                            method=args.method, wording=wording, at=args.at)
+    except TrackerError as exc:
+        raise CommandError(str(exc)) from None
+    _print_consent(args, record)
+    return 0
+
+
+def _withdrawn(client: Any, args: argparse.Namespace) -> tuple[bool, bool]:
+    """What stays given when the kinds named (both, unless --only) are withdrawn."""
+    current = client.get_consent(args.address)
+    opens = bool(current and current.opens) and args.only == "clicks"
+    clicks = bool(current and current.clicks) and args.only == "opens"
+    return opens, clicks
+
+
+def cmd_messages(args: argparse.Namespace) -> int:
+    from tracker.mail.client import Client, TrackerError
+
+    url, key = _api(args)
+    filters = {"status": args.status, "link": args.link, "tag": args.tag, "since": args.since,
+               "until": args.until, "client": args.client, "country": args.country,
+               "search": args.search}
+    try:
+        with Client(url, key) as client:
+            if args.format in ("csv", "jsonl"):
+                sys.stdout.buffer.write(client.export_messages(args.campaign, args.format,
+                                                               **filters))
+                sys.stdout.flush()
+                return 0
+            rows = list(client.iter_messages(args.campaign, **filters))
+    except TrackerError as exc:
+        raise CommandError(str(exc)) from None
+    _print_table([("ID", "RECIPIENT", "SENT", "OPENS", "CLICKS", "MACHINE")] + [
+        (m.id, m.recipient, m.sent_at.isoformat()[:19].replace("T", " "), str(m.opens),
+         str(m.clicks), str(m.machine)) for m in rows])
+    print(f"{len(rows)} message(s)", file=sys.stderr)
+    return 0
+
+
 def cmd_relay(args: argparse.Namespace) -> int:
     import os
 
@@ -554,6 +740,11 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     _add_setting_flags(create, ("database_url", "data_dir"))
     create.set_defaults(run=cmd_accounts_create)
+    listing = account_sub.add_parser("list", help="list the accounts, with their state, keys "
+                                     "and campaigns")
+    listing.add_argument("--json", action="store_true", help="print one JSON array on stdout")
+    _add_setting_flags(listing, ("database_url", "data_dir"))
+    listing.set_defaults(run=cmd_accounts_list)
     for name, run, text in (
             ("delete", cmd_accounts_delete, "stop recording for an account now and purge its "
              "data after the 30-day grace period"),
@@ -561,6 +752,30 @@ def build_parser() -> argparse.ArgumentParser:
              "period")):
         action = account_sub.add_parser(name, help=text)
         action.add_argument("id", type=_object_id, metavar="ID")
+        _add_setting_flags(action, ("database_url", "data_dir"))
+        action.set_defaults(run=run)
+
+    keys_cmd = commands.add_parser(
+        "keys", help="an account's API keys (read, register or full)",
+        description="Named API keys with a scope: read (reports, lists, exports, the "
+        "dashboard), register (that, and registering messages), full (everything). A key is "
+        "shown once; revoking or rotating one refuses it at once, everywhere.")
+    keys_sub = keys_cmd.add_subparsers(dest="action", required=True, metavar="ACTION")
+    key_create = keys_sub.add_parser("create", help="create a key and print it (shown once)")
+    key_create.add_argument("name", metavar="NAME")
+    key_create.add_argument("--scope", required=True, choices=accounts.SCOPES)
+    key_list = keys_sub.add_parser("list", help="list the live keys (never their secrets)")
+    key_rotate = keys_sub.add_parser("rotate", help="replace a key by a new one with its name "
+                                     "and scope; the old one is refused at once")
+    key_revoke = keys_sub.add_parser("revoke", help="refuse a key from now on")
+    for action, run in ((key_create, cmd_keys_create), (key_list, cmd_keys_list),
+                        (key_rotate, cmd_keys_rotate), (key_revoke, cmd_keys_revoke)):
+        if action in (key_rotate, key_revoke):
+            action.add_argument("key", metavar="KEY_ID", help="the key's id (keys list)")
+        action.add_argument("--account", required=True, type=_object_id, metavar="ID")
+        if action is not key_revoke:
+            action.add_argument("--json", action="store_true",
+                                help="print JSON on stdout")
         _add_setting_flags(action, ("database_url", "data_dir"))
         action.set_defaults(run=run)
 
@@ -647,6 +862,60 @@ def build_parser() -> argparse.ArgumentParser:
     instrument.add_argument("--subject", metavar="S")
     _api_flags(instrument)
     instrument.set_defaults(run=cmd_instrument)
+
+    consent_cmd = commands.add_parser(
+        "consent", help="a recipient's consent to tracking, through the API",
+        description="Record, withdraw or show a recipient's consent to the recording of opens "
+        "and clicks. A campaign whose policy requires consent tracks only those who gave it; "
+        "a refusal or withdrawal holds in every campaign, also for mail sent before, from the "
+        "moment the command returns.")
+    consent_sub = consent_cmd.add_subparsers(dest="action", required=True, metavar="ACTION")
+    consent_set = consent_sub.add_parser("set", help="record consent given or refused")
+    consent_set.add_argument("--opens", type=_yes_no, required=True, metavar="yes|no")
+    consent_set.add_argument("--clicks", type=_yes_no, required=True, metavar="yes|no")
+    consent_withdraw = consent_sub.add_parser(
+        "withdraw", help="withdraw consent (to both kinds, unless --only)")
+    consent_withdraw.add_argument("--only", choices=("opens", "clicks"))
+    consent_show = consent_sub.add_parser("show", help="the consent on record")
+    for action in (consent_set, consent_withdraw, consent_show):
+        action.add_argument("address", metavar="ADDR")
+        if action is not consent_show:
+            action.add_argument("--method", required=action is consent_set,
+                                default="tracker consent withdraw",
+                                help="how it was asked for or given (\"signup form\", "
+                                "\"import\", ...)")
+            action.add_argument("--wording", help="the text the recipient was shown")
+            action.add_argument("--wording-file", metavar="FILE",
+                                help="... read from a UTF-8 file")
+            action.add_argument("--at", type=_iso_time, metavar="ISO8601",
+                                help="when the recipient gave or refused it (default: now)")
+        action.add_argument("--json", action="store_true", help="print one JSON object")
+        _api_flags(action)
+        action.set_defaults(run=cmd_consent)
+
+    messages_cmd = commands.add_parser(
+        "messages", help="who opened, who clicked, who did not: a campaign's messages",
+        description="A campaign's messages with their readers' opens and clicks (counts kept "
+        "after retention), filtered, through the API. Without --format, a table; csv and "
+        "jsonl stream every row as the API sends it.")
+    messages_cmd.add_argument("--campaign", required=True, metavar="ID")
+    messages_cmd.add_argument("--status", choices=("opened", "clicked", "not_opened",
+                                                   "machine_only", "untracked"))
+    messages_cmd.add_argument("--link", metavar="URL", help="its reader clicked this link")
+    messages_cmd.add_argument("--tag", metavar="T")
+    messages_cmd.add_argument("--from", dest="since", type=_iso_time, metavar="ISO8601",
+                              help="sent at or after")
+    messages_cmd.add_argument("--to", dest="until", type=_iso_time, metavar="ISO8601",
+                              help="sent before")
+    messages_cmd.add_argument("--client", metavar="NAME", help="a reader's mail client "
+                              "(while the events are stored)")
+    messages_cmd.add_argument("--country", metavar="CC", help="a reader's country (while the "
+                              "events are stored)")
+    messages_cmd.add_argument("--search", metavar="TEXT", help="an address, or a part of the "
+                              "recipient")
+    messages_cmd.add_argument("--format", choices=("table", "csv", "jsonl"), default="table")
+    _api_flags(messages_cmd)
+    messages_cmd.set_defaults(run=cmd_messages)
 
     relay_cmd = commands.add_parser(
         "relay", help="run an SMTP relay that instruments mail with an X-Tracker-Campaign header",

@@ -92,6 +92,11 @@ select pg_temp.distribute('recipient_suppressions', 'account_id', 'accounts');
 select pg_temp.distribute('erasures', 'account_id', 'accounts');
 select pg_temp.distribute('dashboard_signed_out', 'account_id', 'accounts');
 
+-- Consent (sql/0008_consent.sql): the wordings before the records that point at them.
+select pg_temp.distribute('consent_wordings', 'account_id', 'accounts');
+select pg_temp.distribute('recipient_consents', 'account_id', 'accounts');
+select pg_temp.distribute('consent_history', 'account_id', 'accounts');
+
 -- Global: which migrations ran. A copy on every node, so `tracker serve` (which applies
 -- pending migrations first) finds the schema current whichever node it connects to.
 -- New migrations are still applied on the coordinator only: DDL runs there.

@@ -1,11 +1,11 @@
 """A verified hit becomes an event, or is dropped with a reason: pure, no I/O.
 
 The pipeline is a list of small named steps, as in Plausible's ingest: campaign
-state -> user agent (and what it says about the client) -> verdict -> location ->
-policy. Each step enriches the hit or drops it with a reason from the closed set
-`DropReason`; the caller counts every drop. What comes out holds only what the
-campaign's policy allows, so nothing else can reach the writer, the journal or the
-database.
+state (recording, and consent where the policy requires it) -> user agent (and what it
+says about the client) -> verdict -> location -> policy. Each step enriches the hit or
+drops it with a reason from the closed set `DropReason`; the caller counts every drop.
+What comes out holds only what the campaign's policy allows, so nothing else can reach
+the writer, the journal or the database.
 
 An event leaves the pipeline already encoded as a line of PostgreSQL's COPY text
 format. That is the hot path's largest saving: the user-agent, location and address
@@ -29,7 +29,7 @@ from tracker.ingest.classify import AgentClass, Classifier, Verdict
 from tracker.ingest.geo import Location
 from tracker.ingest.policy import Policy, PolicyBook, stored_ip
 from tracker.ingest.rules import load_rules
-from tracker.ingest.tokens import ClickToken, OpenToken
+from tracker.ingest.tokens import FLAG_CONSENT, ClickToken, OpenToken
 from tracker.ingest.useragent import Agent
 
 OPEN = "open"
@@ -74,6 +74,9 @@ class DropReason(enum.StrEnum):
     OPTED_OUT = "opted_out"  # the recipient opted out of tracking
     ERASED = "erased"  # a message of a recipient whose data was erased
     PRIVACY_SIGNAL = "privacy_signal"  # Sec-GPC: 1 or DNT: 1, and the account honours them
+    # The campaign requires consent and the token's recipient had given none when the
+    # message was registered, or has refused or withdrawn it since (privacy/consent.py).
+    NO_CONSENT = "no_consent"
 
 
 _NULL = "\\N"
@@ -149,6 +152,8 @@ class Pipeline:
         policy, recording = self._policies.policy_for(token.account_id, token.campaign_id)
         if not recording:
             return DropReason.CAMPAIGN_DISABLED
+        if policy.consent_opens and not token.flags & FLAG_CONSENT:
+            return DropReason.NO_CONSENT
         agent_part, _, agent = self._agent_parts(user_agent, policy.device)
         verdict = self.classifier.open(agent, client_ip, token, at_us)
         return self._record(OPEN, token, _NULL, _NULL, policy, agent_part, verdict, client_ip,
@@ -159,6 +164,8 @@ class Pipeline:
         policy, recording = self._policies.policy_for(token.account_id, token.campaign_id)
         if not recording:
             return DropReason.CAMPAIGN_DISABLED
+        if policy.consent_clicks and not token.flags & FLAG_CONSENT:
+            return DropReason.NO_CONSENT
         _, agent_part, agent = self._agent_parts(user_agent, policy.device)
         verdict = self.classifier.click(agent, method, token, at_us, client_ip)
         return self._record(CLICK, token, str(token.link_position), str(token.url_id), policy,

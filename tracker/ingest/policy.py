@@ -21,7 +21,8 @@ IP_MODES = ("none", "truncated", "full")
 # "pseudonym": the recipient is stored only as a keyed hash (privacy/recipients.py), never
 # the address.
 RECIPIENT_MODES = ("address", "pseudonym")
-_FIELDS = ("location", "device", "ip", "retention_days", "recipient")
+_FIELDS = ("location", "device", "ip", "retention_days", "recipient", "consent")
+_CONSENT_KINDS = ("opens", "clicks")
 MAX_RETENTION_DAYS = 36500
 
 
@@ -36,18 +37,27 @@ class Policy:
     ip: str = "none"
     retention_days: int | None = None
     recipient: str = "address"
+    # Whether a hit is recorded only for a recipient who gave consent to that kind of
+    # tracking (privacy/consent.py); False: no consent needed (a refusal still holds).
+    consent_opens: bool = False
+    consent_clicks: bool = False
 
     def as_json(self) -> dict[str, Any]:
         return {"location": self.location, "device": self.device, "ip": self.ip,
-                "retention_days": self.retention_days, "recipient": self.recipient}
+                "retention_days": self.retention_days, "recipient": self.recipient,
+                "consent": {"opens": self.consent_opens, "clicks": self.consent_clicks}}
 
     def updated(self, changes: object) -> Policy:
-        """This policy with the fields given in an API object changed, validated."""
+        """This policy with the fields given in an API object changed, validated. `consent`
+        changes the kinds it names (`{"opens": true}` leaves clicks as they are)."""
         if not isinstance(changes, dict):
             raise PolicyError("policy must be an object")
         unknown = set(changes) - set(_FIELDS)
         if unknown:
             raise PolicyError(f"policy has unknown field(s): {', '.join(sorted(unknown))}")
+        changes = dict(changes)
+        if "consent" in changes:
+            changes.update(consent_fields(changes.pop("consent"), "policy.consent"))
         policy = replace(self, **changes)
         if policy.location not in LOCATIONS:
             raise PolicyError(f"policy.location must be one of {', '.join(LOCATIONS)}")
@@ -62,6 +72,20 @@ class Policy:
         if policy.recipient not in RECIPIENT_MODES:
             raise PolicyError(f"policy.recipient must be one of {', '.join(RECIPIENT_MODES)}")
         return policy
+
+
+def consent_fields(value: object, where: str) -> dict[str, bool]:
+    """A consent requirement from the API (`{"opens": bool, "clicks": bool}`, either may be
+    left out) as Policy fields."""
+    if not isinstance(value, dict):
+        raise PolicyError(f"{where} must be an object like {{\"opens\": true, \"clicks\": true}}")
+    unknown = set(value) - set(_CONSENT_KINDS)
+    if unknown:
+        raise PolicyError(f"{where} has unknown field(s): {', '.join(sorted(unknown))}")
+    for kind, required in value.items():
+        if not isinstance(required, bool):
+            raise PolicyError(f"{where}.{kind} must be true or false")
+    return {f"consent_{kind}": required for kind, required in value.items()}
 
 
 DEFAULT = Policy()

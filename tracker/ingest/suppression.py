@@ -6,6 +6,8 @@ Before a hit reaches the pipeline, `SuppressionBook.screen` drops it when
 - its recipient opted out (`OPTED_OUT`), or was erased and the hit is on a message
   of before the erasure (`ERASED`): the token's recipient key (ingest/tokens.py,
   privacy/recipients.py) is looked up in a dict;
+- its recipient refused or withdrew consent to this kind of tracking, opens or clicks
+  (`NO_CONSENT`; privacy/consent.py), whatever the campaign's policy requires;
 - the request carries `Sec-GPC: 1` or `DNT: 1` and the account honours them, as it
   does unless it turned that off (`PRIVACY_SIGNAL`).
 
@@ -28,6 +30,9 @@ from tracker.ingest.tokens import ClickToken, OpenToken
 
 # Every message id: an opt-out covers the recipient's future messages as well.
 ALL_MESSAGES = 2**63 - 1
+# Which kinds of hit a recipient refused consent to.
+REFUSED_OPENS = 1
+REFUSED_CLICKS = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,12 +49,16 @@ class SuppressionBook:
         self._accounts: dict[int, AccountState] = {}
         # (account, recipient key) -> (highest message id not to record, why)
         self._recipients: dict[tuple[int, int], tuple[int, DropReason]] = {}
+        # (account, recipient key) -> REFUSED_OPENS | REFUSED_CLICKS: only recipients who
+        # refused something (a recipient who consented is known from the token's flag).
+        self._refused: dict[tuple[int, int], int] = {}
         self.loaded_until: datetime | None = None
 
     def screen(self, headers: Iterable[tuple[bytes, bytes]],
                token: OpenToken | ClickToken) -> DropReason | None:
-        """Why this hit must record nothing, or None. Runs on every hit: two dict lookups
-        and a pass over the header names."""
+        """Why this hit must record nothing, or None. Runs on every hit: a dict lookup,
+        one more for each kind of exception the book holds, and a pass over the header
+        names."""
         account = self._accounts.get(token.account_id, _DEFAULT_ACCOUNT)
         if account.disabled:
             return DropReason.ACCOUNT_DISABLED
@@ -57,6 +66,11 @@ class SuppressionBook:
             found = self._recipients.get((token.account_id, token.recipient_key))
             if found is not None and token.message_id <= found[0]:
                 return found[1]
+        if self._refused:
+            refused = self._refused.get((token.account_id, token.recipient_key), 0)
+            if refused and refused & (REFUSED_OPENS if isinstance(token, OpenToken)
+                                      else REFUSED_CLICKS):
+                return DropReason.NO_CONSENT
         if account.honours_signals:
             for name, value in headers:
                 # Both are defined as exactly "1" (the server has stripped the white space
@@ -77,11 +91,19 @@ class SuppressionBook:
             self._accounts[account_id] = state
 
     def put_recipient(self, account_id: int, recipient_key: int, opted_out: bool,
-                      erased_through: int | None) -> bool:
+                      erased_through: int | None,
+                      refused: tuple[bool, bool] | None = None) -> bool:
         """Record a recipient's state; True when that is an erasure the book did not know
         (an opted-out recipient's erasure changes nothing here: nothing of it is recorded
-        either way)."""
+        either way). `refused`: whether consent to opens and to clicks is refused (None:
+        as the book has it)."""
         key = (account_id, recipient_key)
+        if refused is not None:
+            mask = (REFUSED_OPENS if refused[0] else 0) | (REFUSED_CLICKS if refused[1] else 0)
+            if mask:
+                self._refused[key] = mask
+            else:
+                self._refused.pop(key, None)
         before = self._recipients.get(key)
         if opted_out:
             self._recipients[key] = (ALL_MESSAGES, DropReason.OPTED_OUT)
@@ -97,4 +119,4 @@ class SuppressionBook:
         self._accounts = accounts
 
     def __len__(self) -> int:
-        return len(self._recipients)
+        return len(self._recipients) + len(self._refused)

@@ -6,7 +6,8 @@ A token is `base64url(header | ids | [link] | mac)` with no padding:
     byte 1      key id: first byte of SHA-256 of the signing key, so keys can rotate
     8+8+8       account, campaign and message id (big-endian unsigned)
     4           the message's sent_at (Unix seconds): classification needs it on the hot path
-    1           flags (bit 0: a honeypot link no reader can see)
+    1           flags (bit 0: a honeypot link no reader can see; bit 1: the recipient had
+                given consent for this kind of tracking when the message was registered)
     8           recipient key (signed): HMAC-SHA256 of the normalized address under the
                 account's own random key, truncated (privacy/recipients.py); never the address
     click only: 2-byte link position, 8-byte url id, then the destination URL as UTF-8
@@ -45,7 +46,7 @@ _V1_CLICK_HEADER = (1 << 4) | _KIND_CLICK
 
 _MAC_LEN = 16
 _IDS = struct.Struct(">BBQQQIBq")
-# _IDS without the header, key id and flags: exactly an OpenToken's fields.
+# _IDS without the header, key id and flags: an OpenToken's fields but its flags (last).
 _OPEN_FIELDS = struct.Struct(">xxQQQIxq")
 _new_tuple = tuple.__new__
 _V1_IDS = struct.Struct(">BBQQQIB")
@@ -75,6 +76,12 @@ _KEPT_CLICK_CHARS = 512
 
 
 FLAG_HONEYPOT = 1
+# Consent for this token's kind (opens for a pixel, clicks for a link) was on record when the
+# message was registered (privacy/consent.py). A campaign whose policy requires consent
+# records only hits of tokens with it (ingest/pipeline.py); a consent withdrawn since is
+# screened from memory (ingest/suppression.py).
+FLAG_CONSENT = 2
+_FLAGS_AT = _IDS.size - 8 - 1  # the flags byte's offset: before the 8-byte recipient key
 
 
 class OpenToken(NamedTuple):
@@ -83,6 +90,7 @@ class OpenToken(NamedTuple):
     message_id: int
     sent_at: int
     recipient_key: int = 0  # 0: unknown (a version 1 token)
+    flags: int = 0
 
 
 class ClickToken(NamedTuple):
@@ -128,9 +136,9 @@ class Signer:
         return cls([k.strip() for k in value.split(",") if k.strip()])
 
     def open_token(self, account_id: int, campaign_id: int, message_id: int,
-                   sent_at: int, recipient_key: int = 0) -> str:
+                   sent_at: int, recipient_key: int = 0, flags: int = 0) -> str:
         body = _IDS.pack(_OPEN_HEADER, self._signing_id, account_id, campaign_id, message_id,
-                         _clamp_time(sent_at), 0, recipient_key)
+                         _clamp_time(sent_at), flags, recipient_key)
         return self._seal(body)
 
     def click_token(self, account_id: int, campaign_id: int, message_id: int, sent_at: int,
@@ -172,8 +180,8 @@ class Signer:
             if len(raw) != _OPEN_LEN:
                 return None
             # Straight into the tuple (no per-field names, no NamedTuple.__new__): every
-            # pixel hit verifies one.
-            return _new_tuple(OpenToken, _OPEN_FIELDS.unpack_from(raw))
+            # pixel hit verifies one. The flags byte comes last in the tuple, first in the token.
+            return _new_tuple(OpenToken, (*_OPEN_FIELDS.unpack_from(raw), raw[_FLAGS_AT]))
         if len(raw) != _V1_OPEN_LEN:
             return None
         _, _, account_id, campaign_id, message_id, sent_at, _ = _V1_IDS.unpack_from(raw)

@@ -32,7 +32,14 @@ What is left exactly as it is (not tracked):
   (`<img alt="<a href=...>">`, `data-href`), and a `<link href>` (a style sheet).
 
 The open pixel goes just before the last `</body>` end tag of the markup (not one
-inside a comment or raw text), else at the end of the document.
+inside a comment or raw text), else at the end of the document; or, placed at the top,
+just after the first `<body ...>` start tag, else after `</head>`, else after what leads
+the document (a doctype, `<html>`, comments), else at its start.
+
+Each `<a>` link also has its visible text (`LinkSpot.text`: the markup up to its `</a>`
+without tags, character references decoded, white space collapsed), so that a link whose
+text is itself a URL can be told apart (`looks_like_url`): mail filters flag a visible
+URL that differs from the link's real target.
 
 How: a tokenizer that follows the WHATWG HTML tokenizer's states for the tokens
 that matter here (start and end tags with their attributes in any quoting, comments,
@@ -70,7 +77,7 @@ from urllib.parse import urljoin
 from tracker.ingest.tokens import MAX_URL_BYTES
 from tracker.mail import destinations
 
-__all__ = ["PIXEL_TEMPLATE", "Extraction", "LinkSpot", "extract", "render"]
+__all__ = ["PIXEL_TEMPLATE", "Extraction", "LinkSpot", "extract", "looks_like_url", "render"]
 
 # Screen readers skip it, layout does not see it; width/height attributes as well as
 # CSS because Outlook's Word engine reads only the attributes.
@@ -97,12 +104,14 @@ class LinkSpot:
     end: int
     url: str  # the destination: decoded, resolved against <base href> when relative
     quote: str  # '"', "'" or "" (unquoted)
+    text: str | None = None  # an <a>'s visible text (None: not an <a>, or no </a> near)
 
 
 @dataclass(frozen=True, slots=True)
 class Extraction:
     links: tuple[LinkSpot, ...]  # document order; position in the message = index
     pixel_at: int  # just before the last </body>, else len(html)
+    top_at: int = 0  # just after the first <body ...>, else after </head>, else ...
 
 
 # --- the tokenizer ------------------------------------------------------------------------
@@ -125,14 +134,14 @@ _NAME_END = rf"(?=[{_WS}/>])"
 _RAW_TEXT = ("script", "style", "textarea", "title", "xmp", "iframe", "noembed", "noframes")
 # Start tags that Python code must see (link elements, <base>, <plaintext>); every other
 # token is consumed by _SKIP.
-_WANTED = rf"(?i:a|area|base|plaintext){_NAME_END}|[vV]:"
+_WANTED = rf"(?i:a|area|base|body|plaintext){_NAME_END}|[vV]:"
 
 # Everything up to the next token that Python code must see: text, and the token after
 # each "<", the most frequent kinds first. No group in here: Python 3.11's re raises
 # SystemError for a group inside a possessive repeat that goes on after it
 # (re.match(r"(?:(x)y|b)*+", "xyb")), hence one alternative per raw-text name.
 _SKIP = rf"""(?:[^<]*+<(?:
-        /(?!(?i:body){_NAME_END}){_TAG_NAME}{_ATTRIBUTES}>?     # end tag, but </body>
+        /(?!(?i:body|head){_NAME_END}){_TAG_NAME}{_ATTRIBUTES}>?  # end tag, but </body>, </head>
       | (?!{_WANTED}|(?i:{"|".join(_RAW_TEXT)}){_NAME_END})
         {_TAG_NAME}{_ATTRIBUTES}>?                              # start tag
       | {"|".join(rf"(?i:{name}){_NAME_END}{_ATTRIBUTES}>(?:[^<]++|<(?!/(?i:{name}){_NAME_END}))*+"
@@ -177,9 +186,9 @@ _URL_TRIM = "".join(map(chr, range(0x21)))  # C0 controls and space: the URL par
 
 def extract(html: str) -> Extraction:
     """The trackable links of `html`, in document order, and where the pixel goes."""
-    found: list[tuple[int, int, str, str]] = []  # start, end, raw value, quote
+    found: list[tuple[int, int, str, str, str | None]] = []  # start, end, raw, quote, text
     base_href: str | None = None
-    body_end = plaintext_at = -1
+    body_end = plaintext_at = body_start = head_end = -1
     pos, end = 0, len(html)
     resume: list[tuple[int, int]] = []  # (pos, end) to go back to after a conditional comment
     step = _NEXT.match
@@ -208,11 +217,18 @@ def extract(html: str) -> Extraction:
         if not closed:  # cut off by the end of input (or of a conditional comment)
             continue
         tag_start = m.start(2) - 1
-        if slash:  # </body>, the only end tag _SKIP stops at
-            if not resume:
-                body_end = tag_start
-            continue
         name = name.lower()
+        if slash:  # </body> or </head>, the only end tags _SKIP stops at
+            if not resume:
+                if name == "body":
+                    body_end = tag_start
+                elif head_end < 0:
+                    head_end = pos
+            continue
+        if name == "body":
+            if body_start < 0 and not resume:
+                body_start = pos
+            continue
         if name == "plaintext":  # the rest is text
             if not resume:
                 plaintext_at = tag_start
@@ -232,15 +248,56 @@ def extract(html: str) -> Extraction:
                 base_href = _decode(raw)
         elif not (_MAYBE_DATA_TRACK.search(html, tag_start, pos)
                   and _tracking_off(html, tag_start)):
-            found.append((start, start + len(raw), raw, quote))
+            text = _link_text(html, pos, end) if name == "a" else None
+            found.append((start, start + len(raw), raw, quote, text))
     base = _base_url(base_href)
     links = []
-    for start, stop, raw, quote in found:
+    for start, stop, raw, quote, text in found:
         url = _destination(raw, base)
         if url is not None:
-            links.append(LinkSpot(start, stop, url, quote))
+            links.append(LinkSpot(start, stop, url, quote, text))
     pixel_at = body_end if body_end >= 0 else plaintext_at if plaintext_at >= 0 else len(html)
-    return Extraction(tuple(links), pixel_at)
+    leading = _LEADING.match(html)
+    top_at = (body_start if body_start >= 0 else head_end if head_end >= 0
+              else leading.end() if leading else 0)
+    return Extraction(tuple(links), pixel_at, min(top_at, pixel_at))
+
+
+# What may come before the content when there is no <body> or </head>: white space,
+# comments, a doctype, an XML declaration, <html>. The pixel goes after it: before a doctype
+# it would put the document in quirks mode.
+_LEADING = re.compile(r"(?:[\t\n\f\r ]++|<!--.*?-->|<![dD][oO][cC][tT][yY][pP][eE][^>]*+>"
+                      r"|<\?[^>]*+>|<(?i:html)(?=[\t\n\f\r />])[^>]*+>)*+", re.DOTALL)
+# How far after an <a ...> its </a> is looked for: visible link text is short, and a link
+# never closed must not make every link cost a scan to the end of the document.
+_TEXT_WINDOW = 4096
+_END_A = re.compile(r"</[aA](?=[\t\n\f\r />])")
+_TAG = re.compile(r"<[^>]*+>?")
+_SPACES = re.compile(r"\s+")
+# A URL as people write one in text: with its scheme, from www., or a bare host name with a
+# top-level domain of letters (example.com/path), and nothing else around it.
+_URL_TEXT = re.compile(
+    r"(?:https?://|www\.)\S+"
+    r"|(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\.)+[a-z]{2,63}\.?(?::\d{1,5})?(?:[/?#]\S*)?",
+    re.IGNORECASE)
+
+
+def _link_text(html: str, start: int, end: int) -> str | None:
+    """The visible text of the <a> whose start tag ends at `start`: up to its </a>, without
+    tags, character references decoded, white space collapsed."""
+    close = _END_A.search(html, start, min(end, start + _TEXT_WINDOW))
+    if close is None:
+        return None
+    text = _TAG.sub("", html[start:close.start()])
+    if "&" in text:
+        text = _html.unescape(text)
+    return _SPACES.sub(" ", text).strip()
+
+
+def looks_like_url(text: str | None) -> bool:
+    """Whether a link's visible text is itself a URL (`https://shop.example/sale`,
+    `www.example.com`, `example.com/offer`)."""
+    return text is not None and _URL_TEXT.fullmatch(text) is not None
 
 
 def _tracking_off(html: str, tag_start: int) -> bool:
@@ -250,23 +307,27 @@ def _tracking_off(html: str, tag_start: int) -> bool:
     return _decode(value).strip(_URL_TRIM).lower() == "off"
 
 
-def render(html: str, extraction: Extraction, tracked_urls: Sequence[str],
-           pixel_url: str, honeypot_url: str | None = None) -> str:
-    """`html` with tracked_urls[i] in place of link i's value and the pixel at its place,
-    preceded by the honeypot link when one is given."""
+def render(html: str, extraction: Extraction, tracked_urls: Sequence[str | None],
+           pixel_url: str | None, honeypot_url: str | None = None, *,
+           pixel_at_top: bool = False) -> str:
+    """`html` with tracked_urls[i] in place of link i's value (None: link i stays as it is)
+    and the pixel at its place (at the top with `pixel_at_top`), preceded by the honeypot
+    link when one is given; without a pixel URL, no pixel."""
     links = extraction.links
     if len(tracked_urls) != len(links):
         raise ValueError(f"{len(links)} links, but {len(tracked_urls)} tracked URLs")
-    pixel = PIXEL_TEMPLATE.format(url=_escape(pixel_url, '"'))
+    pixel = PIXEL_TEMPLATE.format(url=_escape(pixel_url, '"')) if pixel_url is not None else ""
     if honeypot_url is not None:
         pixel = HONEYPOT_TEMPLATE.format(url=_escape(honeypot_url, '"')) + pixel
-    pixel_at = extraction.pixel_at
+    pixel_at = extraction.top_at if pixel_at_top else extraction.pixel_at
     parts: list[str] = []
     pos = 0
     for spot, url in zip(links, tracked_urls, strict=True):
-        if pos <= pixel_at <= spot.start:  # the pixel comes before this link
+        if pixel and pos <= pixel_at <= spot.start:  # the pixel comes before this link
             parts += (html[pos:pixel_at], pixel)
             pos, pixel = pixel_at, ""
+        if url is None:
+            continue
         value = _escape(url, spot.quote or '"')
         # An unquoted value gets quotes: then no character of the URL can end the attribute.
         parts += (html[pos:spot.start], value if spot.quote else f'"{value}"')

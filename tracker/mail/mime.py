@@ -22,7 +22,7 @@ from email.parser import BytesHeaderParser
 
 from tracker.mail.charsets import html_charset, text_codec
 from tracker.mail.client import Registered
-from tracker.mail.instrument import Extraction, extract, render
+from tracker.mail.instrument import Extraction, LinkSpot, extract, render
 
 __all__ = ["CAMPAIGN_HEADER", "Mail"]
 
@@ -111,10 +111,16 @@ class Mail:
     @property
     def links(self) -> list[str]:
         """The destinations to register, every HTML part's in order."""
-        return [spot.url for part in self.parts for spot in part.extraction.links]
+        return [spot.url for spot in self.link_spots]
 
-    def copy_for(self, registered: Registered) -> bytes:
-        """The message as `registered`'s recipient gets it."""
+    @property
+    def link_spots(self) -> list[LinkSpot]:
+        """The links of every HTML part, in order, with their visible text."""
+        return [spot for part in self.parts for spot in part.extraction.links]
+
+    def copy_for(self, registered: Registered, *, pixel_at_top: bool = False) -> bytes:
+        """The message as `registered`'s recipient gets it (links the server left untracked
+        stay as they are; no pixel when it gave none)."""
         tracked = [link.tracked_url for link in registered.links]
         if len(tracked) != len(self.links):
             raise ValueError(f"{len(self.links)} links registered, {len(tracked)} came back")
@@ -124,7 +130,7 @@ class Mail:
         for part in self.parts:
             count = len(part.extraction.links)
             html = render(part.text, part.extraction, tracked[first:first + count],
-                          registered.pixel_url, honeypot)
+                          registered.pixel_url, honeypot, pixel_at_top=pixel_at_top)
             first += count
             head, body = part.encode(self.stripped, html)
             out += (self.stripped[pos:part.head_start], head, body)

@@ -15,6 +15,14 @@ With `html`, the links are those the instrumentation engine finds in the documen
 (each occurrence a link of its own, in document order), followed by any `links`
 given as well; the answer carries the instrumented document, which is never stored
 and never logged.
+
+What is tracked of each message (privacy/consent.py, mail/options.py): no pixel when its
+recipient opted out, refused consent to opens, or gave none where the campaign requires
+it (`pixel_url: null`), and no tracked link likewise for clicks (`tracked_url: null`, the
+HTML keeps its links); a link whose visible text is a URL stays as it is unless the
+campaign's options say to track it. Only tracked links are stored. A tracked destination
+gets the campaign's UTM parameters it lacks; the answer gives each link's `url` as
+registered and its `destination`, where a click on it lands.
 """
 
 from __future__ import annotations
@@ -28,9 +36,11 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from tracker.ingest.tokens import FLAG_HONEYPOT, MAX_LINK_POSITION, Signer
+from tracker.ingest.tokens import FLAG_CONSENT, FLAG_HONEYPOT, MAX_LINK_POSITION, Signer
 from tracker.mail import destinations
-from tracker.mail.instrument import Extraction, extract, render
+from tracker.mail.instrument import Extraction, extract, looks_like_url, render
+from tracker.mail.options import LinkOptions, from_stored
+from tracker.privacy import consent
 from tracker.privacy.link_redaction import Redactor
 from tracker.privacy.recipients import (
     InvalidAddress,
@@ -39,6 +49,7 @@ from tracker.privacy.recipients import (
     identify,
     stored_recipient,
 )
+from tracker.store.labels import InvalidLabel, check_metadata, check_tags, encode_metadata
 from tracker.store.queries import QUERIES
 
 MAX_SUBJECT_CHARS = 998  # the longest header line RFC 5322 allows
@@ -49,7 +60,9 @@ MAX_BATCH = 5000
 # Messages handled between two turns of the event loop while a batch is registered.
 _SLICE = 50
 _T = TypeVar("_T")
-_FIELDS = {"recipient", "subject", "sent_at", "links", "html"}
+_FIELDS = {"recipient", "subject", "sent_at", "links", "html", "tags", "metadata"}
+_LINK_FIELDS = {"url", "text"}
+MAX_LINK_TEXT_CHARS = 2048
 # Tokens carry sent_at as unsigned 32-bit Unix seconds.
 _EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
 _LATEST = datetime(2106, 1, 1, tzinfo=UTC)
@@ -69,13 +82,26 @@ class MessageInput:
     links: tuple[str, ...]  # the html's links first, in document order, then `links`
     html: str | None = None
     extraction: Extraction | None = None
+    link_texts: tuple[str | None, ...] = ()  # each link's visible text, where known
+    tags: tuple[str, ...] = ()
+    metadata: dict[str, Any] | None = None
+
+    def link_text(self, position: int) -> str | None:
+        return self.link_texts[position] if position < len(self.link_texts) else None
+
+
+@dataclass(frozen=True)
+class RegisteredLink:
+    url: str  # as registered
+    destination: str  # where a click lands: `url` with the campaign's UTM parameters
+    tracked_url: str | None  # None: left as it is (no consent, or its text is a URL)
 
 
 @dataclass(frozen=True)
 class Registered:
     id: int
-    pixel_url: str
-    links: list[tuple[str, str]]  # (destination, tracked URL)
+    pixel_url: str | None  # None: no pixel (no consent, or the recipient opted out)
+    links: list[RegisteredLink]
     html: str | None = None
 
 
@@ -128,7 +154,9 @@ def parse_message(body: object, where: str = "message") -> MessageInput:
         raise InvalidInput(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
     try:
         recipient = check_address(body.get("recipient"), f"{where}.recipient")
-    except InvalidAddress as exc:
+        tags = tuple(check_tags(body.get("tags"), f"{where}.tags"))
+        metadata = check_metadata(body.get("metadata"), f"{where}.metadata")
+    except (InvalidAddress, InvalidLabel) as exc:
         raise InvalidInput(str(exc)) from None
     subject = _subject(body.get("subject"), f"{where}.subject")
     sent_at = (parse_time(body["sent_at"], f"{where}.sent_at")
@@ -140,10 +168,13 @@ def parse_message(body: object, where: str = "message") -> MessageInput:
         raise InvalidInput(f"{where}.links: must be a list of URLs")
     if len(links) > MAX_LINKS:
         raise InvalidInput(f"{where}.links: at most {MAX_LINKS} links per message")
-    checked = tuple(check_destination(url, f"{where}.links[{i}]") for i, url in enumerate(links))
+    given = [_link(item, f"{where}.links[{i}]") for i, item in enumerate(links)]
+    checked = tuple(url for url, _ in given)
+    texts = tuple(text for _, text in given)
     html = body.get("html")
     if html is None:
-        return MessageInput(recipient, subject, sent_at, checked)
+        return MessageInput(recipient, subject, sent_at, checked, link_texts=texts, tags=tags,
+                            metadata=metadata)
     if not isinstance(html, str):
         raise InvalidInput(f"{where}.html: must be a string")
     if len(html) > MAX_HTML_CHARS:
@@ -153,7 +184,23 @@ def parse_message(body: object, where: str = "message") -> MessageInput:
     if len(found) + len(checked) > MAX_LINKS:
         raise InvalidInput(f"{where}: at most {MAX_LINKS} links per message "
                            f"(the html has {len(found)})")
-    return MessageInput(recipient, subject, sent_at, found + checked, html, extraction)
+    return MessageInput(recipient, subject, sent_at, found + checked, html, extraction,
+                        tuple(spot.text for spot in extraction.links) + texts, tags, metadata)
+
+
+def _link(item: object, where: str) -> tuple[str, str | None]:
+    """A link of `links`: its URL, or `{"url": ..., "text": ...}` with the text a reader
+    sees (so that a link whose text is a URL can be left untracked)."""
+    if not isinstance(item, dict):
+        return check_destination(item, where), None
+    unknown = set(item) - _LINK_FIELDS
+    if unknown:
+        raise InvalidInput(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+    text = item.get("text")
+    if text is not None and (not isinstance(text, str) or len(text) > MAX_LINK_TEXT_CHARS):
+        raise InvalidInput(f"{where}.text: must be null or a string of at most "
+                           f"{MAX_LINK_TEXT_CHARS} characters")
+    return check_destination(item.get("url"), f"{where}.url"), text
 
 
 async def parse_batch(body: object) -> list[MessageInput]:
@@ -196,6 +243,17 @@ class InvalidBatch(InvalidInput):
         self.errors = errors
 
 
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What is tracked of one message: its pixel, and each link's destination (None: the
+    link stays as it is); the token flags that say consent was on record."""
+    opens: bool
+    clicks: bool
+    destinations: tuple[str | None, ...]
+    open_flags: int
+    click_flags: int
+
+
 class Registrar:
     def __init__(self, signer: Signer, base_url: str) -> None:
         self._signer = signer
@@ -210,60 +268,98 @@ class Registrar:
             if context is None:
                 raise LookupError(f"campaign {campaign_id} of account {account_id} not found")
             secret, mode = context["recipient_secret"], context["policy_recipient"]
+            options = from_stored(context["options"])
             recipients = [identify(secret, m.recipient)
                           async for _, m in _cooperatively(messages)]
-            # What each link is stored as: its destination, without the recipient's address.
-            stored = [_stored_links(m) async for _, m in _cooperatively(messages)]
+            states = await consent.for_registration(conn, account_id,
+                                                    [r.key for r in recipients])
+            plans = [_plan(m, states.get(r.key, consent.NOTHING_ON_RECORD),
+                           context["policy_consent_opens"], context["policy_consent_clicks"],
+                           options)
+                     for m, r in zip(messages, recipients, strict=True)]
+            # What each tracked link is stored as: its destination, without the recipient's
+            # address.
+            stored = [_stored_links(m, p) async for _, (m, p) in _cooperatively(
+                list(zip(messages, plans, strict=True)))]
             ids = [r["id"] for r in await conn.fetch(QUERIES.reserve_message_ids, len(messages))]
-            destinations = sorted({url for links in stored for url in links})
+            destinations = sorted({url for links in stored for url in links.values()})
             url_ids: dict[str, int] = {}
             if destinations:
                 url_ids = await _url_ids(conn, account_id, campaign_id, destinations)
             await conn.copy_records_to_table(
                 "messages", columns=("account_id", "id", "campaign_id", "recipient", "subject",
-                                     "sent_at", "recipient_key"),
+                                     "sent_at", "recipient_key", "tags", "metadata",
+                                     "opens_tracked", "clicks_tracked"),
                 records=[(account_id, mid, campaign_id,
-                          stored_recipient(mode, m.recipient, r), m.subject, m.sent_at, r.key)
-                         for mid, m, r in zip(ids, messages, recipients, strict=True)])
+                          stored_recipient(mode, m.recipient, r), m.subject, m.sent_at, r.key,
+                          list(m.tags), encode_metadata(m.metadata or {}), p.opens, p.clicks)
+                         for mid, m, r, p in zip(ids, messages, recipients, plans, strict=True)])
             await conn.copy_records_to_table(
                 "links", columns=("account_id", "message_id", "position", "url_id"),
                 records=[(account_id, mid, pos, url_ids[url])
                          for mid, links in zip(ids, stored, strict=True)
-                         for pos, url in enumerate(links)])
-        return [self._urls(account_id, campaign_id, mid, m,
-                           [url_ids[url] for url in links], r)
-                async for _, (mid, m, links, r) in _cooperatively(
-                    list(zip(ids, messages, stored, recipients, strict=True)))]
+                         for pos, url in links.items()])
+        return [self._urls(account_id, campaign_id, mid, m, p,
+                           {pos: url_ids[url] for pos, url in links.items()}, r, options)
+                async for _, (mid, m, p, links, r) in _cooperatively(
+                    list(zip(ids, messages, plans, stored, recipients, strict=True)))]
 
     def _urls(self, account_id: int, campaign_id: int, message_id: int, message: MessageInput,
-              url_ids: list[int], recipient: Recipient) -> Registered:
+              plan: _Plan, url_ids: dict[int, int], recipient: Recipient,
+              options: LinkOptions) -> Registered:
         sent_at = int(message.sent_at.timestamp())
         key = recipient.key
-        pixel_url = (f"{self._base}/o/"
-                     + self._signer.open_token(account_id, campaign_id, message_id, sent_at,
-                                               recipient_key=key) + ".gif")
-        links = [(url, f"{self._base}/c/"
-                  + self._signer.click_token(account_id, campaign_id, message_id, sent_at, pos,
-                                             url_ids[pos], url, recipient_key=key))
-                 for pos, url in enumerate(message.links)]
+        pixel_url = None
+        if plan.opens:
+            pixel_url = (f"{self._base}/o/"
+                         + self._signer.open_token(account_id, campaign_id, message_id, sent_at,
+                                                   recipient_key=key, flags=plan.open_flags)
+                         + ".gif")
+        links = [RegisteredLink(url, destination or url, None if destination is None else (
+                     f"{self._base}/c/" + self._signer.click_token(
+                         account_id, campaign_id, message_id, sent_at, pos, url_ids[pos],
+                         destination, flags=plan.click_flags, recipient_key=key)))
+                 for pos, (url, destination) in enumerate(
+                     zip(message.links, plan.destinations, strict=True))]
         html = None
         if message.html is not None and message.extraction is not None:
             in_html = len(message.extraction.links)
             # The honeypot is no link of the message: no row, no url id, a position past
             # every real one; the flag in its token makes any hit on it a machine's.
-            honeypot = f"{self._base}/c/" + self._signer.click_token(
-                account_id, campaign_id, message_id, sent_at, HONEYPOT_POSITION, 0,
-                f"{self._base}/", flags=FLAG_HONEYPOT, recipient_key=key)
+            honeypot = None
+            if plan.clicks:
+                honeypot = f"{self._base}/c/" + self._signer.click_token(
+                    account_id, campaign_id, message_id, sent_at, HONEYPOT_POSITION, 0,
+                    f"{self._base}/", flags=FLAG_HONEYPOT | plan.click_flags,
+                    recipient_key=key)
             html = render(message.html, message.extraction,
-                          [tracked for _, tracked in links[:in_html]], pixel_url, honeypot)
+                          [link.tracked_url for link in links[:in_html]], pixel_url, honeypot,
+                          pixel_at_top=options.pixel == "top")
         return Registered(message_id, pixel_url, links, html)
 
 
-def _stored_links(message: MessageInput) -> tuple[str, ...]:
-    """The message's links as stored: a destination that names the recipient has the
-    address replaced by a placeholder (privacy/link_redaction.py); its token keeps it."""
+def _plan(message: MessageInput, state: consent.RecipientState, opens_need_consent: bool,
+          clicks_need_consent: bool, options: LinkOptions) -> _Plan:
+    opens = not (state.opted_out or state.refused_opens
+                 or (opens_need_consent and not state.consented_opens))
+    clicks = not (state.opted_out or state.refused_clicks
+                  or (clicks_need_consent and not state.consented_clicks))
+    destinations = tuple(
+        options.destination(url) if clicks and (
+            options.track_url_text or not looks_like_url(message.link_text(pos))) else None
+        for pos, url in enumerate(message.links))
+    return _Plan(opens, clicks, destinations,
+                 FLAG_CONSENT if state.consented_opens else 0,
+                 FLAG_CONSENT if state.consented_clicks else 0)
+
+
+def _stored_links(message: MessageInput, plan: _Plan) -> dict[int, str]:
+    """The message's tracked links as stored, by position: a destination that names the
+    recipient has the address replaced by a placeholder (privacy/link_redaction.py); its
+    token keeps it."""
     redactor = Redactor(message.recipient)
-    return tuple(redactor.redact(url) for url in message.links)
+    return {pos: redactor.redact(destination)
+            for pos, destination in enumerate(plan.destinations) if destination is not None}
 
 
 async def _url_ids(conn: asyncpg.Connection, account_id: int, campaign_id: int,
@@ -285,7 +381,8 @@ async def _url_ids(conn: asyncpg.Connection, account_id: int, campaign_id: int,
 def registered_json(item: Registered) -> dict[str, Any]:
     answer: dict[str, Any] = {
         "id": str(item.id), "pixel_url": item.pixel_url,
-        "links": [{"url": url, "tracked_url": tracked} for url, tracked in item.links]}
+        "links": [{"url": link.url, "destination": link.destination,
+                   "tracked_url": link.tracked_url} for link in item.links]}
     if item.html is not None:
         answer["html"] = item.html
     return answer

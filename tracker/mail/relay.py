@@ -119,6 +119,8 @@ class RelayHandler:
         self.hostname = config.hostname or socket.getfqdn()
         self.stats = RelayStats()
         self._api = AsyncClient(config.api_url, config.api_key, timeout=config.api_timeout)
+        # campaign -> (when to look again, whether its pixel goes at the top of the body)
+        self._pixel_top: dict[str, tuple[float, bool]] = {}
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -165,10 +167,13 @@ class RelayHandler:
         if not mail.parts:
             self.stats.no_html += 1
             return iter([(recipients, mail.stripped)])
-        links = mail.links
+        # The links only (with the text a reader sees, so that the server can leave a link
+        # whose text is a URL as it is), never a body; the empty document brings back what
+        # the server adds to every document: the pixel and its honeypot link.
+        links = [{"url": spot.url, "text": spot.text} if spot.text is not None else spot.url
+                 for spot in mail.link_spots]
         try:
-            # The links only, never a body; the empty document brings back what the server
-            # adds to every document: the pixel and its honeypot link.
+            pixel_top = await self._pixel_at_top(mail.campaign)
             registered = await self._api.register_batch(
                 mail.campaign, [NewMessage(r, mail.subject, links=links, html="")
                                 for r in recipients])
@@ -179,13 +184,26 @@ class RelayHandler:
                         mail.campaign, exc, len(recipients), self.stats.uninstrumented)
             return iter([(recipients, mail.stripped)])
         self.stats.instrumented += 1
-        return self._instrumented(mail, recipients, registered)
+        return self._instrumented(mail, recipients, registered, pixel_top)
 
-    def _instrumented(self, mail: Mail, recipients: list[str],
-                      registered: list[Registered]) -> Iterator[tuple[list[str], bytes]]:
+    async def _pixel_at_top(self, campaign: str) -> bool:
+        """The campaign's pixel option, looked up at most once a minute per campaign."""
+        now = asyncio.get_running_loop().time()
+        known = self._pixel_top.get(campaign)
+        if known is not None and known[0] > now:
+            return known[1]
+        options = (await self._api.get_campaign(campaign)).options or {}
+        top = options.get("pixel") == "top"
+        if len(self._pixel_top) > 10_000:
+            self._pixel_top.clear()
+        self._pixel_top[campaign] = (now + 60, top)
+        return top
+
+    def _instrumented(self, mail: Mail, recipients: list[str], registered: list[Registered],
+                      pixel_top: bool) -> Iterator[tuple[list[str], bytes]]:
         for recipient, item in zip(recipients, registered, strict=True):
             try:
-                copy = mail.copy_for(item)
+                copy = mail.copy_for(item, pixel_at_top=pixel_top)
             except Exception:  # a bug must cost the tracking, not the mail
                 log.exception("cannot instrument a copy; sending it uninstrumented")
                 copy = mail.stripped

@@ -41,7 +41,8 @@ async def read_suppressions(book: SuppressionBook, conn: asyncpg.Connection | as
     erased = False
     for r in rows:
         erased |= book.put_recipient(r["account_id"], r["recipient_key"], r["opted_out"],
-                                     r["erased_through"])
+                                     r["erased_through"], (r["consent_refused_opens"],
+                                                           r["consent_refused_clicks"]))
         if book.loaded_until is None or r["changed_at"] > book.loaded_until:
             book.loaded_until = r["changed_at"]
     return erased

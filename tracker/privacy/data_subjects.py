@@ -4,6 +4,7 @@ Messages are found by the recipient key (privacy/recipients.py), so all three wo
 campaign stored the address or only its pseudonym. What each operation changes:
 
 - erasure removes the recipient's messages (and with them their links), their events,
+  their consent record and its history (privacy/consent.py; a refusal stays in force),
   and the per-message markers of the rollups (`rollup_message`, `rollup_message_link`,
   `relabel_triggers`), and redacts the account's stored destinations that still name
   the address (privacy/link_redaction.py; registration stores none). The campaign
@@ -34,6 +35,7 @@ from typing import Any
 import asyncpg
 
 from tracker.ingest.suppression import SuppressionBook
+from tracker.privacy import consent
 from tracker.privacy.link_redaction import Redactor
 from tracker.privacy.recipients import (
     Recipient,
@@ -43,6 +45,7 @@ from tracker.privacy.recipients import (
     normalize,
     run_block,
 )
+from tracker.store.labels import decode_metadata
 from tracker.store.queries import QUERIES
 
 SWEEP_DAYS = 30
@@ -76,6 +79,7 @@ async def erase(pool: asyncpg.Pool, account_id: int, address: str,
             book.put_recipient(account_id, recipient.key, state["opted_out"], through)
         if flush is not None:
             await flush()  # what the workers captured before is in the table now, or raises
+        await consent.erase(conn, account_id, recipient.key)
         return await _erase(conn, account_id, recipient.key, through,
                             lambda stored: is_recipient(stored, address, recipient),
                             normalize(address), redactor=Redactor(address))
@@ -220,7 +224,10 @@ async def export(conn: asyncpg.Connection, account_id: int, address: str) -> dic
     return {
         "address": address,
         "generated_at": _iso(datetime.now(UTC)),
-        "tracking": _tracking(state),
+        "tracking": {**_tracking(state),
+                     "consent_refused": await consent.refusals(conn, account_id,
+                                                               recipient.key)},
+        "consent": await consent.export(conn, account_id, recipient.key),
         "messages": [{
             "id": str(r["id"]),
             "campaign": {"id": str(r["campaign_id"]), "name": r["campaign_name"],
@@ -228,12 +235,21 @@ async def export(conn: asyncpg.Connection, account_id: int, address: str) -> dic
             "recipient": r["recipient"],
             "recipient_stored_as": _stored_as(r["recipient"], recipient),
             "subject": r["subject"],
+            "tags": list(r["tags"]),
+            "metadata": decode_metadata(r["metadata"]),
             "sent_at": _iso(r["sent_at"]),
             "registered_at": _iso(r["created_at"]),
             "links": links[r["id"]],
             "events": events[r["id"]],
+            # Whether it went out with a tracking image / tracked links (not without the
+            # consent its campaign required, nor after an opt-out).
+            "opens_tracked": r["opens_tracked"],
+            "clicks_tracked": r["clicks_tracked"],
             "human_opens": r["human_opens"] or 0,
             "human_clicks": r["human_clicks"] or 0,
+            # Opens and clicks by machines (prefetches, link scanners, bots), counted apart.
+            "machine_opens": r["machine_opens"] or 0,
+            "machine_clicks": r["machine_clicks"] or 0,
             # Apple Mail Privacy Protection's prefetches of it (kept, for the estimate of
             # the opens MPP hides).
             "mpp_prefetches": r["mpp_prefetches"] or 0,

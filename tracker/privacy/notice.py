@@ -29,6 +29,7 @@ def describe(policy: Policy, retention_days: int | None, honours_signals: bool) 
         "server we operate. When you open one of our emails with images shown, or click "
         "one of its links, we record that it happened and when, and which link you "
         "clicked; the link takes you to its destination either way."]
+    sentences.append(_consent(policy))
     place = _PLACE[policy.location]
     if place is None:
         sentences.append("We do not record where you are.")
@@ -64,9 +65,12 @@ def describe(policy: Policy, retention_days: int | None, honours_signals: bool) 
     # What stays of each message once its events are gone: the messages row, its links,
     # and the per-message rollups (sql/0002_rollups.sql). tests/test_privacy.py holds this
     # list to the columns that are left and to the recipient's export.
-    kept = (f"for each email: {yours}, its subject and when we sent it, which links it had, "
-            "how many times it was opened and each of its links clicked, how many times "
-            "Apple Mail Privacy Protection fetched its images, the quarter-hour of "
+    kept = (f"for each email: {yours}, its subject and when we sent it, the labels and "
+            "reference data we attached to it (such as an order number), whether it carried a "
+            "tracking image and tracked links, which links it had, how many times it was "
+            "opened and each of its links clicked, how many times "
+            "Apple Mail Privacy Protection fetched its images, how many times machines "
+            "(such as link scanners) opened or clicked it, the quarter-hour of "
             "its first open and of its first click, and the hour of the first click on each "
             f"link; and totals for the whole campaign (opens and clicks by {_totals(policy)})")
     if retention_days is None:
@@ -86,6 +90,27 @@ def describe(policy: Policy, retention_days: int | None, honours_signals: bool) 
                      "it, or to stop recording your opens and clicks altogether; when we delete a "
                      "campaign, its data is purged 30 days later.")
     return " ".join(sentences)
+
+
+def _consent(policy: Policy) -> str:
+    """How consent works for this campaign (privacy/consent.py): what is recorded only with
+    it, and that a refusal or withdrawal holds at once, for mail already sent too."""
+    withdraw = ("You can withdraw your agreement at any time, as easily as you gave it: from "
+                "then on we record none of them, also for emails we sent before.")
+    if policy.consent_opens and policy.consent_clicks:
+        return ("We record your opens and clicks only if you have agreed to it; without your "
+                "agreement our emails to you carry no tracking image and their links lead "
+                f"straight to their destination. {withdraw}")
+    if policy.consent_opens:
+        return ("We record that you opened an email only if you have agreed to it; without "
+                "your agreement our emails to you carry no tracking image. You can refuse the "
+                "recording of your clicks as well. " + withdraw)
+    if policy.consent_clicks:
+        return ("We record your clicks only if you have agreed to it; without your agreement "
+                "the links in our emails to you lead straight to their destination. You can "
+                "refuse the recording of your opens as well. " + withdraw)
+    return ("You can refuse the recording of your opens, of your clicks or of both: from then "
+            "on we record none of them, also for emails we sent before.")
 
 
 def _totals(policy: Policy) -> str:

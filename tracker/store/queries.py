@@ -32,8 +32,6 @@ class QueryFileError(RuntimeError):
 class Queries:
     # sql/queries.sql: accounts, campaigns, registration, reports, exports, the dashboard
     create_account: str
-    create_api_key: str
-    api_key_hash: str
     create_campaign: str
     list_campaigns: str
     get_campaign: str
@@ -105,10 +103,39 @@ class Queries:
     purge_campaign_data: str
     finish_campaign_purge: str
     purge_account_data: str
-    session_account: str
     sign_out_session: str
     forget_expired_sign_outs: str
     finish_account_purge: str
+    # sql/keys.sql: named API keys with scopes, accounts listed
+    create_key: str
+    key_to_check: str
+    note_key_use: str
+    list_keys: str
+    get_key: str
+    revoke_key: str
+    other_full_keys: str
+    lock_account_keys: str
+    session_key: str
+    list_accounts: str
+    # sql/consent.sql: consent to tracking, per recipient (privacy/consent.py)
+    save_wording: str
+    save_consent: str
+    record_consent_history: str
+    refuse_consent: str
+    clear_consent_refusal: str
+    consent_record: str
+    consent_history: str
+    consent_refusals: str
+    registration_consents: str
+    erase_consent: str
+    account_consent_default: str
+    set_account_consent_default: str
+    # sql/results.sql: recipient results and reports over a selection of messages
+    list_messages: str
+    selection_totals: str
+    selection_links: str
+    selection_timeline: str
+    selection_breakdown: str
     # sql/writer.sql: the batch writer's move into events and the rollups
     create_writer_tables: str
     ensure_event_partition: str

@@ -18,7 +18,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import asyncpg
 
+from tracker.store.labels import decode_metadata
 from tracker.store.queries import QUERIES
+from tracker.store.results import Selection
 
 DIMENSIONS = ("country", "region", "browser", "os", "device", "client")
 ESTIMATE_METHOD = (
@@ -43,27 +45,80 @@ def _rate(part: int, whole: int) -> float:
 
 
 async def campaign_report(conn: asyncpg.Connection, account_id: int, campaign_id: int,
-                          tz: str = "UTC") -> dict[str, Any]:
+                          tz: str = "UTC", selection: Selection | None = None
+                          ) -> dict[str, Any]:
+    """The campaign's report; with a `selection` (a tag, a time range of sending), the
+    report of those of its messages (`_selection_parts`)."""
     zone_info = zone(tz)
-    totals = await conn.fetchrow(QUERIES.report_totals, account_id, campaign_id)
-    links = await conn.fetch(QUERIES.report_links, account_id, campaign_id)
-    try:
-        timeline = await conn.fetch(QUERIES.report_timeline, account_id, campaign_id, tz)
-    except asyncpg.InvalidParameterValueError:
-        # Python and PostgreSQL ship different zone databases ("posixrules", "right/...").
-        raise UnknownTimeZone(f"tz: unknown time zone {tz!r}") from None
-    breakdown_rows = await conn.fetch(QUERIES.report_breakdown, account_id, campaign_id)
-
     breakdown: dict[str, dict[str, dict[str, int]]] = {
         kind: {dim: {} for dim in DIMENSIONS} for kind in ("opens", "clicks")}
     by_reason: dict[str, dict[str, int]] = {"opens": {}, "clicks": {}}
-    for row in breakdown_rows:
+    try:
+        if selection is None or selection.everything:
+            totals, links, timeline = await _campaign_parts(conn, account_id, campaign_id,
+                                                            tz, breakdown, by_reason)
+        else:
+            totals, links, timeline = await _selection_parts(conn, account_id, campaign_id,
+                                                             tz, selection, breakdown,
+                                                             by_reason)
+    except asyncpg.InvalidParameterValueError:
+        # Python and PostgreSQL ship different zone databases ("posixrules", "right/...").
+        raise UnknownTimeZone(f"tz: unknown time zone {tz!r}") from None
+    report = _assembled(campaign_id, totals, links, timeline, breakdown, by_reason, zone_info)
+    if selection is not None and not selection.everything:
+        report["selection"] = {
+            "tag": selection.tag, "from": _iso(selection.since), "to": _iso(selection.until),
+            "from_stored_events": ["timeline", "breakdown", "machine_by_reason"]}
+    return report
+
+
+async def _campaign_parts(conn: asyncpg.Connection, account_id: int, campaign_id: int,
+                          tz: str, breakdown: dict[str, dict[str, dict[str, int]]],
+                          by_reason: dict[str, dict[str, int]]) -> tuple[Any, Any, Any]:
+    """The whole campaign, from its rollups only."""
+    totals = await conn.fetchrow(QUERIES.report_totals, account_id, campaign_id)
+    links = await conn.fetch(QUERIES.report_links, account_id, campaign_id)
+    timeline = await conn.fetch(QUERIES.report_timeline, account_id, campaign_id, tz)
+    for row in await conn.fetch(QUERIES.report_breakdown, account_id, campaign_id):
         kind = "opens" if row["type"] == "open" else "clicks"
         if row["dimension"] == "reason":
             by_reason[kind][row["key"]] = row["n"]
         else:
             breakdown[kind][row["dimension"]][row["key"]] = row["n"]
+    return totals, links, timeline
 
+
+async def _selection_parts(conn: asyncpg.Connection, account_id: int, campaign_id: int,
+                           tz: str, selection: Selection,
+                           breakdown: dict[str, dict[str, dict[str, int]]],
+                           by_reason: dict[str, dict[str, int]]) -> tuple[Any, Any, Any]:
+    """Some of the campaign's messages. The counts (totals, unique counts, machine counts,
+    links, the MPP estimate's inputs) come from the per-message rollups and survive
+    retention; the campaign-wide rollups cannot be split by message, so the timeline, the
+    breakdown and the machine counts by reason come from the stored events, and what
+    retention has deleted of them is "unknown" (each dimension still sums to its total)."""
+    args = (account_id, campaign_id, *selection.args())
+    totals = await conn.fetchrow(QUERIES.selection_totals, *args)
+    links = await conn.fetch(QUERIES.selection_links, *args)
+    timeline = await conn.fetch(QUERIES.selection_timeline, *args, tz)
+    for row in await conn.fetch(QUERIES.selection_breakdown, *args):
+        kind = "opens" if row["type"] == "open" else "clicks"
+        if row["dimension"] == "reason":
+            if row["machines"]:
+                by_reason[kind][row["key"]] = row["machines"]
+        elif row["humans"]:
+            breakdown[kind][row["dimension"]][row["key"]] = row["humans"]
+    for kind, total in (("opens", totals["opens"]), ("clicks", totals["clicks"])):
+        for counts in breakdown[kind].values():
+            rest = total - sum(counts.values())
+            if rest > 0:
+                counts["unknown"] = counts.get("unknown", 0) + rest
+    return totals, links, timeline
+
+
+def _assembled(campaign_id: int, totals: Any, links: Any, timeline: Any,
+               breakdown: dict[str, dict[str, dict[str, int]]],
+               by_reason: dict[str, dict[str, int]], zone_info: ZoneInfo) -> dict[str, Any]:
     messages = totals["messages"]
     unique_opens, unique_clicks = totals["unique_opens"], totals["unique_clicks"]
     return {
@@ -121,6 +176,10 @@ def _hour(at: datetime, zone_info: ZoneInfo) -> str:
     return at.astimezone(zone_info).isoformat()
 
 
+def _iso(at: datetime | None) -> str | None:
+    return at.isoformat() if at is not None else None
+
+
 async def message_activity(conn: asyncpg.Connection | asyncpg.Pool, account_id: int,
                            message_id: int) -> dict[str, Any] | None:
     message = await conn.fetchrow(QUERIES.get_message, account_id, message_id)
@@ -133,6 +192,8 @@ async def message_activity(conn: asyncpg.Connection | asyncpg.Pool, account_id: 
         "recipient": message["recipient"],
         "subject": message["subject"],
         "sent_at": message["sent_at"].isoformat(),
+        "tags": list(message["tags"]),
+        "metadata": decode_metadata(message["metadata"]),
         "events": [{
             "type": e["type"], "at": e["occurred_at"].isoformat(), "url": e["url"],
             "country": e["country"], "region": e["region"], "city": e["city"],

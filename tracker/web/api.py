@@ -1,5 +1,5 @@
 """The web app behind the tracking endpoints: the management API (campaigns_api.py,
-recipients_api.py), the dashboard, and the server's own endpoints (service.py), with
+recipients_api.py, keys_api.py), the dashboard, and the server's own endpoints (service.py), with
 what they share kept in the app's state for this worker's runtime."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from starlette.routing import Match, Route
 
 from tracker.ingest.addresses import ClientAddress
 from tracker.mail.registration import Registrar
-from tracker.web import campaigns_api, dashboard, recipients_api, service
+from tracker.web import campaigns_api, dashboard, keys_api, recipients_api, service
 from tracker.web.health import Readiness
 from tracker.web.http import json_error
 from tracker.web.metrics import registry_for
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 def build_api(runtime: Runtime) -> Starlette:
     routes: list[Route] = [*service.ROUTES, *campaigns_api.ROUTES, *recipients_api.ROUTES,
-                           *dashboard.routes(runtime)]
+                           *keys_api.ROUTES, *dashboard.routes(runtime)]
 
     async def http_error(request: Request, exc: Exception) -> Response:
         """What Starlette itself refuses (no route, a method not allowed), as the API's

@@ -2,6 +2,8 @@
 
 - `POST|GET /api/campaigns`, `GET|PATCH|DELETE /api/campaigns/{id}`;
 - `POST /api/campaigns/{id}/messages` (and `.../messages/batch`): register messages;
+- `GET /api/campaigns/{id}/messages`: who opened, who clicked, who did not (store/results.py),
+  a page as JSON or every row as CSV or JSON Lines;
 - `GET /api/campaigns/{id}/report` and `.../export`; `GET /api/messages/{id}`.
 
 A change to a campaign's policy holds in every worker once the answer is given
@@ -10,6 +12,7 @@ A change to a campaign's policy holds in every worker once the answer is given
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import asyncpg
@@ -18,6 +21,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from tracker.ingest.policy import DEFAULT, Policy, PolicyError
+from tracker.mail.options import InvalidOptions, from_stored
 from tracker.mail.registration import (
     InvalidBatch,
     InvalidInput,
@@ -25,9 +29,12 @@ from tracker.mail.registration import (
     parse_message,
     registered_json,
 )
-from tracker.store import campaigns, reports
+from tracker.privacy import consent
+from tracker.privacy.recipients import account_secret, identify
+from tracker.store import campaigns, reports, results
+from tracker.store.labels import InvalidLabel, check_metadata, check_tags
 from tracker.store.queries import QUERIES
-from tracker.web import export
+from tracker.web import export, filters
 from tracker.web.http import (
     JSON,
     HttpError,
@@ -38,6 +45,10 @@ from tracker.web.http import (
     runtime_of,
 )
 
+_CAMPAIGN_FIELDS = {"name", "policy", "tags", "metadata", "options"}
+_LIST_PARAMS = {"status", "link", "client", "country", "search", "cursor", "limit", "format",
+                *filters.SELECTION}
+
 
 async def own_campaign(conn: Any, account_id: int, campaign_id: int) -> asyncpg.Record:
     row = await campaigns.get(conn, account_id, campaign_id)
@@ -46,25 +57,38 @@ async def own_campaign(conn: Any, account_id: int, campaign_id: int) -> asyncpg.
     return row
 
 
-async def _campaign_fields(request: Request, name: str | None,
-                           policy: Policy) -> tuple[str, Policy]:
-    """The name and policy a POST or PATCH body asks for, over the current ones."""
-    body = await json_object(request, {"name", "policy"})
+async def _campaign_fields(request: Request, name: str | None, policy: Policy,
+                           labels: campaigns.Labels
+                           ) -> tuple[str, Policy, campaigns.Labels]:
+    """The name, policy, tags, metadata and options a POST or PATCH body asks for, over
+    the current ones."""
+    body = await json_object(request, _CAMPAIGN_FIELDS)
     try:
         if "name" in body or name is None:
             name = campaigns.check_name(body.get("name"))
         if body.get("policy") is not None:
             policy = policy.updated(body["policy"])
-    except (ValueError, PolicyError) as exc:
+        if "tags" in body:
+            labels = replace(labels, tags=check_tags(body["tags"]))
+        if "metadata" in body:
+            labels = replace(labels, metadata=check_metadata(body["metadata"]))
+        if body.get("options") is not None:
+            options = from_stored(labels.options).updated(body["options"])
+            labels = replace(labels, options=options.stored())
+    except (ValueError, PolicyError, InvalidLabel, InvalidOptions) as exc:
         raise HttpError(422, str(exc)) from None
-    return name, policy
+    return name, policy, labels
 
 
 @authenticated
 async def create_campaign(request: Request, account_id: int) -> Response:
     runtime = runtime_of(request)
-    name, policy = await _campaign_fields(request, None, DEFAULT)
-    row = await campaigns.create(runtime.pool, account_id, name, policy)
+    # A new campaign requires consent as the account's default says, unless its policy
+    # says otherwise.
+    default = await consent.account_default(runtime.pool, account_id)
+    start = replace(DEFAULT, consent_opens=default["opens"], consent_clicks=default["clicks"])
+    name, policy, labels = await _campaign_fields(request, None, start, campaigns.Labels())
+    row = await campaigns.create(runtime.pool, account_id, name, policy, labels)
     runtime.remember_campaign(account_id, row["id"], policy, recording=True)
     # Every worker knows its policy before its links are handed out: one that did not
     # would store the strictest policy's fields only.
@@ -72,9 +96,11 @@ async def create_campaign(request: Request, account_id: int) -> Response:
     return JSON(campaigns.campaign_json(row), status_code=201)
 
 
-@authenticated
+@authenticated(params=filters.SELECTION)
 async def list_campaigns(request: Request, account_id: int) -> Response:
-    rows = await runtime_of(request).read_pool.fetch(QUERIES.list_campaigns, account_id)
+    """The account's campaigns, with a tag, created in a time range."""
+    selection = filters.selection(request.query_params)
+    rows = await campaigns.find(runtime_of(request).read_pool, account_id, *selection.args())
     return JSON([campaigns.campaign_json(r) for r in rows])
 
 
@@ -89,8 +115,11 @@ async def patch_campaign(request: Request, account_id: int) -> Response:
     runtime = runtime_of(request)
     campaign_id = object_id(request)
     row = await own_campaign(runtime.pool, account_id, campaign_id)
-    name, policy = await _campaign_fields(request, row["name"], campaigns.policy_of(row))
-    updated = await campaigns.update(runtime.pool, account_id, campaign_id, name, policy)
+    name, policy, labels = await _campaign_fields(request, row["name"],
+                                                  campaigns.policy_of(row),
+                                                  campaigns.labels_of(row))
+    updated = await campaigns.update(runtime.pool, account_id, campaign_id, name, policy,
+                                     labels)
     if updated is None:
         raise HttpError(404, "campaign not found")
     runtime.remember_campaign(account_id, campaign_id, policy, recording=True)
@@ -111,7 +140,7 @@ async def delete_campaign(request: Request, account_id: int) -> Response:
     return Response(status_code=204)
 
 
-@authenticated
+@authenticated(scope="register")
 async def register_message(request: Request, account_id: int) -> Response:
     runtime = runtime_of(request)
     campaign_id = object_id(request)
@@ -126,7 +155,7 @@ async def register_message(request: Request, account_id: int) -> Response:
     return JSON(registered_json(registered), status_code=201)
 
 
-@authenticated
+@authenticated(scope="register")
 async def register_batch(request: Request, account_id: int) -> Response:
     runtime = runtime_of(request)
     campaign_id = object_id(request)
@@ -145,20 +174,79 @@ async def register_batch(request: Request, account_id: int) -> Response:
     return JSON({"messages": [registered_json(r) for r in registered]}, status_code=201)
 
 
-@authenticated
+@authenticated(params={"tz", *filters.SELECTION})
 async def campaign_report(request: Request, account_id: int) -> Response:
+    """The report; with `tag`, `from`, `to`, the report of the messages with the tag, sent
+    in that time (store/reports.py)."""
     campaign_id = object_id(request)
     tz = request.query_params.get("tz", "UTC")
     async with runtime_of(request).read_pool.acquire() as conn:
         await own_campaign(conn, account_id, campaign_id)
+        selection = filters.selection(request.query_params)
         try:
-            report = await reports.campaign_report(conn, account_id, campaign_id, tz)
+            report = await reports.campaign_report(conn, account_id, campaign_id, tz,
+                                                   selection)
         except reports.UnknownTimeZone as exc:
             raise HttpError(422, str(exc)) from None
     return JSON(report)
 
 
-@authenticated
+@authenticated(params=_LIST_PARAMS)
+async def list_messages(request: Request, account_id: int) -> Response:
+    """Who opened, who clicked, who did not: a page of the campaign's messages with their
+    readers' counts (JSON, with the cursor of the next page), or every matching row from
+    the cursor on as CSV or JSON Lines (`format`; at most `limit` when given)."""
+    runtime = runtime_of(request)
+    campaign_id = object_id(request)
+    params = request.query_params
+    async with runtime.read_pool.acquire() as conn:
+        campaign = await own_campaign(conn, account_id, campaign_id)
+        found = await message_filter(conn, account_id, campaign, params)
+    after = filters.read_cursor(params, found)
+    fmt_name = params.get("format", "json")
+    if fmt_name == "json":
+        limit = filters.limit(params)
+        assert limit is not None
+        page, last = await results.list_messages(runtime.read_pool, account_id, campaign_id, found,
+                                                 after, limit)
+        return JSON({"messages": page,
+                     "next": filters.make_cursor(last, found) if last is not None else None})
+    fmt = export.MESSAGE_FORMATS.get(fmt_name)
+    if fmt is None:
+        raise HttpError(422, f"format: must be one of json, {', '.join(export.MESSAGE_FORMATS)}")
+    return await export.open_rows(
+        runtime.read_pool, fmt, f"campaign-{campaign_id}-messages", QUERIES.list_messages,
+        *found.args(account_id, campaign_id, after, filters.limit(params, None)))
+
+
+async def message_filter(conn: asyncpg.Connection, account_id: int, campaign: asyncpg.Record,
+                         params: Any) -> results.MessageFilter:
+    """The filter the query parameters ask for. `link` names a destination as the report
+    lists it, or as registered (before the campaign's UTM parameters were added)."""
+    url_id = None
+    link = filters.text_param(params, "link")
+    if link is not None:
+        options = from_stored(campaign["options"])
+        candidates = list(dict.fromkeys((link, options.destination(link))))
+        found = await conn.fetch(QUERIES.find_urls, account_id, campaign["id"], candidates)
+        if not found:
+            raise HttpError(422, "link: not a destination of this campaign (see its report's "
+                                 "links)")
+        url_id = min(found, key=lambda r: candidates.index(r["url"]))["id"]
+    search = filters.text_param(params, "search")
+    key = pattern = None
+    if search is not None:
+        # An address finds its messages by recipient key, in a pseudonymous campaign too;
+        # any text also matches what is stored (the address, or the pseudonym).
+        key = identify(await account_secret(conn, account_id), search).key
+        pattern = results.search_pattern(search)
+    return results.MessageFilter(
+        selection=filters.selection(params), status=filters.status(params), url_id=url_id,
+        client=filters.text_param(params, "client"), country=filters.country(params),
+        recipient_key=key, recipient_pattern=pattern)
+
+
+@authenticated(params={"format"})
 async def export_events(request: Request, account_id: int) -> Response:
     pool = runtime_of(request).read_pool
     campaign_id = object_id(request)
@@ -187,6 +275,7 @@ ROUTES = [
     Route("/api/campaigns/{id}", patch_campaign, methods=["PATCH"]),
     Route("/api/campaigns/{id}", delete_campaign, methods=["DELETE"]),
     Route("/api/campaigns/{id}/messages", register_message, methods=["POST"]),
+    Route("/api/campaigns/{id}/messages", list_messages, methods=["GET"]),
     Route("/api/campaigns/{id}/messages/batch", register_batch, methods=["POST"]),
     Route("/api/campaigns/{id}/report", campaign_report, methods=["GET"]),
     Route("/api/campaigns/{id}/export", export_events, methods=["GET"]),

@@ -22,11 +22,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, quote, urlsplit
+from urllib.parse import parse_qs, quote, urlencode, urlsplit
 from zoneinfo import ZoneInfo
 
 import asyncpg
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
@@ -35,10 +36,11 @@ from tracker.ingest.addresses import ClientAddress
 from tracker.lifespan import Runtime
 from tracker.store import accounts, campaigns, reports
 from tracker.store.queries import QUERIES
-from tracker.web import sessions
+from tracker.web import export, filters, sessions
+from tracker.web.campaigns_api import message_filter
 from tracker.web.charts import campaign_view, short_url, when
 from tracker.web.http import UNAVAILABLE, HttpError
-from tracker.web.sessions import SESSION_LIFETIME_S, Session, SessionKeys, key_id_of
+from tracker.web.sessions import SESSION_LIFETIME_S, Session, SessionKeys
 from tracker.web.throttle import client_of
 
 log = logging.getLogger("tracker.web.dashboard")
@@ -47,6 +49,13 @@ _HERE = Path(__file__).resolve().parent
 _MAX_FORM_BYTES = 16 * 1024
 RECENT_MESSAGES = 20
 MESSAGES_PER_PAGE = 100
+# The message list's filters, as the API names them (GET /api/campaigns/{id}/messages).
+FILTERS = ("search", "status", "link", "tag", "from", "to", "client", "country")
+STATUS_LABELS = {"opened": "Opened", "clicked": "Clicked",
+                 "not_opened": "Not opened",
+                 "machine_only": "Machine activity only", "untracked": "Sent without a pixel"}
+MAIL_CLIENTS = ("Apple Mail", "Gmail", "Outlook", "Yahoo Mail", "Thunderbird", "webmail",
+                "other")
 _MAX_ID = 2**63 - 1
 
 COOKIE = "tracker_session"
@@ -88,6 +97,8 @@ class _Visit:
     account_name: str
     csrf: str
     session: Session
+    key_name: str
+    scope: str  # of the key it signed in with: "read", "register" or "full"
 
 
 _LOCAL_NEXT = re.compile(r"/dashboard/[A-Za-z0-9/_\-.?=&%+]*")
@@ -125,6 +136,8 @@ class Dashboard:
             Route("/dashboard/campaigns", page(self._campaigns), methods=["GET"]),
             Route("/dashboard/campaigns/{id}", page(self._campaign), methods=["GET"]),
             Route("/dashboard/campaigns/{id}/messages", page(self._messages), methods=["GET"]),
+            Route("/dashboard/campaigns/{id}/messages/export", page(self._export_messages),
+                  methods=["GET"]),
             Route("/dashboard/messages/{id}", page(self._message), methods=["GET"]),
             Route("/dashboard/static/{path:path}", self._serve_static, methods=["GET", "HEAD"]),
         ]
@@ -184,10 +197,11 @@ class Dashboard:
         session = self._sessions.verify(token, time.time()) if token else None
         if session is None:
             return None
-        name = await sessions.account_name(self._runtime.pool, session)
-        if name is None:  # the key was revoked, the account deleted, or it signed out
+        key = await sessions.session_key(self._runtime.pool, session)
+        if key is None:  # the key was revoked, the account deleted, or it signed out
             return None
-        return _Visit(session.account_id, name, self._sessions.csrf(session), session)
+        return _Visit(session.account_id, key.account_name, self._sessions.csrf(session),
+                      session, key.key_name, key.scope)
 
     async def _signed_in(self, request: Request) -> _Visit:
         visit = await self._visit(request)
@@ -250,13 +264,14 @@ class Dashboard:
             return await self._sign_in_form(
                 request, "The sign-in form expired or came from another site; try again.", 403)
         api_key = form.get("api_key", "").strip()
-        account_id = await accounts.authenticate(self._runtime.pool, api_key) if api_key else None
-        if account_id is None:
+        key = await accounts.authenticate(self._runtime.pool, api_key) if api_key else None
+        if key is None:
             self._runtime.auth_throttle.failed(client)
             self._runtime.metrics.auth_failures += 1
             return await self._sign_in_form(request, "That API key is not valid.", 401)
-        log.info("dashboard sign-in for account %d", account_id)
-        token = self._sessions.issue(account_id, key_id_of(api_key), time.time())
+        log.info("dashboard sign-in for account %d with a %s key", key.account_id, key.scope)
+        await accounts.note_use(self._runtime.pool, key)
+        token = self._sessions.issue(key.account_id, key.key_id, time.time())
         response = RedirectResponse(_local_next(form.get("next")), status_code=303)
         self._set_cookie(request, response, token, SESSION_LIFETIME_S)
         return response
@@ -276,7 +291,7 @@ class Dashboard:
 
     async def _campaigns(self, request: Request) -> Response:
         visit = await self._signed_in(request)
-        rows = await self._runtime.read_pool.fetch(QUERIES.list_campaigns, visit.account_id)
+        rows = await campaigns.find(self._runtime.read_pool, visit.account_id)
         return self._render("campaigns.html", visit, campaigns=[
             {"id": r["id"], "name": r["name"], "created_at": r["created_at"],
              "policy": campaigns.policy_of(r)} for r in rows])
@@ -296,18 +311,55 @@ class Dashboard:
                             tz=tz, zone=zone)
 
     async def _messages(self, request: Request) -> Response:
+        """Who opened, who clicked, who did not: the API's message list with its filters, a
+        page at a time, in the order the messages were registered."""
         visit = await self._signed_in(request)
         campaign_id = _object_id(request)
         tz, zone = _zone(request)
-        raw_before = request.query_params.get("before")
-        before = _parse_id(raw_before) if raw_before else None
+        chosen = _chosen_filters(request, zone)
+        error, rows, next_cursor = None, [], None
         async with self._runtime.read_pool.acquire() as conn:
             row = await _own_campaign(conn, visit.account_id, campaign_id)
-            rows = await conn.fetch(QUERIES.campaign_messages, visit.account_id, campaign_id,
-                                    before, MESSAGES_PER_PAGE + 1)
-        return self._render("messages.html", visit, campaign=row, messages=rows[:MESSAGES_PER_PAGE],
-                            older=rows[MESSAGES_PER_PAGE - 1]["id"]
-                            if len(rows) > MESSAGES_PER_PAGE else None, tz=tz, zone=zone)
+            links = [r["url"] for r in await conn.fetch(QUERIES.report_links, visit.account_id,
+                                                        campaign_id)]
+            try:
+                found = await message_filter(conn, visit.account_id, row, QueryParams(chosen))
+                after = filters.read_cursor(request.query_params, found)
+            except HttpError as exc:
+                if exc.status != 422:
+                    raise
+                error = exc.message
+            else:
+                rows = await conn.fetch(QUERIES.list_messages, *found.args(
+                    visit.account_id, campaign_id, after, MESSAGES_PER_PAGE + 1))
+                if len(rows) > MESSAGES_PER_PAGE:
+                    rows = rows[:MESSAGES_PER_PAGE]
+                    next_cursor = filters.make_cursor(rows[-1]["id"], found)
+        kept = {**chosen, **({"tz": tz} if tz != "UTC" else {})}
+        return self._render(
+            "messages.html", visit, status=422 if error else 200, campaign=row,
+            messages=rows, tz=tz, zone=zone, error=error, links=links,
+            shown={name: request.query_params.get(name, "") for name in FILTERS},
+            statuses=STATUS_LABELS, clients=MAIL_CLIENTS, filtered=bool(chosen),
+            next=f"?{urlencode({**kept, 'cursor': next_cursor})}" if next_cursor else None,
+            export={fmt: f"messages/export?{urlencode({**chosen, 'format': fmt})}"
+                    for fmt in export.MESSAGE_FORMATS})
+
+    async def _export_messages(self, request: Request) -> Response:
+        """The list's matching messages, every one, as CSV or JSON Lines (the API's rows)."""
+        visit = await self._signed_in(request)
+        campaign_id = _object_id(request)
+        _, zone = _zone(request)
+        fmt = export.MESSAGE_FORMATS.get(request.query_params.get("format", "csv"))
+        if fmt is None:
+            raise HttpError(404, "There is no such export.")
+        async with self._runtime.read_pool.acquire() as conn:
+            row = await _own_campaign(conn, visit.account_id, campaign_id)
+            found = await message_filter(conn, visit.account_id, row,
+                                         QueryParams(_chosen_filters(request, zone)))
+        return await export.open_rows(
+            self._runtime.read_pool, fmt, f"campaign-{campaign_id}-messages", QUERIES.list_messages,
+            *found.args(visit.account_id, campaign_id, None, None))
 
     async def _message(self, request: Request) -> Response:
         visit = await self._signed_in(request)
@@ -359,6 +411,25 @@ async def _form(request: Request) -> dict[str, str]:
     except ValueError:
         raise HttpError(400, "That form has too many fields.") from None
     return {name: values[0] for name, values in fields.items()}
+
+
+def _chosen_filters(request: Request, zone: ZoneInfo) -> dict[str, str]:
+    """The message list's filters the form filled in (an empty field is no filter). A time
+    without a zone, as a datetime-local field sends it, is in the page's time zone."""
+    chosen = {}
+    for name in FILTERS:
+        value = request.query_params.get(name, "").strip()
+        if not value:
+            continue
+        if name in ("from", "to"):
+            try:
+                moment = datetime.fromisoformat(value)
+            except ValueError:
+                pass  # the filter says what is wrong with it
+            else:
+                value = (moment if moment.tzinfo else moment.replace(tzinfo=zone)).isoformat()
+        chosen[name] = value
+    return chosen
 
 
 def _parse_id(raw: str) -> int:

@@ -9,9 +9,9 @@ account's object is a 404, never a 403: the API does not reveal that it exists.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from functools import wraps
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, cast, overload
 
 import asyncpg
 import orjson
@@ -138,9 +138,38 @@ def api_error(endpoint: Endpoint) -> Endpoint:
     return answer
 
 
-def authenticated(endpoint: AccountEndpoint) -> Endpoint:
+# What each method needs of a key by default: reading, or changing anything.
+_WRITE_SCOPE = "full"
+
+
+@overload
+def authenticated(endpoint: AccountEndpoint) -> Endpoint: ...
+
+
+@overload
+def authenticated(*, scope: str | None = None,
+                  params: Iterable[str] = ()) -> Callable[[AccountEndpoint], Endpoint]: ...
+
+
+def authenticated(endpoint: AccountEndpoint | None = None, *, scope: str | None = None,
+                  params: Iterable[str] = ()
+                  ) -> Endpoint | Callable[[AccountEndpoint], Endpoint]:
     """An API endpoint for an account: its key in `Authorization: Bearer`, checked after the
-    sign-in throttle (a flood of guesses costs no query)."""
+    sign-in throttle (a flood of guesses costs no query).
+
+    `scope`: what the key must be allowed (store/accounts.py): by default `read` for GET and
+    HEAD and `full` for any other method; a key short of it gets a 403 before anything else
+    is looked at, so the answer says nothing of the object. `params`: the query
+    parameters the endpoint reads; any other is refused (422), never ignored.
+
+    Used bare (`@authenticated`) or with arguments (`@authenticated(params={"tz"})`)."""
+    if endpoint is None:
+        return lambda inner: _authenticated(inner, scope, frozenset(params))
+    return _authenticated(endpoint, scope, frozenset(params))
+
+
+def _authenticated(endpoint: AccountEndpoint, scope: str | None,
+                   allowed: frozenset[str]) -> Endpoint:
     @wraps(endpoint)
     async def with_account(request: Request) -> Response:
         runtime = runtime_of(request)
@@ -150,13 +179,37 @@ def authenticated(endpoint: AccountEndpoint) -> Endpoint:
             runtime.metrics.auth_throttled += 1
             raise HttpError(429, "too many failed authentications from your address; "
                             "try again later", {"retry-after": str(wait)})
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        account_id = (await accounts.authenticate(runtime.pool, key.strip())
-                      if scheme.lower() == "bearer" and key.strip() else None)
-        if account_id is None:
+        authorization, _, key = request.headers.get("authorization", "").partition(" ")
+        found = (await accounts.authenticate(runtime.pool, key.strip())
+                 if authorization.lower() == "bearer" and key.strip() else None)
+        if found is None:
             runtime.auth_throttle.failed(client)
             runtime.metrics.auth_failures += 1
             raise HttpError(401, "missing or invalid API key",
                             {"www-authenticate": 'Bearer realm="tracker"'})
-        return await endpoint(request, account_id)
+        needed = scope or ("read" if request.method in ("GET", "HEAD") else _WRITE_SCOPE)
+        if not found.allows(needed):
+            raise HttpError(403, f"this API key's scope is {found.scope!r}; this needs a "
+                            f"{needed!r} key" + (" (a read key cannot make changes)"
+                                                 if found.scope == "read" else ""))
+        unknown = sorted(set(request.query_params.keys()) - allowed)
+        if unknown:
+            raise HttpError(422, f"unknown query parameter(s): {', '.join(unknown)}"
+                            + (f" (this endpoint takes {', '.join(sorted(allowed))})"
+                               if allowed else " (this endpoint takes none)"))
+        try:
+            return await endpoint(request, found.account_id)
+        finally:
+            await _note_use(request, found)
     return api_error(with_account)
+
+
+async def _note_use(request: Request, key: accounts.Key) -> None:
+    """The key's last-used time, written at most once a minute per key (store/accounts.py);
+    never a reason for a request to fail."""
+    if not key.stale:
+        return
+    try:
+        await accounts.note_use(runtime_of(request).pool, key)
+    except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
+        log.debug("could not note the use of a key: %s", exc)

@@ -1,11 +1,13 @@
 """The privacy lifecycle's endpoints (docs/privacy.md).
 
-- `GET|PATCH /api/account`: the account's default retention, and whether Sec-GPC / DNT
-  are honoured. (Deleting an account is the operator's: `tracker accounts delete`.)
+- `GET|PATCH /api/account`: the account's default retention, whether Sec-GPC / DNT
+  are honoured, and the consent new campaigns require. (Deleting an account is the
+  operator's: `tracker accounts delete`.)
 - `POST /api/campaigns/{id}/restore`: undo a campaign's deletion within the grace period.
 - `GET /api/campaigns/{id}/privacy`: the campaign's policy in plain language.
 - `DELETE /api/recipients/{address}`: erasure; `GET .../export`: everything stored;
-  `GET|POST|DELETE .../opt-out`: the recipient's tracking opt-out.
+  `GET|POST|DELETE .../opt-out`: the recipient's tracking opt-out;
+  `PUT|GET .../consent`: the recipient's consent to tracking (privacy/consent.py).
 
 An address is the rest of the path (`ada@example.com`, or percent-encoded
 `ada%40example.com`); one with a `/` in it is named with `%2F` or as is. Addresses are
@@ -24,13 +26,21 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from tracker.ingest.policy import MAX_RETENTION_DAYS
-from tracker.privacy import data_subjects, notice
+from tracker.ingest.policy import MAX_RETENTION_DAYS, PolicyError, consent_fields
+from tracker.privacy import consent, data_subjects, notice
 from tracker.privacy.recipients import InvalidAddress, check_address
 from tracker.store import campaigns
 from tracker.store.queries import QUERIES
 from tracker.web.campaigns_api import own_campaign
-from tracker.web.http import JSON, HttpError, authenticated, json_object, object_id, runtime_of
+from tracker.web.http import (
+    JSON,
+    HttpError,
+    authenticated,
+    json_body,
+    json_object,
+    object_id,
+    runtime_of,
+)
 
 
 class _AddressConvertor(Convertor[str]):
@@ -49,7 +59,7 @@ class _AddressConvertor(Convertor[str]):
 
 register_url_convertor("address", _AddressConvertor())
 
-_ACCOUNT_FIELDS = {"retention_days", "honour_privacy_signals"}
+_ACCOUNT_FIELDS = {"retention_days", "honour_privacy_signals", "consent"}
 
 
 def _address(request: Request) -> str:
@@ -61,10 +71,12 @@ def _address(request: Request) -> str:
 
 @authenticated
 async def get_account(request: Request, account_id: int) -> Response:
-    row = await runtime_of(request).pool.fetchrow(QUERIES.account_settings, account_id)
+    pool = runtime_of(request).pool
+    row = await pool.fetchrow(QUERIES.account_settings, account_id)
     if row is None:
         raise HttpError(404, "account not found")
-    return JSON(_account_json(row))
+    return JSON({**_account_json(row), "consent": await consent.account_default(pool,
+                                                                             account_id)})
 
 
 @authenticated
@@ -82,11 +94,21 @@ async def patch_account(request: Request, account_id: int) -> Response:
         honour = body.get("honour_privacy_signals", row["honour_privacy_signals"])
         if not isinstance(honour, bool):
             raise HttpError(422, "honour_privacy_signals: must be true or false")
+        required = await consent.account_default(conn, account_id)
+        if "consent" in body:
+            try:
+                changes = consent_fields(body["consent"], "consent")
+            except PolicyError as exc:
+                raise HttpError(422, str(exc)) from None
+            required = {kind: changes.get(f"consent_{kind}", required[kind])
+                        for kind in ("opens", "clicks")}
+            await consent.set_account_default(conn, account_id, required["opens"],
+                                              required["clicks"])
         updated = await conn.fetchrow(QUERIES.update_account_settings, account_id,
                                       days, honour)
     runtime.suppressions.put_account(account_id, disabled=False, honours_signals=honour)
     await runtime.privacy_changed()
-    return JSON(_account_json(updated))
+    return JSON({**_account_json(updated), "consent": required})
 
 
 @authenticated
@@ -157,6 +179,31 @@ async def withdraw_opt_out(request: Request, account_id: int) -> Response:
     return JSON({"address": address, **state})
 
 
+@authenticated
+async def get_consent(request: Request, account_id: int) -> Response:
+    address = _address(request)
+    record = await consent.current(runtime_of(request).pool, account_id, address)
+    if record is None:
+        raise HttpError(404, "no consent is on record for this recipient")
+    return JSON(record)
+
+
+@authenticated
+async def put_consent(request: Request, account_id: int) -> Response:
+    """Record consent given, refused or withdrawn: it holds in every worker when this
+    answers (a withdrawal also for the mail sent before)."""
+    runtime = runtime_of(request)
+    address = _address(request)
+    try:
+        given = consent.parse(await json_body(request))
+    except consent.InvalidConsent as exc:
+        raise HttpError(422, str(exc)) from None
+    record = await consent.record(runtime.pool, account_id, address, given,
+                                  runtime.suppressions)
+    await runtime.privacy_changed()
+    return JSON(record)
+
+
 def _account_json(row: asyncpg.Record) -> dict[str, Any]:
     return {"id": str(row["id"]), "name": row["name"], "created_at": _iso(row["created_at"]),
             "retention_days": row["retention_days"],
@@ -177,5 +224,7 @@ ROUTES = [
     Route(_RECIPIENT + "/opt-out", get_opt_out, methods=["GET"]),
     Route(_RECIPIENT + "/opt-out", opt_out, methods=["POST"]),
     Route(_RECIPIENT + "/opt-out", withdraw_opt_out, methods=["DELETE"]),
+    Route(_RECIPIENT + "/consent", get_consent, methods=["GET"]),
+    Route(_RECIPIENT + "/consent", put_consent, methods=["PUT"]),
     Route(_RECIPIENT, erase_recipient, methods=["DELETE"]),
 ]

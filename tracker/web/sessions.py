@@ -4,7 +4,7 @@ A session token is `base64url(version | account id | expiry | 16-byte nonce | ke
 it names the API key it was made from (by its id, never its secret), so the dashboard can
 end every session of a revoked key. Signing out ends the session on the server too: its
 nonce is kept in `dashboard_signed_out` until the token would have expired, and a session
-holds only while its key is live and its nonce is not there (`account_name`, one query per
+holds only while its key is live and its nonce is not there (`session_key`, one query per
 page, the one that checks the key). Every worker and node reads the same table, so a
 cookie copied before signing out gets nowhere afterwards, whichever one it reaches.
 
@@ -126,17 +126,21 @@ class SessionKeys:
         return 0 <= now - issued <= _SIGN_IN_FORM_LIFETIME_S
 
 
-def key_id_of(api_key: str) -> str:
-    """The key id inside an API key `tk_<account>_<key id>_<secret>` (already authenticated)."""
-    return api_key.split("_", 3)[2]
+@dataclass(frozen=True)
+class SessionKey:
+    """What a page shows of the session: the account, and the key it signed in with."""
+    account_name: str
+    key_name: str
+    scope: str
 
 
-async def account_name(conn: asyncpg.Connection | asyncpg.Pool, session: Session) -> str | None:
-    """The session's account name while the session holds (None: its key was revoked, its
-    account deleted, or it was signed out)."""
-    name: str | None = await conn.fetchval(QUERIES.session_account, session.account_id,
-                                           session.key_id, session.nonce)
-    return name
+async def session_key(conn: asyncpg.Connection | asyncpg.Pool,
+                      session: Session) -> SessionKey | None:
+    """The session's account and key while the session holds (None: its key was revoked or
+    rotated, its account deleted, or it was signed out)."""
+    row = await conn.fetchrow(QUERIES.session_key, session.account_id, session.key_id,
+                              session.nonce)
+    return SessionKey(row["account_name"], row["key_name"], row["scope"]) if row else None
 
 
 async def sign_out(conn: asyncpg.Connection | asyncpg.Pool, session: Session) -> None:
