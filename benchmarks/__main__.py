@@ -34,6 +34,8 @@ PROGRAMS = {
                "CPU per new agent"),
     "instrument": ("benchmarks.instrument", "HTML instrumentation, µs per corpus document"),
     "pipeline": ("benchmarks.pipeline", "the hit pipeline, µs per open and click"),
+    "hit": ("benchmarks.hit", "where a hit's CPU goes in process: the protocol, each step, "
+            "the caches at a campaign's cardinality"),
 }
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from benchmarks.common import LOAD_CORE, percentile, priority_note
-from benchmarks.traffic import LINKS
 from benchmarks.wrk import series
 
 if TYPE_CHECKING:
@@ -36,17 +35,28 @@ class Goal:
 def goals(load: LoadResult | None, others: dict[str, Any]) -> list[Goal]:
     rows = []
     nginx = load.find("nginx static GIF") if load else None
-    for endpoint, wanted in (("pixel", 0.5), ("click", 0.45)):
+    for endpoint, wanted, aim in (("pixel", 0.5, 0.8), ("click", 0.45, 0.7)):
         phase = load.find(f"tracker {endpoint}") if load else None
         if phase is None:
             continue
-        if nginx is None or not nginx.per_cpu_second:
+        if nginx is None or not nginx.per_cpu_second or not phase.per_cpu_second:
             rows.append(Goal(f"{endpoint} ÷ nginx, requests per CPU-second", "local only",
                              f"≥ {wanted:.2f}×", None))
             continue
         ratio = phase.per_cpu_second / nginx.per_cpu_second
-        rows.append(Goal(f"{endpoint} ÷ nginx, requests per CPU-second", f"{ratio:.2f}×",
-                         f"≥ {wanted:.2f}×", ratio >= wanted))
+        rows.append(Goal(f"{endpoint} ÷ nginx, requests per CPU-second (aim {aim:.1f}×)",
+                         f"{ratio:.2f}×", f"≥ {wanted:.2f}×", ratio >= wanted))
+        rows.append(Goal(f"  {endpoint}: µs of server CPU a hit (nginx a request: "
+                         f"{1e6 / nginx.per_cpu_second:.1f}; aim: ≤ "
+                         f"{1e6 / nginx.per_cpu_second / aim:.1f})",
+                         f"{1e6 / phase.per_cpu_second:.1f} µs",
+                         f"≤ {1e6 / nginx.per_cpu_second / wanted:.1f} µs", ratio >= wanted))
+    if nginx is not None and nginx.seconds:
+        # nginx is measured at the rate wrk can send: below saturation each of its
+        # wake-ups serves fewer requests and costs more CPU each, which flatters tracker.
+        busy = nginx.server_cpu_s / nginx.seconds + nginx.server_wait
+        rows.append(Goal("nginx saturated (its CPU and its wait for core 0, of the phase)",
+                         f"{busy:.0%}", "≥ 90 %", busy >= 0.9))
     for endpoint in ("pixel", "click"):
         phase = load.find(f"tracker {endpoint}, half rate") if load else None
         if phase is None:
@@ -101,11 +111,12 @@ def print_load(load: LoadResult, args: argparse.Namespace) -> None:
     nginx = load.find("nginx static GIF")
     where = ("remote deployment" if args.url else
              f"tracker serve ({args.server_used}) pinned to core 0, wrk and PostgreSQL on core "
-             f"{LOAD_CORE}, {priority_note()}")
+             f"{LOAD_CORE}, {priority_note()}; geo database: "
+             f"{args.geoip_used or 'none (nothing is located: the figures flatter tracker)'}")
     print(f"\nLoad: the {args.mix} mix; wrk with a finite plan per run, {args.connections} "
           f"connections on {args.threads} thread(s), and a probe of {args.probe_connections} "
           f"paced connections ({args.probe_rate:,.0f} requests/s) that times every answer; "
-          f"{load.messages:,} messages, {len(LINKS)} links each; {where}\n")
+          f"{load.messages:,} messages, {args.links} links each; {where}\n")
     print(f"{'phase':<26} {'requests':>9} {'req/s':>8} {'p50 ms':>7} {'p90 ms':>7} "
           f"{'p99 ms':>7} {'p99.9':>7} {'errors':>6} {'404 want/got':>12} {'wrk cpu':>7} "
           f"{'wrk wait':>8} {'PG cpu':>6} {'spilled':>7} "

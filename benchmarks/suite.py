@@ -74,7 +74,7 @@ from benchmarks.common import (
 )
 from benchmarks.figures import charts, events_label, goals, print_goals, print_load
 from benchmarks.phases import Check, Deployment, Load, LoadSettings, Phase, Target, correctness
-from benchmarks.traffic import LINKS, LOCAL_SERVER_ENV, MIXES, Mix, Tally
+from benchmarks.traffic import CAMPAIGNS, LINKS, LOCAL_SERVER_ENV, MIXES, Mix, Tally
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"
 
@@ -133,14 +133,17 @@ def load_stage(args: argparse.Namespace) -> LoadResult:
             nginx_port = free_port()
             nginx = start_nginx(workdir / "nginx", nginx_port, any_path=True)
             extra = {**LOCAL_SERVER_ENV, "TRACKER_WORKERS": str(args.workers)}
+            args.geoip_used = geo_database(args.geoip_db, args.out, fetch=not args.quick)
+            if args.geoip_used is not None:
+                extra["TRACKER_GEOIP_DB"] = str(args.geoip_used)
             args.server_used = "uvicorn"
             tracker, url = start_tracker(db.dsn, workdir, **extra)
             print(f"tracker serve ({args.workers} worker(s)) pinned to core "
                   f"0; wrk and PostgreSQL on core {LOAD_CORE}", flush=True)
             deployment = Deployment(url, key)
         deployment.create_campaign(f"benchmark suite {datetime.now(UTC):%Y-%m-%d %H:%M:%S}")
-        messages, registration_s, origin = deployment.register(args.messages)
-        print(f"registered {len(messages):,} messages with {len(LINKS)} links each in "
+        messages, registration_s, origin = deployment.register(args.messages, args.links)
+        print(f"registered {len(messages):,} messages with {args.links} links each in "
               f"{registration_s:.1f} s; tracking URLs at {origin}", flush=True)
         mix = Mix(messages, remote=bool(args.url), seed=args.seed, name=args.mix)
         problems = mix.check_rules()
@@ -181,6 +184,39 @@ def load_stage(args: argparse.Namespace) -> LoadResult:
         if db is not None:
             db.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def geo_database(wanted: Path | None, out: Path, fetch: bool = True) -> Path | None:
+    """The geo database the local server locates readers with, as a default install does
+    (`tracker serve` fetches DB-IP City Lite): --geoip-db (`none`: none), else
+    TRACKER_GEOIP_DB, else the default data dir's (./tracker-data/geoip), else one fetched
+    into --out once (not with --quick). Without one every lookup is skipped and a hit costs
+    less than it does for a user."""
+    from tracker.ingest.geo import DBIP_CITY_LITE_FILENAME, GEOIP_SUBDIR
+    from tracker.ingest.geoip_fetch import GeoFetchError, fetch_dbip_city_lite
+
+    if wanted is not None:
+        if str(wanted) == "none":
+            return None
+        if not wanted.is_file():
+            raise BenchError(f"--geoip-db: {wanted} is not a file")
+        return wanted
+    configured = os.environ.get("TRACKER_GEOIP_DB")
+    if configured:
+        return Path(configured)
+    for directory in (Path("tracker-data") / GEOIP_SUBDIR, out / GEOIP_SUBDIR):
+        if (directory / DBIP_CITY_LITE_FILENAME).is_file():
+            return directory / DBIP_CITY_LITE_FILENAME
+    if not fetch:
+        return None
+    print(f"fetching DB-IP City Lite into {out / GEOIP_SUBDIR} (once; ~100 MB) ...",
+          flush=True)
+    try:
+        return fetch_dbip_city_lite(out / GEOIP_SUBDIR)
+    except GeoFetchError as exc:
+        print(f"no geo database ({exc}): the server locates nothing, and its figures "
+              "flatter it (--geoip-db PATH)", flush=True)
+        return None
 
 
 def load_settings(args: argparse.Namespace) -> LoadSettings:
@@ -279,10 +315,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="requests/s of the probe that times answers (default %(default)s)")
     parser.add_argument("--probe-connections", type=int, default=16)
     parser.add_argument("--messages", type=int, help="messages in the load's campaign "
-                        "(default 20000; quick 1000)")
-    parser.add_argument("--mix", choices=sorted(MIXES), default="realistic",
-                        help="what the load sends (default %(default)s; readers: people only)")
+                        "(default: readers 300, realistic 20000, quick 1000)")
+    parser.add_argument("--links", type=int, choices=range(1, len(LINKS) + 1),
+                        metavar=f"1-{len(LINKS)}", help="links in each message (default: "
+                        "readers 3, realistic 5)")
+    parser.add_argument("--mix", choices=sorted(MIXES), default="readers",
+                        help="what the load sends (default %(default)s: five common agents, "
+                        "people only; realistic: machines, MPP, scanners, tampered tokens too)")
     parser.add_argument("--workers", type=int, default=1, help="server workers (local mode)")
+    parser.add_argument("--geoip-db", type=Path, help="local mode: the server's geo database "
+                        "(default: TRACKER_GEOIP_DB, ./tracker-data/geoip, or DB-IP City Lite "
+                        "fetched into --out once, not with --quick; none: no database)")
     parser.add_argument("--report-events", help="comma-separated campaign sizes for the report "
                         "stage (default 1000000,10000000; quick 20000)")
     parser.add_argument("--keep-campaign", action="store_true",
@@ -306,7 +349,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--probe-rate: above 0")
     args.seconds = args.seconds or (2.0 if args.quick else 15.0)
     args.window = args.window or (0.25 if args.quick else 1.0)
-    args.messages = args.messages or (1000 if args.quick else 20_000)
+    messages, links, quick_messages = CAMPAIGNS[args.mix]
+    args.messages = args.messages or (quick_messages if args.quick else messages)
+    args.links = args.links or links
     args.warmup = 10 if args.quick else 40
     sizes = args.report_events or ("20000" if args.quick else "1000000,10000000")
     try:
@@ -325,6 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     load_before = os.getloadavg()
     args.server_used = None
+    args.geoip_used = None
     load: LoadResult | None = None
     others: dict[str, Any] = {}
     try:

@@ -18,6 +18,7 @@ import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from ipaddress import ip_network
 from typing import Any
 
 BROWSERS = (
@@ -102,21 +103,42 @@ CLICKS = (
     Visitor("no user agent", 1, NO_AGENT, True, addresses="scanner"),
     Visitor("tampered token", 4, BROWSERS, None, addresses="reader"),
 )
+# The readers' mix: five common agents, every request a person's.
+IPHONE_MAIL = APPLE_MAIL[1]
 READER_OPENS = (
-    Visitor("Apple Mail, a reader", 30, APPLE_MAIL, False, addresses="reader"),
-    Visitor("Gmail image proxy", 25, GMAIL, False),
-    Visitor("Outlook", 20, OUTLOOK, False, addresses="reader"),
-    Visitor("webmail and mobile browsers", 25, BROWSERS, False, addresses="reader"),
+    Visitor("desktop Chrome", 20, BROWSERS[:1], False, addresses="reader"),
+    Visitor("iPhone Mail", 20, (IPHONE_MAIL,), False, addresses="reader"),
+    Visitor("Outlook", 20, OUTLOOK[:1], False, addresses="reader"),
+    Visitor("Firefox", 20, BROWSERS[2:3], False, addresses="reader"),
+    Visitor("Gmail image proxy", 20, GMAIL, False, addresses="reader"),
 )
 READER_CLICKS = (
-    Visitor("desktop and mobile browsers", 100, BROWSERS, False, addresses="reader"),
+    Visitor("desktop Chrome", 40, BROWSERS[:1], False, addresses="reader"),
+    Visitor("Firefox", 30, BROWSERS[2:3], False, addresses="reader"),
+    Visitor("iPhone Safari", 30, BROWSERS[4:5], False, addresses="reader"),
 )
 MIXES = {"realistic": (OPENS, CLICKS), "readers": (READER_OPENS, READER_CLICKS)}
+# Each mix's campaign unless told otherwise: (messages, links each; --quick's messages).
+# readers: a newsletter of 300 messages with 3 links; realistic: 20,000 with 5.
+CAMPAIGNS = {"readers": (300, 3, 300), "realistic": (20_000, 5, 1000)}
 # What a local `tracker serve` is given so that the mixes' X-Forwarded-For addresses are
 # believed (wrk connects from loopback) and only the packaged rules classify.
 LOCAL_SERVER_ENV = {"TRACKER_TRUSTED_PROXIES": "127.0.0.1/32", "TRACKER_RULES": ""}
 LINKS = tuple(f"https://shop.example.com/{path}?utm_source=newsletter&utm_campaign=bench"
               for path in ("", "sale", "new/arrivals", "account/orders", "unsubscribe"))
+# Where readers' opens and clicks come from (local only, through X-Forwarded-For): public
+# addresses of residential broadband networks in the US and Germany (Comcast's and
+# Deutsche Telekom's allocations as RIPE and ARIN list them), which the geo database
+# locates and no address list of the rules holds. READER_ADDRESSES of them, drawn once per
+# seed; a tenth of the hits from IPv6 addresses in the same providers' ranges.
+READER_NETWORKS = (
+    "24.0.0.0/12", "50.128.0.0/9", "67.160.0.0/11", "68.32.0.0/11", "69.240.0.0/12",
+    "71.192.0.0/12", "73.0.0.0/8", "76.96.0.0/11", "96.64.0.0/11", "98.192.0.0/10",
+    "174.48.0.0/12", "2.160.0.0/12", "31.224.0.0/11", "79.192.0.0/10", "84.128.0.0/10",
+    "87.128.0.0/10", "91.0.0.0/10", "93.192.0.0/10", "217.80.0.0/12",
+)
+READER_NETWORKS_V6 = ("2601::/20", "2003::/19")
+READER_ADDRESSES = 2000
 # Addresses drawn from a visitor's pool when the rules are checked.
 _ADDRESS_SAMPLES = 24
 # A reader clicks at most two distinct links of a message: three within 2 s would be a
@@ -154,6 +176,7 @@ class Mix:
         opens, clicks = MIXES[name]
         self.opens = [v for v in opens if not (remote and v.local_only)]
         self.clicks = [v for v in clicks if not (remote and v.local_only)]
+        self.readers = reader_addresses(READER_ADDRESSES, random.Random(seed))
 
     def address(self, pool: str) -> str:
         rng = self._rng
@@ -163,9 +186,7 @@ class Mix:
             return f"17.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}"
         if pool == "scanner":
             return f"192.0.2.{rng.randrange(1, 255)}"
-        if rng.random() < 0.1:
-            return f"2001:db8:{rng.randrange(65536):x}::{rng.randrange(1, 65536):x}"
-        return f"{rng.choice(('198.51.100', '203.0.113'))}.{rng.randrange(1, 255)}"
+        return rng.choice(self.readers)
 
     def requests(self, kind: str, count: int) -> list[Request]:
         rng = self._rng
@@ -182,8 +203,9 @@ class Mix:
             if kind == "open":
                 path = self.messages[message].pixel
             else:
-                link = ((message + rng.randrange(READER_LINKS)) % len(LINKS)
-                        if visitor.machine is False else rng.randrange(len(LINKS)))
+                links = len(self.messages[message].links)
+                link = ((message + rng.randrange(READER_LINKS)) % links
+                        if visitor.machine is False else rng.randrange(links))
                 path = self.messages[message].links[link]
             if visitor.machine is None:
                 path = _tampered(path, rng)
@@ -217,7 +239,23 @@ class Mix:
                                 f"say {'machine' if verdict.machine else 'human'} "
                                 f"({verdict.reason})")
                             break
+        listed = [a for a in self.readers
+                  if classifier.is_apple_proxy(a) or classifier.is_scanner_network(a)]
+        if listed and not self.remote:
+            problems.append(f"{len(listed)} of the readers' addresses are in the rules' "
+                            f"address lists ({listed[0]}, ...): change READER_NETWORKS")
         return problems
+
+
+def reader_addresses(count: int, rng: random.Random) -> list[str]:
+    """`count` distinct addresses in READER_NETWORKS, a tenth of them IPv6."""
+    networks = [ip_network(n) for n in READER_NETWORKS]
+    networks_v6 = [ip_network(n) for n in READER_NETWORKS_V6]
+    found: set[str] = set()
+    while len(found) < count:
+        network = rng.choice(networks_v6 if rng.random() < 0.1 else networks)
+        found.add(str(network[rng.randrange(1, network.num_addresses - 1)]))
+    return sorted(found)
 
 
 def _tampered(path: str, rng: random.Random) -> str:
@@ -235,6 +273,7 @@ class Tally:
     """What the requests sent so far must have recorded, by the report's definitions."""
 
     messages: int
+    links: int = len(LINKS)  # each message's, the first of LINKS
     opens: Counter[bool] = field(default_factory=Counter)  # machine -> count
     clicks: Counter[bool] = field(default_factory=Counter)
     opened: set[int] = field(default_factory=set)  # messages with a human open
@@ -278,7 +317,7 @@ class Tally:
             "click_rate": rate(unique_clicks, self.messages),
             "click_to_open_rate": rate(unique_clicks, unique_opens),
             "links": {LINKS[i]: [self.link_clicks[i], len(self.link_clickers.get(i, ()))]
-                      for i in range(len(LINKS))},
+                      for i in range(self.links)},
             "timeline opens": self.opens[False], "timeline clicks": self.clicks[False],
             "breakdown opens (device)": self.opens[False],
             "breakdown clicks (device)": self.clicks[False],

@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+from ipaddress import ip_address
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,7 @@ from benchmarks.traffic import (
     Visitor,
 )
 
+from .geodb import build_test_city_db
 from .support import Server, new_account
 
 pytestmark = pytest.mark.slow
@@ -51,9 +53,12 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Comp
     if MISSING:
         pytest.skip(f"the suite needs {', '.join(MISSING)}: apt-get install wrk nginx-light")
     out = tmp_path_factory.mktemp("suite-out")
+    # A geo database as a user's server has one (every reader's address is looked up).
+    geodb = build_test_city_db(tmp_path_factory.mktemp("geo") / "city.mmdb")
+    # The realistic mix: machines, MPP, scanners and tampered tokens besides people.
     result = subprocess.run([sys.executable, "-m", "benchmarks", "suite", "--quick",
-                             "--out", str(out)], capture_output=True, text=True, cwd=ROOT,
-                            timeout=300)
+                             "--mix", "realistic", "--out", str(out), "--geoip-db", str(geodb)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
     return result, out
 
 
@@ -130,6 +135,14 @@ def test_quick_suite_writes_charts_and_the_goals_table(
         assert goals[figure]["met"] is not None, goals[figure]
         assert figure in result.stdout
     assert goals["end-to-end correctness"]["met"] is True
+    # Beside each ratio, µs of the server's CPU a hit, against nginx's per request; and
+    # whether nginx was saturated (if not, its per-CPU figure flatters tracker).
+    for endpoint in ("pixel", "click"):
+        row = goals[f"  {endpoint}: µs of server CPU a hit"]
+        assert re.fullmatch(r"[0-9.]+ µs", row["value"]) and "nginx a request" in row["figure"]
+    assert re.fullmatch(r"[0-9]+%", goals["nginx saturated"]["value"])
+    assert summary["settings"]["geoip_used"].endswith("city.mmdb")
+    assert "geo database: " in result.stdout
     programs = summary["programs"]
     assert programs["registration"]["ok"] and programs["registration"]["figures"][
         "messages_per_s"] > 0
@@ -183,6 +196,13 @@ def test_the_mix_agrees_with_trackers_rules() -> None:
     assert all(not v.local_only for v in remote.opens)
     assert all(r.forwarded == "" for r in remote.requests("open", 200))
     assert any(r.forwarded.startswith("17.") for r in mix.requests("open", 200))
+    # Readers come from public addresses (the geo database locates them), 2,000 of them
+    # with a tenth IPv6, none of them in the rules' address lists (check_rules).
+    readers = {r.forwarded for r in mix.requests("open", 3000) if r.forwarded
+               and not r.forwarded.startswith(("17.", "192.0.2."))}
+    assert len(readers) > 500 and readers <= set(mix.readers)
+    assert len(mix.readers) == 2000 and all(ip_address(a).is_global for a in mix.readers)
+    assert 100 < sum(":" in a for a in mix.readers) < 300
     lines = mix.requests("click", 2000)
     assert sum(r.machine is None for r in lines) > 20  # tampered tokens are in the mix
     assert {r.path for r in lines if r.machine is None}.isdisjoint(

@@ -15,6 +15,8 @@ import socket
 from collections.abc import Iterable
 from ipaddress import IPv4Network, IPv6Address, IPv6Network
 
+from tracker.ingest.recent import Recent
+
 _MAPPED_PREFIX = bytes(10) + b"\xff\xff"
 _ZEROS_10 = bytes(10)
 _ZEROS_12 = bytes(12)
@@ -118,6 +120,8 @@ class Networks:
 
 
 _MAX_FORWARDED_CHARS = 2048
+_KEPT_ADDRESSES = 16384
+_KEPT_FORWARDED_BYTES = 128  # a client and a few proxies
 
 
 class ClientAddress:
@@ -135,18 +139,19 @@ class ClientAddress:
 
     def __init__(self, trusted: Iterable[IPv4Network | IPv6Network]) -> None:
         self._trusted = Networks(trusted)
-        self._known: dict[str, tuple[str | None, bool]] = {}
+        # Bounded: junk headers and countless addresses must not grow memory.
+        self._known: Recent[str, tuple[str | None, bool]] = Recent(_KEPT_ADDRESSES)
+        # X-Forwarded-For as a trusted proxy sent it -> the client (every hit behind a
+        # proxy has one: decoding, splitting and parsing it cost ~1 µs).
+        self._forwarded: Recent[bytes, str] = Recent(_KEPT_ADDRESSES)
 
     def _lookup(self, text: str) -> tuple[str | None, bool]:
         """(canonical address or None if not one, whether it is a trusted proxy); cached."""
         known = self._known.get(text)
         if known is None:
             raw = packed(text)
-            address, trusted = (None, False) if raw is None else (text_of(raw),
-                                                                   raw in self._trusted)
-            if len(self._known) >= 4096:
-                self._known.clear()  # junk headers must not grow memory without bound
-            known = self._known[text] = (address, trusted)
+            known = (None, False) if raw is None else (text_of(raw), raw in self._trusted)
+            self._known.put(text, known)
         return known
 
     def is_trusted(self, address: str) -> bool:
@@ -158,6 +163,14 @@ class ClientAddress:
         client, trusted = self._lookup(peer)
         if forwarded is None or not trusted:
             return client
+        found = self._forwarded.get(forwarded)
+        if found is None:
+            found = self._from_forwarded(forwarded)
+            if found is not None and len(forwarded) <= _KEPT_FORWARDED_BYTES:
+                self._forwarded.put(forwarded, found)
+        return found
+
+    def _from_forwarded(self, forwarded: bytes) -> str | None:
         cut = len(forwarded) > _MAX_FORWARDED_CHARS
         hops = forwarded[-_MAX_FORWARDED_CHARS:].decode("latin-1").split(",")
         if cut:

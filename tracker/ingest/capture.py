@@ -94,6 +94,7 @@ class Capture:
         self._max_held = max_held
         self._held: list[tuple[Scope, Token, int]] = []
         self._deferred: list[tuple[Scope, int]] = []
+        self._deferred_clicks: list[tuple[Scope, ClickToken | None, int]] = []
 
     # -- the ways in -----------------------------------------------------------------------
 
@@ -112,15 +113,26 @@ class Capture:
         connection, with the hits of the others: the answer does not depend on it, and run
         together the hits find the interpreter's caches warm. Costs a tuple and an append
         now; the time recorded is the request's."""
-        if not self._deferred:
+        if not (self._deferred or self._deferred_clicks):
             asyncio.get_running_loop().call_soon(self.record_deferred)
         self._deferred.append((scope, _now()))
 
+    def defer_click(self, scope: Scope, token: ClickToken | None) -> None:
+        """A click request recorded as `defer_open`'s, its token verified already (the
+        redirect needed it)."""
+        if not (self._deferred or self._deferred_clicks):
+            asyncio.get_running_loop().call_soon(self.record_deferred)
+        self._deferred_clicks.append((scope, token, _now()))
+
     def record_deferred(self) -> None:
-        """Records every deferred pixel hit now (also before the writer closes)."""
+        """Records every deferred hit now (also before the writer closes); a privacy
+        change applied since is applied to them (`_refusal`)."""
         deferred, self._deferred = self._deferred, []
+        clicks, self._deferred_clicks = self._deferred_clicks, []
         for scope, at_us in deferred:
             self.open(scope, at_us)
+        for scope, token, at_us in clicks:
+            self.record(CLICK, scope, token, at_us)
 
     def release_held(self) -> None:
         """Records the held hits, with the time of each request (a privacy change is

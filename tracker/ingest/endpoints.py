@@ -122,8 +122,8 @@ class FastPath:
         `answers_in_place()`.
 
         The same answers as `__call__`, byte for byte (tested); the hit is recorded a
-        moment later for the pixel, with the others the loop has read
-        (`Capture.defer_open`)."""
+        moment later, with the others the loop has read (`Capture.defer_open`,
+        `defer_click`)."""
         capture = self._runtime.capture
         method = scope["method"]
         path: str = scope["path"]
@@ -137,9 +137,7 @@ class FastPath:
             return _WIRE_PIXEL if method == "GET" else _WIRE_PIXEL_HEAD
         token = capture.signer.verify_click(path[3:]) if capture else None
         if capture is not None:
-            # Recorded at once: its token is checked for the answer anyway, and deferring
-            # the rest (as the pixel's is) did not measure faster.
-            capture.click(scope, token)
+            capture.defer_click(scope, token)
         if token is None:
             self.answered[_CLICK_404] += 1
             return _WIRE_NOT_FOUND if method == "GET" else _WIRE_NOT_FOUND_HEAD

@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from socket import inet_aton
 from types import TracebackType
 from typing import Any, Self, TypeAlias
 
@@ -50,6 +51,13 @@ class Location:
 
 
 Locate: TypeAlias = Callable[[str], Location | None]
+
+
+class _Unknown:
+    """A network the database holds no location for (kept as such: None means not met)."""
+
+
+UNKNOWN = _Unknown()
 
 
 def no_location(ip: str) -> Location | None:
@@ -129,6 +137,16 @@ class GeoLookup:
         self.path = path
         self.database_type: str = self._reader.metadata().database_type
         self._get: Callable[[str], Any] = self._reader.get
+        self._get_network: Callable[[str], tuple[Any, int]] = self._reader.get_with_prefix_len
+        # IPv4 networks met so far: prefix length -> {network number: location}. The
+        # database's networks partition the address space, so an address inside one that
+        # was looked up has its location: a campaign's readers come from hundreds of
+        # thousands of addresses but far fewer of the database's networks (a city's block
+        # of a provider), and a probe per prefix length met (about a dozen) costs a tenth
+        # of the lookup, which decodes the whole record, names in ten languages included.
+        self._networks: dict[int, dict[int, Location | _Unknown]] = {}
+        self._network_count = 0
+        self._max_networks = cache_size // 2  # ~9 MB at most
         self._cached: functools._lru_cache_wrapper[Location | None] = functools.lru_cache(
             maxsize=cache_size
         )(self._lookup_uncached)
@@ -145,15 +163,38 @@ class GeoLookup:
         # MaxMind's own databases alias some of these ranges but databases built by other
         # tools may not, and MaxMind's Teredo alias gives the relay's place, not the host's.
         ip = locatable(ip)
-        if ":" not in ip and _DOTTED_QUAD.fullmatch(ip) is None:
+        if ":" in ip:
+            try:
+                record = self._get(ip)
+            except (ValueError, TypeError):
+                # ValueError: not an address, or IPv6 asked of an IPv4-only database.
+                # TypeError: an embedded NUL character.
+                return None
+            return _location_from_record(record)
+        if _DOTTED_QUAD.fullmatch(ip) is None:
             return None
         try:
-            record = self._get(ip)
-        except (ValueError, TypeError):
-            # ValueError: not an address, or IPv6 asked of an IPv4-only database.
-            # TypeError: an embedded NUL character.
+            value = int.from_bytes(inet_aton(ip))
+        except OSError:  # a part above 255
             return None
-        return _location_from_record(record)
+        for length, networks in self._networks.items():
+            known = networks.get(value >> (32 - length))
+            if known is not None:
+                return known if isinstance(known, Location) else None
+        try:
+            record, length = self._get_network(ip)
+        except (ValueError, TypeError):
+            return None
+        location = _location_from_record(record)
+        if self._network_count >= self._max_networks:
+            self._networks.clear()  # countless networks must not grow memory
+            self._network_count = 0
+        # (An IPv4 address in an IPv6 database: the length is given in IPv4's terms.)
+        length = min(max(length, 0), 32)
+        self._networks.setdefault(length, {})[value >> (32 - length)] = (
+            UNKNOWN if location is None else location)
+        self._network_count += 1
+        return location
 
     def cache_info(self) -> functools._CacheInfo:
         return self._cached.cache_info()

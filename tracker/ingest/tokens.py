@@ -34,6 +34,8 @@ import struct
 from base64 import urlsafe_b64encode
 from typing import NamedTuple
 
+from tracker.ingest.recent import Recent
+
 _VERSION = 2
 _KIND_OPEN = 1
 _KIND_CLICK = 2
@@ -62,6 +64,15 @@ MAX_URL_BYTES = 2048
 MAX_TOKEN_CHARS = (_CLICK_MIN_LEN + MAX_URL_BYTES) * 4 // 3 + 4
 MAX_LINK_POSITION = 0xFFFF
 MIN_KEY_CHARS = 16
+# Verified tokens kept per worker (each up to twice, ingest/recent.py). A token's
+# authenticity depends on it and the keys alone, which are fixed for a Signer's life, so a
+# kept one is the same answer; what may change (suppression, erasure, consent, policy)
+# is checked per hit after it. Only tokens that verified are kept, so forged ones cannot
+# fill it; click tokens longer than _KEPT_CLICK_CHARS (long destinations) are verified
+# each time, which bounds what it holds: ~10 MB at most, ~4 MB with common links.
+_KEPT_OPENS = 16384
+_KEPT_CLICKS = 8192
+_KEPT_CLICK_CHARS = 512
 
 
 FLAG_HONEYPOT = 1
@@ -117,6 +128,8 @@ class Signer:
             self._by_id.setdefault(_key_id(raw), []).append(_HmacSha256(raw))
         self._signing_key = _HmacSha256(keys[0].encode())
         self._signing_id = _key_id(keys[0].encode())
+        self._opens: Recent[str, OpenToken] = Recent(_KEPT_OPENS)
+        self._clicks: Recent[str, ClickToken] = Recent(_KEPT_CLICKS)
 
     @classmethod
     def from_setting(cls, value: str) -> Signer:
@@ -140,6 +153,26 @@ class Signer:
         return self._seal(body)
 
     def verify_open(self, token: str) -> OpenToken | None:
+        """The open token's fields if it is authentic, else None; a pixel hit verifies one,
+        and a message's pixel is fetched several times (a proxy, a prefetch, each reading):
+        what verified lately is kept (_KEPT_OPENS)."""
+        known = self._opens.get(token)
+        if known is None:
+            known = self._verify_open(token)
+            if known is not None:
+                self._opens.put(token, known)
+        return known
+
+    def verify_click(self, token: str) -> ClickToken | None:
+        """The click token's fields if it is authentic, else None; kept as verify_open's."""
+        known = self._clicks.get(token)
+        if known is None:
+            known = self._verify_click(token)
+            if known is not None and len(token) <= _KEPT_CLICK_CHARS:
+                self._clicks.put(token, known)
+        return known
+
+    def _verify_open(self, token: str) -> OpenToken | None:
         raw = self._authentic(token, _OPEN_HEADER, _V1_OPEN_HEADER)
         if raw is None:
             return None
@@ -154,7 +187,7 @@ class Signer:
         _, _, account_id, campaign_id, message_id, sent_at, _ = _V1_IDS.unpack_from(raw)
         return OpenToken(account_id, campaign_id, message_id, sent_at)
 
-    def verify_click(self, token: str) -> ClickToken | None:
+    def _verify_click(self, token: str) -> ClickToken | None:
         raw = self._authentic(token, _CLICK_HEADER, _V1_CLICK_HEADER)
         if raw is None:
             return None

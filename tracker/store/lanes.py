@@ -10,7 +10,6 @@ away, since the session is in doubt.
 from __future__ import annotations
 
 import asyncio
-import io
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import date, timedelta
 from operator import itemgetter
@@ -46,7 +45,10 @@ class Lanes:
         conn = await self._connection(lane)
         try:
             await self._ensure_partitions(conn, batch)
-            data = io.BytesIO("".join(map(LINE, batch)).encode())
+            # A buffer, not a file: asyncpg reads a file in its thread pool, a thread hop per
+            # 512 KiB and one to close it (~2 % of a pixel hit's CPU), and sends a buffer as
+            # it is (a memoryview: bytes would be taken for a path).
+            data = memoryview("".join(map(LINE, batch)).encode())
             async with conn.transaction():
                 await conn.copy_to_table(STAGING_TABLE, source=data, columns=EVENT_COLUMNS)
                 return await self._mover.move_staged(conn)
