@@ -103,7 +103,7 @@ class Supervisor:
 def main() -> int:
     os.nice(NICENESS)
     settings = load()
-    logs.configure(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
     if not settings.database_url:
         log.error("TRACKER_DATABASE_URL: not set; the delivery process is started by "
                   "tracker serve")
