@@ -76,7 +76,7 @@ def _optional_path(raw: str) -> Path | None:
 
 def _rules_file(raw: str) -> Path | None:
     """A user rules file. Its contents are checked where the rules are loaded, before
-    anything starts (cli.py), so that a bad one also stops start-up naming the setting."""
+    anything starts (tracker.cli), so that a bad one also stops start-up naming the setting."""
     path = _optional_path(raw)
     if path is not None and not path.is_file():
         raise ValueError(f"{path}: not a file")
