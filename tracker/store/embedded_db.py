@@ -72,7 +72,7 @@ class Running:
 @dataclass(frozen=True)
 class Session:
     dsn: str
-    started: bool  # this session started the server (else it was running already)
+    started: bool  # this process started the server (else it was running already)
 
 
 class EmbeddedPostgres:
@@ -150,7 +150,7 @@ class EmbeddedPostgres:
             yield Session(running.dsn(), started)
         finally:
             with self._locked():
-                os.close(user)  # lets go of this session's shared lock
+                os.close(user)  # lets go of this process's shared lock
                 if self._unused():
                     self._stop("fast")
 
