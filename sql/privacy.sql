@@ -226,7 +226,7 @@ order by l.message_id, l.position;
 -- Every stored field; the address with its prefix when the policy truncated it.
 select e.id, e.message_id, e.type, e.occurred_at, e.link_position, u.url, e.machine, e.reason,
        e.country, e.region, e.city, e.browser, e.os, e.device, e.client, abbrev(e.ip) as ip
-from events e
+from events_decoded e
 left join urls u on u.account_id = e.account_id and u.id = e.url_id
 where e.account_id = $1 and e.message_id = any($2::bigint[])
 order by e.occurred_at, e.id;

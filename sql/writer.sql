@@ -36,44 +36,79 @@ create temp table if not exists events_staging_marks (
 -- $1: a UTC day; its `events` partition is made unless it exists (sql/0004_partition_race.sql).
 select tracker_ensure_event_partition($1);
 
+-- name: add-event-terms
+-- Step 0. The batch's short texts that event_terms does not hold yet (sql/0018_event_terms.sql),
+-- in term order: two writers adding the same new term meet on its key, the second waiting
+-- for the first to commit and then adding nothing; in the same order, they cannot deadlock.
+-- Sought before they are added, so an identity value goes only to a term that is new.
+insert into event_terms (term)
+select t
+from (select distinct t
+      from events_staging, unnest(array[reason, region, browser, os, device, client]) t
+      where t is not null) x
+where not exists (select 1 from event_terms where term = x.t)
+order by t
+on conflict (term) do nothing;
+
 -- name: move-staged
 -- Step 1. Only rows new to the database go into the delta: a retried batch or a journal
 -- replay adds nothing. $1, $2: the trigger reasons and their windows; $3: the honeypot
--- link's url id.
+-- link's url id. The short texts are stored as their event_terms codes, and the delta
+-- has them as texts again.
 with new as (
     insert into events (account_id, occurred_at, id, campaign_id, message_id, type,
                         link_position, url_id, machine, reason, country, region, city,
                         browser, os, device, client, ip)
-    select account_id, timestamptz 'epoch' + at_us * interval '1 microsecond', id,
-           campaign_id, message_id, type, link_position, url_id, machine, reason, country,
-           region, city, browser, os, device, client, ip
-    from events_staging
-    order by account_id, at_us, id  -- key order: see Concurrency in store/rollups.py
+    select s.account_id, timestamptz 'epoch' + s.at_us * interval '1 microsecond', s.id,
+           s.campaign_id, s.message_id, s.type, s.link_position, s.url_id, s.machine,
+           reason.code, s.country, region.code, s.city, browser.code, os.code, device.code,
+           client.code, s.ip
+    from events_staging s
+    left join event_terms reason on reason.term = s.reason
+    left join event_terms region on region.term = s.region
+    left join event_terms browser on browser.term = s.browser
+    left join event_terms os on os.term = s.os
+    left join event_terms device on device.term = s.device
+    left join event_terms client on client.term = s.client
+    order by s.account_id, s.at_us, s.id  -- key order: see Concurrency in store/rollups.py
     on conflict do nothing
     returning account_id, campaign_id, message_id, occurred_at, type, url_id, country, region,
-              browser, os, device, client, reason, id, machine,
-              type = 'click' and reason = any($1::text[])
-              and (reason <> 'honeypot' or url_id = $3) as is_trigger
+              browser, os, device, client, reason, id, machine
+),
+added as (
+    select n.account_id, n.campaign_id, n.message_id, n.occurred_at, n.type, n.url_id,
+           n.country, region.term as region, browser.term as browser, os.term as os,
+           device.term as device, client.term as client, reason.term as reason, n.id,
+           n.machine,
+           n.type = 'click' and reason.term = any($1::text[])
+           and (reason.term <> 'honeypot' or n.url_id = $3) as is_trigger
+    from new n
+    left join event_terms reason on reason.code = n.reason
+    left join event_terms region on region.code = n.region
+    left join event_terms browser on browser.code = n.browser
+    left join event_terms os on os.code = n.os
+    left join event_terms device on device.code = n.device
+    left join event_terms client on client.code = n.client
 ),
 triggers as (
     insert into relabel_triggers (account_id, message_id, occurred_at, id, reason, since, until)
     select n.account_id, n.message_id, n.occurred_at, n.id, n.reason,
            n.occurred_at - w.span, n.occurred_at + w.span
-    from new n join unnest($1::text[], $2::interval[]) w (reason, span) on w.reason = n.reason
+    from added n join unnest($1::text[], $2::interval[]) w (reason, span) on w.reason = n.reason
     where n.is_trigger
     on conflict do nothing
 ),
 -- The outbox (sql/0011_webhooks.sql): what webhooks and the pull stream send.
 logged as (
     insert into event_log (account_id, id, occurred_at, message_id, campaign_id, type, machine)
-    select account_id, id, occurred_at, message_id, campaign_id, type, machine from new
+    select account_id, id, occurred_at, message_id, campaign_id, type, machine from added
 )
 insert into events_staging_delta (account_id, campaign_id, message_id, occurred_at, type,
                                   url_id, country, region, browser, os, device, client, reason,
                                   machine, n, is_trigger, relabel)
 select account_id, campaign_id, message_id, occurred_at, type, url_id, country, region,
        browser, os, device, client, reason, machine, 1, is_trigger, false
-from new;
+from added;
 
 -- name: roll-up-messages
 -- Step 2 (and again after step 3). $1: the delta rows of step 1 (false) or of step 3
@@ -186,12 +221,24 @@ near as (
     order by e.account_id, e.occurred_at, e.id, t.occurred_at
 ),
 moved as (
-    update events e set machine = true, reason = near.reason
+    update events e set machine = true, reason = tracker_term_code(near.reason)
     from near
     where e.account_id = near.account_id and e.occurred_at = near.occurred_at
       and e.id = near.id and not e.machine
     returning e.account_id, e.campaign_id, e.message_id, e.occurred_at, e.type, e.url_id,
-              e.country, e.region, e.browser, e.os, e.device, e.client, e.reason, e.id
+              e.country, e.region, e.browser, e.os, e.device, e.client, near.reason, e.id
+),
+-- The codes' texts (sql/0018_event_terms.sql); a re-labelled click had no reason before.
+moved_texts as (
+    select m.account_id, m.campaign_id, m.message_id, m.occurred_at, m.type, m.url_id,
+           m.country, region.term as region, browser.term as browser, os.term as os,
+           device.term as device, client.term as client, m.reason
+    from moved m
+    left join event_terms region on region.code = m.region
+    left join event_terms browser on browser.code = m.browser
+    left join event_terms os on os.code = m.os
+    left join event_terms device on device.code = m.device
+    left join event_terms client on client.code = m.client
 ),
 -- The outbox: one re-label event per message and reason, naming the events it changed.
 logged as (
@@ -206,11 +253,11 @@ insert into events_staging_delta (account_id, campaign_id, message_id, occurred_
                                   machine, n, is_trigger, relabel)
 select account_id, campaign_id, message_id, occurred_at, type, url_id, country, region,
        browser, os, device, client, null::text, false, -1, false, true
-from moved
+from moved_texts
 union all
 select account_id, campaign_id, message_id, occurred_at, type, url_id, country, region,
        browser, os, device, client, reason, true, 1, false, true
-from moved;
+from moved_texts;
 
 -- name: roll-up-campaigns
 -- Step 4: the rows every transaction of a campaign shares, last, in one statement.

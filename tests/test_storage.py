@@ -1,14 +1,13 @@
-"""The storage migration (sql/0017_storage.sql) on a real PostgreSQL: a database holding events
-from the schema before it is upgraded in place with every report figure unchanged, and the
-queries that find a campaign's events still go through an index, not a read of the table.
+"""The storage migrations (sql/0017_storage.sql, sql/0018_event_terms.sql) on a real
+PostgreSQL: a database holding events from the schema before them is upgraded in place with
+every report figure and every stored field unchanged, and the queries that find a campaign's
+events still go through an index, not a read of the table.
 """
 
 from __future__ import annotations
 
 import random
-import shutil
 from datetime import timedelta
-from pathlib import Path
 
 import asyncpg
 
@@ -26,19 +25,12 @@ from tracker.privacy import retention
 from tracker.store import reports
 from tracker.store.database import connect
 from tracker.store.migrations import migrate
-from tracker.store.queries import MIGRATION_FILE, QUERIES, for_table, sql_dir
+from tracker.store.queries import QUERIES, for_table
 from tracker.store.writer import BatchWriter
 
 STORAGE = 17
-
-
-def _migrations_before(version: int, into: Path) -> Path:
-    into.mkdir()
-    for path in sql_dir().glob("*.sql"):
-        match = MIGRATION_FILE.match(path.name)
-        if match and int(match[1]) < version:
-            shutil.copy(path, into / path.name)
-    return into
+TERMS = 18
+CODED = ("reason", "region", "browser", "os", "device", "client")
 
 
 async def _index_keys(conn: asyncpg.Connection, table: str, index: str) -> list[str]:
@@ -50,36 +42,73 @@ async def _index_keys(conn: asyncpg.Connection, table: str, index: str) -> list[
         where i.relname = $2 and x.indrelid = $1::regclass order by k.n""", table, index)]
 
 
+# The schema before sql/0017_storage.sql and sql/0018_event_terms.sql, from a database
+# migrated to the end: each statement the inverse of one of theirs. The writer of today
+# needs the schema of today, so the workload is written first and the database then taken
+# back to what the writer before them left (the same rows, texts, rollups and triggers).
+_BEFORE_STORAGE = """
+    drop view events_decoded;
+    create function pg_temp.term(c smallint) returns text language sql stable
+    return (select term from event_terms where code = c);
+    alter table events
+        alter column reason type text using pg_temp.term(reason),
+        alter column region type text using pg_temp.term(region),
+        alter column browser type text using pg_temp.term(browser),
+        alter column os type text using pg_temp.term(os),
+        alter column device type text using pg_temp.term(device),
+        alter column client type text using pg_temp.term(client);
+    drop function pg_temp.term(smallint);
+    drop function tracker_term_code(text);
+    drop table event_terms;
+    drop index events_campaign;
+    create index events_campaign on events (account_id, campaign_id, occurred_at);
+    create index messages_recipient on messages (account_id, recipient);
+    delete from schema_migrations where version >= 17;
+"""
+
+
 async def test_an_old_database_with_events_upgrades_in_place_with_the_same_reports(
-        empty_dsn: str, tmp_path: Path) -> None:
+        empty_dsn: str) -> None:
     dsn = empty_dsn
     conn = await connect(dsn)
     writer = BatchWriter(lambda: connect(dsn), batch_size=500, interval_s=3600,
                          max_buffered=100_000)
     try:
-        await migrate(conn, _migrations_before(STORAGE, tmp_path / "sql"))
-        assert await _index_keys(conn, "events", "events_campaign") == [
-            "account_id", "campaign_id", "occurred_at"]
+        await migrate(conn)
         rng = random.Random(17)
         mixed = [await make_campaign(conn, messages=rng.randint(5, 20), urls=3)
                  for _ in range(3)]
         for c in mixed:  # readers, machines, honeypot hits, bursts, re-labels, replays
             for batch in deliveries(workload(c, rng), rng):
                 await write(writer, batch)
+        await writer.close(1.0)
+        await conn.execute(_BEFORE_STORAGE)
+        assert await conn.fetchval("select max(version) from schema_migrations") < STORAGE
+        assert await _index_keys(conn, "events", "events_campaign") == [
+            "account_id", "campaign_id", "occurred_at"]
+        assert await conn.fetchval(
+            "select count(*) from events where browser is not null and reason is not null"
+            " and browser !~ '^[0-9]+$'") > 0  # texts, as the writer before stored them
         before = {c.campaign_id: await reports.campaign_report(conn, c.account_id,
                                                                c.campaign_id, "UTC")
                   for c in mixed}
         stored = await conn.fetchval("select md5(string_agg(e::text, ',' order by e.id)) "
                                      "from events e")
+        writer = BatchWriter(lambda: connect(dsn), batch_size=500, interval_s=3600,
+                             max_buffered=100_000)
 
         applied = [m.version for m in await migrate(conn)]
-        assert applied[0] == STORAGE
+        assert applied[:2] == [STORAGE, TERMS]
+        # The short texts are two-byte codes (sql/0018_event_terms.sql).
+        assert {r["data_type"] for r in await conn.fetch(
+            "select data_type from information_schema.columns where table_name = 'events' "
+            "and column_name = any($1::text[])", list(CODED))} == {"smallint"}
 
         assert await _index_keys(conn, "events", "events_campaign") == [
             "account_id", "campaign_id"]
         assert await conn.fetchval("select to_regclass('messages_recipient')") is None
         assert await conn.fetchval("select md5(string_agg(e::text, ',' order by e.id)) "
-                                   "from events e") == stored
+                                   "from events_decoded e") == stored
         for c in mixed:
             after = await assert_report_is_recomputation(conn, c, ZONES)
             assert await reports.campaign_report(conn, c.account_id, c.campaign_id,

@@ -106,7 +106,7 @@ async def writers(dsn: str) -> AsyncIterator[Writers]:
 
 
 async def stored(db: asyncpg.Connection) -> list[asyncpg.Record]:
-    return list(await db.fetch(f"select {', '.join(_STORED)} from events order by id"))
+    return list(await db.fetch(f"select {', '.join(_STORED)} from events_decoded order by id"))
 
 
 _STORED = tuple("occurred_at" if c == "at_us" else "ip::text as ip" if c == "ip" else c
@@ -157,7 +157,7 @@ async def test_rows_from_the_pipeline_are_written(
     writer.add(clicked)
     assert await writer.flush() == 2
     got = {r["type"]: r for r in await db.fetch(
-        "select type, browser, link_position, url_id, ip::text as ip from events")}
+        "select type, browser, link_position, url_id, ip::text as ip from events_decoded")}
     assert got[OPEN]["browser"] == "Chrome"
     assert got[OPEN]["ip"] == got[CLICK]["ip"] == "203.0.113.0/24"
     assert (got[CLICK]["link_position"], got[CLICK]["url_id"]) == (2, 9)
