@@ -3,8 +3,8 @@
 -- transaction, one statement per step. Why the steps run in this order, and why they
 -- neither miss a re-label nor deadlock, is told in tracker/store/rollups.py.
 --
--- Three session-local tables, emptied at every commit:
--- - events_staging: the batch, one row per COPY line, columns as
+-- Three session-local tables:
+-- - events_staging: the batch, one row per COPY line (emptied before each), columns as
 --   tracker.ingest.pipeline.EVENT_COLUMNS (`at_us`: Unix time in microseconds);
 -- - events_staging_delta: what the rollups must add, as signed rows: `n` is +1 or -1 (a
 --   re-label takes a human row back and adds a machine one); `relabel` marks the rows the
@@ -14,13 +14,14 @@
 --   became clicked, or stopped, in the rollup_link hour `at`.
 
 -- name: create-writer-tables
--- Once per connection.
+-- Once per connection. The staging table keeps its rows past a commit: the batch's new
+-- terms are committed before the batch's own transaction (add-event-terms).
 create temp table if not exists events_staging (
     account_id bigint, at_us bigint, id uuid, campaign_id bigint, message_id bigint,
     type text, link_position integer, url_id bigint, machine boolean, reason text,
     country text, region text, city text, browser text, os text, device text,
     client text, ip inet
-) on commit delete rows;
+);
 create temp table if not exists events_staging_delta (
     account_id bigint, campaign_id bigint, message_id bigint, occurred_at timestamptz,
     type text, url_id bigint, country text, region text, browser text, os text,
@@ -32,15 +33,19 @@ create temp table if not exists events_staging_marks (
     opened integer, clicked integer, mpp integer, mpp_opened integer
 ) on commit delete rows;
 
+-- name: clear-staging
+truncate events_staging;
+
 -- name: ensure-event-partition
 -- $1: a UTC day; its `events` partition is made unless it exists (sql/0004_partition_race.sql).
 select tracker_ensure_event_partition($1);
 
 -- name: add-event-terms
--- Step 0. The batch's short texts that event_terms does not hold yet (sql/0018_event_terms.sql),
--- in term order: two writers adding the same new term meet on its key, the second waiting
--- for the first to commit and then adding nothing; in the same order, they cannot deadlock.
--- Sought before they are added, so an identity value goes only to a term that is new.
+-- Before the batch's transaction, in one of its own: the batch's short texts that
+-- event_terms does not hold yet (sql/0018_event_terms.sql). Committed at once, so a writer
+-- that meets the same new term waits for this statement alone, never for a whole batch;
+-- a term whose batch then fails stays, unused and harmless. Sought before they are added,
+-- so an identity value goes only to a term that is new.
 insert into event_terms (term)
 select t
 from (select distinct t

@@ -1,10 +1,11 @@
 """The writer's database side: one batch at a time on each lane's own connection.
 
-A batch of COPY text lines is COPYed into a session-local staging table and moved into
-`events` and the report rollups in one transaction (store/rollups.py), after making sure the
-day partitions it needs exist; the statements are sql/writer.sql's. Each lane keeps its
-connection between batches; a write that fails or is interrupted throws that connection
-away, since the session is in doubt.
+A batch of COPY text lines is COPYed into a session-local staging table, its new short
+texts are added to `event_terms`, and it is moved into `events` and the report rollups in
+one transaction (store/rollups.py), after making sure the day partitions it needs exist;
+the statements are sql/writer.sql's. Each lane keeps its connection between batches; a
+write that fails or is interrupted throws that connection away, since the session is in
+doubt.
 """
 
 from __future__ import annotations
@@ -49,8 +50,10 @@ class Lanes:
             # 512 KiB and one to close it (~2 % of a pixel hit's CPU), and sends a buffer as
             # it is (a memoryview: bytes would be taken for a path).
             data = memoryview("".join(map(LINE, batch)).encode())
+            await conn.execute(QUERIES.clear_staging)
+            await conn.copy_to_table(STAGING_TABLE, source=data, columns=EVENT_COLUMNS)
+            await self._mover.add_terms(conn)
             async with conn.transaction():
-                await conn.copy_to_table(STAGING_TABLE, source=data, columns=EVENT_COLUMNS)
                 return await self._mover.move_staged(conn)
         except BaseException:
             # A write that failed or was interrupted leaves the session in doubt (asyncpg can

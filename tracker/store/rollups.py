@@ -4,8 +4,9 @@ The tables are in sql/0002_rollups.sql; store/reports.py reads nothing else. The
 are the named blocks of sql/writer.sql. A batch arrives in the writer's staging table and
 `move_staged` then runs, in the writer's transaction, one statement per step, in this order:
 
-0. terms (`add-event-terms`): the batch's short texts new to `event_terms`, whose codes
-   `events` stores (sql/0018_event_terms.sql);
+0. terms (`add-event-terms`), before the transaction and committed by itself: the
+   batch's short texts new to `event_terms`, whose codes `events` stores
+   (sql/0018_event_terms.sql);
 1. move (`move-staged`): the staged rows go into `events`, where a row whose id is there
    already is skipped, and the rows that statement added, and only those, go into a
    session-local delta table (signed rows, n = +1): a retried batch or a journal replay
@@ -95,10 +96,15 @@ class Mover:
         self._reasons = list(windows)
         self._spans = [windows[reason] for reason in self._reasons]
 
+    async def add_terms(self, conn: asyncpg.Connection) -> None:
+        """Add the staged batch's new short texts to event_terms; call outside the batch's
+        transaction (a new term is then committed at once, and no other writer waits on it
+        for longer than this statement)."""
+        await conn.execute(QUERIES.add_event_terms)
+
     async def move_staged(self, conn: asyncpg.Connection) -> tuple[int, int]:
         """Move the staged batch into `events` and the rollups; call inside a transaction.
         Returns (rows new to the database, rows re-labelled machine)."""
-        await conn.execute(QUERIES.add_event_terms)
         new = _rows(await conn.execute(QUERIES.move_staged, self._reasons, self._spans,
                                        HONEYPOT_URL_ID))
         if not new:
