@@ -6,7 +6,8 @@
 -- Three session-local tables:
 -- - events_staging: the batch, one row per COPY line (emptied before each), columns as
 --   tracker.ingest.pipeline.EVENT_COLUMNS (`at_us`: Unix time in microseconds);
--- - events_staging_delta: what the rollups must add, as signed rows: `n` is +1 or -1 (a
+-- - events_staging_delta: what the rollups must add, as signed rows, with the short texts
+--   as their event_terms codes (sql/0018_event_terms.sql): `n` is +1 or -1 (a
 --   re-label takes a human row back and adds a machine one); `relabel` marks the rows the
 --   re-label step added; `is_trigger` the batch's triggers;
 -- - events_staging_marks: a message that became opened (`opened`) or clicked, or stopped
@@ -24,9 +25,9 @@ create temp table if not exists events_staging (
 );
 create temp table if not exists events_staging_delta (
     account_id bigint, campaign_id bigint, message_id bigint, occurred_at timestamptz,
-    type text, url_id bigint, country text, region text, browser text, os text,
-    device text, client text, reason text, machine boolean, n integer, is_trigger boolean,
-    relabel boolean
+    type text, url_id bigint, country text, region smallint, browser smallint, os smallint,
+    device smallint, client smallint, reason smallint, machine boolean, n integer,
+    is_trigger boolean, relabel boolean
 ) on commit delete rows;
 create temp table if not exists events_staging_marks (
     account_id bigint, campaign_id bigint, url_id bigint, at timestamptz,
@@ -59,8 +60,8 @@ on conflict (term) do nothing;
 -- name: move-staged
 -- Step 1. Only rows new to the database go into the delta: a retried batch or a journal
 -- replay adds nothing. $1, $2: the trigger reasons and their windows; $3: the honeypot
--- link's url id. The short texts are stored as their event_terms codes, and the delta
--- has them as texts again.
+-- link's url id. The short texts are stored as their event_terms codes, which the delta
+-- keeps: only the dimension rollup needs the texts, per value rather than per event.
 with new as (
     insert into events (account_id, occurred_at, id, campaign_id, message_id, type,
                         link_position, url_id, machine, reason, country, region, city,
@@ -79,42 +80,33 @@ with new as (
     order by s.account_id, s.at_us, s.id  -- key order: see Concurrency in store/rollups.py
     on conflict do nothing
     returning account_id, campaign_id, message_id, occurred_at, type, url_id, country, region,
-              browser, os, device, client, reason, id, machine
-),
-added as (
-    select n.account_id, n.campaign_id, n.message_id, n.occurred_at, n.type, n.url_id,
-           n.country, region.term as region, browser.term as browser, os.term as os,
-           device.term as device, client.term as client, reason.term as reason, n.id,
-           n.machine,
-           n.type = 'click' and reason.term = any($1::text[])
-           and (reason.term <> 'honeypot' or n.url_id = $3) as is_trigger
-    from new n
-    left join event_terms reason on reason.code = n.reason
-    left join event_terms region on region.code = n.region
-    left join event_terms browser on browser.code = n.browser
-    left join event_terms os on os.code = n.os
-    left join event_terms device on device.code = n.device
-    left join event_terms client on client.code = n.client
+              browser, os, device, client, reason, id, machine,
+              type = 'click'
+              and reason = any(array(select code from event_terms where term = any($1::text[])))
+              and (reason is distinct from (select code from event_terms where term = 'honeypot')
+                   or url_id = $3) as is_trigger
 ),
 triggers as (
     insert into relabel_triggers (account_id, message_id, occurred_at, id, reason, since, until)
-    select n.account_id, n.message_id, n.occurred_at, n.id, n.reason,
+    select n.account_id, n.message_id, n.occurred_at, n.id, t.term,
            n.occurred_at - w.span, n.occurred_at + w.span
-    from added n join unnest($1::text[], $2::interval[]) w (reason, span) on w.reason = n.reason
+    from new n
+    join event_terms t on t.code = n.reason
+    join unnest($1::text[], $2::interval[]) w (reason, span) on w.reason = t.term
     where n.is_trigger
     on conflict do nothing
 ),
 -- The outbox (sql/0011_webhooks.sql): what webhooks and the pull stream send.
 logged as (
     insert into event_log (account_id, id, occurred_at, message_id, campaign_id, type, machine)
-    select account_id, id, occurred_at, message_id, campaign_id, type, machine from added
+    select account_id, id, occurred_at, message_id, campaign_id, type, machine from new
 )
 insert into events_staging_delta (account_id, campaign_id, message_id, occurred_at, type,
                                   url_id, country, region, browser, os, device, client, reason,
                                   machine, n, is_trigger, relabel)
 select account_id, campaign_id, message_id, occurred_at, type, url_id, country, region,
        browser, os, device, client, reason, machine, 1, is_trigger, false
-from added;
+from new;
 
 -- name: roll-up-messages
 -- Step 2 (and again after step 3). $1: the delta rows of step 1 (false) or of step 3
@@ -128,11 +120,13 @@ with md as (
            tracker_quarter(min(occurred_at) filter (where not machine)) as opened_in,
            tracker_quarter(min(occurred_at) filter (where type = 'click' and not machine))
                as clicked_in,
-           coalesce(sum(n) filter (where type = 'open' and reason = 'apple_mpp'), 0) as mpp,
-           tracker_quarter(min(occurred_at) filter (where reason = 'apple_mpp')) as mpp_in,
+           coalesce(sum(n) filter (where type = 'open' and reason = mpp.code), 0) as mpp,
+           tracker_quarter(min(occurred_at) filter (where reason = mpp.code)) as mpp_in,
            coalesce(sum(n) filter (where type = 'open' and machine), 0) as machine_opens,
            coalesce(sum(n) filter (where type = 'click' and machine), 0) as machine_clicks
     from events_staging_delta
+    -- The code of an Apple MPP prefetch's reason (none yet: no row has it).
+    left join (select code from event_terms where term = 'apple_mpp') mpp on true
     where relabel = $1
     group by account_id, message_id
 ),
@@ -232,38 +226,27 @@ moved as (
     where e.account_id = near.account_id and e.occurred_at = near.occurred_at
       and e.id = near.id and not e.machine
     returning e.account_id, e.campaign_id, e.message_id, e.occurred_at, e.type, e.url_id,
-              e.country, e.region, e.browser, e.os, e.device, e.client, near.reason, e.id
-),
--- The codes' texts (sql/0018_event_terms.sql); a re-labelled click had no reason before.
-moved_texts as (
-    select m.account_id, m.campaign_id, m.message_id, m.occurred_at, m.type, m.url_id,
-           m.country, region.term as region, browser.term as browser, os.term as os,
-           device.term as device, client.term as client, m.reason
-    from moved m
-    left join event_terms region on region.code = m.region
-    left join event_terms browser on browser.code = m.browser
-    left join event_terms os on os.code = m.os
-    left join event_terms device on device.code = m.device
-    left join event_terms client on client.code = m.client
+              e.country, e.region, e.browser, e.os, e.device, e.client, e.reason, e.id,
+              near.reason as reason_text
 ),
 -- The outbox: one re-label event per message and reason, naming the events it changed.
 logged as (
     insert into event_log (account_id, id, occurred_at, message_id, campaign_id, type, machine,
                            relabelled, reason)
     select account_id, gen_random_uuid(), now(), message_id, min(campaign_id), 'relabel', true,
-           array_agg(id order by occurred_at, id), reason
-    from moved group by account_id, message_id, reason
+           array_agg(id order by occurred_at, id), reason_text
+    from moved group by account_id, message_id, reason_text
 )
 insert into events_staging_delta (account_id, campaign_id, message_id, occurred_at, type,
                                   url_id, country, region, browser, os, device, client, reason,
                                   machine, n, is_trigger, relabel)
 select account_id, campaign_id, message_id, occurred_at, type, url_id, country, region,
-       browser, os, device, client, null::text, false, -1, false, true
-from moved_texts
+       browser, os, device, client, null::smallint, false, -1, false, true
+from moved
 union all
 select account_id, campaign_id, message_id, occurred_at, type, url_id, country, region,
        browser, os, device, client, reason, true, 1, false, true
-from moved_texts;
+from moved;
 
 -- name: roll-up-campaigns
 -- Step 4: the rows every transaction of a campaign shares, last, in one statement.
@@ -320,25 +303,27 @@ rl as (
 )
 insert into rollup_dimension as r (account_id, campaign_id, type, dimension, value, humans,
                                    machines)
--- One pass with a grouping set per dimension (a missing value is the key 'unknown'); in
--- the set of a dimension the others are null, so the first value not null is its own.
--- A third cheaper than making a row per dimension of each event to group (lateral values).
-select account_id, campaign_id, type,
-       case when grouping(country) = 0 then 'country' when grouping(region) = 0 then 'region'
-            when grouping(browser) = 0 then 'browser' when grouping(os) = 0 then 'os'
-            when grouping(device) = 0 then 'device' when grouping(client) = 0 then 'client'
-            else 'reason' end as dimension,
-       coalesce(country, region, browser, os, device, client, reason) as value,
-       coalesce(sum(n) filter (where not machine), 0),
-       coalesce(sum(n) filter (where machine), 0)
-from (select account_id, campaign_id, type, machine, n,
-             coalesce(country, 'unknown') as country, coalesce(region, 'unknown') as region,
-             coalesce(browser, 'unknown') as browser, coalesce(os, 'unknown') as os,
-             coalesce(device, 'unknown') as device, coalesce(client, 'unknown') as client,
-             coalesce(reason, 'unknown') as reason
-      from events_staging_delta) e
-group by account_id, campaign_id, type,
-         grouping sets (country, region, browser, os, device, client, reason)
+-- One pass with a grouping set per dimension over the codes; in the set of a dimension the
+-- others are null, so the first code not null is its own. A third cheaper than making a
+-- row per dimension of each event to group (lateral values). Then each value's text (a
+-- missing value is the key 'unknown'), and the groups again: a null and a stored
+-- 'unknown' are one key.
+select account_id, campaign_id, type, dimension,
+       coalesce(case when dimension = 'country' then g.country else t.term end, 'unknown'),
+       sum(humans), sum(machines)
+from (select account_id, campaign_id, type,
+             case when grouping(country) = 0 then 'country' when grouping(region) = 0
+                  then 'region' when grouping(browser) = 0 then 'browser'
+                  when grouping(os) = 0 then 'os' when grouping(device) = 0 then 'device'
+                  when grouping(client) = 0 then 'client' else 'reason' end as dimension,
+             country, coalesce(region, browser, os, device, client, reason) as code,
+             coalesce(sum(n) filter (where not machine), 0) as humans,
+             coalesce(sum(n) filter (where machine), 0) as machines
+      from events_staging_delta
+      group by account_id, campaign_id, type,
+               grouping sets (country, region, browser, os, device, client, reason)) g
+left join event_terms t on t.code = g.code
+group by 1, 2, 3, 4, 5
 order by 1, 2, 3, 4, 5
 on conflict (account_id, campaign_id, type, dimension, value) do update set
     humans = r.humans + excluded.humans,
