@@ -3,8 +3,8 @@
 -- transaction, one statement per step. Why the steps run in this order, and why they
 -- neither miss a re-label nor deadlock, is told in tracker/store/rollups.py.
 --
--- Three session-local tables:
--- - events_staging: the batch, one row per COPY line (emptied before each), columns as
+-- Three session-local tables, emptied at every commit:
+-- - events_staging: the batch, one row per COPY line, columns as
 --   tracker.ingest.pipeline.EVENT_COLUMNS (`at_us`: Unix time in microseconds);
 -- - events_staging_delta: what the rollups must add, as signed rows, with the short texts
 --   as their event_terms codes (sql/0018_event_terms.sql): `n` is +1 or -1 (a
@@ -15,14 +15,13 @@
 --   became clicked, or stopped, in the rollup_link hour `at`.
 
 -- name: create-writer-tables
--- Once per connection. The staging table keeps its rows past a commit: the batch's new
--- terms are committed before the batch's own transaction (add-event-terms).
+-- Once per connection.
 create temp table if not exists events_staging (
     account_id bigint, at_us bigint, id uuid, campaign_id bigint, message_id bigint,
     type text, link_position integer, url_id bigint, machine boolean, reason text,
     country text, region text, city text, browser text, os text, device text,
     client text, ip inet
-);
+) on commit delete rows;
 create temp table if not exists events_staging_delta (
     account_id bigint, campaign_id bigint, message_id bigint, occurred_at timestamptz,
     type text, url_id bigint, country text, region smallint, browser smallint, os smallint,
@@ -34,19 +33,17 @@ create temp table if not exists events_staging_marks (
     opened integer, clicked integer, mpp integer, mpp_opened integer
 ) on commit delete rows;
 
--- name: clear-staging
-truncate events_staging;
-
 -- name: ensure-event-partition
 -- $1: a UTC day; its `events` partition is made unless it exists (sql/0004_partition_race.sql).
 select tracker_ensure_event_partition($1);
 
 -- name: add-event-terms
--- Before the batch's transaction, in one of its own: the batch's short texts that
--- event_terms does not hold yet (sql/0018_event_terms.sql). Committed at once, so a writer
--- that meets the same new term waits for this statement alone, never for a whole batch;
--- a term whose batch then fails stays, unused and harmless. Sought before they are added,
--- so an identity value goes only to a term that is new.
+-- When move-staged met a short text that event_terms does not hold yet
+-- (sql/0018_event_terms.sql), in a transaction of its own before the batch is written
+-- again: the batch's new texts. Committed at once, so a writer that meets the same new text
+-- waits for this transaction alone, never for a whole batch; a text whose batch then fails
+-- stays, unused and harmless. Sought before they are added, so an identity value goes only
+-- to a text that is new.
 -- (A union of the six columns costs half what unnesting each row's six does.)
 insert into event_terms (term)
 select t
@@ -61,15 +58,21 @@ on conflict (term) do nothing;
 -- Step 1. Only rows new to the database go into the delta: a retried batch or a journal
 -- replay adds nothing. $1, $2: the trigger reasons and their windows; $3: the honeypot
 -- link's url id. The short texts are stored as their event_terms codes, which the delta
--- keeps: only the dimension rollup needs the texts, per value rather than per event.
+-- keeps: only the dimension rollup needs the texts, per value rather than per event. A
+-- text with no code yet stops the statement (tracker_new_term; store/lanes.py then adds
+-- it with add-event-terms and writes the batch again).
 with new as (
     insert into events (account_id, occurred_at, id, campaign_id, message_id, type,
                         link_position, url_id, machine, reason, country, region, city,
                         browser, os, device, client, ip)
     select s.account_id, timestamptz 'epoch' + s.at_us * interval '1 microsecond', s.id,
            s.campaign_id, s.message_id, s.type, s.link_position, s.url_id, s.machine,
-           reason.code, s.country, region.code, s.city, browser.code, os.code, device.code,
-           client.code, s.ip
+           coalesce(reason.code, tracker_new_term(s.reason)), s.country,
+           coalesce(region.code, tracker_new_term(s.region)), s.city,
+           coalesce(browser.code, tracker_new_term(s.browser)),
+           coalesce(os.code, tracker_new_term(s.os)),
+           coalesce(device.code, tracker_new_term(s.device)),
+           coalesce(client.code, tracker_new_term(s.client)), s.ip
     from events_staging s
     left join event_terms reason on reason.term = s.reason
     left join event_terms region on region.term = s.region

@@ -212,7 +212,8 @@ async def write(writer: BatchWriter, events: Iterable[Event]) -> int:
 
 
 async def stored_rows(db: asyncpg.Connection, c: Campaign) -> list[asyncpg.Record]:
-    return list(await db.fetch("select * from events_decoded where account_id = $1 and campaign_id = $2",
+    return list(await db.fetch("select * from events_decoded"
+                               " where account_id = $1 and campaign_id = $2",
                                c.account_id, c.campaign_id))
 
 

@@ -59,6 +59,7 @@ _BEFORE_STORAGE = """
         alter column client type text using pg_temp.term(client);
     drop function pg_temp.term(smallint);
     drop function tracker_term_code(text);
+    drop function tracker_new_term(text);
     drop table event_terms;
     drop index events_campaign;
     create index events_campaign on events (account_id, campaign_id, occurred_at);
