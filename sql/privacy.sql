@@ -103,7 +103,8 @@ where account_id = $1 and id <= $4
 order by id;
 
 -- name: erase-events
--- By the events_message index of each partition: no partition is scanned whole.
+-- By the primary key of each partition (it leads with the message): no partition is
+-- scanned whole.
 delete from events where account_id = $1 and message_id = any($2::bigint[]);
 
 -- name: erase-message-rollups

@@ -80,7 +80,8 @@ with new as (
     left join event_terms os on os.term = s.os
     left join event_terms device on device.term = s.device
     left join event_terms client on client.term = s.client
-    order by s.account_id, s.at_us, s.id  -- key order: see Concurrency in store/rollups.py
+    -- key order: see Concurrency in store/rollups.py
+    order by s.account_id, s.message_id, s.at_us, s.id
     on conflict do nothing
     returning account_id, campaign_id, message_id, occurred_at, type, url_id, country, region,
               browser, os, device, client, reason, id, machine,
@@ -212,8 +213,8 @@ with clicks as (
     where not relabel and type = 'click' and (not machine or is_trigger)
 ),
 near as (
-    select distinct on (e.account_id, e.occurred_at, e.id)
-           e.account_id, e.occurred_at, e.id, t.reason
+    select distinct on (e.account_id, e.message_id, e.occurred_at, e.id)
+           e.account_id, e.message_id, e.occurred_at, e.id, t.reason
     from relabel_triggers t
     join events e on e.account_id = t.account_id and e.message_id = t.message_id
                  and e.occurred_at between t.since and t.until
@@ -221,13 +222,13 @@ near as (
                   where s.account_id = t.account_id and s.message_id = t.message_id
                     and s.occurred_at between t.since and t.until)
       and e.type = 'click' and not e.machine
-    order by e.account_id, e.occurred_at, e.id, t.occurred_at
+    order by e.account_id, e.message_id, e.occurred_at, e.id, t.occurred_at
 ),
 moved as (
     update events e set machine = true, reason = tracker_term_code(near.reason)
     from near
-    where e.account_id = near.account_id and e.occurred_at = near.occurred_at
-      and e.id = near.id and not e.machine
+    where e.account_id = near.account_id and e.message_id = near.message_id
+      and e.occurred_at = near.occurred_at and e.id = near.id and not e.machine
     returning e.account_id, e.campaign_id, e.message_id, e.occurred_at, e.type, e.url_id,
               e.country, e.region, e.browser, e.os, e.device, e.client, e.reason, e.id,
               near.reason as reason_text

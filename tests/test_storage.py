@@ -7,6 +7,7 @@ events still go through an index, not a read of the table.
 from __future__ import annotations
 
 import random
+import uuid
 from datetime import timedelta
 
 import asyncpg
@@ -48,6 +49,9 @@ async def _index_keys(conn: asyncpg.Connection, table: str, index: str) -> list[
 # back to what the writer before them left (the same rows, texts, rollups and triggers).
 _BEFORE_STORAGE = """
     drop view events_decoded;
+    drop function tracker_events_after(bigint, timestamptz, uuid, timestamptz, integer);
+    drop index events_occurred;
+    alter table events drop constraint events_pkey;
     create function pg_temp.term(c smallint) returns text language sql stable
     return (select term from event_terms where code = c);
     alter table events
@@ -61,6 +65,8 @@ _BEFORE_STORAGE = """
     drop function tracker_term_code(text);
     drop function tracker_new_term(text);
     drop table event_terms;
+    alter table events add primary key (account_id, occurred_at, id);
+    create index events_message on events (account_id, message_id);
     drop index events_campaign;
     create index events_campaign on events (account_id, campaign_id, occurred_at);
     create index messages_recipient on messages (account_id, recipient);
@@ -87,6 +93,8 @@ async def test_an_old_database_with_events_upgrades_in_place_with_the_same_repor
         assert await conn.fetchval("select max(version) from schema_migrations") < STORAGE
         assert await _index_keys(conn, "events", "events_campaign") == [
             "account_id", "campaign_id", "occurred_at"]
+        assert await _index_keys(conn, "events", "events_pkey") == [
+            "account_id", "occurred_at", "id"]
         assert await conn.fetchval(
             "select count(*) from events where browser is not null and reason is not null"
             " and browser !~ '^[0-9]+$'") > 0  # texts, as the writer before stored them
@@ -100,6 +108,9 @@ async def test_an_old_database_with_events_upgrades_in_place_with_the_same_repor
 
         applied = [m.version for m in await migrate(conn)]
         assert applied[:2] == [STORAGE, TERMS]
+        assert await _index_keys(conn, "events", "events_pkey") == [
+            "account_id", "message_id", "occurred_at", "id"]
+        assert await conn.fetchval("select to_regclass('events_message')") is None
         # The short texts are two-byte codes (sql/0018_event_terms.sql).
         assert {r["data_type"] for r in await conn.fetch(
             "select data_type from information_schema.columns where table_name = 'events' "
@@ -157,5 +168,43 @@ async def test_the_queries_that_find_a_campaigns_events_use_its_index(dsn: str) 
         pairs = await retention.campaigns_in(conn, partition)
         assert len(pairs) == 7 * 60
         assert partition.end - partition.start == timedelta(days=1)
+    finally:
+        await conn.close()
+
+
+async def test_an_accounts_events_are_read_in_time_order_across_gaps(dsn: str) -> None:
+    """A webhook replay's pages (replay-events, by the BRIN index an hour at a time: sql/
+    0018_event_terms.sql): every event of the account in [from, to) once, in (time, id)
+    order, across hours and days without events and events that share a time."""
+    conn = await connect(dsn)
+    try:
+        start = await conn.fetchval("select date_trunc('day', now()) - interval '3 days'")
+        for day in range(4):
+            await conn.execute("select tracker_ensure_event_partition($1)",
+                               (start + timedelta(days=day)).date())
+        offsets = [timedelta(seconds=s) for s in (0, 1, 1, 1, 7200, 7201)] + [
+            timedelta(days=1, hours=5), timedelta(days=2, hours=23, minutes=59),
+            timedelta(days=3, hours=1)]
+        await conn.execute("""
+            insert into events (account_id, occurred_at, id, campaign_id, message_id, type,
+                                machine)
+            select a, $1::timestamptz + o, gen_random_uuid(), 5, 10 + n, 'open', false
+            from unnest($2::interval[]) with ordinality t (o, n), (values (1), (2)) x (a)""",
+                           start, offsets)
+        until = start + timedelta(days=3)  # the last event is past it
+        expected = [r["id"] for r in await conn.fetch(
+            "select id from events where account_id = 1 and occurred_at < $1"
+            " order by occurred_at, id", until)]
+        assert len(expected) == len(offsets) - 1
+        seen, after = [], (start - timedelta(microseconds=1), uuid.UUID(int=0))
+        while True:
+            page = await conn.fetch(QUERIES.replay_events, 1, *after, 2, until, ["open"], None,
+                                    True)
+            if not page:
+                break
+            assert len(page) <= 2
+            seen += [r["id"] for r in page]
+            after = (page[-1]["occurred_at"], page[-1]["id"])
+        assert seen == expected
     finally:
         await conn.close()
