@@ -137,9 +137,11 @@ async def test_an_old_database_with_events_upgrades_in_place_with_the_same_repor
         await conn.close()
 
 
-async def test_the_queries_that_find_a_campaigns_events_use_its_index(dsn: str) -> None:
+async def test_the_queries_that_find_a_campaigns_or_a_messages_events_use_an_index(
+        dsn: str) -> None:
     """EXPLAIN, on a table of some size with statistics: the campaign export, retention's
-    (account, campaign) pairs of a partition and its batched delete read events_campaign."""
+    (account, campaign) pairs of a partition and its batched delete read events_campaign;
+    a message's events and their erasure read the primary key."""
     conn = await connect(dsn)
     try:
         day = (await conn.fetchval("select current_date - 1"))
@@ -164,6 +166,15 @@ async def test_the_queries_that_find_a_campaigns_events_use_its_index(dsn: str) 
         for name, rows in plans.items():
             plan = "\n".join(r[0] for r in rows)
             assert "account_id_campaign_id_idx" in plan, (name, plan)
+            assert "Seq Scan on events_" not in plan, (name, plan)
+        # One message's events by the primary key, which leads with the message
+        # (sql/0018_event_terms.sql): the API's, erasure's.
+        for name, rows in {
+            "message-events": await conn.fetch("explain " + QUERIES.message_events, 3, 4003),
+            "erase-events": await conn.fetch("explain " + QUERIES.erase_events, 3, [4003]),
+        }.items():
+            plan = "\n".join(r[0] for r in rows)
+            assert "_pkey" in plan, (name, plan)
             assert "Seq Scan on events_" not in plan, (name, plan)
         pairs = await retention.campaigns_in(conn, partition)
         assert len(pairs) == 7 * 60
