@@ -124,6 +124,8 @@ def _step(op: Op[T], outcome: httpx.Response | TrackerError | None) -> Call | _D
 
 
 class Connection:
+    """What both transports share: the API's address, the key, the connection's options."""
+
     def __init__(self, base_url: str, api_key: str, timeout: float | httpx.Timeout) -> None:
         if not api_key:
             raise TrackerError("an API key is required (TRACKER_API_KEY)")
