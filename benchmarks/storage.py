@@ -223,8 +223,8 @@ def _child(tree: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     subprocess.run([sys.executable, "-m", "benchmarks.storage", "--measure", str(out),
                     "--events", str(args.events), "--messages", str(args.messages),
                     "--seed", str(args.seed)]
-                   + (["--registration-only"] if args.registration_only else []), cwd=tree, check=True,
-                   env={**os.environ, "PYTHONPATH": str(tree)})
+                   + (["--registration-only"] if args.registration_only else []),
+                   cwd=tree, check=True, env={**os.environ, "PYTHONPATH": str(tree)})
     found: dict[str, Any] = json.loads(out.read_text())
     return found
 
@@ -307,8 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs["after"] = _child(ROOT, Path(scratch) / "after.json", args)
     events = "no events" if args.registration_only else (
         f"{args.events:,} events (the ingest benchmark's)")
-    print(f"\n{events}, {args.messages:,} messages with five links; {time.perf_counter() - started:.0f} s; load average "
-          f"{os.getloadavg()[0]:.1f}\n")
+    print(f"\n{events}, {args.messages:,} messages with five links; "
+          f"{time.perf_counter() - started:.0f} s; load average {os.getloadavg()[0]:.1f}\n")
     _table(runs)
     now = figures(runs["after"])
     print()
