@@ -24,7 +24,9 @@
 --
 -- Every existing message is rewritten once with its links, and the indexes built again
 -- after it; the old row versions' space is reused by new messages once (auto)vacuum has
--- seen it, or returned by VACUUM FULL.
+-- seen it, or returned by VACUUM FULL. Meanwhile `messages` is locked: registration and
+-- what reads messages wait, the tracking path and the writer (which never read it) do not;
+-- a million messages with five links each took 20 s on two busy cores.
 
 alter table messages add column url_ids bigint[];
 drop index messages_recipient_key;
