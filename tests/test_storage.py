@@ -1,6 +1,8 @@
-"""The storage migration (sql/0017_storage.sql) on a real PostgreSQL: a database holding events
-from the schema before it is upgraded in place with every report figure unchanged, and the
-queries that find a campaign's events still go through an index, not a read of the table.
+"""The storage migrations (sql/0017_storage.sql, sql/0019_message_links.sql) on a real
+PostgreSQL: a database holding events, messages and links from the schema before each is
+upgraded in place with every report figure and every message's links unchanged, and the
+queries that find a campaign's events, a recipient's messages and a message's links still
+go through an index, not a read of the table.
 """
 
 from __future__ import annotations
