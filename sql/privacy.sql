@@ -135,8 +135,10 @@ returning id;
 -- name: merge-destination
 -- Everything that names destination $2 names $3 instead (the same campaign's redacted
 -- form of it); the rollups' counts are added to its rows. Then delete-destination.
+-- A destination is one campaign's ($4), so only that campaign's messages can link to it.
 with links_moved as (
-    update links set url_id = $3 where account_id = $1 and url_id = $2
+    update messages set url_ids = array_replace(url_ids, $2, $3)
+    where account_id = $1 and campaign_id = $4 and url_ids @> array[$2::bigint]
 ),
 events_moved as (
     update events set url_id = $3 where account_id = $1 and campaign_id = $4 and url_id = $2
@@ -170,10 +172,13 @@ delete from rollup_message_link where account_id = $1 and url_id = $2;
 delete from urls where account_id = $1 and id = $2;
 
 -- name: count-links
-select count(*) from links where account_id = $1 and message_id = any($2::bigint[]);
+-- A message's tracked links: the url ids of messages.url_ids (null where not tracked).
+select count(l.url_id)
+from messages m cross join unnest(m.url_ids) as l (url_id)
+where m.account_id = $1 and m.id = any($2::bigint[]);
 
 -- name: erase-messages
--- Links go with their messages (on delete cascade).
+-- Their links are in their rows (messages.url_ids).
 delete from messages where account_id = $1 and id = any($2::bigint[]) returning campaign_id;
 
 -- name: keep-message-counts
@@ -216,12 +221,16 @@ order by m.id;
 
 -- name: export-recipient-links
 -- Each link with the per-(message, destination) rollup, which outlives the events.
-select l.message_id, l.position, u.url, r.clicks as human_clicks, r.clicked_in
-from links l join urls u on u.account_id = l.account_id and u.id = l.url_id
+-- The link at position p is messages.url_ids[p + 1]; an untracked position (null) has no url.
+select m.id as message_id, (l.n - 1)::integer as position, u.url, r.clicks as human_clicks,
+       r.clicked_in
+from messages m
+cross join unnest(m.url_ids) with ordinality as l (url_id, n)
+join urls u on u.account_id = m.account_id and u.id = l.url_id
 left join rollup_message_link r
-    on r.account_id = l.account_id and r.message_id = l.message_id and r.url_id = l.url_id
-where l.account_id = $1 and l.message_id = any($2::bigint[])
-order by l.message_id, l.position;
+    on r.account_id = m.account_id and r.message_id = m.id and r.url_id = l.url_id
+where m.account_id = $1 and m.id = any($2::bigint[])
+order by m.id, l.n;
 
 -- name: export-recipient-events
 -- Every stored field; the address with its prefix when the policy truncated it.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import socket
@@ -291,6 +292,25 @@ async def test_the_async_client_does_the_same(server: Server, key: str,
         with pytest.raises(Unavailable):
             await nowhere.list_campaigns()
 
+
+
+def test_every_call_has_its_async_twin_with_the_same_parameters() -> None:
+    def public(cls: type) -> set[str]:
+        return {name for name in dir(cls) if not name.startswith("_")}
+
+    assert public(Client) - {"close"} == public(AsyncClient) - {"aclose"}
+    calls = public(Client) - {"close", "from_env"}
+    assert {"create_campaign", "iter_messages", "set_consent", "create_key",
+            "pull_events"} <= calls
+    sync, async_ = Client("http://127.0.0.1:1", "key"), AsyncClient("http://127.0.0.1:1", "key")
+    for name in calls:
+        plain, twin = getattr(sync, name), getattr(async_, name)
+        assert inspect.signature(plain).parameters == inspect.signature(twin).parameters, name
+        assert plain.__doc__ == twin.__doc__, name
+        assert not inspect.iscoroutinefunction(plain), name
+        assert (inspect.isasyncgenfunction(twin) if name == "iter_messages"
+                else inspect.iscoroutinefunction(twin)), name
+    sync.close()
 
 # --- tracker instrument -------------------------------------------------------------------
 

@@ -168,7 +168,7 @@ async def test_retention_drops_expired_days_trims_shared_ones_and_reports_keep_t
     for name, (account_id, row) in made.items():
         (message,) = await registrar.register(db, account_id, row["id"], [MessageInput(
             f"{name}@example.com", None, _at(5, 1, 0), (LINK,))])
-        url_id = await db.fetchval("select url_id from links where message_id = $1", message.id)
+        url_id = await db.fetchval("select url_ids[1] from messages where id = $1", message.id)
         ids[name] = (account_id, row["id"], message.id, url_id)
 
     def event(name: str, at: datetime, kind: str = OPEN) -> Event:
@@ -359,7 +359,7 @@ def test_erasure_removes_messages_and_events_keeps_totals_and_stops_recording(
         assert db_value(module_dsn, "select count(*) from messages where id = any($1::bigint[])",
                         ada_ids) == 0
         assert _events(module_dsn, *ada_ids) == 0
-        for table in ("links", "rollup_message", "rollup_message_link", "relabel_triggers"):
+        for table in ("rollup_message", "rollup_message_link", "relabel_triggers"):
             assert db_value(module_dsn, f"select count(*) from {table} "
                                         "where message_id = any($1::bigint[])", ada_ids) == 0
         # The campaigns' totals are anonymous counts: they stay, message count included.
@@ -644,7 +644,9 @@ def test_erasure_redacts_stored_destinations_that_still_name_the_address(
                           "values ($1, $2, $3) returning id", account_id, int(cid),
                           "https://shop.example/unsubscribe?email=Jane%40Example.com")
         jane_id = int(jane["id"])
-        for table in ("links", "events", "rollup_message_link"):
+        db_fetch(module_dsn, "update messages set url_ids = array[$2::bigint] where id = $1",
+                 jane_id, legacy)
+        for table in ("events", "rollup_message_link"):
             db_fetch(module_dsn, f"update {table} set url_id = $2 where message_id = $1",
                      jane_id, legacy)
         db_fetch(module_dsn, """
@@ -732,8 +734,7 @@ _KEPT_AFTER_RETENTION: dict[tuple[str, str], tuple[str, str]] = {
     ("rollup_message_link", "url_id"): ("links.url", "which links it had"),
     ("rollup_message_link", "clicked_in"): ("links.first_clicked_in",
                                             "the hour of the first click on each link"),
-    ("links", "position"): ("links.position", "which links it had"),
-    ("links", "url_id"): ("links.url", "which links it had"),
+    ("messages", "url_ids"): ("links.url", "which links it had"),
 }
 # Keys and the tables' own bookkeeping, which say nothing about the recipient.
 _NOT_ABOUT_THE_RECIPIENT = {"account_id", "id", "campaign_id", "message_id", "recipient_key"}
@@ -754,7 +755,7 @@ def test_what_a_message_keeps_after_retention_is_in_the_export_and_the_notice(
         assert _events(module_dsn, int(message["id"])) == 0  # retention took the events
 
         kept: dict[tuple[str, str], Any] = {}
-        for table in ("messages", "rollup_message", "rollup_message_link", "links"):
+        for table in ("messages", "rollup_message", "rollup_message_link"):
             column = "id" if table == "messages" else "message_id"
             for row in db_fetch(module_dsn, f"select * from {table} where {column} = $1",
                                 int(message["id"])):

@@ -69,7 +69,6 @@ select pg_temp.distribute('api_keys', 'account_id', 'accounts');
 select pg_temp.distribute('campaigns', 'account_id', 'accounts');
 select pg_temp.distribute('messages', 'account_id', 'accounts');
 select pg_temp.distribute('urls', 'account_id', 'accounts');
-select pg_temp.distribute('links', 'account_id', 'accounts');
 select pg_temp.distribute('campaign_messages', 'account_id', 'accounts');
 
 -- Events are range-partitioned by day and distributed like the rest: Citus distributes

@@ -66,7 +66,7 @@ _WIRE_REDIRECT_START = b"HTTP/1.1 302 Found\r\nlocation: "
 _WIRE_REDIRECT_END = b"\r\ncache-control: no-store\r\ncontent-length: 0\r\n\r\n"
 
 # The tracking answers by endpoint and status, counted in `FastPath.answered` as plain
-# integers (an index each): /metrics reads them at scrape time (web/metrics.py).
+# integers (an index each): /metrics reads them at scrape time (web/metrics/collectors.py).
 ANSWERS = (("open", 200), ("open", 405), ("click", 302), ("click", 404), ("click", 405))
 _OPEN_200, _OPEN_405, _CLICK_302, _CLICK_404, _CLICK_405 = range(len(ANSWERS))
 class Lifecycle(Protocol):

@@ -10,7 +10,8 @@ tokens carries, the recipient key (privacy/recipients.py) by which erasure, opt-
 find it and the hot path refuses to record a suppressed recipient.
 
 Registration is batch-shaped even for one message: ids are reserved in one
-round trip, distinct destinations upserted in one, and messages and links COPYed.
+round trip, distinct destinations upserted in one, and the messages, each with its links
+(messages.url_ids), COPYed.
 With `html`, the links are those the instrumentation engine finds in the document
 (each occurrence a link of its own, in document order), followed by any `links`
 given as well; the answer carries the instrumented document, which is never stored
@@ -289,16 +290,13 @@ class Registrar:
             await conn.copy_records_to_table(
                 "messages", columns=("account_id", "id", "campaign_id", "recipient", "subject",
                                      "sent_at", "recipient_key", "tags", "metadata",
-                                     "opens_tracked", "clicks_tracked"),
+                                     "opens_tracked", "clicks_tracked", "url_ids"),
                 records=[(account_id, mid, campaign_id,
                           stored_recipient(mode, m.recipient, r), m.subject, m.sent_at, r.key,
-                          list(m.tags), encode_metadata(m.metadata or {}), p.opens, p.clicks)
-                         for mid, m, r, p in zip(ids, messages, recipients, plans, strict=True)])
-            await conn.copy_records_to_table(
-                "links", columns=("account_id", "message_id", "position", "url_id"),
-                records=[(account_id, mid, pos, url_ids[url])
-                         for mid, links in zip(ids, stored, strict=True)
-                         for pos, url in links.items()])
+                          list(m.tags), encode_metadata(m.metadata or {}), p.opens, p.clicks,
+                          _by_position(links, url_ids))
+                         for mid, m, r, p, links in zip(ids, messages, recipients, plans, stored,
+                                                        strict=True)])
         return [self._urls(account_id, campaign_id, mid, m, p,
                            {pos: url_ids[url] for pos, url in links.items()}, r, options)
                 async for _, (mid, m, p, links, r) in _cooperatively(
@@ -360,6 +358,17 @@ def _stored_links(message: MessageInput, plan: _Plan) -> dict[int, str]:
     redactor = Redactor(message.recipient)
     return {pos: redactor.redact(destination)
             for pos, destination in enumerate(plan.destinations) if destination is not None}
+
+
+def _by_position(links: dict[int, str], url_ids: dict[str, int]) -> list[int | None] | None:
+    """A message's stored links as messages.url_ids: the url id of the link at position p
+    at index p, None where that link is not tracked; None for a message with none."""
+    if not links:
+        return None
+    by_position: list[int | None] = [None] * (max(links) + 1)
+    for pos, url in links.items():
+        by_position[pos] = url_ids[url]
+    return by_position
 
 
 async def _url_ids(conn: asyncpg.Connection, account_id: int, campaign_id: int,

@@ -71,7 +71,7 @@ class BatchWriter:
         if connections < 1:
             raise ValueError("a writer needs at least one connection")
         self.stats = WriterStats()
-        # Called with the size and the seconds of every batch written (web/metrics.py).
+        # Called with the size and the seconds of every batch written (web/metrics/counters.py).
         self.on_flush: Callable[[int, float], None] | None = None
         self._backlog = Backlog(batch_size=batch_size, max_rows=max_buffered, journal=journal,
                                 durable=durable, stats=self.stats, on_batch=self._batch_waits,
