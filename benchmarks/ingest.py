@@ -380,6 +380,10 @@ async def _database(running: Running, name: str, migrated: bool) -> str:
     return dsn
 
 
+# The columns `events` stores as event_terms codes (sql/0018_event_terms.sql).
+_CODED = ("reason", "region", "browser", "os", "device", "client")
+
+
 # The lines' columns (tracker.hits.EVENT_COLUMNS), as the writer's staging table has them.
 _COLUMNS = """
     account_id bigint, at_us bigint, id uuid, campaign_id bigint, message_id bigint, type text,
@@ -406,14 +410,22 @@ async def reference_copy(dsn: str, records: list[EventRecord], batch: int,
 async def reference_events(dsn: str, records: list[EventRecord], batch: int,
                            clock: Clock) -> None:
     """The lines COPYed into a staging table and moved into `events` (its keys and indexes,
-    ON CONFLICT DO NOTHING), a transaction per batch, one connection: the writer's path
-    without rollups or re-labelling."""
+    ON CONFLICT DO NOTHING; the short texts as their event_terms codes, by the writer's
+    joins), a transaction per batch, one connection: the writer's path without rollups or
+    re-labelling."""
     conn = await connect(dsn)
-    staged = ", ".join("timestamptz 'epoch' + at_us * interval '1 microsecond'" if c == "at_us"
-                       else c for c in EVENT_COLUMNS)
+    staged = ", ".join("timestamptz 'epoch' + s.at_us * interval '1 microsecond'"
+                       if c == "at_us" else f"{c}.code" if c in _CODED else f"s.{c}"
+                       for c in EVENT_COLUMNS)
+    terms = " ".join(f"left join event_terms {c} on {c}.term = s.{c}" for c in _CODED)
     columns = ", ".join("occurred_at" if c == "at_us" else c for c in EVENT_COLUMNS)
     try:
         await conn.execute(f"create temp table staged ({_COLUMNS}) on commit delete rows")
+        async with conn.transaction():  # every text's code first, as a writer's in use has
+            await conn.copy_to_table("staged", columns=EVENT_COLUMNS, source=io.BytesIO(
+                "".join(line for line, _, _ in records).encode()))
+            await conn.execute("insert into event_terms (term) select distinct t from staged, "
+                               f"unnest(array[{', '.join(_CODED)}]) t where t is not null")
         for day in sorted({day for _, day, _ in records}):
             await conn.execute("select tracker_ensure_event_partition("
                                "date '1970-01-01' + $1::int)", day)
@@ -424,7 +436,8 @@ async def reference_events(dsn: str, records: list[EventRecord], batch: int,
                     await conn.copy_to_table("staged", source=io.BytesIO(data),
                                              columns=EVENT_COLUMNS)
                     await conn.execute(f"insert into events ({columns}) select {staged} "
-                                       "from staged order by account_id, at_us, id "
+                                       f"from staged s {terms} "
+                                       "order by s.account_id, s.message_id, s.at_us, s.id "
                                        "on conflict do nothing")
         assert await conn.fetchval("select count(*) from events") == len(records)
     finally:

@@ -89,7 +89,8 @@ RAW = {
         group by 1 order by 1""",
     "breakdown": """
         select type, dimension, key, count(*) as n
-        from events e cross join lateral (values ('country', e.country), ('region', e.region),
+        from events_decoded e
+             cross join lateral (values ('country', e.country), ('region', e.region),
              ('browser', e.browser), ('os', e.os), ('device', e.device),
              ('client', e.client)) d (dimension, value)
              cross join lateral (select coalesce(d.value, 'unknown') as key) k

@@ -7,7 +7,7 @@ The events are the ingest benchmark's (`benchmarks/ingest.py`: its defaults and 
 through the server's own pipeline), so the figures are those of the same data. Each schema
 is measured by a child process of its own, with its tree first on the path: this checkout,
 and the baseline commit's `tracker/` and `sql/` (`git archive`; `--baseline`, by default
-the commit before sql/0017_storage.sql), in the same run, on the same machine. In each:
+the commit before sql/0018_event_terms.sql), in the same run, on the same machine. In each:
 
 1. a fresh embedded PostgreSQL (the settings `tracker serve` gives it), migrated;
 2. a `BatchWriter` with the server's settings takes every event, as fast as it takes them,
@@ -54,8 +54,8 @@ from tracker.store.rollups import relabel_windows
 from tracker.store.writer import DEFAULT_CONNECTIONS, BatchWriter
 
 ROOT = Path(__file__).resolve().parent.parent
-# The last commit before sql/0017_storage.sql: what "before" means.
-BASELINE = "f8165b1"
+# The last commit before sql/0018_event_terms.sql: what "before" means.
+BASELINE = "d98baf6"
 GOALS = {"event_bytes": 150.0, "message_bytes": 400.0, "postgres_us": 15.0}
 DOCUMENT = ROOT / "tests" / "corpus" / "receipt.html"
 

@@ -103,7 +103,8 @@ where account_id = $1 and id <= $4
 order by id;
 
 -- name: erase-events
--- By the events_message index of each partition: no partition is scanned whole.
+-- By the primary key of each partition (it leads with the message): no partition is
+-- scanned whole.
 delete from events where account_id = $1 and message_id = any($2::bigint[]);
 
 -- name: erase-message-rollups
@@ -235,7 +236,7 @@ order by m.id, l.n;
 -- Every stored field; the address with its prefix when the policy truncated it.
 select e.id, e.message_id, e.type, e.occurred_at, e.link_position, u.url, e.machine, e.reason,
        e.country, e.region, e.city, e.browser, e.os, e.device, e.client, abbrev(e.ip) as ip
-from events e
+from events_decoded e
 left join urls u on u.account_id = e.account_id and u.id = e.url_id
 where e.account_id = $1 and e.message_id = any($2::bigint[])
 order by e.occurred_at, e.id;

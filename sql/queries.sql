@@ -69,7 +69,7 @@ where m.account_id = $1 and m.id = $2
 -- name: message-events
 select e.type, e.occurred_at, u.url, e.country, e.region, e.city, e.browser, e.os, e.device,
        e.client, e.machine, e.reason
-from events e
+from events_decoded e
 left join urls u on u.account_id = e.account_id and u.id = e.url_id
 where e.account_id = $1 and e.message_id = $2
 order by e.occurred_at, e.id;
@@ -135,7 +135,7 @@ order by type, dimension, n desc, key;
 select e.id, e.type, e.occurred_at, e.message_id, m.recipient, e.link_position, u.url,
        e.machine, e.reason, e.country, e.region, e.city, e.browser, e.os, e.device, e.client,
        abbrev(e.ip) as ip
-from events e
+from events_decoded e
 left join messages m on m.account_id = e.account_id and m.id = e.message_id
 left join urls u on u.account_id = e.account_id and u.id = e.url_id
 where e.account_id = $1 and e.campaign_id = $2

@@ -41,7 +41,7 @@ where m.account_id = $1 and m.campaign_id = $2
         where l.account_id = m.account_id and l.message_id = m.id and l.url_id = $7
           and l.clicks > 0))
   and ($8::text is null or m.id in (
-        select e.message_id from events e
+        select e.message_id from events_decoded e
         where e.account_id = $1 and e.campaign_id = $2 and not e.machine and e.client = $8))
   and ($9::text is null or m.id in (
         select e.message_id from events e
@@ -102,7 +102,7 @@ e as (
            coalesce(e.browser, 'unknown') as browser, coalesce(e.os, 'unknown') as os,
            coalesce(e.device, 'unknown') as device, coalesce(e.client, 'unknown') as client,
            coalesce(e.reason, 'unknown') as reason
-    from events e join selected s on s.id = e.message_id
+    from events_decoded e join selected s on s.id = e.message_id
     where e.account_id = $1 and e.campaign_id = $2
 )
 select type,

@@ -131,8 +131,9 @@ select s.xid, s.id, s.type, s.occurred_at, s.message_id, s.campaign_id, s.relabe
         and not (s.type = 'click' and c.clicks is false)
         and (s.type = 'relabel' or e.id is not null)) as send
 from scanned s
-left join events e on s.type <> 'relabel' and e.account_id = s.account_id
-                  and e.occurred_at = s.occurred_at and e.id = s.id
+left join events_decoded e on s.type <> 'relabel' and e.account_id = s.account_id
+                          and e.message_id = s.message_id and e.occurred_at = s.occurred_at
+                          and e.id = s.id
 left join urls u on u.account_id = e.account_id and u.id = e.url_id
 left join messages m on m.account_id = s.account_id and m.id = s.message_id
 left join recipient_suppressions r on r.account_id = m.account_id
@@ -145,21 +146,25 @@ order by s.xid, s.id;
 -- The next $4 events of an account stored for times in [.., $5) after (time $2, id $3),
 -- in time order, as stream-events gives them (filter: types $6, campaign $7, machine $8).
 with scanned as (
-    select * from events e
-    where e.account_id = $1 and (e.occurred_at, e.id) > ($2::timestamptz, $3::uuid)
-      and e.occurred_at < $5
-    order by e.occurred_at, e.id
-    limit $4
+    select * from tracker_events_after($1, $2, $3, $5, $4)  -- sql/0018_event_terms.sql
 )
 select null::xid8 as xid, s.id, s.type, s.occurred_at, s.message_id, s.campaign_id,
-       null::uuid[] as relabelled, s.machine, s.reason, u.url, s.country, s.region, s.city,
-       s.browser, s.os, s.device, s.client,
+       null::uuid[] as relabelled, s.machine, reason.term as reason, u.url, s.country,
+       region.term as region, s.city, browser.term as browser, os.term as os,
+       device.term as device, client.term as client,
        (s.type = any($6::text[]) and ($7::bigint is null or s.campaign_id = $7)
         and ($8 or not s.machine) and m.id is not null
         and not coalesce(r.opted_out, false)
         and not (s.type = 'open' and c.opens is false)
         and not (s.type = 'click' and c.clicks is false)) as send
 from scanned s
+-- The codes' texts (sql/0018_event_terms.sql).
+left join event_terms reason on reason.code = s.reason
+left join event_terms region on region.code = s.region
+left join event_terms browser on browser.code = s.browser
+left join event_terms os on os.code = s.os
+left join event_terms device on device.code = s.device
+left join event_terms client on client.code = s.client
 left join urls u on u.account_id = s.account_id and u.id = s.url_id
 left join messages m on m.account_id = s.account_id and m.id = s.message_id
 left join recipient_suppressions r on r.account_id = m.account_id

@@ -6,7 +6,8 @@
 -- Three session-local tables, emptied at every commit:
 -- - events_staging: the batch, one row per COPY line, columns as
 --   tracker.ingest.pipeline.EVENT_COLUMNS (`at_us`: Unix time in microseconds);
--- - events_staging_delta: what the rollups must add, as signed rows: `n` is +1 or -1 (a
+-- - events_staging_delta: what the rollups must add, as signed rows, with the short texts
+--   as their event_terms codes (sql/0018_event_terms.sql): `n` is +1 or -1 (a
 --   re-label takes a human row back and adds a machine one); `relabel` marks the rows the
 --   re-label step added; `is_trigger` the batch's triggers;
 -- - events_staging_marks: a message that became opened (`opened`) or clicked, or stopped
@@ -23,9 +24,9 @@ create temp table if not exists events_staging (
 ) on commit delete rows;
 create temp table if not exists events_staging_delta (
     account_id bigint, campaign_id bigint, message_id bigint, occurred_at timestamptz,
-    type text, url_id bigint, country text, region text, browser text, os text,
-    device text, client text, reason text, machine boolean, n integer, is_trigger boolean,
-    relabel boolean
+    type text, url_id bigint, country text, region smallint, browser smallint, os smallint,
+    device smallint, client smallint, reason smallint, machine boolean, n integer,
+    is_trigger boolean, relabel boolean
 ) on commit delete rows;
 create temp table if not exists events_staging_marks (
     account_id bigint, campaign_id bigint, url_id bigint, at timestamptz,
@@ -36,30 +37,66 @@ create temp table if not exists events_staging_marks (
 -- $1: a UTC day; its `events` partition is made unless it exists (sql/0004_partition_race.sql).
 select tracker_ensure_event_partition($1);
 
+-- name: add-event-terms
+-- When move-staged met a short text that event_terms does not hold yet
+-- (sql/0018_event_terms.sql), in a transaction of its own before the batch is written
+-- again: the batch's new texts. Committed at once, so a writer that meets the same new text
+-- waits for this transaction alone, never for a whole batch; a text whose batch then fails
+-- stays, unused and harmless. Sought before they are added, so an identity value goes only
+-- to a text that is new.
+-- (A union of the six columns costs half what unnesting each row's six does.)
+insert into event_terms (term)
+select t
+from (select reason as t from events_staging union select region from events_staging
+      union select browser from events_staging union select os from events_staging
+      union select device from events_staging union select client from events_staging) x
+where t is not null and not exists (select 1 from event_terms where term = x.t)
+order by t
+on conflict (term) do nothing;
+
 -- name: move-staged
 -- Step 1. Only rows new to the database go into the delta: a retried batch or a journal
 -- replay adds nothing. $1, $2: the trigger reasons and their windows; $3: the honeypot
--- link's url id.
+-- link's url id. The short texts are stored as their event_terms codes, which the delta
+-- keeps: only the dimension rollup needs the texts, per value rather than per event. A
+-- text with no code yet stops the statement (tracker_new_term; store/lanes.py then adds
+-- it with add-event-terms and writes the batch again).
 with new as (
     insert into events (account_id, occurred_at, id, campaign_id, message_id, type,
                         link_position, url_id, machine, reason, country, region, city,
                         browser, os, device, client, ip)
-    select account_id, timestamptz 'epoch' + at_us * interval '1 microsecond', id,
-           campaign_id, message_id, type, link_position, url_id, machine, reason, country,
-           region, city, browser, os, device, client, ip
-    from events_staging
-    order by account_id, at_us, id  -- key order: see Concurrency in store/rollups.py
+    select s.account_id, timestamptz 'epoch' + s.at_us * interval '1 microsecond', s.id,
+           s.campaign_id, s.message_id, s.type, s.link_position, s.url_id, s.machine,
+           coalesce(reason.code, tracker_new_term(s.reason)), s.country,
+           coalesce(region.code, tracker_new_term(s.region)), s.city,
+           coalesce(browser.code, tracker_new_term(s.browser)),
+           coalesce(os.code, tracker_new_term(s.os)),
+           coalesce(device.code, tracker_new_term(s.device)),
+           coalesce(client.code, tracker_new_term(s.client)), s.ip
+    from events_staging s
+    left join event_terms reason on reason.term = s.reason
+    left join event_terms region on region.term = s.region
+    left join event_terms browser on browser.term = s.browser
+    left join event_terms os on os.term = s.os
+    left join event_terms device on device.term = s.device
+    left join event_terms client on client.term = s.client
+    -- key order: see Concurrency in store/rollups.py
+    order by s.account_id, s.message_id, s.at_us, s.id
     on conflict do nothing
     returning account_id, campaign_id, message_id, occurred_at, type, url_id, country, region,
               browser, os, device, client, reason, id, machine,
-              type = 'click' and reason = any($1::text[])
-              and (reason <> 'honeypot' or url_id = $3) as is_trigger
+              type = 'click'
+              and reason = any(array(select code from event_terms where term = any($1::text[])))
+              and (reason is distinct from (select code from event_terms where term = 'honeypot')
+                   or url_id = $3) as is_trigger
 ),
 triggers as (
     insert into relabel_triggers (account_id, message_id, occurred_at, id, reason, since, until)
-    select n.account_id, n.message_id, n.occurred_at, n.id, n.reason,
+    select n.account_id, n.message_id, n.occurred_at, n.id, t.term,
            n.occurred_at - w.span, n.occurred_at + w.span
-    from new n join unnest($1::text[], $2::interval[]) w (reason, span) on w.reason = n.reason
+    from new n
+    join event_terms t on t.code = n.reason
+    join unnest($1::text[], $2::interval[]) w (reason, span) on w.reason = t.term
     where n.is_trigger
     on conflict do nothing
 ),
@@ -87,11 +124,13 @@ with md as (
            tracker_quarter(min(occurred_at) filter (where not machine)) as opened_in,
            tracker_quarter(min(occurred_at) filter (where type = 'click' and not machine))
                as clicked_in,
-           coalesce(sum(n) filter (where type = 'open' and reason = 'apple_mpp'), 0) as mpp,
-           tracker_quarter(min(occurred_at) filter (where reason = 'apple_mpp')) as mpp_in,
+           coalesce(sum(n) filter (where type = 'open' and reason = mpp.code), 0) as mpp,
+           tracker_quarter(min(occurred_at) filter (where reason = mpp.code)) as mpp_in,
            coalesce(sum(n) filter (where type = 'open' and machine), 0) as machine_opens,
            coalesce(sum(n) filter (where type = 'click' and machine), 0) as machine_clicks
     from events_staging_delta
+    -- The code of an Apple MPP prefetch's reason (none yet: no row has it).
+    left join (select code from event_terms where term = 'apple_mpp') mpp on true
     where relabel = $1
     group by account_id, message_id
 ),
@@ -174,8 +213,8 @@ with clicks as (
     where not relabel and type = 'click' and (not machine or is_trigger)
 ),
 near as (
-    select distinct on (e.account_id, e.occurred_at, e.id)
-           e.account_id, e.occurred_at, e.id, t.reason
+    select distinct on (e.account_id, e.message_id, e.occurred_at, e.id)
+           e.account_id, e.message_id, e.occurred_at, e.id, t.reason
     from relabel_triggers t
     join events e on e.account_id = t.account_id and e.message_id = t.message_id
                  and e.occurred_at between t.since and t.until
@@ -183,29 +222,30 @@ near as (
                   where s.account_id = t.account_id and s.message_id = t.message_id
                     and s.occurred_at between t.since and t.until)
       and e.type = 'click' and not e.machine
-    order by e.account_id, e.occurred_at, e.id, t.occurred_at
+    order by e.account_id, e.message_id, e.occurred_at, e.id, t.occurred_at
 ),
 moved as (
-    update events e set machine = true, reason = near.reason
+    update events e set machine = true, reason = tracker_term_code(near.reason)
     from near
-    where e.account_id = near.account_id and e.occurred_at = near.occurred_at
-      and e.id = near.id and not e.machine
+    where e.account_id = near.account_id and e.message_id = near.message_id
+      and e.occurred_at = near.occurred_at and e.id = near.id and not e.machine
     returning e.account_id, e.campaign_id, e.message_id, e.occurred_at, e.type, e.url_id,
-              e.country, e.region, e.browser, e.os, e.device, e.client, e.reason, e.id
+              e.country, e.region, e.browser, e.os, e.device, e.client, e.reason, e.id,
+              near.reason as reason_text
 ),
 -- The outbox: one re-label event per message and reason, naming the events it changed.
 logged as (
     insert into event_log (account_id, id, occurred_at, message_id, campaign_id, type, machine,
                            relabelled, reason)
     select account_id, gen_random_uuid(), now(), message_id, min(campaign_id), 'relabel', true,
-           array_agg(id order by occurred_at, id), reason
-    from moved group by account_id, message_id, reason
+           array_agg(id order by occurred_at, id), reason_text
+    from moved group by account_id, message_id, reason_text
 )
 insert into events_staging_delta (account_id, campaign_id, message_id, occurred_at, type,
                                   url_id, country, region, browser, os, device, client, reason,
                                   machine, n, is_trigger, relabel)
 select account_id, campaign_id, message_id, occurred_at, type, url_id, country, region,
-       browser, os, device, client, null::text, false, -1, false, true
+       browser, os, device, client, null::smallint, false, -1, false, true
 from moved
 union all
 select account_id, campaign_id, message_id, occurred_at, type, url_id, country, region,
@@ -267,25 +307,27 @@ rl as (
 )
 insert into rollup_dimension as r (account_id, campaign_id, type, dimension, value, humans,
                                    machines)
--- One pass with a grouping set per dimension (a missing value is the key 'unknown'); in
--- the set of a dimension the others are null, so the first value not null is its own.
--- A third cheaper than making a row per dimension of each event to group (lateral values).
-select account_id, campaign_id, type,
-       case when grouping(country) = 0 then 'country' when grouping(region) = 0 then 'region'
-            when grouping(browser) = 0 then 'browser' when grouping(os) = 0 then 'os'
-            when grouping(device) = 0 then 'device' when grouping(client) = 0 then 'client'
-            else 'reason' end as dimension,
-       coalesce(country, region, browser, os, device, client, reason) as value,
-       coalesce(sum(n) filter (where not machine), 0),
-       coalesce(sum(n) filter (where machine), 0)
-from (select account_id, campaign_id, type, machine, n,
-             coalesce(country, 'unknown') as country, coalesce(region, 'unknown') as region,
-             coalesce(browser, 'unknown') as browser, coalesce(os, 'unknown') as os,
-             coalesce(device, 'unknown') as device, coalesce(client, 'unknown') as client,
-             coalesce(reason, 'unknown') as reason
-      from events_staging_delta) e
-group by account_id, campaign_id, type,
-         grouping sets (country, region, browser, os, device, client, reason)
+-- One pass with a grouping set per dimension over the codes; in the set of a dimension the
+-- others are null, so the first code not null is its own. A third cheaper than making a
+-- row per dimension of each event to group (lateral values). Then each value's text (a
+-- missing value is the key 'unknown'), and the groups again: a null and a stored
+-- 'unknown' are one key.
+select account_id, campaign_id, type, dimension,
+       coalesce(case when dimension = 'country' then g.country else t.term end, 'unknown'),
+       sum(humans), sum(machines)
+from (select account_id, campaign_id, type,
+             case when grouping(country) = 0 then 'country' when grouping(region) = 0
+                  then 'region' when grouping(browser) = 0 then 'browser'
+                  when grouping(os) = 0 then 'os' when grouping(device) = 0 then 'device'
+                  when grouping(client) = 0 then 'client' else 'reason' end as dimension,
+             country, coalesce(region, browser, os, device, client, reason) as code,
+             coalesce(sum(n) filter (where not machine), 0) as humans,
+             coalesce(sum(n) filter (where machine), 0) as machines
+      from events_staging_delta
+      group by account_id, campaign_id, type,
+               grouping sets (country, region, browser, os, device, client, reason)) g
+left join event_terms t on t.code = g.code
+group by 1, 2, 3, 4, 5
 order by 1, 2, 3, 4, 5
 on conflict (account_id, campaign_id, type, dimension, value) do update set
     humans = r.humans + excluded.humans,

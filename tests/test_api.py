@@ -892,7 +892,7 @@ def test_fields_the_policy_does_not_allow_are_null_and_never_stored(
     for event in events:
         assert {k: event[k] for k in expected} == expected
     rows = db_fetch(module_dsn, "select country, region, city, browser, os, device, ip "
-                                "from events where campaign_id = $1", int(cid))
+                                "from events_decoded where campaign_id = $1", int(cid))
     assert [{k: r[k] for k in expected} for r in rows] == [expected, expected]
     assert [r["ip"] for r in rows] == [None, None]
 

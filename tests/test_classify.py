@@ -680,7 +680,7 @@ def stored_events(dsn: str, message_ids: list[int], count: int) -> list[dict[str
     def enough() -> list[dict[str, Any]]:
         rows = [dict(r) for r in db_fetch(
             dsn, "select message_id, type, link_position, machine, reason, country,"
-                 " occurred_at from events"
+                 " occurred_at from events_decoded"
                  " where message_id = any($1::bigint[]) order by occurred_at",
             message_ids)]
         return rows if len(rows) >= count else []

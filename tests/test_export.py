@@ -107,7 +107,8 @@ def stored(module_dsn: str, cid: str) -> list[dict[str, Any]]:
                e.browser, e.os, e.device, e.client,
                case when masklen(e.ip) = case family(e.ip) when 4 then 32 else 128 end
                     then host(e.ip) else host(e.ip) || '/' || masklen(e.ip) end as ip
-        from events e join messages m on m.account_id = e.account_id and m.id = e.message_id
+        from events_decoded e join messages m on m.account_id = e.account_id
+                                        and m.id = e.message_id
         left join urls u on u.account_id = e.account_id and u.id = e.url_id
         where e.campaign_id = $1 order by e.occurred_at, e.id""", int(cid))]
 
@@ -219,12 +220,15 @@ def test_a_client_that_leaves_mid_export_gives_the_connection_back(
     # loopback (several MB), so the server is certainly still streaming when we leave.
     big = campaign(api, name="big export")
     db_value(module_dsn, "select tracker_ensure_event_partition((now() at time zone 'UTC')::date)")
+    db_value(module_dsn, "insert into event_terms (term) values ('Hesse'), ('Chrome'), "
+                         "('Windows'), ('desktop') on conflict do nothing")
     db_value(module_dsn, """
         insert into events (account_id, occurred_at, id, campaign_id, message_id, type,
                             machine, country, region, city, browser, os, device)
         select c.account_id, now() - n * interval '1 microsecond',
-               gen_random_uuid(), c.id, 1, 'open', false, 'DE', 'Hesse',
-               'Frankfurt am Main', 'Chrome', 'Windows', 'desktop'
+               gen_random_uuid(), c.id, 1, 'open', false, 'DE', tracker_term_code('Hesse'),
+               'Frankfurt am Main', tracker_term_code('Chrome'), tracker_term_code('Windows'),
+               tracker_term_code('desktop')
         from campaigns c, generate_series(1, 60000) as n where c.id = $1""", int(big))
     with httpx.Client(base_url=server.url, headers=api.headers, timeout=10) as leaving, \
             leaving.stream("GET", f"/api/campaigns/{big}/export") as response:

@@ -297,7 +297,7 @@ def _open_from(server: Server, dsn: str, headers: list[tuple[str, str]],
     assert status.startswith(b"HTTP/1.1 200"), status
 
     def stored() -> dict[str, Any]:
-        rows = db_fetch(dsn, "select ip, country, region, city from events"
+        rows = db_fetch(dsn, "select ip, country, region, city from events_decoded"
                              " where message_id = $1", int(message["id"]))
         assert len(rows) <= 1
         ip = rows[0]["ip"] if rows else None

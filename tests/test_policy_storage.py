@@ -98,7 +98,7 @@ def api(geo_server: Server, module_dsn: str) -> Iterator[httpx.Client]:
 
 def events(dsn: str, message_id: int) -> list[dict[str, Any]]:
     rows = db_fetch(dsn, "select type, country, region, city, browser, os, device, ip, machine,"
-                         " reason, url_id from events where message_id = $1 order by type",
+                         " reason, url_id from events_decoded where message_id = $1 order by type",
                     message_id)
     return [{**dict(row), "ip": None if row["ip"] is None else str(row["ip"])} for row in rows]
 

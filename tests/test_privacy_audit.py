@@ -261,7 +261,7 @@ def _rows(dsn: str, campaign_id: str) -> list[tuple[Any, ...]]:
     return [(r["country"], r["region"], r["city"], r["browser"], r["os"], r["device"],
              r["ip"]) for r in db_fetch(
         dsn, "select country, region, city, browser, os, device, abbrev(ip) as ip "
-             "from events where campaign_id = $1", int(campaign_id))]
+             "from events_decoded where campaign_id = $1", int(campaign_id))]
 
 
 def _dump(dsn: str) -> bytes:

@@ -174,7 +174,7 @@ def _change_then_hit(workers: list[Worker], round_: int, message: dict[str, Any]
 
 
 def _events(dsn: str, message_ids: list[int]) -> list[dict[str, Any]]:
-    rows = db_fetch(dsn, "select message_id, country, browser, host(ip) as ip from events "
+    rows = db_fetch(dsn, "select message_id, country, browser, host(ip) as ip from events_decoded "
                          "where message_id = any($1::bigint[])", message_ids)
     return [dict(row) for row in rows]
 

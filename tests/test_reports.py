@@ -212,7 +212,8 @@ async def write(writer: BatchWriter, events: Iterable[Event]) -> int:
 
 
 async def stored_rows(db: asyncpg.Connection, c: Campaign) -> list[asyncpg.Record]:
-    return list(await db.fetch("select * from events where account_id = $1 and campaign_id = $2",
+    return list(await db.fetch("select * from events_decoded"
+                               " where account_id = $1 and campaign_id = $2",
                                c.account_id, c.campaign_id))
 
 
@@ -228,7 +229,7 @@ async def assert_report_is_recomputation(db: asyncpg.Connection, c: Campaign,
 
 async def labels_in_db(db: asyncpg.Connection) -> dict[int, tuple[bool, str | None]]:
     return {r["id"].int: (r["machine"], r["reason"])
-            for r in await db.fetch("select id, machine, reason from events")}
+            for r in await db.fetch("select id, machine, reason from events_decoded")}
 
 
 def assert_labels(got: dict[int, tuple[bool, str | None]], delivered: Iterable[Event]) -> None:

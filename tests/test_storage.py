@@ -1,14 +1,16 @@
-"""The storage migrations (sql/0017_storage.sql, sql/0019_message_links.sql) on a real
-PostgreSQL: a database holding events, messages and links from the schema before each is
-upgraded in place with every report figure and every message's links unchanged, and the
-queries that find a campaign's events, a recipient's messages and a message's links still
-go through an index, not a read of the table.
+"""The storage migrations (sql/0017_storage.sql, sql/0018_event_terms.sql,
+sql/0019_message_links.sql) on a real PostgreSQL: a database holding events, messages and
+links from the schema before each is upgraded in place with every report figure, every
+stored field and every message's links unchanged, and the queries that find a campaign's or
+a message's events, a recipient's messages and a message's links still go through an
+index, not a read of the table.
 """
 
 from __future__ import annotations
 
 import random
 import shutil
+import uuid
 from datetime import timedelta
 from pathlib import Path
 
@@ -35,6 +37,9 @@ from tracker.store.queries import MIGRATION_FILE, QUERIES, for_table, sql_dir
 from tracker.store.writer import BatchWriter
 
 STORAGE = 17
+TERMS = 18
+CODED = ("reason", "region", "browser", "os", "device", "client")
+MESSAGE_LINKS = 19
 
 
 def _migrations_before(version: int, into: Path) -> Path:
@@ -55,36 +60,86 @@ async def _index_keys(conn: asyncpg.Connection, table: str, index: str) -> list[
         where i.relname = $2 and x.indrelid = $1::regclass order by k.n""", table, index)]
 
 
+# The schema before sql/0017_storage.sql and sql/0018_event_terms.sql, from a database
+# migrated to the end: each statement the inverse of one of theirs. The writer of today
+# needs the schema of today, so the workload is written first and the database then taken
+# back to what the writer before them left (the same rows, texts, rollups and triggers).
+_BEFORE_STORAGE = """
+    drop view events_decoded;
+    drop function tracker_events_after(bigint, timestamptz, uuid, timestamptz, integer);
+    drop index events_occurred;
+    alter table events drop constraint events_pkey;
+    create function pg_temp.term(c smallint) returns text language sql stable
+    return (select term from event_terms where code = c);
+    alter table events
+        alter column reason type text using pg_temp.term(reason),
+        alter column region type text using pg_temp.term(region),
+        alter column browser type text using pg_temp.term(browser),
+        alter column os type text using pg_temp.term(os),
+        alter column device type text using pg_temp.term(device),
+        alter column client type text using pg_temp.term(client);
+    drop function pg_temp.term(smallint);
+    drop function tracker_term_code(text);
+    drop function tracker_new_term(text);
+    drop table event_terms;
+    alter table events add primary key (account_id, occurred_at, id);
+    create index events_message on events (account_id, message_id);
+    drop index events_campaign;
+    create index events_campaign on events (account_id, campaign_id, occurred_at);
+    create index messages_recipient on messages (account_id, recipient);
+    delete from schema_migrations where version >= 17;
+"""
+
+
 async def test_an_old_database_with_events_upgrades_in_place_with_the_same_reports(
         empty_dsn: str, tmp_path: Path) -> None:
     dsn = empty_dsn
     conn = await connect(dsn)
     writer = BatchWriter(lambda: connect(dsn), batch_size=500, interval_s=3600,
                          max_buffered=100_000)
+    # Up to sql/0018_event_terms.sql, which _BEFORE_STORAGE takes back with sql/0017.
+    migrations = _migrations_before(MESSAGE_LINKS, tmp_path / "sql")
     try:
-        await migrate(conn, _migrations_before(STORAGE, tmp_path / "sql"))
-        assert await _index_keys(conn, "events", "events_campaign") == [
-            "account_id", "campaign_id", "occurred_at"]
+        await migrate(conn, migrations)
         rng = random.Random(17)
         mixed = [await make_campaign(conn, messages=rng.randint(5, 20), urls=3)
                  for _ in range(3)]
         for c in mixed:  # readers, machines, honeypot hits, bursts, re-labels, replays
             for batch in deliveries(workload(c, rng), rng):
                 await write(writer, batch)
+        await writer.close(1.0)
+        await conn.execute(_BEFORE_STORAGE)
+        assert await conn.fetchval("select max(version) from schema_migrations") < STORAGE
+        assert await _index_keys(conn, "events", "events_campaign") == [
+            "account_id", "campaign_id", "occurred_at"]
+        assert await _index_keys(conn, "events", "events_pkey") == [
+            "account_id", "occurred_at", "id"]
+        assert await conn.fetchval(
+            "select count(*) from events where browser is not null and reason is not null"
+            " and browser !~ '^[0-9]+$'") > 0  # texts, as the writer before stored them
         before = {c.campaign_id: await reports.campaign_report(conn, c.account_id,
                                                                c.campaign_id, "UTC")
                   for c in mixed}
         stored = await conn.fetchval("select md5(string_agg(e::text, ',' order by e.id)) "
                                      "from events e")
+        writer = BatchWriter(lambda: connect(dsn), batch_size=500, interval_s=3600,
+                             max_buffered=100_000)
 
-        applied = [m.version for m in await migrate(conn)]
-        assert applied[0] == STORAGE
+        applied = [m.version for m in await migrate(conn, migrations)]
+        assert applied == [STORAGE, TERMS]
+        assert await _index_keys(conn, "events", "events_pkey") == [
+            "account_id", "message_id", "occurred_at", "id"]
+        assert await conn.fetchval("select to_regclass('events_message')") is None
+        # The short texts are two-byte codes (sql/0018_event_terms.sql).
+        assert {r["data_type"] for r in await conn.fetch(
+            "select data_type from information_schema.columns where table_name = 'events' "
+            "and column_name = any($1::text[])", list(CODED))} == {"smallint"}
 
         assert await _index_keys(conn, "events", "events_campaign") == [
             "account_id", "campaign_id"]
         assert await conn.fetchval("select to_regclass('messages_recipient')") is None
         assert await conn.fetchval("select md5(string_agg(e::text, ',' order by e.id)) "
-                                   "from events e") == stored
+                                   "from events_decoded e") == stored
         for c in mixed:
             after = await assert_report_is_recomputation(conn, c, ZONES)
             assert await reports.campaign_report(conn, c.account_id, c.campaign_id,
@@ -101,9 +156,11 @@ async def test_an_old_database_with_events_upgrades_in_place_with_the_same_repor
         await conn.close()
 
 
-async def test_the_queries_that_find_a_campaigns_events_use_its_index(dsn: str) -> None:
+async def test_the_queries_that_find_a_campaigns_or_a_messages_events_use_an_index(
+        dsn: str) -> None:
     """EXPLAIN, on a table of some size with statistics: the campaign export, retention's
-    (account, campaign) pairs of a partition and its batched delete read events_campaign."""
+    (account, campaign) pairs of a partition and its batched delete read events_campaign;
+    a message's events and their erasure read the primary key."""
     conn = await connect(dsn)
     try:
         day = (await conn.fetchval("select current_date - 1"))
@@ -129,6 +186,15 @@ async def test_the_queries_that_find_a_campaigns_events_use_its_index(dsn: str) 
             plan = "\n".join(r[0] for r in rows)
             assert "account_id_campaign_id_idx" in plan, (name, plan)
             assert "Seq Scan on events_" not in plan, (name, plan)
+        # One message's events by the primary key, which leads with the message
+        # (sql/0018_event_terms.sql): the API's, erasure's.
+        for name, rows in {
+            "message-events": await conn.fetch("explain " + QUERIES.message_events, 3, 4003),
+            "erase-events": await conn.fetch("explain " + QUERIES.erase_events, 3, [4003]),
+        }.items():
+            plan = "\n".join(r[0] for r in rows)
+            assert "_pkey" in plan, (name, plan)
+            assert "Seq Scan on events_" not in plan, (name, plan)
         pairs = await retention.campaigns_in(conn, partition)
         assert len(pairs) == 7 * 60
         assert partition.end - partition.start == timedelta(days=1)
@@ -136,7 +202,44 @@ async def test_the_queries_that_find_a_campaigns_events_use_its_index(dsn: str) 
         await conn.close()
 
 
-MESSAGE_LINKS = 19
+async def test_an_accounts_events_are_read_in_time_order_across_gaps(dsn: str) -> None:
+    """A webhook replay's pages (replay-events, by the BRIN index an hour at a time: sql/
+    0018_event_terms.sql): every event of the account in [from, to) once, in (time, id)
+    order, across hours and days without events and events that share a time."""
+    conn = await connect(dsn)
+    try:
+        start = await conn.fetchval("select date_trunc('day', now()) - interval '3 days'")
+        for day in range(4):
+            await conn.execute("select tracker_ensure_event_partition($1)",
+                               (start + timedelta(days=day)).date())
+        offsets = [timedelta(seconds=s) for s in (0, 1, 1, 1, 7200, 7201)] + [
+            timedelta(days=1, hours=5), timedelta(days=2, hours=23, minutes=59),
+            timedelta(days=3, hours=1)]
+        await conn.execute("""
+            insert into events (account_id, occurred_at, id, campaign_id, message_id, type,
+                                machine)
+            select a, $1::timestamptz + o, gen_random_uuid(), 5, 10 + n, 'open', false
+            from unnest($2::interval[]) with ordinality t (o, n), (values (1), (2)) x (a)""",
+                           start, offsets)
+        until = start + timedelta(days=3)  # the last event is past it
+        expected = [r["id"] for r in await conn.fetch(
+            "select id from events where account_id = 1 and occurred_at < $1"
+            " order by occurred_at, id", until)]
+        assert len(expected) == len(offsets) - 1
+        seen, after = [], (start - timedelta(microseconds=1), uuid.UUID(int=0))
+        while True:
+            page = await conn.fetch(QUERIES.replay_events, 1, *after, 2, until, ["open"], None,
+                                    True)
+            if not page:
+                break
+            assert len(page) <= 2
+            seen += [r["id"] for r in page]
+            after = (page[-1]["occurred_at"], page[-1]["id"])
+        assert seen == expected
+    finally:
+        await conn.close()
+
+
 # The recipient's export of links before sql/0019_message_links.sql, when links had a table.
 _LINKS_BEFORE = """
     select l.message_id, l.position, u.url, r.clicks as human_clicks, r.clicked_in

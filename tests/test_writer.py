@@ -106,7 +106,7 @@ async def writers(dsn: str) -> AsyncIterator[Writers]:
 
 
 async def stored(db: asyncpg.Connection) -> list[asyncpg.Record]:
-    return list(await db.fetch(f"select {', '.join(_STORED)} from events order by id"))
+    return list(await db.fetch(f"select {', '.join(_STORED)} from events_decoded order by id"))
 
 
 _STORED = tuple("occurred_at" if c == "at_us" else "ip::text as ip" if c == "ip" else c
@@ -140,6 +140,29 @@ async def test_flush_writes_buffered_rows_exactly_as_given(
     assert writer.stats.duplicates == 0
 
 
+async def test_short_texts_new_to_the_database_get_one_code_each(
+        writers: Writers, db: asyncpg.Connection) -> None:
+    """A batch with a text no code stands for yet (sql/0018_event_terms.sql) is written once
+    its new texts are added; two lanes, each two writers meeting the same new texts at
+    once, add each text once and store it as given."""
+    made = [writers(batch_size=50) for _ in range(2)]
+    batches = [[replace(event(message_id=700 + 100 * w + i), browser=f"Browser {i % 3}",
+                        client="A mail client", reason="head" if i % 2 else None).record()
+                for i in range(100)] for w in range(2)]
+    for writer, batch in zip(made, batches, strict=True):
+        for item in batch:
+            assert writer.add(item) is None
+    assert await asyncio.gather(*(w.flush() for w in made)) == [100, 100]
+    assert sorted(as_tuple(r) for r in await stored(db)) == sorted(
+        expected(r) for batch in batches for r in batch)
+    terms = [r["term"] for r in await db.fetch("select term from event_terms")]
+    assert sorted(terms) == sorted({"Browser 0", "Browser 1", "Browser 2", "A mail client",
+                                    "head", "Hesse\tand a tab", "Windows", "desktop"})
+    assert {r["data_type"] for r in await db.fetch(
+        "select data_type from information_schema.columns where table_name = 'events' "
+        "and column_name = 'browser'")} == {"smallint"}
+
+
 async def test_rows_from_the_pipeline_are_written(
         writers: Writers, db: asyncpg.Connection) -> None:
     book = PolicyBook()
@@ -157,7 +180,7 @@ async def test_rows_from_the_pipeline_are_written(
     writer.add(clicked)
     assert await writer.flush() == 2
     got = {r["type"]: r for r in await db.fetch(
-        "select type, browser, link_position, url_id, ip::text as ip from events")}
+        "select type, browser, link_position, url_id, ip::text as ip from events_decoded")}
     assert got[OPEN]["browser"] == "Chrome"
     assert got[OPEN]["ip"] == got[CLICK]["ip"] == "203.0.113.0/24"
     assert (got[CLICK]["link_position"], got[CLICK]["url_id"]) == (2, 9)

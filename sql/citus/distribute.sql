@@ -76,6 +76,9 @@ select pg_temp.distribute('campaign_messages', 'account_id', 'accounts');
 -- (tracker_ensure_event_partition, on the coordinator) is distributed as it is
 -- created. Retention still drops whole partitions.
 select pg_temp.distribute('events', 'account_id', 'accounts');
+-- The dictionary of the events' short texts (sql/0018_event_terms.sql): small, read with
+-- every account's events and written rarely, so a copy on every node.
+select pg_temp.reference('event_terms');
 select pg_temp.distribute('relabel_triggers', 'account_id', 'accounts');
 
 -- Rollups (sql/0002_rollups.sql): the writer updates them in the transaction that

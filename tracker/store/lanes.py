@@ -2,7 +2,8 @@
 
 A batch of COPY text lines is COPYed into a session-local staging table and moved into
 `events` and the report rollups in one transaction (store/rollups.py), after making sure the
-day partitions it needs exist; the statements are sql/writer.sql's. Each lane keeps its
+day partitions it needs exist (and, the first time one of its short texts is seen, after
+adding that text to `event_terms`); the statements are sql/writer.sql's. Each lane keeps its
 connection between batches; a write that fails or is interrupted throws that connection
 away, since the session is in doubt.
 """
@@ -25,6 +26,9 @@ Connect = Callable[[], Awaitable[asyncpg.Connection]]
 _EPOCH_DAY = date(1970, 1, 1)
 # What sql/writer.sql's `create-writer-tables` names the staging table.
 STAGING_TABLE = "events_staging"
+# What sql/0018_event_terms.sql's tracker_new_term raises: the batch has a short text that
+# event_terms does not hold yet.
+NEW_TERMS = "TRK01"
 # Per event, on a batch of thousands: map() over these is twice as fast as a comprehension.
 LINE, DAY = itemgetter(0), itemgetter(1)
 
@@ -49,9 +53,18 @@ class Lanes:
             # 512 KiB and one to close it (~2 % of a pixel hit's CPU), and sends a buffer as
             # it is (a memoryview: bytes would be taken for a path).
             data = memoryview("".join(map(LINE, batch)).encode())
+            try:
+                return await self._move(conn, data)
+            except asyncpg.PostgresError as exc:
+                if exc.sqlstate != NEW_TERMS:
+                    raise
+            # Short texts new to event_terms (rare: a value's first time): added and
+            # committed in a transaction of their own, so no other writer waits for them
+            # longer than that; then the batch again.
             async with conn.transaction():
                 await conn.copy_to_table(STAGING_TABLE, source=data, columns=EVENT_COLUMNS)
-                return await self._mover.move_staged(conn)
+                await self._mover.add_terms(conn)
+            return await self._move(conn, data)
         except BaseException:
             # A write that failed or was interrupted leaves the session in doubt (asyncpg can
             # believe a BEGIN is still open, turning the next commit into a savepoint):
@@ -62,6 +75,11 @@ class Lanes:
             # for that day then fails): check the days again rather than fail for ever.
             self._known_days.clear()
             raise
+
+    async def _move(self, conn: asyncpg.Connection, data: memoryview) -> tuple[int, int]:
+        async with conn.transaction():
+            await conn.copy_to_table(STAGING_TABLE, source=data, columns=EVENT_COLUMNS)
+            return await self._mover.move_staged(conn)
 
     async def close(self) -> None:
         conns, self._conns = self._conns, [None] * len(self._conns)

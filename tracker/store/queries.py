@@ -139,6 +139,7 @@ class Queries:
     # sql/writer.sql: the batch writer's move into events and the rollups
     create_writer_tables: str
     ensure_event_partition: str
+    add_event_terms: str
     move_staged: str
     roll_up_messages: str
     roll_up_message_links: str

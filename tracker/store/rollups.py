@@ -4,6 +4,10 @@ The tables are in sql/0002_rollups.sql; store/reports.py reads nothing else. The
 are the named blocks of sql/writer.sql. A batch arrives in the writer's staging table and
 `move_staged` then runs, in the writer's transaction, one statement per step, in this order:
 
+0. terms (`add-event-terms`), only when step 1 found a short text `event_terms` does not
+   hold (it then raises, store/lanes.py adds the batch's new texts in a transaction of
+   their own and writes the batch again): `events` stores their codes
+   (sql/0018_event_terms.sql);
 1. move (`move-staged`): the staged rows go into `events`, where a row whose id is there
    already is skipped, and the rows that statement added, and only those, go into a
    session-local delta table (signed rows, n = +1): a retried batch or a journal replay
@@ -92,6 +96,11 @@ class Mover:
         windows = relabel_windows() if windows is None else windows
         self._reasons = list(windows)
         self._spans = [windows[reason] for reason in self._reasons]
+
+    async def add_terms(self, conn: asyncpg.Connection) -> None:
+        """Add the staged batch's new short texts to event_terms, in a transaction of their
+        own (committed at once, so no other writer waits on a new term for long)."""
+        await conn.execute(QUERIES.add_event_terms)
 
     async def move_staged(self, conn: asyncpg.Connection) -> tuple[int, int]:
         """Move the staged batch into `events` and the rollups; call inside a transaction.
