@@ -329,8 +329,9 @@ class Load:
             phase.settle_s = self.settle(settings.settle_s)
             phase.server_cpu_s += sum(tree_cpu_seconds(p) for p in target.pids) - before
         print(f"  {name:<26} {phase.requests:>9,} requests in {phase.seconds:5.1f} s: "
-              f"{phase.rate:>7,.0f}/s, p99 {phase.latency_ms(0.99):6.2f} ms, "
-              f"wrk {phase.wrk_share:4.0%} of a core"
+              f"{phase.rate:>7,.0f}/s, "
+              + (f"p99 {phase.latency_ms(0.99):6.2f} ms, " if phase.timed else "")
+              + f"wrk {phase.wrk_share:4.0%} of a core"
               + (f", writer caught up in {phase.settle_s:.1f} s" if record else ""), flush=True)
         return phase
 
