@@ -114,8 +114,9 @@ def print_load(load: LoadResult, args: argparse.Namespace) -> None:
              f"{LOAD_CORE}, {priority_note()}; geo database: "
              f"{args.geoip_used or 'none (nothing is located: the figures flatter tracker)'}")
     print(f"\nLoad: the {args.mix} mix; wrk with a finite plan per run, {args.connections} "
-          f"connections on {args.threads} thread(s), and a probe of {args.probe_connections} "
-          f"paced connections ({args.probe_rate:,.0f} requests/s) that times every answer; "
+          f"connections on {args.threads} thread(s), alone at full speed; at half rate a probe "
+          f"of {args.probe_connections} paced connections (up to {args.probe_rate:,.0f} "
+          "requests/s) beside it times every answer; "
           f"{load.messages:,} messages, {args.links} links each; {where}\n")
     print(f"{'phase':<26} {'requests':>9} {'req/s':>8} {'p50 ms':>7} {'p90 ms':>7} "
           f"{'p99 ms':>7} {'p99.9':>7} {'errors':>6} {'404 want/got':>12} {'wrk cpu':>7} "
@@ -132,9 +133,10 @@ def print_load(load: LoadResult, args: argparse.Namespace) -> None:
         wait = f"{p.server_wait:.0%}" if p.per_cpu_second else "n/a"
         database = "" if args.url or p.reference else f"{p.database_share:.0%}"
         spilled = "" if p.spilled_share is None else f"{p.spilled_share:.0%}"
-        print(f"{p.name:<26} {p.requests:>9,} {p.rate:>8,.0f} {p.latency_ms(0.5):>7.2f} "
-              f"{p.latency_ms(0.9):>7.2f} {p.latency_ms(0.99):>7.2f} "
-              f"{p.latency_ms(0.999):>7.2f} {p.socket_errors:>6} {status:>12} "
+        p50, p90, p99, p999 = (_ms(p.latency_ms(q) if p.timed else None)
+                               for q in (0.5, 0.9, 0.99, 0.999))
+        print(f"{p.name:<26} {p.requests:>9,} {p.rate:>8,.0f} {p50:>7} {p90:>7} {p99:>7} "
+              f"{p999:>7} {p.socket_errors:>6} {status:>12} "
               f"{p.wrk_share:>7.0%} {p.wrk_wait:>8.1%} {database:>6} {spilled:>7} "
               f"{per_cpu:>9} {per_request:>6} {wait:>8} {ratio:>7} {cpu_ratio:>6}")
     if not args.url:
@@ -151,7 +153,7 @@ def print_load(load: LoadResult, args: argparse.Namespace) -> None:
               f"requests left more than 1 ms after their slot (latest {p.late_max_ms:.1f} ms)")
 
     print(f"\nOver time, windows of {args.window:g} s: requests/s (load and probe) and the "
-          "probe's latency percentiles (ms)")
+          "probe's latency percentiles (ms; paced phases)")
     for p in load.phases:
         print(f"  {p.name}")
         print(f"  {'t s':>7} {'req/s':>8} {'p50':>7} {'p90':>7} {'p99':>7} {'timed':>6}")
@@ -224,9 +226,10 @@ def charts(load: LoadResult, out: Path) -> list[Path]:
     figure.savefig(written[-1], dpi=100)
     plt.close(figure)
 
-    figure, grid = plt.subplots(len(load.phases), 1, figsize=(10, 2.6 * len(load.phases)),
+    timed = [p for p in load.phases if p.timed] or load.phases
+    figure, grid = plt.subplots(len(timed), 1, figsize=(10, 2.6 * max(2, len(timed))),
                                 sharex=True, squeeze=False)
-    for axes, p in zip(grid[:, 0], load.phases, strict=True):
+    for axes, p in zip(grid[:, 0], timed, strict=True):
         windows = series(p.runs)
         for name in ("p50", "p90", "p99"):
             values = [getattr(w, name) for w in windows]

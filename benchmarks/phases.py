@@ -134,13 +134,14 @@ def _path(url: str) -> str:
 
 @dataclass
 class Phase:
-    """One endpoint under one kind of load: the load's wrk and the probe's, side by side."""
+    """One endpoint under one kind of load: the load's wrk, and the probe's beside it
+    where answers are timed."""
 
     name: str
     endpoint: str  # pixel | click
     reference: bool  # nginx
     paced: float  # the requests/s asked for; 0: as fast as answered
-    runs: list[PlanRun]  # the load, then the probe (warm-up runs are not in the figures)
+    runs: list[PlanRun]  # the load, then the probe if any (warm-ups are not in the figures)
     not_found_expected: int | None  # 404s its plans must get (tampered click tokens)
     settle_s: float = 0.0
     server_cpu_s: float = 0.0  # the runs, and the writer catching up after them
@@ -217,6 +218,11 @@ class Phase:
     def socket_errors(self) -> int:
         return sum(run.socket_errors for run in self.runs)
 
+    @property
+    def timed(self) -> int:
+        """Answers the probe timed (none where it did not run beside the load)."""
+        return sum(sum(map(len, r.latencies.values())) for r in self.runs)
+
     def latency_ms(self, q: float) -> float:
         return latency_ms(self.runs, q) or 0.0
 
@@ -224,15 +230,15 @@ class Phase:
         return {
             "name": self.name, "endpoint": self.endpoint, "reference": self.reference,
             "paced_rate": self.paced, "requests": self.requests, "seconds": self.seconds,
-            "rate": self.rate, "timed": sum(sum(map(len, r.latencies.values()))
-                                            for r in self.runs),
+            "rate": self.rate, "timed": self.timed,
             "runs": [{"planned": r.planned, "sent": r.sent, "answered": r.answered,
                       "complete": r.complete, "errors": r.errors, "fillers": r.fillers,
                       "late": r.late, "late_max_ms": r.late_max_ms, "wrk_cpu_s": r.wrk_cpu_s,
                       "wrk_wait_s": r.wrk_wait_s,
                       "wall_s": r.wall_s} for r in self.runs],
             "not_found_expected": self.not_found_expected,
-            "latency_ms": {f"p{k}": self.latency_ms(q) for k, q in PERCENTILES},
+            "latency_ms": {f"p{k}": self.latency_ms(q) if self.timed else None
+                           for k, q in PERCENTILES},
             "wrk_cpu_s": self.wrk_cpu_s, "wrk_cpu_share": self.wrk_share,
             "wrk_wait_share": self.wrk_wait,
             "server_cpu_s": self.server_cpu_s, "per_cpu_second": self.per_cpu_second,
@@ -262,6 +268,11 @@ class LoadSettings:
     threads: int = 1  # of the load's wrk
     probe_rate: float = 1000.0  # requests/s of the probe that times answers
     probe_connections: int = 16
+    # Whether the probe also runs beside the load at full speed. Its 16 paced connections
+    # change how the server under test is woken (nginx took ~0.6 µs less a request beside
+    # it), so the suite leaves it out of the runs whose CPU per request it reports, and
+    # times answers in the paced phases only.
+    probe_full_speed: bool = True
     window: float = 1.0  # seconds per time window
     warmup: int = 40  # requests per connection in the first warm-up run
     settle_s: float = 180.0  # how long the writer may take to catch up after a phase
@@ -272,10 +283,12 @@ class Load:
     """Runs the phases over one campaign, keeps the tally of what they sent, and notes every
     run whose answers were not all as planned.
 
-    Each run is two wrk processes started together. The load: one thread, many connections
-    (wrk's cheapest way to send), answers counted per window. The probe: a few connections
-    of one thread each, paced, every answer timed; it stops when the load is done. Their
-    requests are drawn from the same mix and both are counted in the tally. (wrk can time
+    A run is the load's wrk process, and the probe's started with it where answers are
+    timed (paced runs; full-speed ones too unless `probe_full_speed` is off). The load: one
+    thread, many connections (wrk's cheapest way to send), answers counted per window. The
+    probe: a few connections of one thread each, paced, every answer timed; it stops when
+    the load is done. Their requests are drawn from the same mix and both are counted in
+    the tally. (wrk can time
     an answer only where a thread has one connection, and a thread per connection costs
     wrk about three times the CPU per request, which would make wrk the bottleneck.)"""
 
@@ -316,32 +329,38 @@ class Load:
             phase.settle_s = self.settle(settings.settle_s)
             phase.server_cpu_s += sum(tree_cpu_seconds(p) for p in target.pids) - before
         print(f"  {name:<26} {phase.requests:>9,} requests in {phase.seconds:5.1f} s: "
-              f"{phase.rate:>7,.0f}/s, p99 {phase.latency_ms(0.99):6.2f} ms, "
-              f"wrk {phase.wrk_share:4.0%} of a core"
+              f"{phase.rate:>7,.0f}/s, "
+              + (f"p99 {phase.latency_ms(0.99):6.2f} ms, " if phase.timed else "")
+              + f"wrk {phase.wrk_share:4.0%} of a core"
               + (f", writer caught up in {phase.settle_s:.1f} s" if record else ""), flush=True)
         return phase
 
     def _send(self, name: str, target: Target, kind: str, count: float, paced: float,
               record: bool) -> _Sent:
         """One run of about `count` requests (paced at `paced`/s in all if not 0): the
-        load's and the probe's PlanRun, the 404s their plans must get, and what PostgreSQL
-        and the journal took meanwhile."""
+        load's PlanRun and the probe's (if it ran), the 404s their plans must get, and what
+        PostgreSQL and the journal took meanwhile."""
         settings = self.settings
         self.runs += 1
         directory = self.workdir / f"run-{self.runs}"
-        probe_rate = min(settings.probe_rate, paced / 4) if paced else settings.probe_rate
+        probed = bool(paced) or settings.probe_full_speed
+        probe_rate = 0.0 if not probed else (
+            min(settings.probe_rate, paced / 4) if paced else settings.probe_rate)
         expected_s = count / paced if paced else settings.seconds
         load_count = max(settings.connections, round(count - probe_rate * expected_s))
-        # The probe's plan outlasts the load's; it stops when the load is done.
-        probe_count = max(settings.probe_connections, round(probe_rate * expected_s * 3))
         plans = [Plan(directory / "load", settings.connections, settings.threads,
                       rate=paced - probe_rate if paced else 0.0,
-                      finished=directory / "load-finished"),
-                 Plan(directory / "probe", settings.probe_connections, settings.probe_connections,
-                      rate=probe_rate, timed=True, stop=directory / "load-finished")]
+                      finished=directory / "load-finished")]
+        counts = [load_count]
+        if probed:
+            # The probe's plan outlasts the load's; it stops when the load is done.
+            counts.append(max(settings.probe_connections, round(probe_rate * expected_s * 3)))
+            plans.append(Plan(directory / "probe", settings.probe_connections,
+                              settings.probe_connections, rate=probe_rate, timed=True,
+                              stop=directory / "load-finished"))
         host = urlsplit(target.url).netloc
         requests = []
-        for plan, n in zip(plans, (load_count, probe_count), strict=True):
+        for plan, n in zip(plans, counts, strict=True):
             requests.append(self.mix.requests(kind, n))
             write_plan(plan.directory, [http_request(r.method, r.path, host, r.agent,
                                                      r.forwarded) for r in requests[-1]],
@@ -366,7 +385,7 @@ class Load:
         if record:
             self.tally.add(sent)
             problems = []
-            for label, run in zip(("load", "probe"), runs, strict=True):
+            for label, run in zip(("load", "probe"), runs, strict=False):
                 if not run.complete:
                     problems.append(f"{label}: {run.sent - run.answered} requests in flight "
                                     "when wrk was stopped at its cap")
@@ -396,7 +415,7 @@ class Load:
 
 @dataclass
 class _Sent:
-    runs: list[PlanRun]  # the load's, then the probe's
+    runs: list[PlanRun]  # the load's, then the probe's if it ran
     not_found: int  # 404s their plans must get
     database_cpu_s: float
     spilled: int | None

@@ -18,10 +18,11 @@ Stages:
    proxies, Apple Mail, Outlook, webmail and mobile browsers, Apple Mail Privacy
    Protection from Apple's addresses (local only: through X-Forwarded-For), security
    scanners, bots, requests without a user agent, HEAD link checks and a few percent
-   tampered tokens; `readers` has people only. Each endpoint runs at full speed, then
-   paced at half that rate. Requests/s and latency percentiles per time window, wrk's own
-   CPU, the server's and PostgreSQL's CPU (local), and nginx with the same plan as the
-   reference.
+   tampered tokens; `readers` has people only. Each endpoint runs at full speed (wrk alone,
+   as a user's plain wrk run: its CPU per request is the headline figure), then paced at
+   half that rate with a probe beside it that times every answer. Requests/s per time
+   window, latency percentiles (paced), wrk's own CPU, the server's and PostgreSQL's CPU
+   (local), and nginx with the same plan as the reference.
 2. correctness: the campaign's report must count exactly what the plan sent, human and
    machine apart (wrk sends a finite plan and stops with nothing in flight; see plan.lua);
    locally, every request that records an event is one row in PostgreSQL, once.
@@ -222,7 +223,7 @@ def geo_database(wanted: Path | None, out: Path, fetch: bool = True) -> Path | N
 def load_settings(args: argparse.Namespace) -> LoadSettings:
     return LoadSettings(seconds=args.seconds, connections=args.connections, threads=args.threads,
                         probe_rate=args.probe_rate, probe_connections=args.probe_connections,
-                        window=args.window, warmup=args.warmup,
+                        probe_full_speed=False, window=args.window, warmup=args.warmup,
                         settle_s=60 if args.quick else 180, local=not args.url)
 
 

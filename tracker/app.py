@@ -13,8 +13,9 @@ from tracker.web.api import build_api
 from tracker.web.request_metrics import RequestMetrics
 
 
-def create_app(settings: Settings, signer: Signer, dsn: str) -> ASGIApp:
-    runtime = Runtime(settings, signer, dsn)
+def create_app(settings: Settings, signer: Signer, dsn: str, *,
+               freeze_heap: bool = False) -> ASGIApp:
+    runtime = Runtime(settings, signer, dsn, freeze_heap=freeze_heap)
     app = FastPath(RequestMetrics(build_api(runtime), runtime.metrics), runtime)
     runtime.collector.tracking_answers = lambda: app.answered
     return app
@@ -39,4 +40,4 @@ def create_app_from_env() -> ASGIApp:
         signer = Signer.from_setting(settings.secret_key)
     except SigningKeyError as exc:
         raise SettingsError(f"TRACKER_SECRET_KEY: {exc}") from None
-    return create_app(settings, signer, settings.database_url)
+    return create_app(settings, signer, settings.database_url, freeze_heap=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from pathlib import Path
 
@@ -44,8 +45,12 @@ _REPLICA_CATCH_UP_S = 5.0
 
 
 class Runtime:
-    def __init__(self, settings: Settings, signer: Signer, dsn: str) -> None:
+    def __init__(self, settings: Settings, signer: Signer, dsn: str, *,
+                 freeze_heap: bool = False) -> None:
         self.settings = settings
+        # A worker process of `tracker serve` (the process is the server's alone): the
+        # collector leaves what start-up built out of its full collections (start).
+        self.freeze_heap = freeze_heap
         self.signer = signer
         self.dsn = dsn
         self.policies = PolicyBook()
@@ -128,6 +133,11 @@ class Runtime:
         self.webhook_stats = EndpointStats(self.pool)
         self.webhook_stats.start()
         self._share_metrics()
+        if self.freeze_heap:
+            # What start-up built (modules, rules, device and agent tables) lives as long as
+            # the worker: frozen, a full collection walks only what came after (caches,
+            # waiting events), 1.4-3.3 ms of CPU instead of 16-33 ms holding every answer.
+            gc.freeze()
 
     async def stop(self) -> None:
         # The server has stopped accepting requests by now; in order: stop recording,
