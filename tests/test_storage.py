@@ -162,7 +162,8 @@ async def test_the_queries_that_find_a_campaigns_or_a_messages_events_use_an_ind
         dsn: str) -> None:
     """EXPLAIN, on a table of some size with statistics: the campaign export, retention's
     (account, campaign) pairs of a partition and its batched delete read events_campaign;
-    a message's events and their erasure read the primary key."""
+    a message's events and their erasure read the primary key; the stream reads
+    events_stream."""
     conn = await connect(dsn)
     try:
         day = (await conn.fetchval("select current_date - 1"))
@@ -197,6 +198,13 @@ async def test_the_queries_that_find_a_campaigns_or_a_messages_events_use_an_ind
             plan = "\n".join(r[0] for r in rows)
             assert "_pkey" in plan, (name, plan)
             assert "Seq Scan on events_" not in plan, (name, plan)
+        # An account's next events in commit order (the pull stream, a webhook queue) by
+        # events_stream, merged with its re-labels (sql/0020_event_order.sql).
+        plan = "\n".join(r[0] for r in await conn.fetch(
+            "explain " + QUERIES.stream_events, 3, 0, uuid.UUID(int=0), 100, 1, 0,
+            ["open", "click", "relabel"], None, False))
+        assert "account_id_xid_id_idx" in plan and "event_log_pkey" in plan, plan
+        assert "Seq Scan on events_" not in plan, plan
         pairs = await retention.campaigns_in(conn, partition)
         assert len(pairs) == 7 * 60
         assert partition.end - partition.start == timedelta(days=1)
