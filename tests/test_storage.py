@@ -457,7 +457,8 @@ async def test_an_old_database_keeps_each_messages_links_and_clicks_through_the_
         # The stream goes on from where it stood: the new clicks, after every older event.
         new, _ = await _stream(conn, c.account_id, outbox.EVERYTHING,
                                streams[c.account_id, 0][1])
-        assert {e["id"] for e in new if e["type"] == "click"} == {str(uuid.UUID(int=e.id)) for e in clicks}
+        assert {e["id"] for e in new if e["type"] == "click"} == {
+            str(uuid.UUID(int=e.id)) for e in clicks}
         exported = await conn.fetch(QUERIES.export_recipient_links, c.account_id, c.messages)
         assert [(r["message_id"], r["position"]) for r in exported] == [
             (m, p) for m, p, _ in positions[c.campaign_id]]
