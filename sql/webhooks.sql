@@ -122,8 +122,17 @@ with scanned as (
                 null::text as relabel_reason, e.url_id, e.country, e.region, e.city,
                 e.browser, e.os, e.device, e.client
          from events e
-         where e.account_id = $1 and (e.xid, e.id) > ($2::xid8, $3::uuid)
+         where e.account_id = $1 and e.xid >= $2::xid8 and (e.xid, e.id) > ($2::xid8, $3::uuid)
            and e.xid < pg_snapshot_xmin(pg_current_snapshot())
+           -- events_stream is keyed (account, xid) alone: the page's events are those of
+           -- the transactions up to the one of the $4-th next event, in xid order.
+           and e.xid <= (select max(n.xid) from (
+                   select x.xid from events x
+                   where x.account_id = $1 and x.xid >= $2::xid8
+                     and (x.xid, x.id) > ($2::xid8, $3::uuid)
+                     and x.xid < pg_snapshot_xmin(pg_current_snapshot())
+                   order by x.xid
+                   limit $4) n)
          order by e.xid, e.id
          limit $4)
         union all
