@@ -11,10 +11,10 @@
 -- account's events, all with one xid, so B-tree deduplication keeps each (account, xid)
 -- once with a list of row pointers: ~10 bytes an event, where (account_id, xid, id), every
 -- entry unique, took ~67; a page is read a transaction at a time and sorted by id, which
--- costs the stream a second look at the index. `event_log` keeps the
--- re-labels, a few in a thousand events, and their index by message serves the stream's
--- question "was this click human when it was stored" (a re-label makes only human clicks
--- machine) and erasure.
+-- costs the stream a second look at the index. `event_log` keeps the re-labels, a few in a
+-- thousand events, and their index by message serves the stream's question "was this
+-- click human when it was stored" (a re-label makes only human clicks machine) and
+-- erasure.
 --
 -- Each event gets the xid of its outbox row: the stream after this migration is the
 -- stream before it, the same rows in the same order under the same cursors. An event with
@@ -25,7 +25,8 @@
 --
 -- Every event is written again (its new column), in this migration's transaction; the old
 -- row versions' space is reused by new events once (auto)vacuum has seen it. Meanwhile
--- `events` is locked: the writer waits (the tracking path does not: it journals).
+-- `events` is locked: the writer waits, the tracking path does not (its events wait in the
+-- writer's buffer and journal).
 
 alter table events add column xid xid8;
 
