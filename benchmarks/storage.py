@@ -7,7 +7,7 @@ The events are the ingest benchmark's (`benchmarks/ingest.py`: its defaults and 
 through the server's own pipeline), so the figures are those of the same data. Each schema
 is measured by a child process of its own, with its tree first on the path: this checkout,
 and the baseline commit's `tracker/` and `sql/` (`git archive`; `--baseline`, by default
-the commit before sql/0018_event_terms.sql), in the same run, on the same machine. In each:
+the commit before sql/0020_event_order.sql), in the same run, on the same machine. In each:
 
 1. a fresh embedded PostgreSQL (the settings `tracker serve` gives it), migrated;
 2. a `BatchWriter` with the server's settings takes every event, as fast as it takes them,
@@ -15,7 +15,8 @@ the commit before sql/0018_event_terms.sql), in the same run, on the same machin
    from /proc), rollups and re-labels included, and per writer statement the CPU of the
    backend that ran it (/proc/PID/schedstat), to show where it goes;
 3. bytes per event: every partition of `events` (heap with its TOAST and maps, and each
-   index), then the rollups and the re-label windows beside it;
+   index, the stream's included), the outbox `event_log` (what webhooks and the pull stream
+   read beside `events`), their sum, then the rollups and the re-label windows beside it;
 4. registration: `--messages` messages, each with the five links of
    `tests/corpus/receipt.html`, through the registration code itself (`Registrar`); the
    bytes of `messages` and `links` (where the schema has it) with their indexes, per
@@ -54,8 +55,8 @@ from tracker.store.rollups import relabel_windows
 from tracker.store.writer import DEFAULT_CONNECTIONS, BatchWriter
 
 ROOT = Path(__file__).resolve().parent.parent
-# The last commit before sql/0018_event_terms.sql: what "before" means.
-BASELINE = "d98baf6"
+# The last commit before sql/0020_event_order.sql: what "before" means.
+BASELINE = "73b9258"
 GOALS = {"event_bytes": 150.0, "message_bytes": 400.0, "postgres_us": 15.0}
 DOCUMENT = ROOT / "tests" / "corpus" / "receipt.html"
 
@@ -244,8 +245,10 @@ def figures(run: dict[str, Any]) -> dict[str, float]:
         return {"message_bytes": per_message / run["messages"]}
     events, stored = run["landed"], run["stored"]
     in_events = sum(v for k, v in stored.items() if k.startswith("events "))
+    in_log = sum(v for k, v in stored.items() if k.startswith("event_log "))
     beside = sum(v for k, v in stored.items() if not k.startswith("events "))
-    return {"event_bytes": in_events / events, "beside_bytes": beside / events,
+    return {"event_bytes": in_events / events, "log_bytes": in_log / events,
+            "total_bytes": (in_events + in_log) / events, "beside_bytes": beside / events,
             "message_bytes": per_message / run["messages"],
             "postgres_us": run["postgres_cpu_s"] / events * 1e6,
             "python_us": run["python_cpu_s"] / events * 1e6, "queued": run["queued"]}
@@ -267,6 +270,8 @@ def _table(runs: dict[str, dict[str, Any]]) -> None:
     if any("landed" not in r for r in runs.values()):
         return
     row("events: bytes per event, with indexes", [each[n]["event_bytes"] for n in names])
+    row("event_log (outbox): bytes per event", [each[n]["log_bytes"] for n in names])
+    row("events + event_log: bytes per event", [each[n]["total_bytes"] for n in names])
     keys = sorted({k for r in runs.values() for k in r["stored"]})
     for key in keys:
         row(f"  {key}", [runs[n]["stored"].get(key, 0) / runs[n]["landed"] for n in names])

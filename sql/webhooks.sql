@@ -106,36 +106,71 @@ returning q.account_id, q.endpoint_id, q.id, q.lane, q.replay, q.after_xid, q.af
           case when w.previous_until > now() then w.previous_secret end as previous_secret;
 
 -- name: stream-events
--- The next $4 rows of an account's event log after (xid $2, id $3), in commit order, with
--- each event's stored fields. `send`: the row is in the lane ($6 of $5 lanes: by message)
--- and passes the filter (types $7, campaign $8 or any, machine events $9; a re-label goes
--- to endpoints of human events too: it takes back what they were sent), and its event
--- is still there: not erased, not expired, its recipient not opted out and not refusing
--- consent to that kind of event (a refusal holds for mail already sent). Rows not sent
--- still move the cursor.
+-- The next $4 rows of an account's log after (xid $2, id $3), in commit order, with each
+-- event's stored fields: its events (their `xid`) and its re-labels (event_log), merged
+-- (sql/0020_event_order.sql). `send`: the row is in the lane ($6 of $5 lanes: by message)
+-- and passes the filter (types $7, campaign $8 or any, machine events $9, as each event
+-- was stored: a click a re-label made machine later was stored human; a re-label goes to
+-- endpoints of human events too: it takes back what they were sent), and its message is
+-- still there, its recipient not opted out and not refusing consent to that kind of
+-- event (a refusal holds for mail already sent). What erasure or retention removed is
+-- not read at all. Rows not sent still move the cursor.
 with scanned as (
-    select * from event_log l
-    where l.account_id = $1 and (l.xid, l.id) > ($2::xid8, $3::uuid)
-      and l.xid < pg_snapshot_xmin(pg_current_snapshot())
-    order by l.xid, l.id
+    select * from (
+        (select e.xid, e.id, e.type, e.occurred_at, e.message_id, e.campaign_id,
+                null::uuid[] as relabelled, e.machine, e.reason as reason_code,
+                null::text as relabel_reason, e.url_id, e.country, e.region, e.city,
+                e.browser, e.os, e.device, e.client
+         from events e
+         where e.account_id = $1 and e.xid >= $2::xid8 and (e.xid, e.id) > ($2::xid8, $3::uuid)
+           and e.xid < pg_snapshot_xmin(pg_current_snapshot())
+           -- events_stream is keyed (account, xid) alone: the page's events are those of
+           -- the transactions up to the one of the $4-th next event, in xid order.
+           and e.xid <= (select max(n.xid) from (
+                   select x.xid from events x
+                   where x.account_id = $1 and x.xid >= $2::xid8
+                     and (x.xid, x.id) > ($2::xid8, $3::uuid)
+                     and x.xid < pg_snapshot_xmin(pg_current_snapshot())
+                   order by x.xid
+                   limit $4) n)
+         order by e.xid, e.id
+         limit $4)
+        union all
+        (select l.xid, l.id, l.type, l.occurred_at, l.message_id, l.campaign_id, l.relabelled,
+                true, null::smallint, l.reason, null::bigint, null::text, null::smallint,
+                null::text, null::smallint, null::smallint, null::smallint, null::smallint
+         from event_log l
+         where l.account_id = $1 and (l.xid, l.id) > ($2::xid8, $3::uuid)
+           and l.xid < pg_snapshot_xmin(pg_current_snapshot())
+         order by l.xid, l.id
+         limit $4)
+    ) u
+    order by xid, id
     limit $4
 )
 select s.xid, s.id, s.type, s.occurred_at, s.message_id, s.campaign_id, s.relabelled,
-       coalesce(e.machine, s.machine) as machine, coalesce(e.reason, s.reason) as reason,
-       u.url, e.country, e.region, e.city, e.browser, e.os, e.device, e.client,
+       s.machine, coalesce(reason.term, s.relabel_reason) as reason,
+       u.url, s.country, region.term as region, s.city, browser.term as browser,
+       os.term as os, device.term as device, client.term as client,
        (s.message_id % $5 = $6 and s.type = any($7::text[])
         and ($8::bigint is null or s.campaign_id = $8)
-        and ($9 or not s.machine or s.type = 'relabel')
+        and ($9 or s.type = 'relabel' or not s.machine
+             or exists (select 1 from event_log r
+                        where r.account_id = $1 and r.message_id = s.message_id
+                          and r.type = 'relabel' and s.id = any(r.relabelled)))
         and m.id is not null and not coalesce(r.opted_out, false)
         and not (s.type = 'open' and c.opens is false)
-        and not (s.type = 'click' and c.clicks is false)
-        and (s.type = 'relabel' or e.id is not null)) as send
+        and not (s.type = 'click' and c.clicks is false)) as send
 from scanned s
-left join events_decoded e on s.type <> 'relabel' and e.account_id = s.account_id
-                          and e.message_id = s.message_id and e.occurred_at = s.occurred_at
-                          and e.id = s.id
-left join urls u on u.account_id = e.account_id and u.id = e.url_id
-left join messages m on m.account_id = s.account_id and m.id = s.message_id
+-- The codes' texts (sql/0018_event_terms.sql).
+left join event_terms reason on reason.code = s.reason_code
+left join event_terms region on region.code = s.region
+left join event_terms browser on browser.code = s.browser
+left join event_terms os on os.code = s.os
+left join event_terms device on device.code = s.device
+left join event_terms client on client.code = s.client
+left join urls u on u.account_id = $1 and u.id = s.url_id
+left join messages m on m.account_id = $1 and m.id = s.message_id
 left join recipient_suppressions r on r.account_id = m.account_id
                                   and r.recipient_key = m.recipient_key
 left join recipient_consents c on c.account_id = m.account_id
@@ -232,9 +267,17 @@ values ($1, $2, $3, $4, $5, $6, $7);
 delete from webhook_attempts where at < $1;
 
 -- name: erase-event-log
--- Erasure: the outbox rows of the erased messages (nothing of them is sent any more).
+-- Erasure: the re-labels of the erased messages (their events went with erase-events).
 delete from event_log where account_id = $1 and message_id = any($2::bigint[]);
 
 -- name: forget-event-log
--- Retention dropped the events of [$1, $2): their outbox rows point at nothing.
-delete from event_log where occurred_at >= $1 and occurred_at < $2 and type <> 'relabel';
+-- Retention removed events from $1 on (a partition dropped, or a campaign's rows deleted
+-- in one): the re-labels that name none of the events left go too. A re-label is made at
+-- or after the times of the clicks it names (when a click arrives), so only re-labels made
+-- from $1 on can name a removed event. (An open's or a click's own log row is the event:
+-- it goes with it.)
+delete from event_log l
+where l.type = 'relabel' and l.occurred_at >= $1
+  and not exists (select 1 from events e
+                  where e.account_id = l.account_id and e.message_id = l.message_id
+                    and e.id = any(l.relabelled));

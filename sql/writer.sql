@@ -56,7 +56,9 @@ on conflict (term) do nothing;
 
 -- name: move-staged
 -- Step 1. Only rows new to the database go into the delta: a retried batch or a journal
--- replay adds nothing. $1, $2: the trigger reasons and their windows; $3: the honeypot
+-- replay adds nothing. Each new event takes this transaction's id as its `xid` (the
+-- column's default), which places it in the pull stream and the webhook queues
+-- (sql/0020_event_order.sql); a replayed one keeps its own. $1, $2: the trigger reasons and their windows; $3: the honeypot
 -- link's url id. The short texts are stored as their event_terms codes, which the delta
 -- keeps: only the dimension rollup needs the texts, per value rather than per event. A
 -- text with no code yet stops the statement (tracker_new_term; store/lanes.py then adds
@@ -99,11 +101,6 @@ triggers as (
     join unnest($1::text[], $2::interval[]) w (reason, span) on w.reason = t.term
     where n.is_trigger
     on conflict do nothing
-),
--- The outbox (sql/0011_webhooks.sql): what webhooks and the pull stream send.
-logged as (
-    insert into event_log (account_id, id, occurred_at, message_id, campaign_id, type, machine)
-    select account_id, id, occurred_at, message_id, campaign_id, type, machine from new
 )
 insert into events_staging_delta (account_id, campaign_id, message_id, occurred_at, type,
                                   url_id, country, region, browser, os, device, client, reason,
@@ -233,7 +230,8 @@ moved as (
               e.country, e.region, e.browser, e.os, e.device, e.client, e.reason, e.id,
               near.reason as reason_text
 ),
--- The outbox: one re-label event per message and reason, naming the events it changed.
+-- The outbox (sql/0011_webhooks.sql, sql/0020_event_order.sql): one re-label event per
+-- message and reason, naming the events it changed.
 logged as (
     insert into event_log (account_id, id, occurred_at, message_id, campaign_id, type, machine,
                            relabelled, reason)

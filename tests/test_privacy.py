@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import threading
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote, unquote
@@ -150,6 +151,20 @@ async def _counts(db: asyncpg.Connection) -> dict[tuple[str, int], int]:
     return {(r["p"], r["campaign_id"]): r["n"] for r in rows}
 
 
+async def _relabel(db: asyncpg.Connection, message: tuple[int, int, int, int],
+                   events: list[tuple[str, datetime]]) -> uuid.UUID:
+    """A re-label in the outbox naming the message's events at those times."""
+    account_id, campaign_id, message_id, _ = message
+    found: uuid.UUID = await db.fetchval("""
+        insert into event_log (account_id, id, occurred_at, message_id, campaign_id, type,
+                               machine, relabelled, reason)
+        select $1, gen_random_uuid(), now(), $2, $3, 'relabel', true, array_agg(id),
+               'honeypot'
+        from events where account_id = $1 and message_id = $2 and occurred_at = any($4)
+        returning id""", account_id, message_id, campaign_id, [at for _, at in events])
+    return found
+
+
 @pytest.mark.slow
 async def test_retention_drops_expired_days_trims_shared_ones_and_reports_keep_totals(
         db: asyncpg.Connection, dsn: str) -> None:
@@ -204,6 +219,14 @@ async def test_retention_drops_expired_days_trims_shared_ones_and_reports_keep_t
         before = {name: await reports.campaign_report(db, a, c) for name, (a, c, _, _)
                   in ids.items()}
         assert before["short"]["opens"]["total"] == 6 and before["short"]["clicks"]["total"] == 1
+        # Re-labels in the outbox (sql/0020_event_order.sql) go once none of the events they
+        # name is left: of a dropped day, of rows deleted; not while one event stays.
+        relabels = {what: await _relabel(db, ids[name], [(name, at) for at in times])
+                    for what, name, times in (
+                        ("dropped", "short", [_at(5, 21, 10)]),
+                        ("deleted", "short", [_at(6, 15, 10), _at(6, 25, 10)]),
+                        ("kept", "long", [_at(6, 15, 10)]),
+                        ("half", "short", [_at(6, 27, 6), _at(6, 27, 18)]))}
 
         result = await enforce_retention(db, NOW)
 
@@ -218,6 +241,8 @@ async def test_retention_drops_expired_days_trims_shared_ones_and_reports_keep_t
         assert await db.fetchval("select count(*) from events_20240627 where occurred_at = $1",
                                  _at(6, 27, 18)) == 1
         assert result.rows_deleted == 3  # June 15, 25 and 27 (06:00) of `short`
+        assert {r["id"] for r in await db.fetch("select id from event_log")} == {
+            relabels["kept"], relabels["half"]}
         for name, (a, cid, _, _) in ids.items():
             assert await reports.campaign_report(db, a, cid) == before[name], name
 

@@ -1,9 +1,10 @@
 """The storage migrations (sql/0017_storage.sql, sql/0018_event_terms.sql,
-sql/0019_message_links.sql) on a real PostgreSQL: a database holding events, messages and
-links from the schema before each is upgraded in place with every report figure, every
-stored field and every message's links unchanged, and the queries that find a campaign's or
-a message's events, a recipient's messages and a message's links still go through an
-index, not a read of the table.
+sql/0019_message_links.sql, sql/0020_event_order.sql) on a real PostgreSQL: a database
+holding events, messages and links from the schema before each is upgraded in place with
+every report figure, every stored field, every message's links and the event stream
+unchanged, and the queries that find a campaign's or a message's events, a recipient's
+messages, a message's links and an account's next events in commit order still go through
+an index, not a read of the table.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from tests.test_reports import (
 )
 from tracker.ingest.pipeline import CLICK, OPEN
 from tracker.privacy import retention
-from tracker.store import reports
+from tracker.store import outbox, reports
 from tracker.store.database import connect
 from tracker.store.migrations import migrate
 from tracker.store.queries import MIGRATION_FILE, QUERIES, for_table, sql_dir
@@ -40,6 +41,7 @@ STORAGE = 17
 TERMS = 18
 CODED = ("reason", "region", "browser", "os", "device", "client")
 MESSAGE_LINKS = 19
+EVENT_ORDER = 20
 
 
 def _migrations_before(version: int, into: Path) -> Path:
@@ -160,7 +162,8 @@ async def test_the_queries_that_find_a_campaigns_or_a_messages_events_use_an_ind
         dsn: str) -> None:
     """EXPLAIN, on a table of some size with statistics: the campaign export, retention's
     (account, campaign) pairs of a partition and its batched delete read events_campaign;
-    a message's events and their erasure read the primary key."""
+    a message's events and their erasure read the primary key; the stream reads
+    events_stream."""
     conn = await connect(dsn)
     try:
         day = (await conn.fetchval("select current_date - 1"))
@@ -195,6 +198,13 @@ async def test_the_queries_that_find_a_campaigns_or_a_messages_events_use_an_ind
             plan = "\n".join(r[0] for r in rows)
             assert "_pkey" in plan, (name, plan)
             assert "Seq Scan on events_" not in plan, (name, plan)
+        # An account's next events in commit order (the pull stream, a webhook queue) by
+        # events_stream, merged with its re-labels (sql/0020_event_order.sql).
+        plan = "\n".join(r[0] for r in await conn.fetch(
+            "explain " + QUERIES.stream_events, 3, 0, uuid.UUID(int=0), 100, 1, 0,
+            ["open", "click", "relabel"], None, False))
+        assert "account_id_xid_idx" in plan and "event_log_pkey" in plan, plan
+        assert "Seq Scan on events_" not in plan, plan
         pairs = await retention.campaigns_in(conn, partition)
         assert len(pairs) == 7 * 60
         assert partition.end - partition.start == timedelta(days=1)
@@ -275,17 +285,96 @@ async def _recipients(conn: asyncpg.Connection, c: Campaign) -> list[list[int]]:
     return found
 
 
+# The writer before sql/0020_event_order.sql added an outbox row for every event it stored,
+# in the statement that stored it; the writer of today needs the schema of today, so a
+# trigger adds those rows to what it writes into a database from before (its re-labels
+# the writer logs itself, as before).
+_OLD_OUTBOX = """
+    create function pg_temp.log_event() returns trigger language plpgsql as $$
+    begin
+        insert into event_log (account_id, id, occurred_at, message_id, campaign_id, type,
+                               machine)
+        values (new.account_id, new.id, new.occurred_at, new.message_id, new.campaign_id,
+                new.type, new.machine);
+        return null;
+    end;
+    $$;
+    create trigger old_outbox after insert on events
+    for each row execute function pg_temp.log_event();
+"""
+
+# The stream's query before sql/0020_event_order.sql (sql/webhooks.sql, stream-events), when
+# every event had its row in event_log.
+_STREAM_BEFORE = """
+    with scanned as (
+        select * from event_log l
+        where l.account_id = $1 and (l.xid, l.id) > ($2::xid8, $3::uuid)
+          and l.xid < pg_snapshot_xmin(pg_current_snapshot())
+        order by l.xid, l.id
+        limit $4
+    )
+    select s.xid, s.id, s.type, s.occurred_at, s.message_id, s.campaign_id, s.relabelled,
+           coalesce(e.machine, s.machine) as machine, coalesce(e.reason, s.reason) as reason,
+           u.url, e.country, e.region, e.city, e.browser, e.os, e.device, e.client,
+           (s.message_id % $5 = $6 and s.type = any($7::text[])
+            and ($8::bigint is null or s.campaign_id = $8)
+            and ($9 or not s.machine or s.type = 'relabel')
+            and m.id is not null and not coalesce(r.opted_out, false)
+            and not (s.type = 'open' and c.opens is false)
+            and not (s.type = 'click' and c.clicks is false)
+            and (s.type = 'relabel' or e.id is not null)) as send
+    from scanned s
+    left join events_decoded e on s.type <> 'relabel' and e.account_id = s.account_id
+                              and e.message_id = s.message_id and e.occurred_at = s.occurred_at
+                              and e.id = s.id
+    left join urls u on u.account_id = e.account_id and u.id = e.url_id
+    left join messages m on m.account_id = s.account_id and m.id = s.message_id
+    left join recipient_suppressions r on r.account_id = m.account_id
+                                      and r.recipient_key = m.recipient_key
+    left join recipient_consents c on c.account_id = m.account_id
+                                  and c.recipient_key = m.recipient_key
+    order by s.xid, s.id;
+"""
+
+
+async def _stream(conn: asyncpg.Connection, account_id: int, wanted: outbox.Filter,
+                  after: outbox.Position = outbox.START, page: int = 7, *,
+                  before: bool = False) -> tuple[list[dict[str, object]], outbox.Position]:
+    """Every event the account's stream gives after `after`, a page of `page` rows at a
+    time, with the cursor the last page left (as `GET /api/events` and a webhook queue
+    move it); `before`: by the query before sql/0020_event_order.sql."""
+    sent: list[dict[str, object]] = []
+    while True:
+        if before:
+            rows = await conn.fetch(_STREAM_BEFORE, account_id, after.xid, after.id, page,
+                                    wanted.lanes, wanted.lane, wanted.types,
+                                    wanted.campaign_id, wanted.machine)
+            sent += [outbox.event_json(r) for r in rows if r["send"]]
+            last = rows[-1] if rows else None
+        else:
+            got = await outbox.stream(conn, account_id, after, page, wanted)
+            sent += got.events
+            last = got.last
+        if last is None:
+            return sent, after
+        after = outbox.Position(int(last["xid"]), last["id"])
+
+
 async def test_an_old_database_keeps_each_messages_links_and_clicks_through_the_upgrade(
         empty_dsn: str, tmp_path: Path) -> None:
-    """sql/0019_message_links.sql on a database with a mixed workload: every message's links
-    (positions, gaps, destinations, per-link clicks) and every report are the same after,
-    the erasure's queries find the same messages, and clicks on the links go on counting."""
+    """sql/0019_message_links.sql and sql/0020_event_order.sql on a database with a mixed
+    workload: every message's links (positions, gaps, destinations, per-link clicks) and
+    every report are the same after, the erasure's queries find the same messages, the
+    event stream gives the same events in the same order under the same cursors (of every
+    filter, human only too: a click a re-label made machine was stored human), and clicks
+    on the links go on counting and streaming."""
     dsn = empty_dsn
     conn = await connect(dsn)
     writer = BatchWriter(lambda: connect(dsn), batch_size=500, interval_s=3600,
                          max_buffered=100_000)
     try:
         await migrate(conn, _migrations_before(MESSAGE_LINKS, tmp_path / "sql"))
+        await conn.execute(_OLD_OUTBOX)
         rng = random.Random(19)
         mixed = [await make_campaign(conn, messages=rng.randint(5, 20), urls=3)
                  for _ in range(3)]
@@ -304,8 +393,40 @@ async def test_an_old_database_keeps_each_messages_links_and_clicks_through_the_
                   for c in mixed}
         found = {c.campaign_id: await _recipients(conn, c) for c in mixed[:1]}
         await conn.execute("update messages set recipient_key = null")
+        await conn.execute("drop trigger old_outbox on events")
+        # An event stored before the outbox existed (sql/0011_webhooks.sql) never was in
+        # the stream: one such event per campaign.
+        unlogged = [await conn.fetchval(
+            "delete from event_log where id = (select min(id::text)::uuid from event_log"
+            " where campaign_id = $1 and type = 'open') returning id", c.campaign_id)
+            for c in mixed]
+        assert all(unlogged)
+        filters = [outbox.EVERYTHING, outbox.Filter(["click", "relabel"], machine=False),
+                   outbox.Filter(["open"], mixed[0].campaign_id, lanes=2, lane=1)]
+        streams = {(c.account_id, n): await _stream(conn, c.account_id, f, before=True)
+                   for c in mixed for n, f in enumerate(filters)}
+        assert all(streams[c.account_id, 0][0] for c in mixed)
+        relabels = [e for c in mixed for e in streams[c.account_id, 0][0]
+                    if e["type"] == "relabel"]
+        assert relabels  # the workload re-labels clicks
+        assert await conn.fetchval(
+            "select count(*) from event_log where type <> 'relabel'") > 0
 
-        assert MESSAGE_LINKS in [m.version for m in await migrate(conn)]
+        applied = [m.version for m in await migrate(conn)]
+        assert MESSAGE_LINKS in applied and EVENT_ORDER in applied
+
+        # The outbox keeps only the re-labels; each event carries its outbox row's xid,
+        # and the one stored before the outbox none.
+        assert await conn.fetchval(
+            "select count(*) from event_log where type <> 'relabel'") == 0
+        assert await conn.fetchval(
+            "select array_agg(id order by id) from events where xid is null") == sorted(
+                unlogged)
+        assert await _index_keys(conn, "events", "events_stream") == ["account_id", "xid"]
+        for (account_id, n), (sent, last) in streams.items():
+            assert await _stream(conn, account_id, filters[n]) == (sent, last)
+            assert await _stream(conn, account_id, filters[n], page=1000) == (sent, last)
+            assert not {e["id"] for e in sent} & {str(i) for i in unlogged}
 
         assert await conn.fetchval("select to_regclass('links')") is None
         assert await _index_keys(conn, "messages", "messages_recipient_key") == [
@@ -328,10 +449,15 @@ async def test_an_old_database_keeps_each_messages_links_and_clicks_through_the_
         # are counted under their destinations as a recomputation from the events says.
         c = mixed[1]
         at = micros(T0) + 6 * 3600 * 1_000_000
-        await write(writer, [event(c, m, CLICK, at + n * 1_000_000, url=url, position=p,
-                                   rng=rng)
-                             for n, (m, p, url) in enumerate(positions[c.campaign_id])])
+        clicks = [event(c, m, CLICK, at + n * 1_000_000, url=url, position=p, rng=rng)
+                  for n, (m, p, url) in enumerate(positions[c.campaign_id])]
+        await write(writer, clicks)
         await assert_report_is_recomputation(conn, c, ZONES)
+        # The stream goes on from where it stood: the new clicks, after every older event.
+        new, _ = await _stream(conn, c.account_id, outbox.EVERYTHING,
+                               streams[c.account_id, 0][1])
+        assert {e["id"] for e in new if e["type"] == "click"} == {
+            str(uuid.UUID(int=e.id)) for e in clicks}
         exported = await conn.fetch(QUERIES.export_recipient_links, c.account_id, c.messages)
         assert [(r["message_id"], r["position"]) for r in exported] == [
             (m, p) for m, p, _ in positions[c.campaign_id]]

@@ -98,10 +98,11 @@ select pg_temp.distribute('dashboard_signed_out', 'account_id', 'accounts');
 select pg_temp.distribute('consent_wordings', 'account_id', 'accounts');
 select pg_temp.distribute('recipient_consents', 'account_id', 'accounts');
 select pg_temp.distribute('consent_history', 'account_id', 'accounts');
--- Events out (sql/0011_webhooks.sql): the outbox the writer fills beside the events it
--- stores, and each account's webhook endpoints, their delivery queues and log. A reader
--- of the outbox orders it by the writing transaction's id, which is the id on the worker
--- that holds the account: every query on it names one account, so it runs there.
+-- Events out (sql/0011_webhooks.sql, sql/0020_event_order.sql): the re-labels the writer
+-- logs beside the events it stores, and each account's webhook endpoints, their delivery
+-- queues and log. A reader of the stream orders events and re-labels by the writing
+-- transaction's id, which is the id on the worker that holds the account: every query on
+-- them names one account, so it runs there.
 select pg_temp.distribute('event_log', 'account_id', 'accounts');
 select pg_temp.distribute('webhook_endpoints', 'account_id', 'accounts');
 select pg_temp.distribute('webhook_queues', 'account_id', 'accounts');

@@ -15,7 +15,8 @@ account's default, else for ever. Events live in one partition per UTC day
 The campaigns present in a partition come from a skip scan of that index (one probe per
 campaign, not a read of the partition). Reports read only the rollups (store/rollups.py),
 which retention leaves alone: a report after retention shows the totals it showed
-before. The re-label windows of expired clicks (`relabel_triggers`) go with them.
+before. The re-label windows of expired clicks (`relabel_triggers`) go with them, and so do
+the outbox's re-labels that name no event left (sql/webhooks.sql, forget-event-log).
 
 Purge. Deleting a campaign or an account stops its recording at once; `GRACE` later
 its data is removed: events (partition by partition, in batches, as above), messages,
@@ -138,6 +139,8 @@ async def enforce_retention(conn: asyncpg.Connection, now: datetime) -> Retentio
             if deleted:
                 result.rows_deleted += deleted
                 result.trimmed.append((partition.name, account_id, campaign_id))
+        if any(name == partition.name for name, _, _ in result.trimmed):
+            await conn.execute(QUERIES.forget_event_log, partition.start)
     if result.partitions_dropped or result.rows_deleted:
         log.info("retention: dropped %d partition(s), deleted %d expired event(s)",
                  len(result.partitions_dropped), result.rows_deleted)
@@ -151,7 +154,7 @@ async def _drop(conn: asyncpg.Connection, partition: Partition) -> bool:
             await conn.execute(for_table(QUERIES.drop_event_partition, partition.name))
             await conn.execute(QUERIES.forget_partition_relabel_triggers, partition.start,
                                partition.end)
-            await conn.execute(QUERIES.forget_event_log, partition.start, partition.end)
+            await conn.execute(QUERIES.forget_event_log, partition.start)
     except asyncpg.LockNotAvailableError:
         log.warning("retention: %s is busy; deleting its rows instead of dropping it",
                     partition.name)

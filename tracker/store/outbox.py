@@ -1,14 +1,16 @@
-"""The outbox: reading what the writer logged for delivery, and the delivery queues.
+"""The outbox: reading what the writer stored for delivery, and the delivery queues.
 
-The writer adds an `event_log` row for every event it stores and every re-label it makes,
-in the same transaction (sql/writer.sql), so what is sent is exactly what was stored.
-Rows are read in commit order: a row is taken only once every transaction older than it
-has ended (sql/webhooks.sql, stream-events), so a cursor never passes a row that
-commits later. The pull stream (`GET /api/events`) and the webhook queues read the log
-the same way; a webhook replay reads `events` by time instead.
+The log is the stored events themselves, each with the id of the transaction that stored
+it (`events.xid`), and the re-labels the writer records in `event_log` in the transaction
+that makes them (sql/writer.sql, sql/0020_event_order.sql), so what is sent is exactly
+what was stored. Rows are read in commit order, (xid, id), both tables merged: a row is
+taken only once every transaction older than it has ended (sql/webhooks.sql,
+stream-events), so a cursor never passes a row that commits later. The pull stream
+(`GET /api/events`) and the webhook queues read the log the same way; a webhook replay
+reads `events` by time instead.
 
-An event's fields are read from `events` when it is sent: an event erased or expired
-since it was logged is not sent, nor is one of a recipient who has opted out since.
+An event's fields are read when it is sent: an event erased or expired meanwhile is not
+sent, nor is one of a recipient who has opted out since.
 """
 
 from __future__ import annotations
