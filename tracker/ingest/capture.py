@@ -187,8 +187,8 @@ class Capture:
         else:
             outcome = self.pipeline.click(token, scope["method"], user_agent, client_ip, at_us)
             endpoint = CLICK
-        if isinstance(outcome, DropReason):
-            return outcome
+        if isinstance(outcome, str):  # a DropReason (a str): isinstance of an enum class
+            return outcome  # goes through its metaclass, ~60 ns more on every hit
         refused = self._sink.add(outcome)
         if refused is None:
             self._counter.count_hit(endpoint, outcome[2])

@@ -168,12 +168,14 @@ class Pipeline:
             return DropReason.NO_CONSENT
         _, agent_part, agent = self._agent_parts(user_agent, policy.device)
         verdict = self.classifier.click(agent, method, token, at_us, client_ip)
-        return self._record(CLICK, token, str(token.link_position), str(token.url_id), policy,
+        return self._record(CLICK, token, token.link_position, token.url_id, policy,
                             agent_part, verdict, client_ip, at_us)
 
-    def _record(self, kind: str, token: OpenToken | ClickToken, link_position: str,
-                url_id: str, policy: Policy, agent_part: str, verdict: Verdict,
+    def _record(self, kind: str, token: OpenToken | ClickToken, link_position: int | str,
+                url_id: int | str, policy: Policy, agent_part: str, verdict: Verdict,
                 client_ip: str | None, at_us: int) -> EventRecord:
+        # link_position and url_id: a click's integers, formatted by the f-string below
+        # (no str() of each first), or an open's null.
         # A mailbox image proxy fetches from its own data centre: that place is not the reader's.
         location_part = (_NO_LOCATION if verdict.proxied or not client_ip
                          else self._location_part(client_ip, policy.location))
@@ -251,6 +253,7 @@ def _bounded(cache: _Cache) -> _Cache:
 _VERSION_7 = 0x7 << 76
 _VARIANT = 0x2 << 62
 _RANDOM_MASK = ((1 << 80) - 1) & ~(0xF << 76) & ~(0x3 << 62)
+_VERSION_AND_VARIANT = _VERSION_7 | _VARIANT  # one 128-bit OR an event, not two
 
 
 def event_id(at_us: int) -> int:
@@ -259,4 +262,4 @@ def event_id(at_us: int) -> int:
     The 74 random bits only need to be unique, not unpredictable, so they come from
     the process's Mersenne Twister (seeded from os.urandom, and reseeded by Python in
     every forked worker) rather than a syscall per event."""
-    return ((at_us // 1000) << 80) | (getrandbits(80) & _RANDOM_MASK) | _VERSION_7 | _VARIANT
+    return ((at_us // 1000) << 80) | (getrandbits(80) & _RANDOM_MASK) | _VERSION_AND_VARIANT
