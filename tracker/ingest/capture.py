@@ -115,14 +115,14 @@ class Capture:
         now; the time recorded is the request's."""
         if not (self._deferred or self._deferred_clicks):
             asyncio.get_running_loop().call_soon(self.record_deferred)
-        self._deferred.append((scope, _now()))
+        self._deferred.append((scope, _time_ns() // 1000))  # _now(), without the call
 
     def defer_click(self, scope: Scope, token: ClickToken | None) -> None:
         """A click request recorded as `defer_open`'s, its token verified already (the
         redirect needed it)."""
         if not (self._deferred or self._deferred_clicks):
             asyncio.get_running_loop().call_soon(self.record_deferred)
-        self._deferred_clicks.append((scope, token, _now()))
+        self._deferred_clicks.append((scope, token, _time_ns() // 1000))  # as defer_open's
 
     def record_deferred(self) -> None:
         """Records every deferred hit now (also before the writer closes); a privacy
@@ -208,5 +208,8 @@ class Capture:
                 self.addresses.resolve(client[0] if client else None, forwarded))
 
 
+_time_ns = time.time_ns
+
+
 def _now() -> int:
-    return time.time_ns() // 1000
+    return _time_ns() // 1000
