@@ -163,8 +163,12 @@ class Signer:
                 self._opens.put(token, known)
         return known
 
-    def verify_click(self, token: str) -> ClickToken | None:
-        """The click token's fields if it is authentic, else None; kept as verify_open's."""
+    def verify_click(self, token: str, keep: bool = True) -> ClickToken | None:
+        """The click token's fields if it is authentic, else None; kept as verify_open's,
+        unless the caller keeps what it needs itself (`keep=False`: the redirect's answers,
+        ingest/endpoints.py)."""
+        if not keep:
+            return self._verify_click(token)
         known = self._clicks.get(token)
         if known is None:
             known = self._verify_click(token)
