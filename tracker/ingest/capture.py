@@ -115,14 +115,14 @@ class Capture:
         now; the time recorded is the request's."""
         if not (self._deferred or self._deferred_clicks):
             asyncio.get_running_loop().call_soon(self.record_deferred)
-        self._deferred.append((scope, _now()))
+        self._deferred.append((scope, _time_ns() // 1000))  # _now(), without the call
 
     def defer_click(self, scope: Scope, token: ClickToken | None) -> None:
         """A click request recorded as `defer_open`'s, its token verified already (the
         redirect needed it)."""
         if not (self._deferred or self._deferred_clicks):
             asyncio.get_running_loop().call_soon(self.record_deferred)
-        self._deferred_clicks.append((scope, token, _now()))
+        self._deferred_clicks.append((scope, token, _time_ns() // 1000))  # as defer_open's
 
     def record_deferred(self) -> None:
         """Records every deferred hit now (also before the writer closes); a privacy
@@ -187,8 +187,8 @@ class Capture:
         else:
             outcome = self.pipeline.click(token, scope["method"], user_agent, client_ip, at_us)
             endpoint = CLICK
-        if isinstance(outcome, DropReason):
-            return outcome
+        if isinstance(outcome, str):  # a DropReason (a str): isinstance of an enum class
+            return outcome  # goes through its metaclass, ~60 ns more on every hit
         refused = self._sink.add(outcome)
         if refused is None:
             self._counter.count_hit(endpoint, outcome[2])
@@ -208,5 +208,8 @@ class Capture:
                 self.addresses.resolve(client[0] if client else None, forwarded))
 
 
+_time_ns = time.time_ns
+
+
 def _now() -> int:
-    return time.time_ns() // 1000
+    return _time_ns() // 1000

@@ -231,8 +231,10 @@ class Classifier:
         if (agent.browser and client_ip is not None and -self._scanner_us < after < self._scanner_us
                 and self.is_scanner_network(client_ip)):
             return SCANNER_NETWORK
-        # The message's recent clicks: the honeypot window, then bursts.
-        recent = self._remembered(token)
+        # The message's recent clicks: the honeypot window, then bursts. (This generation's
+        # found here, without a call: every click that gets this far looks.)
+        recent = (self._recent.get((token.account_id, token.message_id))
+                  or self._remembered(token))
         if at_us <= recent.honeypot_until:
             return HONEYPOT
         if not self._burst_links:

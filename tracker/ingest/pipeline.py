@@ -138,12 +138,13 @@ class Pipeline:
         self.classifier = classifier or Classifier(load_rules())
         # (agent, policy.device) -> (the open's agent part, the click's, the agent's class)
         self._agents: dict[tuple[str, bool], tuple[str, str, AgentClass]] = {}
-        self._locations: dict[tuple[str, str], str] = {}
-        self._addresses: dict[tuple[str, str], str] = {}
+        # (address, policy.location, policy.ip) -> (the location part, the address part):
+        # one lookup a hit for both (two cost ~0.1 µs more).
+        self._places: dict[tuple[str, str, str], tuple[str, str]] = {}
 
     def use_locator(self, locate: Callable[[str], Location | None]) -> None:
         self._locate = locate
-        self._locations.clear()
+        self._places.clear()
 
     def open(self, token: OpenToken, method: str, user_agent: str, client_ip: str | None,
              at_us: int) -> EventRecord | DropReason:
@@ -168,20 +169,28 @@ class Pipeline:
             return DropReason.NO_CONSENT
         _, agent_part, agent = self._agent_parts(user_agent, policy.device)
         verdict = self.classifier.click(agent, method, token, at_us, client_ip)
-        return self._record(CLICK, token, str(token.link_position), str(token.url_id), policy,
+        return self._record(CLICK, token, token.link_position, token.url_id, policy,
                             agent_part, verdict, client_ip, at_us)
 
-    def _record(self, kind: str, token: OpenToken | ClickToken, link_position: str,
-                url_id: str, policy: Policy, agent_part: str, verdict: Verdict,
+    def _record(self, kind: str, token: OpenToken | ClickToken, link_position: int | str,
+                url_id: int | str, policy: Policy, agent_part: str, verdict: Verdict,
                 client_ip: str | None, at_us: int) -> EventRecord:
-        # A mailbox image proxy fetches from its own data centre: that place is not the reader's.
-        location_part = (_NO_LOCATION if verdict.proxied or not client_ip
-                         else self._location_part(client_ip, policy.location))
-        address_part = (_NULL if policy.ip == "none" or not client_ip
-                        else self._address_part(client_ip, policy.ip))
+        # link_position and url_id: a click's integers, formatted by the f-string below
+        # (no str() of each first), or an open's null.
+        if client_ip:
+            key = (client_ip, policy.location, policy.ip)
+            places = self._places.get(key) or self._places_of(key)
+            # A mailbox image proxy fetches from its own data centre: that place is not the
+            # reader's.
+            location_part = _NO_LOCATION if verdict.proxied else places[0]
+            address_part = places[1]
+        else:
+            location_part, address_part = _NO_LOCATION, _NULL
         day = at_us // DAY_MICROSECONDS
-        return (f"{token.account_id}\t{at_us}\t{event_id(at_us):032x}\t{token.campaign_id}\t"
-                f"{token.message_id}\t{kind}\t{link_position}\t{url_id}\t{verdict.line}\t"
+        # The id's 32 hex digits as `:032x` writes them for any id under 2**128 (every time
+        # up to the year 10889), at a third of its cost: ~0.1 µs an event.
+        return (f"{token.account_id}\t{at_us}\t{event_id(at_us).to_bytes(16).hex()}\t"
+                f"{token.campaign_id}\t{token.message_id}\t{kind}\t{link_position}\t{url_id}\t{verdict.line}\t"
                 f"{location_part}\t{agent_part}\t{address_part}\n", _DAYS.setdefault(day, day),
                 verdict.machine)
 
@@ -199,28 +208,23 @@ class Pipeline:
             _bounded(self._agents)[key] = parts
         return parts
 
-    def _location_part(self, client_ip: str, mode: str) -> str:
-        key = (client_ip, mode)
-        part = self._locations.get(key)
-        if part is None:
-            found = self._locate(client_ip) if mode != "none" else None
-            if found is None:
-                part = _NO_LOCATION
-            else:
-                part = "\t".join(copy_text(v) for v in (
-                    found.country,
-                    found.region if mode in ("region", "city") else None,
-                    found.city if mode == "city" else None))
-            _bounded(self._locations)[key] = part
-        return part
+    def _places_of(self, key: tuple[str, str, str]) -> tuple[str, str]:
+        """The location and address parts of a line from an address, as the policy's
+        location and ip settings allow; cached (`_places`)."""
+        client_ip, location, ip = key
+        places = (self._location_part(client_ip, location),
+                  _NULL if ip == "none" else copy_text(stored_ip(ip, client_ip)))
+        _bounded(self._places)[key] = places
+        return places
 
-    def _address_part(self, client_ip: str, mode: str) -> str:
-        key = (client_ip, mode)
-        part = self._addresses.get(key)
-        if part is None:
-            part = copy_text(stored_ip(mode, client_ip))
-            _bounded(self._addresses)[key] = part
-        return part
+    def _location_part(self, client_ip: str, mode: str) -> str:
+        found = self._locate(client_ip) if mode != "none" else None
+        if found is None:
+            return _NO_LOCATION
+        return "\t".join(copy_text(v) for v in (
+            found.country,
+            found.region if mode in ("region", "city") else None,
+            found.city if mode == "city" else None))
 
 
 _NO_LOCATION = "\t".join((_NULL,) * 3)
@@ -251,6 +255,7 @@ def _bounded(cache: _Cache) -> _Cache:
 _VERSION_7 = 0x7 << 76
 _VARIANT = 0x2 << 62
 _RANDOM_MASK = ((1 << 80) - 1) & ~(0xF << 76) & ~(0x3 << 62)
+_VERSION_AND_VARIANT = _VERSION_7 | _VARIANT  # one 128-bit OR an event, not two
 
 
 def event_id(at_us: int) -> int:
@@ -259,4 +264,4 @@ def event_id(at_us: int) -> int:
     The 74 random bits only need to be unique, not unpredictable, so they come from
     the process's Mersenne Twister (seeded from os.urandom, and reseeded by Python in
     every forked worker) rather than a syscall per event."""
-    return ((at_us // 1000) << 80) | (getrandbits(80) & _RANDOM_MASK) | _VERSION_7 | _VARIANT
+    return ((at_us // 1000) << 80) | (getrandbits(80) & _RANDOM_MASK) | _VERSION_AND_VARIANT

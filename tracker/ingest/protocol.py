@@ -75,6 +75,8 @@ from tracker.ingest.limits import (
 
 _CLOSE = b"\r\nconnection: close\r\n\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# The pixel's and the redirect's paths, for one startswith (a click's: one call, not two).
+_TRACKING_PATHS = (b"/o/", b"/c/")
 # What one connection may have read before the loop serves the others (data_received).
 TURN_BYTES = 256 * 1024
 # After a refusal, how long the rest of the request is read and dropped (_linger).
@@ -107,7 +109,9 @@ class _Outbox:
             self._loop.call_soon(self.flush)
 
     def put(self, protocol: TrackingHttpProtocol, answer: bytes, close: bool) -> None:
-        self.expect()
+        if not self._scheduled:  # expect(), inlined: every tracking answer comes here
+            self._scheduled = True
+            self._loop.call_soon(self.flush)
         self._answers.append((protocol, answer, close))
 
     def flush(self) -> None:
@@ -375,7 +379,7 @@ class TrackingHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         url = self.url
-        if (self._answers_in_place and (url.startswith(b"/o/") or url.startswith(b"/c/"))
+        if (self._answers_in_place and url.startswith(_TRACKING_PATHS)
                 and (self.cycle is None or self.cycle.response_complete)
                 and not self.parser.should_upgrade()):
             path = url.partition(b"?")[0]
@@ -389,7 +393,7 @@ class TrackingHttpProtocol(HttpToolsProtocol):
                 if self.expect_100_continue and self.parser.get_http_version() != "1.0":
                     self._continue = True
                 return
-        if not (url.startswith(b"/o/") or url.startswith(b"/c/")):
+        if not url.startswith(_TRACKING_PATHS):
             self._head_since = None  # its head is in; a tracking request is timed whole
         # The ASGI way: uvicorn's scope (its on_message_begin resets what was read so far).
         url, headers, expect = self.url, self.headers, self.expect_100_continue

@@ -68,11 +68,11 @@ MIN_KEY_CHARS = 16
 # authenticity depends on it and the keys alone, which are fixed for a Signer's life, so a
 # kept one is the same answer; what may change (suppression, erasure, consent, policy)
 # is checked per hit after it. Only tokens that verified are kept, so forged ones cannot
-# fill it; click tokens longer than _KEPT_CLICK_CHARS (long destinations) are verified
+# fill it; click tokens longer than KEPT_CLICK_CHARS (long destinations) are verified
 # each time, which bounds what it holds: ~10 MB at most, ~4 MB with common links.
 _KEPT_OPENS = 16384
-_KEPT_CLICKS = 8192
-_KEPT_CLICK_CHARS = 512
+KEPT_CLICKS = 8192
+KEPT_CLICK_CHARS = 512
 
 
 FLAG_HONEYPOT = 1
@@ -129,7 +129,7 @@ class Signer:
         self._signing_key = _HmacSha256(keys[0].encode())
         self._signing_id = _key_id(keys[0].encode())
         self._opens: Recent[str, OpenToken] = Recent(_KEPT_OPENS)
-        self._clicks: Recent[str, ClickToken] = Recent(_KEPT_CLICKS)
+        self._clicks: Recent[str, ClickToken] = Recent(KEPT_CLICKS)
 
     @classmethod
     def from_setting(cls, value: str) -> Signer:
@@ -163,12 +163,16 @@ class Signer:
                 self._opens.put(token, known)
         return known
 
-    def verify_click(self, token: str) -> ClickToken | None:
-        """The click token's fields if it is authentic, else None; kept as verify_open's."""
+    def verify_click(self, token: str, keep: bool = True) -> ClickToken | None:
+        """The click token's fields if it is authentic, else None; kept as verify_open's,
+        unless the caller keeps what it needs itself (`keep=False`: the redirect's answers,
+        ingest/endpoints.py)."""
+        if not keep:
+            return self._verify_click(token)
         known = self._clicks.get(token)
         if known is None:
             known = self._verify_click(token)
-            if known is not None and len(token) <= _KEPT_CLICK_CHARS:
+            if known is not None and len(token) <= KEPT_CLICK_CHARS:
                 self._clicks.put(token, known)
         return known
 
