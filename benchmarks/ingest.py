@@ -399,7 +399,7 @@ async def reference_copy(dsn: str, records: list[EventRecord], batch: int,
         await conn.execute(f"create table copy_reference ({_COLUMNS})")
         with clock:
             for i in range(0, len(records), batch):
-                data = "".join(line for line, _, _ in records[i:i + batch]).encode()
+                data = "".join(line for line, *_ in records[i:i + batch]).encode()
                 await conn.copy_to_table("copy_reference", source=io.BytesIO(data),
                                          columns=EVENT_COLUMNS)
         assert await conn.fetchval("select count(*) from copy_reference") == len(records)
@@ -423,7 +423,7 @@ async def reference_events(dsn: str, records: list[EventRecord], batch: int,
         await conn.execute(f"create temp table staged ({_COLUMNS}) on commit delete rows")
         async with conn.transaction():  # every text's code first, as a writer's in use has
             await conn.copy_to_table("staged", columns=EVENT_COLUMNS, source=io.BytesIO(
-                "".join(line for line, _, _ in records).encode()))
+                "".join(line for line, *_ in records).encode()))
             await conn.execute("insert into event_terms (term) select distinct t from staged, "
                                f"unnest(array[{', '.join(_CODED)}]) t where t is not null")
         for day in sorted({day for _, day, _ in records}):
@@ -431,7 +431,7 @@ async def reference_events(dsn: str, records: list[EventRecord], batch: int,
                                "date '1970-01-01' + $1::int)", day)
         with clock:
             for i in range(0, len(records), batch):
-                data = "".join(line for line, _, _ in records[i:i + batch]).encode()
+                data = "".join(line for line, *_ in records[i:i + batch]).encode()
                 async with conn.transaction():
                     await conn.copy_to_table("staged", source=io.BytesIO(data),
                                              columns=EVENT_COLUMNS)

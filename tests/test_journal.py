@@ -14,6 +14,7 @@ import sys
 import textwrap
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -25,7 +26,8 @@ from benchmarks.wrk import Plan, http_request, run_plans, write_plan
 from tracker.ingest.pipeline import DropReason, EventRecord
 from tracker.store.backlog import Backlog, WriterStats
 from tracker.store.database import connect
-from tracker.store.journal import HEADER_BYTES, MAGIC, Journal, JournalFull
+from tracker.store.journal import HEADER_BYTES, MAGIC, Journal, JournalFull, Part
+from tracker.store.lanes import placed
 from tracker.store.writer import BatchWriter
 
 from .support import (
@@ -45,7 +47,7 @@ MB = 1 << 20
 
 
 def lines(n: int) -> list[str]:
-    return [line for line, _, _ in rows(n)]
+    return [line for line, *_ in rows(n)]
 
 
 def read_all(journal: Journal) -> list[str]:
@@ -73,6 +75,10 @@ def records(data: bytes) -> list[tuple[int, int]]:
         offset += 12 + length
     assert offset == len(data)
     return found
+
+
+def payloads_of(data: bytes) -> list[bytes]:
+    return [data[offset + HEADER_BYTES: offset + size] for offset, size in records(data)]
 
 
 def orphan_from(data: bytes, directory: Path, name: str = "4242-deadbeef-000001.seg") -> Journal:
@@ -159,6 +165,71 @@ def test_a_segment_holds_the_copy_lines_and_nothing_else(tmp_path: Path) -> None
     assert len(data) == len(payloads) + 2 * HEADER_BYTES
     assert path.stat().st_mode & 0o777 == 0o600
     journal.close()
+
+
+def test_a_label_is_kept_with_its_record_and_is_not_an_event(tmp_path: Path) -> None:
+    # What the writer sorts for its lanes: two parts in one append, one fsync; a label
+    # line on disk says where they go, and is neither counted nor read back as an event.
+    journal = Journal(tmp_path, max_bytes=64 * MB)
+    even, odd = lines(2), lines(3)
+    journal.append_parts([Part(even, "lane 0/2 days 20000"), Part(odd, "lane 1/2 days 20000"),
+                          Part([], "nothing")])
+    assert journal.pending_events == 5
+    assert journal.stats.appended_records == 2
+    (path,) = segment_files(tmp_path)
+    data = path.read_bytes()
+    payloads = b"".join(data[o + HEADER_BYTES: o + n] for o, n in records(data))
+    assert payloads == ("#lane 0/2 days 20000\n" + "".join(even)
+                        + "#lane 1/2 days 20000\n" + "".join(odd)).encode()
+    chunk = journal.read(1000)
+    assert chunk is not None and chunk.events == 5 and chunk.lines == even + odd
+    assert [label for label, _ in chunk.records] == ["lane 0/2 days 20000", "lane 1/2 days 20000"]
+    journal.close()
+    again = Journal(tmp_path, max_bytes=64 * MB)
+    assert again.adopt_orphans() == 1
+    assert again.pending_events == 5, "a scan counts the lines, not the labels"
+    assert read_all(again) == even + odd
+    again.close()
+
+
+@pytest.mark.parametrize("label", [
+    "", "lane 0/3 days 1", "lane 2/2 days 1", "lane x/2 days 1", "lane 0/2", "lane 0/2 days",
+    "lane 0/2 days 1 more", "lane -1/2 days 1", "lanes 0/2 days 1"])
+def test_a_label_for_other_lanes_or_unreadable_places_nothing(label: str) -> None:
+    assert placed(label, 2) is None
+    assert placed("lane 1/2 days 20000,20001", 2) == (1, [20000, 20001])
+
+
+@pytest.mark.parametrize(("spilled_by", "replayed_by"), [(2, 2), (1, 2), (2, 1), (3, 2)])
+async def test_events_spilled_for_some_lanes_are_replayed_once_by_a_writer_with_any(
+        writers: Callable[..., BatchWriter], dsn: str, db: asyncpg.Connection,
+        tmp_path: Path, spilled_by: int, replayed_by: int) -> None:
+    # A spill sorts events for the writer's lanes; a writer with as many takes each part
+    # whole, one with another number reads the lines again. Either way: every event once,
+    # on two days (each needing its partition).
+    day_one = datetime(2026, 3, 1, 23, 59, tzinfo=UTC)
+    batch = [row(day_one + timedelta(seconds=i), message_id=700 + i % 7) for i in range(120)]
+    first = writers(Journal(tmp_path, max_bytes=64 * MB), Switch(dsn), batch_size=50,
+                    connections=spilled_by)
+    first.start()
+    for item in batch:
+        first.add(item)
+    assert await first.close(5.0) == 0
+    labels = {payload.split(b"\n", 1)[0].decode() for path in segment_files(tmp_path)
+              for payload in payloads_of(path.read_bytes())}
+    lanes = set()
+    for label in labels:  # parts of 50 events: some on one day, some on both
+        lane, days = label.removeprefix("#lane ").split(f"/{spilled_by} days ")
+        assert days in ("20513", "20514", "20513,20514"), label
+        lanes.add(int(lane))
+    assert lanes == set(range(spilled_by))
+    journal = Journal(tmp_path, max_bytes=64 * MB)
+    assert journal.adopt_orphans() >= 1
+    second = writers(journal, lambda: connect(dsn), batch_size=50, connections=replayed_by)
+    assert await second.flush() == 120
+    assert second.stats.replayed == 120
+    await exactly_once(db, batch)
+    assert segment_files(tmp_path) == []
 
 
 def test_an_uncommitted_segment_survives_close_and_a_new_journal_replays_it(
@@ -359,7 +430,7 @@ async def exactly_once(db: asyncpg.Connection, expected: list[EventRecord]) -> N
     total, distinct = await db.fetchrow("select count(*), count(distinct id) from events")
     assert (total, distinct) == (len(expected), len(expected))
     ids = {r[0] for r in await db.fetch("select replace(id::text, '-', '') from events")}
-    assert ids == {line.split("\t")[2] for line, _, _ in expected}
+    assert ids == {line.split("\t")[2] for line, *_ in expected}
 
 
 class Switch:
@@ -504,7 +575,7 @@ async def test_durable_writer_has_the_event_on_disk_before_synced_resolves(
     assert await asyncio.gather(*waits) == [True] * 30
     assert writer.synced() is None  # nothing is waiting
     on_disk = b"".join(p.read_bytes() for p in segment_files(tmp_path))
-    assert all(line.encode() in on_disk for line, _, _ in batch)
+    assert all(line.encode() in on_disk for line, *_ in batch)
     assert await db.fetchval("select count(*) from events") == 0
     assert writer.stats.journaled == 30
     assert await writer.flush() == 30
@@ -553,7 +624,7 @@ async def test_a_replay_of_events_already_committed_counts_them_once(
     # A crash after PostgreSQL committed a chunk but before the journal learned of it.
     batch = rows(60)
     crashed = Journal(tmp_path, max_bytes=64 * MB)
-    crashed.append([line for line, _, _ in batch])
+    crashed.append([line for line, *_ in batch])
     before = writers(None, lambda: connect(dsn))
     for item in batch[:35]:
         before.add(item)
@@ -601,7 +672,7 @@ async def test_journal_chunks_written_at_once_are_committed_in_order(
     second = [row(message_id=1001 + 2 * i) for i in range(200)]
     journal = Journal(tmp_path, max_bytes=64 * MB)
     for part in range(0, 400, 50):
-        journal.append([line for line, _, _ in (first + second)[part: part + 50]])
+        journal.append([line for line, *_ in (first + second)[part: part + 50]])
     await db.execute(FAIL_ON_MESSAGE_700_ONCE_THE_ODD_ONES_ARE_IN)
     writer = writers(journal, lambda: connect(dsn), batch_size=100, connections=2)
     with pytest.raises(asyncpg.RaiseError, match="message 700"):

@@ -45,9 +45,9 @@ EVENT_COLUMNS = (
     "url_id", "machine", "reason", "country", "region", "city", "browser", "os", "device",
     "client", "ip",
 )
-# A line for the writer, the UTC day (days since 1970) its partition is for, and
-# whether it is a machine's (for counting).
-EventRecord = tuple[str, int, bool]
+# A line for the writer, the UTC day (days since 1970) its partition is for, whether it
+# is a machine's (for counting), and its message id (the writer's lane: store/lanes.py).
+EventRecord = tuple[str, int, bool, int]
 
 
 _LINE_TABS = len(EVENT_COLUMNS) - 1
@@ -119,7 +119,7 @@ class Event:
                 + "\t".join(copy_text(v) for v in values) + "\n")
 
     def record(self) -> EventRecord:
-        return self.line(), self.at_us // DAY_MICROSECONDS, self.machine
+        return self.line(), self.at_us // DAY_MICROSECONDS, self.machine, self.message_id
 
 
 class Pipeline:
@@ -192,7 +192,7 @@ class Pipeline:
         return (f"{token.account_id}\t{at_us}\t{event_id(at_us).to_bytes(16).hex()}\t"
                 f"{token.campaign_id}\t{token.message_id}\t{kind}\t{link_position}\t{url_id}\t{verdict.line}\t"
                 f"{location_part}\t{agent_part}\t{address_part}\n", _DAYS.setdefault(day, day),
-                verdict.machine)
+                verdict.machine, token.message_id)
 
     def _agent_parts(self, user_agent: str, device: bool) -> tuple[str, str, AgentClass]:
         """The browser, OS, device and mail-client columns of an open's line and of a

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from tracker.ingest.pipeline import DropReason, EventRecord
 from tracker.store.journal import Journal, JournalFull
+from tracker.store.lanes import journal_parts
 
 log = logging.getLogger("tracker.store.writer")
 
@@ -54,12 +55,13 @@ class WriterStats:
 class Backlog:
     def __init__(self, *, batch_size: int, max_rows: int, journal: Journal | None,
                  durable: bool, stats: WriterStats, on_batch: Callable[[], None],
-                 on_drop: Callable[[DropReason], None] | None = None) -> None:
+                 on_drop: Callable[[DropReason], None] | None = None, lanes: int = 1) -> None:
         if durable and journal is None:
             raise ValueError("a durable writer needs a journal")
         self._rows: list[EventRecord] = []  # oldest first
         self.journal = journal
         self._batch_size = batch_size
+        self._lanes = lanes  # the writer's: events go to the journal sorted for them
         self._max_rows = max_rows
         self._durable = durable
         self._stats = stats
@@ -281,9 +283,9 @@ class Backlog:
         assert journal is not None
         kept = 0
         while kept < len(rows):
-            part = [line for line, _, _ in rows[kept: kept + self._batch_size]]
+            part = rows[kept: kept + self._batch_size]
             try:
-                await asyncio.to_thread(journal.append, part)
+                await asyncio.to_thread(self._append, journal, part)
             except JournalFull as exc:
                 if not self._journal_full:
                     log.warning("the journal is full (%s): events past memory's bound are "
@@ -299,6 +301,10 @@ class Backlog:
             kept += len(part)
         self._stats.journaled += kept
         return kept
+
+    def _append(self, journal: Journal, rows: list[EventRecord]) -> None:
+        """(In a worker thread.) The rows into the journal, sorted for the writer's lanes."""
+        journal.append_parts(journal_parts(rows, self._lanes))
 
     # -- group commit (durable) -------------------------------------------------------------
 
@@ -356,7 +362,7 @@ def _late(synced: asyncio.Future[bool]) -> None:
 
 def _size(rows: list[EventRecord]) -> int:
     """About the bytes rows take in the journal (their lines; records add a header each)."""
-    return sum(len(line) for line, _, _ in rows)
+    return sum(len(row[0]) for row in rows)
 
 
 def describe(exc: BaseException) -> str:

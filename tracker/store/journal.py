@@ -13,12 +13,18 @@ Format. A journal is a set of segment files `{pid}-{instance}-{seq}.seg` in
     magic  4 bytes  b"\\xffTJ1"
     length 4 bytes  payload length, little-endian
     crc    4 bytes  CRC32 (zlib) of the payload, little-endian
-    payload         COPY text lines, exactly as the pipeline made them, "\\n"-terminated
+    payload         an optional label line, then COPY text lines, exactly as the
+                    pipeline made them, each "\\n"-terminated
 
-The payload holds the policy-filtered lines and nothing else: no raw address or user
-agent can reach the disk. 0xFF never occurs in UTF-8, so a header cannot appear
-inside a payload: after a corrupt stretch the next real header is found by searching
-for the magic. A record is appended with one write and one fdatasync.
+A label line is `#`, text and "\\n": what its writer says about the lines that follow (the
+batch writer: the lane it sorted them for and the days they fall on, so that a replay
+passes them to PostgreSQL whole instead of reading every line again; store/lanes.py).
+It is not an event; a COPY line never starts with `#` (its first field is a number).
+
+The payload holds the policy-filtered lines, and labels made of their own fields, and
+nothing else: no raw address or user agent can reach the disk. 0xFF never occurs in
+UTF-8, so a header cannot appear inside a payload: after a corrupt stretch the next real
+header is found by searching for the magic. A record is appended with one write and one fdatasync.
 
 A torn tail (a crash in the middle of an append) or a corrupt record is skipped and
 reported (a log line and a counter), never fatal: the reader resumes at the next
@@ -105,12 +111,26 @@ class _Segment:
     holes: dict[int, int] = field(default_factory=dict)  # corrupt stretches: start -> next
 
 
+@dataclass(frozen=True)
+class Part:
+    """Lines to append, in records that each start with the label ("": none)."""
+
+    lines: Sequence[str]
+    label: str = ""
+
+
 @dataclass
 class Chunk:
     """Events read from the journal, and how far to mark the journal committed after them."""
 
-    lines: list[str]
+    records: list[tuple[str, bytes]]  # each record's label ("": none) and its lines, encoded
+    events: int
     marks: list[tuple[_Segment, int, int]]  # segment, offset after the chunk, events in it
+
+    @property
+    def lines(self) -> list[str]:
+        """Every event's line, in order."""
+        return [line + "\n" for _, data in self.records for line in data.decode().split("\n")[:-1]]
 
 
 class Journal:
@@ -191,14 +211,22 @@ class Journal:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def append(self, lines: Sequence[str]) -> None:
-        """Append the lines as one record (several past MAX_PAYLOAD_BYTES), then fdatasync.
+    def append(self, lines: Sequence[str], label: str = "") -> None:
+        """Append the lines as one record (several past MAX_PAYLOAD_BYTES), then fdatasync."""
+        self.append_parts([Part(lines, label)])
+
+    def append_parts(self, parts: Sequence[Part]) -> None:
+        """Append each part as a record (several past MAX_PAYLOAD_BYTES), with one write
+        and one fdatasync for them all.
 
         All or nothing: raises JournalFull when the cap or the disk leaves no room, or
         OSError on another failure; either way nothing of it is kept."""
-        if not lines:
+        events = sum(len(part.lines) for part in parts)
+        if not events:
             return
-        data = b"".join(_record(p) for p in _payloads(lines))
+        payloads = [payload for part in parts if part.lines
+                    for payload in _payloads(part.lines, part.label)]
+        data = b"".join(map(_record, payloads))
         with self._appending:
             segment, start = self._write(data)
             try:
@@ -214,10 +242,10 @@ class Journal:
                 raise
             with self._mutex:
                 segment.size = segment.end = start + len(data)
-                segment.events += len(lines)
+                segment.events += events
                 segment.writing = False
-                self.stats.appended_records += 1
-                self.stats.appended_events += len(lines)
+                self.stats.appended_records += len(payloads)
+                self.stats.appended_events += events
 
     def _write(self, data: bytes) -> tuple[_Segment, int]:
         """Under the cap's lock: check the directory has room for `data`, and write it at
@@ -326,7 +354,7 @@ class Journal:
         offset = 0
         while offset < segment.end:
             payload, offset = self._record_at(segment, offset, segment.end)
-            segment.events += payload.count(b"\n")
+            segment.events += _unlabelled(payload)[1].count(b"\n")
         return segment
 
     # -- reading ---------------------------------------------------------------------------
@@ -344,26 +372,29 @@ class Journal:
                 if segment is last:
                     segments = [(segment, max(done, offset), end), *segments[i + 1:]]
                     break
-        lines: list[str] = []
+        records: list[tuple[str, bytes]] = []
+        total = 0
         marks: list[tuple[_Segment, int, int]] = []
         for segment, offset, end in segments:
             start, events = offset, 0
             while offset < end:
                 payload, following = self._record_at(segment, offset, end)
-                text = payload.decode()
-                found = text.split("\n")[:-1]
-                if lines and len(lines) + len(found) > max_events:
+                label, data = _unlabelled(payload)
+                found = data.count(b"\n")
+                if total and total + found > max_events:
                     break
-                lines.extend(line + "\n" for line in found)
-                events += len(found)
+                if found:
+                    records.append((label, data))
+                total += found
+                events += found
                 offset = following
-                if len(lines) >= max_events:
+                if total >= max_events:
                     break
             if offset > start:
                 marks.append((segment, offset, events))
             if offset < end:
                 break
-        return Chunk(lines, marks) if marks else None
+        return Chunk(records, total, marks) if marks else None
 
     def commit(self, chunk: Chunk) -> None:
         """The chunk's events are in PostgreSQL: mark them, and remove every segment that
@@ -454,19 +485,34 @@ class Journal:
                 self._appending.release()
 
 
-def _payloads(lines: Sequence[str]) -> list[bytes]:
+def _payloads(lines: Sequence[str], label: str) -> list[bytes]:
+    """The lines in payloads of at most MAX_PAYLOAD_BYTES, each starting with the label."""
+    head = f"#{label}\n".encode() if label else b""
+    data = "".join(lines).encode()
+    if len(head) + len(data) <= MAX_PAYLOAD_BYTES:  # the usual case: one payload, no line read
+        return [head + data]
     payloads: list[bytes] = []
-    part: list[bytes] = []
-    size = 0
+    part: list[bytes] = [head]
+    size = len(head)
     for line in lines:
         encoded = line.encode()
-        if part and size + len(encoded) > MAX_PAYLOAD_BYTES:
+        if len(part) > 1 and size + len(encoded) > MAX_PAYLOAD_BYTES:
             payloads.append(b"".join(part))
-            part, size = [], 0
+            part, size = [head], len(head)
         part.append(encoded)
         size += len(encoded)
     payloads.append(b"".join(part))
     return payloads
+
+
+def _unlabelled(payload: bytes) -> tuple[str, bytes]:
+    """A payload's label ("": none) and its lines."""
+    if not payload.startswith(b"#"):
+        return "", payload
+    end = payload.find(b"\n")
+    if end < 0:
+        return payload[1:].decode(errors="replace"), b""
+    return payload[1:end].decode(errors="replace"), payload[end + 1:]
 
 
 def _record(payload: bytes) -> bytes:

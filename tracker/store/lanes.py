@@ -11,13 +11,15 @@ away, since the session is in doubt.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import date, timedelta
 from operator import itemgetter
 
 import asyncpg
 
-from tracker.ingest.pipeline import EVENT_COLUMNS, EventRecord
+from tracker.ingest.pipeline import DAY_MICROSECONDS, EVENT_COLUMNS, EventRecord, current_line
+from tracker.store.journal import Part
 from tracker.store.queries import QUERIES
 from tracker.store.rollups import Mover
 
@@ -33,6 +35,60 @@ NEW_TERMS = "TRK01"
 LINE, DAY = itemgetter(0), itemgetter(1)
 
 
+@dataclass(frozen=True)
+class Batch:
+    """What one write COPYs: the events' lines, encoded; the UTC days they fall on (their
+    partitions); how many events."""
+
+    data: bytes
+    days: Collection[int]
+    events: int
+
+    @classmethod
+    def of(cls, records: Sequence[EventRecord]) -> Batch:
+        return cls("".join(map(LINE, records)).encode(), set(map(DAY, records)), len(records))
+
+
+def lane_of(message_id: int, lanes: int) -> int:
+    """The lane that writes a message's events: never two transactions on one message's
+    rollup row at once (store/writer.py, `flush`)."""
+    return message_id % lanes
+
+
+def journal_parts(records: Sequence[EventRecord], lanes: int) -> list[Part]:
+    """The records as journal parts, one a lane, each labelled with its lane and days
+    (`placed`): a replay with as many lanes then passes each part to its lane whole."""
+    sorted_out: list[list[str]] = [[] for _ in range(lanes)]
+    for line, _, _, message_id in records:
+        sorted_out[message_id % lanes].append(line)  # lane_of, inlined
+    days = ",".join(map(str, sorted(set(map(DAY, records)))))
+    return [Part(lines, f"lane {lane}/{lanes} days {days}")
+            for lane, lines in enumerate(sorted_out) if lines]
+
+
+def placed(label: str, lanes: int) -> tuple[int, list[int]] | None:
+    """The lane and days a journal part's label names, if it was sorted for `lanes` lanes."""
+    match label.split():
+        case ["lane", where, "days", days]:
+            lane, _, count = where.partition("/")
+            if count == str(lanes) and lane.isdigit() and int(lane) < lanes:
+                return int(lane), [int(day) for day in days.split(",")]
+    return None
+
+
+def sort_lines(data: bytes, lanes: int) -> list[list[EventRecord]]:
+    """Journal lines with no usable label (written before labels, or for another number of
+    lanes), read one by one into records by lane."""
+    split: list[list[EventRecord]] = [[] for _ in range(lanes)]
+    for line in data.decode().split("\n")[:-1]:
+        line = current_line(line + "\n")
+        fields = line.split("\t", 9)
+        message_id = int(fields[4])
+        split[message_id % lanes].append(
+            (line, int(fields[1]) // DAY_MICROSECONDS, fields[8] == "t", message_id))
+    return split
+
+
 class Lanes:
     def __init__(self, connect: Connect, lanes: int,
                  relabel_windows: Mapping[str, timedelta] | None = None) -> None:
@@ -43,16 +99,16 @@ class Lanes:
         self._conns: list[asyncpg.Connection | None] = [None] * lanes
         self._known_days: set[int] = set()
 
-    async def write(self, lane: int, batch: list[EventRecord]) -> tuple[int, int]:
+    async def write(self, lane: int, batch: Batch) -> tuple[int, int]:
         """Writes a batch on the lane's connection; (events new to the database, clicks
         re-labelled). Raises what the database raised; the batch is then not written."""
         conn = await self._connection(lane)
         try:
-            await self._ensure_partitions(conn, batch)
+            await self._ensure_partitions(conn, batch.days)
             # A buffer, not a file: asyncpg reads a file in its thread pool, a thread hop per
             # 512 KiB and one to close it (~2 % of a pixel hit's CPU), and sends a buffer as
             # it is (a memoryview: bytes would be taken for a path).
-            data = memoryview("".join(map(LINE, batch)).encode())
+            data = memoryview(batch.data)
             try:
                 return await self._move(conn, data)
             except asyncpg.PostgresError as exc:
@@ -91,9 +147,8 @@ class Lanes:
             except Exception:
                 conn.terminate()
 
-    async def _ensure_partitions(self, conn: asyncpg.Connection, batch: list[EventRecord]) -> None:
-        days = set(map(DAY, batch)) - self._known_days
-        for day in sorted(days):
+    async def _ensure_partitions(self, conn: asyncpg.Connection, days: Collection[int]) -> None:
+        for day in sorted(set(days) - self._known_days):
             await conn.execute(QUERIES.ensure_event_partition, _EPOCH_DAY + timedelta(days=day))
             self._known_days.add(day)
 

@@ -43,10 +43,10 @@ from datetime import timedelta
 
 import asyncpg
 
-from tracker.ingest.pipeline import DAY_MICROSECONDS, DropReason, EventRecord, current_line
+from tracker.ingest.pipeline import DropReason, EventRecord
 from tracker.store.backlog import Backlog, WriterStats, describe
 from tracker.store.journal import Chunk, Journal
-from tracker.store.lanes import Connect, Lanes
+from tracker.store.lanes import Batch, Connect, Lanes, lane_of, placed, sort_lines
 
 log = logging.getLogger("tracker.store.writer")
 
@@ -75,7 +75,7 @@ class BatchWriter:
         self.on_flush: Callable[[int, float], None] | None = None
         self._backlog = Backlog(batch_size=batch_size, max_rows=max_buffered, journal=journal,
                                 durable=durable, stats=self.stats, on_batch=self._batch_waits,
-                                on_drop=on_drop)
+                                on_drop=on_drop, lanes=connections)
         self._db = Lanes(connect, connections, relabel_windows)
         self._batch_size = batch_size
         self._interval_s = interval_s
@@ -131,7 +131,7 @@ class BatchWriter:
 
         Up to `connections` batches are written at once, each in its own transaction on
         its own connection, and never two with an event of the same message: events go
-        to a lane by message (`_lane_of`), and a lane writes one batch at a time. Two
+        to a lane by message (`lanes.lane_of`), and a lane writes one batch at a time. Two
         transactions that share a message would meet on its `rollup_message` row, the
         second waiting for the first to commit (store/rollups.py, Concurrency); sharing only
         campaigns, they wait for each other in their last statement alone. Small batches
@@ -198,8 +198,8 @@ class BatchWriter:
         them (or for more events) rather than go in a small transaction of its own."""
         parts = round_.parts[lane]
         if parts:
-            chunk, records = parts.popleft()
-            return _Work(lane, records, chunk=chunk)
+            chunk, part = parts.popleft()
+            return _Work(lane, part, chunk=chunk)
         queue = self._lanes[lane]
         if not queue or (not alone and len(queue) < self._batch_size // self._connections):
             return None
@@ -207,7 +207,7 @@ class BatchWriter:
         del queue[: len(batch)]
         self._taken += 1
         self._inflight[self._taken] = batch
-        return _Work(lane, batch, taken=self._taken)
+        return _Work(lane, Batch.of(batch), taken=self._taken)
 
     def _lane_needs_journal(self, round_: _Round, writing: Mapping[int, object]) -> bool:
         """Whether to read the journal's next chunk now: it holds events, a lane is free and
@@ -234,39 +234,54 @@ class BatchWriter:
         chunk, split = read
         round_.cursor = chunk
         round_.chunks.append(chunk)
-        parts = [(lane, records) for lane, records in enumerate(split) if records]
+        parts = [(lane, part) for lane, part in enumerate(split) if part is not None]
         round_.unwritten[id(chunk)] = len(parts)
-        for lane, records in parts:
-            round_.parts[lane].append((chunk, records))
+        for lane, part in parts:
+            round_.parts[lane].append((chunk, part))
         if not parts:  # nothing readable in it (damaged records): done as it is
             self._chunk_part_written(round_, chunk)
 
     def _read_split(self, journal: Journal, max_events: int, after: Chunk | None,
-                    alone: bool) -> tuple[Chunk, list[list[EventRecord]]] | None:
-        """(In a worker thread.) The chunk after `after`, its events as records by lane;
-        None if there is none, or only a small one while other lanes write."""
+                    alone: bool) -> tuple[Chunk, list[Batch | None]] | None:
+        """(In a worker thread.) The chunk after `after`, its events as a batch by lane;
+        None if there is none, or only a small one while other lanes write.
+
+        The records the backlog sorted for these lanes go to theirs as they are; only
+        others (written for another number of lanes, or before records were sorted) are
+        read line by line."""
         chunk = journal.read(max_events, after=after)
-        if chunk is None or (not alone and len(chunk.lines) < self._batch_size):
+        if chunk is None or (not alone and chunk.events < self._batch_size):
             return None
         lanes = self._connections
-        split: list[list[EventRecord]] = [[] for _ in range(lanes)]
-        for line in map(current_line, chunk.lines):
-            # One split gives the lane (by message id, as _lane_of) and the record.
-            fields = line.split("\t", 9)
-            split[int(fields[4]) % lanes].append(
-                (line, int(fields[1]) // DAY_MICROSECONDS, fields[8] == "t"))
-        return chunk, split
+        data: list[list[bytes]] = [[] for _ in range(lanes)]
+        days: list[set[int]] = [set() for _ in range(lanes)]
+        events = [0] * lanes
+        for label, lines in chunk.records:
+            place = placed(label, lanes)
+            if place is not None:
+                lane, on = place
+                data[lane].append(lines)
+                days[lane].update(on)
+                events[lane] += lines.count(b"\n")
+                continue
+            for lane, records in enumerate(sort_lines(lines, lanes)):
+                if records:
+                    batch = Batch.of(records)
+                    data[lane].append(batch.data)
+                    days[lane].update(batch.days)
+                    events[lane] += batch.events
+        return chunk, [Batch(b"".join(data[lane]), days[lane], events[lane])
+                       if events[lane] else None for lane in range(lanes)]
 
     async def _sort_out(self, lane: int) -> None:
         """Move events from the front of memory into the lanes' queues, until this lane's
         has a full batch, memory is empty, or the queues hold a batch for every lane (so
         traffic for one message, which all goes to one lane, cannot pile up there).
 
-        A few thousand events at a time took ~8 ms (a split per event for its message id),
-        which held every answer that long: they are sorted in slices, and the loop answers
-        hits between slices. Each slice moves events from the front of memory as it is
-        then (a spill or a restore in between changes what the next slice sees, never
-        what one has moved)."""
+        A whole batch at a time would hold every answer for milliseconds: events are
+        sorted in slices, and the loop answers hits between slices. Each slice moves
+        events from the front of memory as it is then (a spill or a restore in between
+        changes what the next slice sees, never what one has moved)."""
         queue = self._lanes[lane]
         if self._connections == 1:
             queue += self._backlog.take(self._batch_size - len(queue))
@@ -280,9 +295,10 @@ class BatchWriter:
             if need <= 0 or room <= 0 or not self._backlog.waiting:
                 return
             moved = 0
+            count = self._connections
             for record in self._backlog.front(room):
                 moved += 1
-                target = lanes[self._lane_of(record[0])]
+                target = lanes[lane_of(record[3], count)]
                 target.append(record)
                 if target is queue:
                     need -= 1
@@ -291,13 +307,10 @@ class BatchWriter:
             self._backlog.discard(moved)
             await asyncio.sleep(0)
 
-    def _lane_of(self, line: str) -> int:
-        return int(line.split("\t", 5)[4]) % self._connections  # by message id
-
     async def _write_work(self, work: _Work, round_: _Round) -> None:
         try:
             # Not `+= await`: that would read the total before the write.
-            written = await self._write(work.lane, work.records)
+            written = await self._write(work.lane, work.batch)
             round_.written += written
             if work.chunk is not None:
                 self._chunk_part_written(round_, work.chunk)
@@ -315,7 +328,7 @@ class BatchWriter:
             done = round_.chunks.popleft()
             del round_.unwritten[id(done)]
             self._journal.commit(done)
-            self.stats.replayed += len(done.lines)
+            self.stats.replayed += done.events
 
     async def close(self, timeout_s: float) -> int:
         """Stop the timer, then try to write what is left within the timeout; with a
@@ -408,17 +421,17 @@ class BatchWriter:
             await asyncio.wait_for(self._wake.wait(), seconds)
         self._wake.clear()
 
-    async def _write(self, lane: int, batch: list[EventRecord]) -> int:
+    async def _write(self, lane: int, batch: Batch) -> int:
         started = time.perf_counter()
         new, relabelled = await self._db.write(lane, batch)
         self.stats.written += new
         self.stats.relabelled += relabelled
-        self.stats.duplicates += len(batch) - new
+        self.stats.duplicates += batch.events - new
         self.stats.batches += 1
-        self.stats.last_batch_size = len(batch)
+        self.stats.last_batch_size = batch.events
         self.stats.last_flush_seconds = time.perf_counter() - started
         if self.on_flush is not None:
-            self.on_flush(len(batch), self.stats.last_flush_seconds)
+            self.on_flush(batch.events, self.stats.last_flush_seconds)
         return new
 
     async def _adopt_now_and_then(self) -> None:
@@ -436,7 +449,7 @@ class BatchWriter:
 @dataclass
 class _Work:
     lane: int
-    records: list[EventRecord]
+    batch: Batch
     taken: int = 0  # from memory: its key in BatchWriter._inflight
     chunk: Chunk | None = None  # from the journal: the chunk it is a part of
 
@@ -450,7 +463,7 @@ class _Round:
         self.written = 0
         self.cursor: Chunk | None = None  # the last chunk read: the next one starts after it
         self.chunks: deque[Chunk] = deque()
-        self.parts: list[deque[tuple[Chunk, list[EventRecord]]]] = [
+        self.parts: list[deque[tuple[Chunk, Batch]]] = [
             deque() for _ in range(lanes)]
         self.unwritten: dict[int, int] = {}
         self.error: Exception | None = None
