@@ -11,10 +11,9 @@ per interval. In durable mode (TRACKER_DURABILITY=journal) every event goes to t
 journal before its hit is answered: the events added while one append and fsync run go
 together in the next (group commit), and they too are held back only by the journal's room.
 
-The batch writer (store/writer.py) takes events from the front (`take`, `front` and
-`discard`), puts back in front what it could not write (`put_back`), and reads the
-journal back into PostgreSQL; this module only decides what stays in memory, what goes
-to disk, and what is lost.
+The batch writer (store/writer.py) takes events from the front (`take`), puts back in
+front what it could not write (`put_back`), and reads the journal back into PostgreSQL;
+this module only decides what stays in memory, what goes to disk, and what is lost.
 """
 
 from __future__ import annotations
@@ -96,13 +95,6 @@ class Backlog:
         taken = self._rows[:count]
         del self._rows[:count]
         return taken
-
-    def front(self, count: int) -> list[EventRecord]:
-        """The oldest `count` events, left in place (`discard` them once taken)."""
-        return self._rows[:count]
-
-    def discard(self, count: int) -> None:
-        del self._rows[:count]
 
     def put_back(self, rows: list[EventRecord]) -> None:
         """Events a write took and did not write (or is in doubt about), in front of

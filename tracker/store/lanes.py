@@ -49,18 +49,13 @@ class Batch:
         return cls("".join(map(LINE, records)).encode(), set(map(DAY, records)), len(records))
 
 
-def lane_of(message_id: int, lanes: int) -> int:
-    """The lane that writes a message's events: never two transactions on one message's
-    rollup row at once (store/writer.py, `flush`)."""
-    return message_id % lanes
-
-
 def journal_parts(records: Sequence[EventRecord], lanes: int) -> list[Part]:
-    """The records as journal parts, one a lane, each labelled with its lane and days
+    """The records as journal parts, one a lane (a message's events go to lane message id
+    modulo lanes: store/writer.py, `flush`), each labelled with its lane and days
     (`placed`): a replay with as many lanes then passes each part to its lane whole."""
     sorted_out: list[list[str]] = [[] for _ in range(lanes)]
     for line, _, _, message_id in records:
-        sorted_out[message_id % lanes].append(line)  # lane_of, inlined
+        sorted_out[message_id % lanes].append(line)
     days = ",".join(map(str, sorted(set(map(DAY, records)))))
     return [Part(lines, f"lane {lane}/{lanes} days {days}")
             for lane, lines in enumerate(sorted_out) if lines]

@@ -46,7 +46,7 @@ import asyncpg
 from tracker.ingest.pipeline import DropReason, EventRecord
 from tracker.store.backlog import Backlog, WriterStats, describe
 from tracker.store.journal import Chunk, Journal
-from tracker.store.lanes import Batch, Connect, Lanes, lane_of, placed, sort_lines
+from tracker.store.lanes import Batch, Connect, Lanes, placed, sort_lines
 
 log = logging.getLogger("tracker.store.writer")
 
@@ -131,7 +131,7 @@ class BatchWriter:
 
         Up to `connections` batches are written at once, each in its own transaction on
         its own connection, and never two with an event of the same message: events go
-        to a lane by message (`lanes.lane_of`), and a lane writes one batch at a time. Two
+        to a lane by message (its id modulo the lanes), and a lane writes one batch at a time. Two
         transactions that share a message would meet on its `rollup_message` row, the
         second waiting for the first to commit (store/rollups.py, Concurrency); sharing only
         campaigns, they wait for each other in their last statement alone. Small batches
@@ -287,24 +287,15 @@ class BatchWriter:
             queue += self._backlog.take(self._batch_size - len(queue))
             return
         lanes = self._lanes
+        count = self._connections
+        appends = [lane_queue.append for lane_queue in lanes]
         while True:
             # Read anew each slice: a spill in between changes what is waiting.
-            need = self._batch_size - len(queue)
-            room = min(self._connections * self._batch_size - sum(len(q) for q in lanes),
-                       _SORT_SLICE)
-            if need <= 0 or room <= 0 or not self._backlog.waiting:
+            room = min(count * self._batch_size - sum(map(len, lanes)), _SORT_SLICE)
+            if len(queue) >= self._batch_size or room <= 0 or not self._backlog.waiting:
                 return
-            moved = 0
-            count = self._connections
-            for record in self._backlog.front(room):
-                moved += 1
-                target = lanes[lane_of(record[3], count)]
-                target.append(record)
-                if target is queue:
-                    need -= 1
-                    if not need:
-                        break
-            self._backlog.discard(moved)
+            for record in self._backlog.take(room):
+                appends[record[3] % count](record)  # by message id
             await asyncio.sleep(0)
 
     async def _write_work(self, work: _Work, round_: _Round) -> None:
