@@ -193,11 +193,10 @@ async def _measure(args: argparse.Namespace) -> dict[str, float]:
         await bench.feed(requests)  # warm every cache
         figures[f"{kind} whole"] = await bench.per_request(requests, args.rounds)
         capture = bench.capture
-        real = capture.open, capture.record
-        capture.open = lambda scope, at_us=None: None  # type: ignore[method-assign]
-        capture.record = lambda *a, **k: None  # type: ignore[method-assign]
+        real = capture._refusal
+        capture._refusal = lambda *a, **k: None  # type: ignore[method-assign]
         figures[f"{kind} protocol and answer"] = await bench.per_request(requests, args.rounds)
-        capture.open, capture.record = real  # type: ignore[method-assign]
+        capture._refusal = real  # type: ignore[method-assign]
 
     # The steps alone, on warm caches.
     signer = bench.signer

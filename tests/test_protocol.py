@@ -118,6 +118,25 @@ def test_pipelined_requests_are_answered_in_order_across_both_ways(
     assert answer.count(b"location: " + DESTINATION.encode()) == 1
 
 
+@pytest.mark.parametrize(("version", "header", "kept"), [
+    ("1.1", "", True), ("1.1", "Connection: keep-alive\r\n", True),
+    ("1.1", "Connection: close\r\n", False), ("1.0", "", False),
+    ("1.0", "Connection: keep-alive\r\n", False),
+    ("1.0", "Proxy-Connection: keep-alive\r\n", False),
+    ("1.0", "X-Connection: keep-alive\r\n", False)])
+def test_a_tracking_answer_keeps_the_connection_only_for_http_1_1(
+        servers: tuple[Server, Server], tokens: dict[str, str], version: str, header: str,
+        kept: bool) -> None:
+    # A second request follows at once: it is answered only on a connection kept alive.
+    fast, asgi = servers
+    for path in (tokens["pixel"], tokens["click"]):
+        first = f"GET {path} HTTP/{version}\r\nHost: x\r\n{header}\r\n".encode()
+        answer = exchange(fast.port, first + _request("GET", path))
+        assert len(re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)) == (2 if kept else 1), answer
+        assert answer.count(b"connection: close") == 1
+        assert answer == exchange(asgi.port, first + _request("GET", path))
+
+
 def test_a_malformed_request_is_refused_after_the_answers_before_it(
         servers: tuple[Server, Server], tokens: dict[str, str]) -> None:
     fast, _ = servers

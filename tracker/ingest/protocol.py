@@ -141,6 +141,10 @@ class TrackingHttpProtocol(HttpToolsProtocol):
         # recorded once it is complete; and whether it awaits `100 Continue` for its body.
         self._tracking: dict[str, Any] | None = None
         self._continue = False
+        # Whether the request has a Connection (or Proxy-Connection) header: only then can
+        # llhttp call an HTTP/1.0 request keep-alive, which is answered and closed here. (So
+        # the version, ~0.3 µs to ask httptools for, is asked only then.)
+        self._names_connection = False
         # What was read but not parsed yet, while the client must first read its answers.
         self._held = b""
         # Bytes read since the connection's last turn ended (TURN_BYTES), and whether it
@@ -353,8 +357,11 @@ class TrackingHttpProtocol(HttpToolsProtocol):
         # a value's trailing whitespace, which is not part of it (RFC 9110, 5.5).
         name = name.lower()
         value = value.rstrip(b" \t")
-        if name == b"expect" and value.lower() == b"100-continue":
-            self.expect_100_continue = True
+        if name == b"expect":
+            if value.lower() == b"100-continue":
+                self.expect_100_continue = True
+        elif name == b"connection" or name == b"proxy-connection":
+            self._names_connection = True
         self.headers.append((name, value))
         self._header_bytes += len(name) + len(value)
         if len(self.headers) > MAX_HEADER_FIELDS or self._header_bytes > MAX_HEADER_BYTES:
@@ -366,6 +373,7 @@ class TrackingHttpProtocol(HttpToolsProtocol):
         # so the scope is built only when the request goes the ASGI way.
         self.url = b""
         self.expect_100_continue = False
+        self._names_connection = False
         self.headers = []
         self._header_bytes = 0
         self._in_head = True
@@ -430,7 +438,8 @@ class TrackingHttpProtocol(HttpToolsProtocol):
         answer = self._fast_path.answer(tracking)
         self.server_state.total_requests += 1
         parser = self.parser
-        if parser.should_keep_alive() and parser.get_http_version() != "1.0":
+        if parser.should_keep_alive() and not (self._names_connection
+                                               and parser.get_http_version() == "1.0"):
             self._outbox.put(self, answer, False)
             self._idle_since = self.loop.time()
             if self._idle_timer is None:
