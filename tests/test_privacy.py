@@ -24,6 +24,7 @@ import httpx
 import orjson
 import pytest
 
+from tracker.ingest.capture import client_headers
 from tracker.ingest.pipeline import CLICK, OPEN, Event, event_id
 from tracker.ingest.policy import Policy
 from tracker.ingest.suppression import SuppressionBook
@@ -80,30 +81,31 @@ def _open(account: int = 1, message: int = 10, key: int = 5) -> OpenToken:
 
 def test_screen_refuses_opted_out_erased_signalled_and_disabled_hits() -> None:
     book = SuppressionBook()
-    assert book.screen([], _open()) is None
+    assert book.screen(_open(), False) is None
     book.put_recipient(1, 5, opted_out=True, erased_through=None)
-    assert book.screen([], _open(message=10**12)) == "opted_out"  # future messages too
-    assert book.screen([], _open(account=2)) is None  # another account's recipient
+    assert book.screen(_open(message=10**12), False) == "opted_out"  # future messages too
+    assert book.screen(_open(account=2), False) is None  # another account's recipient
     book.put_recipient(1, 5, opted_out=False, erased_through=10)
-    assert book.screen([], _open(message=10)) == "erased"
-    assert book.screen([], _open(message=11)) is None  # mail registered after the erasure
+    assert book.screen(_open(message=10), False) == "erased"
+    assert book.screen(_open(message=11), False) is None  # mail registered after the erasure
     book.put_recipient(1, 5, opted_out=False, erased_through=None)
-    assert book.screen([], _open()) is None
+    assert book.screen(_open(), False) is None
     # A version 1 token carries no key (0): it matches no recipient.
     book.put_recipient(1, 0, opted_out=True, erased_through=None)
-    assert book.screen([], _open(key=0)) == "opted_out"
+    assert book.screen(_open(key=0), False) == "opted_out"
     book.put_recipient(1, 0, opted_out=False, erased_through=None)
 
+    assert book.screen(_open(), True) == "privacy_signal"
     for header in ((b"sec-gpc", b"1"), (b"dnt", b"1")):
-        assert book.screen([(b"user-agent", b"x"), header], _open()) == "privacy_signal"
+        assert client_headers([(b"user-agent", b"x"), header, (b"host", b"y")])[2] is True
     for header in ((b"sec-gpc", b"0"), (b"dnt", b"0"), (b"dnt", b"yes"), (b"x-gpc", b"1")):
-        assert book.screen([header], _open()) is None
+        assert client_headers([header])[2] is False
     book.put_account(1, disabled=False, honours_signals=False)
-    assert book.screen([(b"sec-gpc", b"1")], _open()) is None
+    assert book.screen(_open(), True) is None
     book.put_account(1, disabled=True, honours_signals=False)
-    assert book.screen([], _open()) == "account_disabled"
+    assert book.screen(_open(), False) == "account_disabled"
     click = ClickToken(1, 1, 10, 0, 0, 0, 1, b"https://example.com/", 5)
-    assert book.screen([], click) == "account_disabled"
+    assert book.screen(click, False) == "account_disabled"
 
 
 def test_notice_says_what_the_policy_collects_and_nothing_else() -> None:

@@ -60,8 +60,7 @@ class HitCounter(Protocol):
 class PrivacyScreen(Protocol):
     """Who must not be recorded (ingest/suppression.py)."""
 
-    def screen(self, headers: Iterable[tuple[bytes, bytes]], token: Token) -> DropReason | None:
-        ...
+    def screen(self, token: Token, signalled: bool) -> DropReason | None: ...
 
 
 class PrivacyClock(Protocol):
@@ -187,10 +186,14 @@ class Capture:
             self._held.append((scope, token, at_us))
             clock.wake()
             return None
-        refused = self._screen.screen(scope["headers"], token)
+        raw_agent, forwarded, signalled = client_headers(scope["headers"])
+        refused = self._screen.screen(token, signalled)
         if refused is not None:
             return refused
-        user_agent, client_ip = self._client(scope)
+        # The raw agent and address live only in this call.
+        client = scope.get("client")
+        client_ip = self.addresses.resolve(client[0] if client else None, forwarded)
+        user_agent = raw_agent[:MAX_AGENT_BYTES].decode("latin-1")
         if isinstance(token, OpenToken):
             outcome = self.pipeline.open(token, scope["method"], user_agent, client_ip, at_us)
             endpoint = OPEN
@@ -204,18 +207,24 @@ class Capture:
             self._counter.count_hit(endpoint, outcome[2])
         return refused
 
-    def _client(self, scope: Scope) -> tuple[str, str | None]:
-        """The user agent and the client address; the raw values live only in this call."""
-        user_agent = b""
-        forwarded: bytes | None = None
-        for name, value in scope["headers"]:
-            if name == b"user-agent":
-                user_agent = value
-            elif name == b"x-forwarded-for":
-                forwarded = value if forwarded is None else forwarded + b"," + value
-        client = scope.get("client")
-        return (user_agent[:MAX_AGENT_BYTES].decode("latin-1"),
-                self.addresses.resolve(client[0] if client else None, forwarded))
+
+
+def client_headers(headers: Iterable[tuple[bytes, bytes]]) -> tuple[bytes, bytes | None, bool]:
+    """What a hit's headers say, in one pass: the user agent, the X-Forwarded-For chain
+    (several headers joined), and whether it carries a privacy signal (`Sec-GPC: 1` or
+    `DNT: 1`: both are defined as exactly "1", the server has stripped the white space
+    around it, and anything else expresses no preference)."""
+    user_agent = b""
+    forwarded: bytes | None = None
+    signalled = False
+    for name, value in headers:
+        if name == b"user-agent":
+            user_agent = value
+        elif name == b"x-forwarded-for":
+            forwarded = value if forwarded is None else forwarded + b"," + value
+        elif value == b"1" and (name == b"sec-gpc" or name == b"dnt"):
+            signalled = True
+    return user_agent, forwarded, signalled
 
 
 _time_ns = time.time_ns

@@ -21,7 +21,6 @@ recipient key of 0 (a version 1 token, issued before keys existed) matches nothi
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -54,11 +53,11 @@ class SuppressionBook:
         self._refused: dict[tuple[int, int], int] = {}
         self.loaded_until: datetime | None = None
 
-    def screen(self, headers: Iterable[tuple[bytes, bytes]],
-               token: OpenToken | ClickToken) -> DropReason | None:
-        """Why this hit must record nothing, or None. Runs on every hit: a dict lookup,
-        one more for each kind of exception the book holds, and a pass over the header
-        names."""
+    def screen(self, token: OpenToken | ClickToken, signalled: bool) -> DropReason | None:
+        """Why this hit must record nothing, or None; `signalled`: the request carries
+        `Sec-GPC: 1` or `DNT: 1` (ingest/capture.py reads its headers once, for this and
+        for the client). Runs on every hit: a dict lookup, and one more for each kind of
+        exception the book holds."""
         account = self._accounts.get(token.account_id, _DEFAULT_ACCOUNT)
         if account.disabled:
             return DropReason.ACCOUNT_DISABLED
@@ -71,13 +70,8 @@ class SuppressionBook:
             if refused and refused & (REFUSED_OPENS if isinstance(token, OpenToken)
                                       else REFUSED_CLICKS):
                 return DropReason.NO_CONSENT
-        if account.honours_signals:
-            for name, value in headers:
-                # Both are defined as exactly "1" (the server has stripped the white space
-                # around it); anything else expresses no preference. The value is compared
-                # first: it is rarely "1", so most headers cost one comparison.
-                if value == b"1" and (name == b"sec-gpc" or name == b"dnt"):
-                    return DropReason.PRIVACY_SIGNAL
+        if signalled and account.honours_signals:
+            return DropReason.PRIVACY_SIGNAL
         return None
 
     def account(self, account_id: int) -> AccountState:
