@@ -260,7 +260,7 @@ def make_events(n: int, seed: int, hours: float, accounts: int, campaigns_per_ac
             add(pipeline.click(follow, "GET", CHROME_WIN, reader.address, at_us + offset),
                 "honeypot" if k == 1 else "click")
     del records[n:]
-    kinds["machine"] = sum(1 for _, _, machine in records if machine)
+    kinds["machine"] = sum(1 for _, _, machine, _ in records if machine)
     return records, kinds
 
 
@@ -426,7 +426,7 @@ async def reference_events(dsn: str, records: list[EventRecord], batch: int,
                 "".join(line for line, *_ in records).encode()))
             await conn.execute("insert into event_terms (term) select distinct t from staged, "
                                f"unnest(array[{', '.join(_CODED)}]) t where t is not null")
-        for day in sorted({day for _, day, _ in records}):
+        for day in sorted({day for _, day, *_ in records}):
             await conn.execute("select tracker_ensure_event_partition("
                                "date '1970-01-01' + $1::int)", day)
         with clock:

@@ -176,7 +176,8 @@ def events(rng: random.Random, total: int, days: int, account: int, campaign: in
         batch.sort()
         made += len(batch)
         yield [(f"{account}\t{at}\t{event_id(at):032x}\t{campaign}\t{rest}\t{_NULL}\n",
-                at // DAY_MICROSECONDS, "\tt\t" in rest) for at, rest in batch]
+                at // DAY_MICROSECONDS, "\tt\t" in rest, int(rest.partition("\t")[0]))
+               for at, rest in batch]
 
 
 async def _generate(dsn: str, args: argparse.Namespace) -> dict[str, Any]:
