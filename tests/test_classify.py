@@ -137,8 +137,9 @@ def link(position: int = 0, message: int = 1, sent_at: int = HOUR_AGO, flags: in
 def stored(outcome: Any) -> dict[str, str | None]:
     """The fields of the COPY line a hit became."""
     assert not isinstance(outcome, DropReason), outcome
-    line, _, machine = outcome
+    line, _, machine, message_id = outcome
     values = line.rstrip("\n").split("\t")
+    assert int(values[4]) == message_id
     fields = {name: None if value == "\\N" else value for name, value in zip(
         ("machine", "reason", "country", "region", "city", "browser", "os", "device", "client"),
         values[8:17], strict=True)}
