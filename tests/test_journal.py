@@ -24,6 +24,7 @@ import pytest
 
 from benchmarks.wrk import Plan, http_request, run_plans, write_plan
 from tracker.ingest.pipeline import DropReason, EventRecord
+from tracker.store import journal as journal_module
 from tracker.store.backlog import Backlog, WriterStats
 from tracker.store.database import connect
 from tracker.store.journal import HEADER_BYTES, MAGIC, Journal, JournalFull, Part
@@ -190,6 +191,21 @@ def test_a_label_is_kept_with_its_record_and_is_not_an_event(tmp_path: Path) -> 
     assert again.pending_events == 5, "a scan counts the lines, not the labels"
     assert read_all(again) == even + odd
     again.close()
+
+
+def test_a_part_past_the_record_size_is_split_into_records_each_labelled(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(journal_module, "MAX_PAYLOAD_BYTES", 1000)
+    journal = Journal(tmp_path, max_bytes=64 * MB)
+    batch = lines(20)  # ~130 bytes each: three records of at most 1,000 bytes
+    journal.append(batch, "lane 1/2 days 20000")
+    (path,) = segment_files(tmp_path)
+    payloads = payloads_of(path.read_bytes())
+    assert len(payloads) == journal.stats.appended_records == 3
+    assert all(p.startswith(b"#lane 1/2 days 20000\n") and len(p) <= 1000 for p in payloads)
+    chunk = journal.read(1000)
+    assert chunk is not None and chunk.lines == batch and chunk.events == 20
+    journal.close()
 
 
 @pytest.mark.parametrize("label", [

@@ -24,7 +24,8 @@ It is not an event; a COPY line never starts with `#` (its first field is a numb
 The payload holds the policy-filtered lines, and labels made of their own fields, and
 nothing else: no raw address or user agent can reach the disk. 0xFF never occurs in
 UTF-8, so a header cannot appear inside a payload: after a corrupt stretch the next real
-header is found by searching for the magic. A record is appended with one write and one fdatasync.
+header is found by searching for the magic. An append (its records) takes one write and one
+fdatasync.
 
 A torn tail (a crash in the middle of an append) or a corrupt record is skipped and
 reported (a log line and a counter), never fatal: the reader resumes at the next
