@@ -24,10 +24,11 @@ import pytest
 
 from benchmarks.wrk import Plan, http_request, run_plans, write_plan
 from tracker.ingest.pipeline import DropReason, EventRecord
-from tracker.store import journal as journal_module
+from tracker.store import journal_records
 from tracker.store.backlog import Backlog, WriterStats
 from tracker.store.database import connect
-from tracker.store.journal import HEADER_BYTES, MAGIC, Journal, JournalFull, Part
+from tracker.store.journal import Journal, JournalFull, Part
+from tracker.store.journal_records import HEADER_BYTES, MAGIC
 from tracker.store.lanes import placed
 from tracker.store.writer import BatchWriter
 
@@ -195,7 +196,7 @@ def test_a_label_is_kept_with_its_record_and_is_not_an_event(tmp_path: Path) -> 
 
 def test_a_part_past_the_record_size_is_split_into_records_each_labelled(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(journal_module, "MAX_PAYLOAD_BYTES", 1000)
+    monkeypatch.setattr(journal_records, "MAX_PAYLOAD_BYTES", 1000)
     journal = Journal(tmp_path, max_bytes=64 * MB)
     batch = lines(20)  # ~130 bytes each: three records of at most 1,000 bytes
     journal.append(batch, "lane 1/2 days 20000")

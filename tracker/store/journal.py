@@ -8,28 +8,11 @@ never double counts because events carry their id from capture (the writer's mov
 an event whose id is stored already: `move-staged` in sql/writer.sql).
 
 Format. A journal is a set of segment files `{pid}-{instance}-{seq}.seg` in
-`TRACKER_DATA_DIR/journal/`. A segment is a sequence of records:
-
-    magic  4 bytes  b"\\xffTJ1"
-    length 4 bytes  payload length, little-endian
-    crc    4 bytes  CRC32 (zlib) of the payload, little-endian
-    payload         an optional label line, then COPY text lines, exactly as the
-                    pipeline made them, each "\\n"-terminated
-
-A label line is `#`, text and "\\n": what its writer says about the lines that follow (the
-batch writer: the lane it sorted them for and the days they fall on, so that a replay
-passes them to PostgreSQL whole instead of reading every line again; store/lanes.py).
-It is not an event; a COPY line never starts with `#` (its first field is a number).
-
-The payload holds the policy-filtered lines, and labels made of their own fields, and
-nothing else: no raw address or user agent can reach the disk. 0xFF never occurs in
-UTF-8, so a header cannot appear inside a payload: after a corrupt stretch the next real
-header is found by searching for the magic. An append (its records) takes one write and one
-fdatasync.
-
-A torn tail (a crash in the middle of an append) or a corrupt record is skipped and
-reported (a log line and a counter), never fatal: the reader resumes at the next
-valid header.
+`TRACKER_DATA_DIR/journal/`; a segment is a sequence of checksummed records
+(store/journal_records.py: the record format, labels, and finding the next valid record
+after damage). A torn tail (a crash in the middle of an append) or a corrupt record is
+skipped and reported (a log line and a counter), never fatal: the reader resumes at the
+next valid header. An append (its records) takes one write and one fdatasync.
 
 Ownership. Each writer owns the segments it made, under an exclusive `flock` held for
 as long as the file is open; a segment is made under a temporary name, locked, then
@@ -62,18 +45,21 @@ import secrets
 import struct
 import threading
 import time
-import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tracker.store.journal_records import (
+    HEADER_BYTES,
+    next_valid_header,
+    record,
+    to_payloads,
+    unlabelled,
+    valid_record,
+)
+
 log = logging.getLogger("tracker.store.journal")
 
-MAGIC = b"\xffTJ1"
-_HEADER = struct.Struct("<4sII")
-HEADER_BYTES = _HEADER.size
-# A record's payload is at most this; a longer append is split into several records.
-MAX_PAYLOAD_BYTES = 4 << 20
 SEGMENT_SUFFIX = ".seg"
 _NEW_SUFFIX = ".new"
 DEFAULT_SEGMENT_BYTES = 16 << 20
@@ -226,8 +212,8 @@ class Journal:
         if not events:
             return
         payloads = [payload for part in parts if part.lines
-                    for payload in _payloads(part.lines, part.label)]
-        data = b"".join(map(_record, payloads))
+                    for payload in to_payloads(part.lines, part.label)]
+        data = b"".join(map(record, payloads))
         with self._appending:
             segment, start = self._write(data)
             try:
@@ -355,7 +341,7 @@ class Journal:
         offset = 0
         while offset < segment.end:
             payload, offset = self._record_at(segment, offset, segment.end)
-            segment.events += _unlabelled(payload)[1].count(b"\n")
+            segment.events += unlabelled(payload)[1].count(b"\n")
         return segment
 
     # -- reading ---------------------------------------------------------------------------
@@ -380,7 +366,7 @@ class Journal:
             start, events = offset, 0
             while offset < end:
                 payload, following = self._record_at(segment, offset, end)
-                label, data = _unlabelled(payload)
+                label, data = unlabelled(payload)
                 found = data.count(b"\n")
                 if total and total + found > max_events:
                     break
@@ -445,10 +431,10 @@ class Journal:
         hole = segment.holes.get(offset)
         if hole is not None:
             return b"", hole
-        payload = _valid_record(segment.fd, offset, end)
+        payload = valid_record(segment.fd, offset, end)
         if payload is not None:
             return payload, offset + HEADER_BYTES + len(payload)
-        after = _next_valid_header(segment.fd, offset + 1, end)
+        after = next_valid_header(segment.fd, offset + 1, end)
         segment.holes[offset] = after
         skipped = after - offset
         self.stats.skipped_bytes += skipped
@@ -484,66 +470,6 @@ class Journal:
                 os.close(self._cap)
             finally:
                 self._appending.release()
-
-
-def _payloads(lines: Sequence[str], label: str) -> list[bytes]:
-    """The lines in payloads of at most MAX_PAYLOAD_BYTES, each starting with the label."""
-    head = f"#{label}\n".encode() if label else b""
-    data = "".join(lines).encode()
-    if len(head) + len(data) <= MAX_PAYLOAD_BYTES:  # the usual case: one payload, no line read
-        return [head + data]
-    payloads: list[bytes] = []
-    part: list[bytes] = [head]
-    size = len(head)
-    for line in lines:
-        encoded = line.encode()
-        if len(part) > 1 and size + len(encoded) > MAX_PAYLOAD_BYTES:
-            payloads.append(b"".join(part))
-            part, size = [head], len(head)
-        part.append(encoded)
-        size += len(encoded)
-    payloads.append(b"".join(part))
-    return payloads
-
-
-def _unlabelled(payload: bytes) -> tuple[str, bytes]:
-    """A payload's label ("": none) and its lines."""
-    if not payload.startswith(b"#"):
-        return "", payload
-    end = payload.find(b"\n")
-    if end < 0:
-        return payload[1:].decode(errors="replace"), b""
-    return payload[1:end].decode(errors="replace"), payload[end + 1:]
-
-
-def _record(payload: bytes) -> bytes:
-    return _HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
-
-
-def _valid_record(fd: int, offset: int, end: int) -> bytes | None:
-    if offset + HEADER_BYTES > end:
-        return None
-    header = os.pread(fd, HEADER_BYTES, offset)
-    if len(header) < HEADER_BYTES:
-        return None
-    magic, length, crc = _HEADER.unpack(header)
-    if magic != MAGIC or length > MAX_PAYLOAD_BYTES or offset + HEADER_BYTES + length > end:
-        return None
-    payload = os.pread(fd, length, offset + HEADER_BYTES)
-    if len(payload) != length or zlib.crc32(payload) != crc:
-        return None
-    return payload
-
-
-def _next_valid_header(fd: int, start: int, end: int) -> int:
-    """The offset of the first valid record at or after start, or end if there is none."""
-    rest = os.pread(fd, end - start, start) if end > start else b""
-    found = rest.find(MAGIC)
-    while found >= 0:
-        if _valid_record(fd, start + found, end) is not None:
-            return start + found
-        found = rest.find(MAGIC, found + 1)
-    return end
 
 
 def _write_all(fd: int, data: bytes, offset: int) -> None:
