@@ -199,7 +199,7 @@ def test_a_part_past_the_record_size_is_split_into_records_each_labelled(
     monkeypatch.setattr(journal_records, "MAX_PAYLOAD_BYTES", 1000)
     journal = Journal(tmp_path, max_bytes=64 * MB)
     batch = lines(20)  # ~130 bytes each: three records of at most 1,000 bytes
-    journal.append(batch, "lane 1/2 days 20000")
+    journal.append_parts([Part(batch, "lane 1/2 days 20000")])
     (path,) = segment_files(tmp_path)
     payloads = payloads_of(path.read_bytes())
     assert len(payloads) == journal.stats.appended_records == 3

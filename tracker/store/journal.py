@@ -198,9 +198,9 @@ class Journal:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def append(self, lines: Sequence[str], label: str = "") -> None:
+    def append(self, lines: Sequence[str]) -> None:
         """Append the lines as one record (several past MAX_PAYLOAD_BYTES), then fdatasync."""
-        self.append_parts([Part(lines, label)])
+        self.append_parts([Part(lines)])
 
     def append_parts(self, parts: Sequence[Part]) -> None:
         """Append each part as a record (several past MAX_PAYLOAD_BYTES), with one write
